@@ -1,0 +1,94 @@
+"""`MedMAEConfig`: a `ViTMAEConfig` that also carries the mask generator, so a checkpoint rebuilds it."""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import ViTMAEConfig
+
+from .errors import ConfigError
+
+
+def _as_pair(value) -> tuple[int, int]:
+    return tuple(value) if isinstance(value, (list, tuple)) else (value, value)
+
+
+@strict
+class MedMAEConfig(ViTMAEConfig):
+    r"""Configuration of [`MedMAEForPreTraining`]: every `ViTMAEConfig` field plus the masking strategy.
+
+    Args:
+        mask_generator (`str`, defaults to `"random"`):
+            Name of a generator in `hf_medmae.masking.MASK_GENERATORS`: `random`, `block`, `grid`,
+            `foreground` or `attention`.
+        mask_generator_kwargs (`dict`, *optional*):
+            Extra settings of that generator (e.g. `{"temperature": 0.5, "mix": 0.2}` for `foreground`).
+        mask_ratio (`float`, defaults to 0.75):
+            Fraction of patches the encoder does not see (as in `ViTMAEConfig`). Must lie in (0, 1).
+        throw_ratio (`float`, defaults to 0.0):
+            Part of `mask_ratio` that is dropped and *not* reconstructed (MSMAE); only the
+            `attention` generator uses it. MSMAE's "45% masked + 30% thrown" is `mask_ratio=0.75,
+            throw_ratio=0.30`.
+
+    Example:
+        >>> from hf_medmae import MedMAEConfig
+        >>> config = MedMAEConfig(num_channels=16, image_size=64, patch_size=4, mask_generator="block")
+        >>> config.num_patches
+        256
+    """
+
+    model_type = "medmae"
+
+    mask_generator: str = "random"
+    mask_generator_kwargs: dict | None = None
+    throw_ratio: float = 0.0
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        (h, w), (ph, pw) = _as_pair(self.image_size), _as_pair(self.patch_size)
+        return h // ph, w // pw
+
+    @property
+    def num_patches(self) -> int:
+        gh, gw = self.grid_size
+        return gh * gw
+
+    def validate_architecture(self):
+        """Checked by `@strict` at construction and on load: fail early with the fix spelled out."""
+        super().validate_architecture()
+        (h, w), (ph, pw) = _as_pair(self.image_size), _as_pair(self.patch_size)
+        if h % ph or w % pw:
+            raise ConfigError(
+                f"image_size {h}x{w} is not divisible by patch_size {ph}x{pw}.",
+                f"choose an image_size that is a multiple of {ph} (e.g. {max(ph, h // ph * ph)}), "
+                "or crop/resize the images to it.",
+            )
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ConfigError(
+                f"mask_ratio={self.mask_ratio} is outside (0, 1).",
+                "use a fraction such as 0.75 (MAE), 0.5 (seed 001) or 0.125 (segmentation, SelfMedMAE).",
+            )
+        if not 0.0 <= self.throw_ratio < self.mask_ratio:
+            raise ConfigError(
+                f"throw_ratio={self.throw_ratio} must lie in [0, mask_ratio={self.mask_ratio}).",
+                "throw_ratio is the part of the masked patches that is not reconstructed; lower it.",
+            )
+        if self.hidden_size % self.num_attention_heads or self.decoder_hidden_size % self.decoder_num_attention_heads:
+            raise ConfigError(
+                "hidden_size / decoder_hidden_size must be divisible by their number of attention heads.",
+                "e.g. hidden_size 192 with 6 heads, decoder_hidden_size 128 with 2 or 4 heads.",
+            )
+        from .masking import MASK_GENERATORS  # late import: masking imports nothing from here
+
+        if self.mask_generator not in MASK_GENERATORS:
+            raise ConfigError(
+                f"unknown mask_generator {self.mask_generator!r}.",
+                f"use one of {sorted(MASK_GENERATORS)}.",
+            )
+        if self.throw_ratio > 0 and self.mask_generator != "attention":
+            raise ConfigError(
+                f"throw_ratio={self.throw_ratio} is only used by the 'attention' generator.",
+                "set mask_generator: attention, or throw_ratio: 0.",
+            )
+
+
+__all__ = ["MedMAEConfig"]

@@ -1,0 +1,172 @@
+"""`MedMAEForPreTraining`: transformers' ViT-MAE with pluggable mask generators and any channel count.
+
+The model reuses `ViTMAEForPreTraining` unchanged and steers it only through its public `noise`
+argument: the mask generator's codes become noise whose argsort keeps exactly the visible patches.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForPreTraining, ViTMAEForPreTraining
+from transformers.models.vit_mae.modeling_vit_mae import ViTMAEForPreTrainingOutput
+
+from .configuration import MedMAEConfig
+from .errors import DataError
+from .masking import MASKED, VISIBLE, MaskGenerator, build_mask_generator, codes_to_noise
+
+
+class MedMAEForPreTraining(ViTMAEForPreTraining):
+    r"""ViT masked autoencoder whose masking strategy is part of its config.
+
+    Example:
+        >>> import torch
+        >>> from hf_medmae import MedMAEConfig, MedMAEForPreTraining
+        >>> config = MedMAEConfig(num_channels=16, image_size=32, patch_size=4, hidden_size=32,
+        ...     num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, decoder_hidden_size=32,
+        ...     decoder_num_hidden_layers=1, decoder_num_attention_heads=2, decoder_intermediate_size=64,
+        ...     mask_generator="grid", mask_ratio=0.5)
+        >>> out = MedMAEForPreTraining(config)(torch.randn(2, 16, 32, 32))
+        >>> out.logits.shape  # [batch, patches, patch_size**2 * channels]
+        torch.Size([2, 64, 256])
+    """
+
+    config_class = MedMAEConfig
+    config: MedMAEConfig
+
+    def __init__(self, config: MedMAEConfig):
+        super().__init__(config)
+        self.mask_generator: MaskGenerator = build_mask_generator(
+            config.mask_generator,
+            mask_ratio=config.mask_ratio,
+            grid_size=config.grid_size,
+            **self._generator_kwargs(config),
+        )
+        # Per-sample CLS attention maps for the `attention` generator, filled by AttentionRefreshCallback.
+        self.attention_bank: dict[int, torch.Tensor] = {}
+
+    @staticmethod
+    def _generator_kwargs(config: MedMAEConfig) -> dict:
+        kwargs = dict(config.mask_generator_kwargs or {})
+        if config.mask_generator == "attention":
+            kwargs.setdefault("throw_ratio", config.throw_ratio)
+        return kwargs
+
+    def _check_input(self, pixel_values: torch.Tensor) -> None:
+        if pixel_values.dim() != 4:
+            raise DataError(
+                f"pixel_values must be [batch, channels, height, width], got shape {tuple(pixel_values.shape)}.",
+                "stack images into a 4-D tensor (add a channel axis for grey images).",
+            )
+        channels, size = pixel_values.shape[1], tuple(pixel_values.shape[2:])
+        if channels != self.config.num_channels:
+            raise DataError(
+                f"the images have {channels} channels but the model expects {self.config.num_channels}.",
+                f"set num_channels: {channels} when pre-training from scratch, or convert the images to "
+                f"{self.config.num_channels} channels for this checkpoint.",
+            )
+        expected = self.vit.embeddings.image_size
+        if size != tuple(expected):
+            raise DataError(
+                f"the images are {size[0]}x{size[1]} but the model expects {expected[0]}x{expected[1]}.",
+                f"set image_size: {size[0]} (a multiple of patch_size {self.config.patch_size}), "
+                "or crop/tile the images to the model's size.",
+            )
+
+    def generate_codes(self, pixel_values: torch.Tensor, sample_ids: torch.Tensor | None = None, generator=None):
+        """Per-patch codes (0 visible, 1 masked, 2 thrown) for a batch. [B, C, H, W] -> [B, L]."""
+        scores = None
+        if self.mask_generator.uses_scores and sample_ids is not None and self.attention_bank:
+            maps = [self.attention_bank.get(int(i)) for i in sample_ids]
+            if all(m is not None for m in maps):
+                scores = torch.stack(maps).to(pixel_values.device)
+        return self.mask_generator(
+            pixel_values.shape[0],
+            pixel_values=pixel_values if self.mask_generator.uses_pixels else None,
+            scores=scores,
+            generator=generator,
+            device=pixel_values.device,
+        )
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        sample_ids: torch.Tensor | None = None,
+        mask_codes: torch.Tensor | None = None,
+        **kwargs,
+    ) -> ViTMAEForPreTrainingOutput:
+        r"""
+        Args:
+            pixel_values: [B, C, H, W] normalised images.
+            noise: [B, L] explicit noise (as in transformers); bypasses the mask generator.
+            sample_ids: [B] dataset indices, used by the `attention` generator's per-sample maps.
+            mask_codes: [B, L] explicit codes (0 visible, 1 masked, 2 thrown); bypasses the generator.
+
+        In `eval()` mode the masks come from a generator seeded by the batch, so validation loss is
+        comparable across evaluations.
+        """
+        self._check_input(pixel_values)
+        if noise is None:
+            generator = None
+            if not self.training:
+                generator = torch.Generator().manual_seed(1234 + int(pixel_values.shape[0]))
+            codes = mask_codes if mask_codes is not None else self.generate_codes(pixel_values, sample_ids, generator)
+            noise = codes_to_noise(codes, generator)
+        else:
+            codes = None
+        outputs = super().forward(pixel_values, noise=noise, **kwargs)
+        if codes is not None and bool((codes > MASKED).any()):
+            # Thrown patches were removed from the encoder too; only MASKED ones count in the loss.
+            outputs.loss = self.reconstruction_loss(pixel_values, outputs.logits, (codes == MASKED).float())
+        return outputs
+
+    def reconstruction_loss(self, pixel_values: torch.Tensor, logits: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """MSE over the patches with weight 1 (per-patch normalised target if `norm_pix_loss`)."""
+        target = self.patchify(pixel_values)  # [B, L, p*p*C]
+        if self.config.norm_pix_loss:
+            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1.0e-6) ** 0.5
+        per_patch = ((logits - target) ** 2).mean(dim=-1)  # [B, L]
+        return (per_patch * weight).sum() / weight.sum().clamp_min(1.0)
+
+    def reconstruct(self, pixel_values: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Images with the predicted patches in masked places and the original visible patches pasted back.
+
+        Undoes `norm_pix_loss` with each target patch's own mean and variance, as the MAE paper's figures do.
+        """
+        target = self.patchify(pixel_values)
+        pred = logits
+        if self.config.norm_pix_loss:
+            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+            pred = pred * (var + 1.0e-6) ** 0.5 + mean
+        mixed = torch.where(mask[..., None].bool(), pred, target)  # [B, L, p*p*C]
+        return self.unpatchify(mixed, tuple(pixel_values.shape[2:]))
+
+    @torch.no_grad()
+    def cls_attention(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """CLS-to-patch attention of the last encoder block on *all* patches (MSMAE). [B,C,H,W] -> [B, L].
+
+        Computed from the public layer modules with sdpa-free arithmetic for the last block only, so
+        it works with any attention implementation. Heads are min-max normalised, then averaged.
+        """
+        emb = self.vit.embeddings
+        tokens = emb.patch_embeddings(pixel_values) + emb.position_embeddings[:, 1:]
+        cls = (emb.cls_token + emb.position_embeddings[:, :1]).expand(tokens.shape[0], -1, -1)
+        hidden = torch.cat([cls, tokens], dim=1)  # [B, 1+L, D]
+        for layer in self.vit.layers[:-1]:
+            hidden = layer(hidden, None)
+        last = self.vit.layers[-1]
+        hidden = last.layernorm_before(hidden)
+        attn = last.attention
+        b, n, _ = hidden.shape
+        q = attn.q_proj(hidden[:, :1]).view(b, 1, -1, attn.head_dim).transpose(1, 2)  # [B, h, 1, d]
+        k = attn.k_proj(hidden[:, 1:]).view(b, n - 1, -1, attn.head_dim).transpose(1, 2)  # [B, h, L, d]
+        weights = torch.softmax((q @ k.transpose(-1, -2)) * attn.scaling, dim=-1)[:, :, 0]  # [B, h, L]
+        lo, hi = weights.amin(-1, keepdim=True), weights.amax(-1, keepdim=True)
+        return ((weights - lo) / (hi - lo + 1e-12)).mean(dim=1)
+
+
+AutoConfig.register(MedMAEConfig.model_type, MedMAEConfig)
+AutoModelForPreTraining.register(MedMAEConfig, MedMAEForPreTraining)
+
+__all__ = ["MedMAEForPreTraining", "VISIBLE", "MASKED"]
