@@ -1,0 +1,331 @@
+"""Figures for evaluation reports: confusion matrix, confidence, reliability, label efficiency,
+segmentation overlays and MAE reconstructions. Matplotlib ``Agg`` backend; every function writes a
+PNG and returns its path.
+
+    >>> plot_confusion_matrix(np.array([[5, 1], [0, 4]]), ["a", "b"], "cm.png")
+    'cm.png'
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: training machines have no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
+
+from .errors import DataError  # noqa: E402
+from .metrics import calibration_bins, expected_calibration_error  # noqa: E402
+
+__all__ = [
+    "resolve_channels",
+    "robust_range",
+    "to_display",
+    "plot_confusion_matrix",
+    "plot_confidence",
+    "plot_reliability",
+    "plot_label_efficiency",
+    "plot_segmentation_overlays",
+    "save_reconstruction_grid",
+]
+
+
+def _save(fig: plt.Figure, path: str | Path) -> str:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return str(path)
+
+
+def resolve_channels(channels: int | Sequence[int] | None, num_channels: int) -> list[int]:
+    """Channels to display: one index (grey) or three (RGB). Raises DataError when out of range.
+
+    Args:
+        channels: None (grey for 1 channel, RGB for 3, else channel 0), an int, or a list of 1 or 3 ints.
+        num_channels: C, the number of channels of the image.
+
+    Example:
+        >>> resolve_channels(None, 3)
+        [0, 1, 2]
+    """
+    if channels is None:
+        return [0, 1, 2] if num_channels == 3 else [0]
+    chosen = list(channels) if isinstance(channels, (list, tuple, np.ndarray)) else [channels]
+    ok = len(chosen) in (1, 3) and all(isinstance(c, (int, np.integer)) and not isinstance(c, bool)
+                                        for c in chosen)
+    if not ok or not all(0 <= c < num_channels for c in chosen):
+        raise DataError(f"channels={channels!r} does not fit an image with {num_channels} channels.",
+                        f"Pass None, one channel index in [0, {num_channels}), or a list of 3 such "
+                        "indices for an RGB composite.")
+    return [int(c) for c in chosen]
+
+
+def robust_range(img: np.ndarray, channels: int | Sequence[int] | None = None) -> np.ndarray:
+    """Per chosen channel 1st and 99th percentiles of a [C, H, W] image: [n_chosen, 2]."""
+    chosen = resolve_channels(channels, img.shape[0])
+    return np.stack([np.percentile(img[c], [1, 99]) for c in chosen])
+
+
+def to_display(img: np.ndarray, channels: int | Sequence[int] | None = None,
+               lo_hi: np.ndarray | None = None) -> np.ndarray:
+    """Map a [C, H, W] image (any units) to a displayable [H, W] grey or [H, W, 3] RGB array in [0, 1].
+
+    Args:
+        img: [C, H, W] image, e.g. in normalised units.
+        channels: see :func:`resolve_channels`.
+        lo_hi: [n_chosen, 2] stretch limits (default: this image's 1-99 percentiles), so several
+            panels can share the stretch of the original.
+
+    Example:
+        >>> to_display(np.random.rand(16, 8, 8), channels=[3, 7, 11]).shape
+        (8, 8, 3)
+    """
+    img = np.asarray(img, dtype=float)
+    if img.ndim != 3:
+        raise DataError(f"Expected one image as [C, H, W], got shape {img.shape}.",
+                        "Index a single image out of the batch, channels first.")
+    chosen = resolve_channels(channels, img.shape[0])
+    lo_hi = robust_range(img, chosen) if lo_hi is None else np.asarray(lo_hi, dtype=float)
+    lo, hi = lo_hi[:, 0, None, None], lo_hi[:, 1, None, None]
+    out = np.clip((img[chosen] - lo) / np.maximum(hi - lo, 1e-8), 0.0, 1.0)  # [n_chosen, H, W]
+    return out[0] if len(chosen) == 1 else out.transpose(1, 2, 0)  # RGB: [3, H, W] -> [H, W, 3]
+
+
+def _show(ax: plt.Axes, disp: np.ndarray, title: str) -> None:
+    ax.imshow(disp, cmap="gray" if disp.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
+
+
+def plot_confusion_matrix(cm: np.ndarray, class_names: list[str], path: str | Path, normalize: bool = True,
+                          title: str = "Confusion matrix") -> str:
+    """Confusion matrix heat map (rows = true class), each cell annotated with its count.
+
+    Args:
+        cm: [K, K] counts, rows = true, columns = predicted.
+        class_names: K names.
+        path: PNG path.
+        normalize: colour by row fraction (recall per class) and print it under the count.
+        title: figure title.
+
+    Example:
+        >>> plot_confusion_matrix(metrics["confusion_matrix"], names, "out/cm.png")
+    """
+    cm = np.asarray(cm, dtype=float)
+    k = len(class_names)
+    if cm.shape != (k, k):
+        raise DataError(f"cm has shape {cm.shape}, expected ({k}, {k}) for {k} class names.",
+                        "Pass the confusion matrix computed with labels=range(len(class_names)).")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        shown = np.nan_to_num(cm / cm.sum(axis=1, keepdims=True)) if normalize else cm
+    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * k, 0.8 + 0.8 * k))
+    im = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1 if normalize else None)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    for i in range(k):
+        for j in range(k):
+            text = f"{int(cm[i, j])}\n{shown[i, j]:.2f}" if normalize else f"{int(cm[i, j])}"
+            dark = shown[i, j] > 0.5 * (shown.max() or 1)
+            ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if dark else "black")
+    ax.set(xticks=range(k), yticks=range(k), xlabel="predicted", ylabel="true", title=title)
+    ax.set_xticklabels(class_names, rotation=45, ha="right")
+    ax.set_yticklabels(class_names)
+    return _save(fig, path)
+
+
+def plot_confidence(probs: np.ndarray, labels: np.ndarray, class_names: list[str], path: str | Path) -> str:
+    """Box plots of confidence (probability of the predicted class) per true class, correct vs wrong.
+
+    Args:
+        probs: [N, K] class probabilities.
+        labels: [N] true class indices.
+        class_names: K names.
+        path: PNG path.
+
+    Example:
+        >>> plot_confidence(probs, labels, names, "out/confidence.png")
+    """
+    probs, labels = np.asarray(probs, dtype=float), np.asarray(labels).astype(int)
+    pred, conf = probs.argmax(axis=1), probs.max(axis=1)
+    fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(class_names), 4))
+    for offset, (name, ok, colour) in zip((-0.2, 0.2), (("correct", True, "tab:green"),
+                                                        ("wrong", False, "tab:red"))):
+        groups = [conf[(labels == k) & ((pred == k) == ok)] for k in range(len(class_names))]
+        pos = [k + offset for k, g in enumerate(groups) if g.size]  # an empty group draws no box
+        bp = ax.boxplot([g for g in groups if g.size], positions=pos, widths=0.35, patch_artist=True)
+        for box in bp["boxes"]:
+            box.set(facecolor=colour, alpha=0.5)
+        ax.plot([], [], color=colour, lw=8, alpha=0.5, label=f"{name} (n={sum(g.size for g in groups)})")
+    ax.set_xticks(range(len(class_names)))
+    ax.set_xticklabels(class_names, rotation=30, ha="right")
+    ax.set(ylabel="confidence (p of predicted class)", ylim=(0, 1.02), xlim=(-0.6, len(class_names) - 0.4),
+           title="Confidence by true class")
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_reliability(probs: np.ndarray, labels: np.ndarray, path: str | Path, n_bins: int = 15) -> str:
+    """Reliability diagram: accuracy vs confidence per max-probability bin, ECE in the title.
+
+    Args:
+        probs: [N, K] class probabilities.
+        labels: [N] true class indices.
+        path: PNG path.
+        n_bins: equal-width confidence bins.
+
+    Example:
+        >>> plot_reliability(probs, labels, "out/reliability.png")
+    """
+    probs, labels = np.asarray(probs, dtype=float), np.asarray(labels).astype(int)
+    b = calibration_bins(probs, labels, n_bins)
+    ece = expected_calibration_error(probs, labels, n_bins)
+    centres, width = (b["edges"][:-1] + b["edges"][1:]) / 2, 1.0 / n_bins
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.bar(centres, np.nan_to_num(b["accuracy"]), width=width, edgecolor="k", label="accuracy")
+    ax.bar(centres, np.nan_to_num(b["confidence"] - b["accuracy"]), bottom=np.nan_to_num(b["accuracy"]),
+           width=width, color="tab:red", alpha=0.3, label="gap")
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy",
+           title=f"Reliability (ECE = {ece:.3f}, n = {len(labels)})")
+    ax.legend(loc="upper left", fontsize=8)
+    return _save(fig, path)
+
+
+def _aggregate(results: list[dict], metric: str) -> dict[str, list[tuple[float, float, float]]]:
+    """Rows -> {init: sorted [(fraction, mean, std)]}; rows with raw ``metric`` are averaged per cell."""
+    raw, out = defaultdict(list), defaultdict(list)
+    for r in results:
+        if "fraction" not in r or "init" not in r or not ({f"{metric}_mean", metric} & r.keys()):
+            raise DataError(f"Result row {r} lacks 'fraction', 'init' or '{metric}_mean' / '{metric}'.",
+                            f"Give every row fraction, init and {metric}_mean (+ {metric}_std), or one raw "
+                            f"{metric} per seed.")
+        if f"{metric}_mean" in r:
+            out[r["init"]].append((float(r["fraction"]), float(r[f"{metric}_mean"]),
+                                   float(r.get(f"{metric}_std") or 0.0)))
+        else:
+            raw[(r["init"], float(r["fraction"]))].append(float(r[metric]))
+    for (init, frac), vals in raw.items():
+        out[init].append((frac, float(np.mean(vals)), float(np.std(vals))))
+    return {init: sorted(rows) for init, rows in out.items()}
+
+
+def plot_label_efficiency(results: list[dict], path: str | Path, metric: str = "macro_f1") -> str:
+    """Metric vs fraction of labels (log x axis), one line with error bars per initialisation.
+
+    Args:
+        results: rows with ``fraction``, ``init`` and ``<metric>_mean`` (optional ``<metric>_std``),
+            or one row per seed with a raw ``<metric>`` (mean ± std computed here).
+        path: PNG path.
+        metric: metric name used in the keys and the y label.
+
+    Example:
+        >>> plot_label_efficiency([{"fraction": 0.1, "init": "mae", "macro_f1_mean": 0.6,
+        ...                         "macro_f1_std": 0.02}], "out/eff.png")
+    """
+    if not results:
+        raise DataError("No results to plot.", "Pass at least one result row.")
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for init, rows in _aggregate(results, metric).items():
+        frac, mean, std = map(np.array, zip(*rows))
+        ax.errorbar(frac, mean, yerr=std, marker="o", capsize=3, label=str(init))
+    ax.set_xscale("log")
+    ax.set(xlabel="fraction of labels", ylabel=metric, title=f"Label efficiency: {metric}")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _overlay(mask: np.ndarray, k: int, ignore_index: int) -> np.ma.MaskedArray:
+    """Class map with unlabeled pixels masked, so imshow leaves them transparent."""
+    return np.ma.masked_where((mask == ignore_index) | (mask < 0) | (mask >= k), mask)
+
+
+def plot_segmentation_overlays(images: np.ndarray, truth: np.ndarray, pred: np.ndarray, path: str | Path,
+                               class_names: list[str], ignore_index: int = 255,
+                               channels: int | Sequence[int] | None = None) -> str:
+    """Rows = images; columns = image, truth overlay, prediction overlay (unlabeled pixels transparent).
+
+    Args:
+        images: [N, C, H, W] images (any units; stretched per image to 1-99 percentiles).
+        truth: [N, H, W] class indices, ``ignore_index`` for unlabeled pixels.
+        pred: [N, H, W] predicted class indices.
+        path: PNG path.
+        class_names: K names (legend and colours).
+        ignore_index: label value drawn transparent.
+        channels: see :func:`resolve_channels`.
+
+    Example:
+        >>> plot_segmentation_overlays(x[:4], y[:4], p[:4], "out/seg.png", ["bg", "cytoplasm", "nucleus"])
+    """
+    images, truth, pred = np.asarray(images), np.asarray(truth), np.asarray(pred)
+    if images.ndim != 4 or truth.shape != pred.shape or truth.shape != images[:, 0].shape:
+        raise DataError(f"Shapes images {images.shape}, truth {truth.shape}, pred {pred.shape} do not match.",
+                        "Pass images [N, C, H, W] and truth/pred [N, H, W] of the same N, H, W.")
+    k = len(class_names)
+    cmap = ListedColormap(plt.get_cmap("tab20" if k > 10 else "tab10").colors[:k])
+    fig, axes = plt.subplots(len(images), 3, figsize=(7.5, 2.5 * len(images)), squeeze=False)
+    for i, row in enumerate(axes):
+        disp = to_display(images[i], channels)
+        for ax, mask, title in zip(row, (None, truth[i], pred[i]), ("image", "truth", "prediction")):
+            _show(ax, disp, title)
+            if mask is not None:
+                ax.imshow(_overlay(mask, k, ignore_index), cmap=cmap, vmin=-0.5, vmax=k - 0.5,
+                          alpha=0.5, interpolation="nearest")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(c)) for c in range(k)]
+    fig.legend(handles, class_names, loc="lower center", ncol=min(k, 6), fontsize=8)
+    return _save(fig, path)
+
+
+def _patch_mask_to_pixels(mask: np.ndarray, height: int, width: int, patch_size: int) -> np.ndarray:
+    """[L] 0/1 patch mask (row-major patches, as ViTMAE) -> [H, W] boolean pixel mask."""
+    grid = (height // patch_size, width // patch_size)
+    if mask.size != grid[0] * grid[1]:
+        raise DataError(f"Mask has {mask.size} patches but a {height}x{width} image with patch {patch_size} "
+                        f"has {grid[0] * grid[1]}.", "Pass the patch mask returned with these images.")
+    # [h, w] -> [h*p, w*p]: each patch value repeated over its p x p pixels
+    return np.kron(mask.reshape(grid), np.ones((patch_size, patch_size))).astype(bool)
+
+
+def save_reconstruction_grid(original: np.ndarray, masked_pixels: np.ndarray, reconstruction: np.ndarray,
+                             patch_size: int, path: str | Path, channels: int | Sequence[int] | None = None,
+                             max_images: int = 4) -> str:
+    """One row per image: original, masked input (masked patches grey), reconstruction.
+
+    The 1-99 percentile stretch is computed on the original and applied to all three panels, so
+    brightness differences in the reconstruction are real.
+
+    Args:
+        original: [N, C, H, W] images in normalised units.
+        masked_pixels: [N, L] patch mask, 1 = masked (ViTMAE's ``mask`` output).
+        reconstruction: [N, C, H, W] unpatchified prediction (the caller pastes visible patches back
+            if wanted).
+        patch_size: patch side in pixels.
+        path: PNG path.
+        channels: see :func:`resolve_channels`.
+        max_images: at most this many rows.
+
+    Example:
+        >>> save_reconstruction_grid(x, out.mask, model.unpatchify(out.logits), 4, "out/recon.png")
+    """
+    original, recon = np.asarray(original, dtype=float), np.asarray(reconstruction, dtype=float)
+    masked_pixels = np.asarray(masked_pixels)
+    if original.ndim != 4 or recon.shape != original.shape or len(masked_pixels) != len(original):
+        raise DataError(f"original {original.shape}, reconstruction {recon.shape}, mask {masked_pixels.shape} "
+                        "do not fit.", "Pass original and reconstruction as [N, C, H, W] and the mask as [N, L].")
+    chosen = resolve_channels(channels, original.shape[1])
+    n, (h, w) = min(len(original), max_images), original.shape[2:]
+    fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.5 * n), squeeze=False)
+    for i, row in enumerate(axes):
+        lo_hi = robust_range(original[i], chosen)
+        disp = to_display(original[i], chosen, lo_hi)
+        hidden = _patch_mask_to_pixels(masked_pixels[i], h, w, patch_size)
+        masked = disp.copy()
+        masked[hidden] = 0.5  # grey, in both [H, W] and [H, W, 3] layouts
+        for ax, img, title in zip(row, (disp, masked, to_display(recon[i], chosen, lo_hi)),
+                                  ("original", f"masked ({hidden.mean():.0%})", "reconstruction")):
+            _show(ax, img, title)
+    return _save(fig, path)

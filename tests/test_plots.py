@@ -1,0 +1,106 @@
+"""Each plot writes a PNG that PIL can open, with roughly the expected shape (no pixel snapshots)."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hf_medmae.errors import DataError
+from hf_medmae.plots import (
+    plot_confidence,
+    plot_confusion_matrix,
+    plot_label_efficiency,
+    plot_reliability,
+    plot_segmentation_overlays,
+    resolve_channels,
+    save_reconstruction_grid,
+    to_display,
+)
+
+NAMES = ["neutrophil", "lymphocyte", "monocyte"]
+RNG = np.random.default_rng(0)
+
+
+def _open(path):
+    img = Image.open(path)
+    img.load()
+    return img.size  # (width, height)
+
+
+def _probs_labels(n=40):
+    return RNG.dirichlet(np.ones(3), size=n), RNG.integers(0, 3, n)
+
+
+def test_confusion_matrix(tmp_path):
+    w, h = _open(plot_confusion_matrix(np.array([[5, 1, 0], [2, 7, 1], [0, 0, 4]]), NAMES,
+                                       tmp_path / "cm.png"))
+    assert 0.7 < w / h < 1.6
+
+
+def test_confusion_matrix_shape_error(tmp_path):
+    with pytest.raises(DataError, match="expected"):
+        plot_confusion_matrix(np.eye(2), NAMES, tmp_path / "cm.png")
+
+
+def test_confidence_and_reliability(tmp_path):
+    probs, labels = _probs_labels()
+    labels[:3] = probs[:3].argmax(1)  # make sure some predictions are correct
+    w, h = _open(plot_confidence(probs, labels, NAMES, tmp_path / "conf.png"))
+    assert w > h
+    w, h = _open(plot_reliability(probs, labels, tmp_path / "rel.png"))
+    assert 0.8 < w / h < 1.25
+
+
+def test_label_efficiency_from_means_and_from_seeds(tmp_path):
+    rows = [{"fraction": f, "init": i, "macro_f1_mean": 0.5 + f / 3, "macro_f1_std": 0.02}
+            for f in (0.1, 0.5, 1.0) for i in ("scratch", "mae")]
+    w, h = _open(plot_label_efficiency(rows, tmp_path / "eff.png"))
+    assert w > h
+    seeds = [{"fraction": f, "init": "mae", "accuracy": 0.6 + s / 100} for f in (0.1, 1.0) for s in range(3)]
+    assert _open(plot_label_efficiency(seeds, tmp_path / "eff2.png", metric="accuracy"))[0] > 0
+    with pytest.raises(DataError, match="macro_f1"):
+        plot_label_efficiency([{"fraction": 0.1, "init": "mae"}], tmp_path / "bad.png")
+
+
+def test_segmentation_overlays(tmp_path):
+    images = RNG.normal(size=(2, 3, 16, 16))
+    truth = RNG.integers(0, 3, (2, 16, 16))
+    truth[0, :4] = 255
+    w, h = _open(plot_segmentation_overlays(images, truth, RNG.integers(0, 3, (2, 16, 16)),
+                                            tmp_path / "seg.png", ["bg", "cytoplasm", "nucleus"]))
+    assert 1.0 < w / h < 2.2  # 3 columns x 2 rows plus a legend
+
+
+@pytest.mark.parametrize("c, channels", [(1, None), (3, None), (16, None), (16, 5), (16, [3, 7, 11])])
+def test_reconstruction_grid(tmp_path, c, channels):
+    x = RNG.normal(size=(5, c, 16, 16))
+    mask = (RNG.random((5, 16)) < 0.75).astype(int)  # 4x4 patches of 4 px
+    w, h = _open(save_reconstruction_grid(x, mask, x + 0.1, 4, tmp_path / "rec.png", channels=channels,
+                                          max_images=2))
+    assert 1.1 < w / h < 2.0  # 2 rows x 3 columns: max_images respected
+
+
+@pytest.mark.parametrize("channels", [16, [0, 1], [0, 1, 99], -1, 2.5])
+def test_channels_validation(channels):
+    with pytest.raises(DataError, match="channels"):
+        resolve_channels(channels, 16)
+
+
+def test_reconstruction_grid_bad_channels(tmp_path):
+    x = RNG.normal(size=(1, 3, 16, 16))
+    with pytest.raises(DataError, match="channels"):
+        save_reconstruction_grid(x, np.zeros((1, 16)), x, 4, tmp_path / "r.png", channels=3)
+
+
+def test_to_display_ranges_and_shared_stretch():
+    img = RNG.normal(size=(4, 8, 8))
+    grey, rgb = to_display(img, 2), to_display(img, [0, 1, 2])
+    assert grey.shape == (8, 8) and rgb.shape == (8, 8, 3)
+    assert grey.min() >= 0 and grey.max() <= 1
+    # a brighter copy shown with the original's stretch saturates more pixels
+    assert (to_display(img + 1, 2, lo_hi=np.percentile(img[2], [1, 99])[None]) == 1).sum() > (grey == 1).sum()
+
+
+def test_reconstruction_mask_size_error(tmp_path):
+    x = RNG.normal(size=(1, 1, 16, 16))
+    with pytest.raises(DataError, match="patches"):
+        save_reconstruction_grid(x, np.zeros((1, 15)), x, 4, tmp_path / "r.png")
