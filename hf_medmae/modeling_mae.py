@@ -93,6 +93,7 @@ class MedMAEForPreTraining(ViTMAEForPreTraining):
         noise: torch.Tensor | None = None,
         sample_ids: torch.Tensor | None = None,
         mask_codes: torch.Tensor | None = None,
+        return_loss: bool = True,
         **kwargs,
     ) -> ViTMAEForPreTrainingOutput:
         r"""
@@ -101,6 +102,7 @@ class MedMAEForPreTraining(ViTMAEForPreTraining):
             noise: [B, L] explicit noise (as in transformers); bypasses the mask generator.
             sample_ids: [B] dataset indices, used by the `attention` generator's per-sample maps.
             mask_codes: [B, L] explicit codes (0 visible, 1 masked, 2 thrown); bypasses the generator.
+            return_loss: always computed; declaring it tells `Trainer` this label-free model has an eval loss.
 
         In `eval()` mode the masks come from a generator seeded by the batch, so validation loss is
         comparable across evaluations.

@@ -1,0 +1,141 @@
+"""Pieces the run scripts share around transformers' `Trainer`: lr scaling, precision, resume, callbacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .errors import ConfigError
+
+CHECKPOINT_FILES = ("trainer_state.json", "model.safetensors", "optimizer.pt", "scheduler.pt")
+
+
+def effective_batch_size(args: TrainingArguments) -> int:
+    return args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
+
+
+def scale_learning_rate(args: TrainingArguments, base_learning_rate: float | None) -> None:
+    """MAE rule: lr = base_lr x effective batch / 256 (He et al.), applied in place when base_lr is set."""
+    if base_learning_rate is not None:
+        args.learning_rate = base_learning_rate * effective_batch_size(args) / 256
+
+
+def resolve_precision(args: TrainingArguments, precision: str) -> None:
+    """Set bf16 on `args`: "auto" = bf16 on a GPU that supports it, fp32 elsewhere; or "bf16"/"fp32"."""
+    if precision not in {"auto", "bf16", "fp32"}:
+        raise ConfigError(f"precision={precision!r} is not an option.", "use precision: auto, bf16 or fp32.")
+    if precision == "auto":
+        args.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and not args.use_cpu
+    else:
+        args.bf16 = precision == "bf16"
+
+
+def is_complete_checkpoint(path: str | Path) -> bool:
+    """A checkpoint is usable only if every file a resume needs is there (a killed save leaves some out)."""
+    path = Path(path)
+    if not all((path / name).is_file() and (path / name).stat().st_size > 0 for name in CHECKPOINT_FILES):
+        return False
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return True
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> str | None:
+    """Newest `checkpoint-N` under `output_dir` that is complete; half-written ones are skipped."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    candidates = [p for p in root.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.name.split("-")[-1].isdigit()]
+    for path in sorted(candidates, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
+        if is_complete_checkpoint(path):
+            return str(path)
+    return None
+
+
+def resolve_resume(args: TrainingArguments) -> str | None:
+    """`resume_from_checkpoint`: a path, or "true"/"last" for the newest complete checkpoint in output_dir."""
+    value = args.resume_from_checkpoint
+    if value in (None, "", False, "false", "False"):
+        return None
+    if str(value).lower() in {"true", "last"}:
+        return last_complete_checkpoint(args.output_dir)
+    if not is_complete_checkpoint(value):
+        raise ConfigError(
+            f"resume_from_checkpoint={value} is not a complete checkpoint (needs {', '.join(CHECKPOINT_FILES)}).",
+            "pass --resume_from_checkpoint true to pick the newest complete checkpoint automatically.",
+        )
+    return str(value)
+
+
+def check_writable(output_dir: str | Path) -> None:
+    """Fail before training, not after hours of it, when the outputs cannot be written."""
+    path = Path(output_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"output_dir {path} is not writable ({err.strerror}).", "choose another output_dir or fix its permissions.") from None
+
+
+def hardware_description() -> str:
+    """One line naming the device the run used, for metrics files and model cards."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
+    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+
+
+class AttentionRefreshCallback(TrainerCallback):
+    """Recomputes the CLS attention map of every training image every `every_epochs` epochs (MSMAE).
+
+    The maps feed the `attention` mask generator through `model.attention_bank`. Until the first
+    refresh (after `warmup_epochs`), that generator masks at random, as MSMAE's warm-up does.
+    """
+
+    def __init__(self, dataset, every_epochs: float = 5, warmup_epochs: float = 1, batch_size: int = 64):
+        self.dataset, self.every, self.warmup, self.batch_size = dataset, every_epochs, warmup_epochs, batch_size
+        self.last_refresh: float | None = None
+
+    def on_epoch_begin(self, args, state, control, model=None, **kwargs):
+        epoch = state.epoch or 0.0
+        due = epoch >= self.warmup and (self.last_refresh is None or epoch - self.last_refresh >= self.every)
+        if model is None or not due:
+            return
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False)
+        for batch in loader:
+            maps = model.cls_attention(batch["pixel_values"].to(device)).float().cpu()
+            model.attention_bank.update({int(i): m for i, m in zip(batch["sample_ids"], maps)})
+        model.train(was_training)
+        self.last_refresh = epoch
+
+
+class SampleIdRecorder:
+    """Records the dataset indices this process trains on, to verify sharding across processes.
+
+    A forward pre-hook on the model reads the `sample_ids` of each training batch; `save` writes
+    them as JSON (one file per process).
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.seen: list[int] = []
+        model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):
+        if module.training and kwargs.get("sample_ids") is not None:
+            self.seen.extend(int(i) for i in kwargs["sample_ids"])
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.seen))

@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny model configs and the real data beside the repo (../shared/data)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("HF_MEDMAE_SHARED_DATA", ROOT.parent / "shared" / "data"))
+BCCD = SHARED_DATA / "bccd" / "BCCD" / "JPEGImages"
+WBC = SHARED_DATA / "wbc_zheng2018" / "Dataset 1"
+
+sys.path.insert(0, str(ROOT))  # the run scripts live at the repo root
+
+
+def require(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"real data not found at {path} (CI has ../shared/data beside the repo)")
+    return path
+
+
+@pytest.fixture
+def bccd_dir() -> Path:
+    return require(BCCD)
+
+
+@pytest.fixture
+def wbc_dir() -> Path:
+    return require(WBC)
+
+
+def tiny_config(**overrides):
+    """The style guide's tiny config: image 32, patch 4, hidden 32, 2 layers."""
+    from hf_medmae import MedMAEConfig
+
+    values = dict(
+        num_channels=3, image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, decoder_hidden_size=32, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
+        decoder_intermediate_size=64, mask_ratio=0.75, norm_pix_loss=True,
+    )
+    values.update(overrides)
+    return MedMAEConfig(**values)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

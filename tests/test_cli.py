@@ -1,0 +1,56 @@
+"""Config files and flags: overrides, typos, wrong types, missing keys."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+from transformers import TrainingArguments
+
+from hf_medmae.cli import parse_config
+from hf_medmae.errors import ConfigError
+
+
+@dataclass
+class Model:
+    patch_size: int = 8
+    mask_ratio: float = 0.75
+    crop_scale: list[float] | None = None
+    mask_generator_kwargs: dict | None = None
+
+
+@dataclass
+class Needs:
+    train_data: str
+
+
+def test_file_then_flags(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("patch_size: 4\nmask_ratio: 0.5\nlearning_rate: 1e-3\noutput_dir: out\nmask_generator_kwargs: {mix: 0.2}\n")
+    model, args = parse_config((Model, TrainingArguments), ["--config", str(cfg), "--mask_ratio", "0.9", "--crop_scale", "[0.5, 1.0]"])
+    assert model.patch_size == 4 and model.mask_ratio == 0.9 and model.crop_scale == [0.5, 1.0]
+    assert model.mask_generator_kwargs == {"mix": 0.2}
+    assert args.learning_rate == 1e-3 and args.output_dir == "out"  # YAML's '1e-3' string became a float
+    (j := tmp_path / "c.json").write_text('{"patch_size": 2, "output_dir": "o"}')
+    assert parse_config((Model, TrainingArguments), ["--config", str(j), "--use_cpu", "--bf16"])[1].bf16 is True
+
+
+def test_unknown_key_suggests_the_fix(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("patch_sise: 4\n")
+    with pytest.raises(ConfigError, match="did you mean 'patch_size'"):
+        parse_config((Model,), ["--config", str(cfg)])
+
+
+def test_wrong_type_missing_key_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="'patch_size' expects int, got 'big'"):
+        parse_config((Model,), ["--patch_size", "big"])
+    with pytest.raises(ConfigError, match="expects int, got 2.5"):
+        parse_config((Model,), ["--patch_size", "2.5"])
+    with pytest.raises(ConfigError, match=r"missing config key\(s\): \['train_data'\]"):
+        parse_config((Needs,), [])
+    with pytest.raises(ConfigError, match="does not exist"):
+        parse_config((Model,), ["--config", str(tmp_path / "none.yaml")])
+    (bad := tmp_path / "bad.yaml").write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        parse_config((Model,), ["--config", str(bad)])

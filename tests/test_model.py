@@ -1,0 +1,104 @@
+"""MedMAEForPreTraining: any channels and patch size, exact save/load, masking through `noise`, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_config
+from transformers import AutoConfig, AutoModelForPreTraining, ViTMAEForPreTraining
+
+from hf_medmae import MedMAEConfig, MedMAEForPreTraining
+from hf_medmae.errors import ConfigError, DataError
+from hf_medmae.masking import MASKED, THROWN, VISIBLE
+
+
+@pytest.mark.parametrize("channels", [1, 3, 16])
+@pytest.mark.parametrize("patch,size", [(2, 16), (4, 32), (8, 32), (16, 64)])
+def test_shapes_for_channels_and_patches(channels, patch, size):
+    model = MedMAEForPreTraining(tiny_config(num_channels=channels, patch_size=patch, image_size=size))
+    out = model(torch.randn(2, channels, size, size))
+    num_patches = (size // patch) ** 2
+    assert out.logits.shape == (2, num_patches, patch * patch * channels)
+    assert out.mask.sum(1).tolist() == [num_patches - int(num_patches * 0.25)] * 2
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.vit.embeddings.patch_embeddings.projection.weight.grad is not None
+
+
+@pytest.mark.parametrize("generator", ["random", "block", "grid", "foreground", "attention"])
+def test_save_load_round_trip_is_exact(tmp_path, generator):
+    config = tiny_config(num_channels=16, mask_generator=generator, mask_generator_kwargs={"mix": 0.3} if generator == "foreground" else None)
+    model = MedMAEForPreTraining(config).eval()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    loaded = AutoModelForPreTraining.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, MedMAEForPreTraining)
+    assert loaded.config.mask_generator == generator and loaded.mask_generator.name == generator
+    assert loaded.config.mask_generator_kwargs == config.mask_generator_kwargs
+    x, noise = torch.randn(2, 16, 32, 32), torch.rand(2, 64)
+    assert torch.equal(model(x, noise=noise).logits, loaded(x, noise=noise).logits)
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "medmae"
+
+
+def test_matches_stock_vitmae_with_same_weights_and_noise():
+    config = tiny_config()
+    ours = MedMAEForPreTraining(config).eval()
+    stock = ViTMAEForPreTraining(config).eval()
+    stock.load_state_dict(ours.state_dict())
+    x, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 64)
+    a, b = ours(x, noise=noise), stock(x, noise=noise)
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.loss, b.loss)
+
+
+def test_generator_mask_reaches_the_model():
+    model = MedMAEForPreTraining(tiny_config(mask_generator="grid", mask_ratio=0.5)).eval()
+    out = model(torch.randn(2, 3, 32, 32))
+    grid = out.mask.reshape(2, 8, 8)
+    assert (grid[:, 1:] != grid[:, :-1]).all()  # the checkerboard arrived intact
+
+
+def test_thrown_patches_leave_the_loss():
+    model = MedMAEForPreTraining(tiny_config(mask_generator="attention", mask_ratio=0.75, throw_ratio=0.25)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    codes = torch.zeros(2, 64, dtype=torch.uint8)
+    codes[:, :32], codes[:, 32:48] = MASKED, THROWN
+    out = model(x, mask_codes=codes)
+    assert out.mask.sum(1).tolist() == [48, 48]  # thrown patches are not encoded either
+    expected = model.reconstruction_loss(x, out.logits, (codes == MASKED).float())
+    assert torch.allclose(out.loss, expected)
+    everything = model.reconstruction_loss(x, out.logits, out.mask)
+    assert not torch.allclose(out.loss, everything)
+
+
+def test_attention_generator_uses_cls_attention_maps():
+    model = MedMAEForPreTraining(tiny_config(mask_generator="attention", mask_ratio=0.5)).eval()
+    x = torch.randn(3, 3, 32, 32)
+    maps = model.cls_attention(x)
+    assert maps.shape == (3, 64) and (maps >= 0).all() and (maps <= 1).all()
+    spiky = torch.full((64,), 1e-6)
+    spiky[:8] = 1.0
+    model.attention_bank = {0: spiky, 1: spiky, 2: spiky}
+    out = model(x, sample_ids=torch.tensor([0, 1, 2]))
+    assert out.mask[:, :8].mean() > 0.9
+
+
+def test_reconstruct_pastes_visible_patches_back():
+    model = MedMAEForPreTraining(tiny_config()).eval()
+    x = torch.randn(2, 3, 32, 32)
+    out = model(x)
+    recon = model.reconstruct(x, out.logits, out.mask)
+    visible = (out.mask == 0)[..., None]
+    assert torch.equal(model.patchify(recon)[visible.expand(-1, -1, 48)], model.patchify(x)[visible.expand(-1, -1, 48)])
+
+
+def test_named_errors():
+    model = MedMAEForPreTraining(tiny_config(num_channels=16))
+    with pytest.raises(DataError, match="3 channels but the model expects 16"):
+        model(torch.randn(1, 3, 32, 32))
+    with pytest.raises(DataError, match="48x48 but the model expects 32x32"):
+        model(torch.randn(1, 16, 48, 48))
+    with pytest.raises(Exception) as err:
+        MedMAEConfig(image_size=30, patch_size=4)
+    assert isinstance(err.value.__cause__, ConfigError) and "not divisible by patch_size" in str(err.value)
+    with pytest.raises(Exception, match="mask_ratio=0.0 is outside"):
+        MedMAEConfig(mask_ratio=0.0)
