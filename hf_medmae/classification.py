@@ -1,0 +1,307 @@
+"""Image classifier on an MAE encoder: `MedClsConfig` + `MedClsForImageClassification`, and `freeze` modes.
+
+The encoder is a plain `transformers.ViTModel` under the attribute `vit` (so its weights are
+saved as `vit.*`, which `load_encoder` reads back); on top sit mean pooling over patch tokens with
+a LayerNorm (`fc_norm`, as in MAE fine-tuning) or the CLS token, dropout and a linear head.
+"""
+
+from __future__ import annotations
+
+import torch
+from huggingface_hub.dataclasses import strict
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForImageClassification,
+    PreTrainedConfig,
+    PreTrainedModel,
+    ViTConfig,
+    ViTModel,
+)
+from transformers import initialization as init
+from transformers.modeling_outputs import ImageClassifierOutput
+
+from .encoder import _as_pair, mae_encoder_state_dict, vit_config_dict, vit_config_from
+from .errors import ConfigError, DataError
+from .optim import add_drop_path
+
+SINGLE, MULTI = "single_label_classification", "multi_label_classification"
+
+
+@strict
+class MedClsConfig(PreTrainedConfig):
+    r"""Configuration of [`MedClsForImageClassification`].
+
+    Args:
+        vit_config (`dict`, *optional*):
+            The encoder's `ViTConfig` fields (see `hf_medmae.encoder.vit_config_dict`); ViT-B/16
+            defaults when omitted.
+        pooling (`str`, defaults to `"mean"`):
+            `"mean"` over patch tokens followed by `fc_norm` (MAE fine-tuning) or `"cls"`.
+        drop_path_rate (`float`, defaults to 0.1):
+            Stochastic depth of the last block (linear from 0 over depth), training only.
+        head_dropout (`float`, defaults to 0.0): Dropout before the linear head.
+        label_smoothing (`float`, defaults to 0.0): Cross-entropy label smoothing (single-label).
+        class_weights (`list[float]`, *optional*): Per-class loss weights (one per label).
+        problem_type (`str`, defaults to `"single_label_classification"`):
+            Or `"multi_label_classification"` (sigmoid + BCE on [N, K] 0/1 labels).
+
+    Example:
+        >>> config = MedClsConfig(vit_config={"hidden_size": 32, "num_attention_heads": 2}, num_labels=5)
+        >>> config.num_labels, config.problem_type
+        (5, 'single_label_classification')
+    """
+
+    model_type = "medmae_classifier"
+
+    vit_config: dict | None = None
+    pooling: str = "mean"
+    drop_path_rate: float = 0.1
+    head_dropout: float = 0.0
+    label_smoothing: float = 0.0
+    class_weights: list[float] | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.vit_config is None:
+            self.vit_config = vit_config_dict(ViTConfig())
+        super().__post_init__(**kwargs)
+        if self.problem_type is None:
+            self.problem_type = SINGLE
+        self._check()
+
+    def _check(self) -> None:
+        """Raise ConfigError naming the fix (run at construction, so also on from_pretrained)."""
+        if self.pooling not in ("mean", "cls"):
+            raise ConfigError(f"pooling={self.pooling!r} is unknown.", "use 'mean' (MAE fine-tuning) or 'cls'.")
+        if self.problem_type not in (SINGLE, MULTI):
+            raise ConfigError(
+                f"problem_type={self.problem_type!r} is not supported by MedClsForImageClassification.",
+                f"use {SINGLE!r} or {MULTI!r}.",
+            )
+        for name, value, top in (("drop_path_rate", self.drop_path_rate, 1.0),
+                                 ("head_dropout", self.head_dropout, 0.999),
+                                 ("label_smoothing", self.label_smoothing, 0.999)):  # fmt: skip
+            if not 0.0 <= value <= top:
+                raise ConfigError(f"{name}={value} is outside [0, 1).", f"use e.g. 0.1 for {name}.")
+        if self.class_weights is not None and (
+            len(self.class_weights) != self.num_labels or min(self.class_weights) <= 0
+        ):
+            raise ConfigError(
+                f"class_weights has {len(self.class_weights)} entries but there are {self.num_labels} labels "
+                "(all weights must be > 0).",
+                "give one positive weight per label (e.g. inverse class frequency), or leave class_weights unset.",
+            )
+        try:
+            vit = ViTConfig(**self.vit_config)
+        except Exception as err:
+            raise ConfigError(
+                f"vit_config is not a valid ViTConfig: {err}", "build it with vit_config_dict(encoder.config)."
+            ) from err
+        (h, w), (ph, pw) = _as_pair(vit.image_size), _as_pair(vit.patch_size)
+        if h % ph or w % pw or vit.hidden_size % vit.num_attention_heads:
+            raise ConfigError(
+                f"vit_config: image_size {h}x{w} / patch_size {ph}x{pw} / hidden_size {vit.hidden_size} / "
+                f"{vit.num_attention_heads} heads do not divide.",
+                "image_size must be a multiple of patch_size and hidden_size of num_attention_heads.",
+            )
+
+
+class MedClsForImageClassification(PreTrainedModel):
+    r"""ViT encoder + (mean | CLS) pooling + linear head, with stochastic depth and MAE head init.
+
+    Example:
+        >>> from hf_medmae.encoder import load_encoder  # doctest: +SKIP
+        >>> model = MedClsForImageClassification.from_encoder(load_encoder("runs/mae"), num_labels=4)
+        >>> model(torch.randn(2, 3, 32, 32), labels=torch.tensor([0, 3])).loss
+    """
+
+    config_class = MedClsConfig
+    config: MedClsConfig
+    base_model_prefix = "vit"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ViTEmbeddings", "ViTLayer"]
+    _supports_sdpa = True
+
+    def __init__(self, config: MedClsConfig):
+        super().__init__(config)
+        vit_config = ViTConfig(**config.vit_config)
+        self.vit = ViTModel(vit_config, add_pooling_layer=False)
+        hidden = vit_config.hidden_size
+        # MAE's global pool normalises the mean token; CLS output is already normalised by vit.layernorm.
+        mean_pool = config.pooling == "mean"
+        self.fc_norm = nn.LayerNorm(hidden, eps=vit_config.layer_norm_eps) if mean_pool else nn.Identity()
+        self.head_drop = nn.Dropout(config.head_dropout)
+        self.head = nn.Linear(hidden, config.num_labels)
+        self._drop_path_handles = add_drop_path(self.vit, config.drop_path_rate) if config.drop_path_rate else []
+        self.post_init()
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if module is self.head:  # MAE fine-tuning: tiny head so the first steps do not wreck the encoder
+            init.trunc_normal_(module.weight, std=2e-5)
+            init.zeros_(module.bias)
+
+    @classmethod
+    def from_encoder(
+        cls, vit: nn.Module, num_labels: int, id2label: dict | None = None, **cfg
+    ) -> MedClsForImageClassification:
+        """A classifier whose encoder is a copy of `vit` (a ViTModel, or any model with `.vit`).
+
+        Args:
+            vit: The encoder, e.g. from `load_encoder`. Its `image_mean` / `image_std` travel in the config.
+            num_labels: Number of classes.
+            id2label: Optional {index: name}; label2id is derived from it.
+            **cfg: Other `MedClsConfig` fields (pooling, drop_path_rate, problem_type, ...).
+
+        Example:
+            >>> model = MedClsForImageClassification.from_encoder(encoder, 5, pooling="cls")  # doctest: +SKIP
+        """
+        encoder = vit.vit if hasattr(vit, "vit") else vit
+        vit_config = vit_config_from(encoder.config)
+        if id2label is not None:
+            id2label = {int(k): str(v) for k, v in id2label.items()}
+            cfg.setdefault("label2id", {v: k for k, v in id2label.items()})
+            cfg["id2label"] = id2label
+        else:
+            cfg["num_labels"] = num_labels
+        if id2label is not None and len(id2label) != num_labels:
+            raise ConfigError(
+                f"id2label has {len(id2label)} names but num_labels={num_labels}.", "give one name per class."
+            )
+        model = cls(MedClsConfig(vit_config=vit_config_dict(vit_config), **cfg))
+        model.vit.load_state_dict(mae_encoder_state_dict(encoder), strict=True)
+        return model
+
+    def _check_pixels(self, pixel_values: torch.Tensor, interpolate: bool) -> None:
+        if pixel_values.dim() != 4:
+            raise DataError(
+                f"pixel_values must be [batch, channels, height, width], got shape {tuple(pixel_values.shape)}.",
+                "stack images into a 4-D tensor (add a channel axis for grey images).",
+            )
+        vit = self.vit.config
+        channels = pixel_values.shape[1]
+        if channels != vit.num_channels:
+            raise DataError(
+                f"the images have {channels} channels but the checkpoint's encoder expects {vit.num_channels}.",
+                f"convert the images to {vit.num_channels} channels (the channels the encoder was pre-trained "
+                f"on), or pre-train an encoder with num_channels={channels}.",
+            )
+        size, expected = tuple(pixel_values.shape[2:]), _as_pair(vit.image_size)
+        if size != expected and not interpolate:
+            raise DataError(
+                f"the images are {size[0]}x{size[1]} but the model expects {expected[0]}x{expected[1]}.",
+                f"resize/crop the images to {expected[0]}x{expected[1]}, or load the encoder with "
+                f"load_encoder(..., image_size={size[0]}) to interpolate its position embeddings.",
+            )
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput:
+        r"""
+        Args:
+            pixel_values: [B, C, H, W] normalised images.
+            labels: [B] class indices (single-label) or [B, K] 0/1 targets (multi-label).
+            interpolate_pos_encoding: Let the encoder run on other image sizes (bicubic position embeddings).
+        """
+        self._check_pixels(pixel_values, bool(interpolate_pos_encoding))
+        outputs = self.vit(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
+        tokens = outputs.last_hidden_state  # [B, 1 + L, D]
+        pooled = self.fc_norm(tokens[:, 1:].mean(dim=1)) if self.config.pooling == "mean" else tokens[:, 0]
+        logits = self.head(self.head_drop(pooled))  # [B, K]
+        loss = self.classification_loss(logits, labels) if labels is not None else None
+        return ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+    def classification_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy (label smoothing, class weights) or BCE-with-logits, after checking the labels."""
+        weights = None
+        if self.config.class_weights is not None:
+            weights = torch.tensor(self.config.class_weights, dtype=logits.dtype, device=logits.device)
+        if self.config.problem_type == MULTI:
+            self._check_multi_labels(labels, logits.shape)
+            loss = nn.functional.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")
+            return (loss * weights).mean() if weights is not None else loss.mean()
+        self._check_single_labels(labels, logits.shape)
+        return nn.functional.cross_entropy(
+            logits, labels.long(), weight=weights, label_smoothing=self.config.label_smoothing
+        )
+
+    def _check_single_labels(self, labels: torch.Tensor, shape: torch.Size) -> None:
+        if labels.dim() != 1 or labels.is_floating_point():
+            raise DataError(
+                f"single-label config given labels of shape {tuple(labels.shape)} and dtype {labels.dtype} "
+                "(multi-label data?).",
+                f"pass [N] integer class indices, or set problem_type: {MULTI} for [N, K] 0/1 labels.",
+            )
+        bad = labels[(labels < 0) | (labels >= shape[-1])]
+        if bad.numel():
+            raise DataError(
+                f"labels {sorted(set(bad.tolist()))} are outside [0, {shape[-1]}) for num_labels={shape[-1]}.",
+                "map the classes to 0..num_labels-1 (e.g. CSV classes 1-5 -> 0-4) or raise num_labels.",
+            )
+
+    def _check_multi_labels(self, labels: torch.Tensor, shape: torch.Size) -> None:
+        if labels.dim() == 1:
+            raise DataError(
+                "multi-label config with single-label data: labels are 1-D class indices "
+                f"(shape {tuple(labels.shape)}).",
+                f"set problem_type: {SINGLE}, or provide [N, {shape[-1]}] 0/1 labels.",
+            )
+        if tuple(labels.shape) != tuple(shape):
+            raise DataError(
+                f"multi-label targets have shape {tuple(labels.shape)} but the logits are {tuple(shape)}.",
+                f"give one 0/1 column per label: [N, {shape[-1]}].",
+            )
+        if bool(((labels < 0) | (labels > 1)).any()):
+            raise DataError("multi-label targets must lie in [0, 1].", "use 0/1 (or soft) targets per label.")
+
+
+def freeze(model: nn.Module, mode: str) -> int:
+    """Choose what trains: "full", "linear_probe" (head only) or "last_k:<k>" (last k blocks + final norm + head).
+
+    Everything outside `model.vit` (fc_norm, head, a segmenter's decoder) always trains.
+
+    Args:
+        model: A model with a `.vit` ViTModel (classifier or segmenter).
+        mode: "full" | "linear_probe" | "last_k:<k>" with 0 <= k <= num_hidden_layers.
+
+    Returns:
+        The number of trainable parameters (elements).
+
+    Example:
+        >>> freeze(model, "last_k:2")  # doctest: +SKIP
+    """
+    vit: ViTModel = model.vit
+    num_layers = len(vit.layers)
+    if mode == "full":
+        trainable_blocks, norm = num_layers, True
+    elif mode == "linear_probe":
+        trainable_blocks, norm = 0, False
+    elif mode.startswith("last_k:") and mode[7:].isdigit() and int(mode[7:]) <= num_layers:
+        trainable_blocks, norm = int(mode[7:]), True
+    else:
+        raise ConfigError(
+            f"freeze mode {mode!r} is unknown.",
+            f"use 'full', 'linear_probe' or 'last_k:<k>' with k in 0..{num_layers}.",
+        )
+    model.requires_grad_(True)
+    vit.requires_grad_(False)
+    for layer in vit.layers[num_layers - trainable_blocks :]:
+        layer.requires_grad_(True)
+    vit.layernorm.requires_grad_(norm)
+    vit.embeddings.requires_grad_(mode == "full")
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+AutoConfig.register(MedClsConfig.model_type, MedClsConfig)
+AutoModelForImageClassification.register(MedClsConfig, MedClsForImageClassification)
+
+__all__ = ["MedClsConfig", "MedClsForImageClassification", "freeze"]
