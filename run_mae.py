@@ -17,7 +17,7 @@ from transformers import Trainer, TrainingArguments, ViTImageProcessorPil, set_s
 from hf_medmae import MedMAEConfig, MedMAEForPreTraining
 from hf_medmae.cli import parse_config
 from hf_medmae.data.pretraining import Augment, PretrainingDataset, channel_stats, check_channels, load_source, split_indices, tile_image
-from hf_medmae.errors import ConfigError, DataError
+from hf_medmae.errors import DataError
 from hf_medmae.training import AttentionRefreshCallback, SampleIdRecorder, check_writable, hardware_description, resolve_precision, resolve_resume, scale_learning_rate
 
 logger = logging.getLogger("run_mae")
@@ -68,10 +68,7 @@ class ModelArguments:
 def build_config(model_args: ModelArguments, num_channels: int) -> MedMAEConfig:
     keys = {f for f in MedMAEConfig.__dataclass_fields__} & set(asdict(model_args))
     values = {k: getattr(model_args, k) for k in keys if k != "num_channels"}
-    try:
-        return MedMAEConfig(num_channels=num_channels, **values)
-    except Exception as err:  # strict-dataclass wrapper: surface our own ConfigError
-        raise (err.__cause__ if isinstance(err.__cause__, ConfigError) else err) from None
+    return MedMAEConfig(num_channels=num_channels, **values)
 
 
 def build_datasets(data_args: DataArguments, image_size: int, seed: int):

@@ -52,9 +52,13 @@ class MedMAEConfig(ViTMAEConfig):
         gh, gw = self.grid_size
         return gh * gw
 
-    def validate_architecture(self):
-        """Checked by `@strict` at construction and on load: fail early with the fix spelled out."""
-        super().validate_architecture()
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.check()
+
+    def check(self):
+        """Run at construction and on load (in `__post_init__`, so users see our `ConfigError` directly
+        rather than wrapped by `@strict`'s validators): fail early with the fix spelled out."""
         (h, w), (ph, pw) = _as_pair(self.image_size), _as_pair(self.patch_size)
         if h % ph or w % pw:
             raise ConfigError(

@@ -81,7 +81,7 @@ def check_writable(output_dir: str | Path) -> None:
     path = Path(output_dir)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_test"
+        probe = path / f".write_test_{os.getpid()}"  # per process: ranks probe the same dir at once
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:
