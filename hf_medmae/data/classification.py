@@ -80,8 +80,8 @@ def load_class_folders(folder: str | Path, class_names: list[str] | None = None,
 
     Example:
         >>> data = load_class_folders("cells/")  # doctest: +SKIP
-        >>> data.class_names
-        ['eosinophil', 'lymphocyte', ...]
+        >>> data.class_names  # doctest: +SKIP
+        ['eosinophil', 'lymphocyte', 'neutrophil']
     """
     root = Path(folder)
     if not root.is_dir():
@@ -353,7 +353,7 @@ class ClassificationDataset(Dataset):
 
     Example:
         >>> ds = ClassificationDataset(data.images, data.labels, mean, std, 64, Augment(64, (0.5, 1), rot90=True))  # doctest: +SKIP
-        >>> ds[0]["pixel_values"].shape
+        >>> ds[0]["pixel_values"].shape  # doctest: +SKIP
         torch.Size([3, 64, 64])
     """
 
