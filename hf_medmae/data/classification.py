@@ -1,0 +1,389 @@
+"""Labelled images for classification: class folders or folder + CSV -> stratified split -> label subset -> tensors.
+
+Two layouts a user's own data is likely to come in:
+
+* an image folder with one sub-folder per class (`data/neutrophil/001.png`, ...);
+* an image folder plus a CSV with an id/file-name column and a label column (names or integers), or
+  several 0/1 columns for multi-label data. Ids may lack an extension: `filename_template`
+  ("{id:03d}.bmp") turns WBC's id `1` into `001.bmp`.
+
+Rules that matter for honest numbers (all seeded, all logged):
+
+* **Split** (`stratified_split`): scikit-learn's stratified `train_test_split`, first test, then
+  validation from the rest. A class with too few examples to be stratified into a split (fewer
+  than 2 left in the pool being split) stays entirely in **train**: WBC's single basophil is
+  trained on and never evaluated. The split records these classes (`train_only_classes`), so
+  validation/test metrics list them with support 0 and the report says why.
+* **Label fraction** (`label_subset`): a seeded subset of the TRAIN split only, per class
+  `max(1, floor(n_c * fraction + 0.5))` examples, so every class present in train keeps at least one
+  example (rounding half up: 1 basophil x 0.5 -> 1). With `strict=True`, a class that the fraction
+  would leave without examples raises a DataError naming it instead of being topped up to one.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+from torch.utils.data import Dataset
+
+from ..errors import DataError
+from .io import IMAGE_SUFFIXES, read_image
+from .pretraining import Augment, resize
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LabelledImages:
+    """Images with labels: `images` [C, H, W] float arrays, `labels` [N] ints or [N, K] 0/1 floats."""
+
+    images: list[np.ndarray]
+    labels: np.ndarray
+    class_names: list[str]
+    files: list[str]
+    multi_label: bool = False
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _read_all(paths: list[Path], on_bad_file: str) -> tuple[list[np.ndarray], list[int]]:
+    """Images of `paths` and the positions that were read (unreadable files skipped only on request)."""
+    images, kept = [], []
+    for i, path in enumerate(paths):
+        try:
+            images.append(read_image(path))
+            kept.append(i)
+        except DataError:
+            if on_bad_file != "skip":
+                raise
+            logger.warning("skipped unreadable file %s", path)
+    return images, kept
+
+
+def load_class_folders(folder: str | Path, class_names: list[str] | None = None, on_bad_file: str = "error") -> LabelledImages:
+    """Images under `folder/<class>/...`: one sub-folder per class.
+
+    Args:
+        folder: root folder; each direct sub-folder is a class (searched recursively for images).
+        class_names: class order; default the sorted sub-folder names. Every sub-folder must be listed.
+        on_bad_file: "error" or "skip" unreadable files.
+
+    Example:
+        >>> data = load_class_folders("cells/")  # doctest: +SKIP
+        >>> data.class_names  # doctest: +SKIP
+        ['eosinophil', 'lymphocyte', 'neutrophil']
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist.", "check data_dir (relative paths start at the working directory).")
+    found = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not found:
+        raise DataError(f"{root} has no class sub-folders.", "put each class's images in its own sub-folder, or give labels_csv.")
+    names = list(class_names) if class_names else found
+    unknown = [f for f in found if f not in names]
+    if unknown:
+        raise DataError(f"sub-folders {unknown} of {root} are not in class_names {names}.", "add them to class_names or move them out.")
+    paths, labels = [], []
+    for name in found:
+        files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        paths += files
+        labels += [names.index(name)] * len(files)
+    images, kept = _read_all(paths, on_bad_file)
+    files = [str(paths[i].relative_to(root)) for i in kept]
+    return LabelledImages(images, np.asarray(labels, dtype=np.int64)[kept], names, files)
+
+
+def _read_csv(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise DataError(f"label file {path} does not exist.", "check labels_csv.")
+    with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's byte-order mark
+        rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in csv.DictReader(handle)]
+    if not rows:
+        raise DataError(f"{path} holds no rows.", "write a header line and one row per image.")
+    return rows
+
+
+def _check_columns(rows: list[dict], columns: list[str], path: Path) -> None:
+    missing = [c for c in columns if c not in rows[0]]
+    if missing:
+        raise DataError(f"{path} has no column(s) {missing}; its columns are {list(rows[0])}.", "set id_column / label_column(s) to those names.")
+
+
+def resolve_file(folder: Path, image_id: str, template: str | None) -> Path:
+    """The image file of a CSV id: `template.format(id=...)` (ints for numeric ids), the id itself, or id + any image suffix.
+
+    Args:
+        folder: image folder.
+        image_id: the CSV cell, e.g. "1" or "img_7.png".
+        template: e.g. "{id:03d}.bmp"; None to use the id as the file name.
+
+    Example:
+        >>> resolve_file(Path("Dataset 1"), "1", "{id:03d}.bmp")  # doctest: +SKIP
+        PosixPath('Dataset 1/001.bmp')
+    """
+    if template:
+        value = int(image_id) if image_id.lstrip("-").isdigit() else image_id
+        try:
+            return folder / template.format(id=value)
+        except (ValueError, KeyError, IndexError) as err:
+            raise DataError(f"filename_template {template!r} cannot format id {image_id!r} ({err}).", "use {id} in the template, e.g. '{id:03d}.bmp'.") from None
+    path = folder / image_id
+    if path.suffix.lower() in IMAGE_SUFFIXES or path.is_file():
+        return path
+    matches = [folder / f"{image_id}{s}" for s in sorted(IMAGE_SUFFIXES) if (folder / f"{image_id}{s}").is_file()]
+    return matches[0] if matches else path
+
+
+def _name_labels(raw: list[str], class_names: list[str] | None, label_offset: int, label_map: dict | None) -> tuple[np.ndarray, list[str]]:
+    """Raw CSV label cells -> ([N] indices, class names); integers shift by `label_offset`, names look up `class_names`."""
+    values = [label_map.get(v, v) if label_map else v for v in raw]
+    values = [str(v).strip() for v in values]
+    if all(v.lstrip("-").isdigit() for v in values):
+        idx = np.asarray([int(v) for v in values], dtype=np.int64) - label_offset
+        names = list(class_names) if class_names else [str(i) for i in range(int(idx.max()) + 1)]
+        bad = sorted({int(v) for v, i in zip(values, idx) if not 0 <= i < len(names)})
+        if bad:
+            raise DataError(
+                f"labels {bad} are out of range: with label_offset={label_offset} they map outside 0..{len(names) - 1} "
+                f"({len(names)} classes {names}).",
+                "set label_offset so the smallest label maps to 0 (e.g. 1 for labels 1..K), or list every class in class_names.",
+            )
+        return idx, names
+    names = list(class_names) if class_names else sorted(set(values))
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise DataError(f"label names {unknown} are not in class_names {names}.", "add them to class_names, or fix the CSV (names are case-sensitive).")
+    return np.asarray([names.index(v) for v in values], dtype=np.int64), names
+
+
+def _multi_hot(rows: list[dict], columns: list[str], path: Path) -> np.ndarray:
+    """[N, K] 0/1 targets from K columns; anything but 0/1 is named."""
+    table = [[row[c] for c in columns] for row in rows]
+    bad = sorted({v for line in table for v in line if v not in {"0", "1", "0.0", "1.0"}})
+    if bad:
+        raise DataError(f"multi-label columns {columns} of {path} hold values {bad[:10]} besides 0/1.", "write 0 or 1 in every label column.")
+    return np.asarray(table, dtype=float).astype(np.float32)
+
+
+def load_csv_labels(
+    image_dir: str | Path,
+    labels_csv: str | Path,
+    id_column: str = "filename",
+    label_columns: list[str] | None = None,
+    filename_template: str | None = None,
+    class_names: list[str] | None = None,
+    label_offset: int = 0,
+    label_map: dict | None = None,
+    multi_label: bool = False,
+    on_bad_file: str = "error",
+) -> LabelledImages:
+    """Images of `image_dir` labelled by a CSV: one label column (names or ints) or several 0/1 columns (multi-label).
+
+    Args:
+        image_dir: folder holding the images.
+        labels_csv: CSV with a header line.
+        id_column: column with the file name or id of each image.
+        label_columns: one column (single-label) or several 0/1 columns (multi-label; they name the classes).
+        filename_template: turns an id into a file name, e.g. "{id:03d}.bmp"; default: the id, with any image suffix.
+        class_names: class order (single-label); default the sorted distinct labels.
+        label_offset: subtracted from integer labels (1 for labels 1..K).
+        label_map: {raw CSV value: class name or integer} applied before everything else.
+        multi_label: the config expects several 0/1 columns.
+        on_bad_file: "error" or "skip" unreadable images.
+
+    Example:
+        >>> wbc = load_csv_labels("Dataset 1", "Class Labels of Dataset 1.csv", "image ID", ["class label"],
+        ...     "{id:03d}.bmp", ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"], 1)  # doctest: +SKIP
+    """
+    folder, path = Path(image_dir), Path(labels_csv)
+    columns = list(label_columns or ["label"])
+    if multi_label and len(columns) < 2:
+        raise DataError(
+            f"multi-label config with single-label data: multi_label is true but only the label column {columns} is given.",
+            "list the 0/1 columns in label_columns (one per label), or set multi_label: false.",
+        )
+    if not multi_label and len(columns) > 1:
+        raise DataError(f"label_columns lists {len(columns)} columns but multi_label is false.", "set multi_label: true, or give one label column.")
+    rows = _read_csv(path)
+    _check_columns(rows, [id_column] + columns, path)
+    paths = [resolve_file(folder, row[id_column], filename_template) for row in rows]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise DataError(f"{len(missing)} images listed in {path} are missing, e.g. {missing[:3]}.", "check data_dir and filename_template (e.g. '{id:03d}.bmp').")
+    if multi_label:
+        labels, names = _multi_hot(rows, columns, path), columns
+    else:
+        labels, names = _name_labels([row[columns[0]] for row in rows], class_names, label_offset, label_map)
+    images, kept = _read_all(paths, on_bad_file)
+    return LabelledImages(images, labels[kept], names, [paths[i].name for i in kept], multi_label)
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+@dataclass
+class Split:
+    """Indices of train / validation / test, and the classes too rare to be evaluated (train only)."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    train_only_classes: list[str] = field(default_factory=list)
+
+
+def _carve(pool: np.ndarray, labels: np.ndarray | None, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Split `pool` into (rest, held out) stratified by `labels`; classes with < 2 members in the pool stay in rest."""
+    if fraction <= 0 or len(pool) < 2:
+        return pool, pool[:0], []
+    if labels is None:  # multi-label: plain seeded shuffle split
+        rest, held = train_test_split(pool, test_size=fraction, random_state=seed)
+        return np.sort(rest), np.sort(held), []
+    counts = np.bincount(labels[pool])
+    rare = [int(c) for c in np.flatnonzero((counts > 0) & (counts < 2))]
+    keep = pool[np.isin(labels[pool], rare)]
+    rest_pool = pool[~np.isin(labels[pool], rare)]
+    n_held = max(int(round(len(pool) * fraction)), len(np.unique(labels[rest_pool])))  # sklearn: >= 1 per class
+    if n_held >= len(rest_pool):
+        raise DataError(f"{len(pool)} images are too few to hold out {fraction:.0%} stratified by class.", "lower validation_fraction / test_fraction or add images.")
+    rest, held = train_test_split(rest_pool, test_size=n_held, stratify=labels[rest_pool], random_state=seed)
+    return np.sort(np.concatenate([rest, keep])), np.sort(held), rare
+
+
+def stratified_split(labels: np.ndarray, class_names: list[str], validation_fraction: float, test_fraction: float, seed: int) -> Split:
+    """Seeded stratified train / validation / test split (scikit-learn), test first, then validation from the rest.
+
+    A class with fewer than 2 examples left in the pool being split stays in train (so WBC's single
+    basophil is trained on but absent from validation and test; they report it with support 0).
+    Multi-label ([N, K]) labels are split by a seeded shuffle, not stratified.
+
+    Args:
+        labels: [N] class indices or [N, K] 0/1.
+        class_names: K names (used in `train_only_classes`).
+        validation_fraction, test_fraction: shares of all N images.
+        seed: split seed.
+
+    Example:
+        >>> s = stratified_split(np.array([0] * 8 + [1] * 8 + [2]), ["a", "b", "c"], 0.25, 0.25, 0)
+        >>> len(s.train), len(s.val), len(s.test), s.train_only_classes
+        (9, 4, 4, ['c'])
+    """
+    if validation_fraction < 0 or test_fraction < 0 or validation_fraction + test_fraction >= 1:
+        raise DataError(f"validation_fraction {validation_fraction} + test_fraction {test_fraction} must lie in [0, 1).", "use e.g. 0.15 and 0.2.")
+    strat = labels if labels.ndim == 1 else None
+    pool = np.arange(len(labels))
+    rest, test, rare_test = _carve(pool, strat, test_fraction, seed)
+    # validation share of what is left, so the final shares are the requested shares of all images
+    val_share = validation_fraction / (1 - test_fraction) if test_fraction < 1 else 0.0
+    train, val, rare_val = _carve(rest, strat, val_share, seed)
+    rare = sorted(set(rare_test) | set(rare_val))
+    split = Split(train, val, test, [class_names[c] for c in rare])
+    if split.train_only_classes:
+        logger.warning("classes %s have too few examples to be stratified into validation/test: kept in train only "
+                       "(validation/test report them with support 0)", split.train_only_classes)
+    return split
+
+
+def class_counts(labels: np.ndarray, class_names: list[str]) -> dict[str, int]:
+    """{class name: number of examples} ([N] indices, or positives per column of [N, K] 0/1)."""
+    counts = labels.sum(0) if labels.ndim == 2 else np.bincount(labels, minlength=len(class_names))
+    return {name: int(n) for name, n in zip(class_names, counts)}
+
+
+def label_subset(labels: np.ndarray, class_names: list[str], fraction: float, seed: int, strict: bool = False) -> np.ndarray:
+    """Seeded stratified subset (positions into `labels`) keeping `fraction` of each class, at least one per class.
+
+    Per class `max(1, floor(n_c * fraction + 0.5))` examples; with `strict`, a class whose share rounds
+    to zero raises a DataError naming it. Multi-label: a seeded random `fraction` of rows (at least one).
+
+    Args:
+        labels: labels of the TRAIN split: [N] class indices or [N, K] 0/1.
+        class_names: K names, for messages and the logged counts.
+        fraction: in (0, 1]; 1 returns everything.
+        seed: subset seed.
+        strict: refuse to top a class up to one example.
+
+    Example:
+        >>> label_subset(np.array([0] * 10 + [1] * 3), ["a", "b"], 0.2, seed=0).size  # 2 of a, 1 of b
+        3
+    """
+    if not 0 < fraction <= 1:
+        raise DataError(f"train_fraction={fraction} is outside (0, 1].", "use e.g. 0.1 for 10% of the training labels.")
+    rng = np.random.default_rng(seed)
+    if labels.ndim == 2:
+        n = max(1, int(np.floor(len(labels) * fraction + 0.5)))
+        return np.sort(rng.permutation(len(labels))[:n])
+    chosen = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        n = int(np.floor(len(members) * fraction + 0.5))
+        if n == 0 and strict:
+            raise DataError(
+                f"train_fraction={fraction} leaves class {class_names[c]!r} ({len(members)} training examples) with none.",
+                f"raise train_fraction to at least {0.5 / len(members):.3g}, or set strict_fraction: false to keep one example of it.",
+            )
+        chosen.append(rng.permutation(members)[: max(n, 1)])
+    subset = np.sort(np.concatenate(chosen))
+    logger.info("train_fraction %.3g: %d of %d training examples, per class %s", fraction, subset.size, len(labels),
+                class_counts(labels[subset], class_names))
+    return subset
+
+
+# ----------------------------------------------------------------------------- tensors
+
+
+class ClassificationDataset(Dataset):
+    """Normalised images resized to `image_size`, augmented for training; items are {"pixel_values", "labels"}.
+
+    Args:
+        images: [C, H, W] float arrays (raw intensities).
+        labels: [N] class indices or [N, K] 0/1.
+        image_mean, image_std: per-channel statistics (the checkpoint's, or the train split's).
+        image_size: side of the model input.
+        augment: training augmentation (random resized crop, flips, rot90); None = plain resize (evaluation).
+
+    Example:
+        >>> ds = ClassificationDataset(data.images, data.labels, mean, std, 64, Augment(64, (0.5, 1), rot90=True))  # doctest: +SKIP
+        >>> ds[0]["pixel_values"].shape  # doctest: +SKIP
+        torch.Size([3, 64, 64])
+    """
+
+    def __init__(self, images: list[np.ndarray], labels: np.ndarray, image_mean, image_std, image_size: int, augment: Augment | None = None):
+        if len(images) != len(labels):
+            raise DataError(f"{len(images)} images but {len(labels)} labels.", "give one label per image.")
+        self.images = [torch.from_numpy(np.ascontiguousarray(im)) for im in images]
+        self.labels = torch.as_tensor(labels)
+        self.mean = torch.tensor(image_mean, dtype=torch.float32)[:, None, None]
+        self.std = torch.tensor(image_std, dtype=torch.float32)[:, None, None]
+        self.image_size, self.augment = image_size, augment
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        image = (self.images[index] - self.mean) / self.std
+        # evaluation resizes the whole image: a central crop could cut off the cell being classified
+        image = self.augment(image) if self.augment is not None else resize(image, self.image_size)
+        return {"pixel_values": image, "labels": self.labels[index]}
+
+
+__all__ = [
+    "LabelledImages",
+    "load_class_folders",
+    "load_csv_labels",
+    "resolve_file",
+    "Split",
+    "stratified_split",
+    "label_subset",
+    "class_counts",
+    "ClassificationDataset",
+]
