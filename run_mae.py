@@ -18,7 +18,7 @@ from hf_medmae import MedMAEConfig, MedMAEForPreTraining
 from hf_medmae.cli import parse_config
 from hf_medmae.data.pretraining import Augment, PretrainingDataset, channel_stats, check_channels, load_source, split_indices, tile_image
 from hf_medmae.errors import DataError
-from hf_medmae.training import AttentionRefreshCallback, SampleIdRecorder, check_writable, hardware_description, resolve_precision, resolve_resume, scale_learning_rate
+from hf_medmae.training import AttentionRefreshCallback, EpochCallback, SampleIdRecorder, check_writable, hardware_description, resolve_precision, resolve_resume, scale_learning_rate
 
 logger = logging.getLogger("run_mae")
 
@@ -87,7 +87,7 @@ def build_datasets(data_args: DataArguments, image_size: int, seed: int):
     channels = check_channels(train_images + val_images, data_args.train_data)
     mean, std = channel_stats(train_images)
     augment = Augment(image_size, tuple(data_args.crop_scale), hflip=data_args.hflip, vflip=data_args.vflip, rot90=data_args.rot90)
-    train = PretrainingDataset(train_images, mean, std, image_size, augment)
+    train = PretrainingDataset(train_images, mean, std, image_size, augment, seed=seed)
     val = PretrainingDataset(val_images, mean, std, image_size) if val_images else None
     return train, val, channels, (mean, std), skipped
 
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     resolve_precision(training_args, model_args.precision)
     training_args.remove_unused_columns = False  # keep sample_ids for the attention generator
     training_args.prediction_loss_only = True  # evaluation needs the loss, not every reconstruction
-    callbacks = []
+    callbacks = [EpochCallback(train_ds)]
     if model.config.mask_generator == "attention":  # maps must line up with the pixels they mask
         train_ds.augment = Augment(model_args.image_size, (1.0, 1.0), hflip=False, vflip=False)
         plain = PretrainingDataset([im.numpy() for im in train_ds.images], mean, std, model_args.image_size)

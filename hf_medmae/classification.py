@@ -24,6 +24,7 @@ from transformers.modeling_outputs import ImageClassifierOutput
 from .encoder import _as_pair, mae_encoder_state_dict, vit_config_dict, vit_config_from
 from .errors import ConfigError, DataError
 from .optim import add_drop_path
+from .checkpoint import CurrentKeyNamesMixin
 
 SINGLE, MULTI = "single_label_classification", "multi_label_classification"
 
@@ -106,7 +107,7 @@ class MedClsConfig(PreTrainedConfig):
             )
 
 
-class MedClsForImageClassification(PreTrainedModel):
+class MedClsForImageClassification(CurrentKeyNamesMixin, PreTrainedModel):
     r"""ViT encoder + (mean | CLS) pooling + linear head, with stochastic depth and MAE head init.
 
     Example:

@@ -13,9 +13,10 @@ from transformers.models.vit_mae.modeling_vit_mae import ViTMAEForPreTrainingOut
 from .configuration import MedMAEConfig
 from .errors import DataError
 from .masking import MASKED, VISIBLE, MaskGenerator, build_mask_generator, codes_to_noise
+from .checkpoint import CurrentKeyNamesMixin
 
 
-class MedMAEForPreTraining(ViTMAEForPreTraining):
+class MedMAEForPreTraining(CurrentKeyNamesMixin, ViTMAEForPreTraining):
     r"""ViT masked autoencoder whose masking strategy is part of its config.
 
     Example:

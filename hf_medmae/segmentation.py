@@ -24,6 +24,7 @@ from transformers import ViTConfig, ViTModel
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
 from .errors import CheckpointError, ConfigError, DataError
+from .checkpoint import CurrentKeyNamesMixin
 
 LOSSES = ("ce", "dice_ce")
 DECODERS = ("unetr",)
@@ -324,7 +325,7 @@ def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, config: Segmen
     return nn.functional.cross_entropy(logits, labels, weight=weight, ignore_index=config.ignore_index)
 
 
-class _SegmenterBase(PreTrainedModel):
+class _SegmenterBase(CurrentKeyNamesMixin, PreTrainedModel):
     """Shared by both segmenters: MONAI/torch default init for conv blocks, loss from the config."""
 
     main_input_name = "pixel_values"

@@ -95,6 +95,17 @@ def hardware_description() -> str:
     return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
 
 
+class EpochCallback(TrainerCallback):
+    """Tells datasets with `set_epoch` which epoch starts (accelerate does so only for some samplers)."""
+
+    def __init__(self, *datasets):
+        self.datasets = datasets
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        for dataset in self.datasets:
+            dataset.set_epoch(int(state.epoch or 0))
+
+
 class AttentionRefreshCallback(TrainerCallback):
     """Recomputes the CLS attention map of every training image every `every_epochs` epochs (MSMAE).
 

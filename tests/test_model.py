@@ -101,3 +101,18 @@ def test_named_errors():
         MedMAEConfig(image_size=30, patch_size=4)
     with pytest.raises(ConfigError, match="mask_ratio=0.0 is outside"):
         MedMAEConfig(mask_ratio=0.0)
+
+
+@pytest.mark.parametrize("build", ["mae", "classifier", "segmenter"])
+def test_checkpoints_use_current_key_names_so_trainer_restores_every_weight(tmp_path, build):
+    """The Trainer's resume/best-model reload is a non-strict load_state_dict without renaming."""
+    from safetensors.torch import load_file
+
+    from hf_medmae import MedClsForImageClassification, MedSegForSegmentation
+
+    mae = MedMAEForPreTraining(tiny_config())
+    model = {"mae": lambda: mae, "classifier": lambda: MedClsForImageClassification.from_encoder(mae.vit, num_labels=3),
+             "segmenter": lambda: MedSegForSegmentation.from_encoder(mae.vit, num_labels=3)}[build]()
+    model.save_pretrained(tmp_path)
+    result = model.load_state_dict(load_file(tmp_path / "model.safetensors"), strict=False)
+    assert not result.missing_keys and not result.unexpected_keys

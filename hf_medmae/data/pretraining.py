@@ -149,20 +149,30 @@ class PretrainingDataset(Dataset):
         image_mean, image_std: per-channel statistics of the training images.
         image_size: side of the model input.
         augment: training augmentation, or None for a deterministic central crop (validation).
+        seed: augmentation of item i in epoch e draws from its own generator seeded by (seed, e, i), so
+            it does not depend on what else drew random numbers before: a resumed run, which loads and
+            skips the batches it already trained on, augments the remaining ones exactly as before.
     """
 
-    def __init__(self, images: list[np.ndarray], image_mean, image_std, image_size: int, augment: Augment | None = None):
+    def __init__(self, images: list[np.ndarray], image_mean, image_std, image_size: int, augment: Augment | None = None, seed: int = 0):
         self.images = [torch.from_numpy(np.ascontiguousarray(im)) for im in images]
         self.mean = torch.tensor(image_mean, dtype=torch.float32)[:, None, None]
         self.std = torch.tensor(image_std, dtype=torch.float32)[:, None, None]
-        self.image_size, self.augment = image_size, augment
+        self.image_size, self.augment, self.seed, self.epoch = image_size, augment, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int) -> dict:
         image = (self.images[index] - self.mean) / self.std
-        image = self.augment(image) if self.augment is not None else center_crop(image, self.image_size)
+        if self.augment is None:
+            image = center_crop(image, self.image_size)
+        else:
+            gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+            image = self.augment(image, gen)
         return {"pixel_values": image, "sample_ids": index}
 
 
