@@ -33,8 +33,9 @@ from hf_medmae.errors import ConfigError, DataError
 from hf_medmae.metrics import segmentation_compute_metrics_fn, segmentation_metrics, segmentation_preprocess_logits
 from hf_medmae.optim import param_groups_layer_decay
 from hf_medmae.plots import plot_confusion_matrix, plot_segmentation_overlays
-from hf_medmae.segmentation import UNET_MULTIPLE, MedSegForSegmentation, build_config, build_unet_baseline, encoder_fields, predict
-from hf_medmae.segmentation import MedSegConfig
+from hf_medmae.segmentation import (
+    UNET_MULTIPLE, MedSegConfig, MedSegForSegmentation, build_config, build_unet_baseline, encoder_fields, predict,
+)
 from hf_medmae.training import check_writable, hardware_description, resolve_precision
 
 logger = logging.getLogger("run_segmentation")
