@@ -1,0 +1,324 @@
+"""The segmentation data pipeline: image + mask pairs -> class ids -> seeded split -> sparse labels -> tensors.
+
+Sources: a folder of images with masks matched by a filename pattern (in the same or another folder),
+an `.npz` with `images` / `masks` arrays, or `embedded:nuclei16`. Raw mask values are turned into class
+ids through an explicit class map, because no convention is safe: WBC masks use 255 for the nucleus,
+while many tools use 255 for "unlabeled".
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from ..errors import ConfigError, DataError
+from .embedded import EMBEDDED, nuclei16
+from .io import list_image_files, read_image
+
+CROP_MODES = ("resize", "random_crop")
+
+
+@dataclass
+class SegmentationPairs:
+    """Images [C, H, W] float32 with masks [H, W] int64 (raw values or class ids) and their names."""
+
+    images: list[np.ndarray]
+    masks: list[np.ndarray]
+    names: list[str]
+
+    def subset(self, indices) -> "SegmentationPairs":
+        return SegmentationPairs([self.images[i] for i in indices], [self.masks[i] for i in indices],
+                                 [self.names[i] for i in indices])
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """One mask file as an int64 [H, W] array of raw values (grey, palette, or RGB with equal channels)."""
+    array = read_image(path)  # float32 [C, H, W]
+    if array.shape[0] > 1:
+        if not all(np.array_equal(array[0], array[c]) for c in range(1, min(array.shape[0], 3))):
+            raise DataError(f"mask {path} is a colour image with different channels.",
+                            "save masks as single-channel (grey or palette) images of class values.")
+        array = array[:1]
+    if not np.array_equal(array, np.round(array)):
+        raise DataError(f"mask {path} holds non-integer values.", "save masks as integer label images (PNG, TIFF).")
+    return array[0].astype(np.int64)
+
+
+def _folder_pairs(folder: Path, mask_dir: Path, image_glob: str, mask_pattern: str, max_images: int | None):
+    """(image file, mask file) pairs; files that are some image's mask are never images themselves."""
+    candidates = [p for p in list_image_files(folder, recursive=False) if fnmatch.fnmatch(p.name, image_glob)]
+    mask_of = {p: mask_dir / mask_pattern.format(stem=p.stem, name=p.name) for p in candidates}
+    masks = {m.resolve() for m in mask_of.values()}
+    pairs = [(p, mask_of[p]) for p in candidates if p.resolve() not in masks]
+    missing = [str(m) for _, m in pairs if not m.is_file()]
+    if missing:
+        raise DataError(f"{len(missing)} image(s) have no mask, e.g. {missing[:3]} (mask_pattern {mask_pattern!r}).",
+                        "check mask_dir and mask_pattern ({stem} = image name without suffix), "
+                        "or narrow image_glob to the images that have masks.")
+    return pairs[:max_images]
+
+
+def load_pairs(source: str, mask_dir: str | None = None, image_glob: str = "*", mask_pattern: str = "{stem}.png",
+               max_images: int | None = None) -> SegmentationPairs:
+    """Images and raw masks from a folder, an `.npz` file (`images`, `masks`) or `embedded:nuclei16`.
+
+    Args:
+        source: image folder (not recursive), `.npz` with `images` (N, C, H, W) or (N, H, W) and `masks`
+            (N, H, W), or `embedded:nuclei16` (16-channel nuclei with 0/1 masks).
+        mask_dir: folder of the masks; default the image folder.
+        image_glob: which files of the folder are images, e.g. `*.bmp`.
+        mask_pattern: mask file name of an image; `{stem}` / `{name}` are the image's stem / file name.
+        max_images: read at most this many pairs (sorted order).
+
+    Raises:
+        DataError: missing masks, unreadable files, or a mask whose size differs from its image.
+
+    Example:
+        >>> pairs = load_pairs("../shared/data/wbc_zheng2018/Dataset 1", image_glob="*.bmp")  # doctest: +SKIP
+        >>> pairs.images[0].shape, pairs.masks[0].shape
+        ((3, 120, 120), (120, 120))
+    """
+    if source.startswith("embedded:"):
+        name = source.split(":", 1)[1]
+        if name not in EMBEDDED:
+            raise DataError(f"unknown embedded data set {name!r}.", f"use one of {sorted(EMBEDDED)} as embedded:<name>.")
+        images, masks = nuclei16()
+        pairs = SegmentationPairs(list(images), [m.astype(np.int64) for m in masks], [f"{name}_{i:02d}" for i in range(len(images))])
+    elif Path(source).suffix.lower() == ".npz":
+        pairs = _npz_pairs(Path(source))
+    elif Path(source).is_dir():
+        found = _folder_pairs(Path(source), Path(mask_dir or source), image_glob, mask_pattern, max_images)
+        pairs = SegmentationPairs([read_image(p) for p, _ in found], [read_mask(m) for _, m in found], [p.name for p, _ in found])
+    else:
+        raise DataError(f"segmentation source {source!r} is neither a folder, an .npz file nor embedded:<name>.",
+                        "point train_data at an image folder (with masks), an .npz with images/masks, or embedded:nuclei16.")
+    pairs = pairs.subset(range(min(len(pairs.images), max_images or len(pairs.images))))
+    if not pairs.images:
+        raise DataError(f"no image/mask pairs found in {source} (image_glob {image_glob!r}).", "check train_data and image_glob.")
+    for image, mask, name in zip(pairs.images, pairs.masks, pairs.names):
+        if tuple(image.shape[1:]) != tuple(mask.shape):
+            raise DataError(f"{name}: the image is {image.shape[1]}x{image.shape[2]} but its mask is {mask.shape[0]}x{mask.shape[1]}.",
+                            "give every mask the size of its image (masks are resized only together with images).")
+    return pairs
+
+
+def _npz_pairs(path: Path) -> SegmentationPairs:
+    try:
+        with np.load(path, allow_pickle=False) as data:  # never unpickle user files
+            if not {"images", "masks"} <= set(data.keys()):
+                raise DataError(f"{path} has arrays {list(data.keys())}; expected 'images' and 'masks'.",
+                                "save with numpy.savez(path, images=(N, C, H, W), masks=(N, H, W)).")
+            images, masks = data["images"].astype(np.float32), data["masks"]
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot read {path} ({err}).", "save arrays with numpy.savez (no pickled objects).") from None
+    images = images[:, None] if images.ndim == 3 else images
+    if images.ndim != 4 or masks.ndim != 3 or len(images) != len(masks):
+        raise DataError(f"{path}: images {images.shape} and masks {masks.shape} do not pair up.",
+                        "store images as (N, C, H, W) or (N, H, W) and masks as (N, H, W) with the same N.")
+    names = [f"{path.name}[{i}]" for i in range(len(images))]
+    return SegmentationPairs(list(images), [m.astype(np.int64) for m in masks], names)
+
+
+def parse_class_map(class_map: dict | None, ignore_index: int = 255) -> dict[int, int]:
+    """Validate a {raw mask value: class id} map (keys may be strings, as JSON writes them).
+
+    Class ids must be 0..K-1 without gaps; a raw value may also map to `ignore_index` (unlabeled).
+
+    Example:
+        >>> parse_class_map({"0": 0, "128": 1, "255": 2})
+        {0: 0, 128: 1, 255: 2}
+    """
+    if not class_map:
+        raise ConfigError("class_map is not set.", "map every raw mask value to a class id, e.g. class_map: {0: 0, 128: 1, 255: 2}.")
+    try:
+        parsed = {int(k): int(v) for k, v in class_map.items()}
+    except (TypeError, ValueError):
+        raise ConfigError(f"class_map {class_map} must map integers to integers.", "write it as {raw value: class id}.") from None
+    ids = sorted(set(parsed.values()) - {ignore_index})
+    if ids != list(range(len(ids))) or not ids:
+        raise ConfigError(f"class_map {parsed} gives class ids {ids}; they must be 0..K-1 without gaps.",
+                          f"number the classes from 0; map unlabeled values to ignore_index {ignore_index}.")
+    return parsed
+
+
+def map_mask(raw: np.ndarray, class_map: dict[int, int], name: str) -> np.ndarray:
+    """Raw mask values -> class ids (int64 [H, W]); a value missing from `class_map` is a `DataError`.
+
+    Example:
+        >>> map_mask(np.array([[0, 128], [255, 0]]), {0: 0, 128: 1, 255: 2}, "001.png").tolist()
+        [[0, 1], [2, 0]]
+    """
+    values, inverse = np.unique(raw, return_inverse=True)
+    unknown = [int(v) for v in values if int(v) not in class_map]
+    if unknown:
+        raise DataError(f"{name}: mask values {unknown[:10]} are not in class_map (keys {sorted(class_map)}).",
+                        "add every raw value to class_map (map unlabeled values to ignore_index), or fix the mask.")
+    lookup = np.array([class_map[int(v)] for v in values], dtype=np.int64)
+    return lookup[inverse].reshape(raw.shape)
+
+
+def sparsify(masks: list[np.ndarray], fraction: float, ignore_index: int, seed: int) -> list[np.ndarray]:
+    """Keep a seeded random `fraction` of each mask's labelled pixels; the rest become `ignore_index`.
+
+    Emulates sparse annotation (seed 001 trained on 2.3% of the pixels). At least one pixel stays
+    labelled in any mask that has labelled pixels.
+
+    Example:
+        >>> kept = sparsify([np.zeros((10, 10), int)], 0.1, 255, seed=0)[0]
+        >>> int((kept != 255).sum())
+        10
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ConfigError(f"label_fraction_pixels={fraction} is outside (0, 1].", "use e.g. 0.02 for 2% of the pixels, 1.0 for dense.")
+    if fraction == 1.0:
+        return masks
+    rng, out = np.random.default_rng(seed), []
+    for mask in masks:
+        labelled = np.flatnonzero(mask != ignore_index)
+        keep = rng.choice(labelled, size=min(len(labelled), max(1, round(fraction * len(labelled)))), replace=False)
+        sparse = np.full(mask.size, ignore_index, dtype=np.int64)
+        sparse[keep] = mask.reshape(-1)[keep]
+        out.append(sparse.reshape(mask.shape))
+    return out
+
+
+def split_three(n: int, validation_fraction: float, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Seeded (train, validation, test) image indices; validation and test get at least one image each.
+
+    Example:
+        >>> [len(s) for s in split_three(10, 0.2, 0.2, seed=0)]
+        [6, 2, 2]
+    """
+    if n < 3:
+        raise DataError(f"{n} image/mask pairs cannot be split into train, validation and test.", "provide at least 3 pairs.")
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = max(1, round(n * validation_fraction))
+    n_test = max(1, round(n * test_fraction))
+    if n_val + n_test >= n:
+        raise ConfigError(f"validation_fraction {validation_fraction} + test_fraction {test_fraction} leave no training images of {n}.",
+                          "lower the fractions.")
+    return np.sort(order[n_val + n_test:]), np.sort(order[:n_val]), np.sort(order[n_val:n_val + n_test])
+
+
+def subsample(indices: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """A seeded `fraction` (at least one) of `indices`, sorted: the `train_fraction` over images."""
+    if not 0.0 < fraction <= 1.0:
+        raise ConfigError(f"train_fraction={fraction} is outside (0, 1].", "use e.g. 0.1 for 10% of the training images.")
+    count = max(1, round(fraction * len(indices)))
+    return np.sort(np.random.default_rng([seed, 1]).permutation(indices)[:count])
+
+
+def resize_pair(image: torch.Tensor, mask: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resize [C, H, W] image (bilinear, antialiased) and [H, W] mask (nearest, so ids stay ids) to `size`."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image, mask
+    image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+    mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest-exact")[0, 0].long()
+    return image, mask
+
+
+@dataclass
+class PairAugment:
+    """Geometry for image + mask pairs; every random draw is applied to both alike.
+
+    Args:
+        image_size: output side.
+        crop_mode: "resize" (whole image to image_size) or "random_crop" (image_size window; smaller
+            images are resized up first).
+        hflip, vflip, rot90: random flips and 90-degree rotations (cells have no preferred orientation).
+    """
+
+    image_size: int
+    crop_mode: str = "resize"
+    hflip: bool = True
+    vflip: bool = True
+    rot90: bool = True
+
+    def __call__(self, image: torch.Tensor, mask: torch.Tensor, gen: torch.Generator | None = None):
+        _, h, w = image.shape
+        if self.crop_mode == "random_crop" and min(h, w) >= self.image_size:
+            top = int(torch.randint(0, h - self.image_size + 1, (1,), generator=gen))
+            left = int(torch.randint(0, w - self.image_size + 1, (1,), generator=gen))
+            image = image[:, top:top + self.image_size, left:left + self.image_size]
+            mask = mask[top:top + self.image_size, left:left + self.image_size]
+        image, mask = resize_pair(image, mask, (self.image_size, self.image_size))
+        if self.hflip and torch.rand(1, generator=gen) < 0.5:
+            image, mask = image.flip(-1), mask.flip(-1)
+        if self.vflip and torch.rand(1, generator=gen) < 0.5:
+            image, mask = image.flip(-2), mask.flip(-2)
+        if self.rot90:
+            k = int(torch.randint(0, 4, (1,), generator=gen))
+            image, mask = torch.rot90(image, k, dims=(-2, -1)), torch.rot90(mask, k, dims=(-2, -1))
+        return image.contiguous(), mask.contiguous()
+
+
+def covering_tiles(pairs: SegmentationPairs, size: int) -> SegmentationPairs:
+    """Cut each pair into size x size tiles that cover every pixel (the last row/column overlaps).
+
+    Used for evaluation with `crop_mode: random_crop`, so a model trained on crops is scored on
+    (nearly) every pixel at its training scale. Images smaller than `size` stay whole.
+    """
+    images, masks, names = [], [], []
+    for image, mask, name in zip(pairs.images, pairs.masks, pairs.names):
+        _, h, w = image.shape
+        tops = np.unique(np.linspace(0, max(h - size, 0), max(1, math.ceil(h / size))).round().astype(int))
+        lefts = np.unique(np.linspace(0, max(w - size, 0), max(1, math.ceil(w / size))).round().astype(int))
+        for top in tops:
+            for left in lefts:
+                images.append(image[:, top:top + size, left:left + size])
+                masks.append(mask[top:top + size, left:left + size])
+                names.append(f"{name}@{top},{left}")
+    return SegmentationPairs(images, masks, names)
+
+
+class SegmentationDataset(Dataset):
+    """Normalised image + class-id mask pairs; items are {"pixel_values": [C, S, S], "labels": [S, S] long}.
+
+    Args:
+        pairs: images (raw intensities) and masks of class ids (`ignore_index` for unlabeled pixels).
+        image_mean, image_std: per-channel normalisation.
+        image_size: side S of the model input.
+        augment: training geometry, or None: deterministic resize to S (evaluation).
+
+    Example:
+        >>> ds = SegmentationDataset(pairs, [0.0] * 3, [1.0] * 3, 64, PairAugment(64))  # doctest: +SKIP
+        >>> ds[0]["pixel_values"].shape, ds[0]["labels"].dtype
+        (torch.Size([3, 64, 64]), torch.int64)
+    """
+
+    def __init__(self, pairs: SegmentationPairs, image_mean, image_std, image_size: int, augment: PairAugment | None = None):
+        self.images = [torch.from_numpy(np.ascontiguousarray(im, dtype=np.float32)) for im in pairs.images]
+        self.masks = [torch.from_numpy(np.ascontiguousarray(m, dtype=np.int64)) for m in pairs.masks]
+        self.names = list(pairs.names)
+        self.mean = torch.tensor(image_mean, dtype=torch.float32)[:, None, None]
+        self.std = torch.tensor(image_std, dtype=torch.float32)[:, None, None]
+        self.image_size, self.augment = image_size, augment
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        image, mask = (self.images[index] - self.mean) / self.std, self.masks[index]
+        if self.augment is not None:
+            image, mask = self.augment(image, mask)
+        else:
+            image, mask = resize_pair(image, mask, (self.image_size, self.image_size))
+        return {"pixel_values": image, "labels": mask}
+
+
+def labelled_fraction(masks: list[np.ndarray], ignore_index: int) -> float:
+    """Share of pixels that are not `ignore_index`, over all masks."""
+    return float(sum((m != ignore_index).sum() for m in masks) / sum(m.size for m in masks))
+
+
+__all__ = [
+    "CROP_MODES", "SegmentationPairs", "SegmentationDataset", "PairAugment", "covering_tiles", "labelled_fraction",
+    "load_pairs", "map_mask", "parse_class_map", "read_mask", "resize_pair", "sparsify", "split_three", "subsample",
+]
