@@ -26,6 +26,7 @@ logger = logging.getLogger("run_mae")
 @dataclass
 class DataArguments:
     train_data: str = field(default="embedded:nuclei16", metadata={"help": "folder, .npy/.npz, hf:<dataset>, or embedded:nuclei16"})
+    file_pattern: str = field(default="*", metadata={"help": 'only files matching this name pattern, e.g. "*.bmp"'})
     validation_data: str | None = field(default=None, metadata={"help": "separate validation source; else split off train_data"})
     validation_fraction: float = field(default=0.1, metadata={"help": "share of images (before tiling) held out for validation"})
     tile_size: int | None = field(default=None, metadata={"help": "cut images into tiles of this side first (e.g. 64)"})
@@ -72,11 +73,11 @@ def build_config(model_args: ModelArguments, num_channels: int) -> MedMAEConfig:
 
 
 def build_datasets(data_args: DataArguments, image_size: int, seed: int):
-    images, skipped = load_source(data_args.train_data, data_args.on_bad_file, data_args.max_images)
+    images, skipped = load_source(data_args.train_data, data_args.on_bad_file, data_args.max_images, pattern=data_args.file_pattern)
     if not images:
         raise DataError(f"no images found in {data_args.train_data}.", "check train_data; supported: PNG/JPEG/BMP/TIFF folders, .npy/.npz, hf:, embedded:.")
     if data_args.validation_data:
-        val_images, more = load_source(data_args.validation_data, data_args.on_bad_file)
+        val_images, more = load_source(data_args.validation_data, data_args.on_bad_file, pattern=data_args.file_pattern)
         train_images, skipped = images, skipped + more
     else:  # split whole images before tiling, so no tile of a validation image is trained on
         train_idx, val_idx = split_indices(len(images), data_args.validation_fraction, seed)

@@ -54,8 +54,24 @@ def parse_cli_flags(argv: list[str]) -> tuple[str | None, dict]:
         if key == "config":
             config = value
         else:
-            flags[key] = yaml.safe_load(value) if value != "" else ""
+            flags[key] = _parse_flag_value(value)
     return config, flags
+
+
+class FlagText(str):
+    """A command-line value kept as typed, for fields that want text (`--image_glob *.bmp`, `--eval_strategy no`)."""
+
+    parsed = None
+
+
+def _parse_flag_value(text: str):
+    """YAML-parse a flag (numbers, lists, dicts, booleans), remembering the text it came from."""
+    raw = FlagText(text)
+    try:
+        raw.parsed = yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        raw.parsed = text
+    return raw
 
 
 def _allowed_types(annotation) -> tuple:
@@ -70,6 +86,11 @@ def _allowed_types(annotation) -> tuple:
 def _coerce(key: str, value, annotation):
     """Check `value` against a field's type, converting the safe cases (int -> float, '1e-3' -> float)."""
     allowed = _allowed_types(annotation)
+    if isinstance(value, FlagText):  # from the command line: text where text is wanted, else parsed
+        wants_text = str in allowed or any(isinstance(t, type) and issubclass(t, Enum) for t in allowed)
+        value = str(value) if wants_text and not isinstance(value.parsed, tuple(t for t in allowed if isinstance(t, type))) else value.parsed
+    if isinstance(value, bool) and bool not in allowed and value is False:
+        value = "no"  # YAML 1.1 reads `save_strategy: no` as False; "no" is what such fields mean
     if value is None or any(t in (typing.Any, object) for t in allowed):
         return value
     for kind in allowed:

@@ -54,3 +54,18 @@ def test_wrong_type_missing_key_and_missing_file(tmp_path):
     (bad := tmp_path / "bad.yaml").write_text("a: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         parse_config((Model,), ["--config", str(bad)])
+
+
+def test_flags_keep_text_where_text_is_wanted(tmp_path):
+    @dataclass
+    class Data:
+        image_glob: str = "*"
+        mask_pattern: str = "{stem}.png"
+        tile_size: int | None = None
+
+    data, args = parse_config((Data, TrainingArguments), ["--image_glob", "*.bmp", "--mask_pattern", "{stem}_mask.png",
+                                                          "--tile_size", "64", "--output_dir", "o", "--eval_strategy", "no"])
+    assert data.image_glob == "*.bmp" and data.mask_pattern == "{stem}_mask.png" and data.tile_size == 64
+    assert args.eval_strategy == "no"
+    (cfg := tmp_path / "c.yaml").write_text("output_dir: o\nsave_strategy: no\n")
+    assert parse_config((TrainingArguments,), ["--config", str(cfg)])[0].save_strategy == "no"

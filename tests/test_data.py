@@ -35,6 +35,7 @@ def test_formats_become_chw_float(folder):
     assert stack.shape == (16, 40, 48) and stack.max() > 255  # 16-bit values kept, pages became channels
     images, names, skipped = read_image_folder(folder)
     assert len(images) == 5 and "sub/stack.tif" in names and not skipped
+    assert [n for n in read_image_folder(folder, pattern="*.bmp")[1]] == ["rgb.bmp"]
 
 
 def test_corrupt_file_is_named_and_skippable(folder):

@@ -68,29 +68,31 @@ def check_finite(array: np.ndarray, name: str) -> None:
         raise DataError(f"{name} has {bad} NaN/inf pixel values.", "fix or drop the image; NaN pixels would turn the loss into NaN.")
 
 
-def list_image_files(folder: str | Path, recursive: bool = True) -> list[Path]:
-    """Image files under `folder`, sorted so every process and every run sees the same order."""
+def list_image_files(folder: str | Path, recursive: bool = True, pattern: str = "*") -> list[Path]:
+    """Image files under `folder` whose name matches `pattern` (e.g. "*.bmp"), sorted so every
+    process and every run sees the same order."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"image folder {folder} does not exist.", "check the path in train_data (relative paths start at the working directory).")
-    pattern = "**/*" if recursive else "*"
-    return sorted(p for p in folder.glob(pattern) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    glob = f"**/{pattern}" if recursive else pattern
+    return sorted(p for p in folder.glob(glob) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-def read_image_folder(folder: str | Path, on_bad_file: str = "error", max_images: int | None = None) -> tuple[list[np.ndarray], list[str], list[str]]:
+def read_image_folder(folder: str | Path, on_bad_file: str = "error", max_images: int | None = None, pattern: str = "*") -> tuple[list[np.ndarray], list[str], list[str]]:
     """Read every image under `folder`.
 
     Args:
         folder: directory searched recursively.
         on_bad_file: "error" raises on the first unreadable file; "skip" leaves it out and reports it.
         max_images: read at most this many (in sorted order).
+        pattern: file-name pattern, e.g. "*.bmp" to leave out masks stored beside the images.
 
     Returns:
         (images, names, skipped): arrays [C, H, W], their file names, and the files that were skipped.
     """
     if on_bad_file not in {"error", "skip"}:
         raise DataError(f"on_bad_file={on_bad_file!r} is not an option.", "use on_bad_file: error or on_bad_file: skip.")
-    files = list_image_files(folder)[:max_images]
+    files = list_image_files(folder, pattern=pattern)[:max_images]
     images, names, skipped = [], [], []
     for path in files:
         try:

@@ -16,7 +16,7 @@ from .embedded import load_embedded
 from .io import ARRAY_SUFFIXES, read_array_file, read_hf_dataset, read_image_folder
 
 
-def load_source(source: str, on_bad_file: str = "error", max_images: int | None = None, array_key: str | None = None):
+def load_source(source: str, on_bad_file: str = "error", max_images: int | None = None, array_key: str | None = None, pattern: str = "*"):
     """Images from a source string, as ([C, H, W] arrays, skipped files).
 
     Args:
@@ -32,7 +32,7 @@ def load_source(source: str, on_bad_file: str = "error", max_images: int | None 
     if path.suffix.lower() in ARRAY_SUFFIXES:
         return list(read_array_file(path, key=array_key)[:max_images]), []
     if path.is_dir():
-        images, _, skipped = read_image_folder(path, on_bad_file=on_bad_file, max_images=max_images)
+        images, _, skipped = read_image_folder(path, on_bad_file=on_bad_file, max_images=max_images, pattern=pattern)
         return images, skipped
     raise DataError(
         f"data source {source!r} is neither a folder, a .npy/.npz file, hf:<dataset> nor embedded:<name>.",
