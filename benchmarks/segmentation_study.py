@@ -146,12 +146,19 @@ def main() -> None:
     parser.add_argument("--mae-dir", type=Path, default=None, help="MAE checkpoint to reuse or create (default outputs/wbc_mae)")
     parser.add_argument("--force-pretrain", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--pretrain-steps", type=int, default=None, help="MAE steps (default 2000; quick 30)")
+    parser.add_argument("--steps", type=int, default=None, help="segmentation steps per run (default 400; quick 20)")
     args = parser.parse_args()
     if not WBC.is_dir():
         raise SystemExit(f"WBC data not found at {WBC}")
     if args.threads:
         torch.set_num_threads(args.threads)
     settings, tag = (QUICK, "_quick") if args.quick else (FULL, "")
+    settings = {"mae": dict(settings["mae"]), "seg": dict(settings["seg"])}
+    if args.pretrain_steps:
+        settings["mae"]["max_steps"] = args.pretrain_steps
+    if args.steps:
+        settings["seg"]["max_steps"] = args.steps
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     out_root = ROOT / "outputs" / f"segmentation_study{tag}"
     mae_dir = args.mae_dir or (out_root / "mae" if args.quick else ROOT / "outputs" / "wbc_mae")
