@@ -36,7 +36,7 @@ class DataArguments:
     hflip: bool = True
     vflip: bool = True
     rot90: bool = False
-    reconstruction_channels: list[int] | None = field(default=None, metadata={"help": "channels shown in the reconstruction PNG"})
+    reconstruction_channels: list[int] | None = field(default=None, metadata={"help": "1 channel (grey) or 3 (RGB) shown in the reconstruction PNG"})
     record_sample_ids: bool = field(default=False, metadata={"help": "write the training sample ids each process saw (sharding check)"})
 
 
