@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 
 from ..errors import DataError
 from .io import IMAGE_SUFFIXES, read_image
-from .pretraining import Augment, resize
+from .pretraining import Augment, Normalize, resize
 
 logger = logging.getLogger(__name__)
 
@@ -362,15 +362,14 @@ class ClassificationDataset(Dataset):
             raise DataError(f"{len(images)} images but {len(labels)} labels.", "give one label per image.")
         self.images = [torch.from_numpy(np.ascontiguousarray(im)) for im in images]
         self.labels = torch.as_tensor(labels)
-        self.mean = torch.tensor(image_mean, dtype=torch.float32)[:, None, None]
-        self.std = torch.tensor(image_std, dtype=torch.float32)[:, None, None]
+        self.normalize = Normalize(image_mean, image_std)
         self.image_size, self.augment = image_size, augment
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int) -> dict:
-        image = (self.images[index] - self.mean) / self.std
+        image = self.normalize(self.images[index])
         # evaluation resizes the whole image: a central crop could cut off the cell being classified
         image = self.augment(image) if self.augment is not None else resize(image, self.image_size)
         return {"pixel_values": image, "labels": self.labels[index]}

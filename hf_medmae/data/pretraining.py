@@ -141,6 +141,17 @@ def center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
     return image[:, top : top + size, left : left + size]
 
 
+class Normalize:
+    """Per-channel `(x - mean) / std` for [C, H, W] tensors, with the statistics saved beside a checkpoint."""
+
+    def __init__(self, image_mean, image_std):
+        self.mean = torch.tensor(image_mean, dtype=torch.float32)[:, None, None]
+        self.std = torch.tensor(image_std, dtype=torch.float32)[:, None, None]
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return (image - self.mean) / self.std
+
+
 class PretrainingDataset(Dataset):
     """Normalised, augmented images for MAE pre-training; items are {"pixel_values", "sample_ids"}.
 
@@ -156,8 +167,7 @@ class PretrainingDataset(Dataset):
 
     def __init__(self, images: list[np.ndarray], image_mean, image_std, image_size: int, augment: Augment | None = None, seed: int = 0):
         self.images = [torch.from_numpy(np.ascontiguousarray(im)) for im in images]
-        self.mean = torch.tensor(image_mean, dtype=torch.float32)[:, None, None]
-        self.std = torch.tensor(image_std, dtype=torch.float32)[:, None, None]
+        self.normalize = Normalize(image_mean, image_std)
         self.image_size, self.augment, self.seed, self.epoch = image_size, augment, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -167,7 +177,7 @@ class PretrainingDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> dict:
-        image = (self.images[index] - self.mean) / self.std
+        image = self.normalize(self.images[index])
         if self.augment is None:
             image = center_crop(image, self.image_size)
         else:

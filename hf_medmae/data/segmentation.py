@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError
+from .pretraining import Normalize
 from .embedded import EMBEDDED, nuclei16
 from .io import list_image_files, read_image
 
@@ -297,15 +298,14 @@ class SegmentationDataset(Dataset):
         self.images = [torch.from_numpy(np.ascontiguousarray(im, dtype=np.float32)) for im in pairs.images]
         self.masks = [torch.from_numpy(np.ascontiguousarray(m, dtype=np.int64)) for m in pairs.masks]
         self.names = list(pairs.names)
-        self.mean = torch.tensor(image_mean, dtype=torch.float32)[:, None, None]
-        self.std = torch.tensor(image_std, dtype=torch.float32)[:, None, None]
+        self.normalize = Normalize(image_mean, image_std)
         self.image_size, self.augment = image_size, augment
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int) -> dict:
-        image, mask = (self.images[index] - self.mean) / self.std, self.masks[index]
+        image, mask = self.normalize(self.images[index]), self.masks[index]
         if self.augment is not None:
             image, mask = self.augment(image, mask)
         else:
