@@ -18,7 +18,8 @@ from hf_medmae import MedMAEConfig, MedMAEForPreTraining
 from hf_medmae.cli import parse_config
 from hf_medmae.data.pretraining import Augment, PretrainingDataset, channel_stats, check_channels, load_source, split_indices, tile_image
 from hf_medmae.errors import DataError
-from hf_medmae.training import AttentionRefreshCallback, EpochCallback, SampleIdRecorder, check_writable, hardware_description, resolve_precision, resolve_resume, scale_learning_rate
+from hf_medmae.hub import push_run, take_over_push
+from hf_medmae.training import AttentionRefreshCallback, EpochCallback, SampleIdRecorder, check_writable, hardware_description, resolve_precision, resolve_resume, scale_learning_rate, write_run_info
 
 logger = logging.getLogger("run_mae")
 
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     resolve_precision(training_args, model_args.precision)
     training_args.remove_unused_columns = False  # keep sample_ids for the attention generator
     training_args.prediction_loss_only = True  # evaluation needs the loss, not every reconstruction
+    push = take_over_push(training_args)
     callbacks = [EpochCallback(train_ds)]
     if model.config.mask_generator == "attention":  # maps must line up with the pixels they mask
         train_ds.augment = Augment(model_args.image_size, (1.0, 1.0), hflip=False, vflip=False)
@@ -122,13 +124,16 @@ def main(argv: list[str] | None = None) -> dict:
     if recorder is not None:
         recorder.save(f"{training_args.output_dir}/sample_ids_rank{training_args.process_index}.json")
     metrics = {**train_result.metrics, **(trainer.evaluate() if val_ds is not None else {})}
-    metrics.update(num_train_images=len(train_ds), num_skipped_files=len(skipped), hardware=hardware_description())
+    metrics.update(num_train_images=len(train_ds), num_skipped_files=len(skipped), hardware=hardware_description(),
+                   global_step=trainer.state.global_step)
     if trainer.is_world_process_zero():
         ViTImageProcessorPil(do_resize=False, do_rescale=False, image_mean=mean, image_std=std).save_pretrained(training_args.output_dir)
         trainer.save_metrics("all", metrics)
         if skipped:
             logger.warning("skipped %d unreadable files: %s", len(skipped), skipped[:10])
         save_reconstructions(model, val_ds or train_ds, training_args.output_dir, data_args.reconstruction_channels)
+        write_run_info(training_args, data_args.train_data, len(train_ds), metrics)
+        push_run(training_args, push)
     return metrics
 
 

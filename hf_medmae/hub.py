@@ -373,3 +373,25 @@ __all__ = [
     "check_safetensors_weights",
     "CARD_KINDS",
 ]
+
+
+def take_over_push(args) -> bool:
+    """Stop the Trainer from pushing its generic card and pickled `training_args.bin`; we push at the end.
+
+    Returns whether the run asked for a push (`push_to_hub`), to pass to `push_run` when training is done.
+    """
+    wanted, args.push_to_hub = bool(args.push_to_hub), False
+    return wanted
+
+
+def push_run(args, wanted: bool) -> str | None:
+    """Push a finished run's `output_dir` with our model card, using the Trainer's Hub arguments.
+
+    `hub_model_id` (default: the output folder's name), `hub_private_repo`, `hub_revision` and
+    `hub_token` (or the `HF_TOKEN` environment variable) are honoured; the push happens once, at the end.
+    """
+    if not wanted:
+        return None
+    repo_id = args.hub_model_id or Path(args.output_dir).name
+    return push_checkpoint(args.output_dir, repo_id, private=bool(args.hub_private_repo), revision=args.hub_revision,
+                           token=args.hub_token, commit_message="hf_medmae: end of training")

@@ -95,6 +95,16 @@ def hardware_description() -> str:
     return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
 
 
+def write_run_info(args: TrainingArguments, dataset: str, num_images: int, metrics: dict) -> None:
+    """`run_info.json` beside the checkpoint: what the model card reports about how it was trained."""
+    import sys
+
+    info = dict(hardware=hardware_description(), epochs=float(metrics.get("epoch", args.num_train_epochs)),
+                steps=int(metrics.get("global_step", args.max_steps if args.max_steps > 0 else 0)), dataset=dataset,
+                num_images=int(num_images), seed=int(args.seed), command=" ".join(["python", *sys.argv]))
+    (Path(args.output_dir) / "run_info.json").write_text(json.dumps(info, indent=2))
+
+
 class EpochCallback(TrainerCallback):
     """Tells datasets with `set_epoch` which epoch starts (accelerate does so only for some samplers)."""
 

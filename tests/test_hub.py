@@ -10,7 +10,7 @@ import torch
 from huggingface_hub import HfApi, ModelCard, ModelCardData, constants
 from transformers import AutoImageProcessor, BertConfig, ViTImageProcessor
 
-from hf_medmae import CheckpointError, MedMAEConfig, MedMAEForPreTraining
+from hf_medmae import CheckpointError, MedClsForImageClassification, MedMAEConfig, MedMAEForPreTraining, MedSegForSegmentation
 from hf_medmae.hub import BASE_TAGS, KIND_TASKS, pull_checkpoint, push_checkpoint
 from hub_server import hub_endpoint, hub_server  # noqa: F401  (pytest fixtures)
 
@@ -37,14 +37,35 @@ def build_mae_checkpoint(folder: Path) -> tuple[torch.nn.Module, dict[str, float
     return model, metrics
 
 
+def build_classifier_checkpoint(folder: Path) -> tuple[torch.nn.Module, dict[str, float]]:
+    """A classifier on the tiny MAE encoder; its metrics are its real accuracy on a fixed random batch."""
+    torch.manual_seed(0)
+    encoder = MedMAEForPreTraining(tiny_mae_config()).vit
+    model = MedClsForImageClassification.from_encoder(encoder, num_labels=3, id2label={0: "a", 1: "b", 2: "c"}).eval()
+    with torch.no_grad():
+        logits = model(torch.randn(6, 3, 32, 32)).logits
+    accuracy = (logits.argmax(-1) == torch.tensor([0, 1, 2, 0, 1, 2])).float().mean().item()
+    return model, {"eval_accuracy": accuracy}
+
+
+def build_segmenter_checkpoint(folder: Path) -> tuple[torch.nn.Module, dict[str, float]]:
+    """A UNETR on the tiny MAE encoder; its metric is its real loss on a fixed random batch."""
+    torch.manual_seed(0)
+    encoder = MedMAEForPreTraining(tiny_mae_config()).vit
+    model = MedSegForSegmentation.from_encoder(encoder, num_labels=2).eval()
+    with torch.no_grad():
+        loss = model(torch.randn(2, 3, 32, 32), labels=torch.randint(0, 2, (2, 32, 32))).loss.item()
+    return model, {"eval_loss": loss}
+
+
 # kind -> builder returning (model, real eval metrics). A new checkpoint kind is one entry here.
-CHECKPOINT_BUILDERS = {"mae": build_mae_checkpoint}
+CHECKPOINT_BUILDERS = {"mae": build_mae_checkpoint, "classifier": build_classifier_checkpoint, "segmenter": build_segmenter_checkpoint}
 
 
 def save_checkpoint(folder: Path, kind: str) -> tuple[torch.nn.Module, dict[str, float]]:
     model, metrics = CHECKPOINT_BUILDERS[kind](folder)
     model.save_pretrained(folder)
-    size = model.config.image_size
+    size = 32  # every tiny test checkpoint takes 32 px images
     ViTImageProcessor(image_mean=IMAGE_MEAN, image_std=IMAGE_STD, size={"height": size, "width": size}).save_pretrained(
         folder
     )
@@ -192,3 +213,24 @@ def test_push_refuses_other_architectures(hub_server, tmp_path):
 def _saved_mae_config(folder: Path) -> Path:
     tiny_mae_config().save_pretrained(folder)
     return folder
+
+
+def test_run_mae_push_to_hub_publishes_its_own_metrics(hub_server, tmp_path):
+    """`run_mae.py --push_to_hub`: the Trainer's Hub arguments push the run with our card, once, at the end."""
+    import run_mae
+
+    out = tmp_path / "run"
+    run_mae.main(["--train_data", "embedded:nuclei16", "--max_images", "3", "--tile_size", "64", "--image_size", "32",
+                  "--patch_size", "8", "--hidden_size", "32", "--num_hidden_layers", "1", "--num_attention_heads", "2",
+                  "--intermediate_size", "64", "--decoder_hidden_size", "32", "--decoder_num_hidden_layers", "1",
+                  "--decoder_num_attention_heads", "2", "--decoder_intermediate_size", "64", "--max_steps", "2",
+                  "--per_device_train_batch_size", "8", "--save_strategy", "no", "--report_to", "none",
+                  "--output_dir", str(out), "--push_to_hub", "--hub_model_id", "medmae-test/quick-run"])
+    local = Path(pull_checkpoint("medmae-test/quick-run", cache_dir=tmp_path / "cache"))
+    assert "training_args.bin" not in {p.name for p in local.iterdir()}  # nothing pickled is published
+    results = json.loads((out / "all_results.json").read_text())
+    card = ModelCard.load(local / "README.md")
+    published = {r.metric_name: r.metric_value for r in card.data.eval_results}
+    assert published["eval_loss"] == pytest.approx(results["eval_loss"])
+    assert json.loads((local / "run_info.json").read_text())["dataset"] == "embedded:nuclei16"
+    assert MedMAEForPreTraining.from_pretrained("medmae-test/quick-run").config.num_channels == 16
