@@ -29,7 +29,8 @@ from hf_medmae.encoder import load_encoder
 from hf_medmae.errors import CheckpointError, ConfigError, DataError
 from hf_medmae.metrics import classification_metrics, compute_metrics_fn
 from hf_medmae.optim import param_groups_layer_decay
-from hf_medmae.training import check_writable, hardware_description, resolve_precision
+from hf_medmae.hub import push_run, take_over_push
+from hf_medmae.training import check_writable, hardware_description, resolve_precision, resolve_resume, write_run_info
 
 logger = logging.getLogger("run_classification")
 
@@ -268,13 +269,14 @@ def main(argv: list[str] | None = None) -> dict:
     weights = class_weights(sets["train_labels"], len(data.class_names), model_args.class_weighting)
     model = build_model(encoder, data, model_args, weights, sets["mean"], sets["std"])
     resolve_precision(training_args, model_args.precision)
+    push = take_over_push(training_args)  # we push once at the end, with our model card
     training_args.remove_unused_columns = False
     groups = param_groups_layer_decay(model, training_args.learning_rate, training_args.weight_decay, model_args.layer_decay)
     trainer = Trainer(model=model, args=training_args, train_dataset=sets["train"], eval_dataset=sets["val"],
                       compute_metrics=compute_metrics_fn(data.class_names, data.multi_label),
                       optimizer_cls_and_kwargs=(torch.optim.AdamW, {"params": groups, "betas": (0.9, 0.999)}))  # fmt: skip
     logger.info("per-class counts %s; train-only classes %s", sets["counts"], sets["train_only_classes"])
-    train_result = trainer.train()
+    train_result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
     load_best_checkpoint(trainer)
     selection = {"selected_on": "validation", "metric_for_best_model": training_args.metric_for_best_model,
                  "best_metric": trainer.state.best_metric, "best_model_checkpoint": trainer.state.best_model_checkpoint}  # fmt: skip
@@ -288,6 +290,8 @@ def main(argv: list[str] | None = None) -> dict:
     if trainer.is_world_process_zero():
         save_outputs(trainer, sets, model_args.image_size, report, training_args.output_dir)
         trainer.save_metrics("all", metrics)
+        write_run_info(training_args, str(data_args.data_dir), len(sets["train"]), {**metrics, "global_step": trainer.state.global_step})
+        push_run(training_args, push)
     return metrics
 
 

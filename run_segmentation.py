@@ -36,7 +36,8 @@ from hf_medmae.plots import plot_confusion_matrix, plot_segmentation_overlays
 from hf_medmae.segmentation import (
     UNET_MULTIPLE, MedSegConfig, MedSegForSegmentation, build_config, build_unet_baseline, encoder_fields, predict,
 )
-from hf_medmae.training import check_writable, hardware_description, resolve_precision
+from hf_medmae.hub import push_run, take_over_push
+from hf_medmae.training import check_writable, hardware_description, resolve_precision, resolve_resume, write_run_info
 
 logger = logging.getLogger("run_segmentation")
 INFERENCE_FILE = "inference_config.json"
@@ -192,6 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_ds, val_ds, test_ds = build_datasets(splits, data_args, model_args.image_size, mean, std)
     model = build_model(model_args, encoder, channels, class_names, data_args.ignore_index)
     resolve_precision(training_args, model_args.precision)
+    push = take_over_push(training_args)  # we push once at the end, with our model card
     trainer = Trainer(
         model=model, args=training_args, train_dataset=train_ds, eval_dataset=val_ds,
         compute_metrics=segmentation_compute_metrics_fn(class_names, data_args.ignore_index),
@@ -201,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
     logger.info("training %s (%s) on %d images (%.1f%% of pixels labelled), validating on %d, testing on %d",
                 model_args.model, model_args.init, len(train_ds), 100 * labelled_fraction(splits[0].masks, data_args.ignore_index),
                 len(val_ds), len(test_ds))
-    train_result = trainer.train()
+    train_result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
     trainer.save_model()
     val_out = trainer.predict(val_ds, metric_key_prefix="eval")
     test_out = trainer.predict(test_ds, metric_key_prefix="test")
@@ -214,6 +216,8 @@ def main(argv: list[str] | None = None) -> dict:
         save_outputs(training_args.output_dir, test_out, val_out, (val_ds, test_ds), class_names, data_args, (mean, std))
         save_inference_config(training_args.output_dir, model_args, data_args, class_map, class_names, scale)
         trainer.save_metrics("all", metrics)
+        write_run_info(training_args, str(data_args.train_data), len(train_ds), {**metrics, "global_step": trainer.state.global_step})
+        push_run(training_args, push)
         if data_args.predict_images:
             out = data_args.predict_output_dir or f"{training_args.output_dir}/predictions"
             predict_files(trainer.model, data_args.predict_images, out, (mean, std), model_args, scale)
