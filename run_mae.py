@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainingArguments, ViTImageProcessorPil, set_seed
@@ -17,8 +18,8 @@ from transformers import Trainer, TrainingArguments, ViTImageProcessorPil, set_s
 from hf_medmae import MedMAEConfig, MedMAEForPreTraining
 from hf_medmae.cli import parse_config
 from hf_medmae.data.pretraining import Augment, PretrainingDataset, channel_stats, check_channels, load_source, split_indices, tile_image
-from hf_medmae.errors import DataError
-from hf_medmae.hub import push_run, take_over_push
+from hf_medmae.errors import CheckpointError, DataError
+from hf_medmae.hub import pull_checkpoint, push_run, take_over_push
 from hf_medmae.training import AttentionRefreshCallback, EpochCallback, SampleIdRecorder, check_writable, hardware_description, resolve_precision, resolve_resume, scale_learning_rate, write_run_info
 
 logger = logging.getLogger("run_mae")
@@ -73,6 +74,30 @@ def build_config(model_args: ModelArguments, num_channels: int) -> MedMAEConfig:
     return MedMAEConfig(num_channels=num_channels, **values)
 
 
+def load_mae_checkpoint(name_or_path: str, attn_implementation: str = "sdpa") -> MedMAEForPreTraining:
+    """An MAE checkpoint with every weight loaded from safetensors, else a CheckpointError.
+
+    `from_pretrained` only warns about another architecture or missing weights and then trains
+    them from random values; continuing pre-training from such a "checkpoint" must fail instead.
+    """
+    fix = "point model_name_or_path at a folder written by run_mae.py / save_pretrained (config.json + model.safetensors)."
+    if not Path(name_or_path).is_dir():  # a Hub id: fetch JSON + safetensors only, so no pickle is downloaded
+        name_or_path = pull_checkpoint(name_or_path)  # and transformers' .bin -> safetensors conversion bot is never called
+    try:
+        model_type = MedMAEConfig.get_config_dict(name_or_path)[0].get("model_type")
+        if model_type not in ("medmae", "vit_mae"):
+            raise CheckpointError(f"{name_or_path} holds a model of type {model_type!r}, not an MAE (medmae / vit_mae).", fix)
+        model, info = MedMAEForPreTraining.from_pretrained(name_or_path, use_safetensors=True, output_loading_info=True,
+                                                           attn_implementation=attn_implementation)  # fmt: skip
+    except OSError as err:  # no model.safetensors, e.g. only a pickled pytorch_model.bin (never unpickled)
+        raise CheckpointError(f"cannot load an MAE checkpoint from {name_or_path} ({err}); pickled weights are refused.", fix) from None
+    wrong = {k: info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
+    if wrong:
+        raise CheckpointError(f"the weights in {name_or_path} do not match its MAE config: {wrong}.",
+                              "the checkpoint is truncated or from another architecture; re-save it with save_pretrained.")  # fmt: skip
+    return model
+
+
 def build_datasets(data_args: DataArguments, image_size: int, seed: int):
     images, skipped = load_source(data_args.train_data, data_args.on_bad_file, data_args.max_images, pattern=data_args.file_pattern)
     if not images:
@@ -101,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(training_args.seed)
     train_ds, val_ds, channels, (mean, std), skipped = build_datasets(data_args, model_args.image_size, training_args.seed)
     if model_args.model_name_or_path:
-        model = MedMAEForPreTraining.from_pretrained(model_args.model_name_or_path, use_safetensors=True, attn_implementation=model_args.attn_implementation)
+        model = load_mae_checkpoint(model_args.model_name_or_path, model_args.attn_implementation)
         if model.config.num_channels != channels:
             raise DataError(f"the checkpoint expects {model.config.num_channels} channels, the data has {channels}.", "use data with the checkpoint's channel count, or pre-train from scratch.")
     else:

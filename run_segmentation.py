@@ -30,6 +30,7 @@ from hf_medmae.data.segmentation import (
 )
 from hf_medmae.encoder import load_encoder
 from hf_medmae.errors import ConfigError, DataError
+from hf_medmae.hub import check_safetensors_weights
 from hf_medmae.metrics import segmentation_compute_metrics_fn, segmentation_metrics, segmentation_preprocess_logits
 from hf_medmae.optim import param_groups_layer_decay
 from hf_medmae.plots import plot_confusion_matrix, plot_segmentation_overlays
@@ -287,6 +288,7 @@ def predict_only(model_args: ModelArguments, data_args: DataArguments, output_di
     if not data_args.predict_images or not (folder / INFERENCE_FILE).is_file():
         raise ConfigError("predict_only needs predict_images and a model_name_or_path written by run_segmentation.py "
                           f"(with {INFERENCE_FILE}).", "pass --model_name_or_path OUTPUT_DIR_OF_A_RUN --predict_images FOLDER.")
+    check_safetensors_weights(folder)  # a folder with only pytorch_model.bin is refused by name, never unpickled
     info = json.loads((folder / INFERENCE_FILE).read_text())
     processor = json.loads((folder / "preprocessor_config.json").read_text())
     model = AutoModelForSemanticSegmentation.from_pretrained(folder, use_safetensors=True).eval()

@@ -124,6 +124,10 @@ class MedClsForImageClassification(CurrentKeyNamesMixin, PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["ViTEmbeddings", "ViTLayer"]
     _supports_sdpa = True
+    # The loss is a per-batch mean. With **kwargs in forward, Trainer would otherwise assume the model
+    # divides by a global `num_items_in_batch` and multiply the loss by the process count (2x loss and
+    # gradients with 2 processes).
+    accepts_loss_kwargs = False
 
     def __init__(self, config: MedClsConfig):
         super().__init__(config)
