@@ -30,7 +30,7 @@ from hf_medmae.errors import CheckpointError, ConfigError, DataError
 from hf_medmae.metrics import classification_metrics, compute_metrics_fn
 from hf_medmae.optim import param_groups_layer_decay
 from hf_medmae.hub import push_run, take_over_push
-from hf_medmae.training import check_writable, hardware_description, resolve_precision, resolve_resume, write_run_info
+from hf_medmae.training import ProcessSeedCallback, check_writable, hardware_description, resolve_precision, resolve_resume, write_run_info
 
 logger = logging.getLogger("run_classification")
 
@@ -273,6 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
     training_args.remove_unused_columns = False
     groups = param_groups_layer_decay(model, training_args.learning_rate, training_args.weight_decay, model_args.layer_decay)
     trainer = Trainer(model=model, args=training_args, train_dataset=sets["train"], eval_dataset=sets["val"],
+                      callbacks=[ProcessSeedCallback()],
                       compute_metrics=compute_metrics_fn(data.class_names, data.multi_label),
                       optimizer_cls_and_kwargs=(torch.optim.AdamW, {"params": groups, "betas": (0.9, 0.999)}))  # fmt: skip
     logger.info("per-class counts %s; train-only classes %s", sets["counts"], sets["train_only_classes"])

@@ -20,7 +20,7 @@ from hf_medmae.cli import parse_config
 from hf_medmae.data.pretraining import Augment, PretrainingDataset, channel_stats, check_channels, load_source, split_indices, tile_image
 from hf_medmae.errors import CheckpointError, DataError
 from hf_medmae.hub import pull_checkpoint, push_run, take_over_push
-from hf_medmae.training import AttentionRefreshCallback, EpochCallback, SampleIdRecorder, check_writable, hardware_description, resolve_precision, resolve_resume, scale_learning_rate, write_run_info
+from hf_medmae.training import AttentionRefreshCallback, EpochCallback, ProcessSeedCallback, SampleIdRecorder, check_writable, hardware_description, resolve_precision, resolve_resume, scale_learning_rate, write_run_info
 
 logger = logging.getLogger("run_mae")
 
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     training_args.remove_unused_columns = False  # keep sample_ids for the attention generator
     training_args.prediction_loss_only = True  # evaluation needs the loss, not every reconstruction
     push = take_over_push(training_args)
-    callbacks = [EpochCallback(train_ds)]
+    callbacks = [EpochCallback(train_ds), ProcessSeedCallback()]
     if model.config.mask_generator == "attention":  # maps must line up with the pixels they mask
         train_ds.augment = Augment(model_args.image_size, (1.0, 1.0), hflip=False, vflip=False)
         plain = PretrainingDataset([im.numpy() for im in train_ds.images], mean, std, model_args.image_size)

@@ -38,7 +38,7 @@ from hf_medmae.segmentation import (
     UNET_MULTIPLE, MedSegConfig, MedSegForSegmentation, build_config, build_unet_baseline, encoder_fields, predict,
 )
 from hf_medmae.hub import push_run, take_over_push
-from hf_medmae.training import check_writable, hardware_description, resolve_precision, resolve_resume, write_run_info
+from hf_medmae.training import ProcessSeedCallback, check_writable, hardware_description, resolve_precision, resolve_resume, write_run_info
 
 logger = logging.getLogger("run_segmentation")
 INFERENCE_FILE = "inference_config.json"
@@ -197,6 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
     push = take_over_push(training_args)  # we push once at the end, with our model card
     trainer = Trainer(
         model=model, args=training_args, train_dataset=train_ds, eval_dataset=val_ds,
+        callbacks=[ProcessSeedCallback()],
         compute_metrics=segmentation_compute_metrics_fn(class_names, data_args.ignore_index),
         preprocess_logits_for_metrics=segmentation_preprocess_logits,  # keeps [N, H, W] ids, not [N, K, H, W] logits
         optimizer_cls_and_kwargs=optimizer_for(model, model_args, training_args),

@@ -105,6 +105,19 @@ def write_run_info(args: TrainingArguments, dataset: str, num_images: int, metri
     (Path(args.output_dir) / "run_info.json").write_text(json.dumps(info, indent=2))
 
 
+class ProcessSeedCallback(TrainerCallback):
+    """Gives each process its own torch random stream when training starts.
+
+    `set_seed` seeds every process alike, so without this each process would draw the same masks (and
+    dropout) for its slice of the global batch. The model is already built by then, identically on every
+    process; a resume later restores each process's own saved RNG state.
+    """
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if args.world_size > 1:
+            torch.manual_seed(args.seed + 7919 * args.process_index)
+
+
 class EpochCallback(TrainerCallback):
     """Tells datasets with `set_epoch` which epoch starts (accelerate does so only for some samplers)."""
 
