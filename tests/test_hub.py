@@ -229,7 +229,9 @@ def test_run_mae_push_to_hub_publishes_its_own_metrics(hub_server, tmp_path):
     local = Path(pull_checkpoint("medmae-test/quick-run", cache_dir=tmp_path / "cache"))
     assert "training_args.bin" not in {p.name for p in local.iterdir()}  # nothing pickled is published
     results = json.loads((out / "all_results.json").read_text())
-    card = ModelCard.load(local / "README.md")
+    card = ModelCard.load(local / "README.md")  # strict metadata parse
+    card.validate()  # the client's own check (the local server accepts any YAML mapping front matter)
+    assert ModelCardData(**card.data.to_dict()).to_dict() == card.data.to_dict()
     published = {r.metric_name: r.metric_value for r in card.data.eval_results}
     assert published["eval_loss"] == pytest.approx(results["eval_loss"])
     assert json.loads((local / "run_info.json").read_text())["dataset"] == "embedded:nuclei16"
