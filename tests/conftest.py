@@ -46,6 +46,15 @@ def tiny_config(**overrides):
     return MedMAEConfig(**values)
 
 
+@pytest.fixture
+def one_thread():
+    """Two threads on two shared cores stall each other (steps vary 20x); one thread is steady."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

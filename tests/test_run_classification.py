@@ -46,14 +46,6 @@ def data():
     return wbc()
 
 
-@pytest.fixture
-def one_thread():
-    """Two threads on two shared cores stall each other (steps vary 20x); one thread is steady."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def save_checkpoint(folder: Path, mean, std, **overrides) -> Path:
     MedMAEForPreTraining(tiny_config(**overrides)).save_pretrained(folder)

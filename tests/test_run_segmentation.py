@@ -39,13 +39,6 @@ def mae3(tmp_path_factory):
     return path
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def wbc_config(path, wbc_dir, **values):
     config = dict(train_data=str(wbc_dir), image_glob="*.bmp", class_map=WBC_MAP, class_names=WBC_NAMES, image_size=32,
