@@ -206,10 +206,9 @@ def check_selection(args: TrainingArguments) -> None:
 def load_best_checkpoint(trainer: Trainer) -> None:
     """Put the best-on-validation weights into `trainer.model`.
 
-    transformers 5.23 saves ViT blocks under their legacy names (`encoder.layer.N.attention.attention.query`),
-    and `Trainer(load_best_model_at_end=True)` reloads them with a non-strict `load_state_dict`
-    that renames nothing: the encoder blocks would silently stay at their last-step weights.
-    `from_pretrained` applies the renames, and the strict load here proves every tensor arrived.
+    The Trainer's own `load_best_model_at_end` reloads with a non-strict `load_state_dict`, which
+    ignores any key it does not find. Our models save current key names (`CurrentKeyNamesMixin`), so
+    that works today; this strict reload turns any future key mismatch into an error, not stale weights.
     """
     best = trainer.state.best_model_checkpoint
     if best is None:
