@@ -317,5 +317,8 @@ def test_killed_run_resumes_to_the_planned_end(resumed, crash_runs):
 
 def test_resume_skips_half_written_checkpoints(resumed, crash_runs):
     folder, resumed_from, log = resumed["partial"]
-    assert re.findall(r"global step (\d+)", log) == ["60"]  # never 80, 100, 120 or 140
+    # Never 80, 100, 120 or 140. A set: one CI log held the Trainer's resume line twice (not reproduced);
+    # step_losses below still fails if any step was actually trained twice.
+    resumed_steps = re.findall(r"global step (\d+)", log)
+    assert resumed_steps and set(resumed_steps) == {"60"}, log[-4000:]
     assert_same_as_reference(folder, crash_runs["reference"], resumed_from)
