@@ -18,8 +18,9 @@ from transformers import Trainer, TrainingArguments, ViTImageProcessorPil, set_s
 from hf_medmae import MedMAEConfig, MedMAEForPreTraining
 from hf_medmae.cli import parse_config
 from hf_medmae.data.pretraining import Augment, PretrainingDataset, channel_stats, check_channels, load_source, split_indices, tile_image
-from hf_medmae.errors import CheckpointError, DataError
+from hf_medmae.errors import CheckpointError, ConfigError, DataError
 from hf_medmae.hub import pull_checkpoint, push_run, take_over_push
+from hf_medmae.performance import ATTENTION_CHOICES, apply_fast_defaults, choose_attention
 from hf_medmae.training import AttentionRefreshCallback, EpochCallback, ProcessSeedCallback, SampleIdRecorder, check_writable, hardware_description, resolve_precision, resolve_resume, scale_learning_rate, write_run_info
 
 logger = logging.getLogger("run_mae")
@@ -63,7 +64,7 @@ class ModelArguments:
     mask_generator_kwargs: dict | None = None
     throw_ratio: float = 0.0
     attention_refresh_epochs: float = 5.0
-    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa | eager (see benchmarks/pretrain_throughput.py)"})
+    attn_implementation: str = field(default="auto", metadata={"help": "auto (sdpa on GPU; on CPU the faster of sdpa/eager, measured) | sdpa | eager"})
     base_learning_rate: float | None = field(default=None, metadata={"help": "if set, lr = base_lr * effective batch / 256"})
     precision: str = field(default="auto", metadata={"help": "auto (bf16 on capable GPUs) | bf16 | fp32"})
 
@@ -122,17 +123,23 @@ def build_datasets(data_args: DataArguments, image_size: int, seed: int):
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, training_args = parse_config((ModelArguments, DataArguments, TrainingArguments), argv)
     logging.basicConfig(level=logging.INFO if training_args.process_index == 0 else logging.WARNING)
+    if model_args.attn_implementation not in ATTENTION_CHOICES:  # before any data is read
+        raise ConfigError(f"attn_implementation={model_args.attn_implementation!r} is not an option.", f"use one of {', '.join(ATTENTION_CHOICES)}.")
     check_writable(training_args.output_dir)
     set_seed(training_args.seed)
     train_ds, val_ds, channels, (mean, std), skipped = build_datasets(data_args, model_args.image_size, training_args.seed)
+    attn = "sdpa" if model_args.attn_implementation == "auto" else model_args.attn_implementation
     if model_args.model_name_or_path:
-        model = load_mae_checkpoint(model_args.model_name_or_path, model_args.attn_implementation)
+        model = load_mae_checkpoint(model_args.model_name_or_path, attn)
         if model.config.num_channels != channels:
             raise DataError(f"the checkpoint expects {model.config.num_channels} channels, the data has {channels}.", "use data with the checkpoint's channel count, or pre-train from scratch.")
     else:
-        model = MedMAEForPreTraining._from_config(build_config(model_args, channels), attn_implementation=model_args.attn_implementation)
+        model = MedMAEForPreTraining._from_config(build_config(model_args, channels), attn_implementation=attn)
     scale_learning_rate(training_args, model_args.base_learning_rate)
     resolve_precision(training_args, model_args.precision)
+    apply_fast_defaults(training_args)
+    if model_args.attn_implementation == "auto":
+        choose_attention(model.to(training_args.device), training_args.per_device_train_batch_size)
     training_args.remove_unused_columns = False  # keep sample_ids for the attention generator
     training_args.prediction_loss_only = True  # evaluation needs the loss, not every reconstruction
     push = take_over_push(training_args)
@@ -150,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
         recorder.save(f"{training_args.output_dir}/sample_ids_rank{training_args.process_index}.json")
     metrics = {**train_result.metrics, **(trainer.evaluate() if val_ds is not None else {})}
     metrics.update(num_train_images=len(train_ds), num_skipped_files=len(skipped), hardware=hardware_description(),
-                   global_step=trainer.state.global_step)
+                   global_step=trainer.state.global_step, attn_implementation=model.config._attn_implementation)
     if trainer.is_world_process_zero():
         ViTImageProcessorPil(do_resize=False, do_rescale=False, image_mean=mean, image_std=std).save_pretrained(training_args.output_dir)
         trainer.save_metrics("all", metrics)

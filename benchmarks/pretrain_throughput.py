@@ -1,20 +1,26 @@
 #!/usr/bin/env python
 """Pre-training step throughput: MedMAEForPreTraining vs stock ViTMAEForPreTraining, same config and weights.
 
-Each repeat times `--steps` AdamW training steps of stock, then of ours, alternating so that machine
-noise hits both alike; the table reports the median img/s over repeats, the ratio ours/stock, each
-mask generator's own cost as a share of a training step, and eager vs sdpa attention.
+For each config four models share one set of weights: stock and ours, each with sdpa and with eager
+attention. Each repeat times `--steps` AdamW training steps of all four in turn, so machine noise hits
+them alike; the table reports median img/s over repeats and two ratios:
+  * same kernel: ours/stock with the same attention (the cost of our masking machinery, ideally 1.0);
+  * default: ours with `attn_implementation: auto` (what run_mae.py does: sdpa unless eager is measured
+    >10% faster) over stock's default (sdpa).
+It also reports the activation memory saved for backward (MB, per batch), each mask generator's own
+cost as a share of a step (first mask ratio only), and, with --precision bf16, CPU bf16 autocast.
 
-    python benchmarks/pretrain_throughput.py                 # seed 001 Model 1, 16 ch, 64 px, patch 8 and 4
-    python benchmarks/pretrain_throughput.py --patches 2 4 8 --mask-ratios 0.5 0.75 0.9 --models 1 2
+    python benchmarks/pretrain_throughput.py                                    # the full grid below
+    python benchmarks/pretrain_throughput.py --models 1 --patches 8 --mask-ratios 0.5 --no-vit-b16
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -25,6 +31,7 @@ from transformers import ViTMAEForPreTraining
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hf_medmae import MASK_GENERATORS, MedMAEConfig, MedMAEForPreTraining  # noqa: E402
+from hf_medmae.performance import choose_attention  # noqa: E402
 
 MODELS = {  # seed 001, tables 2 and 3
     1: dict(hidden_size=192, intermediate_size=768, num_hidden_layers=6, num_attention_heads=6,
@@ -32,22 +39,39 @@ MODELS = {  # seed 001, tables 2 and 3
     2: dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
             decoder_hidden_size=128, decoder_intermediate_size=256, decoder_num_hidden_layers=2, decoder_num_attention_heads=2),
 }
+VIT_B16 = dict(num_channels=3, image_size=224, patch_size=16, mask_ratio=0.75, hidden_size=768, intermediate_size=3072,
+               num_hidden_layers=12, num_attention_heads=12, decoder_hidden_size=512, decoder_intermediate_size=2048,
+               decoder_num_hidden_layers=8, decoder_num_attention_heads=16)  # the MAE paper's ViT-B
+KINDS = ("stock_sdpa", "stock_eager", "ours_sdpa", "ours_eager")
 
 
-def make_pair(model_id: int, patch: int, ratio: float, attn: str, generator: str = "random"):
-    config = MedMAEConfig(num_channels=16, image_size=64, patch_size=patch, mask_ratio=ratio, norm_pix_loss=True,
-                          layer_norm_eps=1e-6, mask_generator=generator, **MODELS[model_id])
-    ours = MedMAEForPreTraining._from_config(config, attn_implementation=attn)
-    stock = ViTMAEForPreTraining._from_config(config, attn_implementation=attn)
-    stock.load_state_dict(ours.state_dict())
-    return ours.train(), stock.train()
+def seed001_config(model_id: int, patch: int, ratio: float, generator: str = "random") -> MedMAEConfig:
+    return MedMAEConfig(num_channels=16, image_size=64, patch_size=patch, mask_ratio=ratio, norm_pix_loss=True,
+                        layer_norm_eps=1e-6, mask_generator=generator, **MODELS[model_id])
 
 
-def time_steps(model, optimizer, batch: torch.Tensor, steps: int) -> float:
+def make_models(config: MedMAEConfig) -> dict[str, torch.nn.Module]:
+    """The four variants with identical weights, in training mode."""
+    torch.manual_seed(0)
+    ours = MedMAEForPreTraining._from_config(config, attn_implementation="sdpa")
+    models = {"ours_sdpa": ours}
+    for kind in KINDS[:2] + KINDS[3:]:
+        cls = ViTMAEForPreTraining if kind.startswith("stock") else MedMAEForPreTraining
+        models[kind] = cls._from_config(config, attn_implementation=kind.split("_")[1])
+        models[kind].load_state_dict(ours.state_dict())
+    return {k: models[k].train() for k in KINDS}
+
+
+def autocast(precision: str, device: str):
+    return torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
+
+def time_steps(model, optimizer, batch: torch.Tensor, steps: int, precision: str) -> float:
     """Images per second over `steps` full training steps (forward, backward, AdamW)."""
     start = time.perf_counter()
     for _ in range(steps):
-        loss = model(batch).loss
+        with autocast(precision, batch.device.type):
+            loss = model(batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -56,65 +80,101 @@ def time_steps(model, optimizer, batch: torch.Tensor, steps: int) -> float:
     return steps * batch.shape[0] / (time.perf_counter() - start)
 
 
-def compare(ours, stock, batch, steps: int, repeats: int) -> tuple[float, float]:
-    opts = [torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.95)) for m in (ours, stock)]
-    for model, opt in zip((ours, stock), opts):  # warm-up: allocator, kernels, lazy init
-        time_steps(model, opt, batch, 2)
-    rates = {"ours": [], "stock": []}
+def compare(models: dict, batch: torch.Tensor, steps: int, repeats: int, precision: str) -> dict[str, float]:
+    """Median img/s of each model, timed in turn within every repeat."""
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.95)) for k, m in models.items()}
+    for k in models:  # warm-up: allocator, kernels, lazy init
+        time_steps(models[k], opts[k], batch, 2, precision)
+    rates = {k: [] for k in models}
     for _ in range(repeats):
-        rates["stock"].append(time_steps(stock, opts[1], batch, steps))
-        rates["ours"].append(time_steps(ours, opts[0], batch, steps))
-    return statistics.median(rates["ours"]), statistics.median(rates["stock"])
+        for k in models:
+            rates[k].append(time_steps(models[k], opts[k], batch, steps, precision))
+    return {k: statistics.median(v) for k, v in rates.items()}
 
 
-def generator_cost(model, batch: torch.Tensor, repeats: int = 20) -> float:
-    """Seconds the mask generator takes for one batch (median), measured on its own."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model.generate_codes(batch)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def activation_mb(model, batch: torch.Tensor) -> float:
+    """MB of tensors autograd keeps for the backward pass of one training forward (what bounds the batch)."""
+    seen: dict[int, int] = {}
+
+    def keep(t: torch.Tensor):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()  # count shared storage once
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        model(batch).loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(seen.values()) / 2**20
+
+
+def generator_costs(config: MedMAEConfig, batch: torch.Tensor, step_s: float, repeats: int = 10) -> dict[str, float]:
+    """Each mask generator's median time for one batch, as % of a training step."""
+    costs = {}
+    for name in sorted(MASK_GENERATORS):
+        variant = copy.deepcopy(config)
+        variant.mask_generator = name
+        model = MedMAEForPreTraining._from_config(variant)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model.generate_codes(batch)
+            times.append(time.perf_counter() - start)
+        costs[name] = round(100 * statistics.median(times) / step_s, 2)
+    return costs
+
+
+def run_config(name: str, config: MedMAEConfig, batch_size: int, args, with_costs: bool) -> dict:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    batch = torch.randn(batch_size, config.num_channels, config.image_size, config.image_size, device=device)
+    models = {k: m.to(device) for k, m in make_models(config).items()}
+    rates = compare(models, batch, args.steps, args.repeats, args.precision)
+    auto = choose_attention(models["ours_sdpa"], batch_size)
+    models["ours_sdpa"].set_attn_implementation("sdpa")
+    row = dict(config=name, patch=config.patch_size, mask_ratio=config.mask_ratio, batch=batch_size, precision=args.precision,
+               **{k: round(v, 2) for k, v in rates.items()},
+               same_kernel_sdpa=round(rates["ours_sdpa"] / rates["stock_sdpa"], 3),
+               same_kernel_eager=round(rates["ours_eager"] / rates["stock_eager"], 3),
+               auto_choice=auto, default_ratio=round(rates[f"ours_{auto}"] / rates["stock_sdpa"], 3),
+               activation_mb={k: round(activation_mb(models[k], batch), 1) for k in ("stock_sdpa", "ours_sdpa")})
+    if with_costs:
+        row["generator_cost_pct"] = generator_costs(config, batch, batch_size / rates["ours_sdpa"])
+    return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", type=int, nargs="+", default=[1])
-    parser.add_argument("--patches", type=int, nargs="+", default=[8, 4])
-    parser.add_argument("--mask-ratios", type=float, nargs="+", default=[0.5])
-    parser.add_argument("--attn", nargs="+", default=["sdpa", "eager"])
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--models", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--patches", type=int, nargs="+", default=[8, 4, 2])
+    parser.add_argument("--mask-ratios", type=float, nargs="+", default=[0.5, 0.75, 0.9])
+    parser.add_argument("--no-vit-b16", action="store_true", help="skip ViT-B/16 (3 ch, 224 px, mask 0.75)")
+    parser.add_argument("--batch-size", type=int, default=32, help="seed 001 configs at patch 4 and 8")
+    parser.add_argument("--small-batch-size", type=int, default=8, help="patch 2 and ViT-B/16 (a step is 4-10x longer)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--output", default="benchmarks/results/pretrain_throughput.json")
     args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(0)
     rows = []
     for model_id in args.models:
         for patch in args.patches:
-            for ratio in args.mask_ratios:
-                batch = torch.randn(args.batch_size, 16, 64, 64, device=device)
-                for attn in args.attn:
-                    ours, stock = (m.to(device) for m in make_pair(model_id, patch, ratio, attn))
-                    ours_rate, stock_rate = compare(ours, stock, batch, args.steps, args.repeats)
-                    step_s = args.batch_size / ours_rate
-                    costs = {}
-                    for name in sorted(MASK_GENERATORS):
-                        gen_model = make_pair(model_id, patch, ratio, attn, name)[0].to(device)
-                        costs[name] = 100 * generator_cost(gen_model, batch) / step_s
-                    rows.append(dict(model=model_id, patch=patch, mask_ratio=ratio, attn=attn, stock_img_s=round(stock_rate, 1),
-                                     ours_img_s=round(ours_rate, 1), ratio=round(ours_rate / stock_rate, 3),
-                                     generator_cost_pct={k: round(v, 2) for k, v in costs.items()}))
-                    print_row(rows[-1])
-    hardware = torch.cuda.get_device_name(0) if device == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    result = dict(hardware=hardware, torch=torch.__version__, batch_size=args.batch_size, steps=args.steps, repeats=args.repeats,
-                  peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, rows=rows)
-    print(f"\nhardware: {hardware}; batch {args.batch_size}; median of {args.repeats} repeats x {args.steps} steps; "
-          f"process peak RSS {result['peak_rss_mb']:.0f} MB")
-    for patch in args.patches:
-        best = {r["attn"]: r["ours_img_s"] for r in rows if r["patch"] == patch}
-        print(f"patch {patch}: faster attention on this machine = {max(best, key=best.get)} ({best})")
+            for i, ratio in enumerate(args.mask_ratios):
+                bs = args.small_batch_size if patch <= 2 else args.batch_size
+                rows.append(run_config(f"seed001_model{model_id}", seed001_config(model_id, patch, ratio), bs, args, with_costs=i == 0))
+                print_row(rows[-1])
+    if not args.no_vit_b16:
+        rows.append(run_config("vit_b16", MedMAEConfig(norm_pix_loss=True, **VIT_B16), args.small_batch_size, args, with_costs=True))
+        print_row(rows[-1])
+    summarise(rows, args)
+
+
+def summarise(rows: list[dict], args) -> None:
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU {platform.processor() or platform.machine()}"
+    hardware = f"{device}, {torch.get_num_threads()} threads"
+    worst = min(r["default_ratio"] for r in rows)
+    band = max(abs(r[k] - 1) for r in rows for k in ("same_kernel_sdpa", "same_kernel_eager"))
+    print(f"\nhardware: {hardware}; torch {torch.__version__}; {args.precision}; median of {args.repeats} repeats x {args.steps} steps")
+    print(f"default ours/stock: worst {worst:.3f}; same-kernel ratios within {100 * band:.1f}% of 1.0")
+    result = dict(hardware=hardware, torch=torch.__version__, precision=args.precision, steps=args.steps, repeats=args.repeats,
+                  worst_default_ratio=worst, rows=rows)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.output}")
@@ -122,10 +182,13 @@ def main() -> None:
 
 def print_row(row: dict) -> None:
     if not hasattr(print_row, "header"):
-        print(f"{'model':>5} {'patch':>5} {'mask':>5} {'attn':>6} {'stock img/s':>11} {'ours img/s':>10} {'ours/stock':>10}  generator cost (% of a step)")
+        print(f"{'config':>15} {'patch':>5} {'mask':>5} {'bs':>3} | {'stock sdpa':>10} {'stock eager':>11} {'ours sdpa':>9} {'ours eager':>10} | "
+              f"{'same-kernel':>11} {'auto':>5} {'ours/stock':>10} | {'act MB':>7}  generator cost (% of step)")
         print_row.header = True
-    costs = " ".join(f"{k}={v:.1f}" for k, v in row["generator_cost_pct"].items())
-    print(f"{row['model']:>5} {row['patch']:>5} {row['mask_ratio']:>5} {row['attn']:>6} {row['stock_img_s']:>11} {row['ours_img_s']:>10} {row['ratio']:>10}  {costs}")
+    costs = " ".join(f"{k}={v:.1f}" for k, v in row.get("generator_cost_pct", {}).items())
+    print(f"{row['config']:>15} {row['patch']:>5} {row['mask_ratio']:>5} {row['batch']:>3} | {row['stock_sdpa']:>10} {row['stock_eager']:>11} "
+          f"{row['ours_sdpa']:>9} {row['ours_eager']:>10} | {row['same_kernel_sdpa']:>5}/{row['same_kernel_eager']:<5} {row['auto_choice']:>5} "
+          f"{row['default_ratio']:>10} | {row['activation_mb']['ours_sdpa']:>7}  {costs}", flush=True)
 
 
 if __name__ == "__main__":

@@ -118,7 +118,10 @@ class MedMAEForPreTraining(CurrentKeyNamesMixin, ViTMAEForPreTraining):
         else:
             codes = None
         outputs = super().forward(pixel_values, noise=noise, **kwargs)
-        if codes is not None and bool((codes > MASKED).any()):
+        # Only a throw_ratio or explicit codes can throw patches: testing for them otherwise would make
+        # every GPU step wait for the device (a host sync) for nothing.
+        may_throw = self.config.throw_ratio > 0 or mask_codes is not None
+        if codes is not None and may_throw and bool((codes > MASKED).any()):
             # Thrown patches were removed from the encoder too; only MASKED ones count in the loss.
             outputs.loss = self.reconstruction_loss(pixel_values, outputs.logits, (codes == MASKED).float())
         return outputs

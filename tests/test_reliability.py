@@ -36,6 +36,7 @@ TINY_MAE = dict(
     decoder_hidden_size=32, decoder_num_hidden_layers=1, decoder_num_attention_heads=2, decoder_intermediate_size=64,
     train_data="embedded:nuclei16", tile_size=64, max_images=5, validation_fraction=0.2,  # 64 train / 16 val tiles
     report_to="none", dataloader_num_workers=0, seed=0, disable_tqdm=True, learning_rate=1e-3, logging_steps=1,
+    attn_implementation="sdpa",  # fixed kernel: "auto" may pick another one run to run, and these tests compare runs
 )
 RUNTIME_KEYS = ("runtime", "per_second")  # wall-clock numbers: the only thing allowed to differ between reruns
 

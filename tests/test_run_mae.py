@@ -22,6 +22,7 @@ TINY = dict(
     image_size=32, patch_size=4, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
     decoder_hidden_size=64, decoder_num_hidden_layers=1, decoder_num_attention_heads=4, decoder_intermediate_size=128,
     report_to="none", dataloader_num_workers=0, seed=0,
+    attn_implementation="sdpa",  # fixed kernel: "auto" may pick another one run to run, and these tests compare runs
 )
 
 

@@ -1,0 +1,98 @@
+#!/usr/bin/env python
+"""End-to-end `run_mae.py` throughput vs the raw training-step rate: is anything but the model the bottleneck?
+
+For each config and dataloader worker count, `run_mae.py` runs twice as a subprocess (the real command,
+with data loading, augmentation, mask generation, Trainer bookkeeping and logging), for `--short` and
+`--long` steps without evaluation or checkpoints. The difference of the two `train_runtime`s divided by
+the difference in images is the steady-state rate, free of start-up costs (reading data, first-step
+allocation). The raw rate times the same model, batch and attention kernel on a fixed tensor in this
+process (forward, backward, AdamW), as `pretrain_throughput.py` does.
+
+    python benchmarks/end_to_end.py                        # quickstart and seed 001 Model 1 p8, workers 0 and 2
+    python benchmarks/end_to_end.py --configs configs/quickstart.yaml --workers 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import run_mae  # noqa: E402
+from pretrain_throughput import time_steps  # noqa: E402
+from transformers import TrainingArguments  # noqa: E402
+
+from hf_medmae import MedMAEForPreTraining  # noqa: E402
+from hf_medmae.cli import parse_config  # noqa: E402
+
+
+def run_script(config: str, overrides: dict, steps: int, workdir: Path) -> dict:
+    """Run run_mae.py for `steps` steps; its all_results.json."""
+    out = workdir / f"run_{steps}_{overrides['dataloader_num_workers']}"
+    flags = {**overrides, "max_steps": steps, "output_dir": str(out), "eval_strategy": "no", "save_strategy": "no",
+             "logging_steps": max(steps // 4, 1), "disable_tqdm": True, "report_to": "none"}
+    cmd = [sys.executable, str(ROOT / "run_mae.py"), "--config", config] + [x for k, v in flags.items() for x in (f"--{k}", str(v))]
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return json.loads((out / "all_results.json").read_text())
+
+
+def raw_rate(config: str, overrides: dict, attn: str, steps: int, repeats: int) -> float:
+    """Median img/s of bare training steps with the same model config and batch size."""
+    model_args, _, train_args = parse_config((run_mae.ModelArguments, run_mae.DataArguments, TrainingArguments),
+                                             ["--config", config, "--output_dir", tempfile.mkdtemp()])  # fmt: skip
+    channels = model_args.num_channels or 16
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = MedMAEForPreTraining._from_config(run_mae.build_config(model_args, channels), attn_implementation=attn).train().to(device)
+    bs = overrides["per_device_train_batch_size"]
+    batch = torch.randn(bs, channels, model_args.image_size, model_args.image_size, device=device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)  # the Trainer's default optimizer
+    time_steps(model, opt, batch, 2, "fp32")
+    return statistics.median(time_steps(model, opt, batch, steps, "fp32") for _ in range(repeats))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=["configs/quickstart.yaml", "configs/seed001_model1_p8.yaml"])
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--short", type=int, default=10)
+    parser.add_argument("--long", type=int, default=60)
+    parser.add_argument("--output", default="benchmarks/results/end_to_end.json")
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for config in args.configs:
+            raw = None
+            for workers in args.workers:
+                overrides = {"per_device_train_batch_size": args.batch_size, "dataloader_num_workers": workers}
+                short, long = (run_script(config, overrides, n, Path(tmp)) for n in (args.short, args.long))
+                e2e = (args.long - args.short) * args.batch_size / (long["train_runtime"] - short["train_runtime"])
+                if raw is None:  # the same kernel the runs chose
+                    raw = raw_rate(config, overrides, long["attn_implementation"], steps=5, repeats=5)
+                rows.append(dict(config=Path(config).stem, workers=workers, batch=args.batch_size, attn=long["attn_implementation"],
+                                 end_to_end_img_s=round(e2e, 1), raw_img_s=round(raw, 1), ratio=round(e2e / raw, 3)))
+                r = rows[-1]
+                print(f"{r['config']:>22} workers {workers}  attn {r['attn']:>5}  end-to-end {r['end_to_end_img_s']:>6} img/s  "
+                      f"raw step {r['raw_img_s']:>6} img/s  ratio {r['ratio']:.3f}", flush=True)
+    hardware = f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+    if torch.cuda.is_available():
+        hardware = torch.cuda.get_device_name(0)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(dict(hardware=hardware, torch=torch.__version__, short=args.short, long=args.long, rows=rows), indent=2))
+    print(f"hardware: {hardware}\nwrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

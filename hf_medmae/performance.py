@@ -1,0 +1,96 @@
+"""Fast-path choices made by measurement or by what the hardware supports, not by assumption.
+
+On a CPU the faster attention kernel depends on the sequence length and the machine (on the 2-core
+reference machine eager wins at patch 8 and sdpa at patch 4, by up to 30% each way), so
+`attn_implementation: auto` times both on the real model and batch shape before training. On a GPU
+sdpa (flash / memory-efficient kernels) always wins, and bf16, TF32 and fused AdamW are the defaults.
+`benchmarks/pretrain_throughput.py` and `benchmarks/gpu_pretrain.py` hold the measurements.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import nn
+from transformers import TrainingArguments
+
+logger = logging.getLogger(__name__)
+
+ATTENTION_CHOICES = ("auto", "sdpa", "eager")
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 matmuls in hardware (AVX512-BF16 or AMX); emulated bf16 is slower than fp32."""
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
+def _step_seconds(model: nn.Module, batch: torch.Tensor, steps: int) -> float:
+    """Median seconds of forward + backward (no optimizer step: the weights are left as they were)."""
+    times = []
+    for _ in range(steps + 1):  # the first call pays for lazy initialisation and is dropped
+        start = time.perf_counter()
+        model(pixel_values=batch).loss.backward()
+        times.append(time.perf_counter() - start)
+    model.zero_grad(set_to_none=True)
+    return sorted(times[1:])[len(times[1:]) // 2]
+
+
+def choose_attention(model: nn.Module, batch_size: int, margin: float = 0.1, steps: int = 3) -> str:
+    """The attention implementation to train `model` with: sdpa on a GPU, the measured faster one on a CPU.
+
+    eager replaces sdpa only when it is more than `margin` faster, so that near-ties (which timing noise
+    would flip from run to run) always resolve to the same choice. Timing uses a random batch of the
+    training shape (at most 16 images) under a forked RNG, so the training run's random stream is untouched.
+
+    Args:
+        model: a `MedMAEForPreTraining` (or any model whose forward takes `pixel_values` and returns `.loss`).
+        batch_size: the per-device training batch size.
+        margin: the relative speed-up eager must show over sdpa to be chosen.
+        steps: timed forward+backward passes per implementation (median).
+
+    Example:
+        >>> choose_attention(model, batch_size=32)  # doctest: +SKIP
+        'sdpa'
+    """
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        return "sdpa"
+    config = model.config
+    size = config.image_size if isinstance(config.image_size, int) else tuple(config.image_size)
+    hw = (size, size) if isinstance(size, int) else size
+    was_training = model.training
+    seconds = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        batch = torch.randn(min(batch_size, 16), config.num_channels, *hw)
+        model.train()
+        for name in ("sdpa", "eager"):
+            model.set_attn_implementation(name)
+            seconds[name] = _step_seconds(model, batch, steps)
+    model.train(was_training)
+    choice = "eager" if seconds["eager"] * (1 + margin) < seconds["sdpa"] else "sdpa"
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        decided = [choice]  # every rank must run the same kernels: rank 0's measurement decides
+        torch.distributed.broadcast_object_list(decided, src=0)
+        choice = decided[0]
+    model.set_attn_implementation(choice)
+    logger.info("attention: %s (measured s/step at batch %d: sdpa %.3f, eager %.3f)", choice, len(batch), seconds["sdpa"], seconds["eager"])
+    return choice
+
+
+def apply_fast_defaults(args: TrainingArguments) -> None:
+    """Fast settings the user did not choose otherwise: TF32 matmuls on Ampere+ GPUs, no pinned memory on CPU.
+
+    bf16 is chosen by `training.resolve_precision`; fused AdamW is already the Trainer's default optimizer.
+    """
+    if torch.cuda.is_available() and not args.use_cpu:
+        if args.tf32 is None and torch.cuda.get_device_capability()[0] >= 8:
+            args.tf32 = True
+            torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls the bf16 autocast leaves
+            torch.backends.cudnn.allow_tf32 = True
+    else:
+        args.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns

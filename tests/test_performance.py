@@ -1,0 +1,69 @@
+"""Fast-path choices: measured attention choice leaves training untouched; hardware checks; run_mae wiring."""
+
+import json
+
+import pytest
+import torch
+from transformers import TrainingArguments
+
+from hf_medmae import MedMAEForPreTraining
+from hf_medmae.errors import ConfigError
+from hf_medmae.performance import apply_fast_defaults, choose_attention, cpu_has_native_bf16
+
+from conftest import tiny_config
+
+
+def tiny_model() -> MedMAEForPreTraining:
+    torch.manual_seed(0)
+    return MedMAEForPreTraining._from_config(tiny_config(), attn_implementation="sdpa")
+
+
+def test_choosing_attention_leaves_weights_grads_and_rng_untouched():
+    model = tiny_model()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    choice = choose_attention(model, batch_size=4, steps=1)
+    assert choice in {"sdpa", "eager"}
+    assert model.config._attn_implementation == choice  # the model now runs the chosen kernel
+    assert torch.equal(rng, torch.get_rng_state())  # the training run's masks and dropout are unchanged
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("margin, expected", [(1e9, "sdpa"), (-1.0, "eager")])
+def test_eager_needs_to_beat_sdpa_by_the_margin(margin, expected):
+    # margin 1e9: no measurement can make eager win; margin -1: eager * 0 always beats sdpa.
+    assert choose_attention(tiny_model(), batch_size=2, margin=margin, steps=1) == expected
+
+
+def test_the_chosen_kernel_computes_the_same_loss():
+    model = tiny_model().eval()
+    batch = torch.randn(2, model.config.num_channels, model.config.image_size, model.config.image_size)
+    losses = {}
+    for margin, name in ((1e9, "sdpa"), (-1.0, "eager")):
+        assert choose_attention(model, batch_size=2, margin=margin, steps=1) == name
+        with torch.no_grad():
+            losses[name] = model(batch).loss.item()
+    assert losses["eager"] == pytest.approx(losses["sdpa"], rel=1e-5)
+
+
+def test_hardware_checks_and_cpu_defaults(tmp_path):
+    assert isinstance(cpu_has_native_bf16(), bool)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    apply_fast_defaults(args)
+    assert args.dataloader_pin_memory is False  # pinning needs an accelerator
+
+
+def test_run_mae_reports_the_attention_it_chose(tmp_path):
+    import run_mae
+
+    common = ["--train_data", "embedded:nuclei16", "--max_images", "2", "--tile_size", "64", "--image_size", "32",
+              "--patch_size", "8", "--hidden_size", "32", "--num_hidden_layers", "1", "--num_attention_heads", "2",
+              "--intermediate_size", "64", "--decoder_hidden_size", "32", "--decoder_num_hidden_layers", "1",
+              "--decoder_num_attention_heads", "2", "--decoder_intermediate_size", "64", "--max_steps", "2",
+              "--per_device_train_batch_size", "4", "--report_to", "none", "--disable_tqdm", "true"]  # fmt: skip
+    run_mae.main([*common, "--output_dir", str(tmp_path / "run")])  # attn_implementation defaults to auto
+    results = json.loads((tmp_path / "run" / "all_results.json").read_text())
+    assert results["attn_implementation"] in {"sdpa", "eager"}
+    with pytest.raises(ConfigError, match="(?s)attn_implementation='flash'.*auto, sdpa, eager"):
+        run_mae.main([*common, "--output_dir", str(tmp_path / "bad"), "--attn_implementation", "flash"])
