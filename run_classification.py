@@ -30,6 +30,7 @@ from hf_medmae.errors import CheckpointError, ConfigError, DataError
 from hf_medmae.metrics import classification_metrics, compute_metrics_fn
 from hf_medmae.optim import param_groups_layer_decay
 from hf_medmae.hub import push_run, take_over_push
+from hf_medmae.performance import apply_fast_defaults
 from hf_medmae.training import ProcessSeedCallback, check_writable, hardware_description, resolve_precision, resolve_resume, write_run_info
 
 logger = logging.getLogger("run_classification")
@@ -268,6 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
     weights = class_weights(sets["train_labels"], len(data.class_names), model_args.class_weighting)
     model = build_model(encoder, data, model_args, weights, sets["mean"], sets["std"])
     resolve_precision(training_args, model_args.precision)
+    apply_fast_defaults(training_args)
     push = take_over_push(training_args)  # we push once at the end, with our model card
     training_args.remove_unused_columns = False
     groups = param_groups_layer_decay(model, training_args.learning_rate, training_args.weight_decay, model_args.layer_decay)

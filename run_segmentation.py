@@ -38,6 +38,7 @@ from hf_medmae.segmentation import (
     UNET_MULTIPLE, MedSegConfig, MedSegForSegmentation, build_config, build_unet_baseline, encoder_fields, predict,
 )
 from hf_medmae.hub import push_run, take_over_push
+from hf_medmae.performance import apply_fast_defaults
 from hf_medmae.training import ProcessSeedCallback, check_writable, hardware_description, resolve_precision, resolve_resume, write_run_info
 
 logger = logging.getLogger("run_segmentation")
@@ -194,6 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_ds, val_ds, test_ds = build_datasets(splits, data_args, model_args.image_size, mean, std)
     model = build_model(model_args, encoder, channels, class_names, data_args.ignore_index)
     resolve_precision(training_args, model_args.precision)
+    apply_fast_defaults(training_args)
     push = take_over_push(training_args)  # we push once at the end, with our model card
     trainer = Trainer(
         model=model, args=training_args, train_dataset=train_ds, eval_dataset=val_ds,

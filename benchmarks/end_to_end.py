@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -34,6 +32,7 @@ import run_mae  # noqa: E402
 from pretrain_throughput import time_steps  # noqa: E402
 from transformers import TrainingArguments  # noqa: E402
 
+from hf_medmae.training import hardware_description  # noqa: E402
 from hf_medmae import MedMAEForPreTraining  # noqa: E402
 from hf_medmae.cli import parse_config  # noqa: E402
 
@@ -86,9 +85,7 @@ def main() -> None:
                 r = rows[-1]
                 print(f"{r['config']:>22} workers {workers}  attn {r['attn']:>5}  end-to-end {r['end_to_end_img_s']:>6} img/s  "
                       f"raw step {r['raw_img_s']:>6} img/s  ratio {r['ratio']:.3f}", flush=True)
-    hardware = f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
-    if torch.cuda.is_available():
-        hardware = torch.cuda.get_device_name(0)
+    hardware = hardware_description()
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(dict(hardware=hardware, torch=torch.__version__, short=args.short, long=args.long, rows=rows), indent=2))
     print(f"hardware: {hardware}\nwrote {args.output}")

@@ -13,8 +13,8 @@ matmul peak (median of 8192^2 matmuls): bf16 for every row, plus the row's own p
     OMP_NUM_THREADS=1 python benchmarks/gpu_pretrain.py --smoke --output /tmp/gpu_smoke.json   # anywhere
 
 `--masking noise` (default) passes `noise=torch.rand(B, L)`, which is exactly uniform random masking and
-free of host syncs; `--masking generator` times the library path (the `random` mask generator), whose
-`forward` does one `bool(codes.any())` host sync per step. On out-of-memory a row halves its batch and
+free of host syncs; `--masking generator` times the library path (the `random` mask generator), which is
+also sync-free unless `throw_ratio` > 0. On out-of-memory a row halves its batch and
 retries (the batch used is recorded). The JSON is rewritten after every row, so a killed run keeps its rows.
 """
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import statistics
 import sys
 import time
@@ -36,6 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 from hf_medmae import MedMAEConfig, MedMAEForPreTraining  # noqa: E402
+from hf_medmae.training import hardware_description  # noqa: E402
 from pretrain_throughput import MODELS  # noqa: E402  (seed 001 Model 1)
 
 VIT_B16 = dict(num_channels=3, image_size=224, patch_size=16, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
@@ -161,7 +161,7 @@ def hardware(device: torch.device) -> str:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         return f"{props.name}, {props.total_memory / 2**30:.0f} GiB"
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return hardware_description()
 
 
 HEADER = f"{'config':<10} {'variant':<13} {'batch':>5} {'img/s':>9} {'TFLOP/s':>8} {'MFU %':>6} {'vs':>4} {'MFU bf16 %':>10} {'peak GiB':>8}"

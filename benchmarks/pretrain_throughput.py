@@ -7,6 +7,7 @@ them alike; the table reports median img/s over repeats and two ratios:
   * same kernel: ours/stock with the same attention (the cost of our masking machinery, ideally 1.0);
   * default: ours with `attn_implementation: auto` (what run_mae.py does: sdpa unless eager is measured
     >10% faster) over stock's default (sdpa).
+Ratios are medians of per-repeat ratios (each pair timed back to back); "noise" is half their IQR.
 It also reports the activation memory saved for backward (MB, per batch), each mask generator's own
 cost as a share of a step (first mask ratio only), and, with --precision bf16, CPU bf16 autocast.
 
@@ -20,7 +21,6 @@ import argparse
 import contextlib
 import copy
 import json
-import platform
 import statistics
 import sys
 import time
@@ -30,6 +30,7 @@ import torch
 from transformers import ViTMAEForPreTraining
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hf_medmae.training import hardware_description  # noqa: E402
 from hf_medmae import MASK_GENERATORS, MedMAEConfig, MedMAEForPreTraining  # noqa: E402
 from hf_medmae.performance import choose_attention  # noqa: E402
 
@@ -80,16 +81,24 @@ def time_steps(model, optimizer, batch: torch.Tensor, steps: int, precision: str
     return steps * batch.shape[0] / (time.perf_counter() - start)
 
 
-def compare(models: dict, batch: torch.Tensor, steps: int, repeats: int, precision: str) -> dict[str, float]:
-    """Median img/s of each model, timed in turn within every repeat."""
+def compare(models: dict, batch: torch.Tensor, steps: int, repeats: int, precision: str, block_seconds: float = 1.5) -> dict[str, list[float]]:
+    """img/s of each model per repeat; within a repeat all models run in turn, in an order rotated per repeat."""
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.95)) for k, m in models.items()}
     for k in models:  # warm-up: allocator, kernels, lazy init
-        time_steps(models[k], opts[k], batch, 2, precision)
-    rates = {k: [] for k in models}
-    for _ in range(repeats):
-        for k in models:
+        warm = time_steps(models[k], opts[k], batch, 2, precision)
+    steps = max(steps, round(block_seconds * warm / batch.shape[0]))  # short steps: longer blocks, less noise
+    rates, kinds = {k: [] for k in models}, list(models)
+    for r in range(repeats):  # rotation: no model always runs first (cold caches) or right after another
+        for k in kinds[r % len(kinds):] + kinds[: r % len(kinds)]:
             rates[k].append(time_steps(models[k], opts[k], batch, steps, precision))
-    return {k: statistics.median(v) for k, v in rates.items()}
+    return rates
+
+
+def paired_ratio(ours: list[float], stock: list[float]) -> tuple[float, float]:
+    """Median of per-repeat ratios (each pair timed back to back) and half their interquartile range."""
+    ratios = sorted(o / s for o, s in zip(ours, stock))
+    q1, q3 = statistics.quantiles(ratios, n=4)[0], statistics.quantiles(ratios, n=4)[2]
+    return statistics.median(ratios), (q3 - q1) / 2
 
 
 def activation_mb(model, batch: torch.Tensor) -> float:
@@ -126,14 +135,17 @@ def run_config(name: str, config: MedMAEConfig, batch_size: int, args, with_cost
     device = "cuda" if torch.cuda.is_available() else "cpu"
     batch = torch.randn(batch_size, config.num_channels, config.image_size, config.image_size, device=device)
     models = {k: m.to(device) for k, m in make_models(config).items()}
-    rates = compare(models, batch, args.steps, args.repeats, args.precision)
+    per_repeat = compare(models, batch, args.steps, args.repeats, args.precision)
+    rates = {k: statistics.median(v) for k, v in per_repeat.items()}
     auto = choose_attention(models["ours_sdpa"], batch_size)
     models["ours_sdpa"].set_attn_implementation("sdpa")
+    (sdpa, sdpa_iqr), (eager, eager_iqr) = (paired_ratio(per_repeat[f"ours_{k}"], per_repeat[f"stock_{k}"]) for k in ("sdpa", "eager"))
+    default, default_iqr = paired_ratio(per_repeat[f"ours_{auto}"], per_repeat["stock_sdpa"])
     row = dict(config=name, patch=config.patch_size, mask_ratio=config.mask_ratio, batch=batch_size, precision=args.precision,
                **{k: round(v, 2) for k, v in rates.items()},
-               same_kernel_sdpa=round(rates["ours_sdpa"] / rates["stock_sdpa"], 3),
-               same_kernel_eager=round(rates["ours_eager"] / rates["stock_eager"], 3),
-               auto_choice=auto, default_ratio=round(rates[f"ours_{auto}"] / rates["stock_sdpa"], 3),
+               same_kernel_sdpa=round(sdpa, 3), same_kernel_eager=round(eager, 3),
+               same_kernel_noise=round(max(sdpa_iqr, eager_iqr), 3),  # half-IQR of the per-repeat ratios
+               auto_choice=auto, default_ratio=round(default, 3), default_noise=round(default_iqr, 3),
                activation_mb={k: round(activation_mb(models[k], batch), 1) for k in ("stock_sdpa", "ours_sdpa")})
     if with_costs:
         row["generator_cost_pct"] = generator_costs(config, batch, batch_size / rates["ours_sdpa"])
@@ -149,8 +161,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="seed 001 configs at patch 4 and 8")
     parser.add_argument("--small-batch-size", type=int, default=8, help="patch 2 and ViT-B/16 (a step is 4-10x longer)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--output", default="benchmarks/results/pretrain_throughput.json")
     args = parser.parse_args()
     rows = []
@@ -167,8 +179,7 @@ def main() -> None:
 
 
 def summarise(rows: list[dict], args) -> None:
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU {platform.processor() or platform.machine()}"
-    hardware = f"{device}, {torch.get_num_threads()} threads"
+    hardware = hardware_description()
     worst = min(r["default_ratio"] for r in rows)
     band = max(abs(r[k] - 1) for r in rows for k in ("same_kernel_sdpa", "same_kernel_eager"))
     print(f"\nhardware: {hardware}; torch {torch.__version__}; {args.precision}; median of {args.repeats} repeats x {args.steps} steps")
@@ -183,12 +194,12 @@ def summarise(rows: list[dict], args) -> None:
 def print_row(row: dict) -> None:
     if not hasattr(print_row, "header"):
         print(f"{'config':>15} {'patch':>5} {'mask':>5} {'bs':>3} | {'stock sdpa':>10} {'stock eager':>11} {'ours sdpa':>9} {'ours eager':>10} | "
-              f"{'same-kernel':>11} {'auto':>5} {'ours/stock':>10} | {'act MB':>7}  generator cost (% of step)")
+              f"{'same-kernel':>11} {'auto':>5} {'ours/stock':>12} | {'act MB':>7}  generator cost (% of step)")
         print_row.header = True
     costs = " ".join(f"{k}={v:.1f}" for k, v in row.get("generator_cost_pct", {}).items())
     print(f"{row['config']:>15} {row['patch']:>5} {row['mask_ratio']:>5} {row['batch']:>3} | {row['stock_sdpa']:>10} {row['stock_eager']:>11} "
           f"{row['ours_sdpa']:>9} {row['ours_eager']:>10} | {row['same_kernel_sdpa']:>5}/{row['same_kernel_eager']:<5} {row['auto_choice']:>5} "
-          f"{row['default_ratio']:>10} | {row['activation_mb']['ours_sdpa']:>7}  {costs}", flush=True)
+          f"{row['default_ratio']:>6}±{row['default_noise']:<.3f} | {row['activation_mb']['ours_sdpa']:>7}  {costs}", flush=True)
 
 
 if __name__ == "__main__":

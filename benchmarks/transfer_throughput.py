@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import statistics
 import sys
@@ -32,6 +31,7 @@ from transformers import ViTConfig, ViTModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hf_medmae.classification import MedClsForImageClassification, freeze  # noqa: E402
+from hf_medmae.training import hardware_description  # noqa: E402
 from hf_medmae.segmentation import MedSegForSegmentation, build_unet_baseline  # noqa: E402
 
 IMAGE_SIZE = 64
@@ -146,7 +146,7 @@ def main() -> None:
         for mode in modes:
             rows.append(measure(name, mode, args, device))
             print_row(rows[-1])
-    hardware = torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or platform.machine()
+    hardware = hardware_description()
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
     result = dict(hardware=hardware, device=device, torch=torch.__version__, threads=torch.get_num_threads(),
                   attn=args.attn, image_size=IMAGE_SIZE, steps=args.steps, repeats=args.repeats,

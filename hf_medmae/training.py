@@ -92,7 +92,18 @@ def hardware_description() -> str:
     """One line naming the device the run used, for metrics files and model cards."""
     if torch.cuda.is_available():
         return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
-    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+    return f"CPU {cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name where the OS tells it (Linux), else the architecture: speed depends on it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def write_run_info(args: TrainingArguments, dataset: str, num_images: int, metrics: dict) -> None:
