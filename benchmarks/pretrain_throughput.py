@@ -6,7 +6,7 @@ attention. Each repeat times `--steps` AdamW training steps of all four in turn,
 them alike; the table reports median img/s over repeats and two ratios:
   * same kernel: ours/stock with the same attention (the cost of our masking machinery, ideally 1.0);
   * default: ours with `attn_implementation: auto` (what run_mae.py does: sdpa unless eager is measured
-    >10% faster) over stock's default (sdpa).
+    >15% faster) over stock's default (sdpa).
 Ratios are medians of per-repeat ratios (each pair timed back to back); "noise" is half their IQR.
 It also reports the activation memory saved for backward (MB, per batch), each mask generator's own
 cost as a share of a step (first mask ratio only), and, with --precision bf16, CPU bf16 autocast.
