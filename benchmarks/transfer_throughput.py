@@ -153,7 +153,7 @@ def main() -> None:
                   peak_rss_mb=round(peak_rss, 1), rows=rows)
     memory = "peak memory per row is torch.cuda.max_memory_allocated" if device == "cuda" else \
         f"CPU: no per-row memory; process peak RSS over all rows {peak_rss:.0f} MB"
-    print(f"\nhardware: {hardware}, {result['threads']} threads, torch {torch.__version__}, attn {args.attn}; "
+    print(f"\nhardware: {hardware}, torch {torch.__version__}, attn {args.attn}; "
           f"median of {args.repeats} repeats x {args.steps} steps; {memory}")
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2))
