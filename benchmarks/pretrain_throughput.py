@@ -155,7 +155,7 @@ def run_config(name: str, config: MedMAEConfig, batch_size: int, args, with_cost
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--patches", type=int, nargs="+", default=[8, 4, 2], help="patch 2: ~5 s a step at batch 8 on 2 CPU cores")
+    parser.add_argument("--patches", type=int, nargs="+", default=[8, 4, 2], help="patch 2 has 4x the tokens of patch 4: slow on a CPU")
     parser.add_argument("--mask-ratios", type=float, nargs="+", default=[0.5, 0.75, 0.9])
     parser.add_argument("--no-vit-b16", action="store_true", help="skip ViT-B/16 (3 ch, 224 px, mask 0.75)")
     parser.add_argument("--batch-size", type=int, default=32, help="seed 001 configs at patch 4 and 8")
