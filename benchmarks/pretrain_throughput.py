@@ -159,7 +159,7 @@ def main() -> None:
     parser.add_argument("--mask-ratios", type=float, nargs="+", default=[0.5, 0.75, 0.9])
     parser.add_argument("--no-vit-b16", action="store_true", help="skip ViT-B/16 (3 ch, 224 px, mask 0.75)")
     parser.add_argument("--batch-size", type=int, default=32, help="seed 001 configs at patch 4 and 8")
-    parser.add_argument("--small-batch-size", type=int, default=8, help="patch 2 and ViT-B/16 (a step is 4-10x longer)")
+    parser.add_argument("--small-batch-size", type=int, default=8, help="patch 2 and ViT-B/16, whose steps are much longer")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
