@@ -7,13 +7,41 @@ argument: the mask generator's codes become noise whose argsort keeps exactly th
 from __future__ import annotations
 
 import torch
+from torch import nn
 from transformers import AutoConfig, AutoModelForPreTraining, ViTMAEForPreTraining
-from transformers.models.vit_mae.modeling_vit_mae import ViTMAEForPreTrainingOutput
+from transformers.models.vit_mae.modeling_vit_mae import ViTMAEEmbeddings, ViTMAEForPreTrainingOutput
 
 from .configuration import MedMAEConfig
 from .errors import DataError
 from .masking import MASKED, VISIBLE, MaskGenerator, build_mask_generator, codes_to_noise
 from .checkpoint import CurrentKeyNamesMixin
+
+
+class MedMAEEmbeddings(ViTMAEEmbeddings):
+    """Stock MAE embeddings that project only the patches the encoder will see.
+
+    Stock transformers runs the patch convolution over every patch and then drops the masked ones, so
+    at mask ratio r it spends r of the projection (forward and weight gradient) on discarded tokens.
+    Here the pixels are cut into patches first, stock's own `random_masking` picks the visible ones
+    (same noise, same RNG draws), and the conv weight is applied to those alone as the linear map it is.
+    Same parameters, same outputs up to float summation order.
+    """
+
+    def forward(self, pixel_values: torch.Tensor, noise: torch.Tensor | None = None, interpolate_pos_encoding: bool = False):
+        if interpolate_pos_encoding or tuple(pixel_values.shape[2:]) != tuple(self.image_size):
+            return super().forward(pixel_values, noise, interpolate_pos_encoding)
+        batch, channels, height, width = pixel_values.shape
+        p = self.patch_size
+        patches = pixel_values.reshape(batch, channels, height // p, p, width // p, p)
+        patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(batch, -1, channels * p * p)  # the conv's (C, p, p) order
+        visible, mask, ids_restore = self.random_masking(patches, noise)
+        ids_keep = torch.argsort(ids_restore, dim=1)[:, : visible.shape[1]]  # the inverse permutation's head
+        position = self.position_embeddings[:, 1:].expand(batch, -1, -1)
+        position = torch.gather(position, 1, ids_keep[..., None].expand(-1, -1, position.shape[-1]))
+        projection = self.patch_embeddings.projection
+        embeddings = nn.functional.linear(visible, projection.weight.flatten(1), projection.bias) + position
+        cls_tokens = (self.cls_token + self.position_embeddings[:, :1]).expand(batch, -1, -1)
+        return torch.cat((cls_tokens, embeddings), dim=1), mask, ids_restore
 
 
 class MedMAEForPreTraining(CurrentKeyNamesMixin, ViTMAEForPreTraining):
@@ -36,6 +64,8 @@ class MedMAEForPreTraining(CurrentKeyNamesMixin, ViTMAEForPreTraining):
 
     def __init__(self, config: MedMAEConfig):
         super().__init__(config)
+        # Swap the forward only: the module keeps stock's parameters, names, initialisation and loading.
+        self.vit.embeddings.__class__ = MedMAEEmbeddings
         self.mask_generator: MaskGenerator = build_mask_generator(
             config.mask_generator,
             mask_ratio=config.mask_ratio,
@@ -109,14 +139,21 @@ class MedMAEForPreTraining(CurrentKeyNamesMixin, ViTMAEForPreTraining):
         comparable across evaluations.
         """
         self._check_input(pixel_values)
+        codes = None
         if noise is None:
             generator = None
             if not self.training:
                 generator = torch.Generator().manual_seed(1234 + int(pixel_values.shape[0]))
-            codes = mask_codes if mask_codes is not None else self.generate_codes(pixel_values, sample_ids, generator)
-            noise = codes_to_noise(codes, generator)
-        else:
-            codes = None
+            if mask_codes is None and self.mask_generator.name == "random":
+                # Uniform masking is what transformers already does with plain uniform noise: no codes, no
+                # extra sort, so this path costs exactly what stock ViTMAE costs. In training, `noise=None`
+                # lets transformers draw it from the global RNG that the Trainer seeds and restores.
+                if generator is not None:
+                    noise = torch.rand(pixel_values.shape[0], self.mask_generator.num_patches, generator=generator)
+                    noise = noise.to(pixel_values.device)
+            else:
+                codes = mask_codes if mask_codes is not None else self.generate_codes(pixel_values, sample_ids, generator)
+                noise = codes_to_noise(codes, generator)
         outputs = super().forward(pixel_values, noise=noise, **kwargs)
         # Only a throw_ratio or explicit codes can throw patches: testing for them otherwise would make
         # every GPU step wait for the device (a host sync) for nothing.

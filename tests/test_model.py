@@ -47,7 +47,31 @@ def test_matches_stock_vitmae_with_same_weights_and_noise():
     stock.load_state_dict(ours.state_dict())
     x, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 64)
     a, b = ours(x, noise=noise), stock(x, noise=noise)
-    assert torch.equal(a.logits, b.logits) and torch.equal(a.loss, b.loss)
+    # Ours projects only the visible patches (a linear map instead of the conv): equal up to float order.
+    assert torch.equal(a.mask, b.mask) and torch.equal(a.ids_restore, b.ids_restore)
+    torch.testing.assert_close(a.logits, b.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_random_masking_in_training_is_stock_vitmae_step_for_step():
+    """Uniform masking draws what stock transformers draws and trains the same weights the same way."""
+    config = tiny_config(mask_generator="random", mask_ratio=0.75)
+    ours, stock = MedMAEForPreTraining(config).train(), ViTMAEForPreTraining(config).train()
+    stock.load_state_dict(ours.state_dict())
+    x = torch.randn(4, 3, 32, 32)
+    results = []
+    for model in (ours, stock):
+        torch.manual_seed(7)
+        out = model(x)
+        out.loss.backward()
+        results.append((out.mask, torch.rand(1), out.loss, *(p.grad for p in model.parameters() if p.requires_grad)))
+    (ours_mask, ours_rng, *ours_rest), (stock_mask, stock_rng, *stock_rest) = results
+    assert torch.equal(ours_mask, stock_mask) and torch.equal(ours_rng, stock_rng)  # same draws, same stream after
+    assert len(ours_rest) == len(stock_rest) > 10
+    for a, b in zip(ours_rest, stock_rest):  # loss, then every gradient, the patch projection's included
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+    ours.eval()  # validation masks are seeded, so eval loss is comparable across evaluations
+    assert torch.equal(ours(x).mask, ours(x).mask)
 
 
 def test_generator_mask_reaches_the_model():
