@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> dict:
     training_args.prediction_loss_only = True  # evaluation needs the loss, not every reconstruction
     push = take_over_push(training_args)
     callbacks = [EpochCallback(train_ds), ProcessSeedCallback()]
+    if model.config.mask_generator == "random":  # per-image masks: same masks whatever the process count
+        train_ds.mask_noise_patches = model.config.num_patches
     if model.config.mask_generator == "attention":  # maps must line up with the pixels they mask
         train_ds.augment = Augment(model_args.image_size, (1.0, 1.0), hflip=False, vflip=False)
         plain = PretrainingDataset([im.numpy() for im in train_ds.images], mean, std, model_args.image_size)

@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """End-to-end `run_mae.py` throughput vs the raw training-step rate: is anything but the model the bottleneck?
 
-For each config and dataloader worker count, `run_mae.py` runs twice as a subprocess (the real command,
+For each config and dataloader worker count, `run_mae.py` runs as a subprocess (the real command,
 with data loading, augmentation, mask generation, Trainer bookkeeping and logging), for `--short` and
 `--long` steps without evaluation or checkpoints. The difference of the two `train_runtime`s divided by
 the difference in images is the steady-state rate, free of start-up costs (reading data, first-step
-allocation). The raw rate times the same model, batch and attention kernel on a fixed tensor in this
+allocation); the row reports the median over `--repeats` such pairs. The raw rate times the same model, batch and attention kernel on a fixed tensor in this
 process (forward, backward, AdamW), as `pretrain_throughput.py` does.
 
     python benchmarks/end_to_end.py                        # quickstart and seed 001 Model 1 p8, workers 0 and 2
@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--short", type=int, default=10)
     parser.add_argument("--long", type=int, default=60)
+    parser.add_argument("--repeats", type=int, default=3, help="(short, long) run pairs per row; the median is reported")
     parser.add_argument("--output", default="benchmarks/results/end_to_end.json")
     args = parser.parse_args()
     rows = []
@@ -76,10 +77,13 @@ def main() -> None:
             raw = None
             for workers in args.workers:
                 overrides = {"per_device_train_batch_size": args.batch_size, "dataloader_num_workers": workers}
-                short, long = (run_script(config, overrides, n, Path(tmp)) for n in (args.short, args.long))
-                e2e = (args.long - args.short) * args.batch_size / (long["train_runtime"] - short["train_runtime"])
-                if raw is None:  # the same kernel the runs chose
-                    raw = raw_rate(config, overrides, long["attn_implementation"], steps=5, repeats=5)
+                rates = []
+                for _ in range(args.repeats):  # the machine's speed drifts: a median over repeated pairs
+                    short, long = (run_script(config, overrides, n, Path(tmp)) for n in (args.short, args.long))
+                    rates.append((args.long - args.short) * args.batch_size / (long["train_runtime"] - short["train_runtime"]))
+                    if raw is None:  # the same kernel the runs chose, timed between the runs
+                        raw = raw_rate(config, overrides, long["attn_implementation"], steps=5, repeats=5)
+                e2e = statistics.median(rates)
                 rows.append(dict(config=Path(config).stem, workers=workers, batch=args.batch_size, attn=long["attn_implementation"],
                                  end_to_end_img_s=round(e2e, 1), raw_img_s=round(raw, 1), ratio=round(e2e / raw, 3)))
                 r = rows[-1]
@@ -87,7 +91,7 @@ def main() -> None:
                       f"raw step {r['raw_img_s']:>6} img/s  ratio {r['ratio']:.3f}", flush=True)
     hardware = hardware_description()
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(dict(hardware=hardware, torch=torch.__version__, short=args.short, long=args.long, rows=rows), indent=2))
+    Path(args.output).write_text(json.dumps(dict(hardware=hardware, torch=torch.__version__, short=args.short, long=args.long, repeats=args.repeats, rows=rows), indent=2))
     print(f"hardware: {hardware}\nwrote {args.output}")
 
 

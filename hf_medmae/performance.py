@@ -10,6 +10,7 @@ sdpa (flash / memory-efficient kernels) always wins, and bf16, TF32 and fused Ad
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import torch
@@ -87,6 +88,8 @@ def apply_fast_defaults(args: TrainingArguments) -> None:
     """Fast settings the user did not choose otherwise: TF32 matmuls on Ampere+ GPUs, no pinned memory on CPU.
 
     bf16 is chosen by `training.resolve_precision`; fused AdamW is already the Trainer's default optimizer.
+    On a CPU-only run, dataloader workers take cores from the training step itself: that is warned
+    about, not overridden, since heavy augmentation can still make workers worth it.
     """
     if torch.cuda.is_available() and not args.use_cpu:
         if args.tf32 is None and torch.cuda.get_device_capability()[0] >= 8:
@@ -95,3 +98,11 @@ def apply_fast_defaults(args: TrainingArguments) -> None:
             torch.backends.cudnn.allow_tf32 = True
     else:
         args.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
+        cores = os.cpu_count() or 1
+        if args.dataloader_num_workers and 2 * args.dataloader_num_workers >= cores:
+            logger.warning(
+                "dataloader_num_workers=%d on a CPU-only run with %d cores: the workers compete with the training "
+                "step for cores (on a 2-core machine 2 workers gave 73%% of the raw step rate, 0 workers 95%%). "
+                "Set dataloader_num_workers: 0 unless benchmarks/end_to_end.py shows augmentation is the bottleneck.",
+                args.dataloader_num_workers, cores,
+            )

@@ -111,6 +111,14 @@ def test_augment_and_dataset_normalise():
     x = torch.arange(64.0).repeat(1, 64, 1)
     outs = {tuple(flip(x, torch.Generator().manual_seed(s))[0, 0, :2].tolist()) for s in range(10)}
     assert outs == {(0.0, 1.0), (63.0, 62.0)}  # identity or a horizontal flip, nothing else
+    square = torch.randn(3, 8, 8)  # flips + rot90 reach exactly the 8 symmetries of the square
+    dihedral = [torch.rot90(v, k, dims=(-2, -1)) for v in (square, square.flip(-1)) for k in range(4)]
+    seen = set()
+    for s in range(60):
+        out = Augment(8, (1.0, 1.0), rot90=True)(square, torch.Generator().manual_seed(s))
+        assert out.is_contiguous()
+        seen.add(next(i for i, d in enumerate(dihedral) if torch.equal(out, d)))  # StopIteration: not a symmetry
+    assert seen == set(range(8))
 
 
 def test_embedded_nuclei_are_real_16_channel_images():

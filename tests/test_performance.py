@@ -1,6 +1,8 @@
 """Fast-path choices: measured attention choice leaves training untouched; hardware checks; run_mae wiring."""
 
 import json
+import logging
+import os
 
 import pytest
 import torch
@@ -47,11 +49,18 @@ def test_the_chosen_kernel_computes_the_same_loss():
     assert losses["eager"] == pytest.approx(losses["sdpa"], rel=1e-5)
 
 
-def test_hardware_checks_and_cpu_defaults(tmp_path):
+def test_hardware_checks_and_cpu_defaults(tmp_path, caplog):
     assert isinstance(cpu_has_native_bf16(), bool)
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
-    apply_fast_defaults(args)
+    with caplog.at_level(logging.WARNING, logger="hf_medmae.performance"):
+        apply_fast_defaults(args)
     assert args.dataloader_pin_memory is False  # pinning needs an accelerator
+    assert "dataloader_num_workers" not in caplog.text  # 0 workers: nothing to warn about
+    crowded = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", dataloader_num_workers=os.cpu_count())
+    with caplog.at_level(logging.WARNING, logger="hf_medmae.performance"):
+        apply_fast_defaults(crowded)
+    assert f"dataloader_num_workers={os.cpu_count()} on a CPU-only run" in caplog.text and "Set dataloader_num_workers: 0" in caplog.text
+    assert crowded.dataloader_num_workers == os.cpu_count()  # warned, not overridden
 
 
 def test_run_mae_reports_the_attention_it_chose(tmp_path):
