@@ -5,8 +5,9 @@ For each config and dataloader worker count, `run_mae.py` runs as a subprocess (
 with data loading, augmentation, mask generation, Trainer bookkeeping and logging), for `--short` and
 `--long` steps without evaluation or checkpoints. The difference of the two `train_runtime`s divided by
 the difference in images is the steady-state rate, free of start-up costs (reading data, first-step
-allocation); the row reports the median over `--repeats` such pairs. The raw rate times the same model, batch and attention kernel on a fixed tensor in this
-process (forward, backward, AdamW), as `pretrain_throughput.py` does.
+allocation); the row reports the median over `--repeats` such pairs. The raw rate times the same
+model, batch and attention kernel on a fixed tensor in this process: forward, backward, the config's
+gradient clipping (`max_grad_norm`, 1.0 by default) and AdamW, the optimisation step the Trainer runs.
 
     python benchmarks/end_to_end.py                        # quickstart and seed 001 Model 1 p8, workers 0 and 2
     python benchmarks/end_to_end.py --configs configs/quickstart.yaml --workers 0

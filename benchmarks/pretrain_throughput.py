@@ -16,6 +16,7 @@ cost as a share of a step (first mask ratio only), and, with --precision bf16, C
 
     python benchmarks/pretrain_throughput.py                                    # the full grid below
     python benchmarks/pretrain_throughput.py --models 1 --patches 8 --mask-ratios 0.5 --no-vit-b16
+    python benchmarks/pretrain_throughput.py --points 1/4/0.9 1/2/0.5 --repeats 25   # chosen rows, more repeats
 """
 
 from __future__ import annotations
@@ -71,13 +72,15 @@ def autocast(precision: str, device: str):
     return torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
 
-def time_steps(model, optimizer, batch: torch.Tensor, steps: int, precision: str) -> float:
-    """Images per second over `steps` full training steps (forward, backward, AdamW)."""
+def time_steps(model, optimizer, batch: torch.Tensor, steps: int, precision: str, max_grad_norm: float = 0.0) -> float:
+    """Images per second over `steps` full training steps (forward, backward, optional clipping, AdamW)."""
     start = time.perf_counter()
     for _ in range(steps):
         with autocast(precision, batch.device.type):
             loss = model(batch).loss
         loss.backward()
+        if max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     if batch.is_cuda:
@@ -169,6 +172,7 @@ def main() -> None:
     parser.add_argument("--no-vit-b16", action="store_true", help="skip ViT-B/16 (3 ch, 224 px, mask 0.75)")
     parser.add_argument("--batch-size", type=int, default=32, help="seed 001 configs at patch 4 and 8")
     parser.add_argument("--small-batch-size", type=int, default=8, help="patch 2 and ViT-B/16, whose steps are much longer")
+    parser.add_argument("--points", nargs="+", metavar="MODEL/PATCH/MASK", help="instead of the grid, e.g. 1/4/0.9 1/2/0.5")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--eager-max-patches", type=int, default=256, help="longer sequences time sdpa only")
     parser.add_argument("--steps", type=int, default=2)
@@ -176,13 +180,15 @@ def main() -> None:
     parser.add_argument("--output", default="benchmarks/results/pretrain_throughput.json")
     args = parser.parse_args()
     rows = []
-    for model_id in args.models:
-        for patch in args.patches:
-            for i, ratio in enumerate(args.mask_ratios):
-                bs = args.small_batch_size if patch <= 2 else args.batch_size
-                rows.append(run_config(f"seed001_model{model_id}", seed001_config(model_id, patch, ratio), bs, args, with_costs=i == 0))
-                print_row(rows[-1])
-                summarise(rows, args, final=False)  # a stopped run keeps its finished rows
+    grid = [(m, p, r) for m in args.models for p in args.patches for r in args.mask_ratios]
+    if args.points:
+        grid = [(int(m), int(p), float(r)) for m, p, r in (point.split("/") for point in args.points)]
+    for model_id, patch, ratio in grid:
+        bs = args.small_batch_size if patch <= 2 else args.batch_size
+        first = ratio == grid[0][2] or args.points is not None  # generator costs: once per model and patch
+        rows.append(run_config(f"seed001_model{model_id}", seed001_config(model_id, patch, ratio), bs, args, with_costs=first))
+        print_row(rows[-1])
+        summarise(rows, args, final=False)  # a stopped run keeps its finished rows
     if not args.no_vit_b16:
         rows.append(run_config("vit_b16", MedMAEConfig(norm_pix_loss=True, **VIT_B16), args.small_batch_size, args, with_costs=True))
         print_row(rows[-1])

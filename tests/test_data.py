@@ -10,7 +10,7 @@ from PIL import Image
 
 from hf_medmae.data.embedded import nuclei16
 from hf_medmae.data.io import read_array_file, read_hf_dataset, read_image, read_image_folder
-from hf_medmae.data.pretraining import Augment, PretrainingDataset, channel_stats, load_source, split_indices, tile_image
+from hf_medmae.data.pretraining import Augment, PretrainingDataset, channel_stats, load_source, resize, split_indices, tile_image
 from hf_medmae.errors import DataError
 
 
@@ -119,6 +119,15 @@ def test_augment_and_dataset_normalise():
         assert out.is_contiguous()
         seen.add(next(i for i, d in enumerate(dihedral) if torch.equal(out, d)))  # StopIteration: not a symmetry
     assert seen == set(range(8))
+
+
+@pytest.mark.parametrize("shape, size", [((3, 45, 50), 64), ((16, 33, 64), 64), ((1, 7, 5), 32), ((3, 100, 80), 64)])
+def test_resize_is_torch_bilinear(shape, size):
+    """The matmul upsampling path and the antialiased downsampling path both equal F.interpolate."""
+    image = torch.randn(shape)
+    shrink = shape[1] > size or shape[2] > size
+    expected = torch.nn.functional.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)[0]
+    torch.testing.assert_close(resize(image, size), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_embedded_nuclei_are_real_16_channel_images():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,15 +128,27 @@ class Augment:
         return torch.from_numpy(np.ascontiguousarray(view))
 
 
-def resize(image: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear resize of [C, H, W] to size x size (a no-op when already that size).
+@functools.lru_cache(maxsize=512)
+def _upsampling_matrix(n: int, size: int) -> torch.Tensor:
+    """[size, n] weights of torch's bilinear (align_corners=False) resampling of n samples to size."""
+    eye = torch.eye(n)[:, None, :, None]  # n unit impulses along one axis
+    return F.interpolate(eye, size=(size, 1), mode="bilinear", align_corners=False)[:, 0, :, 0].T.contiguous()
 
-    Antialiasing only changes a downsampling, and its kernel is ~1.5x slower, so upsampling skips it.
+
+def resize(image: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resize of [C, H, W] to size x size (a no-op when already that size); antialiased when shrinking.
+
+    Upsampling (every crop of a random resized crop back to the tile size) is separable and needs no
+    antialiasing, so it runs as two small matmuls with cached weights: the same result as
+    `F.interpolate`, about 2x faster per image, which matters when augmentation runs beside the step.
     """
-    if tuple(image.shape[-2:]) == (size, size):
+    height, width = image.shape[-2:]
+    if (height, width) == (size, size):
         return image
-    shrinks = image.shape[-2] > size or image.shape[-1] > size
-    return F.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=False, antialias=shrinks)[0]
+    if height <= size and width <= size and image.is_floating_point():
+        rows, cols = (_upsampling_matrix(n, size).to(image.dtype) for n in (height, width))
+        return rows @ image @ cols.T
+    return F.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
 
 
 def center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
