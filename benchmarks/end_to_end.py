@@ -5,8 +5,9 @@ For each config and dataloader worker count, `run_mae.py` runs as a subprocess (
 with data loading, augmentation, mask generation, Trainer bookkeeping and logging), for `--short` and
 `--long` steps without evaluation or checkpoints. The difference of the two `train_runtime`s divided by
 the difference in images is the steady-state rate, free of start-up costs (reading data, first-step
-allocation); the row reports the median over `--repeats` such pairs. The raw rate times the same
-model, batch and attention kernel on a fixed tensor in this process: forward, backward, the config's
+allocation). The raw rate times the same model, batch and attention kernel on a fixed tensor in this
+process, right after each pair, so that each repeat's ratio sees one machine state; the row reports
+medians over `--repeats` repeats. The raw step is forward, backward, the config's
 gradient clipping (`max_grad_norm`, 1.0 by default) and AdamW, the optimisation step the Trainer runs.
 
     python benchmarks/end_to_end.py                        # quickstart and seed 001 Model 1 p8, workers 0 and 2
@@ -48,18 +49,18 @@ def run_script(config: str, overrides: dict, steps: int, workdir: Path) -> dict:
     return json.loads((out / "all_results.json").read_text())
 
 
-def raw_rate(config: str, overrides: dict, attn: str, steps: int, repeats: int) -> float:
-    """Median img/s of bare training steps with the same model config and batch size."""
+def raw_stepper(config: str, batch_size: int, attn: str):
+    """A function giving the median img/s of bare training steps with the config's model and batch size."""
     model_args, _, train_args = parse_config((run_mae.ModelArguments, run_mae.DataArguments, TrainingArguments),
                                              ["--config", config, "--output_dir", tempfile.mkdtemp()])  # fmt: skip
     channels = model_args.num_channels or 16
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = MedMAEForPreTraining._from_config(run_mae.build_config(model_args, channels), attn_implementation=attn).train().to(device)
-    bs = overrides["per_device_train_batch_size"]
-    batch = torch.randn(bs, channels, model_args.image_size, model_args.image_size, device=device)
+    batch = torch.randn(batch_size, channels, model_args.image_size, model_args.image_size, device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)  # the Trainer's default optimizer
-    time_steps(model, opt, batch, 2, "fp32")
-    return statistics.median(time_steps(model, opt, batch, steps, "fp32") for _ in range(repeats))
+    clip = train_args.max_grad_norm or 0.0  # part of the configured optimisation step, like AdamW
+    time_steps(model, opt, batch, 2, "fp32", clip)
+    return lambda: statistics.median(time_steps(model, opt, batch, 5, "fp32", clip) for _ in range(3))
 
 
 def main() -> None:
@@ -78,15 +79,18 @@ def main() -> None:
             raw = None
             for workers in args.workers:
                 overrides = {"per_device_train_batch_size": args.batch_size, "dataloader_num_workers": workers}
-                rates = []
-                for _ in range(args.repeats):  # the machine's speed drifts: a median over repeated pairs
+                ratios, rates, raws = [], [], []
+                for _ in range(args.repeats):  # the machine's speed drifts: raw step and run pair timed together
                     short, long = (run_script(config, overrides, n, Path(tmp)) for n in (args.short, args.long))
+                    if raw is None:  # the same kernel the runs chose
+                        raw = raw_stepper(config, args.batch_size, long["attn_implementation"])
+                    raws.append(raw())
                     rates.append((args.long - args.short) * args.batch_size / (long["train_runtime"] - short["train_runtime"]))
-                    if raw is None:  # the same kernel the runs chose, timed between the runs
-                        raw = raw_rate(config, overrides, long["attn_implementation"], steps=5, repeats=5)
-                e2e = statistics.median(rates)
+                    ratios.append(rates[-1] / raws[-1])
+                e2e, raw_rate = statistics.median(rates), statistics.median(raws)
                 rows.append(dict(config=Path(config).stem, workers=workers, batch=args.batch_size, attn=long["attn_implementation"],
-                                 end_to_end_img_s=round(e2e, 1), raw_img_s=round(raw, 1), ratio=round(e2e / raw, 3)))
+                                 end_to_end_img_s=round(e2e, 1), raw_img_s=round(raw_rate, 1), ratio=round(statistics.median(ratios), 3),
+                                 ratios=[round(x, 3) for x in ratios]))
                 r = rows[-1]
                 print(f"{r['config']:>22} workers {workers}  attn {r['attn']:>5}  end-to-end {r['end_to_end_img_s']:>6} img/s  "
                       f"raw step {r['raw_img_s']:>6} img/s  ratio {r['ratio']:.3f}", flush=True)
