@@ -1,7 +1,8 @@
 """`MedMAEForPreTraining`: transformers' ViT-MAE with pluggable mask generators and any channel count.
 
-The model reuses `ViTMAEForPreTraining` unchanged and steers it only through its public `noise`
-argument: the mask generator's codes become noise whose argsort keeps exactly the visible patches.
+The model reuses `ViTMAEForPreTraining` and steers it through its public `noise` argument: the mask
+generator's codes become noise whose argsort keeps exactly the visible patches. The one change inside
+is `MedMAEEmbeddings`, which projects only the visible patches (stock projects all, then drops most).
 """
 
 from __future__ import annotations
