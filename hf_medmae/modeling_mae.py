@@ -146,9 +146,9 @@ class MedMAEForPreTraining(CurrentKeyNamesMixin, ViTMAEForPreTraining):
             if not self.training:
                 generator = torch.Generator().manual_seed(1234 + int(pixel_values.shape[0]))
             if mask_codes is None and self.mask_generator.name == "random":
-                # Uniform masking is what transformers already does with plain uniform noise: no codes, no
-                # extra sort, so this path costs exactly what stock ViTMAE costs. In training, `noise=None`
-                # lets transformers draw it from the global RNG that the Trainer seeds and restores.
+                # Uniform masking is what transformers already does with plain uniform noise: no codes and
+                # no extra sort on top of stock's. In training, `noise=None` lets transformers draw it from
+                # the global RNG that the Trainer seeds and restores (run_mae.py passes per-image noise).
                 if generator is not None:
                     noise = torch.rand(pixel_values.shape[0], self.mask_generator.num_patches, generator=generator)
                     noise = noise.to(pixel_values.device)
