@@ -155,7 +155,7 @@ def run_config(name: str, config: MedMAEConfig, batch_size: int, args, with_cost
     same = {k: paired_ratio(per_repeat[f"ours_{k}"], per_repeat[f"stock_{k}"]) for k in ("sdpa", "eager") if f"ours_{k}" in per_repeat}
     default, default_iqr = paired_ratio(per_repeat[f"ours_{auto}"], per_repeat["stock_sdpa"]) if f"ours_{auto}" in per_repeat else (None, None)
     row = dict(config=name, patch=config.patch_size, mask_ratio=config.mask_ratio, batch=batch_size, precision=args.precision,
-               **rates, **{f"same_kernel_{k}": round(v[0], 3) if k in same else None for k, v in (("sdpa", same.get("sdpa")), ("eager", same.get("eager")))},
+               **rates, **{f"same_kernel_{k}": round(same[k][0], 3) if k in same else None for k in ("sdpa", "eager")},
                same_kernel_noise=round(max(v[1] for v in same.values()), 3),  # half-IQR of the per-repeat ratios
                auto_choice=auto, default_ratio=default and round(default, 3), default_noise=default_iqr and round(default_iqr, 3),
                activation_mb={k: round(activation_mb(models[k], batch), 1) for k in ("stock_sdpa", "ours_sdpa")})
