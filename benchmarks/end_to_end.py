@@ -28,8 +28,6 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 import run_mae  # noqa: E402
 from pretrain_throughput import time_steps  # noqa: E402
 from transformers import TrainingArguments  # noqa: E402
@@ -51,11 +49,11 @@ def run_script(config: str, overrides: dict, steps: int, workdir: Path) -> dict:
 
 def raw_stepper(config: str, batch_size: int, attn: str):
     """A function giving the median img/s of bare training steps with the config's model and batch size."""
-    model_args, _, train_args = parse_config((run_mae.ModelArguments, run_mae.DataArguments, TrainingArguments),
+    model_args, _, train_args = parse_config(pretrain.Pretrain.arguments,
                                              ["--config", config, "--output_dir", tempfile.mkdtemp()])  # fmt: skip
     channels = model_args.num_channels or 16
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = MedMAEForPreTraining._from_config(run_mae.build_config(model_args, channels), attn_implementation=attn).train().to(device)
+    model = MedMAEForPreTraining._from_config(pretrain.mae_config(model_args, channels), attn_implementation=attn).train().to(device)
     batch = torch.randn(batch_size, channels, model_args.image_size, model_args.image_size, device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)  # the Trainer's default optimizer
     clip = train_args.max_grad_norm or 0.0  # part of the configured optimisation step, like AdamW

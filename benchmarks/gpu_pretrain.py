@@ -24,7 +24,6 @@ import argparse
 import gc
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -33,7 +32,6 @@ import transformers
 from torch.utils.flop_counter import FlopCounterMode
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE)]
 from hf_medmae import MedMAEConfig, MedMAEForPreTraining  # noqa: E402
 from hf_medmae.training import hardware_description  # noqa: E402
 from pretrain_throughput import MODELS  # noqa: E402  (seed 001 Model 1)

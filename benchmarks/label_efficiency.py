@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -26,12 +25,12 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the run scripts live at the repo root
 
 import run_classification  # noqa: E402
 import run_mae  # noqa: E402
 from hf_medmae.data.io import read_image  # noqa: E402
-from hf_medmae.data.pretraining import resize, tile_image  # noqa: E402
+from hf_medmae.data.pretraining import tile_image  # noqa: E402
+from hf_medmae.data.transforms import resize  # noqa: E402
 from hf_medmae.plots import plot_label_efficiency  # noqa: E402
 from hf_medmae.training import hardware_description  # noqa: E402
 
@@ -73,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def unlabeled_pool(which: str, side: int, out: Path) -> Path:
-    """WBC images and/or 160-px BCCD tiles, resized to side x side, as one (N, 3, side, side) .npy for run_mae."""
+    """WBC images and/or 160-px BCCD tiles, resized to side x side, as one (N, 3, side, side) .npy for pretrain."""
     images = []
     if which in ("wbc", "both"):
         images += [read_image(p) for p in sorted(WBC.glob("*.bmp"))]  # the .png beside them are masks
@@ -102,12 +101,12 @@ def pretrain(args: argparse.Namespace, work: Path) -> tuple[str, float]:
         "--crop_scale", "[0.4, 1.0]", "--report_to", "none", "--disable_tqdm", "true", "--logging_steps", "100",
         "--dataloader_num_workers", "0", "--seed", "0",
     ]  # fmt: skip
-    run_mae.main(argv)
+    pretrain.main(argv)
     return str(work / "mae"), time.time() - start
 
 
 def finetune(args: argparse.Namespace, mae: str, init: str, fraction: float, seed: int, work: Path) -> dict:
-    """One cell: run_classification.main on the WBC config; returns the test metrics."""
+    """One cell: classify.main on the WBC config; returns the test metrics."""
     s = args.sizes
     every = max(1, s["finetune_steps"] // 10)
     argv = [
@@ -119,7 +118,7 @@ def finetune(args: argparse.Namespace, mae: str, init: str, fraction: float, see
         "--eval_strategy", "steps", "--save_strategy", "steps", "--eval_steps", str(every), "--save_steps", str(every),
         "--save_total_limit", "1", "--logging_steps", str(every), "--disable_tqdm", "true",
     ]  # fmt: skip
-    metrics = run_classification.main(argv)
+    metrics = classify.main(argv)
     return {"init": init, "fraction": fraction, "seed": seed, **{m: metrics[f"test_{m}"] for m in METRICS}}
 
 

@@ -26,14 +26,12 @@ import contextlib
 import copy
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 from transformers import ViTMAEForPreTraining
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hf_medmae.training import hardware_description  # noqa: E402
 from hf_medmae import MASK_GENERATORS, MedMAEConfig, MedMAEForPreTraining  # noqa: E402
 from hf_medmae.performance import choose_attention  # noqa: E402

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """WBC segmentation study: MAE-initialised UNETR vs the same UNETR from scratch vs a U-Net, dense and sparse labels.
 
-The MAE is pre-trained once with `run_mae.main` on the WBC Dataset 1 images (masks never shown; optionally
+The MAE is pre-trained once with `pretrain.main` on the WBC Dataset 1 images (masks never shown; optionally
 plus 120 px tiles of BCCD smears) and reused by every run. Each (model, labels, seed) run is one
-`run_segmentation.main` call: the seed sets the train/validation/test split (70/15/15), the sparse pixels
+`segment.main` call: the seed sets the train/validation/test split (70/15/15), the sparse pixels
 and the initialisation; the model is selected on validation mean Dice and scored on the dense test masks.
 
     OMP_NUM_THREADS=1 python benchmarks/segmentation_study.py   # 3 seeds x dense/2% x 3 models, ~1.5 h (see below)
@@ -23,7 +23,6 @@ import argparse
 import csv
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -32,7 +31,6 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 import run_mae  # noqa: E402
 import run_segmentation  # noqa: E402
 from hf_medmae.training import hardware_description  # noqa: E402
@@ -59,7 +57,7 @@ QUICK = dict(
 
 
 def wbc_image_stack(path: Path, bccd_images: int) -> Path:
-    """WBC .bmp images (no masks) plus optional 120 px BCCD tiles as one (N, 3, 120, 120) uint8 .npy for run_mae.
+    """WBC .bmp images (no masks) plus optional 120 px BCCD tiles as one (N, 3, 120, 120) uint8 .npy for pretrain.
 
     The folder itself cannot be run_mae's train_data: it holds the masks (.png) beside the images. The
     76 images smaller than 120 px (88-116 px sides) are resized to 120 so they stack.
@@ -84,13 +82,13 @@ def pretrain(mae_dir: Path, settings: dict, bccd_images: int, force: bool) -> fl
     for key, value in settings.items():
         argv += [f"--{key}", json.dumps(value)]
     start = time.perf_counter()
-    metrics = run_mae.main(argv)
+    metrics = pretrain.main(argv)
     print(f"MAE pre-training: loss {metrics.get('train_loss'):.3f}, {time.perf_counter() - start:.0f} s")
     return time.perf_counter() - start
 
 
 def segment(arm: str, fraction: float, seed: int, mae_dir: Path, out_root: Path, settings: dict) -> dict:
-    """One run_segmentation.main run; returns a flat result row."""
+    """One segment.main run; returns a flat result row."""
     model, init = ARMS[arm]
     out = out_root / f"{arm}_labels{fraction:g}_seed{seed}"
     values = dict(train_data=str(WBC), image_glob="*.bmp", class_map={0: 0, 128: 1, 255: 2}, class_names=CLASSES,
@@ -102,7 +100,7 @@ def segment(arm: str, fraction: float, seed: int, mae_dir: Path, out_root: Path,
     for key, value in values.items():
         argv += [f"--{key}", json.dumps(value)]
     start = time.perf_counter()
-    run_segmentation.main(argv)
+    segment.main(argv)
     m = json.loads((out / "test_metrics.json").read_text())
     row = dict(arm=arm, label_fraction=fraction, seed=seed, seconds=round(time.perf_counter() - start, 1),
                mean_dice=m["mean_dice"], pixel_accuracy=m["pixel_accuracy"], hd95=m.get("hd95"))

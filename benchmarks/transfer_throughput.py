@@ -22,14 +22,12 @@ import argparse
 import json
 import resource
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 from transformers import ViTConfig, ViTModel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hf_medmae.classification import MedClsForImageClassification, freeze  # noqa: E402
 from hf_medmae.training import hardware_description  # noqa: E402
 from hf_medmae.segmentation import MedSegForSegmentation, build_unet_baseline  # noqa: E402

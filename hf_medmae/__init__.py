@@ -5,11 +5,13 @@
 Importing the package registers our configs and models with transformers' Auto classes.
 """
 
+from .arguments import MedTrainingArguments
 from .classification import MedClsConfig, MedClsForImageClassification, freeze
 from .configuration import MedMAEConfig
 from .encoder import load_encoder, mae_encoder_state_dict, vit_config_dict, vit_config_from
 from .errors import CheckpointError, ConfigError, DataError, MedMAEError
 from .hub import pull_checkpoint, push_checkpoint, render_model_card
+from .loading import load_checkpoint
 from .masking import MASK_GENERATORS, build_mask_generator
 from .modeling_mae import MedMAEForPreTraining
 from .optim import add_drop_path, param_groups_layer_decay
@@ -22,6 +24,6 @@ __all__ = [
     "load_encoder", "mae_encoder_state_dict", "vit_config_dict", "vit_config_from",
     "MedClsConfig", "MedClsForImageClassification", "freeze", "add_drop_path", "param_groups_layer_decay",
     "MedSegConfig", "MedSegForSegmentation", "MedUNetConfig", "MedUNetForSegmentation", "build_unet_baseline", "predict",
-    "push_checkpoint", "pull_checkpoint", "render_model_card",
+    "push_checkpoint", "pull_checkpoint", "render_model_card", "load_checkpoint", "MedTrainingArguments",
     "MedMAEError", "ConfigError", "DataError", "CheckpointError",
 ]

@@ -21,10 +21,11 @@ from transformers import (
 from transformers import initialization as init
 from transformers.modeling_outputs import ImageClassifierOutput
 
-from .encoder import _as_pair, mae_encoder_state_dict, vit_config_dict, vit_config_from
+from .encoder import mae_encoder_state_dict, vit_config_dict, vit_config_from
 from .errors import ConfigError, DataError
+from .validation import as_pair, check_pixels
 from .optim import add_drop_path
-from .checkpoint import CurrentKeyNamesMixin
+from .loading import CurrentKeyNamesMixin
 
 SINGLE, MULTI = "single_label_classification", "multi_label_classification"
 
@@ -68,9 +69,9 @@ class MedClsConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         if self.problem_type is None:
             self.problem_type = SINGLE
-        self._check()
+        self.check()
 
-    def _check(self) -> None:
+    def check(self) -> None:
         """Raise ConfigError naming the fix (run at construction, so also on from_pretrained)."""
         if self.pooling not in ("mean", "cls"):
             raise ConfigError(f"pooling={self.pooling!r} is unknown.", "use 'mean' (MAE fine-tuning) or 'cls'.")
@@ -98,7 +99,7 @@ class MedClsConfig(PreTrainedConfig):
             raise ConfigError(
                 f"vit_config is not a valid ViTConfig: {err}", "build it with vit_config_dict(encoder.config)."
             ) from err
-        (h, w), (ph, pw) = _as_pair(vit.image_size), _as_pair(vit.patch_size)
+        (h, w), (ph, pw) = as_pair(vit.image_size), as_pair(vit.patch_size)
         if h % ph or w % pw or vit.hidden_size % vit.num_attention_heads:
             raise ConfigError(
                 f"vit_config: image_size {h}x{w} / patch_size {ph}x{pw} / hidden_size {vit.hidden_size} / "
@@ -181,26 +182,13 @@ class MedClsForImageClassification(CurrentKeyNamesMixin, PreTrainedModel):
         return model
 
     def _check_pixels(self, pixel_values: torch.Tensor, interpolate: bool) -> None:
-        if pixel_values.dim() != 4:
-            raise DataError(
-                f"pixel_values must be [batch, channels, height, width], got shape {tuple(pixel_values.shape)}.",
-                "stack images into a 4-D tensor (add a channel axis for grey images).",
-            )
         vit = self.vit.config
-        channels = pixel_values.shape[1]
-        if channels != vit.num_channels:
-            raise DataError(
-                f"the images have {channels} channels but the checkpoint's encoder expects {vit.num_channels}.",
-                f"convert the images to {vit.num_channels} channels (the channels the encoder was pre-trained "
-                f"on), or pre-train an encoder with num_channels={channels}.",
-            )
-        size, expected = tuple(pixel_values.shape[2:]), _as_pair(vit.image_size)
-        if size != expected and not interpolate:
-            raise DataError(
-                f"the images are {size[0]}x{size[1]} but the model expects {expected[0]}x{expected[1]}.",
-                f"resize/crop the images to {expected[0]}x{expected[1]}, or load the encoder with "
-                f"load_encoder(..., image_size={size[0]}) to interpolate its position embeddings.",
-            )
+        eh, ew = as_pair(vit.image_size)
+        check_pixels(pixel_values, vit.num_channels, "the checkpoint's encoder", size=None if interpolate else (eh, ew),
+                     channel_fix=f"convert the images to {vit.num_channels} channels (the channels the encoder was "
+                                 f"pre-trained on), or pre-train an encoder with num_channels={pixel_values.shape[1]}.",
+                     size_fix=f"resize/crop the images to {eh}x{ew}, or load the encoder with load_encoder(..., "
+                              f"image_size={pixel_values.shape[-2]}) to interpolate its position embeddings.")  # fmt: skip
 
     def forward(
         self,

@@ -1,13 +1,15 @@
-"""Config files for the run scripts: `--config cfg.yaml` (or .json), with command-line flags on top.
+"""Command lines: transformers' `HfArgumentParser`, plus `--config cfg.yaml` (or .json) and messages that name the fix.
 
-Every key of the file and every `--flag` must name a field of one of the script's argument
-dataclasses (transformers' `TrainingArguments` among them). A typo is an error that suggests the
-closest key, and a value of the wrong type is an error that names the expected type — silently
-ignored keys cost researchers whole training runs.
+`HfArgumentParser` turns the argument dataclasses into flags (help texts, `--no_<flag>` for booleans,
+`Literal` fields as choices). On top: a config file whose keys are overridden by flags, values checked
+against each field's type (a YAML file gives numbers, lists and mappings; a flag gives text, read as
+YAML where the field wants something else), `Literal` values checked in files too, and unknown keys
+answered with the closest known one: silently ignored keys cost researchers whole training runs.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import json
@@ -18,6 +20,7 @@ from enum import Enum
 from pathlib import Path
 
 import yaml
+from transformers import HfArgumentParser
 
 from .errors import ConfigError
 
@@ -37,41 +40,15 @@ def read_config_file(path: str | Path) -> dict:
     return data
 
 
-def parse_cli_flags(argv: list[str]) -> tuple[str | None, dict]:
-    """(config path, {key: value}) from `--key value`, `--key=value` and bare `--flag` (= true)."""
-    config, flags, i = None, {}, 0
-    while i < len(argv):
-        token = argv[i]
-        if not token.startswith("--"):
-            raise ConfigError(f"unexpected argument {token!r}.", "pass options as --key value (see --help).")
-        key, eq, value = token[2:].partition("=")
-        key = key.replace("-", "_")
-        if not eq:
-            has_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
-            value = argv[i + 1] if has_value else "true"
-            i += 1 if has_value else 0
-        i += 1
-        if key == "config":
-            config = value
-        else:
-            flags[key] = _parse_flag_value(value)
-    return config, flags
-
-
 class FlagText(str):
     """A command-line value kept as typed, for fields that want text (`--image_glob *.bmp`, `--eval_strategy no`)."""
 
-    parsed = None
 
-
-def _parse_flag_value(text: str):
-    """YAML-parse a flag (numbers, lists, dicts, booleans), remembering the text it came from."""
-    raw = FlagText(text)
+def _yaml(text: str):
     try:
-        raw.parsed = yaml.safe_load(text) if text != "" else ""
+        return yaml.safe_load(text) if text != "" else ""
     except yaml.YAMLError:
-        raw.parsed = text
-    return raw
+        return text
 
 
 def _allowed_types(annotation) -> tuple:
@@ -83,14 +60,25 @@ def _allowed_types(annotation) -> tuple:
     return (origin or annotation,)
 
 
-def _coerce(key: str, value, annotation):
-    """Check `value` against a field's type, converting the safe cases (int -> float, '1e-3' -> float)."""
+def _literal_choices(annotation) -> tuple | None:
+    for arg in (annotation, *typing.get_args(annotation)):
+        if typing.get_origin(arg) is typing.Literal:
+            return typing.get_args(arg)
+    return None
+
+
+def coerce(key: str, value, annotation):
+    """Check `value` against a field's type, converting the safe cases (int -> float, '1e-3' -> float, flag text)."""
     allowed = _allowed_types(annotation)
-    if isinstance(value, FlagText):  # from the command line: text where text is wanted, else parsed
+    if isinstance(value, FlagText):  # from the command line: text where text is wanted, else read as YAML
+        parsed = _yaml(value)
         wants_text = str in allowed or any(isinstance(t, type) and issubclass(t, Enum) for t in allowed)
-        value = str(value) if wants_text and not isinstance(value.parsed, tuple(t for t in allowed if isinstance(t, type))) else value.parsed
+        value = str(value) if wants_text and not isinstance(parsed, tuple(t for t in allowed if isinstance(t, type))) else parsed
     if isinstance(value, bool) and bool not in allowed and value is False:
         value = "no"  # YAML 1.1 reads `save_strategy: no` as False; "no" is what such fields mean
+    choices = _literal_choices(annotation)
+    if choices is not None and value is not None and value not in choices:
+        raise ConfigError(f"{key}={value!r} is not one of {list(choices)}.", f"set {key} to one of {', '.join(map(str, choices))}.")
     if value is None or any(t in (typing.Any, object) for t in allowed):
         return value
     for kind in allowed:
@@ -100,9 +88,7 @@ def _coerce(key: str, value, annotation):
             if kind is int and float(value) != int(value):
                 continue
             return kind(value)
-        if kind in (list, tuple, dict) and isinstance(value, kind):
-            return value
-        if kind is str and isinstance(value, str):
+        if kind in (list, tuple, dict, str) and isinstance(value, kind):
             return value
         if isinstance(kind, type) and issubclass(kind, Enum) and isinstance(value, str):
             return value
@@ -117,52 +103,76 @@ def _coerce(key: str, value, annotation):
     raise ConfigError(f"config key {key!r} expects {names}, got {value!r} ({type(value).__name__}).", f"give {key} a value of type {names}.")
 
 
-def parse_config(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:
-    """Build one instance of each dataclass from `--config FILE` and command-line flags (flags win).
+class MedArgumentParser(HfArgumentParser):
+    """`HfArgumentParser` with `--config FILE` (flags win over the file) and `ConfigError`s that name the fix.
 
     Example:
         >>> from transformers import TrainingArguments
-        >>> (args,) = parse_config((TrainingArguments,), ["--output_dir", "out", "--learning_rate", "1e-3"])
+        >>> (args,) = MedArgumentParser(TrainingArguments).parse(["--output_dir", "out", "--learning_rate", "1e-3"])
         >>> args.learning_rate
         0.001
     """
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in {"-h", "--help"}:
-        print_help(dataclass_types)
-        raise SystemExit(0)
-    config_path, flags = parse_cli_flags(argv)
-    values = {**(read_config_file(config_path) if config_path else {}), **flags}
-    fields = {f.name: (cls, f) for cls in dataclass_types for f in dataclasses.fields(cls) if f.init}
-    unknown = [k for k in values if k not in fields]
-    if unknown:
-        hints = {k: difflib.get_close_matches(k, list(fields), n=1) for k in unknown}
-        said = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
-        raise ConfigError(f"unknown config key(s): {said}.", "fix the spelling or remove the key; `--help` lists every key.")
-    per_class = {cls: {} for cls in dataclass_types}
-    for key, value in values.items():
-        cls, field = fields[key]
-        hints = typing.get_type_hints(cls)
-        per_class[cls][key] = _coerce(key, value, hints.get(key, field.type))
-    instances = []
-    for cls in dataclass_types:
+
+    def __init__(self, dataclass_types, **kwargs):
+        super().__init__(dataclass_types, allow_abbrev=False, **kwargs)
+        self.add_argument("--config", help="YAML or JSON file of key: value; command-line flags override it")
+        self.fields = {f.name: (cls, f, typing.get_type_hints(cls)[f.name]) for cls in self.dataclass_types
+                       for f in dataclasses.fields(cls) if f.init}  # fmt: skip
+        for action in self._actions:  # keep only what was given; the dataclasses hold the defaults
+            if action.dest in self.fields:
+                action.default, action.required, action.type = argparse.SUPPRESS, False, FlagText
+                if action.choices is not None:  # Literal: checked in `coerce`, for file values too
+                    action.choices = None
+
+    def error(self, message: str):
+        raise ConfigError(f"command line: {message}.", "see --help for every option.")
+
+    def parse(self, argv: list[str] | None = None) -> tuple:
+        """One instance per dataclass, from `--config FILE` and flags (flags win)."""
+        namespace, unknown = self.parse_known_args(sys.argv[1:] if argv is None else argv)
+        if unknown:
+            self._unknown([token.lstrip("-").partition("=")[0].replace("-", "_") for token in unknown if token.startswith("-")] or unknown)
+        given = vars(namespace)
+        config_path = given.pop("config", None)
+        file_values = read_config_file(config_path) if config_path else {}
+        self._unknown([k for k in file_values if k not in self.fields])
+        values = {**file_values, **{k: self._flag_value(k, v) for k, v in given.items()}}
+        per_class = {cls: {} for cls in self.dataclass_types}
+        for key, value in values.items():
+            cls, _, annotation = self.fields[key]
+            per_class[cls][key] = coerce(key, value, annotation)
+        return tuple(self._build(cls, per_class[cls]) for cls in self.dataclass_types)
+
+    def _flag_value(self, key: str, value):
+        """Flags of list fields come as several tokens, or as one YAML list (`--crop_scale "[0.5, 1.0]"`)."""
+        if isinstance(value, list):
+            parsed = [_yaml(v) if isinstance(v, FlagText) else v for v in value]
+            return parsed[0] if len(parsed) == 1 and isinstance(parsed[0], list) else parsed
+        return value
+
+    def _unknown(self, keys: list[str]) -> None:
+        if keys:
+            hints = {k: difflib.get_close_matches(k, list(self.fields), n=1) for k in keys}
+            said = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
+            raise ConfigError(f"unknown config key(s): {said}.", "fix the spelling or remove the key; `--help` lists every key.")
+
+    @staticmethod
+    def _build(cls, values: dict):
         missing = [f.name for f in dataclasses.fields(cls) if f.init and f.default is dataclasses.MISSING
-                   and f.default_factory is dataclasses.MISSING and f.name not in per_class[cls]]
+                   and f.default_factory is dataclasses.MISSING and f.name not in values]  # fmt: skip
         if missing:
             raise ConfigError(f"missing config key(s): {missing}.", f"add them to the config file or pass --{missing[0]} VALUE.")
         try:
-            instances.append(cls(**per_class[cls]))
+            return cls(**values)
         except ConfigError:
             raise
         except (ValueError, TypeError) as err:
             raise ConfigError(f"invalid {cls.__name__} settings: {err}", "correct the value named above in the config.") from None
-    return tuple(instances)
 
 
-def print_help(dataclass_types: tuple) -> None:
-    print("usage: SCRIPT --config cfg.yaml [--key value ...]   (flags override the file)\n")
-    for cls in dataclass_types:
-        print(f"{cls.__name__}:")
-        for f in dataclasses.fields(cls):
-            if f.init and not f.name.startswith("_"):
-                text = (f.metadata or {}).get("help", "")
-                print(f"  --{f.name}  {text[:100]}")
+def parse_config(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:
+    """`MedArgumentParser(dataclass_types).parse(argv)`: the dataclasses from `--config FILE` and flags."""
+    return MedArgumentParser(dataclass_types).parse(argv)
+
+
+__all__ = ["MedArgumentParser", "coerce", "parse_config", "read_config_file"]

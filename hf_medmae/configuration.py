@@ -6,10 +6,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import ViTMAEConfig
 
 from .errors import ConfigError
-
-
-def _as_pair(value) -> tuple[int, int]:
-    return tuple(value) if isinstance(value, (list, tuple)) else (value, value)
+from .validation import as_pair
 
 
 @strict
@@ -44,7 +41,7 @@ class MedMAEConfig(ViTMAEConfig):
 
     @property
     def grid_size(self) -> tuple[int, int]:
-        (h, w), (ph, pw) = _as_pair(self.image_size), _as_pair(self.patch_size)
+        (h, w), (ph, pw) = as_pair(self.image_size), as_pair(self.patch_size)
         return h // ph, w // pw
 
     @property
@@ -59,7 +56,7 @@ class MedMAEConfig(ViTMAEConfig):
     def check(self):
         """Run at construction and on load (in `__post_init__`, so users see our `ConfigError` directly
         rather than wrapped by `@strict`'s validators): fail early with the fix spelled out."""
-        (h, w), (ph, pw) = _as_pair(self.image_size), _as_pair(self.patch_size)
+        (h, w), (ph, pw) = as_pair(self.image_size), as_pair(self.patch_size)
         if h % ph or w % pw:
             raise ConfigError(
                 f"image_size {h}x{w} is not divisible by patch_size {ph}x{pw}.",

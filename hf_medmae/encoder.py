@@ -13,11 +13,12 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from transformers import PreTrainedConfig, ViTConfig, ViTModel
 
 from .errors import CheckpointError, ConfigError
+from .loading import load_checkpoint, read_config, resolve_checkpoint
+from .validation import as_pair
 
 MAE_TYPES = ("medmae", "vit_mae")
 OWN_TYPES = ("medmae_classifier", "medmae_segmenter")
@@ -42,24 +43,9 @@ VIT_FIELDS = (
 )
 NORM_FIELDS = ("image_mean", "image_std")
 
-# transformers 5.23 `save_pretrained` writes ViT blocks under their pre-v5 names (and reloads either).
-# We accept both spellings; current names pass through unchanged.
-_LEGACY_RENAMES = (
-    (re.compile(r"^encoder\.layer\.(\d+)\."), r"layers.\1."),
-    (re.compile(r"\.attention\.attention\.query\."), ".attention.q_proj."),
-    (re.compile(r"\.attention\.attention\.key\."), ".attention.k_proj."),
-    (re.compile(r"\.attention\.attention\.value\."), ".attention.v_proj."),
-    (re.compile(r"\.attention\.output\.dense\."), ".attention.o_proj."),
-    (re.compile(r"\.intermediate\.dense\."), ".mlp.fc1."),
-    (re.compile(r"^(layers\.\d+)\.output\.dense\."), r"\1.mlp.fc2."),
-)
-# Checkpoint entries of a ViTModel that our pooler-free ViTModel does not have, on purpose.
-_IGNORED_ENCODER_KEYS = re.compile(r"^(pooler\.|embeddings\.mask_token$)")
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-
-
-def _as_pair(value) -> tuple[int, int]:
-    return tuple(value) if isinstance(value, (list, tuple)) else (int(value), int(value))
+# Checkpoint entries that an encoder-only load leaves out on purpose: an MAE's decoder, a classifier's or
+# segmenter's head, a ViTModel's pooler. Anything else that does not fit is an error.
+ENCODER_EXTRAS = r"^(decoder\.|head\.|fc_norm\.|classifier\.|pooler\.|embeddings\.mask_token$)"
 
 
 def vit_config_from(config: PreTrainedConfig | dict) -> ViTConfig:
@@ -118,7 +104,7 @@ def mae_encoder_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         >>> state["embeddings.position_embeddings"].shape  # [1, 1 + L, D]
     """
     encoder = model.vit if hasattr(model, "vit") else model
-    return {k: v for k, v in encoder.state_dict().items() if not _IGNORED_ENCODER_KEYS.match(k)}
+    return {k: v for k, v in encoder.state_dict().items() if not re.match(ENCODER_EXTRAS, k)}
 
 
 def interpolate_pos_embed(
@@ -148,135 +134,6 @@ def interpolate_pos_embed(
     return torch.cat([cls_pos, patch_pos], dim=1)
 
 
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-    return bool(constants.HF_HUB_OFFLINE) or flag
-
-
-def _resolve(name_or_path: str | os.PathLike, revision, token, cache_dir, local_files_only) -> Path:
-    """A local directory holding the checkpoint: the path itself, or a Hub snapshot (json/safetensors/md only)."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists() or str(name_or_path).startswith((".", "/", "~")):
-        raise CheckpointError(
-            f"{name_or_path} is not a checkpoint directory.",
-            "pass the folder written by save_pretrained (holding config.json and model.safetensors) or a Hub repo id.",
-        )
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-    offline = _offline() if local_files_only is None else local_files_only
-    try:
-        return Path(
-            snapshot_download(
-                str(name_or_path),
-                revision=revision,
-                token=token,
-                cache_dir=cache_dir,
-                local_files_only=offline,
-                allow_patterns=["*.json", "*.safetensors", "*.md"],
-            )
-        )
-    except LocalEntryNotFoundError as err:
-        raise CheckpointError(
-            f"{name_or_path} (revision {revision or 'main'}) is not in the local Hub cache and downloads are off "
-            f"(offline={offline}).",
-            "download it once with network access (unset HF_HUB_OFFLINE), or pass a local checkpoint folder.",
-        ) from err
-    except HFValidationError as err:
-        raise CheckpointError(
-            f"{name_or_path!r} is neither an existing folder nor a valid Hub repo id.",
-            "check the path (it must exist) or use a repo id such as 'user/medmae-wbc'.",
-        ) from err
-    except Exception as err:  # network, auth, missing repo/revision: all end in the same advice
-        raise CheckpointError(
-            f"could not fetch {name_or_path} (revision {revision or 'main'}) from the Hub: {err}",
-            "check the repo id, revision and access token (token=... or `hf auth login`).",
-        ) from err
-
-
-def _read_config(folder: Path) -> dict:
-    file = folder / "config.json"
-    if not file.is_file():
-        raise CheckpointError(
-            f"{folder} has no config.json.", "save the model with save_pretrained, which writes config.json."
-        )
-    config = json.loads(file.read_text())
-    model_type = config.get("model_type")
-    if model_type not in SUPPORTED_TYPES:
-        raise CheckpointError(
-            f"{folder} holds a model of type {model_type!r}, which load_encoder cannot convert.",
-            f"use a checkpoint of one of the supported types: {', '.join(SUPPORTED_TYPES)}.",
-        )
-    if model_type in OWN_TYPES and not isinstance(config.get("vit_config"), dict):
-        raise CheckpointError(
-            f"the {model_type} config in {folder} has no vit_config.",
-            "re-save the model with hf_medmae (its config stores the encoder as vit_config).",
-        )
-    return config
-
-
-def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of `model.safetensors` or of the shards listed in `model.safetensors.index.json`."""
-    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
-    if single.is_file():
-        return load_file(single)
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        state: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            state.update(load_file(folder / shard))
-        return state
-    pickles = sorted(p.name for p in folder.iterdir() if p.name.endswith(_PICKLE_SUFFIXES))
-    if pickles:
-        raise CheckpointError(
-            f"{folder} holds only pickled weights ({', '.join(pickles)}); pickled weights are refused because "
-            "unpickling can run arbitrary code.",
-            "re-save the model with save_pretrained(..., safe_serialization=True) (the default) to write "
-            "model.safetensors, then load that.",
-        )
-    raise CheckpointError(
-        f"{folder} has no model.safetensors (nor model.safetensors.index.json). A Hub repo holding only "
-        "pytorch_model.bin is refused too: pickled weights are never loaded.",
-        "save the model with save_pretrained (safe_serialization, the default) and point to that folder.",
-    )
-
-
-def _encoder_keys(state: dict[str, torch.Tensor], model_type: str) -> dict[str, torch.Tensor]:
-    """Checkpoint tensors of the encoder, under current ViTModel names; decoders and heads dropped."""
-    if model_type in OWN_TYPES or any(k.startswith("vit.") for k in state):
-        state = {k[len("vit.") :]: v for k, v in state.items() if k.startswith("vit.")}
-    # else: a bare encoder (ViTModel / ViTMAEModel) saved on its own, keys without a prefix
-    out = {}
-    for key, value in state.items():
-        for pattern, target in _LEGACY_RENAMES:
-            key = pattern.sub(target, key)
-        if not _IGNORED_ENCODER_KEYS.match(key):
-            out[key] = value
-    return out
-
-
-def _check_keys(found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], folder: Path) -> None:
-    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"the encoder weights in {folder} do not match the architecture in its config: "
-            f"missing {missing or 'none'}, unexpected {unexpected or 'none'}.",
-            "the checkpoint is truncated or was saved from a different architecture; re-save it with "
-            "save_pretrained from the model that produced it (no layer is left randomly initialised).",
-        )
-    for key, value in found.items():
-        if tuple(value.shape) != tuple(expected[key].shape):
-            raise CheckpointError(
-                f"tensor {key} in {folder} has shape {tuple(value.shape)} but the config implies "
-                f"{tuple(expected[key].shape)}.",
-                "the config.json and the weights disagree: re-save both together with save_pretrained.",
-            )
-
-
 def _read_normalisation(folder: Path, vit_config: ViTConfig) -> tuple[list[float] | None, list[float] | None]:
     """image_mean / image_std from preprocessor_config.json, else from the config (a saved fine-tuned model)."""
     file = folder / "preprocessor_config.json"
@@ -291,7 +148,7 @@ def _read_normalisation(folder: Path, vit_config: ViTConfig) -> tuple[list[float
 
 
 def _check_image_size(image_size: int | tuple[int, int], patch_size) -> None:
-    (h, w), (ph, pw) = _as_pair(image_size), _as_pair(patch_size)
+    (h, w), (ph, pw) = as_pair(image_size), as_pair(patch_size)
     if h <= 0 or w <= 0 or h % ph or w % pw:
         raise ConfigError(
             f"image_size {h}x{w} is not a positive multiple of the checkpoint's patch_size {ph}x{pw}.",
@@ -302,8 +159,8 @@ def _check_image_size(image_size: int | tuple[int, int], patch_size) -> None:
 def _resize(model: ViTModel, image_size: int | tuple[int, int]) -> ViTModel:
     """A copy of `model` for a new image size, with bicubically interpolated patch position embeddings."""
     config = model.config
-    (h, w), (ph, pw) = _as_pair(image_size), _as_pair(config.patch_size)
-    old_h, old_w = _as_pair(config.image_size)
+    (h, w), (ph, pw) = as_pair(image_size), as_pair(config.patch_size)
+    old_h, old_w = as_pair(config.image_size)
     state = model.state_dict()
     state["embeddings.position_embeddings"] = interpolate_pos_embed(
         state["embeddings.position_embeddings"], (old_h // ph, old_w // pw), (h // ph, w // pw)
@@ -350,18 +207,18 @@ def load_encoder(
         >>> encoder = load_encoder("runs/mae-wbc", image_size=96)  # doctest: +SKIP
         >>> encoder(torch.randn(2, 3, 96, 96)).last_hidden_state.shape  # [B, 1 + L, D]
     """
-    folder = _resolve(name_or_path, revision, token, cache_dir, local_files_only)
-    config = _read_config(folder)
+    folder = resolve_checkpoint(name_or_path, revision, token, cache_dir, local_files_only)
+    config = read_config(folder, SUPPORTED_TYPES, what="a checkpoint load_encoder can convert")
+    if config["model_type"] in OWN_TYPES and not isinstance(config.get("vit_config"), dict):
+        raise CheckpointError(f"the {config['model_type']} config in {folder} has no vit_config.",
+                              "re-save the model with hf_medmae (its config stores the encoder as vit_config).")  # fmt: skip
     vit_config = vit_config_from(config)
     if image_size is not None:
         _check_image_size(image_size, vit_config.patch_size)
-    model = ViTModel(vit_config, add_pooling_layer=False)
-    expected = model.state_dict()
-    found = _encoder_keys(_read_safetensors(folder), config["model_type"])
-    _check_keys(found, expected, folder)
-    model.load_state_dict(found, strict=True)
-    model.embeddings.position_embeddings.requires_grad_(True)
-    if image_size is not None and _as_pair(image_size) != _as_pair(vit_config.image_size):
+    # ViTModel's learnable position embeddings start from the MAE's fixed sin-cos values.
+    model = load_checkpoint(ViTModel, folder, model_types=SUPPORTED_TYPES, what="an encoder", ignore_unexpected=ENCODER_EXTRAS,
+                            config=vit_config, add_pooling_layer=False)  # fmt: skip
+    if image_size is not None and as_pair(image_size) != as_pair(vit_config.image_size):
         model = _resize(model, image_size)
     mean, std = _read_normalisation(folder, vit_config)
     model.config.image_mean, model.config.image_std = mean, std

@@ -1,8 +1,9 @@
 """Publish checkpoints to the Hugging Face Hub with a model card, and pull them back safely.
 
 `push_checkpoint` uploads a `save_pretrained` folder (safetensors only) and writes its `README.md` from a
-template in `model_cards/`, filled from the folder's own files: `config.json`, `preprocessor_config.json`,
-an optional `run_info.json` and the metrics JSON the Trainer wrote. Nothing in the card is typed by hand.
+template in `model_cards/` (installed as package data `hf_medmae.model_cards`), filled from the folder's own
+files: `config.json`, `preprocessor_config.json`, an optional `run_info.json` and the metrics JSON the Trainer
+wrote. Nothing in the card is typed by hand.
 
 `run_info.json` (all keys optional) describes how the checkpoint was made::
 
@@ -18,11 +19,13 @@ from __future__ import annotations
 
 import json
 import math
+from importlib import resources
 from pathlib import Path
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, snapshot_download
 from huggingface_hub.errors import (
     HfHubHTTPError,
+    HFValidationError,
     LocalEntryNotFoundError,
     OfflineModeIsEnabled,
     RepositoryNotFoundError,
@@ -30,11 +33,15 @@ from huggingface_hub.errors import (
 )
 
 from .errors import CheckpointError
+from .loading import PICKLE_PATTERNS, check_safetensors
 
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "model_cards"
+# The repo's top-level `model_cards/` folder, installed as this package (pyproject.toml `package-dir`), so wheels
+# and editable installs both find the templates; a path beside the package only exists in a source checkout.
+TEMPLATE_PACKAGE = "hf_medmae.model_cards"
 
 # config.json `model_type` -> card template (model_cards/<kind>.md). Extend when a new head is added.
-CARD_KINDS = {"medmae": "mae", "medmae_classifier": "classifier", "medmae_segmenter": "segmenter"}
+CARD_KINDS = {"medmae": "mae", "medmae_classifier": "classifier", "medmae_segmenter": "segmenter",
+              "medmae_unet": "segmenter"}  # fmt: skip
 # kind -> (extra tag, pipeline_tag, model-index task type)
 KIND_TASKS = {
     "mae": ("self-supervised", None, "masked-image-modeling"),
@@ -42,15 +49,17 @@ KIND_TASKS = {
     "segmenter": ("image-segmentation", "image-segmentation", "image-segmentation"),
 }
 BASE_TAGS = ["medical-imaging", "masked-autoencoder", "vit-mae", "hf_medmae"]
+# model_type -> base tags where BASE_TAGS would be wrong: the U-Net baseline has neither a ViT nor MAE pre-training.
+MODEL_TYPE_BASE_TAGS = {"medmae_unet": ["medical-imaging", "unet", "hf_medmae"]}
 
 PUSH_PATTERNS = ["*.json", "*.safetensors", "*.md", "*.png"]
 PULL_PATTERNS = ["*.json", "*.safetensors", "*.md"]
-PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt"]
 METRICS_FILES = ["metrics.json", "eval_results.json", "all_results.json"]  # earlier files win on equal keys
 RUN_INFO_TYPES = {"hardware": str, "epochs": (int, float), "steps": int, "dataset": str, "num_images": int,
                   "seed": int, "command": str, "population": str, "scanner": str}  # fmt: skip
 
-# (label, config.json key) rows of the "setup" table, shown when the key is present.
+# (label, config.json key) rows of the "setup" table, shown when the key is present (keys of a head's
+# `vit_config` count as the config's own).
 CONFIG_ROWS = [
     ("channels", "num_channels"), ("image size", "image_size"), ("patch size", "patch_size"),
     ("encoder width", "hidden_size"), ("encoder layers", "num_hidden_layers"),
@@ -59,6 +68,9 @@ CONFIG_ROWS = [
     ("decoder heads", "decoder_num_attention_heads"), ("mask generator", "mask_generator"),
     ("mask generator settings", "mask_generator_kwargs"), ("mask ratio", "mask_ratio"),
     ("throw ratio", "throw_ratio"), ("normalised-pixel loss", "norm_pix_loss"),
+    ("channels", "in_channels"), ("U-Net features", "features"), ("segmentation decoder", "decoder"),
+    ("decoder feature size", "feature_size"), ("encoder blocks feeding the decoder", "skip_layers"),
+    ("pooling", "pooling"), ("loss", "loss"), ("class weights", "class_weights"),
 ]  # fmt: skip
 RUN_ROWS = [("hardware", "hardware"), ("epochs", "epochs"), ("optimizer steps", "steps"), ("dataset", "dataset"),
             ("training images", "num_images"), ("seed", "seed")]  # fmt: skip
@@ -106,22 +118,6 @@ def infer_card_kind(config: dict, card_kind: str | None = None) -> str:
             f"leave card_kind unset or pass card_kind={kind!r}.",
         )
     return kind
-
-
-def check_safetensors_weights(folder: Path, where: str | None = None) -> None:
-    """Raise unless `folder` holds `*.safetensors` weights; pickled weights are refused by name."""
-    if any(folder.glob("*.safetensors")):
-        return
-    pickles = sorted(p.name for pattern in PICKLE_PATTERNS for p in folder.glob(pattern))
-    where = where or str(folder)
-    if pickles:
-        raise CheckpointError(
-            f"{where} has only pickled weights ({', '.join(pickles)}); refusing pickled weights "
-            "(unpickling can run arbitrary code).",
-            "load the model where it was trained and re-save it with `model.save_pretrained(dir)`, "
-            "which writes model.safetensors.",
-        )
-    raise CheckpointError(f"{where} has no *.safetensors weights.", "save the model with `model.save_pretrained(dir)`.")
 
 
 def read_run_info(folder: Path) -> dict:
@@ -186,6 +182,18 @@ def eval_results(metrics: dict[str, float], kind: str, dataset: str | None) -> l
     return results
 
 
+def card_template(kind: str) -> str:
+    """Text of the `model_cards/<kind>.md` template, read from the installed package `hf_medmae.model_cards`."""
+    try:
+        return resources.files(TEMPLATE_PACKAGE).joinpath(f"{kind}.md").read_text(encoding="utf-8")
+    except (ModuleNotFoundError, FileNotFoundError) as err:
+        raise CheckpointError(
+            f"the model card template {kind}.md is not installed ({err}).",
+            "reinstall hf_medmae (`pip install .`, or `pip install -e .` for a checkout): the templates ship as "
+            f"package data of {TEMPLATE_PACKAGE}.",
+        ) from err
+
+
 def _table_rows(source: dict, rows: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return [(label, json.dumps(source[key]) if isinstance(source[key], (dict, list)) else str(source[key]))
             for label, key in rows if source.get(key) is not None]  # fmt: skip
@@ -219,7 +227,7 @@ def render_model_card(
     card_data = ModelCardData(
         license=license,
         library_name="transformers",
-        tags=[*BASE_TAGS, tag],
+        tags=[*MODEL_TYPE_BASE_TAGS.get(config["model_type"], BASE_TAGS), tag],
         datasets=[dataset] if dataset else None,
         pipeline_tag=pipeline_tag,
         model_name=name,
@@ -227,10 +235,11 @@ def render_model_card(
     )
     return ModelCard.from_template(
         card_data,
-        template_path=str(TEMPLATE_DIR / f"{kind}.md"),
+        template_str=card_template(kind),
         repo_id=name,
+        model_type=config["model_type"],
         architecture=(config.get("architectures") or ["MedMAEForPreTraining"])[0],
-        setup_rows=_table_rows(config, CONFIG_ROWS),
+        setup_rows=_table_rows({**(config.get("vit_config") or {}), **config}, CONFIG_ROWS),
         run_rows=_table_rows(run_info, RUN_ROWS),
         run_info=run_info,
         image_mean=preprocessor.get("image_mean"),
@@ -276,7 +285,7 @@ def push_checkpoint(
             f"checkpoint folder {folder} does not exist.", "pass the `save_pretrained` output folder."
         )
     kind = infer_card_kind(_read_json(folder / "config.json", required=True), card_kind)
-    check_safetensors_weights(folder)
+    check_safetensors(folder)
     if not (folder / "README.md").exists():
         render_model_card(folder, kind, repo_id, license=license).save(folder / "README.md")
     api = HfApi(token=token)
@@ -303,7 +312,8 @@ def push_checkpoint(
 
 
 def pull_checkpoint(
-    repo_id: str, revision: str | None = None, token: str | None = None, cache_dir: str | Path | None = None
+    repo_id: str, revision: str | None = None, token: str | bool | None = None, cache_dir: str | Path | None = None,
+    local_files_only: bool | None = None,
 ) -> str:
     """Download a checkpoint's JSON, safetensors and Markdown files; return the local folder.
 
@@ -322,8 +332,14 @@ def pull_checkpoint(
     rev = revision or "main"
     try:
         local = snapshot_download(
-            repo_id, revision=revision, token=token, cache_dir=cache_dir, allow_patterns=PULL_PATTERNS
+            repo_id, revision=revision, token=token, cache_dir=cache_dir, allow_patterns=PULL_PATTERNS,
+            local_files_only=bool(local_files_only),  # None/False: huggingface_hub still honours HF_HUB_OFFLINE
         )
+    except HFValidationError as err:
+        raise CheckpointError(
+            f"{repo_id!r} is neither an existing folder nor a valid Hub repo id.",
+            "check the path (it must exist) or use a repo id such as 'user/medmae-wbc'.",
+        ) from err
     except RevisionNotFoundError as err:
         raise CheckpointError(
             f"revision {rev!r} does not exist in {repo_id}.",
@@ -337,8 +353,9 @@ def pull_checkpoint(
         ) from err
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as err:
         raise CheckpointError(
-            f"{repo_id}@{rev} is not (completely) in the local cache and the Hub cannot be reached ({err}).",
-            "pull it once with network access, or unset HF_HUB_OFFLINE.",
+            f"{repo_id}@{rev} is not (completely) in the local cache and the Hub cannot be reached or downloads "
+            f"are off ({err}).",
+            "pull it once with network access (unset HF_HUB_OFFLINE), or pass a local checkpoint folder.",
         ) from err
     folder = Path(local)
     _read_json(folder / "config.json", required=True)
@@ -356,11 +373,12 @@ def _raise_for_remote_weights(repo_id: str, revision: str | None, token: str | N
     pickles = [f for f in remote if any(Path(f).match(p) for p in PICKLE_PATTERNS)]
     if pickles:
         raise CheckpointError(
-            f"{repo_id} has only pickled weights ({', '.join(pickles)}); refusing pickled weights "
+            f"{repo_id} has only pickled weights ({', '.join(pickles)}); refusing pickled weights: "
+            f"{', '.join(pickles)} is refused "
             "(unpickling can run arbitrary code).",
             "ask the owner to re-save with `save_pretrained` (safetensors), or convert it yourself in a sandbox.",
         )
-    check_safetensors_weights(folder, where=f"{repo_id}@{revision or 'main'}")
+    check_safetensors(folder, where=f"{repo_id}@{revision or 'main'}")
 
 
 __all__ = [
@@ -370,28 +388,5 @@ __all__ = [
     "infer_card_kind",
     "read_metrics",
     "read_run_info",
-    "check_safetensors_weights",
     "CARD_KINDS",
 ]
-
-
-def take_over_push(args) -> bool:
-    """Stop the Trainer from pushing its generic card and pickled `training_args.bin`; we push at the end.
-
-    Returns whether the run asked for a push (`push_to_hub`), to pass to `push_run` when training is done.
-    """
-    wanted, args.push_to_hub = bool(args.push_to_hub), False
-    return wanted
-
-
-def push_run(args, wanted: bool) -> str | None:
-    """Push a finished run's `output_dir` with our model card, using the Trainer's Hub arguments.
-
-    `hub_model_id` (default: the output folder's name), `hub_private_repo`, `hub_revision` and
-    `hub_token` (or the `HF_TOKEN` environment variable) are honoured; the push happens once, at the end.
-    """
-    if not wanted:
-        return None
-    repo_id = args.hub_model_id or Path(args.output_dir).name
-    return push_checkpoint(args.output_dir, repo_id, private=bool(args.hub_private_repo), revision=args.hub_revision,
-                           token=args.hub_token, commit_message="hf_medmae: end of training")

@@ -198,13 +198,6 @@ def patch_statistic(pixel_values: torch.Tensor, grid_size: tuple[int, int]) -> t
     return patches.reshape(b, gh * gw, -1).float().std(dim=-1)
 
 
-def patch_mean(maps: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
-    """Mean of a [B, 1, H, W] (or [B, H, W]) map inside each patch -> [B, L]."""
-    if maps.dim() == 3:
-        maps = maps[:, None]
-    return torch.nn.functional.adaptive_avg_pool2d(maps.float(), grid_size).flatten(1)
-
-
 class ForegroundMaskGenerator(MaskGenerator):
     """Spends the mask budget on informative patches instead of empty background.
 

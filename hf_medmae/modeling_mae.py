@@ -13,9 +13,9 @@ from transformers import AutoConfig, AutoModelForPreTraining, ViTMAEForPreTraini
 from transformers.models.vit_mae.modeling_vit_mae import ViTMAEEmbeddings, ViTMAEForPreTrainingOutput
 
 from .configuration import MedMAEConfig
-from .errors import DataError
+from .validation import check_pixels
 from .masking import MASKED, VISIBLE, MaskGenerator, build_mask_generator, codes_to_noise
-from .checkpoint import CurrentKeyNamesMixin
+from .loading import CurrentKeyNamesMixin
 
 
 class MedMAEEmbeddings(ViTMAEEmbeddings):
@@ -84,25 +84,12 @@ class MedMAEForPreTraining(CurrentKeyNamesMixin, ViTMAEForPreTraining):
         return kwargs
 
     def _check_input(self, pixel_values: torch.Tensor) -> None:
-        if pixel_values.dim() != 4:
-            raise DataError(
-                f"pixel_values must be [batch, channels, height, width], got shape {tuple(pixel_values.shape)}.",
-                "stack images into a 4-D tensor (add a channel axis for grey images).",
-            )
-        channels, size = pixel_values.shape[1], tuple(pixel_values.shape[2:])
-        if channels != self.config.num_channels:
-            raise DataError(
-                f"the images have {channels} channels but the model expects {self.config.num_channels}.",
-                f"set num_channels: {channels} when pre-training from scratch, or convert the images to "
-                f"{self.config.num_channels} channels for this checkpoint.",
-            )
-        expected = self.vit.embeddings.image_size
-        if size != tuple(expected):
-            raise DataError(
-                f"the images are {size[0]}x{size[1]} but the model expects {expected[0]}x{expected[1]}.",
-                f"set image_size: {size[0]} (a multiple of patch_size {self.config.patch_size}), "
-                "or crop/tile the images to the model's size.",
-            )
+        size, p = self.vit.embeddings.image_size, self.config.patch_size
+        check_pixels(pixel_values, self.config.num_channels, "the model", size=size,
+                     channel_fix=f"set num_channels: {pixel_values.shape[1]} when pre-training from scratch, or convert "
+                                 f"the images to {self.config.num_channels} channels for this checkpoint.",
+                     size_fix=f"set image_size: {pixel_values.shape[-2]} (a multiple of patch_size {p}), or crop/tile "
+                              "the images to the model's size.")  # fmt: skip
 
     def generate_codes(self, pixel_values: torch.Tensor, sample_ids: torch.Tensor | None = None, generator=None):
         """Per-patch codes (0 visible, 1 masked, 2 thrown) for a batch. [B, C, H, W] -> [B, L]."""

@@ -1,4 +1,4 @@
-"""Pieces the run scripts share around transformers' `Trainer`: lr scaling, precision, resume, callbacks."""
+"""Pieces every run shares around transformers' `Trainer`: resume from checkpoints, run info, callbacks."""
 
 from __future__ import annotations
 
@@ -15,26 +15,6 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .errors import ConfigError
 
 CHECKPOINT_FILES = ("trainer_state.json", "model.safetensors", "optimizer.pt", "scheduler.pt")
-
-
-def effective_batch_size(args: TrainingArguments) -> int:
-    return args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
-
-
-def scale_learning_rate(args: TrainingArguments, base_learning_rate: float | None) -> None:
-    """MAE rule: lr = base_lr x effective batch / 256 (He et al.), applied in place when base_lr is set."""
-    if base_learning_rate is not None:
-        args.learning_rate = base_learning_rate * effective_batch_size(args) / 256
-
-
-def resolve_precision(args: TrainingArguments, precision: str) -> None:
-    """Set bf16 on `args`: "auto" = bf16 on a GPU that supports it, fp32 elsewhere; or "bf16"/"fp32"."""
-    if precision not in {"auto", "bf16", "fp32"}:
-        raise ConfigError(f"precision={precision!r} is not an option.", "use precision: auto, bf16 or fp32.")
-    if precision == "auto":
-        args.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and not args.use_cpu
-    else:
-        args.bf16 = precision == "bf16"
 
 
 def is_complete_checkpoint(path: str | Path) -> bool:
@@ -167,20 +147,25 @@ class AttentionRefreshCallback(TrainerCallback):
         self.last_refresh = epoch
 
 
-class SampleIdRecorder:
+class SampleIdRecorder(TrainerCallback):
     """Records the dataset indices this process trains on, to verify sharding across processes.
 
-    A forward pre-hook on the model reads the `sample_ids` of each training batch; `save` writes
-    them as JSON (one file per process).
+    From the start of training (so no start-up measurement counts), a forward pre-hook on the model reads
+    the `sample_ids` of each training batch; at the end they are written to
+    `output_dir/sample_ids_rank<process index>.json`.
     """
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self):
         self.seen: list[int] = []
-        model.register_forward_pre_hook(self._hook, with_kwargs=True)
+        self.handle = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.handle.remove()
+        Path(args.output_dir, f"sample_ids_rank{args.process_index}.json").write_text(json.dumps(self.seen))
 
     def _hook(self, module, args, kwargs):
         if module.training and kwargs.get("sample_ids") is not None:
             self.seen.extend(int(i) for i in kwargs["sample_ids"])
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.seen))

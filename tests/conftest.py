@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,8 +12,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("HF_MEDMAE_SHARED_DATA", ROOT.parent / "shared" / "data"))
 BCCD = SHARED_DATA / "bccd" / "BCCD" / "JPEGImages"
 WBC = SHARED_DATA / "wbc_zheng2018" / "Dataset 1"
-
-sys.path.insert(0, str(ROOT))  # the run scripts live at the repo root
 
 
 def require(path: Path) -> Path:

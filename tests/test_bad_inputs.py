@@ -1,6 +1,6 @@
 """Bad inputs to the three run scripts: each is a named ConfigError / DataError / CheckpointError with a fix.
 
-One parametrised matrix calls `run_mae.main`, `run_classification.main` and `run_segmentation.main`
+One parametrised matrix calls `pretrain.main`, `classify.main` and `segment.main`
 in-process with one thing wrong and checks the error's kind, that its message names the problem
 (often the offending file or value) and that it carries the "Fix:" line. Everything is built in
 `tmp_path` from a few tiny images and tiny checkpoints, so no case needs the shared data. Every case
@@ -24,13 +24,11 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import BertConfig, BertModel, ViTImageProcessorPil
 
-import run_classification
-import run_mae
-import run_segmentation
+from hf_medmae.tasks import classify, pretrain, segment
 from hf_medmae import MedMAEForPreTraining
 from hf_medmae.errors import CheckpointError, ConfigError, DataError, MedMAEError
 
-SCRIPTS = {"mae": run_mae, "cls": run_classification, "seg": run_segmentation}
+SCRIPTS = {"mae": pretrain, "cls": classify, "seg": segment}
 MAE_TINY = ["--image_size", "32", "--patch_size", "4", "--hidden_size", "32", "--num_hidden_layers", "2",
             "--num_attention_heads", "2", "--intermediate_size", "64", "--decoder_hidden_size", "32",
             "--decoder_num_hidden_layers", "1", "--decoder_num_attention_heads", "2", "--decoder_intermediate_size", "64"]  # fmt: skip
@@ -240,12 +238,12 @@ def test_skipped_files_are_counted_never_silent(tmp_path):
     """on_bad_file: skip trains on the good images and reports the one it left out in all_results.json."""
     folder = corrupt_folder(tmp_path)
     out = tmp_path / "out"
-    metrics = run_mae.main(["--train_data", folder, "--on_bad_file", "skip", "--validation_fraction", "0", "--save_strategy", "no",
+    metrics = pretrain.main(["--train_data", folder, "--on_bad_file", "skip", "--validation_fraction", "0", "--save_strategy", "no",
                             "--output_dir", str(out), *MAE_TINY, *COMMON])  # fmt: skip
     saved = json.loads((out / "all_results.json").read_text())
     assert saved["num_skipped_files"] == metrics["num_skipped_files"] == 1
     assert saved["num_train_images"] == 3  # the three readable images, none of them dropped with it
     assert (out / "model.safetensors").is_file()
     with pytest.raises(DataError, match=r"slide_017\.png"):  # the default still stops at the bad file
-        run_mae.main(["--train_data", folder, "--output_dir", str(out), *MAE_TINY, *COMMON])
+        pretrain.main(["--train_data", folder, "--output_dir", str(out), *MAE_TINY, *COMMON])
 

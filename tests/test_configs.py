@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
-from transformers import TrainingArguments
 
-import run_mae
+from hf_medmae.tasks import pretrain
 from hf_medmae.cli import parse_config
 
 MAE_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if "classification" not in p.name and "segmentation" not in p.name)
@@ -16,6 +15,6 @@ MAE_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if "classifica
 
 @pytest.mark.parametrize("path", MAE_CONFIGS, ids=lambda p: Path(p).name)
 def test_shipped_mae_configs_parse(path):
-    model_args, data_args, training_args = parse_config((run_mae.ModelArguments, run_mae.DataArguments, TrainingArguments), ["--config", str(path)])
-    config = run_mae.build_config(model_args, model_args.num_channels or 3)
+    model_args, data_args, training_args = parse_config(pretrain.Pretrain.arguments, ["--config", str(path)])
+    config = pretrain.mae_config(model_args, model_args.num_channels or 3)
     assert config.image_size % config.patch_size == 0 and training_args.output_dir.startswith("outputs/")

@@ -217,10 +217,10 @@ def _saved_mae_config(folder: Path) -> Path:
 
 def test_run_mae_push_to_hub_publishes_its_own_metrics(hub_server, tmp_path):
     """`run_mae.py --push_to_hub`: the Trainer's Hub arguments push the run with our card, once, at the end."""
-    import run_mae
+    from hf_medmae.tasks import pretrain
 
     out = tmp_path / "run"
-    run_mae.main(["--train_data", "embedded:nuclei16", "--max_images", "3", "--tile_size", "64", "--image_size", "32",
+    pretrain.main(["--train_data", "embedded:nuclei16", "--max_images", "3", "--tile_size", "64", "--image_size", "32",
                   "--patch_size", "8", "--hidden_size", "32", "--num_hidden_layers", "1", "--num_attention_heads", "2",
                   "--intermediate_size", "64", "--decoder_hidden_size", "32", "--decoder_num_hidden_layers", "1",
                   "--decoder_num_attention_heads", "2", "--decoder_intermediate_size", "64", "--max_steps", "2",

@@ -64,15 +64,15 @@ def test_hardware_checks_and_cpu_defaults(tmp_path, caplog):
 
 
 def test_run_mae_reports_the_attention_it_chose(tmp_path):
-    import run_mae
+    from hf_medmae.tasks import pretrain
 
     common = ["--train_data", "embedded:nuclei16", "--max_images", "2", "--tile_size", "64", "--image_size", "32",
               "--patch_size", "8", "--hidden_size", "32", "--num_hidden_layers", "1", "--num_attention_heads", "2",
               "--intermediate_size", "64", "--decoder_hidden_size", "32", "--decoder_num_hidden_layers", "1",
               "--decoder_num_attention_heads", "2", "--decoder_intermediate_size", "64", "--max_steps", "2",
               "--per_device_train_batch_size", "4", "--report_to", "none", "--disable_tqdm", "true"]  # fmt: skip
-    run_mae.main([*common, "--output_dir", str(tmp_path / "run")])  # attn_implementation defaults to auto
+    pretrain.main([*common, "--output_dir", str(tmp_path / "run")])  # attn_implementation defaults to auto
     results = json.loads((tmp_path / "run" / "all_results.json").read_text())
     assert results["attn_implementation"] in {"sdpa", "eager"}
     with pytest.raises(ConfigError, match="(?s)attn_implementation='flash'.*auto, sdpa, eager"):
-        run_mae.main([*common, "--output_dir", str(tmp_path / "bad"), "--attn_implementation", "flash"])
+        pretrain.main([*common, "--output_dir", str(tmp_path / "bad"), "--attn_implementation", "flash"])

@@ -24,10 +24,9 @@ from transformers import ViTImageProcessorPil
 
 from conftest import ROOT, WBC, require, tiny_config
 from hf_medmae import MedMAEForPreTraining
-from hf_medmae.data.classification import (
-    ClassificationDataset, class_counts, label_subset, load_class_folders, load_csv_labels, stratified_split,
-)  # fmt: skip
-from hf_medmae.data.pretraining import channel_stats, resize
+from hf_medmae.data.classification import ClassificationDataset, load_class_folders, load_csv_labels
+from hf_medmae.data.splits import class_counts, label_subset, stratified_split
+from hf_medmae.data.transforms import channel_stats, resize
 from hf_medmae.encoder import load_encoder
 from hf_medmae.errors import CheckpointError, DataError
 from hf_medmae.metrics import classification_metrics
@@ -85,7 +84,7 @@ def test_stratified_split_keeps_proportions_and_the_single_basophil_in_train(dat
 def test_fraction_keeps_one_per_class_and_logs_exact_counts(data, fraction, caplog):
     train = stratified_split(data.labels, NAMES, 0.15, 0.2, seed=0).train
     labels = data.labels[train]
-    with caplog.at_level(logging.INFO, logger="hf_medmae.data.classification"):
+    with caplog.at_level(logging.INFO, logger="hf_medmae.data.splits"):
         subset = label_subset(labels, NAMES, fraction, seed=0)
     counts = class_counts(labels[subset], NAMES)
     expected = {n: max(1, int(np.floor((labels == c).sum() * fraction + 0.5))) for c, n in enumerate(NAMES)}
@@ -145,7 +144,7 @@ def mae(data, tmp_path_factory):
     The pre-training sees every image without labels (seed 002's self pre-training); labels are used
     only by the probe below. 1000 steps x 64 images take ~50 s on one thread of this CPU.
     """
-    import run_mae
+    from hf_medmae.tasks import pretrain
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -154,7 +153,7 @@ def mae(data, tmp_path_factory):
     np.save(root / "wbc32.npy", small)
     torch.manual_seed(0)
     init = save_checkpoint(root / "init", *channel_stats(list(small)), mask_ratio=0.5)
-    run_mae.main([
+    pretrain.main([
         "--train_data", str(root / "wbc32.npy"), "--model_name_or_path", str(init), "--image_size", "32",
         "--validation_fraction", "0", "--output_dir", str(root / "mae"), "--max_steps", "1000", "--seed", "0",
         "--per_device_train_batch_size", "64", "--learning_rate", "3e-3", "--warmup_steps", "0.05",
@@ -235,17 +234,17 @@ def test_end_to_end_selects_on_validation_and_reports_on_test(mae, tmp_path):
 
 
 def test_checkpoint_mismatches_are_named(tmp_path, one_thread):
-    import run_classification
+    from hf_medmae.tasks import classify
 
     grey = save_checkpoint(tmp_path / "grey", [100.0], [50.0], num_channels=1)
     base = ["--config", str(ROOT / "configs" / "wbc_classification.yaml"), "--data_dir", str(require(WBC)),
             "--labels_csv", str(CSV), "--output_dir", str(tmp_path / "out"), "--image_size", "32"]  # fmt: skip
     with pytest.raises(DataError, match="1-channel"):
-        run_classification.main(base + ["--model_name_or_path", str(grey)])
+        classify.main(base + ["--model_name_or_path", str(grey)])
     rgb = save_checkpoint(tmp_path / "rgb", [100.0] * 3, [50.0] * 3)
     with pytest.raises(CheckpointError, match="patch size 4"):
-        run_classification.main(base + ["--model_name_or_path", str(rgb), "--patch_size", "8"])
+        classify.main(base + ["--model_name_or_path", str(rgb), "--patch_size", "8"])
     with pytest.raises(DataError, match="multi-label config with single-label data"):
-        run_classification.main(base + ["--model_name_or_path", str(rgb), "--multi_label", "true"])
+        classify.main(base + ["--model_name_or_path", str(rgb), "--multi_label", "true"])
     with pytest.raises(DataError, match="basophil"):
-        run_classification.main(base + ["--model_name_or_path", str(rgb), "--train_fraction", "0.1", "--strict_fraction", "true"])
+        classify.main(base + ["--model_name_or_path", str(rgb), "--train_fraction", "0.1", "--strict_fraction", "true"])

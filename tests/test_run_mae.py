@@ -14,7 +14,7 @@ import yaml
 from conftest import ROOT, tiny_config
 from PIL import Image
 
-import run_mae
+from hf_medmae.tasks import pretrain
 from hf_medmae import MedMAEForPreTraining
 from hf_medmae.errors import ConfigError, DataError
 
@@ -100,31 +100,31 @@ def base_args(tmp_path, **values):
 ])
 def test_bad_config_is_named(tmp_path, values, error, message):
     with pytest.raises(error, match=message):
-        run_mae.main(base_args(tmp_path, **values))
+        pretrain.main(base_args(tmp_path, **values))
 
 
 def test_bad_data_is_named(tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()
     with pytest.raises(DataError, match="no images found"):
-        run_mae.main(base_args(tmp_path, train_data=str(folder)))
+        pretrain.main(base_args(tmp_path, train_data=str(folder)))
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(folder / "good.png")
     (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     with pytest.raises(DataError, match="corrupt.jpg"):
-        run_mae.main(base_args(tmp_path, train_data=str(folder)))
+        pretrain.main(base_args(tmp_path, train_data=str(folder)))
     ckpt = tmp_path / "ckpt16"
     MedMAEForPreTraining(tiny_config(num_channels=16)).save_pretrained(ckpt)
     (folder / "corrupt.jpg").unlink()
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(folder / "second.png")
     with pytest.raises(DataError, match="checkpoint expects 16 channels, the data has 3"):
-        run_mae.main(base_args(tmp_path, train_data=str(folder), model_name_or_path=str(ckpt)))
+        pretrain.main(base_args(tmp_path, train_data=str(folder), model_name_or_path=str(ckpt)))
 
 
 def test_output_dir_not_writable(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(ConfigError, match="not writable"):
-        run_mae.main(["--train_data", "embedded:nuclei16", "--output_dir", str(blocker / "sub")])
+        pretrain.main(["--train_data", "embedded:nuclei16", "--output_dir", str(blocker / "sub")])
 
 
 @pytest.mark.slow

@@ -15,10 +15,12 @@ from conftest import ROOT, tiny_config
 from PIL import Image
 from transformers import AutoModelForSemanticSegmentation, ViTImageProcessorPil
 
-import run_segmentation
+from hf_medmae.tasks import segment
 from hf_medmae import MedMAEForPreTraining
 from hf_medmae.cli import parse_config
-from hf_medmae.data.segmentation import PairAugment, load_pairs, map_mask, sparsify, split_three
+from hf_medmae.data.segmentation import load_pairs, map_mask, sparsify
+from hf_medmae.data.splits import split_three
+from hf_medmae.data.transforms import PairAugment
 from hf_medmae.errors import ConfigError, DataError
 
 WBC_MAP = {0: 0, 128: 1, 255: 2}
@@ -105,7 +107,7 @@ def test_wbc_end_to_end_learns_nuclei_and_predicts_large_images(tmp_path, wbc_di
     assert nucleus_dice(labels, big_mask) > trivial_big + 0.3
 
     # predict_only reloads the saved model (safetensors) and reproduces the in-run label map exactly.
-    run_segmentation.main(["--predict_only", "--model_name_or_path", str(out), "--predict_images", str(big_dir),
+    segment.main(["--predict_only", "--model_name_or_path", str(out), "--predict_images", str(big_dir),
                            "--output_dir", str(tmp_path / "again")])
     assert np.array_equal(np.asarray(Image.open(tmp_path / "again" / "mosaic_labels.png")), labels)
     reloaded = AutoModelForSemanticSegmentation.from_pretrained(out, use_safetensors=True)
@@ -130,11 +132,11 @@ def test_sparse_labels_keep_the_requested_fraction(wbc_dir):
 
 def test_sparse_option_reaches_only_training_masks(tmp_path, wbc_dir):
     (model_args, data_args, training_args) = parse_config(
-        (run_segmentation.ModelArguments, run_segmentation.DataArguments, run_segmentation.SegmentationTrainingArguments),
+        segment.Segment.arguments,
         ["--config", wbc_config(tmp_path / "c.yaml", wbc_dir, max_images=40, label_fraction_pixels=0.02,
                                 output_dir=str(tmp_path / "o"))])
-    pairs, _, names, channels = run_segmentation.load_labelled(data_args)
-    train, val, test = run_segmentation.split_pairs(pairs, data_args, training_args.seed)
+    pairs, _, names, channels = segment.load_labelled(data_args)
+    train, val, test = segment.split_pairs(pairs, data_args, training_args.seed)
     assert (len(train.images), len(val.images), len(test.images)) == (28, 6, 6) and channels == 3
     train_fraction = np.mean([(m != 255).mean() for m in train.masks])
     assert abs(train_fraction - 0.02) < 0.001
@@ -195,32 +197,32 @@ def test_named_error_label_value_not_in_class_map(tmp_path):
             "--class_map", "{0: 0, 128: 1}", "--model", "unet", "--init", "scratch", "--image_size", "32",
             "--output_dir", str(tmp_path / "o"), "--report_to", "none"]
     with pytest.raises(DataError, match=r"b\.bmp.*\[7\]"):
-        run_segmentation.main(argv)
+        segment.main(argv)
 
 
 def test_named_error_image_size_not_divisible_by_patch(tmp_path, wbc_dir, mae3):
     cfg = wbc_config(tmp_path / "c.yaml", wbc_dir, model_name_or_path=str(mae3), image_size=30, max_images=6,
                      output_dir=str(tmp_path / "o"))
     with pytest.raises(ConfigError, match=r"30x30.*patch_size 4x4"):
-        run_segmentation.main(["--config", cfg])
+        segment.main(["--config", cfg])
 
 
 def test_named_error_three_channel_checkpoint_on_sixteen_channel_data(tmp_path, mae3):
     argv = ["--train_data", "embedded:nuclei16", "--class_map", "{0: 0, 1: 1}", "--model_name_or_path", str(mae3),
             "--image_size", "32", "--output_dir", str(tmp_path / "o"), "--report_to", "none"]
     with pytest.raises(DataError, match=r"3-channel.*16 channels"):
-        run_segmentation.main(argv)
+        segment.main(argv)
 
 
 def test_class_map_must_be_explicit(tmp_path, wbc_dir):
     cfg = wbc_config(tmp_path / "c.yaml", wbc_dir, class_map=None, model="unet", init="scratch", output_dir=str(tmp_path / "o"))
     with pytest.raises(ConfigError, match="class_map"):
-        run_segmentation.main(["--config", cfg])
+        segment.main(["--config", cfg])
 
 
 def test_unet_baseline_runs_through_the_script_on_sixteen_channels(tmp_path, one_thread):
     out = tmp_path / "unet"
-    metrics = run_segmentation.main([
+    metrics = segment.main([
         "--train_data", "embedded:nuclei16", "--class_map", "{0: 0, 1: 1}", "--class_names", "[background, nucleus]",
         "--model", "unet", "--init", "scratch", "--unet_features", "[4, 4, 8, 8, 16, 4]", "--image_size", "32",
         "--crop_mode", "random_crop", "--max_steps", "3", "--per_device_train_batch_size", "4", "--eval_strategy", "\"no\"",
@@ -246,7 +248,7 @@ def test_split_is_seeded_and_disjoint():
 @pytest.mark.parametrize("name", ["wbc_segmentation.yaml", "nuclei_segmentation.yaml"])
 def test_shipped_configs_parse(name):
     model_args, data_args, training_args = parse_config(
-        (run_segmentation.ModelArguments, run_segmentation.DataArguments, run_segmentation.SegmentationTrainingArguments),
+        segment.Segment.arguments,
         ["--config", str(ROOT / "configs" / name)])
     assert training_args.load_best_model_at_end and training_args.metric_for_best_model == "mean_dice"
     assert len(data_args.class_names) == len(set(data_args.class_map.values()))

@@ -24,10 +24,8 @@ from hub_server import hub_server  # noqa: F401  (pytest fixture, requested by t
 from PIL import Image
 from transformers import ViTImageProcessorPil
 
-import run_classification
-import run_mae
-import run_segmentation
-from hf_medmae import MedMAEForPreTraining
+from hf_medmae import MedMAEForPreTraining, load_checkpoint
+from hf_medmae.tasks import classify, pretrain, segment
 from hf_medmae.encoder import load_encoder
 from hf_medmae.errors import CheckpointError
 
@@ -178,13 +176,13 @@ def _images(folder: Path) -> Path:
 
 ENTRY_POINTS = {
     "load_encoder": lambda ck, t: load_encoder(ck),
-    "run_mae": lambda ck, t: run_mae.main(["--train_data", str(_images(t / "imgs")), "--file_pattern", "*.bmp", "--model_name_or_path", str(ck),
+    "run_mae": lambda ck, t: pretrain.main(["--train_data", str(_images(t / "imgs")), "--file_pattern", "*.bmp", "--model_name_or_path", str(ck),
                                            "--image_size", "32", "--output_dir", str(t / "out"), "--max_steps", "1", "--report_to", "none"]),
-    "run_classification": lambda ck, t: run_classification.main(["--data_dir", str(_class_folders(t / "cls")), "--model_name_or_path", str(ck), "--image_size", "32",
+    "run_classification": lambda ck, t: classify.main(["--data_dir", str(_class_folders(t / "cls")), "--model_name_or_path", str(ck), "--image_size", "32",
                                                                  "--eval_strategy", "epoch", "--save_strategy", "epoch", "--output_dir", str(t / "out")]),
-    "run_segmentation": lambda ck, t: run_segmentation.main(["--train_data", str(_images(t / "imgs")), "--image_glob", "*.bmp", "--class_map", "{0: 0, 255: 1}",
+    "run_segmentation": lambda ck, t: segment.main(["--train_data", str(_images(t / "imgs")), "--image_glob", "*.bmp", "--class_map", "{0: 0, 255: 1}",
                                                              "--model_name_or_path", str(ck), "--image_size", "32", "--output_dir", str(t / "out")]),
-    "run_segmentation_predict_only": lambda ck, t: run_segmentation.main(["--predict_only", "true", "--model_name_or_path", str(ck),
+    "run_segmentation_predict_only": lambda ck, t: segment.main(["--predict_only", "true", "--model_name_or_path", str(ck),
                                                                           "--predict_images", str(_images(t / "imgs")), "--output_dir", str(t / "out")]),
 }  # fmt: skip
 
@@ -225,7 +223,7 @@ def test_run_mae_takes_only_safetensors_from_the_hub(pickle_only, tmp_path, requ
     model.save_pretrained(folder)  # beside the trapped pytorch_model.bin
     HfApi().create_repo("medmae-test/both")
     HfApi().upload_folder(folder_path=str(folder), repo_id="medmae-test/both")
-    loaded = run_mae.load_mae_checkpoint("medmae-test/both")
+    loaded = load_checkpoint(MedMAEForPreTraining, "medmae-test/both")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
     cache = Path(os.environ["HF_HUB_CACHE"])
     assert list(cache.rglob("model.safetensors")) and not list(cache.rglob("*.bin"))

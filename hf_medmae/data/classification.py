@@ -9,12 +9,12 @@ Two layouts a user's own data is likely to come in:
 
 Rules that matter for honest numbers (all seeded, all logged):
 
-* **Split** (`stratified_split`): scikit-learn's stratified `train_test_split`, first test, then
+* **Split** (`splits.stratified_split`): scikit-learn's stratified `train_test_split`, first test, then
   validation from the rest. A class with too few examples to be stratified into a split (fewer
   than 2 left in the pool being split) stays entirely in **train**: WBC's single basophil is
   trained on and never evaluated. The split records these classes (`train_only_classes`), so
   validation/test metrics list them with support 0 and the report says why.
-* **Label fraction** (`label_subset`): a seeded subset of the TRAIN split only, per class
+* **Label fraction** (`splits.label_subset`): a seeded subset of the TRAIN split only, per class
   `max(1, floor(n_c * fraction + 0.5))` examples, so every class present in train keeps at least one
   example (rounding half up: 1 basophil x 0.5 -> 1). With `strict=True`, a class that the fraction
   would leave without examples raises a DataError naming it instead of being topped up to one.
@@ -24,17 +24,16 @@ from __future__ import annotations
 
 import csv
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
 
 from ..errors import DataError
 from .io import IMAGE_SUFFIXES, read_image
-from .pretraining import Augment, Normalize, resize
+from .transforms import Augment, Normalize, resize
 
 logger = logging.getLogger(__name__)
 
@@ -228,116 +227,6 @@ def load_csv_labels(
     return LabelledImages(images, labels[kept], names, [paths[i].name for i in kept], multi_label)
 
 
-# ----------------------------------------------------------------------------- splits
-
-
-@dataclass
-class Split:
-    """Indices of train / validation / test, and the classes too rare to be evaluated (train only)."""
-
-    train: np.ndarray
-    val: np.ndarray
-    test: np.ndarray
-    train_only_classes: list[str] = field(default_factory=list)
-
-
-def _carve(pool: np.ndarray, labels: np.ndarray | None, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """Split `pool` into (rest, held out) stratified by `labels`; classes with < 2 members in the pool stay in rest."""
-    if fraction <= 0 or len(pool) < 2:
-        return pool, pool[:0], []
-    if labels is None:  # multi-label: plain seeded shuffle split
-        rest, held = train_test_split(pool, test_size=fraction, random_state=seed)
-        return np.sort(rest), np.sort(held), []
-    counts = np.bincount(labels[pool])
-    rare = [int(c) for c in np.flatnonzero((counts > 0) & (counts < 2))]
-    keep = pool[np.isin(labels[pool], rare)]
-    rest_pool = pool[~np.isin(labels[pool], rare)]
-    n_held = max(int(round(len(pool) * fraction)), len(np.unique(labels[rest_pool])))  # sklearn: >= 1 per class
-    if n_held >= len(rest_pool):
-        raise DataError(f"{len(pool)} images are too few to hold out {fraction:.0%} stratified by class.", "lower validation_fraction / test_fraction or add images.")
-    rest, held = train_test_split(rest_pool, test_size=n_held, stratify=labels[rest_pool], random_state=seed)
-    return np.sort(np.concatenate([rest, keep])), np.sort(held), rare
-
-
-def stratified_split(labels: np.ndarray, class_names: list[str], validation_fraction: float, test_fraction: float, seed: int) -> Split:
-    """Seeded stratified train / validation / test split (scikit-learn), test first, then validation from the rest.
-
-    A class with fewer than 2 examples left in the pool being split stays in train (so WBC's single
-    basophil is trained on but absent from validation and test; they report it with support 0).
-    Multi-label ([N, K]) labels are split by a seeded shuffle, not stratified.
-
-    Args:
-        labels: [N] class indices or [N, K] 0/1.
-        class_names: K names (used in `train_only_classes`).
-        validation_fraction, test_fraction: shares of all N images.
-        seed: split seed.
-
-    Example:
-        >>> s = stratified_split(np.array([0] * 8 + [1] * 8 + [2]), ["a", "b", "c"], 0.25, 0.25, 0)
-        >>> len(s.train), len(s.val), len(s.test), s.train_only_classes
-        (9, 4, 4, ['c'])
-    """
-    if validation_fraction < 0 or test_fraction < 0 or validation_fraction + test_fraction >= 1:
-        raise DataError(f"validation_fraction {validation_fraction} + test_fraction {test_fraction} must lie in [0, 1).", "use e.g. 0.15 and 0.2.")
-    strat = labels if labels.ndim == 1 else None
-    pool = np.arange(len(labels))
-    rest, test, rare_test = _carve(pool, strat, test_fraction, seed)
-    # validation share of what is left, so the final shares are the requested shares of all images
-    val_share = validation_fraction / (1 - test_fraction) if test_fraction < 1 else 0.0
-    train, val, rare_val = _carve(rest, strat, val_share, seed)
-    rare = sorted(set(rare_test) | set(rare_val))
-    split = Split(train, val, test, [class_names[c] for c in rare])
-    if split.train_only_classes:
-        logger.warning("classes %s have too few examples to be stratified into validation/test: kept in train only "
-                       "(validation/test report them with support 0)", split.train_only_classes)
-    return split
-
-
-def class_counts(labels: np.ndarray, class_names: list[str]) -> dict[str, int]:
-    """{class name: number of examples} ([N] indices, or positives per column of [N, K] 0/1)."""
-    counts = labels.sum(0) if labels.ndim == 2 else np.bincount(labels, minlength=len(class_names))
-    return {name: int(n) for name, n in zip(class_names, counts)}
-
-
-def label_subset(labels: np.ndarray, class_names: list[str], fraction: float, seed: int, strict: bool = False) -> np.ndarray:
-    """Seeded stratified subset (positions into `labels`) keeping `fraction` of each class, at least one per class.
-
-    Per class `max(1, floor(n_c * fraction + 0.5))` examples; with `strict`, a class whose share rounds
-    to zero raises a DataError naming it. Multi-label: a seeded random `fraction` of rows (at least one).
-
-    Args:
-        labels: labels of the TRAIN split: [N] class indices or [N, K] 0/1.
-        class_names: K names, for messages and the logged counts.
-        fraction: in (0, 1]; 1 returns everything.
-        seed: subset seed.
-        strict: refuse to top a class up to one example.
-
-    Example:
-        >>> label_subset(np.array([0] * 10 + [1] * 3), ["a", "b"], 0.2, seed=0).size  # 2 of a, 1 of b
-        3
-    """
-    if not 0 < fraction <= 1:
-        raise DataError(f"train_fraction={fraction} is outside (0, 1].", "use e.g. 0.1 for 10% of the training labels.")
-    rng = np.random.default_rng(seed)
-    if labels.ndim == 2:
-        n = max(1, int(np.floor(len(labels) * fraction + 0.5)))
-        return np.sort(rng.permutation(len(labels))[:n])
-    chosen = []
-    for c in np.unique(labels):
-        members = np.flatnonzero(labels == c)
-        n = int(np.floor(len(members) * fraction + 0.5))
-        if n == 0 and strict:
-            raise DataError(
-                f"train_fraction={fraction} leaves class {class_names[c]!r} ({len(members)} training examples) with none.",
-                f"raise train_fraction to at least {0.5 / len(members):.3g}, or set strict_fraction: false to keep one example of it.",
-            )
-        chosen.append(rng.permutation(members)[: max(n, 1)])
-    subset = np.sort(np.concatenate(chosen))
-    logger.info("train_fraction %.3g: %d of %d training examples, per class %s", fraction, subset.size, len(labels),
-                class_counts(labels[subset], class_names))
-    return subset
-
-
 # ----------------------------------------------------------------------------- tensors
 
 
@@ -380,9 +269,5 @@ __all__ = [
     "load_class_folders",
     "load_csv_labels",
     "resolve_file",
-    "Split",
-    "stratified_split",
-    "label_subset",
-    "class_counts",
     "ClassificationDataset",
 ]

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError
-from .pretraining import Normalize
+from .transforms import Normalize, PairAugment, resize_pair
 from .embedded import EMBEDDED, nuclei16
 from .io import list_image_files, read_image
 
@@ -190,76 +189,6 @@ def sparsify(masks: list[np.ndarray], fraction: float, ignore_index: int, seed: 
     return out
 
 
-def split_three(n: int, validation_fraction: float, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Seeded (train, validation, test) image indices; validation and test get at least one image each.
-
-    Example:
-        >>> [len(s) for s in split_three(10, 0.2, 0.2, seed=0)]
-        [6, 2, 2]
-    """
-    if n < 3:
-        raise DataError(f"{n} image/mask pairs cannot be split into train, validation and test.", "provide at least 3 pairs.")
-    order = np.random.default_rng(seed).permutation(n)
-    n_val = max(1, round(n * validation_fraction))
-    n_test = max(1, round(n * test_fraction))
-    if n_val + n_test >= n:
-        raise ConfigError(f"validation_fraction {validation_fraction} + test_fraction {test_fraction} leave no training images of {n}.",
-                          "lower the fractions.")
-    return np.sort(order[n_val + n_test:]), np.sort(order[:n_val]), np.sort(order[n_val:n_val + n_test])
-
-
-def subsample(indices: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """A seeded `fraction` (at least one) of `indices`, sorted: the `train_fraction` over images."""
-    if not 0.0 < fraction <= 1.0:
-        raise ConfigError(f"train_fraction={fraction} is outside (0, 1].", "use e.g. 0.1 for 10% of the training images.")
-    count = max(1, round(fraction * len(indices)))
-    return np.sort(np.random.default_rng([seed, 1]).permutation(indices)[:count])
-
-
-def resize_pair(image: torch.Tensor, mask: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Resize [C, H, W] image (bilinear, antialiased) and [H, W] mask (nearest, so ids stay ids) to `size`."""
-    if tuple(image.shape[-2:]) == tuple(size):
-        return image, mask
-    image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
-    mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest-exact")[0, 0].long()
-    return image, mask
-
-
-@dataclass
-class PairAugment:
-    """Geometry for image + mask pairs; every random draw is applied to both alike.
-
-    Args:
-        image_size: output side.
-        crop_mode: "resize" (whole image to image_size) or "random_crop" (image_size window; smaller
-            images are resized up first).
-        hflip, vflip, rot90: random flips and 90-degree rotations (cells have no preferred orientation).
-    """
-
-    image_size: int
-    crop_mode: str = "resize"
-    hflip: bool = True
-    vflip: bool = True
-    rot90: bool = True
-
-    def __call__(self, image: torch.Tensor, mask: torch.Tensor, gen: torch.Generator | None = None):
-        _, h, w = image.shape
-        if self.crop_mode == "random_crop" and min(h, w) >= self.image_size:
-            top = int(torch.randint(0, h - self.image_size + 1, (1,), generator=gen))
-            left = int(torch.randint(0, w - self.image_size + 1, (1,), generator=gen))
-            image = image[:, top:top + self.image_size, left:left + self.image_size]
-            mask = mask[top:top + self.image_size, left:left + self.image_size]
-        image, mask = resize_pair(image, mask, (self.image_size, self.image_size))
-        if self.hflip and torch.rand(1, generator=gen) < 0.5:
-            image, mask = image.flip(-1), mask.flip(-1)
-        if self.vflip and torch.rand(1, generator=gen) < 0.5:
-            image, mask = image.flip(-2), mask.flip(-2)
-        if self.rot90:
-            k = int(torch.randint(0, 4, (1,), generator=gen))
-            image, mask = torch.rot90(image, k, dims=(-2, -1)), torch.rot90(mask, k, dims=(-2, -1))
-        return image.contiguous(), mask.contiguous()
-
-
 def covering_tiles(pairs: SegmentationPairs, size: int) -> SegmentationPairs:
     """Cut each pair into size x size tiles that cover every pixel (the last row/column overlaps).
 
@@ -319,6 +248,6 @@ def labelled_fraction(masks: list[np.ndarray], ignore_index: int) -> float:
 
 
 __all__ = [
-    "CROP_MODES", "SegmentationPairs", "SegmentationDataset", "PairAugment", "covering_tiles", "labelled_fraction",
-    "load_pairs", "map_mask", "parse_class_map", "read_mask", "resize_pair", "sparsify", "split_three", "subsample",
+    "CROP_MODES", "SegmentationPairs", "SegmentationDataset", "covering_tiles", "labelled_fraction",
+    "load_pairs", "map_mask", "parse_class_map", "read_mask", "sparsify",
 ]

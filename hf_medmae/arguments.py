@@ -1,0 +1,62 @@
+"""`MedTrainingArguments`: transformers' `TrainingArguments` with our run-wide choices resolved in `__post_init__`.
+
+As transformers' own examples do, the subclass settles everything the Trainer and its accelerator read
+at construction before they exist: the precision (`bf16` decides the accelerator's mixed precision;
+setting it afterwards silently trains in fp32), the MAE learning-rate rule, and Hub pushing (we push
+once, at the end, with our model card, so the Trainer's own pushes and its pickled `training_args.bin`
+upload are switched off and remembered in `push_at_end`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from transformers import TrainingArguments
+
+from .performance import cpu_has_native_bf16
+
+
+@dataclass
+class MedTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus `precision` and `base_learning_rate`.
+
+    Example:
+        >>> args = MedTrainingArguments(output_dir="out", precision="bf16", use_cpu=True)
+        >>> args.bf16, args.mixed_precision
+        (True, 'bf16')
+    """
+
+    precision: Literal["auto", "bf16", "fp32"] = field(default="auto", metadata={
+        "help": "auto: bf16 on GPUs that support it; on CPUs with native bf16 (AVX512-BF16/AMX) bf16 when a start-up "
+                "measurement shows it faster; else fp32 | bf16 | fp32"})  # fmt: skip
+    base_learning_rate: float | None = field(default=None, metadata={"help": "if set, lr = base_lr * effective batch / 256 (MAE rule)"})
+
+    def __post_init__(self):
+        self.push_at_end = bool(self.push_to_hub)  # see the module docstring
+        self.push_to_hub = False
+        on_gpu = torch.cuda.is_available() and not self.use_cpu
+        if self.precision == "auto":
+            self.bf16 = bool(on_gpu and torch.cuda.is_bf16_supported())
+        else:
+            self.bf16 = self.precision == "bf16"
+        # On a CPU with native bf16, "auto" is settled by `performance.choose_precision` on the real model and batch.
+        self.measure_precision = self.precision == "auto" and not on_gpu and cpu_has_native_bf16()
+        super().__post_init__()
+        if self.base_learning_rate is not None:
+            self.learning_rate = self.base_learning_rate * self.effective_batch_size / 256
+        if not on_gpu:
+            self.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps * max(1, self.world_size)
+
+    def use_bf16(self, enabled: bool) -> None:
+        """Switch bf16 autocast before the Trainer is built (its accelerator reads `mixed_precision` then)."""
+        self.bf16 = enabled
+        self.mixed_precision = "bf16" if enabled else "no"
+
+
+__all__ = ["MedTrainingArguments"]

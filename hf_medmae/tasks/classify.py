@@ -1,0 +1,232 @@
+"""Fine-tune (or linearly probe) an MAE encoder, or the same ViT from scratch, on labelled images
+(`run_classification.py`, `medmae-classify`).
+
+    medmae-classify --config configs/wbc_classification.yaml
+    medmae-classify --config configs/wbc_classification.yaml --init scratch   # one flag apart
+
+The checkpoint is selected on the validation split (`metric_for_best_model`, default macro_f1);
+the test split is used once, at the end, for `test_metrics.json` and the plots.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from scipy.special import expit, softmax
+from sklearn.metrics import precision_recall_fscore_support
+from transformers import ViTConfig, ViTImageProcessorPil, ViTModel
+
+from ..arguments import MedTrainingArguments
+from ..classification import MULTI, SINGLE, MedClsForImageClassification, freeze
+from ..data.classification import ClassificationDataset, LabelledImages, load_class_folders, load_csv_labels
+from ..data.splits import class_counts, label_subset, stratified_split
+from ..data.transforms import Augment, check_channels
+from ..encoder import load_encoder
+from ..errors import CheckpointError, ConfigError, DataError
+from ..metrics import classification_metrics, compute_metrics_fn
+from ..optim import param_groups_layer_decay
+from .run import Task, TaskSetup, encoder_normalisation
+
+logger = logging.getLogger(__name__)
+
+SELECTION_METRICS = ("loss", "accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall", "roc_auc", "micro_f1", "subset_accuracy")
+
+
+@dataclass
+class DataArguments:
+    data_dir: str = field(metadata={"help": "image folder: one sub-folder per class, or the images a labels_csv names"})
+    labels_csv: str | None = field(default=None, metadata={"help": "CSV of id,label; without it data_dir has class sub-folders"})
+    id_column: str = field(default="filename", metadata={"help": "CSV column with the file name or id"})
+    label_column: str = field(default="label", metadata={"help": "CSV column with the class (name or integer)"})
+    label_columns: list[str] | None = field(default=None, metadata={"help": "multi-label: the 0/1 columns, one per label"})
+    filename_template: str | None = field(default=None, metadata={"help": "id -> file name, e.g. '{id:03d}.bmp'"})
+    class_names: list[str] | None = field(default=None, metadata={"help": "class order; default: sorted labels / folder names"})
+    label_offset: int = field(default=0, metadata={"help": "subtracted from integer labels (1 for classes 1..K)"})
+    label_map: dict | None = field(default=None, metadata={"help": "{raw CSV value: class name or integer}"})
+    multi_label: bool = field(default=False, metadata={"help": "several 0/1 labels per image (sigmoid + BCE)"})
+    validation_fraction: float = 0.15
+    test_fraction: float = 0.2
+    split_seed: int | None = field(default=None, metadata={"help": "seed of the split and label subset; default: seed"})
+    train_fraction: float = field(default=1.0, metadata={"help": "share of the TRAIN split's labels used (stratified, >= 1 per class)"})
+    strict_fraction: bool = field(default=False, metadata={"help": "error instead of keeping one example of a class the fraction empties"})
+    on_bad_file: Literal["error", "skip"] = field(default="error", metadata={"help": "error | skip"})
+    crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0], metadata={"help": "random resized crop area range"})
+    hflip: bool = True
+    vflip: bool = True
+    rot90: bool = True
+
+
+@dataclass
+class ModelArguments:
+    init: Literal["mae", "scratch"] = field(default="mae", metadata={"help": "mae (encoder weights of the checkpoint) | scratch (same architecture, random)"})
+    model_name_or_path: str | None = field(default=None, metadata={"help": "MAE/ViT checkpoint dir or Hub id"})
+    image_size: int = 64
+    patch_size: int | None = field(default=None, metadata={"help": "scratch without checkpoint (default 8); else must match the checkpoint"})
+    hidden_size: int = 192
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 6
+    intermediate_size: int = 768
+    pooling: Literal["mean", "cls"] = field(default="mean", metadata={"help": "mean | cls"})
+    mode: str = field(default="full", metadata={"help": "full | linear_probe | last_k:<k>"})
+    layer_decay: float = 0.75
+    drop_path_rate: float = 0.1
+    head_dropout: float = 0.0
+    label_smoothing: float = 0.0
+    class_weighting: Literal["none", "balanced"] = field(default="none", metadata={"help": "none | balanced (inverse class frequency in the training subset)"})
+
+
+def load_data(args: DataArguments) -> LabelledImages:
+    """The labelled images of either layout."""
+    if args.labels_csv is None:
+        if args.multi_label:
+            raise DataError("multi-label config with single-label data: class sub-folders give one label per image.",
+                            "give a labels_csv with one 0/1 column per label, or set multi_label: false.")
+        return load_class_folders(args.data_dir, args.class_names, args.on_bad_file)
+    return load_csv_labels(args.data_dir, args.labels_csv, args.id_column, args.label_columns or [args.label_column],
+                           args.filename_template, args.class_names, args.label_offset, args.label_map,
+                           args.multi_label, args.on_bad_file)  # fmt: skip
+
+
+def build_encoder(args: ModelArguments, channels: int) -> ViTModel:
+    """The encoder: the checkpoint's weights (mae), or its architecture randomly initialised (scratch)."""
+    if args.model_name_or_path is None:
+        if args.init == "mae":
+            raise ConfigError("init: mae needs model_name_or_path.", "point model_name_or_path at an MAE checkpoint, or use init: scratch.")
+        config = ViTConfig(image_size=args.image_size, patch_size=args.patch_size or 8, num_channels=channels, hidden_size=args.hidden_size,
+                           num_hidden_layers=args.num_hidden_layers, num_attention_heads=args.num_attention_heads,
+                           intermediate_size=args.intermediate_size)  # fmt: skip
+        return ViTModel(config, add_pooling_layer=False)
+    encoder = load_encoder(args.model_name_or_path, image_size=args.image_size)
+    found = encoder.config
+    if args.patch_size is not None and args.patch_size != found.patch_size:
+        raise CheckpointError(f"the checkpoint has patch size {found.patch_size}, the config asks for {args.patch_size}.",
+                              f"set patch_size: {found.patch_size} (or remove it), or use a checkpoint pre-trained with patch {args.patch_size}.")
+    if found.num_channels != channels:
+        raise DataError(f"the checkpoint expects {found.num_channels}-channel images, the data has {channels} channels.",
+                        f"use images with {found.num_channels} channels, or pre-train an MAE on {channels}-channel images.")
+    if args.init == "scratch":  # same architecture, fresh weights: the comparison is one flag apart
+        encoder = ViTModel(encoder.config, add_pooling_layer=False)
+        encoder.image_mean = encoder.image_std = None
+    return encoder
+
+
+def class_weights(labels: np.ndarray, num_labels: int, how: str) -> list[float] | None:
+    """'balanced': n / (classes present x count), 1.0 for classes absent from training; 'none': None."""
+    if how == "none":
+        return None
+    if labels.ndim == 2:
+        raise ConfigError("class_weighting: balanced is for single-label data.", "use class_weighting: none with multi_label.")
+    counts = np.bincount(labels, minlength=num_labels)
+    present = counts > 0
+    weights = np.ones(num_labels)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return weights.tolist()
+
+
+def present_class_scores(probs: np.ndarray, labels: np.ndarray) -> dict:
+    """Macro precision/recall/F1 over the classes present in `labels` (train-only classes left out of the mean)."""
+    present = np.unique(labels)
+    p, r, f, _ = precision_recall_fscore_support(labels, probs.argmax(1), labels=present, average="macro", zero_division=0)
+    return {"macro_precision_present": float(p), "macro_recall_present": float(r), "macro_f1_present": float(f)}
+
+
+class Classify(Task):
+    arguments = (ModelArguments, DataArguments, MedTrainingArguments)
+
+    def setup(self, model_args: ModelArguments, data_args: DataArguments, args: MedTrainingArguments) -> TaskSetup:
+        seed = args.seed if data_args.split_seed is None else data_args.split_seed
+        data = load_data(data_args)
+        encoder = build_encoder(model_args, check_channels(data.images, data_args.data_dir))
+        split = stratified_split(data.labels, data.class_names, data_args.validation_fraction, data_args.test_fraction, seed)
+        subset = split.train[label_subset(data.labels[split.train], data.class_names, data_args.train_fraction, seed, data_args.strict_fraction)]
+        if len(split.val) == 0:
+            raise DataError("the validation split is empty, so no checkpoint can be selected.", "set validation_fraction > 0 (e.g. 0.15).")
+        mean, std = encoder_normalisation(encoder, model_args.init, [data.images[i] for i in split.train])
+        augment = Augment(model_args.image_size, tuple(data_args.crop_scale), hflip=data_args.hflip, vflip=data_args.vflip, rot90=data_args.rot90)
+        parts = {"train": subset, "val": split.val, "test": split.test}
+        sets = {name: ClassificationDataset([data.images[i] for i in idx], data.labels[idx], mean, std, model_args.image_size,
+                                            augment if name == "train" else None) for name, idx in parts.items() if len(idx)}  # fmt: skip
+        model = self.build_model(encoder, data, model_args, class_weights(data.labels[subset], len(data.class_names), model_args.class_weighting), mean, std)
+        args.remove_unused_columns = False
+        groups = param_groups_layer_decay(model, args.learning_rate, args.weight_decay, model_args.layer_decay)
+        processor = ViTImageProcessorPil(do_resize=True, size={"height": model_args.image_size, "width": model_args.image_size},
+                                         do_rescale=False, image_mean=mean, image_std=std)  # fmt: skip
+        counts = {name: class_counts(data.labels[idx], data.class_names) for name, idx in parts.items()}
+        logger.info("per-class counts %s; train-only classes %s", counts, split.train_only_classes)
+        trainer_kwargs = dict(compute_metrics=compute_metrics_fn(data.class_names, data.multi_label),
+                              optimizer_cls_and_kwargs=(torch.optim.AdamW, {"params": groups, "betas": (0.9, 0.999)}))  # fmt: skip
+        state = dict(data=data, test=sets.get("test"), counts=counts, train_only=split.train_only_classes, mean=mean, std=std,
+                     files={name: [data.files[i] for i in idx] for name, idx in parts.items()})  # fmt: skip
+        return TaskSetup(model, sets["train"], sets["val"], processor, str(data_args.data_dir), trainer_kwargs=trainer_kwargs,
+                         select_on="macro_f1", selection_metrics=SELECTION_METRICS, state=state)  # fmt: skip
+
+    @staticmethod
+    def build_model(encoder: ViTModel, data: LabelledImages, args: ModelArguments, weights, mean, std) -> MedClsForImageClassification:
+        encoder.config.image_mean, encoder.config.image_std = mean, std  # travel in the classifier's config
+        drop_path = 0.0 if args.mode == "linear_probe" else args.drop_path_rate  # a frozen encoder gets no stochastic depth
+        model = MedClsForImageClassification.from_encoder(
+            encoder, len(data.class_names), id2label=dict(enumerate(data.class_names)), pooling=args.pooling,
+            drop_path_rate=drop_path, head_dropout=args.head_dropout, label_smoothing=args.label_smoothing,
+            class_weights=weights, problem_type=MULTI if data.multi_label else SINGLE,
+        )  # fmt: skip
+        trainable = freeze(model, args.mode)
+        logger.info("init %s, mode %s: %d trainable parameters of %d", args.init, args.mode, trainable, model.num_parameters())
+        return model
+
+    def report(self, trainer, setup: TaskSetup, model_args: ModelArguments, data_args: DataArguments, is_main: bool) -> dict:
+        args, state, data = trainer.args, setup.state, setup.state["data"]
+        selection = {"selected_on": "validation" if args.eval_strategy != "no" else "last", "metric_for_best_model": args.metric_for_best_model,
+                     "best_metric": trainer.state.best_metric, "best_model_checkpoint": trainer.state.best_model_checkpoint}  # fmt: skip
+        test = evaluate_test(trainer, state["test"], data.class_names, data.multi_label, args.output_dir, is_main) if state["test"] is not None else {}
+        report = {**test, **selection, "train_class_counts": state["counts"]["train"], "class_counts": state["counts"],
+                  "train_only_classes": state["train_only"], "init": model_args.init, "mode": model_args.mode,
+                  "train_fraction": data_args.train_fraction, "image_mean": state["mean"], "image_std": state["std"]}  # fmt: skip
+        metrics = {**trainer.evaluate(metric_key_prefix="eval"), **selection}
+        metrics.update({f"test_{k}": v for k, v in test.items() if isinstance(v, (int, float))})
+        trainer.save_model()  # the selected (best-on-validation) model, as safetensors, with its processor
+        if is_main:
+            Path(args.output_dir, "splits.json").write_text(json.dumps(state["files"], indent=1))
+            from ..training import hardware_description
+
+            Path(args.output_dir, "test_metrics.json").write_text(json.dumps({**report, "hardware": hardware_description()}, indent=2, default=str))
+        return metrics
+
+
+def evaluate_test(trainer, test_set, class_names: list[str], multi_label: bool, output_dir: str, is_main: bool = True) -> dict:
+    """Metrics of the selected model on the test split, plus the three plots (single-label)."""
+    from ..plots import plot_confidence, plot_confusion_matrix, plot_reliability
+
+    logits = trainer.predict(test_set).predictions
+    logits = (logits[0] if isinstance(logits, tuple) else logits).astype(np.float64)
+    probs = expit(logits) if multi_label else softmax(logits, axis=-1)  # [N, K]
+    labels = test_set.labels.numpy()
+    metrics = classification_metrics(probs, labels, class_names, multi_label)
+    if not multi_label:
+        metrics.update(present_class_scores(probs, labels))
+    if multi_label or not is_main:
+        return metrics
+    plot_confusion_matrix(np.asarray(metrics["confusion_matrix"]), class_names, f"{output_dir}/confusion_matrix.png")
+    if 0 < int((probs.argmax(1) == labels).sum()) < len(labels):
+        plot_confidence(probs, labels, class_names, f"{output_dir}/confidence.png")
+    else:  # hf_medmae.plots.plot_confidence cannot draw an empty correct (or wrong) group
+        logger.warning("confidence.png not drawn: every test prediction is %s", "right" if metrics["accuracy"] == 1 else "wrong")
+    plot_reliability(probs, labels, f"{output_dir}/reliability.png")
+    return metrics
+
+
+TASK = Classify()
+main = TASK.main
+
+
+def cli() -> None:
+    """Console entry point `medmae-classify`."""
+    print(json.dumps(main(), indent=2, default=str))
+
+
+__all__ = ["Classify", "DataArguments", "ModelArguments", "build_encoder", "class_weights", "cli", "evaluate_test", "load_data", "main"]

@@ -1,0 +1,171 @@
+"""Pre-train a masked autoencoder on unlabeled images (`run_mae.py`, `medmae-pretrain`).
+
+    medmae-pretrain --config configs/quickstart.yaml
+    accelerate launch run_mae.py --config configs/seed001_model1_p4.yaml   # many GPUs, unchanged
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+from transformers import ViTImageProcessorPil
+
+from ..arguments import MedTrainingArguments
+from ..configuration import MedMAEConfig
+from ..data.pretraining import PretrainingDataset, load_source, tile_image
+from ..data.splits import split_indices
+from ..data.transforms import Augment, channel_stats, check_channels
+from ..errors import DataError
+from ..loading import load_checkpoint
+from ..modeling_mae import MedMAEForPreTraining
+from ..performance import choose_attention
+from ..training import AttentionRefreshCallback, EpochCallback, SampleIdRecorder
+from .run import Task, TaskSetup
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DataArguments:
+    train_data: str = field(default="embedded:nuclei16", metadata={"help": "folder, .npy/.npz, hf:<dataset>[::split], or embedded:nuclei16"})
+    file_pattern: str = field(default="*", metadata={"help": 'only files matching this name pattern, e.g. "*.bmp"'})
+    validation_data: str | None = field(default=None, metadata={"help": "separate validation source; else split off train_data"})
+    validation_fraction: float = field(default=0.1, metadata={"help": "share of images (before tiling) held out for validation"})
+    tile_size: int | None = field(default=None, metadata={"help": "cut images into tiles of this side first (e.g. 64)"})
+    max_images: int | None = field(default=None, metadata={"help": "read at most this many images"})
+    on_bad_file: Literal["error", "skip"] = field(default="error", metadata={"help": "error | skip (skipped files are counted and reported)"})
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0], metadata={"help": "random resized crop area range"})
+    hflip: bool = True
+    vflip: bool = True
+    rot90: bool = False
+    reconstruction_channels: list[int] | None = field(default=None, metadata={"help": "1 channel (grey) or 3 (RGB) shown in the reconstruction PNG"})
+    record_sample_ids: bool = field(default=False, metadata={"help": "write the training sample ids each process saw (sharding check)"})
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(default=None, metadata={"help": "continue from an MAE checkpoint (dir or Hub id)"})
+    image_size: int = 64
+    patch_size: int = 8
+    num_channels: int | None = field(default=None, metadata={"help": "default: taken from the data"})
+    hidden_size: int = 192
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 6
+    intermediate_size: int = 768
+    decoder_hidden_size: int = 128
+    decoder_num_hidden_layers: int = 2
+    decoder_num_attention_heads: int = 4
+    decoder_intermediate_size: int = 512
+    layer_norm_eps: float = 1e-6
+    norm_pix_loss: bool = True
+    mask_ratio: float = 0.75
+    mask_generator: str = "random"
+    mask_generator_kwargs: dict | None = None
+    throw_ratio: float = 0.0
+    attention_refresh_epochs: float = 5.0
+    attn_implementation: Literal["auto", "sdpa", "eager"] = field(default="auto", metadata={"help": "auto (sdpa on GPU; on CPU the faster of sdpa/eager, measured) | sdpa | eager"})
+
+
+def mae_config(model_args: ModelArguments, num_channels: int) -> MedMAEConfig:
+    """The `MedMAEConfig` the arguments describe, for images of `num_channels` channels."""
+    keys = set(MedMAEConfig.__dataclass_fields__) & set(asdict(model_args)) - {"num_channels"}
+    return MedMAEConfig(num_channels=num_channels, **{k: getattr(model_args, k) for k in keys})
+
+
+def load_images(data_args: DataArguments, seed: int) -> tuple[list, list, list[str]]:
+    """(train images, validation images, skipped files): whole images split before tiling, so no tile of a
+    validation image is trained on."""
+    images, skipped = load_source(data_args.train_data, data_args.on_bad_file, data_args.max_images, pattern=data_args.file_pattern)
+    if not images:
+        raise DataError(f"no images found in {data_args.train_data}.", "check train_data; supported: PNG/JPEG/BMP/TIFF folders, .npy/.npz, hf:, embedded:.")
+    if data_args.validation_data:
+        val_images, more = load_source(data_args.validation_data, data_args.on_bad_file, pattern=data_args.file_pattern)
+        train_images, skipped = images, skipped + more
+    else:
+        train_idx, val_idx = split_indices(len(images), data_args.validation_fraction, seed)
+        train_images, val_images = [images[i] for i in train_idx], [images[i] for i in val_idx]
+    if data_args.tile_size:
+        train_images = [t for im in train_images for t in tile_image(im, data_args.tile_size)]
+        val_images = [t for im in val_images for t in tile_image(im, data_args.tile_size)]
+    return train_images, val_images, skipped
+
+
+class Pretrain(Task):
+    arguments = (ModelArguments, DataArguments, MedTrainingArguments)
+
+    def setup(self, model_args: ModelArguments, data_args: DataArguments, args: MedTrainingArguments) -> TaskSetup:
+        train_images, val_images, skipped = load_images(data_args, args.seed)
+        channels = check_channels(train_images + val_images, data_args.train_data)
+        attn = "sdpa" if model_args.attn_implementation == "auto" else model_args.attn_implementation
+        if model_args.model_name_or_path:
+            model = load_checkpoint(MedMAEForPreTraining, model_args.model_name_or_path, model_types=("medmae", "vit_mae"),
+                                    what="an MAE", attn_implementation=attn)  # fmt: skip
+            if model.config.num_channels != channels:
+                raise DataError(f"the checkpoint expects {model.config.num_channels} channels, the data has {channels}.",
+                                "use data with the checkpoint's channel count, or pre-train from scratch.")  # fmt: skip
+        else:
+            model = MedMAEForPreTraining._from_config(mae_config(model_args, channels), attn_implementation=attn)
+        config = model.config
+        mean, std = channel_stats(train_images)
+        random_masks = config.mask_generator == "random"  # per-image masks: the same whatever the process count
+        if config.mask_generator == "attention":  # maps must line up with the pixels they mask: no crops, no flips
+            augment = Augment(model_args.image_size, (1.0, 1.0), hflip=False, vflip=False)
+        else:
+            augment = Augment(model_args.image_size, tuple(data_args.crop_scale), hflip=data_args.hflip, vflip=data_args.vflip, rot90=data_args.rot90)
+        train = PretrainingDataset(train_images, mean, std, model_args.image_size, augment, seed=args.seed,
+                                   mask_noise_patches=config.num_patches if random_masks else 0)  # fmt: skip
+        val = PretrainingDataset(val_images, mean, std, model_args.image_size) if val_images else None
+        callbacks = [EpochCallback(train)]
+        if config.mask_generator == "attention":
+            plain = PretrainingDataset(train_images, mean, std, model_args.image_size)
+            callbacks.append(AttentionRefreshCallback(plain, every_epochs=model_args.attention_refresh_epochs))
+        if model_args.attn_implementation == "auto":
+            choose_attention(model.to(args.device), args.per_device_train_batch_size)
+        args.remove_unused_columns = False  # keep sample_ids for the attention generator
+        args.prediction_loss_only = True  # evaluation needs the loss, not every reconstruction
+        processor = ViTImageProcessorPil(do_resize=False, do_rescale=False, image_mean=mean, image_std=std)
+        logger.info("training on %d images (%d channels), validating on %d; lr %.3g", len(train), channels, len(val or []), args.learning_rate)
+        if data_args.record_sample_ids:
+            callbacks.append(SampleIdRecorder())
+        return TaskSetup(model, train, val, processor, data_args.train_data, callbacks, state={"skipped": skipped})
+
+    def report(self, trainer, setup: TaskSetup, model_args, data_args: DataArguments, is_main: bool) -> dict:
+        trainer.save_model()
+        args, model, skipped = trainer.args, setup.model, setup.state["skipped"]
+        metrics = trainer.evaluate() if setup.eval_dataset is not None else {}
+        metrics.update(num_train_images=len(setup.train_dataset), num_skipped_files=len(skipped),
+                       attn_implementation=model.config._attn_implementation)  # fmt: skip
+        if is_main:
+            if skipped:
+                logger.warning("skipped %d unreadable files: %s", len(skipped), skipped[:10])
+            save_reconstructions(model, setup.eval_dataset or setup.train_dataset, args.output_dir, data_args.reconstruction_channels)
+        return metrics
+
+
+@torch.no_grad()
+def save_reconstructions(model: MedMAEForPreTraining, dataset, output_dir: str, channels=None, n: int = 4) -> str:
+    """`reconstruction.png`: originals, what the encoder saw, and the reconstruction of `n` images."""
+    from ..plots import save_reconstruction_grid
+
+    model.eval()
+    pixels = torch.stack([dataset[i]["pixel_values"] for i in range(min(n, len(dataset)))]).to(model.device)
+    out = model(pixels)
+    recon = model.reconstruct(pixels, out.logits, out.mask)
+    return save_reconstruction_grid(pixels.cpu(), out.mask.cpu(), recon.cpu(), model.config.patch_size, f"{output_dir}/reconstruction.png", channels=channels)
+
+
+TASK = Pretrain()
+main = TASK.main
+
+
+def cli() -> None:
+    """Console entry point `medmae-pretrain`."""
+    import json
+
+    print(json.dumps(main(), indent=2, default=str))
+
+
+__all__ = ["DataArguments", "ModelArguments", "Pretrain", "cli", "load_images", "mae_config", "main", "save_reconstructions"]

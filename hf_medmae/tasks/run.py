@@ -1,0 +1,158 @@
+"""The run sequence all three tasks share, around transformers' `Trainer`.
+
+parse (`--config` + flags) -> check the output folder -> seed -> the task builds data and model
+(`Task.setup`) -> precision settled -> `Trainer` (the image processor as `processing_class`, so every
+`checkpoint-N` carries its normalisation) -> train, resuming from the last complete checkpoint -> the
+task reports (`Task.report`: reload of the best checkpoint, test metrics, plots) -> metrics, run_info.json
+and the Hub push, once, on the main process. A new task is a `Task` subclass with `setup` and `report`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from torch.utils.data import Dataset
+from transformers import PreTrainedModel, Trainer, ViTImageProcessorPil, default_data_collator, set_seed
+
+from ..arguments import MedTrainingArguments
+from ..cli import parse_config
+from ..data.transforms import channel_stats
+from ..errors import ConfigError, DataError
+from ..hub import push_checkpoint
+from ..loading import load_checkpoint
+from ..performance import apply_fast_defaults, choose_precision
+from ..training import ProcessSeedCallback, check_writable, hardware_description, resolve_resume, write_run_info
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TaskSetup:
+    """What a task hands the shared sequence: model, data, processor and the Trainer's task-specific pieces.
+
+    Args:
+        select_on: for transfer tasks, the validation metric that picks the checkpoint by default
+            (`metric_for_best_model` overrides it); None for pre-training (the last model is kept).
+        selection_metrics: the metrics `metric_for_best_model` may name (None: any).
+    """
+
+    model: PreTrainedModel
+    train_dataset: Dataset
+    eval_dataset: Dataset | None
+    processor: ViTImageProcessorPil
+    dataset_name: str
+    callbacks: list = field(default_factory=list)
+    trainer_kwargs: dict = field(default_factory=dict)
+    select_on: str | None = None
+    selection_metrics: tuple[str, ...] | None = None
+    state: dict = field(default_factory=dict)  # task-specific values `report` needs again
+
+
+class Task:
+    """One task: its argument dataclasses, how it builds a run, and what it reports after training."""
+
+    arguments: tuple = ()
+
+    def setup(self, model_args, data_args, args: MedTrainingArguments) -> TaskSetup:
+        raise NotImplementedError
+
+    def report(self, trainer: Trainer, setup: TaskSetup, model_args, data_args, is_main: bool) -> dict:
+        raise NotImplementedError
+
+    def main(self, argv: list[str] | None = None) -> dict:
+        model_args, data_args, args = parse_config(self.arguments, argv)
+        logging.basicConfig(level=logging.INFO if args.process_index == 0 else logging.WARNING)
+        check_writable(args.output_dir)
+        set_seed(args.seed)
+        setup = self.setup(model_args, data_args, args)
+        return run(self, setup, model_args, data_args, args)
+
+
+def check_selection(args: MedTrainingArguments, default_metric: str, allowed: tuple[str, ...] | None) -> bool:
+    """One best-model policy for the transfer tasks: evaluate and save on one schedule, pick on validation.
+
+    The Trainer records the best checkpoint (`metric_for_best_model`) and keeps it through
+    `save_total_limit`; `load_best_checkpoint` reloads it strictly after training, so the Trainer's own
+    non-strict `load_best_model_at_end` is switched off — and a config that omits it still gets the best model.
+    Without evaluation (`eval_strategy: no`) nothing can be selected: the last model is kept, and said so.
+
+    Returns:
+        Whether a checkpoint will be selected on validation.
+    """
+    if args.eval_strategy == "no":
+        logger.warning("eval_strategy is 'no': the last model is kept, not the best on validation "
+                       "(set eval_strategy and save_strategy to epoch or steps to select one)")
+        args.load_best_model_at_end = False
+        return False
+    if args.save_strategy != args.eval_strategy:
+        raise ConfigError(f"save_strategy {args.save_strategy} differs from eval_strategy {args.eval_strategy}.", "use the same value for both (e.g. epoch).")
+    if args.metric_for_best_model is None or (args.metric_for_best_model == "loss" and args.greater_is_better is False):
+        args.metric_for_best_model, args.greater_is_better = default_metric, True  # "loss" is only TrainingArguments' default
+    if allowed is not None and args.metric_for_best_model.removeprefix("eval_") not in allowed:
+        raise ConfigError(f"metric_for_best_model={args.metric_for_best_model!r} is not a validation metric.", f"use one of {', '.join(allowed)}.")
+    if args.greater_is_better is None:
+        args.greater_is_better = not args.metric_for_best_model.endswith("loss")
+    args.load_best_model_at_end = False
+    return True
+
+
+def load_best_checkpoint(trainer: Trainer) -> None:
+    """Put the best-on-validation weights into `trainer.model`, every key checked (`loading.load_checkpoint`)."""
+    best = trainer.state.best_model_checkpoint
+    if best is None:
+        raise ConfigError("no checkpoint was saved during training, so none can be selected.", "train for at least one eval/save step.")
+    logger.info("selected %s on validation (%s = %.4f)", best, trainer.args.metric_for_best_model, trainer.state.best_metric)
+    loaded = load_checkpoint(type(trainer.model), best)
+    trainer.model.load_state_dict(loaded.state_dict(), strict=True)
+
+
+def encoder_normalisation(encoder, init: str, train_images: list) -> tuple[list[float], list[float]]:
+    """The checkpoint's image_mean/std when fine-tuning its weights (its inputs were scaled so), else the train images'."""
+    mean, std = getattr(encoder, "image_mean", None), getattr(encoder, "image_std", None)
+    if init == "mae" and mean is not None and std is not None:
+        if len(mean) != train_images[0].shape[0]:
+            raise DataError(f"the checkpoint's image_mean has {len(mean)} entries for {train_images[0].shape[0]}-channel data.",
+                            "re-save the checkpoint's preprocessor_config.json with per-channel statistics of its data.")  # fmt: skip
+        return list(mean), list(std)
+    if init == "mae" and encoder is not None:
+        logger.warning("the checkpoint stores no image_mean/std: normalising with the training images' statistics")
+    return channel_stats(train_images)
+
+
+def settle_precision(args: MedTrainingArguments, setup: TaskSetup) -> dict:
+    """`precision: auto` on a CPU with native bf16: measure fp32 vs bf16 on the real model and batch, then decide."""
+    if not args.measure_precision:
+        return {"precision": "bf16" if args.bf16 else "fp32"}
+    size = min(args.per_device_train_batch_size, len(setup.train_dataset))
+    batch = default_data_collator([setup.train_dataset[i] for i in range(size)])
+    use, seconds = choose_precision(setup.model.to(args.device), batch)
+    args.use_bf16(use)
+    return {"precision": "bf16" if use else "fp32", "precision_step_runtime": seconds}
+
+
+def run(task: Task, setup: TaskSetup, model_args, data_args, args: MedTrainingArguments) -> dict:
+    """Train `setup` with the Trainer, let the task report, then save metrics and run info and push (see module doc)."""
+    selecting = setup.select_on is not None and check_selection(args, setup.select_on, setup.selection_metrics)
+    apply_fast_defaults(args)
+    precision = settle_precision(args, setup)
+    trainer = Trainer(model=setup.model, args=args, train_dataset=setup.train_dataset, eval_dataset=setup.eval_dataset,
+                      processing_class=setup.processor, callbacks=[ProcessSeedCallback(), *setup.callbacks],
+                      **setup.trainer_kwargs)  # fmt: skip
+    train_result = trainer.train(resume_from_checkpoint=resolve_resume(args))
+    if selecting:
+        load_best_checkpoint(trainer)
+    is_main = trainer.is_world_process_zero()
+    metrics = {**train_result.metrics, **task.report(trainer, setup, model_args, data_args, is_main), **precision,
+               "hardware": hardware_description(), "global_step": trainer.state.global_step}  # fmt: skip
+    if is_main:
+        trainer.save_metrics("all", metrics)
+        write_run_info(args, setup.dataset_name, len(setup.train_dataset), metrics)
+        if args.push_at_end:
+            repo_id = args.hub_model_id or args.output_dir.rstrip("/").split("/")[-1]
+            push_checkpoint(args.output_dir, repo_id, private=bool(args.hub_private_repo), revision=args.hub_revision,
+                            token=args.hub_token, commit_message="hf_medmae: end of training")  # fmt: skip
+    return metrics
+
+
+__all__ = ["Task", "TaskSetup", "check_selection", "encoder_normalisation", "load_best_checkpoint", "run", "settle_precision"]
