@@ -28,9 +28,8 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-import run_mae  # noqa: E402
+from hf_medmae.tasks import pretrain  # noqa: E402
 from pretrain_throughput import time_steps  # noqa: E402
-from transformers import TrainingArguments  # noqa: E402
 
 from hf_medmae.training import hardware_description  # noqa: E402
 from hf_medmae import MedMAEForPreTraining  # noqa: E402

@@ -26,8 +26,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-import run_classification  # noqa: E402
-import run_mae  # noqa: E402
+from hf_medmae.tasks import classify  # noqa: E402
+from hf_medmae.tasks import pretrain  # noqa: E402
 from hf_medmae.data.io import read_image  # noqa: E402
 from hf_medmae.data.pretraining import tile_image  # noqa: E402
 from hf_medmae.data.transforms import resize  # noqa: E402

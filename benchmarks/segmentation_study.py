@@ -31,8 +31,8 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-import run_mae  # noqa: E402
-import run_segmentation  # noqa: E402
+from hf_medmae.tasks import pretrain  # noqa: E402
+from hf_medmae.tasks import segment  # noqa: E402
 from hf_medmae.training import hardware_description  # noqa: E402
 
 WBC = ROOT.parent / "shared" / "data" / "wbc_zheng2018" / "Dataset 1"
