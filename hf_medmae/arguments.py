@@ -18,6 +18,11 @@ from transformers import TrainingArguments
 from .performance import cpu_has_native_bf16
 
 
+def _has_accelerator() -> bool:
+    accelerator = getattr(torch, "accelerator", None)
+    return bool(accelerator.is_available()) if accelerator is not None else torch.cuda.is_available()
+
+
 @dataclass
 class MedTrainingArguments(TrainingArguments):
     """`TrainingArguments` plus `precision` and `base_learning_rate`.
@@ -41,6 +46,8 @@ class MedTrainingArguments(TrainingArguments):
             self.bf16 = bool(on_gpu and torch.cuda.is_bf16_supported())
         else:
             self.bf16 = self.precision == "bf16"
+        if self.bf16 and not _has_accelerator():
+            self.use_cpu = True  # TrainingArguments refuses bf16 on a machine without GPU unless told it is a CPU run
         # On a CPU with native bf16, "auto" is settled by `performance.choose_precision` on the real model and batch.
         self.measure_precision = self.precision == "auto" and not on_gpu and cpu_has_native_bf16()
         super().__post_init__()
