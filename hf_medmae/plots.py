@@ -293,7 +293,7 @@ def _patch_mask_to_pixels(mask: np.ndarray, height: int, width: int, patch_size:
 def save_reconstruction_grid(original: np.ndarray, masked_pixels: np.ndarray, reconstruction: np.ndarray,
                              patch_size: int, path: str | Path, channels: int | Sequence[int] | None = None,
                              max_images: int = 4) -> str:
-    """One row per image: original, masked input (masked patches grey), reconstruction.
+    """One row per image: original, masked input (masked patches grey), reconstruction (hidden patches outlined).
 
     The 1-99 percentile stretch is computed on the original and applied to all three panels, so
     brightness differences in the reconstruction are real.
@@ -326,6 +326,8 @@ def save_reconstruction_grid(original: np.ndarray, masked_pixels: np.ndarray, re
         masked = disp.copy()
         masked[hidden] = 0.5  # grey, in both [H, W] and [H, W, 3] layouts
         for ax, img, title in zip(row, (disp, masked, to_display(recon[i], chosen, lo_hi)),
-                                  ("original", f"masked ({hidden.mean():.0%})", "reconstruction")):
+                                  ("original", f"masked ({hidden.mean():.0%})", "reconstruction (hidden patches outlined)")):
             _show(ax, img, title)
+        # Outline the predicted (hidden) patches: what inside them is the model's, not a copy of the input.
+        row[2].contour(hidden.astype(float), levels=[0.5], colors="#ffd400", linewidths=0.7)
     return _save(fig, path)

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .data.io import progress
 from .errors import ConfigError
 
 CHECKPOINT_FILES = ("trainer_state.json", "model.safetensors", "optimizer.pt", "scheduler.pt")
@@ -140,7 +141,7 @@ class AttentionRefreshCallback(TrainerCallback):
         model.eval()
         device = next(model.parameters()).device
         loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False)
-        for batch in loader:
+        for batch in progress(loader, desc="attention maps", unit="batch"):
             maps = model.cls_attention(batch["pixel_values"].to(device)).float().cpu()
             model.attention_bank.update({int(i): m for i, m in zip(batch["sample_ids"], maps)})
         model.train(was_training)

@@ -110,6 +110,18 @@ def test_wbc_end_to_end_learns_nuclei_and_predicts_large_images(tmp_path, wbc_di
     segment.main(["--predict_only", "--model_name_or_path", str(out), "--predict_images", str(big_dir),
                            "--output_dir", str(tmp_path / "again")])
     assert np.array_equal(np.asarray(Image.open(tmp_path / "again" / "mosaic_labels.png")), labels)
+
+    # Another site's labelled set: with mask_dir, predict_only also scores the label maps against its masks.
+    site = tmp_path / "site"
+    site.mkdir()
+    Image.fromarray(big_image).save(site / "mosaic.bmp")
+    raw = np.select([big_mask == 1, big_mask == 2], [128, 255], 0).astype(np.uint8)  # back to WBC's raw mask values
+    Image.fromarray(raw).save(site / "mosaic.png")
+    scored = segment.main(["--predict_only", "--model_name_or_path", str(out), "--predict_images", str(site), "--mask_dir", str(site),
+                           "--image_glob", "*.bmp", "--output_dir", str(tmp_path / "scored")])
+    external = json.loads((tmp_path / "scored" / "test_metrics.json").read_text())
+    assert external["dice_per_class"]["nucleus"] == pytest.approx(nucleus_dice(labels, big_mask), abs=1e-6)
+    assert scored["num_predictions"] == 1 and (tmp_path / "scored" / "overlays.png").is_file()
     reloaded = AutoModelForSemanticSegmentation.from_pretrained(out, use_safetensors=True)
     assert reloaded.config.id2label[2] == "nucleus"
 

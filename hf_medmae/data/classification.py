@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import DataError
-from .io import IMAGE_SUFFIXES, read_image
+from .io import IMAGE_SUFFIXES, progress, read_image
 from .transforms import Augment, Normalize, resize
 
 logger = logging.getLogger(__name__)
@@ -55,10 +55,10 @@ class LabelledImages:
 # ----------------------------------------------------------------------------- reading
 
 
-def _read_all(paths: list[Path], on_bad_file: str) -> tuple[list[np.ndarray], list[int]]:
+def read_all(paths: list[Path], on_bad_file: str) -> tuple[list[np.ndarray], list[int]]:
     """Images of `paths` and the positions that were read (unreadable files skipped only on request)."""
     images, kept = [], []
-    for i, path in enumerate(paths):
+    for i, path in enumerate(progress(paths, desc="reading images", unit="image")):
         try:
             images.append(read_image(path))
             kept.append(i)
@@ -97,7 +97,7 @@ def load_class_folders(folder: str | Path, class_names: list[str] | None = None,
         files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         paths += files
         labels += [names.index(name)] * len(files)
-    images, kept = _read_all(paths, on_bad_file)
+    images, kept = read_all(paths, on_bad_file)
     files = [str(paths[i].relative_to(root)) for i in kept]
     return LabelledImages(images, np.asarray(labels, dtype=np.int64)[kept], names, files)
 
@@ -223,7 +223,7 @@ def load_csv_labels(
         labels, names = _multi_hot(rows, columns, path), columns
     else:
         labels, names = _name_labels([row[columns[0]] for row in rows], class_names, label_offset, label_map)
-    images, kept = _read_all(paths, on_bad_file)
+    images, kept = read_all(paths, on_bad_file)
     return LabelledImages(images, labels[kept], names, [paths[i].name for i in kept], multi_label)
 
 

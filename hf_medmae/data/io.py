@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
@@ -78,6 +79,11 @@ def list_image_files(folder: str | Path, recursive: bool = True, pattern: str = 
     return sorted(p for p in folder.glob(glob) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
+def progress(items, **kwargs):
+    """A tqdm progress bar on a terminal, silent in logs and tests (tqdm's own `disable=None` rule)."""
+    return tqdm(items, disable=None, **kwargs)
+
+
 def read_image_folder(folder: str | Path, on_bad_file: str = "error", max_images: int | None = None, pattern: str = "*") -> tuple[list[np.ndarray], list[str], list[str]]:
     """Read every image under `folder`.
 
@@ -94,7 +100,7 @@ def read_image_folder(folder: str | Path, on_bad_file: str = "error", max_images
         raise DataError(f"on_bad_file={on_bad_file!r} is not an option.", "use on_bad_file: error or on_bad_file: skip.")
     files = list_image_files(folder, pattern=pattern)[:max_images]
     images, names, skipped = [], [], []
-    for path in files:
+    for path in progress(files, desc=f"reading {Path(folder).name}", unit="image"):
         try:
             images.append(read_image(path))
             names.append(str(path.relative_to(folder)))

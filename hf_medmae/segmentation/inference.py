@@ -15,10 +15,9 @@ import torch
 from monai.inferers import sliding_window_inference
 from PIL import Image
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import AutoModelForSemanticSegmentation
 
-from ..data.io import list_image_files, read_image
+from ..data.io import list_image_files, progress, read_image
 from ..data.transforms import resize_pair
 from ..errors import ConfigError, DataError
 from ..loading import load_checkpoint
@@ -81,20 +80,20 @@ def load_segmenter(folder: str | Path) -> tuple[nn.Module, dict, tuple[list[floa
 
 
 def predict_files(model: nn.Module, source: str, output_dir: str, norm, image_size: int, scale: float = 1.0,
-                  sw_batch_size: int = 4, overlap: float = 0.25) -> list[str]:
+                  sw_batch_size: int = 4, overlap: float = 0.25, pattern: str = "*") -> list[str]:
     """Segment every image of `source` (file or folder) by sliding window; write class-id PNGs.
 
     Images are rescaled by `scale` (the training scale), segmented in `image_size` tiles blended with
     `overlap`, and the label map is resized back (nearest) to the original size.
     """
-    files = [Path(source)] if Path(source).is_file() else list_image_files(source)
+    files = [Path(source)] if Path(source).is_file() else list_image_files(source, pattern=pattern)
     if not files:
-        raise DataError(f"no images found in {source}.", "point predict_images at an image file or a folder of images.")
+        raise DataError(f"no images found in {source} (pattern {pattern!r}).", "point predict_images at an image file or a folder of images.")
     mean, std = (torch.tensor(v, dtype=torch.float32)[:, None, None] for v in norm)
     device = next(model.parameters()).device
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     written = []
-    for path in tqdm(files, desc="segmenting", unit="image"):
+    for path in progress(files, desc="segmenting", unit="image"):
         image = (torch.from_numpy(read_image(path)) - mean) / std
         h, w = image.shape[1:]
         size = (max(1, round(h * scale)), max(1, round(w * scale)))

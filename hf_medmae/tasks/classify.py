@@ -10,6 +10,7 @@ the test split is used once, at the end, for `test_metrics.json` and the plots.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 from dataclasses import dataclass, field
@@ -24,14 +25,19 @@ from transformers import ViTConfig, ViTImageProcessorPil, ViTModel
 
 from ..arguments import MedTrainingArguments
 from ..classification import MULTI, SINGLE, MedClsForImageClassification, freeze
-from ..data.classification import ClassificationDataset, LabelledImages, load_class_folders, load_csv_labels
+from ..cli import parse_config
+from ..data.classification import ClassificationDataset, LabelledImages, load_class_folders, load_csv_labels, read_all
+from ..data.io import list_image_files, progress
 from ..data.splits import class_counts, label_subset, stratified_split
-from ..data.transforms import Augment, check_channels
+from ..data.transforms import Augment, channel_stats, check_channels
 from ..encoder import load_encoder
 from ..errors import CheckpointError, ConfigError, DataError
 from ..metrics import classification_metrics, compute_metrics_fn
+from ..loading import load_checkpoint, resolve_checkpoint
 from ..optim import param_groups_layer_decay
-from .run import Task, TaskSetup, encoder_normalisation
+from ..training import check_writable, hardware_description
+from ..validation import as_pair
+from .run import Task, TaskSetup, console, encoder_normalisation
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +46,7 @@ SELECTION_METRICS = ("loss", "accuracy", "balanced_accuracy", "macro_f1", "weigh
 
 @dataclass
 class DataArguments:
-    data_dir: str = field(metadata={"help": "image folder: one sub-folder per class, or the images a labels_csv names"})
+    data_dir: str | None = field(default=None, metadata={"help": "image folder: one sub-folder per class, or the images a labels_csv names (training)"})
     labels_csv: str | None = field(default=None, metadata={"help": "CSV of id,label; without it data_dir has class sub-folders"})
     id_column: str = field(default="filename", metadata={"help": "CSV column with the file name or id"})
     label_column: str = field(default="label", metadata={"help": "CSV column with the class (name or integer)"})
@@ -60,10 +66,17 @@ class DataArguments:
     hflip: bool = True
     vflip: bool = True
     rot90: bool = True
+    predict_data: list[str] | None = field(default=None, metadata={"help": "predict_only: image folders or files to classify; "
+                                           "a folder of class sub-folders, or one with a predict_labels_csv, is also scored"})
+    predict_labels_csv: list[str] | None = field(default=None, metadata={"help": "predict_only: one labels CSV per predict_data folder (columns as labels_csv)"})
+    predict_pattern: str = field(default="*", metadata={"help": "predict_only: which files of a folder are images, e.g. *.bmp"})
+    renormalise: bool = field(default=False, metadata={"help": "predict_only: normalise each set with its own per-channel statistics "
+                                                                  "(another scanner or stain) instead of the checkpoint's; recorded in the outputs"})
 
 
 @dataclass
 class ModelArguments:
+    predict_only: bool = field(default=False, metadata={"help": "no training: classify predict_data with the classifier in model_name_or_path"})
     init: Literal["mae", "scratch"] = field(default="mae", metadata={"help": "mae (encoder weights of the checkpoint) | scratch (same architecture, random)"})
     model_name_or_path: str | None = field(default=None, metadata={"help": "MAE/ViT checkpoint dir or Hub id"})
     image_size: int = 64
@@ -83,6 +96,9 @@ class ModelArguments:
 
 def load_data(args: DataArguments) -> LabelledImages:
     """The labelled images of either layout."""
+    if args.data_dir is None:
+        raise ConfigError("data_dir is not set, so there are no images to train on.",
+                          "set data_dir (a folder of class sub-folders, or the images labels_csv names), or use --predict_only.")
     if args.labels_csv is None:
         if args.multi_label:
             raise DataError("multi-label config with single-label data: class sub-folders give one label per image.",
@@ -139,6 +155,15 @@ def present_class_scores(probs: np.ndarray, labels: np.ndarray) -> dict:
 class Classify(Task):
     arguments = (ModelArguments, DataArguments, MedTrainingArguments)
 
+    def main(self, argv: list[str] | None = None) -> dict:
+        model_args, data_args, args = parse_config(self.arguments, argv)
+        self.output_dir = args.output_dir
+        if model_args.predict_only:
+            logging.basicConfig(level=logging.INFO)
+            check_writable(args.output_dir)
+            return predict_only(model_args, data_args, args.output_dir, args.per_device_eval_batch_size)
+        return super().main(argv)
+
     def setup(self, model_args: ModelArguments, data_args: DataArguments, args: MedTrainingArguments) -> TaskSetup:
         seed = args.seed if data_args.split_seed is None else data_args.split_seed
         data = load_data(data_args)
@@ -166,6 +191,18 @@ class Classify(Task):
         return TaskSetup(model, sets["train"], sets["val"], processor, str(data_args.data_dir), trainer_kwargs=trainer_kwargs,
                          select_on="macro_f1", selection_metrics=SELECTION_METRICS, state=state)  # fmt: skip
 
+    def summary(self, metrics: dict, output_dir: str) -> str:
+        if "sets" in metrics:  # predict_only
+            return "\n".join(f"{row['set']}: {row['images']} images -> {output_dir}/{row['set']}/predictions.csv"
+                             + (f", accuracy {row['accuracy']:.3f}, macro-F1 {row['macro_f1']:.3f}" if "accuracy" in row else "")
+                             for row in metrics["sets"])  # fmt: skip
+        lines = [f"test accuracy {metrics['test_accuracy']:.3f}, macro-F1 {metrics['test_macro_f1']:.3f} "
+                 f"(checkpoint selected on validation {metrics.get('metric_for_best_model')})"] if "test_accuracy" in metrics else []
+        lines += [f"outputs in {output_dir}: the classifier, test_metrics.json, confusion_matrix.png, confidence.png, reliability.png",
+                  f"next: classify new images with  python run_classification.py --predict_only --model_name_or_path {output_dir} "
+                  "--predict_data FOLDER  (add --predict_labels_csv to score them)"]
+        return "\n".join(lines)
+
     @staticmethod
     def build_model(encoder: ViTModel, data: LabelledImages, args: ModelArguments, weights, mean, std) -> MedClsForImageClassification:
         encoder.config.image_mean, encoder.config.image_std = mean, std  # travel in the classifier's config
@@ -192,24 +229,32 @@ class Classify(Task):
         trainer.save_model()  # the selected (best-on-validation) model, as safetensors, with its processor
         if is_main:
             Path(args.output_dir, "splits.json").write_text(json.dumps(state["files"], indent=1))
-            from ..training import hardware_description
-
             Path(args.output_dir, "test_metrics.json").write_text(json.dumps({**report, "hardware": hardware_description()}, indent=2, default=str))
         return metrics
 
 
 def evaluate_test(trainer, test_set, class_names: list[str], multi_label: bool, output_dir: str, is_main: bool = True) -> dict:
     """Metrics of the selected model on the test split, plus the three plots (single-label)."""
-    from ..plots import plot_confidence, plot_confusion_matrix, plot_reliability
-
     logits = trainer.predict(test_set).predictions
     logits = (logits[0] if isinstance(logits, tuple) else logits).astype(np.float64)
     probs = expit(logits) if multi_label else softmax(logits, axis=-1)  # [N, K]
-    labels = test_set.labels.numpy()
+    return score(probs, test_set.labels.numpy(), class_names, multi_label, output_dir if is_main else None)
+
+
+def score(probs: np.ndarray, labels: np.ndarray, class_names: list[str], multi_label: bool, output_dir: str | None) -> dict:
+    """`classification_metrics` plus, for single-label data, what was predicted per class and the three plots.
+
+    `predicted_counts` next to `true_counts` makes a collapse onto one class obvious at a glance.
+    """
+    from ..plots import plot_confidence, plot_confusion_matrix, plot_reliability
+
     metrics = classification_metrics(probs, labels, class_names, multi_label)
-    if not multi_label:
-        metrics.update(present_class_scores(probs, labels))
-    if multi_label or not is_main:
+    if multi_label:
+        return metrics
+    metrics.update(present_class_scores(probs, labels))
+    metrics["true_counts"] = class_counts(labels, class_names)
+    metrics["predicted_counts"] = class_counts(probs.argmax(1), class_names)
+    if output_dir is None:
         return metrics
     plot_confusion_matrix(np.asarray(metrics["confusion_matrix"]), class_names, f"{output_dir}/confusion_matrix.png")
     if 0 < int((probs.argmax(1) == labels).sum()) < len(labels):
@@ -220,13 +265,100 @@ def evaluate_test(trainer, test_set, class_names: list[str], multi_label: bool, 
     return metrics
 
 
+def load_classifier(name_or_path: str) -> tuple[MedClsForImageClassification, dict]:
+    """A classifier saved by this task (local or Hub), strictly loaded, and its preprocessor settings."""
+    model = load_checkpoint(MedClsForImageClassification, name_or_path, what="an hf_medmae classifier")
+    folder = resolve_checkpoint(name_or_path)
+    processor = json.loads((folder / "preprocessor_config.json").read_text()) if (folder / "preprocessor_config.json").is_file() else {}
+    if processor.get("image_mean") is None:
+        raise CheckpointError(f"{name_or_path} has no preprocessor_config.json with image_mean/image_std.",
+                              "point at the output_dir of run_classification.py, which saves the normalisation beside the weights.")
+    return model.eval(), processor
+
+
+def read_prediction_set(source: str, labels_csv: str | None, data_args: DataArguments, class_names: list[str]) -> LabelledImages:
+    """Images to classify: a CSV-labelled folder, a folder of class sub-folders (labelled), or plain images (labels -1)."""
+    path = Path(source)
+    if labels_csv:
+        return load_csv_labels(path, labels_csv, data_args.id_column, data_args.label_columns or [data_args.label_column],
+                               data_args.filename_template, class_names, data_args.label_offset, data_args.label_map,
+                               data_args.multi_label, data_args.on_bad_file)  # fmt: skip
+    if path.is_dir() and any(p.is_dir() for p in path.iterdir()):
+        return load_class_folders(path, class_names, data_args.on_bad_file)
+    files = [path] if path.is_file() else list_image_files(path, pattern=data_args.predict_pattern)
+    if not files:
+        raise DataError(f"no images found in {source} (pattern {data_args.predict_pattern!r}).", "point predict_data at an image folder or file.")
+    images, kept = read_all(files, data_args.on_bad_file)
+    return LabelledImages(images, np.full(len(kept), -1), class_names, [files[i].name for i in kept])
+
+
+@torch.no_grad()
+def predict_probs(model: MedClsForImageClassification, dataset: ClassificationDataset, batch_size: int = 64) -> np.ndarray:
+    """[N, K] class probabilities (softmax, or sigmoid for multi-label) of every image of `dataset`."""
+    multi = model.config.problem_type == MULTI
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+    out = []
+    for batch in progress(loader, desc="classifying", unit="batch"):
+        logits = model(batch["pixel_values"].to(model.device)).logits.double()
+        out.append((logits.sigmoid() if multi else logits.softmax(-1)).cpu().numpy())
+    return np.concatenate(out)
+
+
+def predict_only(model_args: ModelArguments, data_args: DataArguments, output_dir: str, batch_size: int = 64) -> dict:
+    """Classify each `predict_data` set with a trained classifier: `<set>/predictions.csv`, and for labelled sets
+    `<set>/test_metrics.json` with the training run's plots; one row per set in `external_metrics.csv`."""
+    if not data_args.predict_data or not model_args.model_name_or_path:
+        raise ConfigError("predict_only needs predict_data and a model_name_or_path written by run_classification.py.",
+                          "pass --model_name_or_path OUTPUT_DIR_OF_A_RUN --predict_data FOLDER [FOLDER ...].")
+    csvs = data_args.predict_labels_csv or [None] * len(data_args.predict_data)
+    if len(csvs) != len(data_args.predict_data):
+        raise ConfigError(f"{len(csvs)} predict_labels_csv for {len(data_args.predict_data)} predict_data sets.", "give one labels CSV per set, in the same order.")
+    model, processor = load_classifier(model_args.model_name_or_path)
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    size = processor.get("size", {}).get("height") or as_pair(model.config.vit_config["image_size"])[0]
+    channels, rows = model.config.vit_config["num_channels"], []
+    for source, labels_csv in zip(data_args.predict_data, csvs):
+        data = read_prediction_set(source, labels_csv, data_args, names)
+        found = check_channels(data.images, source)
+        if found != channels:
+            raise DataError(f"{source} has {found}-channel images but the classifier expects {channels}.",
+                            f"convert the images to {channels} channels, as the training images were.")  # fmt: skip
+        mean, std = channel_stats(data.images) if data_args.renormalise else (processor["image_mean"], processor["image_std"])
+        probs = predict_probs(model, ClassificationDataset(data.images, np.zeros(len(data.images)), mean, std, size), batch_size)
+        name = Path(source).stem or "predict"
+        target = Path(output_dir, name)
+        target.mkdir(parents=True, exist_ok=True)
+        with (target / "predictions.csv").open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["file", "predicted", *[f"p_{n}" for n in names]])
+            for file, p in zip(data.files, probs):
+                writer.writerow([file, ", ".join(n for n, q in zip(names, p) if q >= 0.5) if data.multi_label else names[int(p.argmax())],
+                                 *[f"{q:.6f}" for q in p]])  # fmt: skip
+        row = {"set": name, "images": len(data.files), "normalisation": "target set" if data_args.renormalise else "checkpoint"}
+        if labels_csv or (data.labels.ndim == 1 and (data.labels >= 0).all()) or data.multi_label:
+            metrics = score(probs, data.labels, names, data.multi_label, str(target))
+            info = {"data": source, "model": model_args.model_name_or_path, "image_mean": list(mean), "image_std": list(std), **row}
+            (target / "test_metrics.json").write_text(json.dumps({**metrics, **info}, indent=2, default=str))
+            row.update({k: metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc") if isinstance(metrics.get(k), (int, float))})
+            row["predicted_counts"] = json.dumps(metrics.get("predicted_counts"))
+        rows.append(row)
+        logger.info("%s: %d images -> %s", name, len(data.files), target)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with Path(output_dir, "external_metrics.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return {"sets": rows}
+
+
 TASK = Classify()
 main = TASK.main
 
 
 def cli() -> None:
-    """Console entry point `medmae-classify`."""
-    print(json.dumps(main(), indent=2, default=str))
+    """Console entry point `medmae-classify` (and `python run_*.py`): metrics as JSON, or the problem and its fix."""
+    console(TASK)
 
 
-__all__ = ["Classify", "DataArguments", "ModelArguments", "build_encoder", "class_weights", "cli", "evaluate_test", "load_data", "main"]
+__all__ = ["Classify", "DataArguments", "ModelArguments", "build_encoder", "class_weights", "cli", "evaluate_test", "load_classifier",
+           "load_data", "main", "predict_only", "predict_probs", "score"]

@@ -23,7 +23,7 @@ from ..loading import load_checkpoint
 from ..modeling_mae import MedMAEForPreTraining
 from ..performance import choose_attention
 from ..training import AttentionRefreshCallback, EpochCallback, SampleIdRecorder
-from .run import Task, TaskSetup
+from .run import Task, TaskSetup, console
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,9 @@ class DataArguments:
     vflip: bool = True
     rot90: bool = False
     reconstruction_channels: list[int] | None = field(default=None, metadata={"help": "1 channel (grey) or 3 (RGB) shown in the reconstruction PNG"})
+    reconstruction_view: Literal["channels", "mean"] = field(default="channels", metadata={
+        "help": "channels: show reconstruction_channels | mean: the average of all channels (a z-projection of a z-stack, "
+                "which averages out photon noise)"})  # fmt: skip
     record_sample_ids: bool = field(default=False, metadata={"help": "write the training sample ids each process saw (sharding check)"})
 
 
@@ -136,24 +139,62 @@ class Pretrain(Task):
         trainer.save_model()
         args, model, skipped = trainer.args, setup.model, setup.state["skipped"]
         metrics = trainer.evaluate() if setup.eval_dataset is not None else {}
+        if setup.eval_dataset is not None:
+            metrics["eval_loss_mean_predictor"] = mean_predictor_loss(model, setup.eval_dataset, args.per_device_eval_batch_size)
         metrics.update(num_train_images=len(setup.train_dataset), num_skipped_files=len(skipped),
                        attn_implementation=model.config._attn_implementation)  # fmt: skip
         if is_main:
             if skipped:
                 logger.warning("skipped %d unreadable files: %s", len(skipped), skipped[:10])
-            save_reconstructions(model, setup.eval_dataset or setup.train_dataset, args.output_dir, data_args.reconstruction_channels)
+            save_reconstructions(model, setup.eval_dataset or setup.train_dataset, args.output_dir, data_args.reconstruction_channels,
+                                 mean_view=data_args.reconstruction_view == "mean")  # fmt: skip
         return metrics
+
+    def summary(self, metrics: dict, output_dir: str) -> str:
+        lines = []
+        if "eval_loss" in metrics and "eval_loss_mean_predictor" in metrics:
+            loss, base = metrics["eval_loss"], metrics["eval_loss_mean_predictor"]
+            lines.append(f"validation loss {loss:.4f}, against {base:.4f} for predicting the mean of every hidden patch "
+                         f"({1 - loss / base:.0%} lower: the model reconstructs structure from the visible patches)")
+        lines += [f"outputs in {output_dir}: model.safetensors + config.json (the MAE), reconstruction.png, all_results.json",
+                  f"next: the encoder in Python, hf_medmae.load_encoder({output_dir!r}); or fine-tune it with",
+                  f"  python run_segmentation.py --config configs/nuclei_segmentation.yaml --model_name_or_path {output_dir}"]
+        return "\n".join(lines)
 
 
 @torch.no_grad()
-def save_reconstructions(model: MedMAEForPreTraining, dataset, output_dir: str, channels=None, n: int = 4) -> str:
-    """`reconstruction.png`: originals, what the encoder saw, and the reconstruction of `n` images."""
+def mean_predictor_loss(model: MedMAEForPreTraining, dataset, batch_size: int = 64) -> float:
+    """The validation loss of predicting the mean for every hidden pixel (0: the data mean in normalised units;
+    with norm_pix_loss, each patch's own mean), on the same images under masks of the same ratio: the floor
+    a model must beat to have learned anything from the visible patches."""
+    model.eval()
+    total, count = 0.0, 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for start in range(0, len(dataset), batch_size):
+            pixels = torch.stack([dataset[i]["pixel_values"] for i in range(start, min(start + batch_size, len(dataset)))]).to(model.device)
+            out = model(pixels)  # for the mask: [B, L], 1 = hidden
+            total += model.reconstruction_loss(pixels, torch.zeros_like(out.logits), out.mask).item() * len(pixels)
+            count += len(pixels)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def save_reconstructions(model: MedMAEForPreTraining, dataset, output_dir: str, channels=None, n: int = 4, mean_view: bool = False) -> str:
+    """`reconstruction.png`: originals, what the encoder saw, and the reconstruction of `n` images.
+
+    `mean_view` shows the average of all channels (original and reconstruction alike) as one grey image.
+    """
     from ..plots import save_reconstruction_grid
 
     model.eval()
     pixels = torch.stack([dataset[i]["pixel_values"] for i in range(min(n, len(dataset)))]).to(model.device)
-    out = model(pixels)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the same masks in every figure of a run's images
+        out = model(pixels)
     recon = model.reconstruct(pixels, out.logits, out.mask)
+    if mean_view:
+        pixels, recon, channels = pixels.mean(1, keepdim=True), recon.mean(1, keepdim=True), [0]
     return save_reconstruction_grid(pixels.cpu(), out.mask.cpu(), recon.cpu(), model.config.patch_size, f"{output_dir}/reconstruction.png", channels=channels)
 
 
@@ -162,10 +203,8 @@ main = TASK.main
 
 
 def cli() -> None:
-    """Console entry point `medmae-pretrain`."""
-    import json
-
-    print(json.dumps(main(), indent=2, default=str))
+    """Console entry point `medmae-pretrain` (and `python run_*.py`): metrics as JSON, or the problem and its fix."""
+    console(TASK)
 
 
 __all__ = ["DataArguments", "ModelArguments", "Pretrain", "cli", "load_images", "mae_config", "main", "save_reconstructions"]

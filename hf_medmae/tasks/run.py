@@ -9,7 +9,10 @@ and the Hub push, once, on the main process. A new task is a `Task` subclass wit
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import sys
 from dataclasses import dataclass, field
 
 from torch.utils.data import Dataset
@@ -18,7 +21,7 @@ from transformers import PreTrainedModel, Trainer, ViTImageProcessorPil, default
 from ..arguments import MedTrainingArguments
 from ..cli import parse_config
 from ..data.transforms import channel_stats
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, MedMAEError
 from ..hub import push_checkpoint
 from ..loading import load_checkpoint
 from ..performance import apply_fast_defaults, choose_precision
@@ -60,8 +63,13 @@ class Task:
     def report(self, trainer: Trainer, setup: TaskSetup, model_args, data_args, is_main: bool) -> dict:
         raise NotImplementedError
 
+    def summary(self, metrics: dict, output_dir: str) -> str:
+        """A few lines for the person at the terminal: how it went, where the outputs are, what to try next."""
+        return f"outputs in {output_dir}"
+
     def main(self, argv: list[str] | None = None) -> dict:
         model_args, data_args, args = parse_config(self.arguments, argv)
+        self.output_dir = args.output_dir
         logging.basicConfig(level=logging.INFO if args.process_index == 0 else logging.WARNING)
         check_writable(args.output_dir)
         set_seed(args.seed)
@@ -155,4 +163,23 @@ def run(task: Task, setup: TaskSetup, model_args, data_args, args: MedTrainingAr
     return metrics
 
 
-__all__ = ["Task", "TaskSetup", "check_selection", "encoder_normalisation", "load_best_checkpoint", "run", "settle_precision"]
+def console(task: Task) -> None:
+    """Run a task from the command line: its metrics as JSON, or our error's problem and fix without a traceback.
+
+    `ConfigError` / `DataError` / `CheckpointError` are the user's to fix, so they print as two lines and
+    exit with status 2; `HF_MEDMAE_TRACEBACK=1` shows the full traceback as well. Other exceptions are
+    bugs or crashes and keep their traceback.
+    """
+    try:
+        metrics = task.main()
+    except MedMAEError as err:
+        if os.environ.get("HF_MEDMAE_TRACEBACK", "").strip() not in ("", "0"):
+            raise
+        print(f"error: {err.problem}\n  fix: {err.fix}\n  (HF_MEDMAE_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(json.dumps(metrics, indent=2, default=str))
+    if getattr(task, "output_dir", None) and int(os.environ.get("RANK", "0")) == 0:
+        print("\n" + task.summary(metrics, task.output_dir))
+
+
+__all__ = ["Task", "TaskSetup", "console", "check_selection", "encoder_normalisation", "load_best_checkpoint", "run", "settle_precision"]

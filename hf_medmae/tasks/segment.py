@@ -19,6 +19,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from PIL import Image
 from transformers import ViTImageProcessorPil, set_seed
 
 from ..arguments import MedTrainingArguments
@@ -38,7 +39,7 @@ from ..segmentation import (
     save_inference_config, training_scale,
 )
 from ..training import check_writable
-from .run import Task, TaskSetup, encoder_normalisation
+from .run import Task, TaskSetup, console, encoder_normalisation
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,8 @@ class DataArguments:
     rot90: bool = True
     num_overlays: int = field(default=4, metadata={"help": "images drawn in overlays.png"})
     display_channels: list[int] | None = field(default=None, metadata={"help": "channels shown in overlays (1 or 3)"})
-    predict_images: str | None = field(default=None, metadata={"help": "image file or folder to segment by sliding window"})
+    predict_images: str | None = field(default=None, metadata={"help": "image file or folder to segment by sliding window; with "
+                                       "predict_only and mask_dir, its masks score the label maps (another site's data)"})
     predict_output_dir: str | None = field(default=None, metadata={"help": "default: output_dir/predictions"})
 
 
@@ -143,6 +145,7 @@ class Segment(Task):
 
     def main(self, argv: list[str] | None = None) -> dict:
         model_args, data_args, args = parse_config(self.arguments, argv)
+        self.output_dir = args.output_dir
         if model_args.predict_only:
             logging.basicConfig(level=logging.INFO)
             check_writable(args.output_dir)
@@ -176,6 +179,15 @@ class Segment(Task):
         state = dict(test=test_ds, class_names=class_names, class_map=class_map, fraction=fraction, scale=scale, norm=(mean, std))
         return TaskSetup(model, train_ds, val_ds, processor, str(data_args.train_data), trainer_kwargs=trainer_kwargs,
                          select_on="mean_dice", state=state)  # fmt: skip
+
+    def summary(self, metrics: dict, output_dir: str) -> str:
+        if "num_predictions" in metrics:
+            return f"{metrics['num_predictions']} label maps (class ids {metrics['class_names']}) in {output_dir}"
+        lines = [f"test mean Dice {metrics['test_mean_dice']:.3f}"] if isinstance(metrics.get("test_mean_dice"), float) else []
+        lines += [f"outputs in {output_dir}: the segmenter, test_metrics.json, confusion_matrix.png, overlays.png",
+                  f"next: segment new images with  python run_segmentation.py --predict_only --model_name_or_path {output_dir} "
+                  "--predict_images FOLDER --output_dir OUT"]
+        return "\n".join(lines)
 
     def report(self, trainer, setup: TaskSetup, model_args: ModelArguments, data_args: DataArguments, is_main: bool) -> dict:
         trainer.save_model()  # the selected (best-on-validation) model
@@ -216,9 +228,37 @@ def predict_only(model_args: ModelArguments, data_args: DataArguments, output_di
         raise ConfigError("predict_only needs predict_images and a model_name_or_path written by run_segmentation.py.",
                           "pass --model_name_or_path OUTPUT_DIR_OF_A_RUN --predict_images FOLDER.")
     model, info, norm = load_segmenter(model_args.model_name_or_path)
-    written = predict_files(model, data_args.predict_images, data_args.predict_output_dir or output_dir, norm, info["image_size"],
-                            info["scale"], model_args.sw_batch_size, model_args.sw_overlap)  # fmt: skip
-    return {"num_predictions": len(written), "class_names": info["class_names"]}
+    out_dir = data_args.predict_output_dir or output_dir
+    written = predict_files(model, data_args.predict_images, out_dir, norm, info["image_size"],
+                            info["scale"], model_args.sw_batch_size, model_args.sw_overlap, pattern=data_args.image_glob)  # fmt: skip
+    result = {"num_predictions": len(written), "class_names": info["class_names"]}
+    if data_args.mask_dir:  # a labelled set from elsewhere: score the label maps against its masks
+        result.update(score_label_maps(out_dir, data_args, info))
+    return result
+
+
+def score_label_maps(out_dir: str, data_args: DataArguments, info: dict) -> dict:
+    """test_metrics.json, confusion matrix and overlays of `predict_files`' label maps against the set's own masks,
+    mapped with the class map the model was trained with (so the raw mask values must mean the same)."""
+    pairs = load_pairs(data_args.predict_images, data_args.mask_dir, data_args.image_glob, data_args.mask_pattern)
+    class_map, names, ignore = {int(k): v for k, v in info["class_map"].items()}, info["class_names"], info["ignore_index"]
+    truth = [map_mask(m, class_map, name) for m, name in zip(pairs.masks, pairs.names)]
+    preds = [np.asarray(Image.open(Path(out_dir, f"{Path(name).stem}_labels.png")), dtype=np.int64) for name in pairs.names]
+    same_size = len({t.shape for t in truth}) == 1
+    if same_size:  # [N, H, W]: per-image HD95 too
+        metrics = segmentation_metrics(np.stack(preds), np.stack(truth), names, ignore)
+    else:  # images of several sizes: pixel metrics over all of them, no HD95
+        metrics = segmentation_metrics(np.concatenate([p.ravel() for p in preds])[None, None],
+                                       np.concatenate([t.ravel() for t in truth])[None, None], names, ignore, hd95=False)  # fmt: skip
+    metrics.update(data=data_args.predict_images, masks=data_args.mask_dir, num_images=len(truth))
+    Path(out_dir, "test_metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    plot_confusion_matrix(np.asarray(metrics["confusion_matrix"]), names, f"{out_dir}/confusion_matrix.png", title="Predicted pixels")
+    if same_size:
+        n = min(data_args.num_overlays, len(truth))
+        images = np.stack([pairs.images[i] for i in range(n)]).astype(np.float32)
+        plot_segmentation_overlays(images, np.stack(truth[:n]), np.stack(preds[:n]), f"{out_dir}/overlays.png", names, ignore,
+                                   channels=data_args.display_channels)  # fmt: skip
+    return {"mean_dice": metrics["mean_dice"], "pixel_accuracy": metrics["pixel_accuracy"]}
 
 
 TASK = Segment()
@@ -226,8 +266,8 @@ main = TASK.main
 
 
 def cli() -> None:
-    """Console entry point `medmae-segment`."""
-    print(json.dumps(main(), indent=2, default=str))
+    """Console entry point `medmae-segment` (and `python run_*.py`): metrics as JSON, or the problem and its fix."""
+    console(TASK)
 
 
 __all__ = ["DataArguments", "ModelArguments", "Segment", "cli", "load_labelled", "main", "predict_only", "split_pairs"]

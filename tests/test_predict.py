@@ -1,0 +1,124 @@
+"""Using a trained model: classify new folders, score other sites' labelled sets, pipelines, errors for people."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT, WBC, require
+from hub_server import hub_server  # noqa: F401  (pytest fixture)
+from PIL import Image
+
+from hf_medmae.errors import DataError
+from hf_medmae.tasks import classify
+
+NAMES = ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"]
+LABELS_CSV = WBC.parent / "Class Labels of Dataset 1.csv"
+WBC_ARGS = ["--data_dir", str(WBC), "--labels_csv", str(LABELS_CSV), "--id_column", "image ID", "--label_column", "class label",
+            "--filename_template", "{id:03d}.bmp", "--label_offset", "1", "--class_names", *NAMES]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    """A small ViT classifier trained briefly on real WBC images at their native 120 px (no resizing anywhere)."""
+    require(WBC)
+    out = tmp_path_factory.mktemp("cls") / "run"
+    classify.main([*WBC_ARGS, "--init", "scratch", "--image_size", "120", "--patch_size", "12", "--hidden_size", "32",
+                   "--num_hidden_layers", "1", "--num_attention_heads", "2", "--intermediate_size", "64", "--max_steps", "30",
+                   "--per_device_train_batch_size", "16", "--eval_strategy", "steps", "--eval_steps", "15", "--save_strategy", "steps",
+                   "--save_steps", "15", "--learning_rate", "2e-3", "--precision", "fp32", "--report_to", "none",
+                   "--disable_tqdm", "true", "--output_dir", str(out)])  # fmt: skip
+    return out
+
+
+def wbc_subset(folder, ids, labels_csv=None):
+    """Copies of WBC images `ids` (never into the repository), and optionally their 20-row labels CSV."""
+    folder.mkdir(parents=True)
+    for i in ids:
+        shutil.copy(WBC / f"{i:03d}.bmp", folder / f"{i:03d}.bmp")
+    if labels_csv is not None:
+        rows = {int(r["image ID"]): r["class label"] for r in csv.DictReader(LABELS_CSV.open(encoding="utf-8-sig"))}
+        with open(labels_csv, "w", newline="") as handle:
+            csv.writer(handle).writerows([["image ID", "class label"], *[[i, rows[i]] for i in ids]])
+    return folder
+
+
+def test_one_command_classifies_a_folder_and_scores_a_labelled_set(classifier, tmp_path):
+    new = wbc_subset(tmp_path / "tomorrow", range(201, 221))
+    site_b = wbc_subset(tmp_path / "site_b", range(221, 241), labels_csv=tmp_path / "site_b.csv")
+    result = classify.main(["--predict_only", "--model_name_or_path", str(classifier), "--predict_data", str(new), str(site_b),
+                            "--predict_labels_csv", "", str(tmp_path / "site_b.csv"), "--id_column", "image ID",
+                            "--label_column", "class label", "--filename_template", "{id:03d}.bmp", "--label_offset", "1",
+                            "--predict_pattern", "*.bmp", "--output_dir", str(tmp_path / "out")])  # fmt: skip
+    rows = list(csv.DictReader((tmp_path / "out" / "tomorrow" / "predictions.csv").open()))
+    assert len(rows) == 20 and set(rows[0]) == {"file", "predicted", *[f"p_{n}" for n in NAMES]}
+    assert all(r["predicted"] in NAMES and abs(sum(float(r[f"p_{n}"]) for n in NAMES) - 1) < 1e-4 for r in rows)
+    assert not (tmp_path / "out" / "tomorrow" / "test_metrics.json").exists()  # no labels: nothing to score
+    metrics = json.loads((tmp_path / "out" / "site_b" / "test_metrics.json").read_text())
+    assert sum(metrics["true_counts"].values()) == sum(metrics["predicted_counts"].values()) == 20
+    assert 0 <= metrics["accuracy"] <= 1 and metrics["normalisation"] == "checkpoint"
+    for png in ("confusion_matrix.png", "reliability.png"):
+        assert (tmp_path / "out" / "site_b" / png).stat().st_size > 1000
+    table = list(csv.DictReader((tmp_path / "out" / "external_metrics.csv").open()))
+    assert [r["set"] for r in table] == ["tomorrow", "site_b"] and table[1]["accuracy"] and not table[0]["accuracy"]
+    assert [r["set"] for r in result["sets"]] == ["tomorrow", "site_b"]
+
+
+def test_renormalise_uses_the_target_sets_statistics(classifier, tmp_path):
+    site = wbc_subset(tmp_path / "dim_site", range(241, 251))
+    for path in site.iterdir():  # another scanner: darker images
+        Image.fromarray((np.asarray(Image.open(path)) * 0.6).astype(np.uint8)).save(path)
+    common = ["--predict_only", "--model_name_or_path", str(classifier), "--predict_data", str(site)]
+    classify.main([*common, "--output_dir", str(tmp_path / "plain")])
+    classify.main([*common, "--renormalise", "--output_dir", str(tmp_path / "renorm")])
+    plain, renorm = (list(csv.DictReader((tmp_path / d / "dim_site" / "predictions.csv").open())) for d in ("plain", "renorm"))
+    assert [r["p_neutrophil"] for r in plain] != [r["p_neutrophil"] for r in renorm]
+    assert next(csv.DictReader((tmp_path / "renorm" / "external_metrics.csv").open()))["normalisation"] == "target set"
+
+
+def test_bad_prediction_input_gets_the_training_errors(classifier, tmp_path):
+    labelled = wbc_subset(tmp_path / "odd", range(1, 5), labels_csv=tmp_path / "odd.csv")
+    (tmp_path / "odd.csv").write_text("image ID,class label\n1,platelet\n2,neutrophil\n3,neutrophil\n4,neutrophil\n")
+    with pytest.raises(DataError, match="platelet"):
+        classify.main(["--predict_only", "--model_name_or_path", str(classifier), "--predict_data", str(labelled),
+                       "--predict_labels_csv", str(tmp_path / "odd.csv"), "--id_column", "image ID", "--label_column", "class label",
+                       "--filename_template", "{id:03d}.bmp", "--output_dir", str(tmp_path / "o")])  # fmt: skip
+    grey = tmp_path / "grey"
+    grey.mkdir()
+    Image.fromarray(np.zeros((120, 120), np.uint8)).save(grey / "a.png")
+    with pytest.raises(DataError, match="1-channel images but the classifier expects 3"):
+        classify.main(["--predict_only", "--model_name_or_path", str(classifier), "--predict_data", str(grey), "--output_dir", str(tmp_path / "o")])
+
+
+def test_pipeline_from_the_hub_classifies_real_images_like_predict_only(classifier, hub_server, tmp_path):  # noqa: F811
+    from transformers import pipeline
+
+    from hf_medmae import push_checkpoint
+
+    push_checkpoint(classifier, "medmae-test/wbc-classifier")
+    images = [Image.open(WBC / f"{i:03d}.bmp") for i in (261, 262, 263)]
+    classifier_pipe = pipeline("image-classification", model="medmae-test/wbc-classifier", top_k=None)
+    outputs = classifier_pipe(images)
+    folder = wbc_subset(tmp_path / "three", (261, 262, 263))
+    classify.main(["--predict_only", "--model_name_or_path", str(classifier), "--predict_data", str(folder), "--output_dir", str(tmp_path / "o")])
+    ours = list(csv.DictReader((tmp_path / "o" / "three" / "predictions.csv").open()))
+    for scores, row in zip(outputs, ours):
+        piped = {s["label"]: s["score"] for s in scores}
+        assert set(piped) == set(NAMES)
+        assert piped == pytest.approx({n: float(row[f"p_{n}"]) for n in NAMES}, abs=1e-4)  # same normalisation, same model
+
+
+def test_console_prints_problem_and_fix_without_traceback(tmp_path):
+    cmd = [sys.executable, "run_classification.py", "--predict_only", "--model_name_or_path", str(tmp_path / "none"),
+           "--predict_data", str(tmp_path), "--output_dir", str(tmp_path / "o")]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "error:" in done.stderr and "fix:" in done.stderr
+    loud = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_MEDMAE_TRACEBACK": "1"})
+    assert loud.returncode != 0 and "Traceback" in loud.stderr and "CheckpointError" in loud.stderr
