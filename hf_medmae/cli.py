@@ -81,6 +81,8 @@ def coerce(key: str, value, annotation):
         raise ConfigError(f"{key}={value!r} is not one of {list(choices)}.", f"set {key} to one of {', '.join(map(str, choices))}.")
     if value is None or any(t in (typing.Any, object) for t in allowed):
         return value
+    if isinstance(value, str) and list in allowed and str not in allowed:
+        value = [value]  # one value for a list field (`predict_images: folder/`) is a list of one
     for kind in allowed:
         if kind is bool and isinstance(value, bool):
             return value

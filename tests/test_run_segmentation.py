@@ -117,11 +117,20 @@ def test_wbc_end_to_end_learns_nuclei_and_predicts_large_images(tmp_path, wbc_di
     Image.fromarray(big_image).save(site / "mosaic.bmp")
     raw = np.select([big_mask == 1, big_mask == 2], [128, 255], 0).astype(np.uint8)  # back to WBC's raw mask values
     Image.fromarray(raw).save(site / "mosaic.png")
-    scored = segment.main(["--predict_only", "--model_name_or_path", str(out), "--predict_images", str(site), "--mask_dir", str(site),
+    scored = segment.main(["--predict_only", "--model_name_or_path", str(out), "--predict_images", str(site), "--predict_mask_dirs", str(site),
                            "--image_glob", "*.bmp", "--output_dir", str(tmp_path / "scored")])
     external = json.loads((tmp_path / "scored" / "test_metrics.json").read_text())
     assert external["dice_per_class"]["nucleus"] == pytest.approx(nucleus_dice(labels, big_mask), abs=1e-6)
     assert scored["num_predictions"] == 1 and (tmp_path / "scored" / "overlays.png").is_file()
+    assert scored["sets"][0]["dice_nucleus"] == external["dice_per_class"]["nucleus"]  # the external_metrics.csv row
+    # Several sets in one call: one sub-folder each, one table row per scored set.
+    (unlabelled := tmp_path / "unlabelled").mkdir()
+    Image.fromarray(big_image).save(unlabelled / "mosaic.bmp")
+    segment.main(["--predict_only", "--model_name_or_path", str(out), "--predict_images", str(unlabelled), str(site),
+                  "--predict_mask_dirs", "", str(site), "--image_glob", "*.bmp", "--output_dir", str(tmp_path / "both")])
+    assert (tmp_path / "both" / "site" / "mosaic_labels.png").is_file() and (tmp_path / "both" / "site" / "test_metrics.json").is_file()
+    table = (tmp_path / "both" / "external_metrics.csv").read_text().splitlines()
+    assert len(table) == 2 and table[1].startswith("site,") and (tmp_path / "both" / "unlabelled" / "mosaic_labels.png").is_file()
     reloaded = AutoModelForSemanticSegmentation.from_pretrained(out, use_safetensors=True)
     assert reloaded.config.id2label[2] == "nucleus"
 

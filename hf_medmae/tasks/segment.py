@@ -11,6 +11,7 @@ The model is selected on validation mean Dice and scored on the test images (`te
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 from dataclasses import dataclass, field
@@ -65,9 +66,11 @@ class DataArguments:
     rot90: bool = True
     num_overlays: int = field(default=4, metadata={"help": "images drawn in overlays.png"})
     display_channels: list[int] | None = field(default=None, metadata={"help": "channels shown in overlays (1 or 3)"})
-    predict_images: str | None = field(default=None, metadata={"help": "image file or folder to segment by sliding window; with "
-                                       "predict_only and mask_dir, its masks score the label maps (another site's data)"})
-    predict_output_dir: str | None = field(default=None, metadata={"help": "default: output_dir/predictions"})
+    predict_images: list[str] | None = field(default=None, metadata={"help": "image files or folders to segment by sliding window, "
+                                             "one set each (several sets: one sub-folder of the output per set)"})
+    predict_mask_dirs: list[str] | None = field(default=None, metadata={"help": "predict_only: one mask folder per predict_images set "
+                                                "('' for none); scores that set's label maps (another site's data)"})
+    predict_output_dir: str | None = field(default=None, metadata={"help": "default: output_dir/predictions (predict_only: output_dir)"})
 
 
 @dataclass
@@ -202,9 +205,9 @@ class Segment(Task):
             save_inference_config(out_dir, model=model_args.model, image_size=model_args.image_size, scale=state["scale"],
                                   crop_mode=data_args.crop_mode, class_map={str(k): v for k, v in state["class_map"].items()},
                                   class_names=state["class_names"], ignore_index=data_args.ignore_index)  # fmt: skip
-            if data_args.predict_images:
-                predict_files(trainer.model, data_args.predict_images, data_args.predict_output_dir or f"{out_dir}/predictions",
-                              state["norm"], model_args.image_size, state["scale"], model_args.sw_batch_size, model_args.sw_overlap)  # fmt: skip
+            for source, target in prediction_sets(data_args.predict_images, data_args.predict_output_dir or f"{out_dir}/predictions"):
+                predict_files(trainer.model, source, target, state["norm"], model_args.image_size, state["scale"],
+                              model_args.sw_batch_size, model_args.sw_overlap)  # fmt: skip
         return metrics
 
 
@@ -222,25 +225,42 @@ def save_outputs(output_dir: str, test_out, val_out, datasets, class_names: list
     return test_metrics
 
 
+def prediction_sets(sources: list[str] | None, output_dir: str) -> list[tuple[str, str]]:
+    """(set, folder its label maps go to): `output_dir` itself for one set, `output_dir/<set name>` for several."""
+    sources = sources or []
+    return [(src, output_dir if len(sources) == 1 else str(Path(output_dir, Path(src).stem))) for src in sources]
+
+
 def predict_only(model_args: ModelArguments, data_args: DataArguments, output_dir: str) -> dict:
-    """Segment `predict_images` with a model saved by this task (no training)."""
+    """Segment each `predict_images` set with a model saved by this task (no training); score the sets that
+    have masks (`predict_mask_dirs`) and list them in `external_metrics.csv`."""
     if not data_args.predict_images or not model_args.model_name_or_path:
         raise ConfigError("predict_only needs predict_images and a model_name_or_path written by run_segmentation.py.",
-                          "pass --model_name_or_path OUTPUT_DIR_OF_A_RUN --predict_images FOLDER.")
+                          "pass --model_name_or_path OUTPUT_DIR_OF_A_RUN --predict_images FOLDER [FOLDER ...].")
+    masks = data_args.predict_mask_dirs or [""] * len(data_args.predict_images)
+    if len(masks) != len(data_args.predict_images):
+        raise ConfigError(f"{len(masks)} predict_mask_dirs for {len(data_args.predict_images)} predict_images sets.",
+                          "give one mask folder per set, in the same order ('' for a set without masks).")
     model, info, norm = load_segmenter(model_args.model_name_or_path)
     out_dir = data_args.predict_output_dir or output_dir
-    written = predict_files(model, data_args.predict_images, out_dir, norm, info["image_size"],
-                            info["scale"], model_args.sw_batch_size, model_args.sw_overlap, pattern=data_args.image_glob)  # fmt: skip
-    result = {"num_predictions": len(written), "class_names": info["class_names"]}
-    if data_args.mask_dir:  # a labelled set from elsewhere: score the label maps against its masks
-        result.update(score_label_maps(out_dir, data_args, info))
-    return result
+    written, rows = 0, []
+    for (source, target), mask_dir in zip(prediction_sets(data_args.predict_images, out_dir), masks):
+        written += len(predict_files(model, source, target, norm, info["image_size"], info["scale"], model_args.sw_batch_size,
+                                     model_args.sw_overlap, pattern=data_args.image_glob))  # fmt: skip
+        if mask_dir:  # a labelled set from elsewhere: score the label maps against its masks
+            rows.append({"set": Path(source).stem, **score_label_maps(source, mask_dir, target, data_args, info)})
+    if rows:
+        with Path(out_dir, "external_metrics.csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return {"num_predictions": written, "class_names": info["class_names"], "sets": rows}
 
 
-def score_label_maps(out_dir: str, data_args: DataArguments, info: dict) -> dict:
+def score_label_maps(source: str, mask_dir: str, out_dir: str, data_args: DataArguments, info: dict) -> dict:
     """test_metrics.json, confusion matrix and overlays of `predict_files`' label maps against the set's own masks,
     mapped with the class map the model was trained with (so the raw mask values must mean the same)."""
-    pairs = load_pairs(data_args.predict_images, data_args.mask_dir, data_args.image_glob, data_args.mask_pattern)
+    pairs = load_pairs(source, mask_dir, data_args.image_glob, data_args.mask_pattern)
     class_map, names, ignore = {int(k): v for k, v in info["class_map"].items()}, info["class_names"], info["ignore_index"]
     truth = [map_mask(m, class_map, name) for m, name in zip(pairs.masks, pairs.names)]
     preds = [np.asarray(Image.open(Path(out_dir, f"{Path(name).stem}_labels.png")), dtype=np.int64) for name in pairs.names]
@@ -250,7 +270,7 @@ def score_label_maps(out_dir: str, data_args: DataArguments, info: dict) -> dict
     else:  # images of several sizes: pixel metrics over all of them, no HD95
         metrics = segmentation_metrics(np.concatenate([p.ravel() for p in preds])[None, None],
                                        np.concatenate([t.ravel() for t in truth])[None, None], names, ignore, hd95=False)  # fmt: skip
-    metrics.update(data=data_args.predict_images, masks=data_args.mask_dir, num_images=len(truth))
+    metrics.update(data=source, masks=mask_dir, num_images=len(truth))
     Path(out_dir, "test_metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     plot_confusion_matrix(np.asarray(metrics["confusion_matrix"]), names, f"{out_dir}/confusion_matrix.png", title="Predicted pixels")
     if same_size:
@@ -258,7 +278,8 @@ def score_label_maps(out_dir: str, data_args: DataArguments, info: dict) -> dict
         images = np.stack([pairs.images[i] for i in range(n)]).astype(np.float32)
         plot_segmentation_overlays(images, np.stack(truth[:n]), np.stack(preds[:n]), f"{out_dir}/overlays.png", names, ignore,
                                    channels=data_args.display_channels)  # fmt: skip
-    return {"mean_dice": metrics["mean_dice"], "pixel_accuracy": metrics["pixel_accuracy"]}
+    return {"images": len(truth), "mean_dice": metrics["mean_dice"], "pixel_accuracy": metrics["pixel_accuracy"],
+            **{f"dice_{name}": metrics["dice_per_class"][name] for name in names}}
 
 
 TASK = Segment()
