@@ -10,7 +10,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForPreTraining, ViTMAEForPreTraining
-from transformers.models.vit_mae.modeling_vit_mae import ViTMAEEmbeddings, ViTMAEForPreTrainingOutput
+from transformers import initialization as init
+from transformers.models.vit_mae.modeling_vit_mae import (
+    ViTMAEDecoder, ViTMAEEmbeddings, ViTMAEForPreTrainingOutput, build_2d_sinusoidal_position_embedding,
+)
 
 from .configuration import MedMAEConfig
 from .validation import check_pixels
@@ -45,6 +48,17 @@ class MedMAEEmbeddings(ViTMAEEmbeddings):
         return torch.cat((cls_tokens, embeddings), dim=1), mask, ids_restore
 
 
+def sincos_position_embedding(grid_size: tuple[int, int], dim: int) -> torch.Tensor:
+    """[1, 1 + gh*gw, dim] fixed 2D sin-cos position embeddings (CLS first, zeros), in ViT-MAE's layout.
+
+    The half-swap reproduces the original MAE's [sin_w|cos_w|sin_h|cos_h] order that pretrained ViT-MAE
+    weights use (as transformers' own `initialize_weights` does); any grid, square or not.
+    """
+    pos = build_2d_sinusoidal_position_embedding(height=grid_size[0], width=grid_size[1], embed_dim=dim, cls_token=True)
+    half = pos.shape[-1] // 2
+    return torch.cat([pos[..., half:], pos[..., :half]], dim=-1)[None]
+
+
 class MedMAEForPreTraining(CurrentKeyNamesMixin, ViTMAEForPreTraining):
     r"""ViT masked autoencoder whose masking strategy is part of its config.
 
@@ -65,6 +79,10 @@ class MedMAEForPreTraining(CurrentKeyNamesMixin, ViTMAEForPreTraining):
 
     def __init__(self, config: MedMAEConfig):
         super().__init__(config)
+        # The encoder (a ViTMAEModel) ran its own stock init inside super().__init__, so `_init_weights`
+        # below never reaches its embeddings: give them their sin-cos values here (loading overwrites them).
+        embeddings = self.vit.embeddings
+        init.copy_(embeddings.position_embeddings, sincos_position_embedding(config.grid_size, embeddings.position_embeddings.shape[-1]))
         # Swap the forward only: the module keeps stock's parameters, names, initialisation and loading.
         self.vit.embeddings.__class__ = MedMAEEmbeddings
         self.mask_generator: MaskGenerator = build_mask_generator(
@@ -75,6 +93,23 @@ class MedMAEForPreTraining(CurrentKeyNamesMixin, ViTMAEForPreTraining):
         )
         # Per-sample CLS attention maps for the `attention` generator, filled by AttentionRefreshCallback.
         self.attention_bank: dict[int, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Stock init, plus the MAE's fixed 2D sin-cos position embeddings, which transformers 5.x leaves at zero.
+
+        In 5.23 stock `_init_weights` zeroes the decoder's `decoder_pos_embed`, and the encoder's sin-cos
+        init returns early once the patch projection is initialised: a ViT-MAE built from a config has
+        no position information at all and can only learn what does not depend on where a patch is
+        (`tests/test_model.py` pins both the values and what they make learnable). `init.copy_` skips
+        weights loaded from a checkpoint, so `from_pretrained` keeps what was saved.
+        """
+        super()._init_weights(module)
+        if isinstance(module, ViTMAEEmbeddings):  # reached on re-initialisation (e.g. missing keys on load)
+            init.copy_(module.position_embeddings, sincos_position_embedding(self.config.grid_size, module.position_embeddings.shape[-1]))
+        elif isinstance(module, ViTMAEDecoder):
+            init.copy_(module.decoder_pos_embed, sincos_position_embedding(self.config.grid_size, module.decoder_pos_embed.shape[-1]))
+            init.normal_(module.mask_token, std=self.config.initializer_range)  # as the MAE paper (stock zeroes it)
 
     @staticmethod
     def _generator_kwargs(config: MedMAEConfig) -> dict:

@@ -140,3 +140,44 @@ def test_checkpoints_use_current_key_names_so_trainer_restores_every_weight(tmp_
     model.save_pretrained(tmp_path)
     result = model.load_state_dict(load_file(tmp_path / "model.safetensors"), strict=False)
     assert not result.missing_keys and not result.unexpected_keys
+
+
+def test_fixed_sincos_position_embeddings_are_set_in_encoder_and_decoder():
+    """transformers 5.x builds ViT-MAE with both position embeddings at zero; ours carry the 2D sin-cos values."""
+    from transformers.models.vit_mae.modeling_vit_mae import build_2d_sinusoidal_position_embedding
+
+    model = MedMAEForPreTraining(tiny_config())  # image 32, patch 4: an 8 x 8 grid
+    for param in (model.vit.embeddings.position_embeddings, model.decoder.decoder_pos_embed):
+        expected = build_2d_sinusoidal_position_embedding(8, 8, param.shape[-1], cls_token=True)
+        half = param.shape[-1] // 2
+        expected = torch.cat([expected[..., half:], expected[..., :half]], dim=-1)[None]  # the original MAE's layout
+        torch.testing.assert_close(param.detach(), expected)
+        assert not param.requires_grad and param[0, 1:].std(0).min() > 0  # fixed, and different at every position
+
+
+def test_positions_make_position_dependent_images_learnable():
+    """Every image is the same left-to-right ramp plus noise: only a model that knows where a hidden patch is
+    can predict its brightness. With the position embeddings zeroed (stock 5.x), the loss stays at the
+    position-blind level."""
+    gen = torch.Generator().manual_seed(0)
+    ramp = torch.linspace(-1.5, 1.5, 32).expand(3, 32, 32)
+
+    def final_loss(zero_positions: bool) -> float:
+        torch.manual_seed(0)
+        model = MedMAEForPreTraining(tiny_config(norm_pix_loss=False, mask_ratio=0.5))
+        if zero_positions:
+            model.vit.embeddings.position_embeddings.data.zero_()
+            model.decoder.decoder_pos_embed.data.zero_()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+        for _ in range(80):
+            loss = model(ramp + 0.1 * torch.randn(16, 3, 32, 32, generator=gen)).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        model.eval()
+        with torch.no_grad():
+            return model(ramp + 0.1 * torch.randn(64, 3, 32, 32, generator=gen)).loss.item()
+
+    blind_floor = ramp.var(unbiased=False).item() + 0.01  # predicting the mean brightness everywhere
+    assert final_loss(zero_positions=False) < 0.2 * blind_floor
+    assert final_loss(zero_positions=True) > 0.6 * blind_floor  # the control: without positions it cannot
