@@ -25,7 +25,6 @@ from transformers import ViTConfig, ViTImageProcessorPil, ViTModel
 
 from ..arguments import MedTrainingArguments
 from ..classification import MULTI, SINGLE, MedClsForImageClassification, freeze
-from ..cli import parse_config
 from ..data.classification import ClassificationDataset, LabelledImages, load_class_folders, load_csv_labels, read_all
 from ..data.io import list_image_files, progress
 from ..data.splits import class_counts, label_subset, stratified_split
@@ -35,7 +34,7 @@ from ..errors import CheckpointError, ConfigError, DataError
 from ..metrics import classification_metrics, compute_metrics_fn
 from ..loading import load_checkpoint, resolve_checkpoint
 from ..optim import param_groups_layer_decay
-from ..training import check_writable, hardware_description
+from ..training import hardware_description
 from ..validation import as_pair
 from .run import Task, TaskSetup, console, encoder_normalisation
 
@@ -155,14 +154,8 @@ def present_class_scores(probs: np.ndarray, labels: np.ndarray) -> dict:
 class Classify(Task):
     arguments = (ModelArguments, DataArguments, MedTrainingArguments)
 
-    def main(self, argv: list[str] | None = None) -> dict:
-        model_args, data_args, args = parse_config(self.arguments, argv)
-        self.output_dir = args.output_dir
-        if model_args.predict_only:
-            logging.basicConfig(level=logging.INFO)
-            check_writable(args.output_dir)
-            return predict_only(model_args, data_args, args.output_dir, args.per_device_eval_batch_size)
-        return super().main(argv)
+    def predict(self, model_args: ModelArguments, data_args: DataArguments, args: MedTrainingArguments) -> dict:
+        return predict_only(model_args, data_args, args.output_dir, args.per_device_eval_batch_size)
 
     def setup(self, model_args: ModelArguments, data_args: DataArguments, args: MedTrainingArguments) -> TaskSetup:
         seed = args.seed if data_args.split_seed is None else data_args.split_seed

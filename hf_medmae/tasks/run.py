@@ -67,11 +67,17 @@ class Task:
         """A few lines for the person at the terminal: how it went, where the outputs are, what to try next."""
         return f"outputs in {output_dir}"
 
+    def predict(self, model_args, data_args, args: MedTrainingArguments) -> dict:
+        """No training: use a trained model (`--predict_only`), for tasks that have that mode."""
+        raise ConfigError(f"{type(self).__name__} has no predict_only mode.", "drop --predict_only.")
+
     def main(self, argv: list[str] | None = None) -> dict:
         model_args, data_args, args = parse_config(self.arguments, argv)
         self.output_dir = args.output_dir
         logging.basicConfig(level=logging.INFO if args.process_index == 0 else logging.WARNING)
         check_writable(args.output_dir)
+        if getattr(model_args, "predict_only", False):
+            return self.predict(model_args, data_args, args)
         set_seed(args.seed)
         setup = self.setup(model_args, data_args, args)
         return run(self, setup, model_args, data_args, args)

@@ -24,7 +24,6 @@ from PIL import Image
 from transformers import ViTImageProcessorPil, set_seed
 
 from ..arguments import MedTrainingArguments
-from ..cli import parse_config
 from ..data.segmentation import (
     SegmentationDataset, SegmentationPairs, covering_tiles, labelled_fraction, load_pairs, map_mask, parse_class_map, sparsify,
 )
@@ -39,7 +38,6 @@ from ..segmentation import (
     UNET_MULTIPLE, MedSegConfig, MedSegForSegmentation, build_unet_baseline, encoder_fields, load_segmenter, predict_files,
     save_inference_config, training_scale,
 )
-from ..training import check_writable
 from .run import Task, TaskSetup, console, encoder_normalisation
 
 logger = logging.getLogger(__name__)
@@ -146,14 +144,8 @@ def optimizer_for(model, model_args: ModelArguments, args: MedTrainingArguments)
 class Segment(Task):
     arguments = (ModelArguments, DataArguments, MedTrainingArguments)
 
-    def main(self, argv: list[str] | None = None) -> dict:
-        model_args, data_args, args = parse_config(self.arguments, argv)
-        self.output_dir = args.output_dir
-        if model_args.predict_only:
-            logging.basicConfig(level=logging.INFO)
-            check_writable(args.output_dir)
-            return predict_only(model_args, data_args, args.output_dir)
-        return super().main(argv)
+    def predict(self, model_args: ModelArguments, data_args: DataArguments, args: MedTrainingArguments) -> dict:
+        return predict_only(model_args, data_args, args.output_dir)
 
     def setup(self, model_args: ModelArguments, data_args: DataArguments, args: MedTrainingArguments) -> TaskSetup:
         check_model_args(model_args)
