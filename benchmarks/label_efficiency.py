@@ -26,8 +26,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from hf_medmae.tasks import classify  # noqa: E402
-from hf_medmae.tasks import pretrain  # noqa: E402
+from hf_medmae.tasks import classify as classify_task  # noqa: E402
+from hf_medmae.tasks import pretrain as pretrain_task  # noqa: E402
 from hf_medmae.data.io import read_image  # noqa: E402
 from hf_medmae.data.pretraining import tile_image  # noqa: E402
 from hf_medmae.data.transforms import resize  # noqa: E402
@@ -101,12 +101,12 @@ def pretrain(args: argparse.Namespace, work: Path) -> tuple[str, float]:
         "--crop_scale", "[0.4, 1.0]", "--report_to", "none", "--disable_tqdm", "true", "--logging_steps", "100",
         "--dataloader_num_workers", "0", "--seed", "0",
     ]  # fmt: skip
-    pretrain.main(argv)
+    pretrain_task.main(argv)
     return str(work / "mae"), time.time() - start
 
 
 def finetune(args: argparse.Namespace, mae: str, init: str, fraction: float, seed: int, work: Path) -> dict:
-    """One cell: classify.main on the WBC config; returns the test metrics."""
+    """One cell: the classification task on the WBC config; returns the test metrics."""
     s = args.sizes
     every = max(1, s["finetune_steps"] // 10)
     argv = [
@@ -118,7 +118,7 @@ def finetune(args: argparse.Namespace, mae: str, init: str, fraction: float, see
         "--eval_strategy", "steps", "--save_strategy", "steps", "--eval_steps", str(every), "--save_steps", str(every),
         "--save_total_limit", "1", "--logging_steps", str(every), "--disable_tqdm", "true",
     ]  # fmt: skip
-    metrics = classify.main(argv)
+    metrics = classify_task.main(argv)
     return {"init": init, "fraction": fraction, "seed": seed, **{m: metrics[f"test_{m}"] for m in METRICS}}
 
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """WBC segmentation study: MAE-initialised UNETR vs the same UNETR from scratch vs a U-Net, dense and sparse labels.
 
-The MAE is pre-trained once with `pretrain.main` on the WBC Dataset 1 images (masks never shown; optionally
+The MAE is pre-trained once with the pre-training task on the WBC Dataset 1 images (masks never shown; optionally
 plus 120 px tiles of BCCD smears) and reused by every run. Each (model, labels, seed) run is one
-`segment.main` call: the seed sets the train/validation/test split (70/15/15), the sparse pixels
+segmentation-task call: the seed sets the train/validation/test split (70/15/15), the sparse pixels
 and the initialisation; the model is selected on validation mean Dice and scored on the dense test masks.
 
     OMP_NUM_THREADS=1 python benchmarks/segmentation_study.py   # 3 seeds x dense/2% x 3 models, ~1.5 h (see below)
@@ -31,8 +31,8 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-from hf_medmae.tasks import pretrain  # noqa: E402
-from hf_medmae.tasks import segment  # noqa: E402
+from hf_medmae.tasks import pretrain as pretrain_task  # noqa: E402
+from hf_medmae.tasks import segment as segment_task  # noqa: E402
 from hf_medmae.training import hardware_description  # noqa: E402
 
 WBC = ROOT.parent / "shared" / "data" / "wbc_zheng2018" / "Dataset 1"
@@ -82,13 +82,13 @@ def pretrain(mae_dir: Path, settings: dict, bccd_images: int, force: bool) -> fl
     for key, value in settings.items():
         argv += [f"--{key}", json.dumps(value)]
     start = time.perf_counter()
-    metrics = pretrain.main(argv)
+    metrics = pretrain_task.main(argv)
     print(f"MAE pre-training: loss {metrics.get('train_loss'):.3f}, {time.perf_counter() - start:.0f} s")
     return time.perf_counter() - start
 
 
 def segment(arm: str, fraction: float, seed: int, mae_dir: Path, out_root: Path, settings: dict) -> dict:
-    """One segment.main run; returns a flat result row."""
+    """One segmentation-task run; returns a flat result row."""
     model, init = ARMS[arm]
     out = out_root / f"{arm}_labels{fraction:g}_seed{seed}"
     values = dict(train_data=str(WBC), image_glob="*.bmp", class_map={0: 0, 128: 1, 255: 2}, class_names=CLASSES,
@@ -100,7 +100,7 @@ def segment(arm: str, fraction: float, seed: int, mae_dir: Path, out_root: Path,
     for key, value in values.items():
         argv += [f"--{key}", json.dumps(value)]
     start = time.perf_counter()
-    segment.main(argv)
+    segment_task.main(argv)
     m = json.loads((out / "test_metrics.json").read_text())
     row = dict(arm=arm, label_fraction=fraction, seed=seed, seconds=round(time.perf_counter() - start, 1),
                mean_dice=m["mean_dice"], pixel_accuracy=m["pixel_accuracy"], hd95=m.get("hd95"))
