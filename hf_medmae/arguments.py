@@ -42,6 +42,8 @@ class MedTrainingArguments(TrainingArguments):
         self.push_at_end = bool(self.push_to_hub)  # see the module docstring
         self.push_to_hub = False
         on_gpu = torch.cuda.is_available() and not self.use_cpu
+        if self.bf16 and self.precision == "auto":
+            self.precision = "bf16"  # transformers' own `bf16: true` is a request for bf16, not to be overridden
         if self.precision == "auto":
             self.bf16 = bool(on_gpu and torch.cuda.is_bf16_supported())
         else:

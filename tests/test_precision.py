@@ -62,3 +62,8 @@ def test_lr_rule_and_push_are_settled_before_the_trainer(tmp_path):
     args = args_for(tmp_path, "fp32", base_learning_rate=1.5e-4, gradient_accumulation_steps=2, push_to_hub=True)
     assert args.learning_rate == pytest.approx(1.5e-4 * 8 * 2 / 256)
     assert args.push_at_end and not args.push_to_hub  # the Trainer never pushes its own card or training_args.bin
+
+
+def test_transformers_own_bf16_flag_is_honoured(tmp_path):
+    args = MedTrainingArguments(output_dir=str(tmp_path), bf16=True, use_cpu=True, report_to="none")
+    assert args.precision == "bf16" and args.mixed_precision == "bf16"
