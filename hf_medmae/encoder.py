@@ -8,6 +8,7 @@ renamed or truncated checkpoint fails loudly instead of leaving randomly initial
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -19,6 +20,8 @@ from transformers import PreTrainedConfig, ViTConfig, ViTModel
 from .errors import CheckpointError, ConfigError
 from .loading import load_checkpoint, read_config, resolve_checkpoint
 from .validation import as_pair
+
+logger = logging.getLogger(__name__)
 
 MAE_TYPES = ("medmae", "vit_mae")
 OWN_TYPES = ("medmae_classifier", "medmae_segmenter")
@@ -218,6 +221,10 @@ def load_encoder(
     # ViTModel's learnable position embeddings start from the MAE's fixed sin-cos values.
     model = load_checkpoint(ViTModel, folder, model_types=SUPPORTED_TYPES, what="an encoder", ignore_unexpected=ENCODER_EXTRAS,
                             config=vit_config, add_pooling_layer=False)  # fmt: skip
+    if not bool(model.embeddings.position_embeddings.detach().abs().amax()):
+        logger.warning("%s has all-zero position embeddings: it was pre-trained position-blind (transformers 5.x built "
+                       "ViT-MAEs so before hf_medmae set sin-cos values). Its features ignore where patches are; "
+                       "pre-train it again with this version.", folder)
     if image_size is not None and as_pair(image_size) != as_pair(vit_config.image_size):
         model = _resize(model, image_size)
     mean, std = _read_normalisation(folder, vit_config)

@@ -209,3 +209,18 @@ def test_vit_config_from_reads_mae_and_nested_configs():
     assert (vit.model_type, vit.hidden_size, vit.num_channels, vit.patch_size) == ("vit", 32, 16, 4)
     nested = vit_config_from({"model_type": "medmae_classifier", "vit_config": vit.to_dict()})
     assert nested.num_hidden_layers == 2 and nested.num_channels == 16
+
+
+def test_position_blind_checkpoint_is_warned_about(tmp_path, caplog):
+    """Checkpoints from before the sin-cos fix hold all-zero position embeddings: loading says so."""
+    model = tiny_mae()
+    model.vit.embeddings.position_embeddings.data.zero_()
+    model.save_pretrained(tmp_path / "blind")
+    with caplog.at_level("WARNING", logger="hf_medmae.encoder"):
+        load_encoder(tmp_path / "blind")
+    assert "all-zero position embeddings" in caplog.text
+    caplog.clear()
+    tiny_mae().save_pretrained(tmp_path / "ok")
+    with caplog.at_level("WARNING", logger="hf_medmae.encoder"):
+        load_encoder(tmp_path / "ok")
+    assert "position" not in caplog.text
