@@ -122,3 +122,19 @@ def test_console_prints_problem_and_fix_without_traceback(tmp_path):
     assert "error:" in done.stderr and "fix:" in done.stderr
     loud = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_MEDMAE_TRACEBACK": "1"})
     assert loud.returncode != 0 and "Traceback" in loud.stderr and "CheckpointError" in loud.stderr
+
+
+@pytest.mark.parametrize("classifier_kind", ["logistic", "knn"])
+def test_frozen_features_mode_is_fast_and_scores_like_fine_tuning(tmp_path, classifier_kind):
+    """mode frozen_features: features once, scikit-learn on top (chosen on validation), the fine-tuning outputs."""
+    require(WBC)
+    metrics = classify.main([*WBC_ARGS, "--init", "scratch", "--mode", "frozen_features", "--frozen_classifier", classifier_kind,
+                             "--image_size", "32", "--patch_size", "8", "--hidden_size", "32", "--num_hidden_layers", "1",
+                             "--num_attention_heads", "2", "--intermediate_size", "64", "--output_dir", str(tmp_path)])  # fmt: skip
+    report = json.loads((tmp_path / "test_metrics.json").read_text())
+    assert report["mode"] == "frozen_features" and report["classifier"].startswith(classifier_kind)
+    assert sum(report["predicted_counts"].values()) == sum(report["true_counts"].values()) == 60  # 20% of 300
+    # Even a random encoder's features separate these cells better than chance (4 classes present in test).
+    assert metrics["test_macro_f1_present"] > 0.35, metrics
+    for png in ("confusion_matrix.png", "reliability.png"):
+        assert (tmp_path / png).is_file()
