@@ -9,6 +9,7 @@ upload are switched off and remembered in `push_at_end`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -37,6 +38,12 @@ class MedTrainingArguments(TrainingArguments):
         "help": "auto: bf16 on GPUs that support it; on CPUs with native bf16 (AVX512-BF16/AMX) bf16 when a start-up "
                 "measurement shows it faster; else fp32 | bf16 | fp32"})  # fmt: skip
     base_learning_rate: float | None = field(default=None, metadata={"help": "if set, lr = base_lr * effective batch / 256 (MAE rule)"})
+    min_train_steps: int = field(default=0, metadata={
+        "help": "train at least this many optimizer steps: num_train_epochs is raised to reach it (a small data set needs "
+                "many epochs; the step count, not the epoch count, is what converges). Ignored when max_steps is set"})  # fmt: skip
+    early_stopping_patience: int | None = field(default=None, metadata={
+        "help": "transfer tasks: stop after this many evaluations without a better metric_for_best_model "
+                "(transformers' EarlyStoppingCallback); the best checkpoint is then reloaded"})  # fmt: skip
 
     def __post_init__(self):
         self.push_at_end = bool(self.push_to_hub)  # see the module docstring
@@ -61,6 +68,14 @@ class MedTrainingArguments(TrainingArguments):
     @property
     def effective_batch_size(self) -> int:
         return self.per_device_train_batch_size * self.gradient_accumulation_steps * max(1, self.world_size)
+
+    def ensure_min_steps(self, num_train_samples: int) -> None:
+        """Raise `num_train_epochs` so that training runs at least `min_train_steps` optimizer steps."""
+        if self.max_steps > 0 or not self.min_train_steps or not num_train_samples:
+            return
+        steps_per_epoch = math.ceil(num_train_samples / self.effective_batch_size)
+        if self.num_train_epochs * steps_per_epoch < self.min_train_steps:
+            self.num_train_epochs = math.ceil(self.min_train_steps / steps_per_epoch)
 
     def use_bf16(self, enabled: bool) -> None:
         """Switch bf16 autocast before the Trainer is built (its accelerator reads `mixed_precision` then)."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import TrainerCallback, TrainingArguments
+from transformers import EarlyStoppingCallback, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .data.io import progress
@@ -95,6 +95,14 @@ def write_run_info(args: TrainingArguments, dataset: str, num_images: int, metri
                 steps=int(metrics.get("global_step", args.max_steps if args.max_steps > 0 else 0)), dataset=dataset,
                 num_images=int(num_images), seed=int(args.seed), command=" ".join(["python", *sys.argv]))
     (Path(args.output_dir) / "run_info.json").write_text(json.dumps(info, indent=2))
+
+
+class SelectionEarlyStopping(EarlyStoppingCallback):
+    """transformers' early stopping, without its warning that the best model will not be reloaded: the transfer
+    tasks switch the Trainer's `load_best_model_at_end` off on purpose and reload the best checkpoint strictly."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        pass  # `tasks.run.check_selection` has already required metric_for_best_model and an evaluation schedule
 
 
 class ProcessSeedCallback(TrainerCallback):

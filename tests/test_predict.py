@@ -138,3 +138,25 @@ def test_frozen_features_mode_is_fast_and_scores_like_fine_tuning(tmp_path, clas
     assert metrics["test_macro_f1_present"] > 0.35, metrics
     for png in ("confusion_matrix.png", "reliability.png"):
         assert (tmp_path / png).is_file()
+
+
+def test_early_stopping_ends_a_run_that_stopped_improving(tmp_path):
+    """lr 0: validation never improves, so patience 2 stops at the third evaluation, and the best is reloaded."""
+    require(WBC)
+    metrics = classify.main([*WBC_ARGS, "--init", "scratch", "--image_size", "32", "--patch_size", "8", "--hidden_size", "32",
+                             "--num_hidden_layers", "1", "--num_attention_heads", "2", "--intermediate_size", "64",
+                             "--learning_rate", "0", "--max_steps", "40", "--eval_strategy", "steps", "--eval_steps", "2",
+                             "--save_strategy", "steps", "--save_steps", "2", "--early_stopping_patience", "2",
+                             "--precision", "fp32", "--report_to", "none", "--disable_tqdm", "true", "--output_dir", str(tmp_path)])  # fmt: skip
+    assert metrics["global_step"] == 6 and metrics["best_model_checkpoint"].endswith("checkpoint-2")
+
+
+def test_min_train_steps_raises_the_epochs_of_a_small_training_set(tmp_path):
+    from hf_medmae import MedTrainingArguments
+
+    args = MedTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, num_train_epochs=30,
+                                per_device_train_batch_size=32, min_train_steps=1000)  # fmt: skip
+    args.ensure_min_steps(195)  # 7 steps per epoch: 30 epochs would be 210 steps
+    assert args.num_train_epochs == 143
+    args.ensure_min_steps(10_000)  # already long enough: unchanged
+    assert args.num_train_epochs == 143

@@ -25,7 +25,7 @@ from ..errors import ConfigError, DataError, MedMAEError
 from ..hub import push_checkpoint
 from ..loading import load_checkpoint
 from ..performance import apply_fast_defaults, choose_precision
-from ..training import ProcessSeedCallback, check_writable, hardware_description, resolve_resume, write_run_info
+from ..training import ProcessSeedCallback, SelectionEarlyStopping, check_writable, hardware_description, resolve_resume, write_run_info
 
 logger = logging.getLogger(__name__)
 
@@ -148,10 +148,14 @@ def settle_precision(args: MedTrainingArguments, setup: TaskSetup) -> dict:
 def run(task: Task, setup: TaskSetup, model_args, data_args, args: MedTrainingArguments) -> dict:
     """Train `setup` with the Trainer, let the task report, then save metrics and run info and push (see module doc)."""
     selecting = setup.select_on is not None and check_selection(args, setup.select_on, setup.selection_metrics)
+    args.ensure_min_steps(len(setup.train_dataset))
+    callbacks = [ProcessSeedCallback(), *setup.callbacks]
+    if selecting and args.early_stopping_patience:
+        callbacks.append(SelectionEarlyStopping(early_stopping_patience=args.early_stopping_patience))
     apply_fast_defaults(args)
     precision = settle_precision(args, setup)
     trainer = Trainer(model=setup.model, args=args, train_dataset=setup.train_dataset, eval_dataset=setup.eval_dataset,
-                      processing_class=setup.processor, callbacks=[ProcessSeedCallback(), *setup.callbacks],
+                      processing_class=setup.processor, callbacks=callbacks,
                       **setup.trainer_kwargs)  # fmt: skip
     train_result = trainer.train(resume_from_checkpoint=resolve_resume(args))
     if selecting:
