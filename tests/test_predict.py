@@ -149,6 +149,13 @@ def test_early_stopping_ends_a_run_that_stopped_improving(tmp_path):
                              "--save_strategy", "steps", "--save_steps", "2", "--early_stopping_patience", "2",
                              "--precision", "fp32", "--report_to", "none", "--disable_tqdm", "true", "--output_dir", str(tmp_path)])  # fmt: skip
     assert metrics["global_step"] == 6 and metrics["best_model_checkpoint"].endswith("checkpoint-2")
+    # ...but never before min_train_steps: a noisy small validation set must not end a run that early.
+    floored = classify.main([*WBC_ARGS, "--init", "scratch", "--image_size", "32", "--patch_size", "8", "--hidden_size", "32",
+                             "--num_hidden_layers", "1", "--num_attention_heads", "2", "--intermediate_size", "64",
+                             "--learning_rate", "0", "--max_steps", "40", "--eval_strategy", "steps", "--eval_steps", "2",
+                             "--save_strategy", "steps", "--save_steps", "2", "--early_stopping_patience", "2", "--min_train_steps", "10",
+                             "--precision", "fp32", "--report_to", "none", "--disable_tqdm", "true", "--output_dir", str(tmp_path / "floor")])  # fmt: skip
+    assert floored["global_step"] == 10
 
 
 def test_min_train_steps_raises_the_epochs_of_a_small_training_set(tmp_path):
