@@ -41,6 +41,24 @@ class _SegmenterBase(CurrentKeyNamesMixin, PreTrainedModel):
         name = getattr(self.config, "_name_or_path", "") or ""
         return f"the model {name!r}" if name else "this model"
 
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> SemanticSegmenterOutput:
+        r"""
+        Args:
+            pixel_values: [B, C, H, W] images, H and W multiples of `input_multiple` (the patch size, or the
+                U-Net's stride; a ViT interpolates its position embeddings for sizes other than the config's).
+            labels: [B, H, W] class indices, `config.ignore_index` for unlabelled pixels.
+
+        Returns:
+            `SemanticSegmenterOutput` with `logits` [B, num_labels, H, W] and `loss` when labels are given.
+        """
+        check_pixels(pixel_values, self.input_channels, self._source(), multiple=self.input_multiple)
+        if labels is not None:
+            labels = check_labels(labels, pixel_values)
+        logits = self.segment(pixel_values)
+        loss = self.compute_loss(logits, labels) if labels is not None else None
+        return SemanticSegmenterOutput(loss=loss, logits=logits)
+
+
 class MedSegForSegmentation(_SegmenterBase):
     r"""ViT encoder (`self.vit`, a `transformers.ViTModel`) + UNETR decoder from MONAI blocks.
 
@@ -80,23 +98,18 @@ class MedSegForSegmentation(_SegmenterBase):
         skips = [to_map(out.hidden_states[i]) for i in self.config.skip_layers]
         return skips, to_map(out.last_hidden_state)
 
-    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> SemanticSegmenterOutput:
-        r"""
-        Args:
-            pixel_values: [B, C, H, W] images, H and W multiples of the patch size (other sizes than the
-                config's interpolate the position embeddings).
-            labels: [B, H, W] class indices, `config.ignore_index` for unlabelled pixels.
+    @property
+    def input_channels(self) -> int:
+        return self.config.vit_config["num_channels"]
 
-        Returns:
-            `SemanticSegmenterOutput` with `logits` [B, num_labels, H, W] and `loss` when labels are given.
-        """
-        check_pixels(pixel_values, self.config.vit_config["num_channels"], self._source(), multiple=self.config.patch_size)
-        if labels is not None:
-            labels = check_labels(labels, pixel_values)
+    @property
+    def input_multiple(self) -> int:
+        return self.config.patch_size
+
+    def segment(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B, num_labels, H, W] logits: encoder features, then the UNETR decoder."""
         skips, deepest = self.encoder_features(pixel_values)
-        logits = self.decoder(pixel_values, skips, deepest)
-        loss = self.compute_loss(logits, labels) if labels is not None else None
-        return SemanticSegmenterOutput(loss=loss, logits=logits)
+        return self.decoder(pixel_values, skips, deepest)
 
     @classmethod
     def from_encoder(cls, vit: nn.Module, num_labels: int, **cfg_kwargs) -> "MedSegForSegmentation":
@@ -125,6 +138,7 @@ class MedSegForSegmentation(_SegmenterBase):
             )
         return model
 
+
 class MedUNetForSegmentation(_SegmenterBase):
     """MONAI `BasicUNet` with the segmenter's forward, outputs and loss, saved like any HF model.
 
@@ -143,14 +157,15 @@ class MedUNetForSegmentation(_SegmenterBase):
         self.unet = BasicUNet(config.spatial_dims, config.in_channels, config.num_labels, features=config.features)
         self.post_init()
 
-    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> SemanticSegmenterOutput:
-        """Same contract as `MedSegForSegmentation.forward`; H and W must be multiples of 16."""
-        check_pixels(pixel_values, self.config.in_channels, self._source(), multiple=UNET_MULTIPLE)
-        if labels is not None:
-            labels = check_labels(labels, pixel_values)
-        logits = self.unet(pixel_values)
-        loss = self.compute_loss(logits, labels) if labels is not None else None
-        return SemanticSegmenterOutput(loss=loss, logits=logits)
+    input_multiple = UNET_MULTIPLE  # BasicUNet halves the resolution four times
+
+    @property
+    def input_channels(self) -> int:
+        return self.config.in_channels
+
+    def segment(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B, num_labels, H, W] logits of MONAI's BasicUNet."""
+        return self.unet(pixel_values)
 
 
 def build_unet_baseline(in_channels: int, num_labels: int, spatial_dims: int = 2,
