@@ -7,6 +7,7 @@ Importing the package registers our configs and models with transformers' Auto c
 
 from .arguments import MedTrainingArguments
 from .classification import MedClsConfig, MedClsForImageClassification, freeze
+from .cnn import MedCNNConfig, MedCNNForImageClassification, build_cnn
 from .configuration import MedMAEConfig
 from .encoder import load_encoder, mae_encoder_state_dict, vit_config_dict, vit_config_from
 from .errors import CheckpointError, ConfigError, DataError, MedMAEError
@@ -22,7 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "MedMAEConfig", "MedMAEForPreTraining", "MASK_GENERATORS", "build_mask_generator",
     "load_encoder", "mae_encoder_state_dict", "vit_config_dict", "vit_config_from",
-    "MedClsConfig", "MedClsForImageClassification", "freeze", "add_drop_path", "param_groups_layer_decay",
+    "MedClsConfig", "MedClsForImageClassification", "freeze", "MedCNNConfig", "MedCNNForImageClassification", "build_cnn", "add_drop_path", "param_groups_layer_decay",
     "MedSegConfig", "MedSegForSegmentation", "MedUNetConfig", "MedUNetForSegmentation", "build_unet_baseline", "predict",
     "push_checkpoint", "pull_checkpoint", "render_model_card", "load_checkpoint", "MedTrainingArguments",
     "MedMAEError", "ConfigError", "DataError", "CheckpointError",

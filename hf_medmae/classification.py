@@ -30,6 +30,68 @@ from .loading import CurrentKeyNamesMixin
 SINGLE, MULTI = "single_label_classification", "multi_label_classification"
 
 
+def check_head_fields(config: PreTrainedConfig, rates: tuple[str, ...]) -> None:
+    """The checks every classifier config shares: problem type, rates in [0, 1), one positive weight per class."""
+    if config.problem_type not in (SINGLE, MULTI):
+        raise ConfigError(f"problem_type={config.problem_type!r} is not supported by the hf_medmae classifiers.",
+                          f"use {SINGLE!r} or {MULTI!r}.")
+    for name in rates:
+        value, top = getattr(config, name), 1.0 if name == "drop_path_rate" else 0.999
+        if not 0.0 <= value <= top:
+            raise ConfigError(f"{name}={value} is outside [0, 1).", f"use e.g. 0.1 for {name}.")
+    weights = config.class_weights
+    if weights is not None and (len(weights) != config.num_labels or min(weights) <= 0):
+        raise ConfigError(f"class_weights has {len(weights)} entries but there are {config.num_labels} labels (all weights must be > 0).",
+                          "give one positive weight per label (e.g. inverse class frequency), or leave class_weights unset.")
+
+
+class ClassificationLossMixin:
+    """Cross-entropy (label smoothing, class weights) or BCE-with-logits, with label checks, for every classifier."""
+
+    def classification_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy (label smoothing, class weights) or BCE-with-logits, after checking the labels."""
+        weights = None
+        if self.config.class_weights is not None:
+            weights = torch.tensor(self.config.class_weights, dtype=logits.dtype, device=logits.device)
+        if self.config.problem_type == MULTI:
+            self._check_multi_labels(labels, logits.shape)
+            loss = nn.functional.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")
+            return (loss * weights).mean() if weights is not None else loss.mean()
+        self._check_single_labels(labels, logits.shape)
+        return nn.functional.cross_entropy(
+            logits, labels.long(), weight=weights, label_smoothing=self.config.label_smoothing
+        )
+
+    def _check_single_labels(self, labels: torch.Tensor, shape: torch.Size) -> None:
+        if labels.dim() != 1 or labels.is_floating_point():
+            raise DataError(
+                f"single-label config given labels of shape {tuple(labels.shape)} and dtype {labels.dtype} "
+                "(multi-label data?).",
+                f"pass [N] integer class indices, or set problem_type: {MULTI} for [N, K] 0/1 labels.",
+            )
+        bad = labels[(labels < 0) | (labels >= shape[-1])]
+        if bad.numel():
+            raise DataError(
+                f"labels {sorted(set(bad.tolist()))} are outside [0, {shape[-1]}) for num_labels={shape[-1]}.",
+                "map the classes to 0..num_labels-1 (e.g. CSV classes 1-5 -> 0-4) or raise num_labels.",
+            )
+
+    def _check_multi_labels(self, labels: torch.Tensor, shape: torch.Size) -> None:
+        if labels.dim() == 1:
+            raise DataError(
+                "multi-label config with single-label data: labels are 1-D class indices "
+                f"(shape {tuple(labels.shape)}).",
+                f"set problem_type: {SINGLE}, or provide [N, {shape[-1]}] 0/1 labels.",
+            )
+        if tuple(labels.shape) != tuple(shape):
+            raise DataError(
+                f"multi-label targets have shape {tuple(labels.shape)} but the logits are {tuple(shape)}.",
+                f"give one 0/1 column per label: [N, {shape[-1]}].",
+            )
+        if bool(((labels < 0) | (labels > 1)).any()):
+            raise DataError("multi-label targets must lie in [0, 1].", "use 0/1 (or soft) targets per label.")
+
+
 @strict
 class MedClsConfig(PreTrainedConfig):
     r"""Configuration of [`MedClsForImageClassification`].
@@ -75,24 +137,7 @@ class MedClsConfig(PreTrainedConfig):
         """Raise ConfigError naming the fix (run at construction, so also on from_pretrained)."""
         if self.pooling not in ("mean", "cls"):
             raise ConfigError(f"pooling={self.pooling!r} is unknown.", "use 'mean' (MAE fine-tuning) or 'cls'.")
-        if self.problem_type not in (SINGLE, MULTI):
-            raise ConfigError(
-                f"problem_type={self.problem_type!r} is not supported by MedClsForImageClassification.",
-                f"use {SINGLE!r} or {MULTI!r}.",
-            )
-        for name, value, top in (("drop_path_rate", self.drop_path_rate, 1.0),
-                                 ("head_dropout", self.head_dropout, 0.999),
-                                 ("label_smoothing", self.label_smoothing, 0.999)):  # fmt: skip
-            if not 0.0 <= value <= top:
-                raise ConfigError(f"{name}={value} is outside [0, 1).", f"use e.g. 0.1 for {name}.")
-        if self.class_weights is not None and (
-            len(self.class_weights) != self.num_labels or min(self.class_weights) <= 0
-        ):
-            raise ConfigError(
-                f"class_weights has {len(self.class_weights)} entries but there are {self.num_labels} labels "
-                "(all weights must be > 0).",
-                "give one positive weight per label (e.g. inverse class frequency), or leave class_weights unset.",
-            )
+        check_head_fields(self, ("drop_path_rate", "head_dropout", "label_smoothing"))
         try:
             vit = ViTConfig(**self.vit_config)
         except Exception as err:
@@ -108,7 +153,7 @@ class MedClsConfig(PreTrainedConfig):
             )
 
 
-class MedClsForImageClassification(CurrentKeyNamesMixin, PreTrainedModel):
+class MedClsForImageClassification(ClassificationLossMixin, CurrentKeyNamesMixin, PreTrainedModel):
     r"""ViT encoder + (mean | CLS) pooling + linear head, with stochastic depth and MAE head init.
 
     Example:
@@ -213,49 +258,6 @@ class MedClsForImageClassification(CurrentKeyNamesMixin, PreTrainedModel):
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
 
-    def classification_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy (label smoothing, class weights) or BCE-with-logits, after checking the labels."""
-        weights = None
-        if self.config.class_weights is not None:
-            weights = torch.tensor(self.config.class_weights, dtype=logits.dtype, device=logits.device)
-        if self.config.problem_type == MULTI:
-            self._check_multi_labels(labels, logits.shape)
-            loss = nn.functional.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")
-            return (loss * weights).mean() if weights is not None else loss.mean()
-        self._check_single_labels(labels, logits.shape)
-        return nn.functional.cross_entropy(
-            logits, labels.long(), weight=weights, label_smoothing=self.config.label_smoothing
-        )
-
-    def _check_single_labels(self, labels: torch.Tensor, shape: torch.Size) -> None:
-        if labels.dim() != 1 or labels.is_floating_point():
-            raise DataError(
-                f"single-label config given labels of shape {tuple(labels.shape)} and dtype {labels.dtype} "
-                "(multi-label data?).",
-                f"pass [N] integer class indices, or set problem_type: {MULTI} for [N, K] 0/1 labels.",
-            )
-        bad = labels[(labels < 0) | (labels >= shape[-1])]
-        if bad.numel():
-            raise DataError(
-                f"labels {sorted(set(bad.tolist()))} are outside [0, {shape[-1]}) for num_labels={shape[-1]}.",
-                "map the classes to 0..num_labels-1 (e.g. CSV classes 1-5 -> 0-4) or raise num_labels.",
-            )
-
-    def _check_multi_labels(self, labels: torch.Tensor, shape: torch.Size) -> None:
-        if labels.dim() == 1:
-            raise DataError(
-                "multi-label config with single-label data: labels are 1-D class indices "
-                f"(shape {tuple(labels.shape)}).",
-                f"set problem_type: {SINGLE}, or provide [N, {shape[-1]}] 0/1 labels.",
-            )
-        if tuple(labels.shape) != tuple(shape):
-            raise DataError(
-                f"multi-label targets have shape {tuple(labels.shape)} but the logits are {tuple(shape)}.",
-                f"give one 0/1 column per label: [N, {shape[-1]}].",
-            )
-        if bool(((labels < 0) | (labels > 1)).any()):
-            raise DataError("multi-label targets must lie in [0, 1].", "use 0/1 (or soft) targets per label.")
-
 
 def freeze(model: nn.Module, mode: str) -> int:
     """Choose what trains: "full", "linear_probe" (head only) or "last_k:<k>" (last k blocks + final norm + head).
@@ -297,4 +299,4 @@ def freeze(model: nn.Module, mode: str) -> int:
 AutoConfig.register(MedClsConfig.model_type, MedClsConfig)
 AutoModelForImageClassification.register(MedClsConfig, MedClsForImageClassification)
 
-__all__ = ["MedClsConfig", "MedClsForImageClassification", "freeze"]
+__all__ = ["ClassificationLossMixin", "MedClsConfig", "MedClsForImageClassification", "check_head_fields", "freeze"]

@@ -40,7 +40,7 @@ from .loading import PICKLE_PATTERNS, check_safetensors
 TEMPLATE_PACKAGE = "hf_medmae.model_cards"
 
 # config.json `model_type` -> card template (model_cards/<kind>.md). Extend when a new head is added.
-CARD_KINDS = {"medmae": "mae", "medmae_classifier": "classifier", "medmae_segmenter": "segmenter",
+CARD_KINDS = {"medmae": "mae", "medmae_classifier": "classifier", "medmae_cnn": "classifier", "medmae_segmenter": "segmenter",
               "medmae_unet": "segmenter"}  # fmt: skip
 # kind -> (extra tag, pipeline_tag, model-index task type)
 KIND_TASKS = {
@@ -49,8 +49,8 @@ KIND_TASKS = {
     "segmenter": ("image-segmentation", "image-segmentation", "image-segmentation"),
 }
 BASE_TAGS = ["medical-imaging", "masked-autoencoder", "vit-mae", "hf_medmae"]
-# model_type -> base tags where BASE_TAGS would be wrong: the U-Net baseline has neither a ViT nor MAE pre-training.
-MODEL_TYPE_BASE_TAGS = {"medmae_unet": ["medical-imaging", "unet", "hf_medmae"]}
+# model_type -> base tags where BASE_TAGS would be wrong: the U-Net and CNN baselines have neither a ViT nor MAE pre-training.
+MODEL_TYPE_BASE_TAGS = {"medmae_unet": ["medical-imaging", "unet", "hf_medmae"], "medmae_cnn": ["medical-imaging", "cnn", "hf_medmae"]}
 
 PUSH_PATTERNS = ["*.json", "*.safetensors", "*.md", "*.png"]
 PULL_PATTERNS = ["*.json", "*.safetensors", "*.md"]
@@ -68,7 +68,7 @@ CONFIG_ROWS = [
     ("decoder heads", "decoder_num_attention_heads"), ("mask generator", "mask_generator"),
     ("mask generator settings", "mask_generator_kwargs"), ("mask ratio", "mask_ratio"),
     ("throw ratio", "throw_ratio"), ("normalised-pixel loss", "norm_pix_loss"),
-    ("channels", "in_channels"), ("U-Net features", "features"), ("segmentation decoder", "decoder"),
+    ("channels", "in_channels"), ("CNN", "architecture"), ("U-Net features", "features"), ("segmentation decoder", "decoder"),
     ("decoder feature size", "feature_size"), ("encoder blocks feeding the decoder", "skip_layers"),
     ("pooling", "pooling"), ("loss", "loss"), ("class weights", "class_weights"),
 ]  # fmt: skip
@@ -238,6 +238,7 @@ def render_model_card(
         template_str=card_template(kind),
         repo_id=name,
         model_type=config["model_type"],
+        cnn=config.get("architecture"),
         architecture=(config.get("architectures") or ["MedMAEForPreTraining"])[0],
         setup_rows=_table_rows({**(config.get("vit_config") or {}), **config}, CONFIG_ROWS),
         run_rows=_table_rows(run_info, RUN_ROWS),

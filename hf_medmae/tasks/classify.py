@@ -21,10 +21,11 @@ import numpy as np
 import torch
 from scipy.special import expit, softmax
 from sklearn.metrics import f1_score, precision_recall_fscore_support
-from transformers import ViTConfig, ViTImageProcessorPil, ViTModel, set_seed
+from transformers import AutoModelForImageClassification, ViTConfig, ViTImageProcessorPil, ViTModel, set_seed
 
 from ..arguments import MedTrainingArguments
 from ..classification import MULTI, SINGLE, MedClsForImageClassification, freeze
+from ..cnn import MedCNNForImageClassification, build_cnn
 from ..data.classification import ClassificationDataset, LabelledImages, load_class_folders, load_csv_labels, read_all
 from ..data.io import list_image_files, progress
 from ..data.splits import class_counts, label_subset, stratified_split
@@ -77,6 +78,9 @@ class DataArguments:
 @dataclass
 class ModelArguments:
     predict_only: bool = field(default=False, metadata={"help": "no training: classify predict_data with the classifier in model_name_or_path"})
+    architecture: Literal["vit", "resnet10", "resnet18", "resnet34", "resnet50", "densenet121"] = field(
+        default="vit", metadata={"help": "vit (the MAE encoder, or the same ViT from scratch) | a MONAI CNN baseline trained from scratch "
+                                         "(init and model_name_or_path are then unused)"})
     init: Literal["mae", "scratch"] = field(default="mae", metadata={"help": "mae (encoder weights of the checkpoint) | scratch (same architecture, random)"})
     model_name_or_path: str | None = field(default=None, metadata={"help": "MAE/ViT checkpoint dir or Hub id"})
     image_size: int = 64
@@ -158,12 +162,13 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, args: MedTrain
     """Data, encoder, split indices {"train" (the label subset), "val", "test"}, train-only classes, and (mean, std)."""
     seed = args.seed if data_args.split_seed is None else data_args.split_seed
     data = load_data(data_args)
-    encoder = build_encoder(model_args, check_channels(data.images, data_args.data_dir))
+    channels = check_channels(data.images, data_args.data_dir)
+    encoder = build_encoder(model_args, channels) if model_args.architecture == "vit" else None
     split = stratified_split(data.labels, data.class_names, data_args.validation_fraction, data_args.test_fraction, seed)
     subset = split.train[label_subset(data.labels[split.train], data.class_names, data_args.train_fraction, seed, data_args.strict_fraction)]
     if len(split.val) == 0:
         raise DataError("the validation split is empty, so no checkpoint can be selected.", "set validation_fraction > 0 (e.g. 0.15).")
-    mean, std = encoder_normalisation(encoder, model_args.init, [data.images[i] for i in split.train])
+    mean, std = encoder_normalisation(encoder, model_args.init if encoder is not None else "scratch", [data.images[i] for i in split.train])
     parts = {"train": subset, "val": split.val, "test": split.test}
     logger.info("per-class counts %s; train-only classes %s",
                 {name: class_counts(data.labels[idx], data.class_names) for name, idx in parts.items()}, split.train_only_classes)
@@ -191,6 +196,9 @@ def frozen_features(model_args: ModelArguments, data_args: DataArguments, args: 
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    if model_args.architecture != "vit":
+        raise ConfigError(f"mode: frozen_features evaluates a pre-trained ViT encoder; architecture {model_args.architecture} is a CNN "
+                          "baseline trained from scratch.", "use mode: full with a CNN, or architecture: vit for frozen features.")
     data, encoder, parts, train_only, mean, std = prepare(model_args, data_args, args)
     if data.multi_label:
         raise ConfigError("mode: frozen_features is for single-label data.", "use mode: full or linear_probe with multi_label.")
@@ -241,19 +249,32 @@ class Classify(Task):
         return frozen_features(model_args, data_args, args)
 
     def setup(self, model_args: ModelArguments, data_args: DataArguments, args: MedTrainingArguments) -> TaskSetup:
+        if model_args.architecture != "vit":
+            if model_args.mode != "full":
+                raise ConfigError(f"mode: {model_args.mode} freezes parts of a pre-trained ViT; the {model_args.architecture} baseline "
+                                  "trains from random weights.", "use mode: full with a CNN (or architecture: vit).")
+            if model_args.init == "mae" or model_args.model_name_or_path:
+                logger.warning("architecture %s trains from random weights: init and model_name_or_path are not used", model_args.architecture)
         data, encoder, parts, train_only, mean, std = prepare(model_args, data_args, args)
         augment = Augment(model_args.image_size, tuple(data_args.crop_scale), hflip=data_args.hflip, vflip=data_args.vflip, rot90=data_args.rot90)
         sets = {name: ClassificationDataset([data.images[i] for i in idx], data.labels[idx], mean, std, model_args.image_size,
                                             augment if name == "train" else None) for name, idx in parts.items() if len(idx)}  # fmt: skip
         subset = parts["train"]
-        model = self.build_model(encoder, data, model_args, class_weights(data.labels[subset], len(data.class_names), model_args.class_weighting), mean, std)
+        weights = class_weights(data.labels[subset], len(data.class_names), model_args.class_weighting)
         args.remove_unused_columns = False
-        groups = param_groups_layer_decay(model, args.learning_rate, args.weight_decay, model_args.layer_decay)
+        if encoder is None:  # a CNN baseline: the Trainer's own AdamW (no weight decay on biases and norms)
+            model = build_cnn(model_args.architecture, data.images[0].shape[0], len(data.class_names), model_args.image_size,
+                              id2label=dict(enumerate(data.class_names)), label_smoothing=model_args.label_smoothing,
+                              class_weights=weights, problem_type=MULTI if data.multi_label else SINGLE)  # fmt: skip
+            optimizer = {}
+        else:
+            model = self.build_model(encoder, data, model_args, weights, mean, std)
+            groups = param_groups_layer_decay(model, args.learning_rate, args.weight_decay, model_args.layer_decay)
+            optimizer = {"optimizer_cls_and_kwargs": (torch.optim.AdamW, {"params": groups, "betas": (0.9, 0.999)})}
         processor = ViTImageProcessorPil(do_resize=True, size={"height": model_args.image_size, "width": model_args.image_size},
                                          do_rescale=False, image_mean=mean, image_std=std)  # fmt: skip
         counts = {name: class_counts(data.labels[idx], data.class_names) for name, idx in parts.items()}
-        trainer_kwargs = dict(compute_metrics=compute_metrics_fn(data.class_names, data.multi_label),
-                              optimizer_cls_and_kwargs=(torch.optim.AdamW, {"params": groups, "betas": (0.9, 0.999)}))  # fmt: skip
+        trainer_kwargs = dict(compute_metrics=compute_metrics_fn(data.class_names, data.multi_label), **optimizer)
         state = dict(data=data, test=sets.get("test"), counts=counts, train_only=train_only, mean=mean, std=std,
                      files={name: [data.files[i] for i in idx] for name, idx in parts.items()})  # fmt: skip
         return TaskSetup(model, sets["train"], sets["val"], processor, str(data_args.data_dir), trainer_kwargs=trainer_kwargs,
@@ -294,7 +315,8 @@ class Classify(Task):
                      "best_metric": trainer.state.best_metric, "best_model_checkpoint": trainer.state.best_model_checkpoint}  # fmt: skip
         test = evaluate_test(trainer, state["test"], data.class_names, data.multi_label, args.output_dir, is_main) if state["test"] is not None else {}
         report = {**test, **selection, "train_class_counts": state["counts"]["train"], "class_counts": state["counts"],
-                  "train_only_classes": state["train_only"], "init": model_args.init, "mode": model_args.mode,
+                  "train_only_classes": state["train_only"], "architecture": model_args.architecture,
+                  "init": model_args.init if model_args.architecture == "vit" else "scratch", "mode": model_args.mode,
                   "train_fraction": data_args.train_fraction, "image_mean": state["mean"], "image_std": state["std"]}  # fmt: skip
         metrics = {**trainer.evaluate(metric_key_prefix="eval"), **selection}
         metrics.update({f"test_{k}": v for k, v in test.items() if isinstance(v, (int, float))})
@@ -337,9 +359,10 @@ def score(probs: np.ndarray, labels: np.ndarray, class_names: list[str], multi_l
     return metrics
 
 
-def load_classifier(name_or_path: str) -> tuple[MedClsForImageClassification, dict]:
-    """A classifier saved by this task (local or Hub), strictly loaded, and its preprocessor settings."""
-    model = load_checkpoint(MedClsForImageClassification, name_or_path, what="an hf_medmae classifier")
+def load_classifier(name_or_path: str) -> tuple[MedClsForImageClassification | MedCNNForImageClassification, dict]:
+    """A classifier saved by this task (ViT or CNN, local or Hub), strictly loaded, and its preprocessor settings."""
+    model = load_checkpoint(AutoModelForImageClassification, name_or_path, model_types=("medmae_classifier", "medmae_cnn"),
+                            what="an hf_medmae classifier")  # fmt: skip
     folder = resolve_checkpoint(name_or_path)
     processor = json.loads((folder / "preprocessor_config.json").read_text()) if (folder / "preprocessor_config.json").is_file() else {}
     if processor.get("image_mean") is None:
@@ -387,8 +410,9 @@ def predict_only(model_args: ModelArguments, data_args: DataArguments, output_di
         raise ConfigError(f"{len(csvs)} predict_labels_csv for {len(data_args.predict_data)} predict_data sets.", "give one labels CSV per set, in the same order.")
     model, processor = load_classifier(model_args.model_name_or_path)
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    size = processor.get("size", {}).get("height") or as_pair(model.config.vit_config["image_size"])[0]
-    channels, rows = model.config.vit_config["num_channels"], []
+    inputs = getattr(model.config, "vit_config", None) or model.config.to_dict()  # ViT: its encoder's config; CNN: its own
+    size = processor.get("size", {}).get("height") or as_pair(inputs["image_size"])[0]
+    channels, rows = inputs["num_channels"], []
     for source, labels_csv in zip(data_args.predict_data, csvs):
         data = read_prediction_set(source, labels_csv, data_args, names)
         found = check_channels(data.images, source)
