@@ -140,6 +140,33 @@ def test_frozen_features_mode_is_fast_and_scores_like_fine_tuning(tmp_path, clas
         assert (tmp_path / png).is_file()
 
 
+def test_frozen_features_of_the_last_k_blocks():
+    """blocks=1 is the mean-pooled last_hidden_state; blocks=k concatenates k blocks, each through the final LayerNorm."""
+    import torch
+    from transformers import ViTConfig, ViTModel
+
+    from hf_medmae.data.classification import ClassificationDataset
+    from hf_medmae.errors import ConfigError
+
+    torch.manual_seed(0)
+    encoder = ViTModel(ViTConfig(image_size=16, patch_size=4, hidden_size=8, num_hidden_layers=3, num_attention_heads=2,
+                                 intermediate_size=16), add_pooling_layer=False).eval()  # fmt: skip
+    images = [np.random.default_rng(i).uniform(0, 255, (3, 16, 16)).astype(np.float32) for i in range(5)]
+    data = ClassificationDataset(images, np.zeros(5, dtype=int), [128.0] * 3, [64.0] * 3, 16)
+    one, three = classify.pooled_features(encoder, data, 2), classify.pooled_features(encoder, data, 2, blocks=3)
+    with torch.no_grad():
+        x = torch.stack([data[i]["pixel_values"] for i in range(5)])
+        out = encoder(x, output_hidden_states=True)
+        expected_last = out.last_hidden_state[:, 1:].mean(1).double().numpy()
+        expected_first = encoder.layernorm(out.hidden_states[1])[:, 1:].mean(1).double().numpy()
+    assert one.shape == (5, 8) and three.shape == (5, 24)
+    np.testing.assert_allclose(one, expected_last, atol=1e-5)
+    np.testing.assert_allclose(three[:, 16:], expected_last, atol=1e-5)  # the last block comes last
+    np.testing.assert_allclose(three[:, :8], expected_first, atol=1e-5)
+    with pytest.raises(ConfigError, match="frozen_blocks=4"):
+        classify.pooled_features(encoder, data, 2, blocks=4)
+
+
 def test_early_stopping_ends_a_run_that_stopped_improving(tmp_path):
     """lr 0: validation never improves, so patience 2 stops at the third evaluation, and the best is reloaded."""
     require(WBC)

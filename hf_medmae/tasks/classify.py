@@ -93,6 +93,7 @@ class ModelArguments:
     mode: str = field(default="full", metadata={"help": "full | linear_probe | last_k:<k> | frozen_features (scikit-learn on the "
                                                         "frozen encoder's mean-pooled features; no Trainer)"})
     frozen_classifier: Literal["logistic", "knn"] = field(default="logistic", metadata={"help": "mode frozen_features: logistic regression or k-NN"})
+    frozen_blocks: int = field(default=1, metadata={"help": "mode frozen_features: concatenate the mean-pooled tokens of the last k blocks"})
     layer_decay: float = 0.75
     drop_path_rate: float = 0.1
     head_dropout: float = 0.0
@@ -176,12 +177,19 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, args: MedTrain
 
 
 @torch.no_grad()
-def pooled_features(encoder: ViTModel, dataset: ClassificationDataset, batch_size: int = 64) -> np.ndarray:
-    """[N, D] mean-pooled patch tokens of the frozen encoder (an MAE never trains its CLS token)."""
+def pooled_features(encoder: ViTModel, dataset: ClassificationDataset, batch_size: int = 64, blocks: int = 1) -> np.ndarray:
+    """[N, blocks x D] mean-pooled patch tokens of the frozen encoder's last `blocks` blocks, each through its final
+    LayerNorm (an MAE never trains its CLS token; blocks=1 is `last_hidden_state`)."""
+    if not 1 <= blocks <= encoder.config.num_hidden_layers:
+        raise ConfigError(f"frozen_blocks={blocks} but the encoder has {encoder.config.num_hidden_layers} blocks.",
+                          f"use 1..{encoder.config.num_hidden_layers}.")
     encoder.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
-    return np.concatenate([encoder(b["pixel_values"]).last_hidden_state[:, 1:].mean(1).double().numpy()
-                           for b in progress(loader, desc="features", unit="batch")])  # fmt: skip
+    out = []
+    for batch in progress(loader, desc="features", unit="batch"):
+        hidden = encoder(batch["pixel_values"], output_hidden_states=True).hidden_states[-blocks:]
+        out.append(torch.cat([encoder.layernorm(h)[:, 1:].mean(1) for h in hidden], dim=-1).double().numpy())
+    return np.concatenate(out)
 
 
 def frozen_features(model_args: ModelArguments, data_args: DataArguments, args: MedTrainingArguments) -> dict:
@@ -203,7 +211,8 @@ def frozen_features(model_args: ModelArguments, data_args: DataArguments, args: 
     if data.multi_label:
         raise ConfigError("mode: frozen_features is for single-label data.", "use mode: full or linear_probe with multi_label.")
     feats = {name: pooled_features(encoder, ClassificationDataset([data.images[i] for i in idx], data.labels[idx], mean, std,
-                                                                   model_args.image_size), args.per_device_eval_batch_size)
+                                                                   model_args.image_size), args.per_device_eval_batch_size,
+                                   model_args.frozen_blocks)
              for name, idx in parts.items() if len(idx)}  # fmt: skip
     labels = {name: data.labels[idx] for name, idx in parts.items()}
     k_max = max(1, min(15, len(labels["train"])))
@@ -222,6 +231,7 @@ def frozen_features(model_args: ModelArguments, data_args: DataArguments, args: 
     clf = chosen[1].fit(feats["train"], labels["train"])
     test = score(proba(clf, feats["test"]), labels["test"], names, False, args.output_dir) if "test" in feats else {}
     report = {**test, "mode": "frozen_features", "classifier": f"{model_args.frozen_classifier} ({chosen[0]}, chosen on validation)",
+              "frozen_blocks": model_args.frozen_blocks,
               "init": model_args.init, "train_fraction": data_args.train_fraction, "train_only_classes": train_only,
               "class_counts": {n: class_counts(labels[n], names) for n in labels}, "image_mean": mean, "image_std": std,
               "hardware": hardware_description()}  # fmt: skip
