@@ -87,13 +87,15 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def write_run_info(args: TrainingArguments, dataset: str, num_images: int, metrics: dict) -> None:
+def write_run_info(args: TrainingArguments, dataset: str, num_images: int | None, metrics: dict) -> None:
     """`run_info.json` beside the checkpoint: what the model card reports about how it was trained."""
     import sys
 
     info = dict(hardware=hardware_description(), epochs=float(metrics.get("epoch", args.num_train_epochs)),
                 steps=int(metrics.get("global_step", args.max_steps if args.max_steps > 0 else 0)), dataset=dataset,
-                num_images=int(num_images), seed=int(args.seed), command=" ".join(["python", *sys.argv]))
+                seed=int(args.seed), command=" ".join(["python", *sys.argv]))
+    if num_images is not None:  # a stream has no count
+        info["num_images"] = int(num_images)
     (Path(args.output_dir) / "run_info.json").write_text(json.dumps(info, indent=2))
 
 

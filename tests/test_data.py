@@ -60,7 +60,7 @@ def test_nan_pixels_and_empty_sources(tmp_path):
         read_array_file(tmp_path / "bad.npy")
     (tmp_path / "empty").mkdir()
     images, _ = load_source(str(tmp_path / "empty"))
-    assert images == []
+    assert len(images) == 0
     with pytest.raises(DataError, match="empty"):
         split_indices(0, 0.1, 0)
     with pytest.raises(DataError, match="neither a folder"):

@@ -10,29 +10,36 @@ from torch.utils.data import Dataset
 
 from ..errors import DataError
 from .embedded import load_embedded
-from .io import ARRAY_SUFFIXES, read_array_file, read_hf_dataset, read_image_folder
+from .io import ARRAY_SUFFIXES
+from .sources import ArraySource, HFSource, ImageSource, ListSource, folder_source, item_to_chw, open_hf_dataset
+from .sources import image_column as hf_image_column
 from .transforms import Augment, Normalize, center_crop
 
 
-def load_source(source: str, on_bad_file: str = "error", max_images: int | None = None, array_key: str | None = None, pattern: str = "*"):
-    """Images from a source string, as ([C, H, W] arrays, skipped files).
+def load_source(source: str, on_bad_file: str = "error", max_images: int | None = None, array_key: str | None = None,
+                pattern: str = "*", image_column: str | None = None) -> tuple[ImageSource, list[str]]:
+    """The images of a source string as a lazy `ImageSource` (read per item), and the files skipped while indexing.
 
     Args:
-        source: `embedded:nuclei16`; a folder of images; a `.npy`/`.npz` (N, C, H, W) file;
+        source: `embedded:nuclei16`; a folder of images; a `.npy`/`.npz` (N, C, H, W) file (memory-mapped);
             or `hf:<dataset name or save_to_disk folder>[::split]` for a `datasets` dataset (split
             defaults to train; `::` because a Hub id may itself hold a `:`-free `namespace/name`).
     """
     if source.startswith("embedded:"):
-        return load_embedded(source.split(":", 1)[1])[:max_images], []
+        return ListSource(load_embedded(source.split(":", 1)[1])[:max_images]), []
     if source.startswith("hf:"):
         name, _, split = source[3:].partition("::")
-        return read_hf_dataset(name, split=split or "train", max_images=max_images), []
+        ds = open_hf_dataset(name, split or "train")
+        if max_images:
+            ds = ds.select(range(min(max_images, len(ds))))
+        return HFSource(ds, hf_image_column(ds.column_names, name, image_column), name), []
     path = Path(source)
     if path.suffix.lower() in ARRAY_SUFFIXES:
-        return list(read_array_file(path, key=array_key)[:max_images]), []
+        array = ArraySource(path, key=array_key)
+        return (array.subset(range(min(max_images, len(array)))) if max_images else array), []
     if path.is_dir():
-        images, _, skipped = read_image_folder(path, on_bad_file=on_bad_file, max_images=max_images, pattern=pattern)
-        return images, skipped
+        files = folder_source(path, on_bad_file=on_bad_file, max_images=max_images, pattern=pattern)
+        return files, files.skipped
     raise DataError(
         f"data source {source!r} is neither a folder, a .npy/.npz file, hf:<dataset> nor embedded:<name>.",
         "point train_data at an image folder or array file, or use embedded:nuclei16.",
@@ -59,7 +66,7 @@ class PretrainingDataset(Dataset):
     """Normalised, augmented images for MAE pre-training; items are {"pixel_values", "sample_ids"}.
 
     Args:
-        images: [C, H, W] float arrays (raw intensities).
+        images: an `ImageSource` (read per item) or a list of [C, H, W] float arrays (raw intensities).
         image_mean, image_std: per-channel statistics of the training images.
         image_size: side of the model input.
         augment: training augmentation, or None for a deterministic central crop (validation).
@@ -74,7 +81,7 @@ class PretrainingDataset(Dataset):
 
     def __init__(self, images: list[np.ndarray], image_mean, image_std, image_size: int, augment: Augment | None = None,
                  seed: int = 0, mask_noise_patches: int = 0):  # fmt: skip
-        self.images = [torch.from_numpy(np.ascontiguousarray(im)) for im in images]
+        self.images = images if isinstance(images, ImageSource) else ListSource(list(images))
         self.normalize = Normalize(image_mean, image_std)
         self.image_size, self.augment, self.seed, self.epoch = image_size, augment, seed, 0
         self.mask_noise_patches = mask_noise_patches
@@ -86,10 +93,36 @@ class PretrainingDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> dict:
-        image = self.normalize(self.images[index])
+        image = self.normalize(torch.from_numpy(np.ascontiguousarray(self.images[index])))
         gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
         image = center_crop(image, self.image_size) if self.augment is None else self.augment(image, gen)
         item = {"pixel_values": image, "sample_ids": index}
         if self.mask_noise_patches:
             item["noise"] = torch.rand(self.mask_noise_patches, generator=gen)
         return item
+
+
+def streaming_dataset(stream, column: str, image_mean, image_std, image_size: int, augment: Augment | None = None,
+                      tile_size: int | None = None, name: str = "stream"):
+    """A `datasets.IterableDataset` of pre-training items from a stream of images (tiled on the fly).
+
+    It stays a `datasets.IterableDataset`, so accelerate can give each process its own file shards
+    (`shard(num_shards=processes, index=rank)`, when `dispatch_batches` is off and there are enough shards)
+    and the Trainer re-shuffles it each epoch (`set_epoch`). Augmentation and masks draw from the
+    process's RNG (restored on resume), not from a per-item seed: a stream has no stable item index.
+    """
+    normalize = Normalize(image_mean, image_std)
+    ids = "sample_ids" in (stream.column_names or [])
+
+    def to_items(batch: dict) -> dict:  # batched with batch_size 1: one image in, its tiles out
+        out = {"pixel_values": [], **({"sample_ids": []} if ids else {})}
+        for k, item in enumerate(batch[column]):
+            array = item_to_chw(item, name)
+            for tile in tile_image(array, tile_size) if tile_size else [array]:
+                image = normalize(torch.from_numpy(np.ascontiguousarray(tile)))
+                out["pixel_values"].append(center_crop(image, image_size) if augment is None else augment(image))
+                if ids:
+                    out["sample_ids"].append(int(batch["sample_ids"][k]))
+        return out
+
+    return stream.map(to_items, batched=True, batch_size=1, remove_columns=[c for c in (stream.column_names or [column]) if c != "sample_ids"])

@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -15,10 +17,13 @@ from transformers import ViTImageProcessorPil
 
 from ..arguments import MedTrainingArguments
 from ..configuration import MedMAEConfig
-from ..data.pretraining import PretrainingDataset, load_source, tile_image
+from ..data.pretraining import PretrainingDataset, load_source, streaming_dataset
+from ..data.io import progress
+from ..data.sources import ImageSource, ListSource, TiledSource, channel_moments, item_to_chw, open_hf_dataset, sample_stats, source_channels
+from ..data.sources import image_column as hf_image_column
 from ..data.splits import split_indices
-from ..data.transforms import Augment, channel_stats, check_channels
-from ..errors import DataError
+from ..data.transforms import Augment
+from ..errors import ConfigError, DataError
 from ..loading import load_checkpoint
 from ..modeling_mae import MedMAEForPreTraining
 from ..performance import choose_attention
@@ -45,6 +50,15 @@ class DataArguments:
     reconstruction_view: Literal["channels", "mean"] = field(default="channels", metadata={
         "help": "channels: show reconstruction_channels | mean: the average of all channels (a z-projection of a z-stack, "
                 "which averages out photon noise)"})  # fmt: skip
+    in_memory: bool = field(default=False, metadata={
+        "help": "read the whole pool into memory first (small pools of slow-to-decode files); default: read each image when used"})
+    streaming: bool = field(default=False, metadata={
+        "help": "hf: sources only: stream the pool with datasets' IterableDataset (pools larger than the disk); needs max_steps "
+                "and a separate validation_data (or validation_fraction: 0)"})  # fmt: skip
+    shuffle_buffer: int = field(default=1000, metadata={"help": "streaming: images in the shuffle buffer"})
+    image_column: str | None = field(default=None, metadata={"help": "hf: sources: the column with the images (default: image, img or pixel_values)"})
+    stats_sample_size: int | None = field(default=1000, metadata={
+        "help": "per-channel mean/std from a seeded sample of this many training images (tiles); null: all of them"})
     record_sample_ids: bool = field(default=False, metadata={"help": "write the training sample ids each process saw (sharding check)"})
 
 
@@ -78,41 +92,40 @@ def mae_config(model_args: ModelArguments, num_channels: int) -> MedMAEConfig:
     return MedMAEConfig(num_channels=num_channels, **{k: getattr(model_args, k) for k in keys})
 
 
-def load_images(data_args: DataArguments, seed: int) -> tuple[list, list, list[str]]:
-    """(train images, validation images, skipped files): whole images split before tiling, so no tile of a
-    validation image is trained on."""
-    images, skipped = load_source(data_args.train_data, data_args.on_bad_file, data_args.max_images, pattern=data_args.file_pattern)
-    if not images:
+def load_images(data_args: DataArguments, seed: int) -> tuple[ImageSource, ImageSource, list[str]]:
+    """(train, validation, skipped files) as lazy sources: whole images split before tiling, so no tile of a
+    validation image is trained on; tiles are an index into the images, not copies."""
+    images, skipped = load_source(data_args.train_data, data_args.on_bad_file, data_args.max_images, pattern=data_args.file_pattern,
+                                  image_column=data_args.image_column)  # fmt: skip
+    if not len(images):
         raise DataError(f"no images found in {data_args.train_data}.", "check train_data; supported: PNG/JPEG/BMP/TIFF folders, .npy/.npz, hf:, embedded:.")
+    if data_args.in_memory:
+        images = ListSource([images[i] for i in progress(range(len(images)), desc="reading into memory", unit="image")])
     if data_args.validation_data:
-        val_images, more = load_source(data_args.validation_data, data_args.on_bad_file, pattern=data_args.file_pattern)
-        train_images, skipped = images, skipped + more
+        val, more = load_source(data_args.validation_data, data_args.on_bad_file, pattern=data_args.file_pattern, image_column=data_args.image_column)
+        train, skipped = images, skipped + more
     else:
         train_idx, val_idx = split_indices(len(images), data_args.validation_fraction, seed)
-        train_images, val_images = [images[i] for i in train_idx], [images[i] for i in val_idx]
+        train, val = images.subset(train_idx), images.subset(val_idx)
     if data_args.tile_size:
-        train_images = [t for im in train_images for t in tile_image(im, data_args.tile_size)]
-        val_images = [t for im in val_images for t in tile_image(im, data_args.tile_size)]
-    return train_images, val_images, skipped
+        train, val = TiledSource(train, data_args.tile_size), TiledSource(val, data_args.tile_size)
+    return train, val, skipped
 
 
 class Pretrain(Task):
     arguments = (ModelArguments, DataArguments, MedTrainingArguments)
 
     def setup(self, model_args: ModelArguments, data_args: DataArguments, args: MedTrainingArguments) -> TaskSetup:
+        if data_args.streaming:
+            return self.setup_stream(model_args, data_args, args)
         train_images, val_images, skipped = load_images(data_args, args.seed)
-        channels = check_channels(train_images + val_images, data_args.train_data)
-        attn = "sdpa" if model_args.attn_implementation == "auto" else model_args.attn_implementation
-        if model_args.model_name_or_path:
-            model = load_checkpoint(MedMAEForPreTraining, model_args.model_name_or_path, model_types=("medmae", "vit_mae"),
-                                    what="an MAE", attn_implementation=attn)  # fmt: skip
-            if model.config.num_channels != channels:
-                raise DataError(f"the checkpoint expects {model.config.num_channels} channels, the data has {channels}.",
-                                "use data with the checkpoint's channel count, or pre-train from scratch.")  # fmt: skip
-        else:
-            model = MedMAEForPreTraining._from_config(mae_config(model_args, channels), attn_implementation=attn)
+        channels = source_channels(train_images, data_args.train_data)
+        if len(val_images) and source_channels(val_images, data_args.validation_data or data_args.train_data) != channels:
+            raise DataError(f"the validation images have {source_channels(val_images, '')} channels, the training images {channels}.",
+                            "use validation data with the training data's channel count.")  # fmt: skip
+        model = self.build_model(model_args, channels)
         config = model.config
-        mean, std = channel_stats(train_images)
+        mean, std, stats_images = sample_stats(train_images, data_args.stats_sample_size, args.seed)
         random_masks = config.mask_generator == "random"  # per-image masks: the same whatever the process count
         if config.mask_generator == "attention":  # maps must line up with the pixels they mask: no crops, no flips
             augment = Augment(model_args.image_size, (1.0, 1.0), hflip=False, vflip=False)
@@ -120,7 +133,7 @@ class Pretrain(Task):
             augment = Augment(model_args.image_size, tuple(data_args.crop_scale), hflip=data_args.hflip, vflip=data_args.vflip, rot90=data_args.rot90)
         train = PretrainingDataset(train_images, mean, std, model_args.image_size, augment, seed=args.seed,
                                    mask_noise_patches=config.num_patches if random_masks else 0)  # fmt: skip
-        val = PretrainingDataset(val_images, mean, std, model_args.image_size) if val_images else None
+        val = PretrainingDataset(val_images, mean, std, model_args.image_size) if len(val_images) else None
         callbacks = [EpochCallback(train)]
         if config.mask_generator == "attention":
             plain = PretrainingDataset(train_images, mean, std, model_args.image_size)
@@ -133,20 +146,79 @@ class Pretrain(Task):
         logger.info("training on %d images (%d channels), validating on %d; lr %.3g", len(train), channels, len(val or []), args.learning_rate)
         if data_args.record_sample_ids:
             callbacks.append(SampleIdRecorder())
-        return TaskSetup(model, train, val, processor, data_args.train_data, callbacks, state={"skipped": skipped})
+        return TaskSetup(model, train, val, processor, data_args.train_data, callbacks,
+                         state={"skipped": skipped, "sources": (train_images, val_images), "stats_images": stats_images})
+
+    def build_model(self, model_args: ModelArguments, channels: int) -> MedMAEForPreTraining:
+        attn = "sdpa" if model_args.attn_implementation == "auto" else model_args.attn_implementation
+        if not model_args.model_name_or_path:
+            return MedMAEForPreTraining._from_config(mae_config(model_args, channels), attn_implementation=attn)
+        model = load_checkpoint(MedMAEForPreTraining, model_args.model_name_or_path, model_types=("medmae", "vit_mae"),
+                                what="an MAE", attn_implementation=attn)  # fmt: skip
+        if model.config.num_channels != channels:
+            raise DataError(f"the checkpoint expects {model.config.num_channels} channels, the data has {channels}.",
+                            "use data with the checkpoint's channel count, or pre-train from scratch.")  # fmt: skip
+        return model
+
+    def setup_stream(self, model_args: ModelArguments, data_args: DataArguments, args: MedTrainingArguments) -> TaskSetup:
+        """`streaming: true`: a shuffled `datasets.IterableDataset`, sharded across processes by accelerate."""
+        if not data_args.train_data.startswith("hf:"):
+            raise ConfigError(f"streaming needs an hf: source; train_data is {data_args.train_data!r}.",
+                              "use train_data: hf:<dataset or save_to_disk folder>, or streaming: false (folders and .npy are read lazily anyway).")
+        if args.max_steps <= 0:
+            raise ConfigError("a stream has no length, so num_train_epochs cannot set the schedule.", "set max_steps (optimizer steps).")
+        if data_args.validation_data is None and data_args.validation_fraction > 0:
+            raise ConfigError("a stream cannot be split into train and validation without reading it first.",
+                              "give validation_data (e.g. hf:<name>::validation or a small folder), or set validation_fraction: 0.")
+        if model_args.mask_generator == "attention":
+            raise ConfigError("the attention mask generator keeps a map per image, which a stream has no index for.",
+                              "use mask_generator: random, block, grid or foreground with streaming.")
+        name, _, split = data_args.train_data[3:].partition("::")
+        stream = open_hf_dataset(name, split or "train", streaming=True, with_ids=data_args.record_sample_ids)
+        column = data_args.image_column or hf_image_column(stream.column_names or list(next(iter(stream)).keys()), name)
+        if data_args.max_images:
+            stream = stream.take(data_args.max_images)
+        stream = stream.shuffle(seed=args.seed, buffer_size=data_args.shuffle_buffer)
+        first = itertools.islice(stream, data_args.stats_sample_size or 1000)
+        mean, std, stats_images = channel_moments(item_to_chw(item[column], name) for item in first)  # a seeded sample
+        channels = len(mean)
+        model = self.build_model(model_args, channels)
+        augment = Augment(model_args.image_size, tuple(data_args.crop_scale), hflip=data_args.hflip, vflip=data_args.vflip, rot90=data_args.rot90)
+        train = streaming_dataset(stream, column, mean, std, model_args.image_size, augment, data_args.tile_size, name)
+        val_images, skipped = (load_source(data_args.validation_data, data_args.on_bad_file, pattern=data_args.file_pattern,
+                                           image_column=data_args.image_column) if data_args.validation_data else (None, []))  # fmt: skip
+        if val_images is not None and data_args.tile_size:
+            val_images = TiledSource(val_images, data_args.tile_size)
+        val = PretrainingDataset(val_images, mean, std, model_args.image_size) if val_images is not None and len(val_images) else None
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if args.accelerator_config.dispatch_batches is None and train.n_shards >= world:
+            args.accelerator_config.dispatch_batches = False  # each process reads its own file shards, not all via rank 0
+        if model_args.attn_implementation == "auto":
+            choose_attention(model.to(args.device), args.per_device_train_batch_size)
+        args.remove_unused_columns, args.prediction_loss_only = False, True
+        processor = ViTImageProcessorPil(do_resize=False, do_rescale=False, image_mean=mean, image_std=std)
+        logger.info("streaming %s (%d shards, shuffle buffer %d); statistics from its first %d images", name, train.n_shards,
+                    data_args.shuffle_buffer, stats_images)  # fmt: skip
+        callbacks = [SampleIdRecorder()] if data_args.record_sample_ids else []
+        return TaskSetup(model, train, val, processor, data_args.train_data, callbacks,
+                         state={"skipped": skipped, "sources": (val_images,), "stats_images": stats_images, "streaming": True})
 
     def report(self, trainer, setup: TaskSetup, model_args, data_args: DataArguments, is_main: bool) -> dict:
         trainer.save_model()
-        args, model, skipped = trainer.args, setup.model, setup.state["skipped"]
+        args, model = trainer.args, setup.model
+        skipped = setup.state["skipped"] + [f for src in setup.state["sources"] for f in read_time_skips(src)]
         metrics = trainer.evaluate() if setup.eval_dataset is not None else {}
         if setup.eval_dataset is not None:
             metrics["eval_loss_mean_predictor"] = mean_predictor_loss(model, setup.eval_dataset, args.per_device_eval_batch_size)
-        metrics.update(num_train_images=len(setup.train_dataset), num_skipped_files=len(skipped),
+        metrics.update(num_train_images=len(setup.train_dataset) if hasattr(setup.train_dataset, "__len__") else None,
+                       num_skipped_files=len(skipped),
+                       normalisation_sample_images=setup.state["stats_images"],
                        attn_implementation=model.config._attn_implementation)  # fmt: skip
         if is_main:
             if skipped:
                 logger.warning("skipped %d unreadable files: %s", len(skipped), skipped[:10])
-            save_reconstructions(model, setup.eval_dataset or setup.train_dataset, args.output_dir, data_args.reconstruction_channels,
+            shown = setup.eval_dataset or (setup.train_dataset if hasattr(setup.train_dataset, "__len__") else list(itertools.islice(setup.train_dataset, 4)))
+            save_reconstructions(model, shown, args.output_dir, data_args.reconstruction_channels,
                                  mean_view=data_args.reconstruction_view == "mean")  # fmt: skip
         return metrics
 
@@ -160,6 +232,13 @@ class Pretrain(Task):
                   f"next: the encoder in Python, hf_medmae.load_encoder({output_dir!r}); or fine-tune it with",
                   f"  python run_segmentation.py --config configs/nuclei_segmentation.yaml --model_name_or_path {output_dir}"]
         return "\n".join(lines)
+
+
+def read_time_skips(source) -> list[str]:
+    """Files a lazy folder source could index but not decode during training (this process's count)."""
+    while not hasattr(source, "skipped_at_read") and hasattr(source, "source"):
+        source = source.source
+    return list(getattr(source, "skipped_at_read", []))
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ and the Hub push, once, on the main process. A new task is a `Task` subclass wit
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -138,8 +139,11 @@ def settle_precision(args: MedTrainingArguments, setup: TaskSetup) -> dict:
     """`precision: auto` on a CPU with native bf16: measure fp32 vs bf16 on the real model and batch, then decide."""
     if not args.measure_precision:
         return {"precision": "bf16" if args.bf16 else "fp32"}
-    size = min(args.per_device_train_batch_size, len(setup.train_dataset))
-    batch = default_data_collator([setup.train_dataset[i] for i in range(size)])
+    if hasattr(setup.train_dataset, "__len__"):
+        items = [setup.train_dataset[i] for i in range(min(args.per_device_train_batch_size, len(setup.train_dataset)))]
+    else:  # a stream: its first items
+        items = list(itertools.islice(iter(setup.train_dataset), args.per_device_train_batch_size))
+    batch = default_data_collator(items)
     use, seconds = choose_precision(setup.model.to(args.device), batch)
     args.use_bf16(use)
     return {"precision": "bf16" if use else "fp32", "precision_step_runtime": seconds}
@@ -148,7 +152,9 @@ def settle_precision(args: MedTrainingArguments, setup: TaskSetup) -> dict:
 def run(task: Task, setup: TaskSetup, model_args, data_args, args: MedTrainingArguments) -> dict:
     """Train `setup` with the Trainer, let the task report, then save metrics and run info and push (see module doc)."""
     selecting = setup.select_on is not None and check_selection(args, setup.select_on, setup.selection_metrics)
-    args.ensure_min_steps(len(setup.train_dataset))
+    sized = hasattr(setup.train_dataset, "__len__")  # a stream has no length: max_steps is its schedule
+    if sized:
+        args.ensure_min_steps(len(setup.train_dataset))
     callbacks = [ProcessSeedCallback(), *setup.callbacks]
     if selecting and args.early_stopping_patience:
         callbacks.append(SelectionEarlyStopping(early_stopping_patience=args.early_stopping_patience))
@@ -165,7 +171,7 @@ def run(task: Task, setup: TaskSetup, model_args, data_args, args: MedTrainingAr
                "hardware": hardware_description(), "global_step": trainer.state.global_step}  # fmt: skip
     if is_main:
         trainer.save_metrics("all", metrics)
-        write_run_info(args, setup.dataset_name, len(setup.train_dataset), metrics)
+        write_run_info(args, setup.dataset_name, len(setup.train_dataset) if sized else None, metrics)
         if args.push_at_end:
             repo_id = args.hub_model_id or args.output_dir.rstrip("/").split("/")[-1]
             push_checkpoint(args.output_dir, repo_id, private=bool(args.hub_private_repo), revision=args.hub_revision,
