@@ -148,6 +148,20 @@ def test_streaming_trains_on_a_local_dataset_and_refuses_what_it_cannot_do(tmp_p
     assert (tmp_path / "out" / "reconstruction.png").stat().st_size > 1000
 
 
+def test_an_interrupted_stream_resumes_where_it_stopped(tmp_path, caplog):
+    data = local_dataset(tmp_path / "ds")
+    base = [*TINY, "--train_data", f"hf:{data}", "--streaming", "true", "--validation_fraction", "0", "--output_dir", str(tmp_path / "out"),
+            "--save_strategy", "steps", "--save_steps", "2", "--record_sample_ids", "true"]  # fmt: skip
+    pretrain.main([*base, "--max_steps", "4"])
+    first = json.loads((tmp_path / "out" / "sample_ids_rank0.json").read_text())
+    (tmp_path / "out" / "checkpoint-4").rename(tmp_path / "later")  # as if killed after step 2
+    with caplog.at_level("WARNING"):
+        metrics = pretrain.main([*base, "--max_steps", "4", "--resume_from_checkpoint", "true"])
+    resumed = json.loads((tmp_path / "out" / "sample_ids_rank0.json").read_text())
+    assert metrics["global_step"] == 4 and "resuming a stream" in caplog.text
+    assert resumed == first[len(first) // 2 :]  # steps 3-4 saw the images the uninterrupted run saw there
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["lazy_folder", "stream"])
 def test_two_processes_read_disjoint_shards_that_make_up_the_pool(tmp_path, kind):

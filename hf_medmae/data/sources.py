@@ -90,7 +90,7 @@ class ArraySource(ImageSource):
     """An (N, C, H, W) or (N, H, W) array on disk, memory-mapped; items are checked for NaN/inf as read."""
 
     def __init__(self, path: str | Path, key: str | None = None):
-        self.path = Path(path)
+        self.path, self.key = Path(path), key
         self.array = _open_array(self.path, key)
         if self.array.ndim not in (3, 4):
             raise DataError(f"{self.path} holds shape {self.array.shape}; expected (N, C, H, W).",
@@ -99,6 +99,13 @@ class ArraySource(ImageSource):
 
     def __len__(self) -> int:
         return self.array.shape[0]
+
+    def __getstate__(self) -> dict:  # a worker process re-opens the mapping instead of receiving a pickled copy of the pool
+        return {k: v for k, v in self.__dict__.items() if k != "array"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.array = _open_array(self.path, self.key)
 
     def _checked(self, window: np.ndarray, index: int) -> np.ndarray:
         out = np.array(window[None] if self.grey else window, dtype=np.float32)  # a copy: never hand out the mapping

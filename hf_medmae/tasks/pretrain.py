@@ -199,6 +199,10 @@ class Pretrain(Task):
         processor = ViTImageProcessorPil(do_resize=False, do_rescale=False, image_mean=mean, image_std=std)
         logger.info("streaming %s (%d shards, shuffle buffer %d); statistics from its first %d images", name, train.n_shards,
                     data_args.shuffle_buffer, stats_images)  # fmt: skip
+        if args.resume_from_checkpoint not in (None, "", False, "false", "False"):
+            logger.warning("resuming a stream: the Trainer re-reads it (same seed, same order) up to the step it stopped at, so "
+                           "training continues at the right place; the augmentation and masks of what follows are drawn anew, "
+                           "so the run is not bit-identical to an uninterrupted one")  # fmt: skip
         callbacks = [SampleIdRecorder()] if data_args.record_sample_ids else []
         return TaskSetup(model, train, val, processor, data_args.train_data, callbacks,
                          state={"skipped": skipped, "sources": (val_images,), "stats_images": stats_images, "streaming": True})
