@@ -125,4 +125,6 @@ def streaming_dataset(stream, column: str, image_mean, image_std, image_size: in
                     out["sample_ids"].append(int(batch["sample_ids"][k]))
         return out
 
-    return stream.map(to_items, batched=True, batch_size=1, remove_columns=[c for c in (stream.column_names or [column]) if c != "sample_ids"])
+    # numpy format: each image arrives as one array, not nested Python lists (which cost ~36 bytes per pixel in the shuffle buffer)
+    return stream.with_format("numpy").map(to_items, batched=True, batch_size=1,
+                                           remove_columns=[c for c in (stream.column_names or [column]) if c != "sample_ids"])

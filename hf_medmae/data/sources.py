@@ -254,7 +254,8 @@ class HFSource(ImageSource):
     """An image column of a `datasets.Dataset` (Arrow, memory-mapped by `datasets`), decoded per item."""
 
     def __init__(self, dataset, column: str, name: str):
-        self.dataset, self.column, self.name = dataset, column, name
+        # numpy format: one array per image instead of nested Python lists
+        self.dataset, self.column, self.name = dataset.with_format("numpy", columns=[column]), column, name
         feature = dataset.features[column]
         self.fixed_shape = getattr(feature, "shape", None)  # Array2D/3D features have one shape for every row
         self.cheap_shapes = self.fixed_shape is not None

@@ -271,7 +271,7 @@ def save_reconstructions(model: MedMAEForPreTraining, dataset, output_dir: str, 
     from ..plots import save_reconstruction_grid
 
     model.eval()
-    pixels = torch.stack([dataset[i]["pixel_values"] for i in range(min(n, len(dataset)))]).to(model.device)
+    pixels = torch.stack([torch.as_tensor(dataset[i]["pixel_values"]) for i in range(min(n, len(dataset)))]).to(model.device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # the same masks in every figure of a run's images
         out = model(pixels)
