@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import mmap
 import os
 import zipfile
 from pathlib import Path
@@ -91,7 +92,7 @@ class ArraySource(ImageSource):
 
     def __init__(self, path: str | Path, key: str | None = None):
         self.path, self.key = Path(path), key
-        self.array = _open_array(self.path, key)
+        self.array, self.mapping = _open_array(self.path, key)
         if self.array.ndim not in (3, 4):
             raise DataError(f"{self.path} holds shape {self.array.shape}; expected (N, C, H, W).",
                             "reshape the array to (N, C, H, W) before saving.")  # fmt: skip
@@ -101,16 +102,28 @@ class ArraySource(ImageSource):
         return self.array.shape[0]
 
     def __getstate__(self) -> dict:  # a worker process re-opens the mapping instead of receiving a pickled copy of the pool
-        return {k: v for k, v in self.__dict__.items() if k != "array"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("array", "mapping")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self.array = _open_array(self.path, self.key)
+        self.array, self.mapping = _open_array(self.path, self.key)
 
     def _checked(self, window: np.ndarray, index: int) -> np.ndarray:
         out = np.array(window[None] if self.grey else window, dtype=np.float32)  # a copy: never hand out the mapping
+        self._release(index)
         check_finite(out, f"{self.path}[{index}]")
         return out
+
+    def _release(self, index: int) -> None:
+        """Unmap the pages just read: they stay in the OS page cache (a re-read is fast) but leave this process's
+        resident memory, which would otherwise grow with every image touched until it held the whole file."""
+        if hasattr(mmap, "MADV_DONTNEED"):
+            item = self.array.strides[0]
+            start = self.array.ctypes.data - np.frombuffer(self.mapping, np.uint8, count=1).ctypes.data + index * item
+            page, around = mmap.PAGESIZE, 1 << 16  # the kernel also maps up to 64 KiB around a fault ("fault-around")
+            begin = max(0, (start - around) // page * page)
+            end = min(len(self.mapping), -(-(start + item + around) // page) * page)
+            self.mapping.madvise(mmap.MADV_DONTNEED, begin, end - begin)
 
     def __getitem__(self, index: int) -> np.ndarray:
         return self._checked(self.array[index], index)
@@ -124,11 +137,21 @@ class ArraySource(ImageSource):
         return self._checked(window, index)
 
 
-def _open_array(path: Path, key: str | None) -> np.ndarray:
+def _open_array(path: Path, key: str | None) -> tuple[np.ndarray, mmap.mmap]:
+    """The array, on a read-only mapping of the .npy (or of the cached copy of an .npz member) that we own."""
     try:
-        if path.suffix.lower() == ".npy":
-            return np.load(path, mmap_mode="r", allow_pickle=False)  # never unpickle user files
-        return np.load(_npz_member_as_npy(path, key), mmap_mode="r", allow_pickle=False)
+        target = path if path.suffix.lower() == ".npy" else _npz_member_as_npy(path, key)
+        with open(target, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(handle)  # refuses object arrays: never unpickle user files
+            if dtype.hasobject or fortran:
+                raise DataError(f"{path} holds an object or Fortran-ordered array.", "save a plain C-ordered numeric array with numpy.save.")
+            offset = handle.tell()
+            mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            if hasattr(mmap, "MADV_RANDOM"):  # items are read in shuffled order: no read-ahead or fault-around of neighbours
+                mapping.madvise(mmap.MADV_RANDOM)
+        return np.ndarray(shape, dtype=dtype, buffer=mapping, offset=offset), mapping
     except DataError:
         raise
     except (OSError, ValueError, zipfile.BadZipFile) as err:

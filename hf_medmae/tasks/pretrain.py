@@ -55,7 +55,8 @@ class DataArguments:
     streaming: bool = field(default=False, metadata={
         "help": "hf: sources only: stream the pool with datasets' IterableDataset (pools larger than the disk); needs max_steps "
                 "and a separate validation_data (or validation_fraction: 0)"})  # fmt: skip
-    shuffle_buffer: int = field(default=1000, metadata={"help": "streaming: images in the shuffle buffer"})
+    shuffle_buffer: int = field(default=256, metadata={
+        "help": "streaming: images in the shuffle buffer (it holds them decoded: about 8 bytes per pixel and channel each)"})
     image_column: str | None = field(default=None, metadata={"help": "hf: sources: the column with the images (default: image, img or pixel_values)"})
     stats_sample_size: int | None = field(default=1000, metadata={
         "help": "per-channel mean/std from a seeded sample of this many training images (tiles); null: all of them"})
