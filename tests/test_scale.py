@@ -6,7 +6,9 @@ Generated pixels: these tests check reading, indexing and sharding, not what a m
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import re
 
 import numpy as np
 import pytest
@@ -35,7 +37,7 @@ def test_npy_is_memory_mapped_and_read_per_item(tmp_path):
     arr = stack()
     np.save(tmp_path / "pool.npy", arr)
     source, skipped = load_source(str(tmp_path / "pool.npy"))
-    assert isinstance(source, ArraySource) and isinstance(source.array, np.memmap) and skipped == []
+    assert isinstance(source, ArraySource) and isinstance(source.mapping, mmap.mmap) and skipped == []
     assert len(source) == 6 and source.shape(2) == (16, 64, 64)
     assert source[2].dtype == np.float32 and np.array_equal(source[2], arr[2].astype(np.float32))
     assert np.array_equal(source.crop(3, 32, 0, 32), arr[3, :, 32:, :32].astype(np.float32))
@@ -48,12 +50,36 @@ def test_npy_is_memory_mapped_and_read_per_item(tmp_path):
         source[4]
 
 
+def mapped_kib(path) -> int:
+    """Resident KiB of this process's mappings of `path` (Linux /proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+            inside = str(path) in line
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux's per-mapping memory")
+def test_reading_a_mapped_pool_does_not_keep_it_resident(tmp_path):
+    np.save(tmp_path / "pool.npy", stack(200))  # 25 MiB
+    source = ArraySource(tmp_path / "pool.npy")
+    for i in np.random.default_rng(0).permutation(200):
+        source[int(i)]
+    plain = np.load(tmp_path / "pool.npy", mmap_mode="r")
+    kept = mapped_kib(tmp_path / "pool.npy")
+    for i in range(200):
+        np.array(plain[i])
+    assert kept < 2048 and mapped_kib(tmp_path / "pool.npy") - kept > 20_000  # a plain memmap keeps what it read
+
+
 def test_npz_member_is_converted_once_to_a_memory_mapped_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
     arr = stack(5, 3, 16)
     np.savez_compressed(tmp_path / "pool.npz", images=arr, labels=np.arange(5))
     source = ArraySource(tmp_path / "pool.npz")
-    assert isinstance(source.array, np.memmap) and np.array_equal(source[4], arr[4].astype(np.float32))
+    assert isinstance(source.mapping, mmap.mmap) and np.array_equal(source[4], arr[4].astype(np.float32))
     cached = list((tmp_path / "cache" / "hf_medmae_npz").glob("*.npy"))
     assert len(cached) == 1
     written = cached[0].stat().st_mtime_ns
