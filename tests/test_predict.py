@@ -68,6 +68,7 @@ def test_one_command_classifies_a_folder_and_scores_a_labelled_set(classifier, t
     table = list(csv.DictReader((tmp_path / "out" / "external_metrics.csv").open()))
     assert [r["set"] for r in table] == ["tomorrow", "site_b"] and table[1]["accuracy"] and not table[0]["accuracy"]
     assert [r["set"] for r in result["sets"]] == ["tomorrow", "site_b"]
+    assert json.loads((classifier / "test_metrics.json").read_text())["layer_decay"] == 1.0  # from scratch: no layer decay
 
 
 def test_renormalise_uses_the_target_sets_statistics(classifier, tmp_path):

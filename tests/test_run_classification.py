@@ -222,6 +222,7 @@ def test_end_to_end_selects_on_validation_and_reports_on_test(mae, tmp_path):
     assert report["n_samples"] == len(splits["test"]) == sum(report["class_counts"]["test"].values())
     assert report["per_class"]["basophil"]["support"] == 0 and report["train_class_counts"]["basophil"] == 1
     assert {"confusion_matrix", "confidence", "ece", "macro_f1_present"} <= report.keys()
+    assert report["layer_decay"] == 0.75  # the MAE fine-tuning recipe for MAE weights (1.0 from scratch)
     # selection used validation only: the best metric is the maximum of the validation evaluations, and
     # the saved model (re-evaluated on validation at the end) reproduces it
     state = json.loads((Path(report["best_model_checkpoint"]) / "trainer_state.json").read_text())
