@@ -1,187 +1,196 @@
 #!/usr/bin/env python
-"""Label efficiency on WBC (seed 000's study): fraction of labels x {scratch, mae} x seeds.
+"""Label efficiency on WBC (seed 000's study): fraction of labels x four arms x seeds, each run to convergence.
 
-One MAE is pre-trained once (run_mae.py's `main`) on unlabeled images and reused; every cell then
-fine-tunes through run_classification.py's `main` with the same ViT either from that MAE (init mae)
-or randomly initialised (init scratch): the two differ by one flag. Each seed draws its own
-stratified split and label subset; checkpoints are selected on validation, scores are on test.
+Arms, all through `run_classification.py`'s task on `configs/wbc_classification.yaml` (so they share the
+split, augmentation, schedule, selection on validation and metrics):
+- `cnn`: the MONAI CNN a practitioner would otherwise train (`--architecture`, from scratch);
+- `vit_scratch`: the ViT from random weights;
+- `mae_finetune`: the same ViT initialised from an MAE, fully fine-tuned;
+- `mae_frozen`: that MAE's frozen mean-pooled features + logistic regression (`mode: frozen_features`).
 
-    python benchmarks/label_efficiency.py --quick                # smoke run, a few minutes on 2 CPU cores
-    python benchmarks/label_efficiency.py                        # the study (see --help for the sizes)
+Each seed draws its own stratified train / validation / test split (the task's own `stratified_split`) and
+its own label subsets. The seed's MAE is pre-trained (recipe from `mae_recipe.py`) on that seed's
+training images only, without labels, plus the external BCCD white-cell crops when the recipe says so:
+it never sees a validation or test image.
+
+Every run's result is written to the JSON as it finishes and runs already there are skipped, so the
+study can be completed over several sessions:
+
+    python benchmarks/label_efficiency.py                                   # all arms, fractions, seeds 0-4
+    python benchmarks/label_efficiency.py --arms mae_frozen cnn --seeds 0 1  # a part
+    python benchmarks/label_efficiency.py --report                          # table, curve and confidence from the JSON
 
 Macro precision / recall / F1 are over the classes present in the test split: WBC's single basophil
-stays in train (too rare to stratify), and a class with no test example would cap macro-F1 at 0.8.
+stays in train (too rare to stratify).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
+import shlex
+import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from mae_recipe import BASE, RECIPES, bccd_cells, pretrain
+
+from hf_medmae.data.splits import stratified_split
+from hf_medmae.data.transforms import resize
+from hf_medmae.plots import plot_label_efficiency
+from hf_medmae.tasks import classify
+from hf_medmae.training import hardware_description
 
 ROOT = Path(__file__).resolve().parents[1]
-
-from hf_medmae.tasks import classify as classify_task  # noqa: E402
-from hf_medmae.tasks import pretrain as pretrain_task  # noqa: E402
-from hf_medmae.data.io import read_image  # noqa: E402
-from hf_medmae.data.pretraining import tile_image  # noqa: E402
-from hf_medmae.data.transforms import resize  # noqa: E402
-from hf_medmae.plots import plot_label_efficiency  # noqa: E402
-from hf_medmae.training import hardware_description  # noqa: E402
-
-DATA = ROOT.parent / "shared" / "data"
-WBC = DATA / "wbc_zheng2018" / "Dataset 1"
-BCCD = DATA / "bccd" / "BCCD" / "JPEGImages"
+WBC = ROOT.parent / "shared" / "data" / "wbc_zheng2018"
+CONFIG = ROOT / "configs" / "wbc_classification.yaml"
+ARMS = ("cnn", "vit_scratch", "mae_finetune", "mae_frozen")
 METRICS = ("accuracy", "macro_precision_present", "macro_recall_present", "macro_f1_present")
 HEADERS = ("accuracy", "precision", "recall", "F1")
-
-FULL = dict(image_size=64, patch_size=8, hidden_size=192, num_hidden_layers=6, num_attention_heads=6, intermediate_size=768,
-            decoder_hidden_size=128, decoder_num_hidden_layers=2, decoder_num_attention_heads=4, decoder_intermediate_size=512,
-            mask_ratio=0.5, pretrain_batch=64, finetune_steps=300, finetune_batch=32)  # fmt: skip
-QUICK = dict(image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-             decoder_hidden_size=32, decoder_num_hidden_layers=1, decoder_num_attention_heads=2, decoder_intermediate_size=64,
-             mask_ratio=0.5, pretrain_batch=64, finetune_steps=20, finetune_batch=32)  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     p.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 0.5, 1.0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--pretrain-steps", type=int, default=2000, help="MAE pre-training steps (ignored with --mae-checkpoint)")
-    p.add_argument("--pretrain-data", choices=["bccd", "wbc", "both"], default="both",
-                   help="unlabeled pool: BCCD smear tiles (disjoint from WBC), all WBC images (self pre-training; sees the "
-                        "test pixels without labels), or both")  # fmt: skip
-    p.add_argument("--mae-checkpoint", default=None, help="reuse this MAE instead of pre-training one")
-    p.add_argument("--finetune-steps", type=int, default=None, help="steps per fine-tuning run (default 300; quick 20)")
-    p.add_argument("--mode", default="full", help="full | linear_probe | last_k:<k>")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--recipe", default="base", choices=list(RECIPES), help="the MAE pre-training recipe (mae_recipe.py)")
+    p.add_argument("--cnn", default="resnet18", help="the CNN arm's --architecture")
+    p.add_argument("--extra", default="", help="flags added to every run_classification call, one string (--extra='--max_steps 20': a smoke run)")
+    p.add_argument("--pretrain-steps", type=int, default=None, help="override the recipe's steps (smoke runs)")
     p.add_argument("--work-dir", default=str(ROOT / "outputs" / "label_efficiency"))
-    p.add_argument("--results-dir", default=str(ROOT / "benchmarks" / "results"))
-    p.add_argument("--quick", action="store_true", help="tiny sizes, 100 pre-training steps, fractions 0.1 1.0, seeds 0 1")
+    p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "label_efficiency.json"))
+    p.add_argument("--report", action="store_true", help="only summarise the JSON")
     args = p.parse_args(argv)
-    args.sizes = dict(QUICK if args.quick else FULL)
-    if args.quick:
-        args.fractions, args.seeds = [0.1, 1.0], [0, 1]
-        args.pretrain_steps, args.pretrain_data = 100, "wbc"
-    args.sizes["finetune_steps"] = args.finetune_steps or args.sizes["finetune_steps"]
+    args.extra = shlex.split(args.extra)
     return args
 
 
-def unlabeled_pool(which: str, side: int, out: Path) -> Path:
-    """WBC images and/or 160-px BCCD tiles, resized to side x side, as one (N, 3, side, side) .npy for pretrain."""
-    images = []
-    if which in ("wbc", "both"):
-        images += [read_image(p) for p in sorted(WBC.glob("*.bmp"))]  # the .png beside them are masks
-    if which in ("bccd", "both"):
-        images += [t for p in sorted(BCCD.glob("*.jpg")) for t in tile_image(read_image(p), 160)]
-    if not images:
-        raise SystemExit(f"no unlabeled images found under {DATA}")
-    stack = np.stack([resize(torch.from_numpy(np.ascontiguousarray(im)), side).numpy() for im in images])  # [N, 3, side, side]
-    np.save(out, stack.astype(np.float32))
+def wbc_args() -> list[str]:
+    return ["--data_dir", str(WBC / "Dataset 1"), "--labels_csv", str(WBC / "Class Labels of Dataset 1.csv")]
+
+
+def seed_mae(args: argparse.Namespace, seed: int, work: Path) -> Path:
+    """The seed's MAE, pre-trained on its training images (and the recipe's external pool), reused if present."""
+    out = work / f"mae_seed{seed}"
+    if (out / "model.safetensors").is_file():
+        return out
+    recipe = {**BASE, **RECIPES[args.recipe]}
+    if args.pretrain_steps:
+        recipe["steps"] = args.pretrain_steps
+    data_args = classify.DataArguments(data_dir=str(WBC / "Dataset 1"), labels_csv=str(WBC / "Class Labels of Dataset 1.csv"),
+                                       id_column="image ID", label_column="class label", filename_template="{id:03d}.bmp",
+                                       label_offset=1, class_names=["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"])  # fmt: skip
+    data = classify.load_data(data_args)
+    split = stratified_split(data.labels, data.class_names, 0.15, 0.2, seed)  # as the config's validation/test fractions
+    size = recipe["image_size"]
+    pool = [resize(torch.from_numpy(data.images[i]).float(), size).numpy() for i in split.train]
+    pool += bccd_cells(size) if "bccd" in recipe["pool"] else []
+    work.mkdir(parents=True, exist_ok=True)
+    pretrain(recipe, np.stack(pool).astype(np.float32), out)
+    (out / "pretraining_pool.json").write_text(json.dumps({"recipe": args.recipe, **recipe, "wbc_train_files": [data.files[i] for i in split.train],
+                                                           "images": len(pool)}, indent=1))  # fmt: skip
     return out
 
 
-def pretrain(args: argparse.Namespace, work: Path) -> tuple[str, float]:
-    """Pre-train the MAE once; returns (checkpoint, seconds)."""
-    if args.mae_checkpoint:
-        return args.mae_checkpoint, 0.0
-    start, s = time.time(), args.sizes
-    pool = unlabeled_pool(args.pretrain_data, int(s["image_size"] * 1.5), work / "unlabeled.npy")
-    keys = ("image_size", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-            "decoder_hidden_size", "decoder_num_hidden_layers", "decoder_num_attention_heads", "decoder_intermediate_size", "mask_ratio")  # fmt: skip
-    argv = [f"--{k}={s[k]}" for k in keys] + [
-        "--train_data", str(pool), "--validation_fraction", "0.02", "--output_dir", str(work / "mae"),
-        "--max_steps", str(args.pretrain_steps), "--per_device_train_batch_size", str(s["pretrain_batch"]),
-        "--learning_rate", "1.5e-3", "--warmup_steps", "0.05", "--lr_scheduler_type", "cosine", "--weight_decay", "0.05",
-        "--adam_beta2", "0.95", "--save_strategy", '"no"', "--eval_strategy", '"no"', "--rot90", "true",
-        "--crop_scale", "[0.4, 1.0]", "--report_to", "none", "--disable_tqdm", "true", "--logging_steps", "100",
-        "--dataloader_num_workers", "0", "--seed", "0",
-    ]  # fmt: skip
-    pretrain_task.main(argv)
-    return str(work / "mae"), time.time() - start
+def run_arm(args: argparse.Namespace, arm: str, fraction: float, seed: int, work: Path) -> dict:
+    out = work / f"{arm}_f{fraction}_s{seed}"
+    flags = {"cnn": ["--architecture", args.cnn], "vit_scratch": ["--init", "scratch", "--model_name_or_path", "null"],
+             "mae_finetune": ["--init", "mae", "--model_name_or_path", str(seed_mae(args, seed, work))] if arm == "mae_finetune" else [],
+             "mae_frozen": ["--init", "mae", "--mode", "frozen_features", "--model_name_or_path", str(seed_mae(args, seed, work))]
+             if arm == "mae_frozen" else []}[arm]  # fmt: skip
+    if arm.startswith("mae"):
+        pool = json.loads((work / f"mae_seed{seed}" / "pretraining_pool.json").read_text())
+        flags += ["--image_size", str(pool["image_size"])]
+    start = time.time()
+    metrics = classify.main(["--config", str(CONFIG), *wbc_args(), "--train_fraction", str(fraction), "--seed", str(seed),
+                             "--output_dir", str(out), "--disable_tqdm", "true", *flags, *args.extra])  # fmt: skip
+    report = json.loads((out / "test_metrics.json").read_text())
+    if arm.startswith("mae"):  # the MAE never saw an evaluation image
+        splits = json.loads((out / "splits.json").read_text()) if (out / "splits.json").is_file() else None
+        if splits is not None:
+            assert not set(pool["wbc_train_files"]) & (set(splits["val"]) | set(splits["test"])), "pre-training saw evaluation images"
+    return dict(arm=arm, fraction=fraction, seed=seed, **{m: report[m] for m in METRICS}, train_images=sum(report["class_counts"]["train"].values()),
+                steps=metrics.get("global_step"), minutes=round((time.time() - start) / 60, 2), confidence=report.get("confidence"))  # fmt: skip
 
 
-def finetune(args: argparse.Namespace, mae: str, init: str, fraction: float, seed: int, work: Path) -> dict:
-    """One cell: the classification task on the WBC config; returns the test metrics."""
-    s = args.sizes
-    every = max(1, s["finetune_steps"] // 10)
-    argv = [
-        "--config", str(ROOT / "configs" / "wbc_classification.yaml"), "--data_dir", str(WBC),
-        "--labels_csv", str(WBC.parent / "Class Labels of Dataset 1.csv"), "--init", init, "--model_name_or_path", mae,
-        "--image_size", str(s["image_size"]), "--mode", args.mode, "--train_fraction", str(fraction),
-        "--seed", str(seed), "--split_seed", str(seed), "--output_dir", str(work / f"{init}_f{fraction}_s{seed}"),
-        "--max_steps", str(s["finetune_steps"]), "--per_device_train_batch_size", str(s["finetune_batch"]),
-        "--eval_strategy", "steps", "--save_strategy", "steps", "--eval_steps", str(every), "--save_steps", str(every),
-        "--save_total_limit", "1", "--logging_steps", str(every), "--disable_tqdm", "true",
-    ]  # fmt: skip
-    metrics = classify_task.main(argv)
-    return {"init": init, "fraction": fraction, "seed": seed, **{m: metrics[f"test_{m}"] for m in METRICS}}
-
-
-def summarise(rows: list[dict], fractions: list[float]) -> list[dict]:
-    """Mean and std over seeds per (fraction, init), and the MAE gain (difference of the means)."""
+def summarise(runs: list[dict]) -> list[dict]:
     table = []
-    for fraction in fractions:
-        line = {"fraction": fraction}
-        for metric in METRICS:
-            for init in ("scratch", "mae"):
-                values = [r[metric] for r in rows if r["init"] == init and r["fraction"] == fraction]
-                line[f"{init}_{metric}_mean"], line[f"{init}_{metric}_std"] = float(np.mean(values)), float(np.std(values))
-            line[f"gain_{metric}"] = line[f"mae_{metric}_mean"] - line[f"scratch_{metric}_mean"]
-        table.append(line)
+    for fraction in sorted({r["fraction"] for r in runs}):
+        for arm in ARMS:
+            cell = [r for r in runs if r["arm"] == arm and r["fraction"] == fraction]
+            if cell:
+                row = {"fraction": fraction, "arm": arm, "seeds": len(cell)}
+                for m in METRICS:
+                    values = [r[m] for r in cell]
+                    row[f"{m}_mean"], row[f"{m}_std"] = statistics.mean(values), statistics.pstdev(values)
+                row["confidence"] = pooled_confidence(cell)
+                table.append(row)
     return table
 
 
+def pooled_confidence(cell: list[dict]) -> dict:
+    """Mean probability of the predicted class, for right and for wrong test predictions, pooled over seeds."""
+    out = {}
+    for kind in ("correct", "wrong"):
+        n = total = 0
+        for r in cell:
+            for stats in (r.get("confidence") or {}).values():
+                if stats[kind]["count"]:
+                    n, total = n + stats[kind]["count"], total + stats[kind]["count"] * stats[kind]["mean"]
+        out[kind] = {"count": n, "mean": total / n if n else None}
+    return out
+
+
 def format_table(table: list[dict]) -> str:
-    """Markdown shaped like seed 000's: per metric From Scratch | w/ MAE | MAE Gains, one row per fraction."""
-    head = "| WBC labels | " + " | ".join(f"{h} scratch | {h} MAE | {h} gain" for h in HEADERS) + " |"
-    lines = [head, "|" + "---|" * (1 + 3 * len(HEADERS))]
-    for line in table:
-        cells = []
-        for m in METRICS:
-            cells += [f"{line[f'scratch_{m}_mean']:.3f} ± {line[f'scratch_{m}_std']:.3f}",
-                      f"{line[f'mae_{m}_mean']:.3f} ± {line[f'mae_{m}_std']:.3f}", f"{100 * line[f'gain_{m}']:+.2f}%"]  # fmt: skip
-        lines.append(f"| {line['fraction']:.0%} | " + " | ".join(cells) + " |")
+    """Seed 000's shape: one row per (labels, arm), mean ± std over seeds per metric, and the F1 gain over the ViT from scratch."""
+    lines = ["| labels | arm | seeds | " + " | ".join(HEADERS) + " | F1 vs ViT scratch |", "|" + "---|" * (4 + len(HEADERS))]
+    for r in table:
+        scratch = next((x for x in table if x["fraction"] == r["fraction"] and x["arm"] == "vit_scratch"), None)
+        gain = f"{100 * (r['macro_f1_present_mean'] - scratch['macro_f1_present_mean']):+.1f} points" if scratch and r is not scratch else "-"
+        cells = [f"{r[f'{m}_mean']:.3f} ± {r[f'{m}_std']:.3f}" for m in METRICS]
+        lines.append(f"| {r['fraction']:.0%} | {r['arm']} | {r['seeds']} | " + " | ".join(cells) + f" | {gain} |")
     return "\n".join(lines)
 
 
-def write_results(args, rows: list[dict], table: list[dict], info: dict) -> Path:
-    out = Path(args.results_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "label_efficiency_quick" if args.quick else "label_efficiency"
-    with open(out / f"{stem}.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    (out / f"{stem}.json").write_text(json.dumps({**info, "runs": rows, "summary": table}, indent=2))
-    plot_rows = [{"init": r["init"], "fraction": r["fraction"], "macro_f1": r["macro_f1_present"]} for r in rows]
-    plot_label_efficiency(plot_rows, out / f"{stem}.png", metric="macro_f1")
-    return out / stem
-
-
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    if not WBC.is_dir():
-        raise SystemExit(f"WBC data not found at {WBC}")
-    start, work = time.time(), Path(args.work_dir + ("_quick" if args.quick else ""))
-    work.mkdir(parents=True, exist_ok=True)
-    mae, pretrain_seconds = pretrain(args, work)
-    rows = [finetune(args, mae, init, fraction, seed, work)
-            for fraction in args.fractions for seed in args.seeds for init in ("scratch", "mae")]  # fmt: skip
-    table = summarise(rows, args.fractions)
-    info = {"hardware": hardware_description(), "wall_seconds": round(time.time() - start, 1),
-            "pretrain_seconds": round(pretrain_seconds, 1), "mae_checkpoint": mae, "pretrain_steps": args.pretrain_steps,
-            "pretrain_data": args.pretrain_data, "mode": args.mode, "sizes": args.sizes, "seeds": args.seeds}  # fmt: skip
-    stem = write_results(args, rows, table, info)
+def report(results: dict, output: Path) -> None:
+    table = summarise(results["runs"])
+    results["summary"] = table
+    output.write_text(json.dumps(results, indent=2))
+    rows = [{"init": r["arm"], "fraction": r["fraction"], "macro_f1": r["macro_f1_present"]} for r in results["runs"]]
+    if rows:
+        plot_label_efficiency(rows, output.with_suffix(".png"), metric="macro_f1")
     print(format_table(table))
-    print(f"\nmean ± std over seeds {args.seeds}; macro scores over the classes present in each test split.")
-    print(f"hardware: {info['hardware']}; wall time {info['wall_seconds'] / 60:.1f} min "
-          f"(pre-training {pretrain_seconds / 60:.1f} min); results: {stem}.csv/.json/.png")  # fmt: skip
-    return info
+    print("\nconfidence (mean probability of the predicted class), right / wrong predictions, pooled over seeds:")
+    for r in table:
+        c = r["confidence"]
+        fmt = lambda k: f"{c[k]['mean']:.3f} (n={c[k]['count']})" if c[k]["mean"] is not None else "-"  # noqa: E731
+        print(f"  {r['fraction']:>5.0%} {r['arm']:>13}: right {fmt('correct')}, wrong {fmt('wrong')}")
+    print(f"hardware: {results['hardware']}; {len(results['runs'])} runs; wrote {output} and {output.with_suffix('.png')}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    output, work = Path(args.output), Path(args.work_dir)
+    results = json.loads(output.read_text()) if output.is_file() else {}
+    if results.get("protocol") != "converged-4-arms":  # an older study's file: start anew
+        results = {"protocol": "converged-4-arms", "hardware": hardware_description(), "recipe": {"name": args.recipe, **BASE, **RECIPES[args.recipe]},
+                   "cnn": args.cnn, "config": str(CONFIG.relative_to(ROOT)), "extra_flags": args.extra, "runs": []}  # fmt: skip
+    done = {(r["arm"], r["fraction"], r["seed"]) for r in results["runs"]}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    for seed in [] if args.report else args.seeds:
+        for fraction in args.fractions:
+            for arm in args.arms:
+                if (arm, fraction, seed) in done:
+                    continue
+                run = run_arm(args, arm, fraction, seed, work)
+                results["runs"].append(run)
+                output.write_text(json.dumps(results, indent=2))
+                print(f"{arm} {fraction:.0%} seed {seed}: accuracy {run['accuracy']:.3f}, macro-F1 {run['macro_f1_present']:.3f}, "
+                      f"{run['steps']} steps, {run['minutes']} min", flush=True)
+    report(results, output)
 
 
 if __name__ == "__main__":
