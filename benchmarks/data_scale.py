@@ -71,7 +71,7 @@ def make_arrow(folder: Path, npy: Path, n: int) -> Path:
     return folder
 
 
-def measure(kind: str, source: list[str], steps: int, out: Path) -> dict:
+def measure(kind: str, source: list[str], steps: int, out: Path, threads: int = 2) -> dict:
     """One run_mae.py in a child process; its peak RSS (ru_maxrss of the waited child) and the Trainer's img/s."""
     args = [str(ROOT / "run_mae.py"), *source, *MODEL, "--max_steps", str(steps), "--per_device_train_batch_size", "32",
             "--save_strategy", "no", "--eval_strategy", "no", "--report_to", "none", "--disable_tqdm", "true", "--validation_fraction", "0.02",
@@ -80,7 +80,7 @@ def measure(kind: str, source: list[str], steps: int, out: Path) -> dict:
              "sys.stderr.write(r.stderr[-3000:] if r.returncode else ''); "
              "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")  # fmt: skip
     start = time.time()
-    done = subprocess.run([sys.executable, "-c", probe, sys.executable, *args], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    done = subprocess.run([sys.executable, "-c", probe, sys.executable, *args], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     code, max_rss_kib = (int(v) for v in done.stdout.split()[-2:])
     if code:
         raise SystemExit(f"{kind}: run_mae.py failed:\n{done.stderr}")
@@ -94,13 +94,15 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 16384])
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--threads", type=int, default=2, help="torch threads of each run")
+    p.add_argument("--repeats", type=int, default=1, help="measure each (kind, size) this many times, alternating kinds")
     p.add_argument("--work-dir", default=str(ROOT / "outputs" / "data_scale"))
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "data_scale.json"))
     args = p.parse_args()
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     rows = []
-    for n in args.sizes:
+    for n, repeat in ((n, r) for n in args.sizes for r in range(args.repeats)):
         npy = make_npy(work / f"pool{n}.npy", n)
         for kind in args.kinds:
             if kind == "in_memory" and n > 4096:
@@ -115,11 +117,12 @@ def main() -> None:
             else:
                 arrow = make_arrow(work / f"arrow{n}", npy, n)
                 source = ["--train_data", f"hf:{arrow}"] + (["--streaming", "true", "--validation_data", str(make_npy(work / "val64.npy", 64))] if kind == "stream" else [])
-            row = dict(kind=kind, images=n, pool_gib=round(n * 16 * 64 * 64 * 2 / 2**30, 2), **measure(kind, source, args.steps, work / f"run_{kind}_{n}"))
+            row = dict(kind=kind, images=n, repeat=repeat, pool_gib=round(n * 16 * 64 * 64 * 2 / 2**30, 2),
+                       **measure(kind, source, args.steps, work / f"run_{kind}_{n}", args.threads))  # fmt: skip
             rows.append(row)
             print(f"{kind:>10} {n:>6} images ({row['pool_gib']:.2f} GiB uint16): peak RSS {row['peak_rss_mib']:>5} MiB, "
                   f"{row['train_img_per_s']:>6.1f} img/s", flush=True)
-    info = dict(hardware=hardware_description(), steps=args.steps, batch=32, data="generated uint16 noise, 16 x 64 x 64 "
+    info = dict(hardware=hardware_description(), threads=args.threads, steps=args.steps, batch=32, data="generated uint16 noise, 16 x 64 x 64 "
                 "(npy_tiled: 16 x 256 x 256 cut into 64-px tiles)", rows=rows)  # fmt: skip
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(info, indent=2))
