@@ -132,15 +132,19 @@ def summarise(runs: list[dict]) -> list[dict]:
 
 
 def pooled_confidence(cell: list[dict]) -> dict:
-    """Mean probability of the predicted class, for right and for wrong test predictions, pooled over seeds."""
+    """Seed 000's "confidence" (probability of the predicted class) for right and wrong test predictions, pooled
+    over seeds: over all classes (`all`) and per true class."""
+    classes = sorted({name for r in cell for name in (r.get("confidence") or {})})
     out = {}
-    for kind in ("correct", "wrong"):
-        n = total = 0
-        for r in cell:
-            for stats in (r.get("confidence") or {}).values():
-                if stats[kind]["count"]:
-                    n, total = n + stats[kind]["count"], total + stats[kind]["count"] * stats[kind]["mean"]
-        out[kind] = {"count": n, "mean": total / n if n else None}
+    for name in ["all", *classes]:
+        out[name] = {}
+        for kind in ("correct", "wrong"):
+            n = total = 0
+            for r in cell:
+                for label, stats in (r.get("confidence") or {}).items():
+                    if (name == "all" or label == name) and stats[kind]["count"]:
+                        n, total = n + stats[kind]["count"], total + stats[kind]["count"] * stats[kind]["mean"]
+            out[name][kind] = {"count": n, "mean": total / n if n else None}
     return out
 
 
@@ -163,11 +167,13 @@ def report(results: dict, output: Path) -> None:
     if rows:
         plot_label_efficiency(rows, output.with_suffix(".png"), metric="macro_f1")
     print(format_table(table))
-    print("\nconfidence (mean probability of the predicted class), right / wrong predictions, pooled over seeds:")
+    print("\nconfidence (mean probability of the predicted class), right / wrong test predictions, pooled over seeds:")
     for r in table:
-        c = r["confidence"]
-        fmt = lambda k: f"{c[k]['mean']:.3f} (n={c[k]['count']})" if c[k]["mean"] is not None else "-"  # noqa: E731
-        print(f"  {r['fraction']:>5.0%} {r['arm']:>13}: right {fmt('correct')}, wrong {fmt('wrong')}")
+        parts = []
+        for name, c in r["confidence"].items():
+            fmt = lambda k: f"{c[k]['mean']:.2f}" if c[k]["mean"] is not None else "-"  # noqa: E731
+            parts.append(f"{name} {fmt('correct')}/{fmt('wrong')} (n={c['correct']['count']}/{c['wrong']['count']})")
+        print(f"  {r['fraction']:>5.0%} {r['arm']:>13}: " + "; ".join(parts))
     print(f"hardware: {results['hardware']}; {len(results['runs'])} runs; wrote {output} and {output.with_suffix('.png')}")
 
 
