@@ -53,7 +53,7 @@ def make_tiffs(folder: Path, npy: Path, n: int) -> Path:
 
     if not (folder / "done").is_file():
         folder.mkdir(parents=True, exist_ok=True)
-        arr = np.load(npy, mmap_mode="r")
+        arr = np.load(npy, mmap_mode="r", allow_pickle=False)
         for i in range(n):
             tifffile.imwrite(folder / f"{i:05d}.tif", np.asarray(arr[i]))
         (folder / "done").write_text("")
@@ -64,7 +64,7 @@ def make_arrow(folder: Path, npy: Path, n: int) -> Path:
     import datasets
 
     if not (folder / "state.json").is_file():
-        arr = np.load(npy, mmap_mode="r")
+        arr = np.load(npy, mmap_mode="r", allow_pickle=False)
         features = datasets.Features({"image": datasets.Array3D(shape=(16, 64, 64), dtype="uint16")})
         ds = datasets.Dataset.from_generator(lambda: ({"image": np.asarray(arr[i])} for i in range(n)), features=features)
         ds.save_to_disk(str(folder))

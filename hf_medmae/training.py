@@ -167,6 +167,22 @@ class AttentionRefreshCallback(TrainerCallback):
         self.last_refresh = epoch
 
 
+CHOICES_FILE = "measured_choices.json"
+
+
+class ChoicesCallback(TrainerCallback):
+    """Writes the run's measured choices (precision, attention kernel) into every checkpoint, so a resumed run
+    trains exactly as it started instead of measuring again (see `tasks.run.settle_precision`)."""
+
+    def __init__(self, choices: dict):
+        self.choices = choices
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir, f"checkpoint-{state.global_step}")
+        if state.is_world_process_zero and folder.is_dir():
+            (folder / CHOICES_FILE).write_text(json.dumps(self.choices))
+
+
 class SampleIdRecorder(TrainerCallback):
     """Records the dataset indices this process trains on, to verify sharding across processes.
 

@@ -152,3 +152,9 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path):
     assert worst < 1e-5, worst
     losses = lambda d: [h["loss"] for h in json.loads((d / "checkpoint-6" / "trainer_state.json").read_text())["log_history"] if "loss" in h]
     assert losses(resumed)[-3:] == pytest.approx(losses(full)[-3:], rel=1e-5)
+    # precision and attention kernel are measured once (auto): the resumed run takes them from checkpoint-3
+    # rather than measuring again on a machine that may be busier now
+    choices = json.loads((full / "checkpoint-3" / "measured_choices.json").read_text())
+    results = json.loads((resumed / "all_results.json").read_text())
+    assert results["precision"] == choices["precision"] and results["precision_from"].endswith("checkpoint-3/measured_choices.json")
+    assert results["attn_implementation"] == choices["attn_implementation"]

@@ -211,7 +211,7 @@ class Pretrain(Task):
     def report(self, trainer, setup: TaskSetup, model_args, data_args: DataArguments, is_main: bool) -> dict:
         trainer.save_model()
         args, model = trainer.args, setup.model
-        skipped = setup.state["skipped"] + [f for src in setup.state["sources"] for f in read_time_skips(src)]
+        skipped = list(dict.fromkeys(setup.state["skipped"] + [f for src in setup.state["sources"] for f in read_time_skips(src)]))
         metrics = trainer.evaluate() if setup.eval_dataset is not None else {}
         if setup.eval_dataset is not None:
             metrics["eval_loss_mean_predictor"] = mean_predictor_loss(model, setup.eval_dataset, args.per_device_eval_batch_size)

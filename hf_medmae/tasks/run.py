@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from torch.utils.data import Dataset
 from transformers import PreTrainedModel, Trainer, ViTImageProcessorPil, default_data_collator, set_seed
@@ -26,7 +27,7 @@ from ..errors import ConfigError, DataError, MedMAEError
 from ..hub import push_checkpoint
 from ..loading import load_checkpoint
 from ..performance import apply_fast_defaults, choose_precision
-from ..training import ProcessSeedCallback, SelectionEarlyStopping, check_writable, hardware_description, resolve_resume, write_run_info
+from ..training import CHOICES_FILE, ChoicesCallback, ProcessSeedCallback, SelectionEarlyStopping, check_writable, hardware_description, resolve_resume, write_run_info
 
 logger = logging.getLogger(__name__)
 
@@ -135,8 +136,20 @@ def encoder_normalisation(encoder, init: str, train_images: list) -> tuple[list[
     return channel_stats(train_images)
 
 
-def settle_precision(args: MedTrainingArguments, setup: TaskSetup) -> dict:
-    """`precision: auto` on a CPU with native bf16: measure fp32 vs bf16 on the real model and batch, then decide."""
+def settle_precision(args: MedTrainingArguments, setup: TaskSetup, resume: str | None = None) -> dict:
+    """`precision: auto` on a CPU with native bf16: measure fp32 vs bf16 on the real model and batch, then decide.
+
+    A resumed run takes the choices its checkpoint recorded (precision and attention kernel) instead of
+    measuring again: a busy machine could otherwise switch them halfway through a run.
+    """
+    saved = Path(resume, CHOICES_FILE) if resume else None
+    if saved is not None and saved.is_file():
+        choices = json.loads(saved.read_text())
+        if args.precision == "auto":
+            args.use_bf16(choices.get("precision") == "bf16")
+        if choices.get("attn_implementation") and hasattr(setup.model, "set_attn_implementation"):
+            setup.model.set_attn_implementation(choices["attn_implementation"])
+        return {"precision": "bf16" if args.bf16 else "fp32", "precision_from": str(saved)}
     if not args.measure_precision:
         return {"precision": "bf16" if args.bf16 else "fp32"}
     if hasattr(setup.train_dataset, "__len__"):
@@ -159,11 +172,14 @@ def run(task: Task, setup: TaskSetup, model_args, data_args, args: MedTrainingAr
     if selecting and args.early_stopping_patience:
         callbacks.append(SelectionEarlyStopping(early_stopping_patience=args.early_stopping_patience))
     apply_fast_defaults(args)
-    precision = settle_precision(args, setup)
+    resume = resolve_resume(args)
+    precision = settle_precision(args, setup, resume)
+    callbacks.append(ChoicesCallback({"precision": precision["precision"],
+                                      "attn_implementation": getattr(setup.model.config, "_attn_implementation", None)}))
     trainer = Trainer(model=setup.model, args=args, train_dataset=setup.train_dataset, eval_dataset=setup.eval_dataset,
                       processing_class=setup.processor, callbacks=callbacks,
                       **setup.trainer_kwargs)  # fmt: skip
-    train_result = trainer.train(resume_from_checkpoint=resolve_resume(args))
+    train_result = trainer.train(resume_from_checkpoint=resume)
     if selecting:
         load_best_checkpoint(trainer)
     is_main = trainer.is_world_process_zero()
