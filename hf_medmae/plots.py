@@ -229,12 +229,18 @@ def plot_label_efficiency(results: list[dict], path: str | Path, metric: str = "
     if not results:
         raise DataError("No results to plot.", "Pass at least one result row.")
     fig, ax = plt.subplots(figsize=(5.5, 4))
+    fractions = set()
     for init, rows in _aggregate(results, metric).items():
         frac, mean, std = map(np.array, zip(*rows))
+        fractions |= set(frac.tolist())
         ax.errorbar(frac, mean, yerr=std, marker="o", capsize=3, label=str(init))
     ax.set_xscale("log")
-    ax.set(xlabel="fraction of labels", ylabel=metric, title=f"Label efficiency: {metric}")
-    ax.grid(alpha=0.3, which="both")
+    ax.set_xticks(sorted(fractions), [f"{f:.0%}" for f in sorted(fractions)])  # the fractions measured, as percentages
+    ax.minorticks_off()
+    name = {"macro_f1": "macro-F1", "accuracy": "accuracy"}.get(metric, metric)
+    ax.set(xlabel="labelled training images (% of the training split)", ylabel=f"{name} (mean ± std over seeds)",
+           title=f"Label efficiency: {name}")  # fmt: skip
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
 
