@@ -53,6 +53,12 @@ def layer_id(name: str, num_layers: int, prefix: str = "vit.") -> int:
     return int(block.group(1)) + 1 if block else num_layers + 1
 
 
+def default_layer_decay(layer_decay: float | None, init: str) -> float:
+    """`layer_decay` as set, else 0.75 for MAE weights (the MAE fine-tuning recipe) and 1.0 from scratch,
+    where every layer learns from nothing."""
+    return layer_decay if layer_decay is not None else (0.75 if init == "mae" else 1.0)
+
+
 def param_groups_layer_decay(
     model: nn.Module,
     base_lr: float,
@@ -176,4 +182,4 @@ def add_drop_path(model: nn.Module, drop_path_rate: float) -> list[RemovableHand
     return handles
 
 
-__all__ = ["param_groups_layer_decay", "layer_id", "drop_path_rates", "add_drop_path", "DropPathHook"]
+__all__ = ["default_layer_decay", "param_groups_layer_decay", "layer_id", "drop_path_rates", "add_drop_path", "DropPathHook"]

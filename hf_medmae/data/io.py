@@ -135,25 +135,22 @@ def read_array_file(path: str | Path, key: str | None = None) -> np.ndarray:
     return data
 
 
-def read_hf_dataset(name_or_path: str, split: str = "train", image_column: str | None = None, max_images: int | None = None) -> list[np.ndarray]:
-    """Images from a `datasets` dataset: a local `save_to_disk` folder or a name `load_dataset` knows."""
-    import datasets
+def item_to_chw(item, name: str) -> np.ndarray:
+    """A `datasets` image cell as float32 [C, H, W]: PIL images are channels-last; arrays are guessed as `read_image` does."""
+    array = _to_chw(np.asarray(item), name, channels_last=not isinstance(item, (np.ndarray, list)) or None).astype(np.float32, copy=False)
+    check_finite(array, name)
+    return array
 
-    local = Path(name_or_path)
-    if local.is_dir() and any((local / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
-        ds = datasets.load_from_disk(name_or_path)
-        ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
-    else:
-        ds = datasets.load_dataset(name_or_path, split=split)
-    column = image_column or next((c for c in ("image", "img", "pixel_values") if c in ds.column_names), None)
-    if column is None:
-        raise DataError(f"dataset {name_or_path} has no image column (columns: {ds.column_names}).", "set image_column to the column that holds the images.")
+
+def read_hf_dataset(name_or_path: str, split: str = "train", image_column: str | None = None, max_images: int | None = None) -> list[np.ndarray]:
+    """Every image of a `datasets` dataset (a local `save_to_disk` folder or a name `load_dataset` knows), in memory.
+
+    Pre-training reads the same datasets lazily (`sources.HFSource`); this is that reader, read through.
+    """
+    from .sources import HFSource, image_column as pick_column, open_hf_dataset  # sources builds on this module
+
+    ds = open_hf_dataset(name_or_path, split)
     if max_images:
         ds = ds.select(range(min(max_images, len(ds))))
-    images = []
-    for i, item in enumerate(ds[column]):
-        array = _to_chw(np.asarray(item), f"{name_or_path}[{i}]", channels_last=not isinstance(item, np.ndarray) or None)
-        array = array.astype(np.float32, copy=False)
-        check_finite(array, f"{name_or_path}[{i}]")
-        images.append(array)
-    return images
+    source = HFSource(ds, pick_column(ds.column_names, name_or_path, image_column), name_or_path)
+    return [source[i] for i in range(len(source))]

@@ -10,8 +10,8 @@ from torch.utils.data import Dataset
 
 from ..errors import DataError
 from .embedded import load_embedded
-from .io import ARRAY_SUFFIXES
-from .sources import ArraySource, HFSource, ImageSource, ListSource, folder_source, item_to_chw, open_hf_dataset
+from .io import ARRAY_SUFFIXES, item_to_chw
+from .sources import ArraySource, HFSource, ImageSource, ListSource, folder_source, open_hf_dataset
 from .sources import image_column as hf_image_column
 from .transforms import Augment, Normalize, center_crop
 

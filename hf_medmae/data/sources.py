@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from .io import _to_chw, check_finite, list_image_files, progress, read_image
+from .io import _to_chw, check_finite, item_to_chw, list_image_files, progress, read_image
+from .transforms import channel_moments
 
 logger = logging.getLogger(__name__)
 
@@ -266,13 +267,6 @@ def header_shape(path: Path) -> tuple[int, int, int]:
                         "replace or delete the file, or set on_bad_file: skip to leave unreadable files out (they are counted).") from None
 
 
-def item_to_chw(item, name: str) -> np.ndarray:
-    """A `datasets` image cell as float32 [C, H, W]: PIL images are channels-last; arrays are guessed as `read_image` does."""
-    array = _to_chw(np.asarray(item), name, channels_last=not isinstance(item, (np.ndarray, list)) or None).astype(np.float32, copy=False)
-    check_finite(array, name)
-    return array
-
-
 class HFSource(ImageSource):
     """An image column of a `datasets.Dataset` (Arrow, memory-mapped by `datasets`), decoded per item."""
 
@@ -365,24 +359,6 @@ def sample_stats(source: ImageSource, sample_size: int | None, seed: int) -> tup
     return channel_moments(source[int(i)] for i in progress(picks, desc="normalisation statistics", unit="image"))
 
 
-def channel_moments(images) -> tuple[list[float], list[float], int]:
-    """Per-channel mean/std over every pixel of an iterable of [C, H, W] arrays, in one pass (float64 sums)."""
-    total = total_sq = None
-    count = n = 0
-    for image in images:
-        flat = np.asarray(image).reshape(image.shape[0], -1).astype(np.float64)
-        if total is None:
-            total, total_sq = np.zeros(len(flat)), np.zeros(len(flat))
-        total += flat.sum(1)
-        total_sq += (flat**2).sum(1)
-        count, n = count + flat.shape[1], n + 1
-    if total is None:
-        raise DataError("no images to compute normalisation statistics from.", "check that the training data is not empty.")
-    mean = total / count
-    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
-    return mean.tolist(), np.where(std > 0, std, 1.0).tolist(), n
-
-
 def source_channels(source: ImageSource, where: str) -> int:
     """The one channel count of every item (from shapes, without reading pixels)."""
     # every item where shapes are cheap (headers, arrays); the first 100 where they need decoding (a varied hf: column)
@@ -393,4 +369,4 @@ def source_channels(source: ImageSource, where: str) -> int:
 
 
 __all__ = ["ArraySource", "FileSource", "HFSource", "ImageSource", "ListSource", "Subset", "TiledSource", "folder_source",
-           "channel_moments", "header_shape", "image_column", "item_to_chw", "open_hf_dataset", "sample_stats", "source_channels"]
+           "header_shape", "image_column", "open_hf_dataset", "sample_stats", "source_channels"]

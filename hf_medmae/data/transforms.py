@@ -18,18 +18,28 @@ import torch.nn.functional as F
 from ..errors import DataError
 
 
-def channel_stats(images: list[np.ndarray]) -> tuple[list[float], list[float]]:
+def channel_stats(images) -> tuple[list[float], list[float]]:
     """Per-channel mean and std over all pixels of `images` (computed in float64 to avoid drift)."""
-    channels = images[0].shape[0]
-    total, total_sq, count = np.zeros(channels), np.zeros(channels), 0
+    return channel_moments(images)[:2]
+
+
+def channel_moments(images) -> tuple[list[float], list[float], int]:
+    """Per-channel mean/std over every pixel of an iterable of [C, H, W] arrays, in one pass (float64 sums),
+    and how many images it read: statistics of a lazy pool or a stream without holding it."""
+    total = total_sq = None
+    count = n = 0
     for image in images:
-        flat = image.reshape(channels, -1).astype(np.float64)
+        flat = np.asarray(image).reshape(image.shape[0], -1).astype(np.float64)
+        if total is None:
+            total, total_sq = np.zeros(len(flat)), np.zeros(len(flat))
         total += flat.sum(1)
         total_sq += (flat**2).sum(1)
-        count += flat.shape[1]
+        count, n = count + flat.shape[1], n + 1
+    if total is None:
+        raise DataError("no images to compute normalisation statistics from.", "check that the training data is not empty.")
     mean = total / count
     std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
-    return mean.tolist(), np.where(std > 0, std, 1.0).tolist()
+    return mean.tolist(), np.where(std > 0, std, 1.0).tolist(), n
 
 
 @dataclass
@@ -177,4 +187,4 @@ class PairAugment:
         return image.contiguous(), mask.contiguous()
 
 
-__all__ = ["Augment", "Normalize", "PairAugment", "center_crop", "channel_stats", "check_channels", "resize", "resize_pair"]
+__all__ = ["Augment", "Normalize", "PairAugment", "center_crop", "channel_moments", "channel_stats", "check_channels", "resize", "resize_pair"]

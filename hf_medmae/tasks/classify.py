@@ -34,7 +34,7 @@ from ..encoder import load_encoder
 from ..errors import CheckpointError, ConfigError, DataError
 from ..metrics import classification_metrics, compute_metrics_fn
 from ..loading import load_checkpoint, resolve_checkpoint
-from ..optim import param_groups_layer_decay
+from ..optim import default_layer_decay, param_groups_layer_decay
 from ..cli import parse_config
 from ..training import check_writable, hardware_description
 from ..validation import as_pair
@@ -139,11 +139,6 @@ def build_encoder(args: ModelArguments, channels: int) -> ViTModel:
         encoder = ViTModel(encoder.config, add_pooling_layer=False)
         encoder.image_mean = encoder.image_std = None
     return encoder
-
-
-def layer_decay(args: ModelArguments) -> float:
-    """The layer-wise lr decay: as set, else 0.75 for MAE weights (the MAE recipe) and 1.0 from scratch."""
-    return args.layer_decay if args.layer_decay is not None else (0.75 if args.init == "mae" else 1.0)
 
 
 def class_weights(labels: np.ndarray, num_labels: int, how: str) -> list[float] | None:
@@ -286,7 +281,7 @@ class Classify(Task):
             optimizer = {}
         else:
             model = self.build_model(encoder, data, model_args, weights, mean, std)
-            groups = param_groups_layer_decay(model, args.learning_rate, args.weight_decay, layer_decay(model_args))
+            groups = param_groups_layer_decay(model, args.learning_rate, args.weight_decay, default_layer_decay(model_args.layer_decay, model_args.init))
             optimizer = {"optimizer_cls_and_kwargs": (torch.optim.AdamW, {"params": groups, "betas": (0.9, 0.999)})}
         processor = ViTImageProcessorPil(do_resize=True, size={"height": model_args.image_size, "width": model_args.image_size},
                                          do_rescale=False, image_mean=mean, image_std=std)  # fmt: skip
@@ -334,7 +329,7 @@ class Classify(Task):
         report = {**test, **selection, "train_class_counts": state["counts"]["train"], "class_counts": state["counts"],
                   "train_only_classes": state["train_only"], "architecture": model_args.architecture,
                   "init": model_args.init if model_args.architecture == "vit" else "scratch", "mode": model_args.mode,
-                  "layer_decay": layer_decay(model_args) if model_args.architecture == "vit" else None,
+                  "layer_decay": default_layer_decay(model_args.layer_decay, model_args.init) if model_args.architecture == "vit" else None,
                   "train_fraction": data_args.train_fraction, "image_mean": state["mean"], "image_std": state["std"]}  # fmt: skip
         metrics = {**trainer.evaluate(metric_key_prefix="eval"), **selection}
         metrics.update({f"test_{k}": v for k, v in test.items() if isinstance(v, (int, float))})

@@ -18,11 +18,11 @@ from transformers import ViTImageProcessorPil
 from ..arguments import MedTrainingArguments
 from ..configuration import MedMAEConfig
 from ..data.pretraining import PretrainingDataset, load_source, streaming_dataset
-from ..data.io import progress
-from ..data.sources import ImageSource, ListSource, TiledSource, channel_moments, item_to_chw, open_hf_dataset, sample_stats, source_channels
+from ..data.io import item_to_chw, progress
+from ..data.sources import ImageSource, ListSource, TiledSource, open_hf_dataset, sample_stats, source_channels
 from ..data.sources import image_column as hf_image_column
 from ..data.splits import split_indices
-from ..data.transforms import Augment
+from ..data.transforms import Augment, channel_moments
 from ..errors import ConfigError, DataError
 from ..loading import load_checkpoint
 from ..modeling_mae import MedMAEForPreTraining
