@@ -12,6 +12,13 @@ and restores on resume.
     >>> codes = gen(batch_size=2, generator=torch.Generator().manual_seed(0))
     >>> (codes == MASKED).sum(dim=1).tolist()
     [32, 32]
+
+Every generator also takes a 3D grid (depth, height, width) of a volume's patches, numbered
+depth-major like `reshape(B, gd, gh, gw)`:
+
+    >>> gen = build_mask_generator("grid", mask_ratio=0.5, grid_size=(4, 8, 8))
+    >>> gen(batch_size=2, generator=torch.Generator().manual_seed(0)).shape
+    torch.Size([2, 256])
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import math
 import numpy as np
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 
 VISIBLE, MASKED, THROWN = 0, 1, 2
 
@@ -66,23 +73,37 @@ class MaskGenerator:
 
     Args:
         mask_ratio: fraction of patches removed from the encoder's input, in (0, 1).
-        grid_size: patches along (height, width).
+        grid_size: patches along (depth,) height, width; patch index (d * gh + h) * gw + w.
     """
 
     name = "base"
     uses_pixels = False  # True when the generator reads `pixel_values`
     uses_scores = False  # True when it reads externally supplied per-patch scores
 
-    def __init__(self, mask_ratio: float, grid_size: tuple[int, int]):
+    def __init__(self, mask_ratio: float, grid_size: tuple[int, ...]):
         if not 0.0 < mask_ratio < 1.0:
             raise ConfigError(f"mask_ratio={mask_ratio} is outside (0, 1).", "use e.g. 0.75 or 0.5.")
         self.mask_ratio = mask_ratio
         self.grid_size = tuple(grid_size)
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        if len(self.grid_size) not in (2, 3):
+            raise ConfigError(
+                f"grid_size={self.grid_size} has {len(self.grid_size)} entries; masks need a 2D or 3D patch grid.",
+                "give (height, width) for images or (depth, height, width) for volumes, e.g. (14, 14) or (8, 14, 14).",
+            )
+        self.num_patches = math.prod(self.grid_size)
         self.num_masked = self.num_patches - num_kept(self.num_patches, mask_ratio)
 
     def scores(self, batch_size, pixel_values, scores, generator, device) -> torch.Tensor:
         raise NotImplementedError
+
+    def _check_scores(self, scores: torch.Tensor) -> None:
+        """A map of the wrong length would be ranked silently (e.g. a 2D map handed to a 3D model)."""
+        if scores.dim() != 2 or scores.shape[1] != self.num_patches:
+            raise DataError(
+                f"per-patch scores of shape {tuple(scores.shape)} do not fit the {self.num_patches} patches of a "
+                f"{self.grid_size} grid.",
+                "pass scores of shape [batch, num_patches], patches in the order of reshape(batch, *grid_size).",
+            )
 
     def __call__(
         self,
@@ -110,15 +131,16 @@ class RandomMaskGenerator(MaskGenerator):
 
 
 class BlockMaskGenerator(MaskGenerator):
-    """BEiT-style masking: random rectangles of patches until the budget is spent.
+    """BEiT-style masking: random rectangles (3D: boxes) of patches until the budget is spent.
 
     Patches are ranked by the order in which blocks cover them, so the exact count is met by masking
     whole early blocks and a part of the last one.
 
     Args:
-        min_block: smallest block area in patches.
-        max_block: largest block area (default: a quarter of the grid).
-        min_aspect: blocks have aspect ratios in [min_aspect, 1 / min_aspect].
+        min_block: smallest block area (3D: volume) in patches.
+        max_block: largest block area or volume (default: a quarter of the grid).
+        min_aspect: blocks have aspect ratios in [min_aspect, 1 / min_aspect]: height / width, and in
+            3D also depth / sqrt(height * width).
     """
 
     name = "block"
@@ -130,6 +152,8 @@ class BlockMaskGenerator(MaskGenerator):
         self.log_aspect = (math.log(min_aspect), -math.log(min_aspect))
 
     def _rank(self, rng: np.random.Generator) -> np.ndarray:
+        if len(self.grid_size) == 3:
+            return self._rank3d(rng)
         gh, gw = self.grid_size
         order = np.full((gh, gw), np.inf)
         step, covered = 0, 0
@@ -148,6 +172,26 @@ class BlockMaskGenerator(MaskGenerator):
             step += 1
         return order.reshape(-1)
 
+    def _rank3d(self, rng: np.random.Generator) -> np.ndarray:
+        """`_rank` on a (depth, height, width) grid: boxes whose in-plane and depth aspects are bounded."""
+        order = np.full(self.grid_size, np.inf)
+        step, covered = 0, 0
+        for _ in range(20 * self.num_patches):
+            if covered >= self.num_masked:
+                break
+            volume = rng.uniform(self.min_block, self.max_block)
+            aspect, depth_aspect = np.exp(rng.uniform(*self.log_aspect, size=2))  # h / w, d / sqrt(h * w)
+            side = (volume / depth_aspect) ** (1 / 3)  # sqrt(h * w), so that d * h * w = volume
+            sides = (side * depth_aspect, side * math.sqrt(aspect), side / math.sqrt(aspect))
+            size = [min(g, max(1, round(s))) for g, s in zip(self.grid_size, sides)]  # (d, h, w)
+            corner = [rng.integers(0, g - s + 1) for g, s in zip(self.grid_size, size)]
+            block = order[tuple(slice(c, c + s) for c, s in zip(corner, size))]
+            new = np.isinf(block)
+            block[new] = step
+            covered += int(new.sum())
+            step += 1
+        return order.reshape(-1)
+
     def scores(self, batch_size, pixel_values, scores, generator, device):
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item())
         rng = np.random.default_rng(seed)
@@ -155,6 +199,11 @@ class BlockMaskGenerator(MaskGenerator):
         ranks = np.where(np.isinf(ranks), 1e9, ranks)
         tie_break = _rand((batch_size, self.num_patches), generator, "cpu")
         return (-torch.from_numpy(ranks).float() + tie_break * 0.5).to(device)
+
+
+# Threshold order of the corners of one 2x2x2 cell, indexed [d, h, w]. The lower half is one colour
+# of the 3D checkerboard, so ratio 0.5 masks exactly the other; its d=0 face orders like 2D's [[0, 2], [3, 1]].
+_CELL_3D = np.array([[[0, 4], [6, 2]], [[7, 3], [1, 5]]])
 
 
 def _bayer(n: int) -> np.ndarray:
@@ -165,44 +214,63 @@ def _bayer(n: int) -> np.ndarray:
     return m
 
 
+def _bayer_3d(n: int) -> np.ndarray:
+    """`_bayer` in 3D, a cube of side 2^k >= n: the cell order at every scale, the finest one most significant."""
+    m = np.zeros((1, 1, 1))
+    while m.shape[0] < n:  # M_2s[2x + c] = s^3 * cell[c] + M_s[x]
+        m = m.size * np.tile(_CELL_3D, m.shape) + np.kron(m, np.ones((2, 2, 2)))
+    return m
+
+
 class GridMaskGenerator(MaskGenerator):
-    """A regular pattern (ordered dither) with a random offset per image.
+    """A regular pattern (ordered dither) with a random offset per image along each axis.
 
     At ratio 0.5 it is a checkerboard, at 0.75 one visible patch per 2x2 cell, at 0.125 one masked
     patch in every 8 spread evenly — useful at the low ratios that win for segmentation (seed 002).
+    On a 3D grid, 0.5 is a 3D checkerboard, 0.75 two visible patches per 2x2x2 cell and 0.125 one
+    masked patch per 2x2x2 cell, none touching another face to face.
     """
 
     name = "grid"
 
     def __init__(self, mask_ratio, grid_size):
         super().__init__(mask_ratio, grid_size)
-        gh, gw = self.grid_size
-        self._dither = torch.from_numpy(_bayer(max(gh, gw))).float()
+        dither = _bayer_3d if len(self.grid_size) == 3 else _bayer
+        self._dither = torch.from_numpy(dither(max(self.grid_size))).float()
 
     def scores(self, batch_size, pixel_values, scores, generator, device):
-        gh, gw = self.grid_size
-        n = self._dither.shape[0]
-        offsets = torch.randint(0, n, (batch_size, 2), generator=generator)
-        rows = (torch.arange(gh)[None, :] + offsets[:, :1]) % n  # [B, gh]
-        cols = (torch.arange(gw)[None, :] + offsets[:, 1:]) % n  # [B, gw]
-        pattern = self._dither[rows[:, :, None], cols[:, None, :]].reshape(batch_size, -1)
+        n, ndim = self._dither.shape[0], len(self.grid_size)
+        offsets = torch.randint(0, n, (batch_size, ndim), generator=generator)
+        # one index per axis, [B, g] shaped to broadcast: [B, gh, 1], [B, 1, gw] (3D: [B, gd, 1, 1], ...)
+        index = tuple(
+            ((torch.arange(g) + offsets[:, axis, None]) % n).reshape(-1, *(g if a == axis else 1 for a in range(ndim)))
+            for axis, g in enumerate(self.grid_size)
+        )
+        pattern = self._dither[index].reshape(batch_size, -1)  # [B, (gd,) gh, gw] -> [B, L]
         tie_break = _rand((batch_size, self.num_patches), generator, "cpu") * 0.5
         return (pattern + tie_break).to(device)
 
 
-def patch_statistic(pixel_values: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
-    """Per-patch standard deviation over pixels and channels. [B, C, H, W] -> [B, L]."""
-    b, c, h, w = pixel_values.shape
-    gh, gw = grid_size
-    patches = pixel_values.reshape(b, c, gh, h // gh, gw, w // gw).permute(0, 2, 4, 1, 3, 5)
-    return patches.reshape(b, gh * gw, -1).float().std(dim=-1)
+def patch_statistic(pixel_values: torch.Tensor, grid_size: tuple[int, ...]) -> torch.Tensor:
+    """Per-patch standard deviation over pixels (voxels) and channels. [B, C, (D,) H, W] -> [B, L]."""
+    b, c, *size = pixel_values.shape
+    ndim = len(grid_size)
+    if len(size) != ndim or any(s % g for s, g in zip(size, grid_size)):
+        raise DataError(
+            f"pixel_values of shape {tuple(pixel_values.shape)} do not split into a {tuple(grid_size)} patch grid.",
+            "pass [B, C, H, W] for a 2D grid or [B, C, D, H, W] for a 3D one, each side a multiple of its grid entry.",
+        )
+    # [B, C, (gd, pd,) gh, ph, gw, pw] -> [B, (gd,) gh, gw, C, (pd,) ph, pw]
+    patches = pixel_values.reshape(b, c, *(n for s, g in zip(size, grid_size) for n in (g, s // g)))
+    patches = patches.permute(0, *range(2, 2 + 2 * ndim, 2), 1, *range(3, 3 + 2 * ndim, 2))
+    return patches.reshape(b, math.prod(grid_size), -1).float().std(dim=-1)
 
 
 class ForegroundMaskGenerator(MaskGenerator):
     """Spends the mask budget on informative patches instead of empty background.
 
-    A patch's informativeness is its pixel standard deviation (or the mean of a given foreground map
-    passed as `scores`, shape [B, L]); patches are drawn without replacement with probability
+    A patch's informativeness is its pixel (voxel) standard deviation (or the mean of a given
+    foreground map passed as `scores`, shape [B, L]); patches are drawn without replacement with probability
     `(1 - mix) * softmax(z / temperature) + mix / L`, z the per-image standardised informativeness.
 
     Args:
@@ -230,6 +298,7 @@ class ForegroundMaskGenerator(MaskGenerator):
                     "call it with pixel_values=... (MedMAEForPreTraining does this for you).",
                 )
             scores = patch_statistic(pixel_values, self.grid_size)
+        self._check_scores(scores)
         z = (scores - scores.mean(1, keepdim=True)) / (scores.std(1, keepdim=True) + 1e-6)
         probs = (1 - self.mix) * torch.softmax(z / self.temperature, dim=1) + self.mix / self.num_patches
         # Gumbel-top-k: sampling k patches without replacement, in one vectorised call.
@@ -264,6 +333,7 @@ class AttentionMaskGenerator(MaskGenerator):
         if scores is None:
             keys = _rand((batch_size, self.num_patches), generator, device)
         else:
+            self._check_scores(scores)
             keys = scores.float().clamp_min(1e-12).log() + _gumbel(scores.shape, generator, scores.device)
         order = keys.argsort(dim=1, descending=True)  # [B, L], most attended first
         ranked = torch.full(order.shape, VISIBLE, dtype=torch.uint8, device=order.device)
@@ -278,7 +348,7 @@ MASK_GENERATORS: dict[str, type[MaskGenerator]] = {
 }
 
 
-def build_mask_generator(name: str, mask_ratio: float, grid_size: tuple[int, int], **kwargs) -> MaskGenerator:
+def build_mask_generator(name: str, mask_ratio: float, grid_size: tuple[int, ...], **kwargs) -> MaskGenerator:
     """Build a generator by its registry name; unknown names and settings raise `ConfigError`."""
     if name not in MASK_GENERATORS:
         raise ConfigError(f"unknown mask_generator {name!r}.", f"use one of {sorted(MASK_GENERATORS)}.")
