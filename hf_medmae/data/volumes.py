@@ -1,0 +1,486 @@
+"""The 3D data layer: volumes [C, D, H, W] with labels [D, H, W] -> intensity normalisation -> seeded ROI crops.
+
+Sources: NIfTI (`.nii`, `.nii.gz`), multi-page or ImageJ TIFF, `.npy`, folders of those (labels matched
+by a file-name pattern), a `.npy` stack [N, C, D, H, W], or `embedded:nuclei3d` / `embedded:mni152`.
+Depth D is always the slice axis: NIfTI's Z, a TIFF's pages (or its ImageJ Z axis). Files are read in
+their stored voxel order, never reoriented, so an image and its label written on one voxel grid line up.
+Every random draw of `VolumeAugment` comes from the torch.Generator of its item, as in `transforms`.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, replace
+from itertools import product
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.transforms import SpatialPad
+from monai.utils import convert_to_tensor
+from nibabel.filebasedimages import ImageFileError
+from torch.utils.data import Dataset
+
+from ..errors import ConfigError, DataError
+from .embedded import EMBEDDED_VOLUMES
+from .io import check_finite
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".tif", ".tiff", ".npy")
+NORMALISE_MODES = ("zscore", "percentile", "ct_window", "none")
+
+
+def volume_suffix(path: str | Path) -> str:
+    """The full extension of a volume file: `.nii.gz` counts as one suffix.
+
+    Example:
+        >>> volume_suffix("case_01.nii.gz"), volume_suffix("b.TIF")
+        ('.nii.gz', '.tif')
+    """
+    name = Path(path).name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+
+
+def _nifti(path: Path) -> np.ndarray:
+    import nibabel as nib
+
+    array = nib.load(path).get_fdata(dtype=np.float32)  # (X, Y, Z[, C]); (X, Y, Z, 1, C) for vector intents
+    if array.ndim == 5 and array.shape[3] == 1:
+        array = array[:, :, :, 0]
+    if array.ndim == 3:
+        array = array[..., None]
+    if array.ndim != 4:
+        raise DataError(f"{path}: NIfTI data of shape {array.shape} is not a volume (X, Y, Z) or (X, Y, Z, C).",
+                        "save one volume per file; a 2-D image needs a 2-D pipeline.")
+    return array.transpose(3, 2, 1, 0)  # -> [C, D=Z, H=Y, W=X]
+
+
+def _tiff(path: Path) -> np.ndarray:
+    """[C, D, H, W] from the first series: a named Z axis is depth, C/S channels; else pages are depth."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        if not tif.series:
+            raise DataError(f"{path} is a TIFF file without images.", "replace the file or move it out of the folder.")
+        series = tif.series[0]
+        array, axes = series.asarray(), series.axes
+    keep = [i for i, a in enumerate(axes) if array.shape[i] > 1 or a in "YX"]
+    array, axes = array.reshape([array.shape[i] for i in keep]), "".join(axes[i] for i in keep)
+    named_channel = [i for i, a in enumerate(axes) if a in "CS"]
+    pages = [i for i, a in enumerate(axes) if a in "QI"]  # tifffile's names for plain page axes
+    depth = axes.index("Z") if "Z" in axes else (pages.pop(0) if pages else None)
+    channel = named_channel.pop(0) if named_channel else (pages.pop(0) if pages else None)  # [P, C, H, W]
+    if depth is None:
+        raise DataError(f"{path} is a 2-D image (axes {axes}, shape {array.shape}), not a volume.",
+                        "give 3D runs multi-page TIFF z-stacks [D, H, W] or [D, C, H, W].")
+    if named_channel or pages or len(axes) > 4:
+        raise DataError(f"{path} has axes {axes} (shape {array.shape}); a volume has one depth and one channel axis.",
+                        "save one time point per file as a z-stack [D, H, W] or an ImageJ hyperstack ZCYX.")
+    if channel is None:
+        array, axes, channel, depth = array[None], "C" + axes, 0, depth + 1
+    return array.transpose(channel, depth, axes.index("Y"), axes.index("X"))
+
+
+def _npy(path: Path) -> np.ndarray:
+    array = np.load(path, allow_pickle=False)  # never unpickle user files
+    if array.ndim == 3:
+        array = array[None]
+    if array.ndim != 4:
+        raise DataError(f"{path} holds shape {array.shape}; a volume file is [C, D, H, W] or [D, H, W].",
+                        "save one volume per .npy, or a stack [N, C, D, H, W] as the whole source of load_volumes.")
+    return array
+
+
+READERS = {".nii.gz": _nifti, ".nii": _nifti, ".tif": _tiff, ".tiff": _tiff, ".npy": _npy}
+
+
+def read_volume(path: str | Path, tiff_pages: str = "depth") -> np.ndarray:
+    """Read one volume file as float32 [C, D, H, W] (raw intensities, stored voxel order).
+
+    Args:
+        path: `.nii`/`.nii.gz` (X, Y, Z[, C] -> C, Z, Y, X), `.tif`/`.tiff` (pages or the ImageJ Z axis
+            are depth, the C axis channels) or `.npy` ([C, D, H, W] or [D, H, W]).
+        tiff_pages: how TIFF pages are read; 3D runs need "depth" ("channels" is the 2D reading).
+
+    Raises:
+        DataError: unknown extension, unreadable or corrupt file, a 2-D image, NaN/inf voxels.
+        ConfigError: `tiff_pages` is not "depth".
+
+    Example:
+        >>> read_volume("ct/case_01.nii.gz").shape  # doctest: +SKIP
+        (1, 120, 512, 512)
+    """
+    if tiff_pages != "depth":
+        known = tiff_pages in ("depth", "channels")
+        raise ConfigError(f"tiff_pages={tiff_pages!r} {'reads pages as channels, a 2D reading' if known else 'is unknown'}.",
+                          "3D runs need tiff_pages: depth (each page is one slice of the volume).")
+    path = Path(path)
+    reader = READERS.get(volume_suffix(path))
+    if reader is None:
+        raise DataError(f"{path} is not a volume file (extension {volume_suffix(path)!r}).",
+                        f"convert it to one of {', '.join(VOLUME_SUFFIXES)}.")
+    try:
+        array = reader(path)
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zlib.error, ImageFileError) as err:  # truncated gzip: EOFError / zlib.error
+        raise DataError(f"cannot read volume {path} ({type(err).__name__}: {err}).",
+                        "replace the file (re-export or re-download it) or move it out of the folder.") from None
+    if array.shape[1] < 2:
+        raise DataError(f"{path} has a single slice (shape {array.shape}): a 2-D image, not a volume.",
+                        "use the 2D pipeline for 2-D images, or stack slices into one volume file.")
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    check_finite(array, str(path))
+    return array
+
+
+@dataclass
+class VolumeSet:
+    """Volumes [C, D, H, W] float32, optional labels [D, H, W] int64 (class ids) and their names."""
+
+    volumes: list[np.ndarray]
+    labels: list[np.ndarray] | None
+    names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.volumes)
+
+    def subset(self, indices) -> "VolumeSet":
+        indices = list(indices)
+        labels = None if self.labels is None else [self.labels[i] for i in indices]
+        return VolumeSet([self.volumes[i] for i in indices], labels, [self.names[i] for i in indices])
+
+    @property
+    def channels(self) -> int:
+        counts = sorted({v.shape[0] for v in self.volumes})
+        if len(counts) != 1:
+            raise DataError(f"the volumes have {counts or 'no'} channel counts; one model input needs one.",
+                            "give every volume the same channels (modalities) in the same order.")
+        return counts[0]
+
+
+def read_label(path: str | Path, tiff_pages: str = "depth") -> np.ndarray:
+    """One label volume as int64 [D, H, W] class ids; it must have one channel and integer values."""
+    array = read_volume(path, tiff_pages)
+    if array.shape[0] != 1:
+        raise DataError(f"label {path} has {array.shape[0]} channels.", "save labels as one integer class id per voxel.")
+    if not np.array_equal(array, np.round(array)):
+        raise DataError(f"label {path} holds non-integer values.", "save labels as integer class ids (not probabilities).")
+    return array[0].astype(np.int64)
+
+
+def _label_path(image: Path, label_dir: Path, pattern: str) -> Path:
+    suffix = volume_suffix(image)
+    return label_dir / pattern.format(stem=image.name[: -len(suffix)], suffix=suffix, name=image.name)
+
+
+def _folder_volumes(folder: Path, label_dir: Path | None, pattern: str, max_volumes: int | None):
+    """(image, label or None) pairs; labels are expected when label_dir is given or any label exists."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and volume_suffix(p) in VOLUME_SUFFIXES)
+    label_of = {p: _label_path(p, label_dir or folder, pattern) for p in files}
+    labels = {q.resolve() for q in label_of.values()}
+    images = [p for p in files if p.resolve() not in labels][:max_volumes]  # a label file is never an image
+    if label_dir is None and not any(label_of[p].is_file() for p in images):
+        return [(p, None) for p in images]
+    missing = [label_of[p].name for p in images if not label_of[p].is_file()]
+    if missing:
+        raise DataError(f"{len(missing)} volume(s) have no label in {label_dir or folder}, e.g. {missing[:5]} "
+                        f"(label_pattern {pattern!r}).",
+                        "add the labels, fix label_dir / label_pattern ({stem}{suffix} = the volume's file name), "
+                        "or move unlabelled volumes out of the folder.")
+    return [(p, label_of[p]) for p in images]
+
+
+def _npy_ndim(path: Path) -> int | None:
+    """Dimensions of an `.npy` from its header alone; None when unreadable (read_volume then says why)."""
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False).ndim
+    except (OSError, ValueError, EOFError):
+        return None
+
+
+def _npy_stack(path: Path) -> VolumeSet:
+    """A [N, C, D, H, W] (or [N, D, H, W] labels) `.npy` stack and its optional `<name>_labels.npy`."""
+    try:
+        images = np.load(path, allow_pickle=False).astype(np.float32)
+        label_file = path.with_name(f"{path.stem}_labels.npy")
+        labels = np.load(label_file, allow_pickle=False) if label_file.is_file() else None
+    except (OSError, ValueError, EOFError) as err:
+        raise DataError(f"cannot read {path} ({err}).", "save arrays with numpy.save (no pickled objects).") from None
+    if labels is not None and (labels.ndim != 4 or len(labels) != len(images) or not np.array_equal(labels, np.round(labels))):
+        raise DataError(f"{label_file}: labels {labels.shape} do not pair with volumes {images.shape}.",
+                        "save integer labels as [N, D, H, W] with the N of the volumes [N, C, D, H, W].")
+    check_finite(images, str(path))
+    names = [f"{path.name}[{i}]" for i in range(len(images))]
+    return VolumeSet(list(images), None if labels is None else list(labels.astype(np.int64)), names)
+
+
+def load_volumes(source: str, label_dir: str | None = None, label_pattern: str = "{stem}_label{suffix}",
+                 tiff_pages: str = "depth", max_volumes: int | None = None) -> VolumeSet:
+    """Volumes and optional labels from a folder, one file, a `.npy` stack, or `embedded:nuclei3d|mni152`.
+
+    Args:
+        source: a folder of volume files (not recursive), one volume file, a `.npy` stack [N, C, D, H, W]
+            (labels [N, D, H, W] from a sibling `<name>_labels.npy` when present), or `embedded:<name>`.
+        label_dir: folder of the labels; default the volumes' folder. Given, every volume needs a label;
+            not given, labels are read when any volume of the folder has one (and then all need one).
+        label_pattern: label file name of a volume; `{stem}` is its name without `.nii.gz`/`.tif`/...,
+            `{suffix}` that extension, `{name}` the full name. Files that are labels are never volumes.
+        tiff_pages: see `read_volume` ("depth" for 3D).
+        max_volumes: read at most this many volumes (sorted order).
+
+    Raises:
+        DataError: missing labels, unreadable files, a label shape that differs from its volume's [D, H, W].
+
+    Example:
+        >>> vs = load_volumes("embedded:nuclei3d")
+        >>> len(vs), vs.volumes[0].shape, vs.labels[0].shape
+        (4, (1, 60, 128, 128), (60, 128, 128))
+    """
+    path = Path(source)
+    if source.startswith("embedded:"):
+        name = source.split(":", 1)[1]
+        if name not in EMBEDDED_VOLUMES:
+            raise DataError(f"unknown embedded volume set {name!r}.", f"use one of {sorted(EMBEDDED_VOLUMES)} as embedded:<name>.")
+        volumes = VolumeSet(*EMBEDDED_VOLUMES[name]())
+    elif path.is_dir():
+        found = _folder_volumes(path, Path(label_dir) if label_dir else None, label_pattern, max_volumes)
+        labels = [read_label(q, tiff_pages) for _, q in found] if found and found[0][1] is not None else None
+        volumes = VolumeSet([read_volume(p, tiff_pages) for p, _ in found], labels, [p.name for p, _ in found])
+    elif path.is_file() and volume_suffix(path) == ".npy" and _npy_ndim(path) == 5:
+        volumes = _npy_stack(path)
+    elif path.is_file():
+        label = _label_path(path, Path(label_dir) if label_dir else path.parent, label_pattern)
+        if label_dir and not label.is_file():
+            raise DataError(f"{path.name} has no label {label}.", "fix label_dir / label_pattern, or leave label_dir unset.")
+        labels = [read_label(label, tiff_pages)] if label.is_file() else None
+        volumes = VolumeSet([read_volume(path, tiff_pages)], labels, [path.name])
+    else:
+        raise DataError(f"volume source {source!r} is neither a folder, a volume file nor embedded:<name>.",
+                        f"point train_data at a folder of {'/'.join(VOLUME_SUFFIXES)} files, one such file, or embedded:nuclei3d.")
+    volumes = volumes.subset(range(min(len(volumes), max_volumes or len(volumes))))
+    if not volumes.volumes:
+        raise DataError(f"no volumes found in {source}.", f"check the path; volume files end in {', '.join(VOLUME_SUFFIXES)}.")
+    for i, name in enumerate(volumes.names):
+        image_shape = tuple(volumes.volumes[i].shape[1:])
+        if volumes.labels is not None and tuple(volumes.labels[i].shape) != image_shape:
+            raise DataError(f"{name}: the volume is [D, H, W] {image_shape} but its label is {tuple(volumes.labels[i].shape)}.",
+                            "give every label the voxel grid of its volume (resample both to one grid before training).")
+    return volumes
+
+
+def normalise_intensity(volume: np.ndarray, mode: str = "zscore", window: tuple[float, float] | None = None,
+                        percentiles: tuple[float, float] = (0.5, 99.5), foreground_threshold: float | None = None) -> np.ndarray:
+    """Per-volume, per-channel intensity normalisation (nnU-Net style), applied once when loading.
+
+    Args:
+        volume: [C, D, H, W].
+        mode: "zscore" (mean 0, std 1 over the foreground), "percentile" (clip each channel to its
+            `percentiles`, scale to [0, 1]), "ct_window" (clip to `window` = (lo, hi) HU, scale to [0, 1]),
+            or "none".
+        window: the HU window of "ct_window", e.g. (-1000, 400) for lung.
+        percentiles: the clipping percentiles of "percentile".
+        foreground_threshold: "zscore" statistics come from voxels above it (e.g. 0 for skull-stripped
+            MRI); None: all voxels. A channel with no voxel above it falls back to all voxels.
+
+    Example:
+        >>> normalise_intensity(np.array([[[[-2000.0, 0.0, 400.0]]]]), "ct_window", window=(-1000, 400)).tolist()
+        [[[[0.0, 0.7142857313156128, 1.0]]]]
+    """
+    volume = np.asarray(volume, dtype=np.float32)
+    if mode not in NORMALISE_MODES:
+        raise ConfigError(f"unknown intensity normalisation {mode!r}.", f"use one of {list(NORMALISE_MODES)}.")
+    if mode == "none":
+        return volume
+    if mode == "ct_window":
+        if window is None or len(window) != 2 or not float(window[0]) < float(window[1]):
+            raise ConfigError(f"ct_window normalisation needs window=(lo, hi) with lo < hi, got {window!r}.",
+                              "set window in HU, e.g. [-1000, 400] (lung) or [-160, 240] (abdomen).")
+        lo, hi = float(window[0]), float(window[1])
+        return ((np.clip(volume, lo, hi) - lo) / (hi - lo)).astype(np.float32)
+    if mode == "percentile" and not 0.0 <= percentiles[0] < percentiles[1] <= 100.0:
+        raise ConfigError(f"percentiles={percentiles!r} must satisfy 0 <= low < high <= 100.", "use e.g. (0.5, 99.5).")
+    out = np.empty_like(volume)
+    for c, channel in enumerate(volume):
+        if mode == "percentile":
+            lo, hi = np.percentile(channel, percentiles)
+            out[c] = (np.clip(channel, lo, hi) - lo) / max(hi - lo, 1e-6)
+        else:
+            voxels = channel[channel > foreground_threshold] if foreground_threshold is not None else channel
+            voxels = voxels if voxels.size else channel
+            out[c] = (channel - voxels.mean(dtype=np.float64)) / max(float(voxels.std(dtype=np.float64)), 1e-6)
+    return out
+
+
+def pad_to(image: torch.Tensor, label: torch.Tensor | None, roi_size, ignore_index: int = 255):
+    """Pad [C, D, H, W] (with 0) and [D, H, W] (with ignore_index) symmetrically up to roi_size where smaller."""
+    size = [max(s, r) for s, r in zip(image.shape[1:], roi_size)]
+    if list(image.shape[1:]) == size:
+        return image, label
+    # MONAI returns MetaTensors; plain tensors keep collation and the model free of metadata
+    image = convert_to_tensor(SpatialPad(size, mode="constant", value=0)(image), track_meta=False)
+    if label is not None:
+        label = convert_to_tensor(SpatialPad(size, mode="constant", value=ignore_index)(label[None]), track_meta=False)[0]
+    return image, label
+
+
+@dataclass
+class VolumeAugment:
+    """Seeded ROI crop, flips and in-plane 90-degree rotations for a volume and its label alike.
+
+    Args:
+        roi_size: crop (D, H, W); smaller volumes are padded (image 0, label ignore_index).
+        flips: flip each of D, H, W with probability 0.5.
+        rot90: rotate by k * 90 degrees over (H, W); k is 0 or 2 when the ROI is not square in-plane.
+        pos_fraction: with labels, the probability that a crop is centred on a foreground voxel (label
+            not 0 and not ignore_index), as MONAI's RandCropByPosNegLabel; 0: uniform crops.
+        ignore_index: label of padded voxels.
+
+    Example:
+        >>> aug = VolumeAugment((8, 16, 16))
+        >>> image, label = aug(torch.rand(1, 10, 20, 20), torch.zeros(10, 20, 20, dtype=torch.long), torch.Generator().manual_seed(0))
+        >>> tuple(image.shape), tuple(label.shape)
+        ((1, 8, 16, 16), (8, 16, 16))
+    """
+
+    roi_size: tuple[int, int, int]
+    flips: bool = True
+    rot90: bool = True
+    pos_fraction: float = 0.0
+    ignore_index: int = 255
+
+    def __post_init__(self):
+        if len(self.roi_size) != 3 or min(self.roi_size) < 1:
+            raise ConfigError(f"roi_size={self.roi_size!r} is not three positive sizes (D, H, W).",
+                              "use e.g. roi_size: [32, 64, 64].")
+        if not 0.0 <= self.pos_fraction <= 1.0:
+            raise ConfigError(f"pos_fraction={self.pos_fraction} is outside [0, 1].",
+                              "use e.g. 0.5: half the crops centred on foreground.")
+        self.roi_size = tuple(int(r) for r in self.roi_size)
+
+    def crop_start(self, shape, label: torch.Tensor | None, gen: torch.Generator | None) -> list[int]:
+        """Corner of the crop in a volume of `shape` (D, H, W) that is at least roi_size."""
+        if label is not None and self.pos_fraction > 0 and float(torch.rand(1, generator=gen)) < self.pos_fraction:
+            foreground = torch.nonzero((label != 0) & (label != self.ignore_index))
+            if len(foreground):
+                centre = foreground[int(torch.randint(0, len(foreground), (1,), generator=gen))].tolist()
+                return [min(max(c - r // 2, 0), s - r) for c, r, s in zip(centre, self.roi_size, shape)]
+        return [int(torch.randint(0, s - r + 1, (1,), generator=gen)) for s, r in zip(shape, self.roi_size)]
+
+    def __call__(self, image: torch.Tensor, label: torch.Tensor | None = None, gen: torch.Generator | None = None):
+        image, label = pad_to(image, label, self.roi_size, self.ignore_index)
+        start = self.crop_start(image.shape[1:], label, gen)
+        box = tuple(slice(s, s + r) for s, r in zip(start, self.roi_size))
+        image, label = image[(slice(None), *box)], None if label is None else label[box]
+        if self.flips:
+            for axis in (-3, -2, -1):
+                if float(torch.rand(1, generator=gen)) < 0.5:
+                    image, label = image.flip(axis), None if label is None else label.flip(axis)
+        if self.rot90:
+            k = int(torch.randint(0, 4, (1,), generator=gen))
+            k = k if self.roi_size[1] == self.roi_size[2] else 2 * (k % 2)  # a 90-degree turn would swap H and W
+            image = torch.rot90(image, k, dims=(-2, -1))
+            label = None if label is None else torch.rot90(label, k, dims=(-2, -1))
+        return image.contiguous(), None if label is None else label.contiguous()
+
+
+def sliding_crops(shape: tuple[int, int, int], roi_size, overlap: float = 0.0) -> list[tuple[slice, slice, slice]]:
+    """Deterministic windows covering every voxel of a [D, H, W] volume; the last one per axis ends flush.
+
+    Along an axis shorter than the ROI the window is the whole axis (the caller pads it).
+
+    Example:
+        >>> [(box[0].start, box[0].stop) for box in sliding_crops((10, 4, 4), (4, 4, 4))]
+        [(0, 4), (4, 8), (6, 10)]
+    """
+    if not 0.0 <= overlap < 1.0:
+        raise ConfigError(f"overlap={overlap} is outside [0, 1).", "use e.g. 0.0 (no overlap) or 0.5.")
+    per_axis = []
+    for size, roi in zip(shape, roi_size):
+        stride = max(1, int(roi * (1.0 - overlap)))
+        starts = list(range(0, max(size - roi, 0) + 1, stride))
+        if starts[-1] < size - roi:
+            starts.append(size - roi)
+        per_axis.append([slice(s, min(s + roi, size)) for s in starts])
+    return list(product(*per_axis))
+
+
+class VolumeDataset(Dataset):
+    """ROI crops of volumes; items are {"pixel_values": [C, *roi] float32, "labels": [*roi] int64, "sample_ids"}.
+
+    Args:
+        volumes: normalised volumes (see `normalise_intensity`) and optional labels.
+        roi_size: crop (D, H, W).
+        augment: training: item i is a random crop of volume i // samples_per_volume, drawn from its own
+            generator seeded by (seed, epoch, i); None (evaluation): the fixed `sliding_crops` of every volume.
+        samples_per_volume: training crops per volume and epoch.
+        seed: base seed of the crops.
+        ignore_index: label of padded voxels (it replaces the augment's own).
+        with_ids: add "sample_ids" (the pre-training model's attention generator reads them; segmenters take none).
+
+    Example:
+        >>> ds = VolumeDataset(load_volumes("embedded:nuclei3d"), (32, 64, 64), VolumeAugment((32, 64, 64)), 2)
+        >>> len(ds), tuple(ds[0]["pixel_values"].shape), ds[0]["labels"].dtype
+        (8, (1, 32, 64, 64), torch.int64)
+    """
+
+    def __init__(self, volumes: VolumeSet, roi_size, augment: VolumeAugment | None = None, samples_per_volume: int = 1,
+                 seed: int = 0, ignore_index: int = 255, with_ids: bool = True):
+        self.roi_size = tuple(int(r) for r in roi_size)
+        if augment is not None and tuple(augment.roi_size) != self.roi_size:
+            raise ConfigError(f"the augmentation crops {augment.roi_size} but the dataset's roi_size is {self.roi_size}.",
+                              "build VolumeAugment with the dataset's roi_size.")
+        if samples_per_volume < 1:
+            raise ConfigError(f"samples_per_volume={samples_per_volume} must be at least 1.", "use e.g. 1 to 4.")
+        self.images = [torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for v in volumes.volumes]
+        self.labels = None if volumes.labels is None else [
+            torch.from_numpy(np.ascontiguousarray(m, dtype=np.int64)) for m in volumes.labels]
+        self.names = list(volumes.names)
+        self.augment = None if augment is None else replace(augment, ignore_index=ignore_index)
+        self.samples_per_volume, self.seed, self.epoch, self.ignore_index = samples_per_volume, seed, 0, ignore_index
+        self.with_ids = with_ids
+        self.windows = [] if augment is not None else [
+            (v, box) for v, image in enumerate(self.images) for box in sliding_crops(tuple(image.shape[1:]), self.roi_size)]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.images) * self.samples_per_volume if self.augment is not None else len(self.windows)
+
+    def __getitem__(self, index: int) -> dict:
+        if self.augment is not None:
+            v = index // self.samples_per_volume
+            gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+            image, label = self.augment(self.images[v], None if self.labels is None else self.labels[v], gen)
+        else:
+            v, box = self.windows[index]
+            label = None if self.labels is None else self.labels[v][box]
+            image, label = pad_to(self.images[v][(slice(None), *box)], label, self.roi_size, self.ignore_index)
+            image, label = image.contiguous(), None if label is None else label.contiguous()
+        item = {"pixel_values": image}
+        if self.with_ids:
+            item["sample_ids"] = torch.tensor(index, dtype=torch.int64)
+        if label is not None:
+            item["labels"] = label
+        return item
+
+
+def orthogonal_slices(volume: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Central axial (H x W), coronal (D x W) and sagittal (D x H) slices of [D, H, W] or [C, D, H, W] (channel 0).
+
+    Example:
+        >>> [s.shape for s in orthogonal_slices(np.zeros((1, 4, 5, 6)))]
+        [(5, 6), (4, 6), (4, 5)]
+    """
+    volume = np.asarray(volume)
+    volume = volume[0] if volume.ndim == 4 else volume
+    if volume.ndim != 3:
+        raise DataError(f"orthogonal_slices needs [D, H, W] or [C, D, H, W], got shape {volume.shape}.", "pass one volume.")
+    d, h, w = volume.shape
+    return volume[d // 2], volume[:, h // 2, :], volume[:, :, w // 2]
+
+
+__all__ = [
+    "NORMALISE_MODES", "VOLUME_SUFFIXES", "VolumeAugment", "VolumeDataset", "VolumeSet", "load_volumes",
+    "normalise_intensity", "orthogonal_slices", "pad_to", "read_label", "read_volume", "sliding_crops", "volume_suffix",
+]

@@ -1,0 +1,309 @@
+"""The 3D data layer: readers, label matching, intensity modes, seeded crops, datasets and the embedded volumes."""
+
+from __future__ import annotations
+
+import gzip
+
+import nibabel as nib
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from hf_medmae.data.volumes import (
+    VolumeAugment, VolumeDataset, VolumeSet, load_volumes, normalise_intensity, orthogonal_slices, read_volume, sliding_crops,
+)
+from hf_medmae.errors import ConfigError, DataError
+
+
+def ramp(d=6, h=7, w=8) -> np.ndarray:
+    """[D, H, W] whose value encodes the position: 100*z + 10*y + x (every axis distinguishable)."""
+    z, y, x = np.meshgrid(np.arange(d), np.arange(h), np.arange(w), indexing="ij")
+    return (100 * z + 10 * y + x).astype(np.float32)
+
+
+def save_nifti(path, dhw: np.ndarray) -> None:
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(dhw.T), np.eye(4)), str(path))  # [D, H, W] -> (X, Y, Z)
+
+
+@pytest.fixture(scope="module")
+def nuclei():
+    return load_volumes("embedded:nuclei3d")
+
+
+@pytest.fixture(scope="module")
+def mni():
+    return load_volumes("embedded:mni152")
+
+
+# --- readers -----------------------------------------------------------------------------------------------------
+
+def test_nifti_depth_is_the_z_axis(tmp_path):
+    volume = ramp()
+    save_nifti(tmp_path / "a.nii.gz", volume)
+    data = nib.load(str(tmp_path / "a.nii.gz")).get_fdata()
+    assert data.shape == (8, 7, 6) and data[1, 2, 3] == 100 * 3 + 10 * 2 + 1  # stored (X, Y, Z)
+    read = read_volume(tmp_path / "a.nii.gz")
+    assert read.shape == (1, 6, 7, 8) and read.dtype == np.float32
+    np.testing.assert_array_equal(read[0], volume)  # [C, D=Z, H=Y, W=X]
+
+
+def test_nifti_4d_channels(tmp_path):
+    two = np.stack([ramp(), -ramp()])  # [C, D, H, W]
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(two.transpose(3, 2, 1, 0)), np.eye(4)), str(tmp_path / "b.nii"))
+    np.testing.assert_array_equal(read_volume(tmp_path / "b.nii"), two)
+
+
+def test_tiff_pages_are_depth_and_channels_option_is_refused(tmp_path):
+    tifffile.imwrite(tmp_path / "z.tif", ramp().astype(np.uint16))
+    read = read_volume(tmp_path / "z.tif")
+    assert read.shape == (1, 6, 7, 8)
+    np.testing.assert_array_equal(read[0], ramp())
+    with pytest.raises(ConfigError, match="tiff_pages: depth"):
+        read_volume(tmp_path / "z.tif", tiff_pages="channels")
+    with pytest.raises(ConfigError, match="unknown"):
+        read_volume(tmp_path / "z.tif", tiff_pages="slices")
+
+
+def test_tiff_4d_and_imagej_hyperstack(tmp_path):
+    dchw = np.stack([ramp(), ramp() + 1000], axis=1).astype(np.uint16)  # [D=6, C=2, H, W]
+    tifffile.imwrite(tmp_path / "p.tif", dchw)  # plain [P, C, H, W]
+    tifffile.imwrite(tmp_path / "ij.tif", dchw, imagej=True, metadata={"axes": "ZCYX"})
+    for name in ("p.tif", "ij.tif"):
+        read = read_volume(tmp_path / name)
+        assert read.shape == (2, 6, 7, 8), name
+        np.testing.assert_array_equal(read[1], ramp() + 1000)
+
+
+def test_npy_volume_and_5d_stack_with_labels(tmp_path):
+    np.save(tmp_path / "one.npy", ramp())
+    assert read_volume(tmp_path / "one.npy").shape == (1, 6, 7, 8)
+    stack = np.random.default_rng(0).random((3, 2, 4, 5, 6)).astype(np.float32)
+    np.save(tmp_path / "set.npy", stack)
+    np.save(tmp_path / "set_labels.npy", (stack[:, 0] > 0.5).astype(np.uint8))
+    vs = load_volumes(str(tmp_path / "set.npy"))
+    assert len(vs) == 3 and vs.channels == 2 and vs.names[1] == "set.npy[1]"
+    assert vs.volumes[0].shape == (2, 4, 5, 6) and vs.labels[2].dtype == np.int64
+    np.testing.assert_array_equal(vs.labels[1], stack[1, 0] > 0.5)
+
+
+def test_folder_with_labels_matches_pattern(tmp_path):
+    for name in ("a", "b"):
+        save_nifti(tmp_path / f"{name}.nii.gz", ramp())
+        save_nifti(tmp_path / f"{name}_label.nii.gz", (ramp() > 300).astype(np.float32))
+    vs = load_volumes(str(tmp_path))
+    assert vs.names == ["a.nii.gz", "b.nii.gz"]  # label files are never images
+    np.testing.assert_array_equal(vs.labels[0], ramp() > 300)
+    assert load_volumes(str(tmp_path), max_volumes=1).names == ["a.nii.gz"]
+
+
+def test_folder_without_labels(tmp_path):
+    tifffile.imwrite(tmp_path / "a.tif", ramp().astype(np.uint16))
+    vs = load_volumes(str(tmp_path))
+    assert vs.labels is None and vs.subset([0]).names == ["a.tif"]
+
+
+def test_missing_label_lists_files(tmp_path):
+    for name in ("a", "b", "c"):
+        save_nifti(tmp_path / f"{name}.nii.gz", ramp())
+    save_nifti(tmp_path / "a_label.nii.gz", ramp() * 0)
+    with pytest.raises(DataError, match=r"2 volume\(s\) have no label.*b_label.nii.gz.*c_label.nii.gz") as err:
+        load_volumes(str(tmp_path))
+    assert "label_pattern" in err.value.fix
+    with pytest.raises(DataError, match="has no label"):
+        load_volumes(str(tmp_path / "a.nii.gz"), label_dir=str(tmp_path / "labels"))
+
+
+def test_label_shape_must_match(tmp_path):
+    save_nifti(tmp_path / "a.nii.gz", ramp())
+    save_nifti(tmp_path / "a_label.nii.gz", np.zeros((6, 7, 9), np.float32))
+    with pytest.raises(DataError, match=r"\(6, 7, 8\).*\(6, 7, 9\)") as err:
+        load_volumes(str(tmp_path))
+    assert "voxel grid" in err.value.fix
+
+
+def test_corrupt_unknown_and_2d_files(tmp_path):
+    save_nifti(tmp_path / "good.nii.gz", ramp())
+    (tmp_path / "bad.nii.gz").write_bytes((tmp_path / "good.nii.gz").read_bytes()[:200])  # truncated
+    (tmp_path / "junk.nii.gz").write_bytes(gzip.compress(b"not a nifti header" * 30))
+    (tmp_path / "bad.tif").write_bytes(b"II*\x00" + bytes(60))
+    np.save(tmp_path / "bad.npy", ramp())
+    (tmp_path / "bad.npy").write_bytes((tmp_path / "bad.npy").read_bytes()[:100])
+    for name in ("bad.nii.gz", "junk.nii.gz", "bad.npy"):
+        with pytest.raises(DataError, match=f"cannot read volume .*{name}") as err:
+            read_volume(tmp_path / name)
+        assert "replace the file" in err.value.fix
+    with pytest.raises(DataError, match="not a volume file") as err:
+        read_volume(tmp_path / "a.png")
+    assert ".nii.gz" in err.value.fix
+    with pytest.raises(DataError, match="without images"):
+        read_volume(tmp_path / "bad.tif")
+    tifffile.imwrite(tmp_path / "flat.tif", ramp()[0].astype(np.uint16))
+    save_nifti(tmp_path / "flat.nii", ramp()[:1])
+    for name in ("flat.tif", "flat.nii"):
+        with pytest.raises(DataError, match="2-D image") as err:
+            read_volume(tmp_path / name)
+        assert "2D" in err.value.fix or "z-stack" in err.value.fix
+
+
+def test_unknown_source_and_mixed_channels():
+    with pytest.raises(DataError, match="unknown embedded volume set"):
+        load_volumes("embedded:nope")
+    with pytest.raises(DataError, match="neither a folder"):
+        load_volumes("/no/such/place")
+    mixed = VolumeSet([np.zeros((1, 2, 2, 2)), np.zeros((2, 2, 2, 2))], None, ["a", "b"])
+    with pytest.raises(DataError, match="channel counts"):
+        mixed.channels
+
+
+# --- intensity ---------------------------------------------------------------------------------------------------
+
+def test_zscore_over_foreground():
+    rng = np.random.default_rng(0)
+    volume = np.zeros((2, 8, 8, 8), np.float32)
+    volume[:, 2:6, 2:6, 2:6] = rng.normal(50, 5, (2, 4, 4, 4))
+    out = normalise_intensity(volume, "zscore", foreground_threshold=0)
+    for c in range(2):
+        fg = out[c][volume[c] > 0]
+        assert abs(fg.mean()) < 1e-5 and abs(fg.std() - 1) < 1e-4
+    whole = normalise_intensity(volume)
+    assert abs(whole.mean()) < 1e-5 and abs(whole.std() - 1) < 1e-4
+    assert np.isfinite(normalise_intensity(np.ones((1, 2, 2, 2)))).all()  # constant volume: std floor
+
+
+def test_ct_window_and_percentile():
+    hu = np.linspace(-2000, 2000, 2 * 4 * 5 * 5, dtype=np.float32).reshape(2, 4, 5, 5)
+    ct = normalise_intensity(hu, "ct_window", window=(-1000, 400))
+    assert ct.min() == 0.0 and ct.max() == 1.0
+    assert (ct[hu <= -1000] == 0).all() and (ct[hu >= 400] == 1).all()
+    inside = (hu > -1000) & (hu < 400)
+    np.testing.assert_allclose(ct[inside], (hu[inside] + 1000) / 1400, rtol=1e-5)
+    with pytest.raises(ConfigError, match="needs window"):
+        normalise_intensity(hu, "ct_window")
+    volume = np.random.default_rng(1).normal(0, 1, (2, 10, 10, 10)).astype(np.float32)
+    volume[1] *= 100
+    out = normalise_intensity(volume, "percentile", percentiles=(1, 99))
+    for c in range(2):
+        assert out[c].min() == 0.0 and out[c].max() == 1.0
+        assert np.mean(out[c] == 1.0) == pytest.approx(0.01, abs=0.002)  # the top 1% are clipped
+    assert normalise_intensity(volume, "none") is volume
+    with pytest.raises(ConfigError, match="zscore"):
+        normalise_intensity(volume, "minmax")
+
+
+# --- augmentation and crops --------------------------------------------------------------------------------------
+
+def test_augment_keeps_image_and_label_aligned_and_is_seeded():
+    image = torch.from_numpy(ramp(10, 12, 12))[None]
+    label = (image[0] % 7 > 3).long()  # a label that is a function of the voxel value
+    aug = VolumeAugment((6, 8, 8))
+    seen = set()
+    for seed in range(20):
+        out_image, out_label = aug(image, label, torch.Generator().manual_seed(seed))
+        assert out_image.shape == (1, 6, 8, 8) and out_label.shape == (6, 8, 8)
+        assert out_image.is_contiguous() and out_label.is_contiguous() and out_label.dtype == torch.int64
+        assert torch.equal(out_label, (out_image[0] % 7 > 3).long())
+        again = aug(image, label, torch.Generator().manual_seed(seed))
+        assert torch.equal(again[0], out_image) and torch.equal(again[1], out_label)
+        seen.add(float(out_image[0, 0, 0, 0]))
+    assert len(seen) > 5  # different seeds, different crops
+
+
+def test_non_square_roi_keeps_its_shape():
+    aug = VolumeAugment((4, 6, 8))
+    for seed in range(8):
+        image, _ = aug(torch.rand(1, 8, 10, 10), None, torch.Generator().manual_seed(seed))
+        assert image.shape == (1, 4, 6, 8)
+
+
+def test_small_volumes_are_padded_with_ignore_labels():
+    image, label = torch.ones(1, 3, 10, 4), torch.ones(3, 10, 4, dtype=torch.long)
+    out_image, out_label = VolumeAugment((6, 8, 8), flips=False, rot90=False)(image, label, torch.Generator().manual_seed(0))
+    assert out_image.shape == (1, 6, 8, 8) and out_label.shape == (6, 8, 8)
+    assert type(out_image) is torch.Tensor and type(out_label) is torch.Tensor  # no MONAI MetaTensor leaks out
+    assert int((out_label == 255).sum()) == int((out_image == 0).sum()) > 0
+    assert set(out_label.unique().tolist()) == {1, 255}
+
+
+def test_pos_fraction_one_always_hits_foreground():
+    label = torch.zeros(20, 40, 40, dtype=torch.long)
+    label[15:17, 30:33, 2:4] = 2  # one small object in a corner
+    label[0:2, 0:2, 0:2] = 255  # ignored voxels are not foreground
+    image = label[None].float()
+    aug = VolumeAugment((4, 8, 8), pos_fraction=1.0)
+    for seed in range(30):
+        _, out = aug(image, label, torch.Generator().manual_seed(seed))
+        assert (out == 2).any()
+    uniform = VolumeAugment((4, 8, 8))
+    hits = sum(bool((uniform(image, label, torch.Generator().manual_seed(s))[1] == 2).any()) for s in range(30))
+    assert hits < 15
+
+
+def test_sliding_crops_cover_every_voxel():
+    for shape, roi, overlap in [((10, 7, 9), (4, 4, 4), 0.0), ((5, 16, 16), (8, 8, 8), 0.5), ((3, 3, 3), (4, 4, 4), 0.0)]:
+        covered = np.zeros(shape, int)
+        for box in sliding_crops(shape, roi, overlap):
+            covered[box] += 1
+            assert all(s.stop - s.start == min(r, n) for s, r, n in zip(box, roi, shape))
+        assert covered.min() >= 1
+    assert len(sliding_crops((8, 8, 8), (4, 4, 4))) == 8
+    with pytest.raises(ConfigError):
+        sliding_crops((8, 8, 8), (4, 4, 4), overlap=1.0)
+
+
+def test_volume_dataset_train_and_eval():
+    rng = np.random.default_rng(0)
+    volumes = [rng.random((2, 9, 10, 12), dtype=np.float32), rng.random((2, 5, 16, 16), dtype=np.float32)]
+    vs = VolumeSet(volumes, [(v[0] > 0.5).astype(np.int64) for v in volumes], ["a", "b"])
+    train = VolumeDataset(vs, (4, 8, 8), VolumeAugment((4, 8, 8)), samples_per_volume=3, seed=1)
+    assert len(train) == 6
+    item = train[4]
+    assert item["pixel_values"].shape == (2, 4, 8, 8) and item["pixel_values"].dtype == torch.float32
+    assert item["labels"].shape == (4, 8, 8) and item["labels"].dtype == torch.int64
+    assert item["sample_ids"].dtype == torch.int64 and int(item["sample_ids"]) == 4
+    assert torch.equal(train[4]["pixel_values"], item["pixel_values"])  # same epoch, same crop
+    train.set_epoch(1)
+    assert not torch.equal(train[4]["pixel_values"], item["pixel_values"])
+    evaluation = VolumeDataset(vs, (4, 8, 8))
+    assert len(evaluation) == 3 * 2 * 2 + 2 * 2 * 2
+    for i in range(len(evaluation)):
+        assert evaluation[i]["pixel_values"].shape == (2, 4, 8, 8) and evaluation[i]["labels"].shape == (4, 8, 8)
+    unlabelled = VolumeDataset(VolumeSet(volumes, None, ["a", "b"]), (4, 8, 8), VolumeAugment((4, 8, 8)))
+    assert set(unlabelled[0]) == {"pixel_values", "sample_ids"}
+    with pytest.raises(ConfigError, match="roi_size"):
+        VolumeDataset(vs, (4, 8, 8), VolumeAugment((4, 4, 4)))
+
+
+def test_orthogonal_slices():
+    axial, coronal, sagittal = orthogonal_slices(ramp()[None])
+    assert axial.shape == (7, 8) and coronal.shape == (6, 8) and sagittal.shape == (6, 7)
+    assert axial[0, 0] == 300 and coronal[0, 0] == 30 and sagittal[0, 0] == 4
+
+
+# --- embedded real data ------------------------------------------------------------------------------------------
+
+def test_embedded_nuclei3d(nuclei):
+    assert nuclei.names == [f"nuclei3d_q{i}" for i in range(4)] and nuclei.channels == 1
+    for volume, label in zip(nuclei.volumes, nuclei.labels):
+        assert volume.shape == (1, 60, 128, 128) and volume.dtype == np.float32
+        assert set(np.unique(label).tolist()) == {0, 1}
+        assert 0.001 < label.mean() < 0.9
+        assert volume[0][label == 1].mean() > volume[0][label == 0].mean()  # nuclei are the bright voxels
+
+
+def test_embedded_mni152_tissue_maps_align_with_t1(mni):
+    assert len(mni) == 4 and len(set(mni.names)) == 4 and all(n.startswith("mni152_") for n in mni.names)
+    labels = np.concatenate([m.ravel() for m in mni.labels])
+    assert set(np.unique(labels).tolist()) == {0, 1, 2}
+    t1 = np.concatenate([v[0].ravel() for v in mni.volumes])
+    grey, white, background = (t1[labels == k].mean() for k in (1, 2, 0))
+    assert white > grey > background  # T1: white matter brighter than grey matter, both above background
+    for volume, label in zip(mni.volumes, mni.labels):
+        assert volume.shape[1:] == label.shape and set(np.unique(label).tolist()) == {0, 1, 2}
+
+
+def test_embedded_volumes_through_the_dataset(nuclei):
+    normalised = VolumeSet([normalise_intensity(v) for v in nuclei.volumes], nuclei.labels, nuclei.names)
+    ds = VolumeDataset(normalised.subset([0]), (16, 32, 32), VolumeAugment((16, 32, 32), pos_fraction=1.0), samples_per_volume=2)
+    item = ds[1]
+    assert item["pixel_values"].shape == (1, 16, 32, 32) and item["labels"].sum() > 0
