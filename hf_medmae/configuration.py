@@ -9,6 +9,32 @@ from .errors import ConfigError
 from .validation import as_pair
 
 
+def check_masking(config) -> None:
+    """Check the masking fields of a 2D or 3D MAE config (`mask_ratio`, `throw_ratio`, `mask_generator`)."""
+    if not 0.0 < config.mask_ratio < 1.0:
+        raise ConfigError(
+            f"mask_ratio={config.mask_ratio} is outside (0, 1).",
+            "use a fraction such as 0.75 (MAE), 0.5 (seed 001) or 0.125 (segmentation, SelfMedMAE).",
+        )
+    if not 0.0 <= config.throw_ratio < config.mask_ratio:
+        raise ConfigError(
+            f"throw_ratio={config.throw_ratio} must lie in [0, mask_ratio={config.mask_ratio}).",
+            "throw_ratio is the part of the masked patches that is not reconstructed; lower it.",
+        )
+    from .masking import MASK_GENERATORS  # late import: masking imports nothing from here
+
+    if config.mask_generator not in MASK_GENERATORS:
+        raise ConfigError(
+            f"unknown mask_generator {config.mask_generator!r}.",
+            f"use one of {sorted(MASK_GENERATORS)}.",
+        )
+    if config.throw_ratio > 0 and config.mask_generator != "attention":
+        raise ConfigError(
+            f"throw_ratio={config.throw_ratio} is only used by the 'attention' generator.",
+            "set mask_generator: attention, or throw_ratio: 0.",
+        )
+
+
 @strict
 class MedMAEConfig(ViTMAEConfig):
     r"""Configuration of [`MedMAEForPreTraining`]: every `ViTMAEConfig` field plus the masking strategy.
@@ -63,33 +89,12 @@ class MedMAEConfig(ViTMAEConfig):
                 f"choose an image_size that is a multiple of {ph} (e.g. {max(ph, h // ph * ph)}), "
                 "or crop/resize the images to it.",
             )
-        if not 0.0 < self.mask_ratio < 1.0:
-            raise ConfigError(
-                f"mask_ratio={self.mask_ratio} is outside (0, 1).",
-                "use a fraction such as 0.75 (MAE), 0.5 (seed 001) or 0.125 (segmentation, SelfMedMAE).",
-            )
-        if not 0.0 <= self.throw_ratio < self.mask_ratio:
-            raise ConfigError(
-                f"throw_ratio={self.throw_ratio} must lie in [0, mask_ratio={self.mask_ratio}).",
-                "throw_ratio is the part of the masked patches that is not reconstructed; lower it.",
-            )
         if self.hidden_size % self.num_attention_heads or self.decoder_hidden_size % self.decoder_num_attention_heads:
             raise ConfigError(
                 "hidden_size / decoder_hidden_size must be divisible by their number of attention heads.",
                 "e.g. hidden_size 192 with 6 heads, decoder_hidden_size 128 with 2 or 4 heads.",
             )
-        from .masking import MASK_GENERATORS  # late import: masking imports nothing from here
-
-        if self.mask_generator not in MASK_GENERATORS:
-            raise ConfigError(
-                f"unknown mask_generator {self.mask_generator!r}.",
-                f"use one of {sorted(MASK_GENERATORS)}.",
-            )
-        if self.throw_ratio > 0 and self.mask_generator != "attention":
-            raise ConfigError(
-                f"throw_ratio={self.throw_ratio} is only used by the 'attention' generator.",
-                "set mask_generator: attention, or throw_ratio: 0.",
-            )
+        check_masking(self)
 
 
-__all__ = ["MedMAEConfig"]
+__all__ = ["MedMAEConfig", "check_masking"]

@@ -59,7 +59,35 @@ def sincos_position_embedding(grid_size: tuple[int, int], dim: int) -> torch.Ten
     return torch.cat([pos[..., half:], pos[..., :half]], dim=-1)[None]
 
 
-class MedMAEForPreTraining(CurrentKeyNamesMixin, ViTMAEForPreTraining):
+class MaskingMixin:
+    """The masking half of both MAEs (2D and 3D): the generator named in the config, and per-batch codes."""
+
+    def build_masking(self, config) -> None:
+        kwargs = dict(config.mask_generator_kwargs or {})
+        if config.mask_generator == "attention":
+            kwargs.setdefault("throw_ratio", config.throw_ratio)
+        self.mask_generator: MaskGenerator = build_mask_generator(
+            config.mask_generator, mask_ratio=config.mask_ratio, grid_size=config.grid_size, **kwargs)
+        # Per-sample attention maps for the `attention` generator, filled by AttentionRefreshCallback.
+        self.attention_bank: dict[int, torch.Tensor] = {}
+
+    def generate_codes(self, pixel_values: torch.Tensor, sample_ids: torch.Tensor | None = None, generator=None):
+        """Per-patch codes (0 visible, 1 masked, 2 thrown) for a batch. [B, C, (D,) H, W] -> [B, L]."""
+        scores = None
+        if self.mask_generator.uses_scores and sample_ids is not None and self.attention_bank:
+            maps = [self.attention_bank.get(int(i)) for i in sample_ids]
+            if all(m is not None for m in maps):
+                scores = torch.stack(maps).to(pixel_values.device)
+        return self.mask_generator(
+            pixel_values.shape[0],
+            pixel_values=pixel_values if self.mask_generator.uses_pixels else None,
+            scores=scores,
+            generator=generator,
+            device=pixel_values.device,
+        )
+
+
+class MedMAEForPreTraining(MaskingMixin, CurrentKeyNamesMixin, ViTMAEForPreTraining):
     r"""ViT masked autoencoder whose masking strategy is part of its config.
 
     Example:
@@ -85,14 +113,7 @@ class MedMAEForPreTraining(CurrentKeyNamesMixin, ViTMAEForPreTraining):
         init.copy_(embeddings.position_embeddings, sincos_position_embedding(config.grid_size, embeddings.position_embeddings.shape[-1]))
         # Swap the forward only: the module keeps stock's parameters, names, initialisation and loading.
         self.vit.embeddings.__class__ = MedMAEEmbeddings
-        self.mask_generator: MaskGenerator = build_mask_generator(
-            config.mask_generator,
-            mask_ratio=config.mask_ratio,
-            grid_size=config.grid_size,
-            **self._generator_kwargs(config),
-        )
-        # Per-sample CLS attention maps for the `attention` generator, filled by AttentionRefreshCallback.
-        self.attention_bank: dict[int, torch.Tensor] = {}
+        self.build_masking(config)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -111,13 +132,6 @@ class MedMAEForPreTraining(CurrentKeyNamesMixin, ViTMAEForPreTraining):
             init.copy_(module.decoder_pos_embed, sincos_position_embedding(self.config.grid_size, module.decoder_pos_embed.shape[-1]))
             init.normal_(module.mask_token, std=self.config.initializer_range)  # as the MAE paper (stock zeroes it)
 
-    @staticmethod
-    def _generator_kwargs(config: MedMAEConfig) -> dict:
-        kwargs = dict(config.mask_generator_kwargs or {})
-        if config.mask_generator == "attention":
-            kwargs.setdefault("throw_ratio", config.throw_ratio)
-        return kwargs
-
     def _check_input(self, pixel_values: torch.Tensor) -> None:
         size, p = self.vit.embeddings.image_size, self.config.patch_size
         check_pixels(pixel_values, self.config.num_channels, "the model", size=size,
@@ -125,21 +139,6 @@ class MedMAEForPreTraining(CurrentKeyNamesMixin, ViTMAEForPreTraining):
                                  f"the images to {self.config.num_channels} channels for this checkpoint.",
                      size_fix=f"set image_size: {pixel_values.shape[-2]} (a multiple of patch_size {p}), or crop/tile "
                               "the images to the model's size.")  # fmt: skip
-
-    def generate_codes(self, pixel_values: torch.Tensor, sample_ids: torch.Tensor | None = None, generator=None):
-        """Per-patch codes (0 visible, 1 masked, 2 thrown) for a batch. [B, C, H, W] -> [B, L]."""
-        scores = None
-        if self.mask_generator.uses_scores and sample_ids is not None and self.attention_bank:
-            maps = [self.attention_bank.get(int(i)) for i in sample_ids]
-            if all(m is not None for m in maps):
-                scores = torch.stack(maps).to(pixel_values.device)
-        return self.mask_generator(
-            pixel_values.shape[0],
-            pixel_values=pixel_values if self.mask_generator.uses_pixels else None,
-            scores=scores,
-            generator=generator,
-            device=pixel_values.device,
-        )
 
     def forward(
         self,
@@ -231,8 +230,10 @@ class MedMAEForPreTraining(CurrentKeyNamesMixin, ViTMAEForPreTraining):
         lo, hi = weights.amin(-1, keepdim=True), weights.amax(-1, keepdim=True)
         return ((weights - lo) / (hi - lo + 1e-12)).mean(dim=1)
 
+    attention_map = cls_attention  # the name both MAEs share (the 3D one has no CLS token)
+
 
 AutoConfig.register(MedMAEConfig.model_type, MedMAEConfig)
 AutoModelForPreTraining.register(MedMAEConfig, MedMAEForPreTraining)
 
-__all__ = ["MedMAEForPreTraining", "VISIBLE", "MASKED"]
+__all__ = ["MaskingMixin", "MedMAEForPreTraining", "VISIBLE", "MASKED"]

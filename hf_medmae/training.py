@@ -161,7 +161,7 @@ class AttentionRefreshCallback(TrainerCallback):
         device = next(model.parameters()).device
         loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False)
         for batch in progress(loader, desc="attention maps", unit="batch"):
-            maps = model.cls_attention(batch["pixel_values"].to(device)).float().cpu()
+            maps = model.attention_map(batch["pixel_values"].to(device)).float().cpu()
             model.attention_bank.update({int(i): m for i, m in zip(batch["sample_ids"], maps)})
         model.train(was_training)
         self.last_refresh = epoch

@@ -17,35 +17,39 @@ def as_pair(value) -> tuple[int, int]:
 
 
 def check_pixels(pixel_values: torch.Tensor, num_channels: int, source: str, *, size=None, multiple: int | None = None,
-                 channel_fix: str | None = None, size_fix: str | None = None) -> None:
-    """Raise `DataError` unless `pixel_values` is [B, num_channels, H, W] of the expected size.
+                 channel_fix: str | None = None, size_fix: str | None = None, spatial_dims: int = 2) -> None:
+    """Raise `DataError` unless `pixel_values` is [B, num_channels, H, W] (or [B, C, D, H, W]) of the expected size.
 
     Args:
         pixel_values: the model input.
         num_channels: channels the model was built for.
         source: what expects them, for the message ("the model", "the checkpoint's encoder").
-        size: exact (H, W) required, or None.
-        multiple: H and W must be multiples of it (patch size or network stride), or None.
+        size: exact (H, W) — or (D, H, W) for volumes — required, or None.
+        multiple: every spatial side must be a multiple of it (patch size or network stride), or None.
         channel_fix, size_fix: the fix to print; a generic one by default.
+        spatial_dims: 2 for images, 3 for volumes.
 
     Example:
         >>> check_pixels(torch.zeros(1, 3, 32, 32), 3, "the model", multiple=8)
     """
-    if pixel_values.dim() != 4:
-        raise DataError(f"pixel_values must be [batch, channels, height, width], got shape {tuple(pixel_values.shape)}.",
-                        "stack images into a 4-D tensor (add a channel axis for grey images).")  # fmt: skip
-    channels, (h, w) = pixel_values.shape[1], tuple(pixel_values.shape[2:])
+    axes = "height, width" if spatial_dims == 2 else "depth, height, width"
+    if pixel_values.dim() != spatial_dims + 2:
+        raise DataError(f"pixel_values must be [batch, channels, {axes}], got shape {tuple(pixel_values.shape)}.",
+                        f"stack {'images' if spatial_dims == 2 else 'volumes'} into a {spatial_dims + 2}-D tensor "
+                        "(add a channel axis for single-channel data).")  # fmt: skip
+    channels, sides = pixel_values.shape[1], tuple(pixel_values.shape[2:])
+    shown = "x".join(map(str, sides))
     if channels != num_channels:
-        raise DataError(f"the images have {channels} channels but {source} expects {num_channels}.",
-                        channel_fix or f"convert the images to {num_channels} channels, or use a model pre-trained "
+        raise DataError(f"the {'images' if spatial_dims == 2 else 'volumes'} have {channels} channels but {source} expects {num_channels}.",
+                        channel_fix or f"convert the data to {num_channels} channels, or use a model pre-trained "
                                        f"with num_channels: {channels} for this data.")  # fmt: skip
-    if size is not None and (h, w) != as_pair(size):
-        eh, ew = as_pair(size)
-        raise DataError(f"the images are {h}x{w} but {source} expects {eh}x{ew}.",
-                        size_fix or f"resize or crop the images to {eh}x{ew}.")
-    if multiple and (h % multiple or w % multiple):
-        raise DataError(f"image size {h}x{w} is not divisible by {multiple} (the patch size / network stride).",
-                        f"crop or pad the images to a multiple of {multiple}, e.g. {max(multiple, h // multiple * multiple)}.")
+    expected = None if size is None else (as_pair(size) if spatial_dims == 2 else tuple(int(v) for v in size))
+    if expected is not None and sides != expected:
+        want = "x".join(map(str, expected))
+        raise DataError(f"the input is {shown} but {source} expects {want}.", size_fix or f"resize or crop the input to {want}.")
+    if multiple and any(s % multiple for s in sides):
+        raise DataError(f"input size {shown} is not divisible by {multiple} (the patch size / network stride).",
+                        f"crop or pad the input to a multiple of {multiple} on every side, e.g. {max(multiple, sides[-1] // multiple * multiple)}.")
 
 
 __all__ = ["as_pair", "check_pixels"]
