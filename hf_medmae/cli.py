@@ -177,4 +177,21 @@ def parse_config(dataclass_types: tuple, argv: list[str] | None = None) -> tuple
     return MedArgumentParser(dataclass_types).parse(argv)
 
 
-__all__ = ["MedArgumentParser", "coerce", "parse_config", "read_config_file"]
+def spatial_dims(argv: list[str] | None = None) -> int:
+    """`spatial_dims` of a command line: from `--spatial_dims N`, else its `--config` file, else 2.
+
+    The entry scripts read it first to pick their 2D or 3D task (`tasks.volumes`), each with its own arguments.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    value = None
+    for i, arg in enumerate(argv):
+        key, _, inline = arg.partition("=")
+        if key in ("--spatial_dims", "--config"):
+            given = inline or (argv[i + 1] if i + 1 < len(argv) else "")
+            if key == "--spatial_dims":
+                return int(given) if given.isdigit() else 2
+            value = read_config_file(given).get("spatial_dims") if given else None
+    return int(value) if isinstance(value, int) else 2
+
+
+__all__ = ["MedArgumentParser", "coerce", "parse_config", "read_config_file", "spatial_dims"]

@@ -26,7 +26,10 @@ logger = logging.getLogger(__name__)
 MAE_TYPES = ("medmae", "vit_mae")
 OWN_TYPES = ("medmae_classifier", "medmae_segmenter")
 VIT_TYPES = ("vit",)
-SUPPORTED_TYPES = MAE_TYPES + OWN_TYPES + VIT_TYPES
+MAE3D_TYPES = ("medmae3d",)
+SUPPORTED_TYPES = MAE_TYPES + OWN_TYPES + VIT_TYPES + MAE3D_TYPES
+# What a 3D encoder-only load leaves out on purpose: the MAE's decoder side, a segmenter's UNETR decoder.
+ENCODER3D_EXTRAS = r"^(decoder\.|encoder_to_decoder\.|mask_token$)"
 
 # ViTConfig fields that define the encoder's architecture (and its dropout), copied between configs.
 VIT_FIELDS = (
@@ -174,6 +177,26 @@ def _resize(model: ViTModel, image_size: int | tuple[int, int]) -> ViTModel:
     return resized
 
 
+def _load_encoder_3d(folder: Path, config: dict, image_size) -> nn.Module:
+    """The 3D MAE's encoder (`MedMAE3DModel`) from a medmae3d or 3D segmenter checkpoint, strictly loaded."""
+    from .modeling_mae3d import MedMAE3DConfig, MedMAE3DModel
+    from .segmentation.configuration import encoder_fields
+
+    if image_size is not None:
+        raise ConfigError("image_size cannot be changed for a 3D encoder: its fixed 3D positions are made for its crop size.",
+                          "leave image_size unset and feed crops of the checkpoint's size (sliding windows for whole volumes).")  # fmt: skip
+    fields = encoder_fields(config, spatial_dims=3)
+    encoder_config = MedMAE3DConfig(**{k: v for k, v in fields.items() if k not in NORM_FIELDS})
+    # A segmenter keeps its encoder under `vit.`; MedMAE3DModel's own prefix is VideoMAE's `videomae.`.
+    mapping = {r"^vit\.": "videomae."} if config["model_type"] in OWN_TYPES else None
+    model = load_checkpoint(MedMAE3DModel, folder, model_types=SUPPORTED_TYPES, what="a 3D encoder", key_mapping=mapping,
+                            ignore_unexpected=ENCODER3D_EXTRAS, config=encoder_config)  # fmt: skip
+    mean, std = _read_normalisation(folder, encoder_config)
+    model.config.image_mean, model.config.image_std = mean, std
+    model.image_mean, model.image_std = mean, std
+    return model
+
+
 def load_encoder(
     name_or_path: str | os.PathLike,
     revision: str | None = None,
@@ -196,6 +219,8 @@ def load_encoder(
         local_files_only: Use only the local Hub cache; `None` follows `HF_HUB_OFFLINE`.
 
     Returns:
+        For 3D checkpoints (medmae3d, or a medmae_segmenter with `spatial_dims: 3`) a `MedMAE3DModel`
+        (VideoMAE's encoder with fixed 3D sin-cos positions, input [B, C, D, H, W]). Otherwise a
         `ViTModel(add_pooling_layer=False)` whose position embeddings are a learnable parameter
         (MAE's are fixed sin-cos; fine-tuning learns them from there, as in seed 002). The saved
         normalisation is attached as `encoder.image_mean` / `encoder.image_std` and in the config
@@ -212,6 +237,8 @@ def load_encoder(
     """
     folder = resolve_checkpoint(name_or_path, revision, token, cache_dir, local_files_only)
     config = read_config(folder, SUPPORTED_TYPES, what="a checkpoint load_encoder can convert")
+    if config["model_type"] in MAE3D_TYPES or config.get("spatial_dims") == 3:
+        return _load_encoder_3d(folder, config, image_size)
     if config["model_type"] in OWN_TYPES and not isinstance(config.get("vit_config"), dict):
         raise CheckpointError(f"the {config['model_type']} config in {folder} has no vit_config.",
                               "re-save the model with hf_medmae (its config stores the encoder as vit_config).")  # fmt: skip

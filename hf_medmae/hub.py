@@ -40,7 +40,7 @@ from .loading import PICKLE_PATTERNS, check_safetensors
 TEMPLATE_PACKAGE = "hf_medmae.model_cards"
 
 # config.json `model_type` -> card template (model_cards/<kind>.md). Extend when a new head is added.
-CARD_KINDS = {"medmae": "mae", "medmae_classifier": "classifier", "medmae_cnn": "classifier", "medmae_segmenter": "segmenter",
+CARD_KINDS = {"medmae": "mae", "medmae3d": "mae", "medmae_classifier": "classifier", "medmae_cnn": "classifier", "medmae_segmenter": "segmenter",
               "medmae_unet": "segmenter"}  # fmt: skip
 # kind -> (extra tag, pipeline_tag, model-index task type)
 KIND_TASKS = {
@@ -50,7 +50,8 @@ KIND_TASKS = {
 }
 BASE_TAGS = ["medical-imaging", "masked-autoencoder", "vit-mae", "hf_medmae"]
 # model_type -> base tags where BASE_TAGS would be wrong: the U-Net and CNN baselines have neither a ViT nor MAE pre-training.
-MODEL_TYPE_BASE_TAGS = {"medmae_unet": ["medical-imaging", "unet", "hf_medmae"], "medmae_cnn": ["medical-imaging", "cnn", "hf_medmae"]}
+MODEL_TYPE_BASE_TAGS = {"medmae_unet": ["medical-imaging", "unet", "hf_medmae"], "medmae_cnn": ["medical-imaging", "cnn", "hf_medmae"],
+                        "medmae3d": ["medical-imaging", "masked-autoencoder", "videomae", "3d", "hf_medmae"]}
 
 PUSH_PATTERNS = ["*.json", "*.safetensors", "*.md", "*.png"]
 PULL_PATTERNS = ["*.json", "*.safetensors", "*.md"]

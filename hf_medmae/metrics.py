@@ -290,8 +290,8 @@ def compute_metrics_fn(class_names: list[str], multi_label: bool = False) -> Cal
 
 
 def _check_segmentation(pred: np.ndarray, target: np.ndarray, k: int, ignore_index: int) -> None:
-    if pred.shape != target.shape or pred.ndim != 3:
-        raise DataError(f"pred {pred.shape} and target {target.shape} must both be [N, H, W].",
+    if pred.shape != target.shape or pred.ndim not in (3, 4):
+        raise DataError(f"pred {pred.shape} and target {target.shape} must both be [N, H, W] (or [N, D, H, W] volumes).",
                         "Argmax the logits over the class axis and resize predictions to the label size.")
     _check_int_labels(pred, k, "Predictions")
     _check_int_labels(target, k, "Target masks", allowed_extra=(ignore_index,))
@@ -326,8 +326,8 @@ def _hd95(pred: np.ndarray, target: np.ndarray, class_names: list[str], ignore_i
                              "HD95 needs dense masks"}
     k = len(class_names)
     eye = np.eye(k, dtype=np.float32)
-    # [M, H, W] ints -> [M, K, H, W] one-hot, as MONAI expects
-    onehot = lambda x: torch.from_numpy(eye[x].transpose(0, 3, 1, 2))  # noqa: E731
+    # [M, (D,) H, W] ints -> [M, K, (D,) H, W] one-hot, as MONAI expects
+    onehot = lambda x: torch.from_numpy(np.ascontiguousarray(np.moveaxis(eye[x], -1, 1)))  # noqa: E731
     with warnings.catch_warnings():  # MONAI warns for every class absent in an image
         warnings.simplefilter("ignore")
         d = compute_hausdorff_distance(onehot(pred[dense]), onehot(target[dense]),
@@ -351,12 +351,12 @@ def segmentation_metrics(pred: np.ndarray, target: np.ndarray, class_names: list
     macro avg, weighted avg), ``pixel_accuracy``, ``dice_per_class``/``mean_dice``,
     ``iou_per_class``/``mean_iou`` (classes absent from both pred and target are None and not
     averaged), ``confusion_matrix`` (rows = truth), and with ``hd95`` the 95th-percentile Hausdorff
-    distance per class (MONAI, in pixels), averaged over the fully labeled images where the class
+    distance per class (MONAI, in pixels / voxels), averaged over the fully labeled images where the class
     is present in both prediction and truth; images with ignored pixels are skipped and counted.
 
     Args:
-        pred: [N, H, W] predicted class indices.
-        target: [N, H, W] true class indices, ``ignore_index`` for unlabeled pixels.
+        pred: [N, H, W] (or [N, D, H, W] volumes) predicted class indices.
+        target: the same shape, true class indices, ``ignore_index`` for unlabeled pixels.
         class_names: K class names.
         ignore_index: label value of unlabeled pixels.
         hd95: also compute HD95 (slower: distance transforms per image and class).
@@ -415,9 +415,10 @@ def segmentation_compute_metrics_fn(class_names: list[str], ignore_index: int = 
     """
     def compute_metrics(eval_pred: Any) -> dict[str, float]:
         pred = _first(eval_pred.predictions)
-        if pred.ndim == 4:
-            pred = pred.argmax(axis=1)  # [N, K, H, W] -> [N, H, W]
-        m = segmentation_metrics(pred, np.asarray(eval_pred.label_ids), class_names, ignore_index, hd95=False)
+        labels = np.asarray(eval_pred.label_ids)
+        if pred.ndim == labels.ndim + 1:
+            pred = pred.argmax(axis=1)  # [N, K, (D,) H, W] -> [N, (D,) H, W]
+        m = segmentation_metrics(pred, labels, class_names, ignore_index, hd95=False)
         nan = lambda v: float("nan") if v is None else float(v)  # noqa: E731
         out = {k: nan(m[k]) for k in ("pixel_accuracy", "mean_dice", "mean_iou")}
         for name in class_names:

@@ -1,7 +1,7 @@
 """Fine-tuning optimisation pieces of the MAE recipe: layer-wise lr decay groups and stochastic depth.
 
-Both work on any model whose encoder is a `transformers.ViTModel` under the attribute `vit`
-(our classifier and segmenter), or on a bare `ViTModel`.
+Both work on any model whose encoder is a `transformers.ViTModel` (or the 3D MAE's VideoMAE encoder) under
+the attribute `vit` (our classifier and segmenters), or on a bare encoder.
 """
 
 from __future__ import annotations
@@ -11,20 +11,20 @@ import re
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
-from transformers import ViTModel
+from transformers import VideoMAEModel, ViTModel
 
 from .errors import ConfigError
 
-_BLOCK = re.compile(r"^layers\.(\d+)\.")
+_BLOCK = re.compile(r"^(?:layers|encoder\.layer)\.(\d+)\.")  # ViT's blocks; VideoMAE's (3D)
 # Parameters that are never weight-decayed, whatever their rank (MAE's `no_weight_decay` list).
 _NO_DECAY_NAMES = ("embeddings.cls_token", "embeddings.position_embeddings", "embeddings.mask_token")
 
 
-def _encoder_of(model: nn.Module) -> tuple[ViTModel, str]:
-    """The model's ViT encoder and the prefix of its parameter names."""
-    if isinstance(model, ViTModel):
+def _encoder_of(model: nn.Module) -> tuple[ViTModel | VideoMAEModel, str]:
+    """The model's ViT (or 3D VideoMAE) encoder and the prefix of its parameter names."""
+    if isinstance(model, (ViTModel, VideoMAEModel)):
         return model, ""
-    if isinstance(getattr(model, "vit", None), ViTModel):
+    if isinstance(getattr(model, "vit", None), (ViTModel, VideoMAEModel)):
         return model.vit, "vit."
     raise ConfigError(
         f"{type(model).__name__} has no `vit` attribute holding a transformers ViTModel.",

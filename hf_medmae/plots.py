@@ -1,5 +1,5 @@
 """Figures for evaluation reports: confusion matrix, confidence, reliability, label efficiency,
-segmentation overlays and MAE reconstructions. Matplotlib ``Agg`` backend; every function writes a
+segmentation overlays and MAE reconstructions, for volumes as orthogonal slices. Matplotlib ``Agg`` backend; every function writes a
 PNG and returns its path.
 
     >>> plot_confusion_matrix(np.array([[5, 1], [0, 4]]), ["a", "b"], "cm.png")
@@ -32,6 +32,8 @@ __all__ = [
     "plot_label_efficiency",
     "plot_segmentation_overlays",
     "save_reconstruction_grid",
+    "plot_volume_overlays",
+    "save_volume_reconstruction",
 ]
 
 
@@ -336,4 +338,89 @@ def save_reconstruction_grid(original: np.ndarray, masked_pixels: np.ndarray, re
             _show(ax, img, title)
         # Outline the predicted (hidden) patches: what inside them is the model's, not a copy of the input.
         row[2].contour(hidden.astype(float), levels=[0.5], colors="#ffd400", linewidths=0.7)
+    return _save(fig, path)
+
+
+VIEWS = ("axial (H x W)", "coronal (D x W)", "sagittal (D x H)")
+
+
+def _views(volume: np.ndarray, centre: tuple[int, int, int]) -> list[np.ndarray]:
+    """The three orthogonal slices of a [..., D, H, W] array through `centre` (d, h, w)."""
+    d, h, w = centre
+    return [volume[..., d, :, :], volume[..., :, h, :], volume[..., :, :, w]]
+
+
+def _foreground_centre(labels: np.ndarray, ignore_index: int) -> tuple[int, int, int]:
+    """Slices through the labelled foreground's centre of mass (the middle when there is none): where a reader looks."""
+    fg = np.argwhere((labels > 0) & (labels != ignore_index))
+    return tuple(int(v) for v in (fg.mean(axis=0) if len(fg) else np.array(labels.shape) / 2))
+
+
+def plot_volume_overlays(volumes: Sequence[np.ndarray], truth: Sequence[np.ndarray], pred: Sequence[np.ndarray],
+                         path: str | Path, class_names: list[str], ignore_index: int = 255, names: Sequence[str] | None = None) -> str:
+    """Two rows per volume (truth, prediction) and one column per orthogonal view, through the foreground's centre.
+
+    Args:
+        volumes: [C, D, H, W] volumes (channel 0 shown, 1-99 percentile stretch per volume).
+        truth: [D, H, W] class ids each, ``ignore_index`` unlabelled (drawn transparent).
+        pred: [D, H, W] predicted class ids each.
+        path: PNG path.
+        class_names: K names (legend and colours).
+        names: one title per volume.
+
+    Example:
+        >>> plot_volume_overlays([x], [y], [p], "out/overlays.png", ["background", "nucleus"])  # doctest: +SKIP
+    """
+    if not (len(volumes) == len(truth) == len(pred)) or any(
+            t.shape != p.shape or t.shape != v.shape[1:] for v, t, p in zip(volumes, truth, pred)):
+        raise DataError("volumes, truth and pred do not fit together.", "pass [C, D, H, W] volumes with [D, H, W] truth and pred each.")
+    k = len(class_names)
+    cmap = ListedColormap(plt.get_cmap("tab20" if k > 10 else "tab10").colors[:k])
+    fig, axes = plt.subplots(2 * len(volumes), 3, figsize=(9, 2.8 * 2 * len(volumes)), squeeze=False)
+    for i, (volume, t, p) in enumerate(zip(volumes, truth, pred)):
+        centre = _foreground_centre(t, ignore_index)
+        image = np.asarray(volume[0], dtype=float)
+        lo, hi = np.percentile(image, [1, 99])
+        for r, (mask, what) in enumerate(((t, "truth"), (p, "prediction"))):
+            for c, (img, m, view) in enumerate(zip(_views(image, centre), _views(mask, centre), VIEWS)):
+                ax = axes[2 * i + r, c]
+                _show(ax, np.clip((img - lo) / max(hi - lo, 1e-8), 0, 1), f"{names[i] + ': ' if names else ''}{what}, {view}")
+                ax.imshow(_overlay(m, k, ignore_index), cmap=cmap, vmin=-0.5, vmax=k - 0.5, alpha=0.45, interpolation="nearest")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(c)) for c in range(k)]
+    fig.legend(handles, class_names, loc="lower center", ncol=min(k, 6), fontsize=8)
+    return _save(fig, path)
+
+
+def save_volume_reconstruction(original: np.ndarray, codes: np.ndarray, reconstruction: np.ndarray,
+                               patch_shape: tuple[int, int, int], path: str | Path) -> str:
+    """A 3D MAE's reconstruction as orthogonal slices: rows = views; columns = original, masked input, reconstruction.
+
+    Args:
+        original: [C, D, H, W] crop in normalised units (channel 0 shown).
+        codes: [L] patch codes on the (D/t, H/p, W/p) grid, depth-major (0 visible, 1 masked, 2 thrown).
+        reconstruction: [C, D, H, W] with visible patches pasted back (`MedMAE3DForPreTraining.reconstruct`).
+        patch_shape: (t, p, p) voxels per patch.
+        path: PNG path.
+
+    Example:
+        >>> save_volume_reconstruction(x, out.mask[0], recon, (8, 8, 8), "out/reconstructions.png")  # doctest: +SKIP
+    """
+    original, recon = np.asarray(original, dtype=float)[0], np.asarray(reconstruction, dtype=float)[0]
+    grid = tuple(s // p for s, p in zip(original.shape, patch_shape))
+    if int(np.prod(grid)) != np.asarray(codes).size or recon.shape != original.shape:
+        raise DataError(f"codes ({np.asarray(codes).size}) or reconstruction {recon.shape} do not fit the crop {original.shape} "
+                        f"with patches {patch_shape}.", "pass one crop, its codes and its reconstruction.")
+    hidden = np.asarray(codes).reshape(grid) != 0
+    for axis, p in enumerate(patch_shape):  # [gd, gh, gw] -> [D, H, W]: each code over its patch's voxels
+        hidden = np.repeat(hidden, p, axis=axis)
+    lo, hi = np.percentile(original, [1, 99])
+    show = lambda x: np.clip((x - lo) / max(hi - lo, 1e-8), 0, 1)  # noqa: E731  one stretch for all panels
+    centre = tuple(s // 2 for s in original.shape)
+    fig, axes = plt.subplots(3, 3, figsize=(9, 8.5), squeeze=False)
+    for row, img, mask, rec, view in zip(axes, _views(original, centre), _views(hidden, centre), _views(recon, centre), VIEWS):
+        masked = show(img).copy()
+        masked[mask] = 0.5
+        for ax, panel, title in zip(row, (show(img), masked, show(rec)), ("original", f"masked ({mask.mean():.0%})", "reconstruction")):
+            _show(ax, panel, f"{title}, {view}")
+        row[2].contour(mask.astype(float), levels=[0.5], colors="#ffd400", linewidths=0.7)
     return _save(fig, path)

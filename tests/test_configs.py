@@ -11,7 +11,8 @@ from hf_medmae.tasks import pretrain
 from hf_medmae.cli import parse_config
 
 MAE_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml")
-                     if not any(word in p.name for word in ("classification", "segmentation", "accelerate")))
+                     if not any(word in p.name for word in ("classification", "segmentation", "accelerate", "3d")))
+CONFIGS_3D = sorted((ROOT / "configs").glob("*3d*.yaml"))
 
 
 @pytest.mark.parametrize("path", MAE_CONFIGS, ids=lambda p: Path(p).name)
@@ -19,6 +20,23 @@ def test_shipped_mae_configs_parse(path):
     model_args, data_args, training_args = parse_config(pretrain.Pretrain.arguments, ["--config", str(path)])
     config = pretrain.mae_config(model_args, model_args.num_channels or 3)
     assert config.image_size % config.patch_size == 0 and training_args.output_dir.startswith("outputs/")
+
+
+@pytest.mark.parametrize("path", CONFIGS_3D, ids=lambda p: Path(p).name)
+def test_shipped_3d_configs_parse_into_the_3d_tasks(path):
+    from hf_medmae.cli import spatial_dims
+    from hf_medmae.modeling_mae3d import MedMAE3DConfig
+    from hf_medmae.tasks import volumes
+
+    assert spatial_dims(["--config", str(path)]) == 3
+    task = volumes.SEGMENT_3D if "segmentation" in path.name else volumes.PRETRAIN_3D
+    model_args, data_args, training_args = parse_config(task.arguments, ["--config", str(path)])
+    assert len(data_args.roi_size) == 3 and training_args.output_dir.startswith("outputs/")
+    if task is volumes.PRETRAIN_3D:  # the MAE it describes is valid for its crop size
+        d, h, w = data_args.roi_size
+        MedMAE3DConfig(num_frames=d, image_size=[h, w], patch_size=model_args.patch_size, tubelet_size=model_args.tubelet_size,
+                       hidden_size=model_args.hidden_size, num_attention_heads=model_args.num_attention_heads,
+                       decoder_hidden_size=model_args.decoder_hidden_size, decoder_num_attention_heads=model_args.decoder_num_attention_heads)
 
 
 def test_multinode_launch_config_is_one_accelerate_reads():

@@ -131,13 +131,18 @@ def test_all_unlabelled_batch_gives_zero_loss():
     assert loss.item() == 0 and torch.isfinite(logits.grad).all()
 
 
-def test_dice_ce_needs_dense_labels():
+@pytest.mark.parametrize("shape", [(1, 8, 8), (1, 4, 8, 8)])
+def test_dice_ce_with_sparse_labels_ignores_unlabelled_pixels(shape):
     model = tiny_segmenter(loss="dice_ce")
-    logits, labels = torch.randn(1, 3, 8, 8), torch.randint(0, 3, (1, 8, 8))
-    assert torch.isfinite(model.compute_loss(logits, labels))
-    labels[0, 0, 0] = 255
-    with pytest.raises(DataError, match="loss: ce"):
-        model.compute_loss(logits, labels)
+    logits, labels = torch.randn(1, 3, *shape[1:]), torch.randint(0, 3, shape)
+    dense = model.compute_loss(logits, labels)
+    assert torch.isfinite(dense)
+    labels.view(-1)[::3] = 255
+    sparse = model.compute_loss(logits, labels)
+    other = logits.clone()
+    other[:, :, labels[0] == 255] = torch.randn_like(other[:, :, labels[0] == 255]) * 10
+    assert torch.isfinite(sparse) and not torch.isclose(sparse, dense)
+    assert torch.isclose(model.compute_loss(other, labels), sparse)  # what unlabelled pixels predict is free
 
 
 def test_input_mistakes_raise_data_errors():

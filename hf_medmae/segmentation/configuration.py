@@ -21,17 +21,29 @@ DECODERS = ("unetr",)
 UNET_MULTIPLE = 16
 
 
-def encoder_fields(config: PreTrainedConfig | dict) -> dict:
-    """The ViT encoder fields of any ViT-like config (`ViTConfig`, `ViTMAEConfig`, `MedMAEConfig`, dict).
+def encoder_fields(config: PreTrainedConfig | dict, spatial_dims: int = 2) -> dict:
+    """The encoder fields of any ViT-like config (`ViTConfig`, `ViTMAEConfig`, `MedMAEConfig`, dict), or with
+    `spatial_dims=3` of a 3D MAE config (`MedMAE3DConfig`: VideoMAE's fields, incl. `num_frames`, `tubelet_size`).
 
     Args:
         config: a config object or a dict; only the encoder's architecture (and normalisation) is kept.
+        spatial_dims: 2 for a ViT encoder, 3 for the 3D MAE's.
 
     Example:
         >>> encoder_fields({"hidden_size": 32, "num_attention_heads": 2, "mask_ratio": 0.75})["hidden_size"]
         32
     """
-    return vit_config_dict(vit_config_from(config))
+    if spatial_dims == 2:
+        return vit_config_dict(vit_config_from(config))
+    from ..modeling_mae3d import ENCODER_FIELDS, MedMAE3DConfig
+
+    values = config if isinstance(config, dict) else config.to_dict()
+    if isinstance(values.get("vit_config"), dict):
+        values = values["vit_config"]
+    defaults = MedMAE3DConfig(**{k: values[k] for k in ENCODER_FIELDS if values.get(k) is not None})
+    encoder = {k: getattr(defaults, k) for k in ENCODER_FIELDS}
+    encoder.update({k: list(values[k]) for k in ("image_mean", "image_std") if values.get(k) is not None})
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in encoder.items()}
 
 
 def default_skip_layers(num_hidden_layers: int, num_stages: int) -> list[int]:
@@ -59,7 +71,7 @@ class SegmentationLossConfig(PreTrainedConfig):
     Args:
         ignore_index (`int`, defaults to 255): label value of unlabelled pixels (sparse labels, seed 001).
         loss (`str`, defaults to `"ce"`): `"ce"` cross-entropy that skips `ignore_index` (sparse labels),
-            or `"dice_ce"` MONAI `DiceCELoss` (dense labels only).
+            or `"dice_ce"` MONAI `DiceCELoss` (with sparse labels: `MaskedDiceLoss` on the labelled pixels + CE).
         class_weights (`list[float]`, *optional*): one weight per class for either loss.
     """
 
@@ -99,7 +111,8 @@ class MedSegConfig(SegmentationLossConfig):
             Seed 001 used [3, 5] at patch 8 and [4] at patch 4 with 6 layers.
         norm_name (`str`, defaults to `"instance"`): MONAI norm of the decoder blocks.
         res_block (`bool`, defaults to `True`): residual MONAI blocks.
-        spatial_dims (`int`, defaults to 2): kept as a parameter for a future 3D encoder; only 2 now.
+        spatial_dims (`int`, defaults to 2): 2 for a ViT encoder; 3 for the 3D MAE's encoder
+            (`MedMAE3DModel`, cubic patches: `tubelet_size == patch_size`) and a 3D UNETR decoder.
 
     Example:
         >>> config = MedSegConfig(vit_config={"image_size": 32, "patch_size": 8, "hidden_size": 32,
@@ -119,7 +132,7 @@ class MedSegConfig(SegmentationLossConfig):
     spatial_dims: int = 2
 
     def __post_init__(self, **kwargs):
-        self.vit_config = encoder_fields(self.vit_config or {})
+        self.vit_config = encoder_fields(self.vit_config or {}, self.spatial_dims)
         if self.skip_layers is None and self._patch_is_power_of_two():
             # Written into the config so a checkpoint records exactly which blocks feed the decoder.
             self.skip_layers = default_skip_layers(self.vit_config["num_hidden_layers"], self.num_stages)
@@ -130,8 +143,19 @@ class MedSegConfig(SegmentationLossConfig):
         return ph == pw and ph >= 2 and ph & (ph - 1) == 0
 
     @property
-    def encoder_config(self) -> ViTConfig:
+    def encoder_config(self) -> PreTrainedConfig:
+        """A `ViTConfig` (2D) or an encoder-only `MedMAE3DConfig` (3D)."""
+        if self.spatial_dims == 3:
+            from ..modeling_mae3d import MedMAE3DConfig
+
+            return MedMAE3DConfig(**{k: v for k, v in self.vit_config.items() if k not in ("image_mean", "image_std")})
         return ViTConfig(**self.vit_config)
+
+    @property
+    def input_size(self) -> tuple[int, ...]:
+        """The encoder's input size: (H, W), or (D, H, W) for 3D."""
+        hw = as_pair(self.vit_config["image_size"])
+        return (self.vit_config["num_frames"], *hw) if self.spatial_dims == 3 else hw
 
     @property
     def patch_size(self) -> int:
@@ -149,10 +173,17 @@ class MedSegConfig(SegmentationLossConfig):
                 f"patch_size {vit['patch_size']} is not a square power of two >= 2.",
                 "use patch_size 2, 4, 8 or 16: each UNETR stage upsamples by 2.",
             )
-        (h, w), p = as_pair(vit["image_size"]), self.patch_size
-        if h % p or w % p:
-            raise ConfigError(f"image_size {h}x{w} is not divisible by patch_size {p}.",
-                              f"choose an image_size that is a multiple of {p}.")
+        if self.spatial_dims not in (2, 3):
+            raise ConfigError(f"spatial_dims={self.spatial_dims} is not supported.", "use 2 for images or 3 for volumes.")
+        p = self.patch_size
+        if self.spatial_dims == 3 and vit["tubelet_size"] != p:
+            raise ConfigError(f"the 3D encoder's patches are {vit['tubelet_size']}x{p}x{p} voxels; UNETR upsamples every "
+                              "axis by 2 per stage, so it needs cubic patches.",
+                              f"pre-train with tubelet_size: {p} (= patch_size), or resample the volumes to near-isotropic voxels.")  # fmt: skip
+        if any(s % p for s in self.input_size):
+            shown = "x".join(map(str, self.input_size))
+            raise ConfigError(f"input size {shown} is not divisible by patch_size {p}.",
+                              f"choose an image_size (and depth) that is a multiple of {p}.")
         depth = vit["num_hidden_layers"]
         if len(self.skip_layers) != self.num_stages - 1 or not all(1 <= i <= depth for i in self.skip_layers):
             raise ConfigError(
@@ -163,9 +194,6 @@ class MedSegConfig(SegmentationLossConfig):
         if self.decoder not in DECODERS or self.feature_size < 1:
             raise ConfigError(f"decoder={self.decoder!r}, feature_size={self.feature_size} is not supported.",
                               "use decoder: unetr with a positive feature_size such as 32.")
-        if self.spatial_dims != 2:  # the seam for 3D: a 3D patch encoder and UnetrDecoder(spatial_dims=3)
-            raise ConfigError(f"spatial_dims={self.spatial_dims}: the ViT encoder is 2D.",
-                              "use spatial_dims: 2 (3D needs a 3D patch encoder, not available yet).")
 
 @strict
 class MedUNetConfig(SegmentationLossConfig):
@@ -173,7 +201,7 @@ class MedUNetConfig(SegmentationLossConfig):
 
     Args:
         in_channels (`int`, defaults to 1): image channels.
-        spatial_dims (`int`, defaults to 2).
+        spatial_dims (`int`, defaults to 2): 3 for the 3D U-Net baseline.
         features (`list[int]`, defaults to MONAI's (32, 32, 64, 128, 256, 32)): six channel counts.
     """
 

@@ -1,9 +1,9 @@
-"""Segmentation loss: cross-entropy that skips unlabelled pixels (sparse labels), or MONAI's DiceCE."""
+"""Segmentation loss: cross-entropy that skips unlabelled pixels (sparse labels), or MONAI's DiceCE (masked Dice when sparse)."""
 
 from __future__ import annotations
 
 import torch
-from monai.losses import DiceCELoss
+from monai.losses import DiceCELoss, MaskedDiceLoss
 from torch import nn
 
 from ..errors import DataError
@@ -11,15 +11,15 @@ from .configuration import MedSegConfig, SegmentationLossConfig
 
 
 def check_labels(labels: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
-    """[B, H, W] or [B, 1, H, W] integer masks matching the images -> [B, H, W] long, or `DataError`."""
-    if labels.dim() == 4 and labels.shape[1] == 1:
+    """[B, (D,) H, W] or [B, 1, (D,) H, W] integer masks matching the inputs -> [B, (D,) H, W] long, or `DataError`."""
+    if labels.dim() == pixel_values.dim() and labels.shape[1] == 1:
         labels = labels[:, 0]
     if labels.is_floating_point():
         raise DataError(f"labels have dtype {labels.dtype}; class indices must be integers.",
                         "convert the masks with .long() after mapping them to class indices.")
     expected = (pixel_values.shape[0], *pixel_values.shape[2:])
     if tuple(labels.shape) != expected:
-        raise DataError(f"labels have shape {tuple(labels.shape)} but the images need {expected} ([B, H, W]).",
+        raise DataError(f"labels have shape {tuple(labels.shape)} but the inputs need {expected} ([B, (D,) H, W]).",
                         "resize/crop masks with the same transform as their images (nearest interpolation).")
     return labels.long()
 
@@ -48,14 +48,16 @@ def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, config: Segmen
     weight = None
     if config.class_weights is not None:
         weight = torch.tensor(config.class_weights, dtype=logits.dtype, device=logits.device)
-    if config.loss == "dice_ce":
-        if not bool(labelled.all()):
-            raise DataError(f"loss dice_ce needs dense labels but {int((~labelled).sum())} pixels are "
-                            f"ignore_index={config.ignore_index}.", "use loss: ce for sparse labels.")
-        return DiceCELoss(to_onehot_y=True, softmax=True, weight=weight)(logits, labels[:, None])
     if not bool(labelled.any()):
         # Mean CE over zero pixels is 0/0 = NaN; a batch without labels must contribute nothing instead.
         return logits.sum() * 0.0
+    if config.loss == "dice_ce":
+        if bool(labelled.all()):
+            return DiceCELoss(to_onehot_y=True, softmax=True, weight=weight)(logits, labels[:, None])
+        # Sparse labels: Dice over the labelled voxels only (MONAI's MaskedDiceLoss), CE skipping the rest.
+        dense = torch.where(labelled, labels, torch.zeros_like(labels))[:, None]
+        dice = MaskedDiceLoss(to_onehot_y=True, softmax=True)(logits, dense, mask=labelled[:, None])
+        return dice + nn.functional.cross_entropy(logits, labels, weight=weight, ignore_index=config.ignore_index)
     return nn.functional.cross_entropy(logits, labels, weight=weight, ignore_index=config.ignore_index)
 
 

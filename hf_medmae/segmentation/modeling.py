@@ -14,6 +14,7 @@ from transformers.modeling_outputs import SemanticSegmenterOutput
 
 from ..errors import CheckpointError
 from ..loading import CurrentKeyNamesMixin
+from ..modeling_mae3d import MedMAE3DModel
 from ..validation import check_pixels
 from .configuration import UNET_MULTIPLE, MedSegConfig, MedUNetConfig, encoder_fields
 from .decoder import UnetrDecoder
@@ -44,14 +45,16 @@ class _SegmenterBase(CurrentKeyNamesMixin, PreTrainedModel):
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> SemanticSegmenterOutput:
         r"""
         Args:
-            pixel_values: [B, C, H, W] images, H and W multiples of `input_multiple` (the patch size, or the
-                U-Net's stride; a ViT interpolates its position embeddings for sizes other than the config's).
-            labels: [B, H, W] class indices, `config.ignore_index` for unlabelled pixels.
+            pixel_values: [B, C, H, W] images or [B, C, D, H, W] volumes (`spatial_dims: 3`), sides multiples
+                of `input_multiple` (the patch size, or the U-Net's stride; a 2D ViT interpolates its position
+                embeddings for sizes other than the config's, the 3D encoder takes its configured size).
+            labels: [B, (D,) H, W] class indices, `config.ignore_index` for unlabelled pixels.
 
         Returns:
-            `SemanticSegmenterOutput` with `logits` [B, num_labels, H, W] and `loss` when labels are given.
+            `SemanticSegmenterOutput` with `logits` [B, num_labels, (D,) H, W] and `loss` when labels are given.
         """
-        check_pixels(pixel_values, self.input_channels, self._source(), multiple=self.input_multiple)
+        check_pixels(pixel_values, self.input_channels, self._source(), multiple=self.input_multiple,
+                     spatial_dims=self.config.spatial_dims)
         if labels is not None:
             labels = check_labels(labels, pixel_values)
         logits = self.segment(pixel_values)
@@ -77,22 +80,28 @@ class MedSegForSegmentation(_SegmenterBase):
     def __init__(self, config: MedSegConfig):
         super().__init__(config)
         encoder = config.encoder_config
-        self.vit = ViTModel(encoder, add_pooling_layer=False)
+        self.vit = MedMAE3DModel(encoder) if config.spatial_dims == 3 else ViTModel(encoder, add_pooling_layer=False)
         self.decoder = UnetrDecoder(config.spatial_dims, encoder.num_channels, encoder.hidden_size,
                                     config.num_stages, config.feature_size, config.num_labels,
                                     config.norm_name, config.res_block)
         self.post_init()
 
     def encoder_features(self, pixel_values: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Skip features (shallow to deep) and the final encoder output, each [B, D, H/p, W/p]."""
+        """Skip features (shallow to deep) and the final encoder output, each [B, D, *grid] (grid = size / patch)."""
         size = tuple(pixel_values.shape[2:])
-        out = self.vit(pixel_values, output_hidden_states=True,
-                       interpolate_pos_encoding=size != tuple(self.vit.embeddings.image_size))
         grid = tuple(s // self.config.patch_size for s in size)
+        if self.config.spatial_dims == 3:
+            self.vit.check_size(size)
+            out = self.vit(pixel_values, output_hidden_states=True)
+            first = 0  # VideoMAE has no CLS token
+        else:
+            out = self.vit(pixel_values, output_hidden_states=True,
+                           interpolate_pos_encoding=size != tuple(self.vit.embeddings.image_size))
+            first = 1
 
         def to_map(tokens: torch.Tensor) -> torch.Tensor:
-            # [B, 1+L, D] -> drop CLS -> [B, D, L] -> [B, D, gh, gw]
-            return tokens[:, 1:].transpose(1, 2).reshape(tokens.shape[0], -1, *grid)
+            # [B, (1+)L, D] -> patch tokens [B, D, L] -> [B, D, *grid]
+            return tokens[:, first:].transpose(1, 2).reshape(tokens.shape[0], -1, *grid)
 
         # hidden_states[0] is the embedding output, so block i (1-based) is hidden_states[i].
         skips = [to_map(out.hidden_states[i]) for i in self.config.skip_layers]
@@ -107,7 +116,7 @@ class MedSegForSegmentation(_SegmenterBase):
         return self.config.patch_size
 
     def segment(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[B, C, H, W] -> [B, num_labels, H, W] logits: encoder features, then the UNETR decoder."""
+        """[B, C, (D,) H, W] -> [B, num_labels, (D,) H, W] logits: encoder features, then the UNETR decoder."""
         skips, deepest = self.encoder_features(pixel_values)
         return self.decoder(pixel_values, skips, deepest)
 
@@ -116,8 +125,8 @@ class MedSegForSegmentation(_SegmenterBase):
         """Segmenter whose encoder weights are copied from `vit` (a `ViTModel`, or an MAE's `.vit`).
 
         Args:
-            vit: encoder with `ViTModel` weight names; a `pooler.*` is dropped (unused here), every other
-                key must match exactly.
+            vit: encoder with `ViTModel` weight names (a `pooler.*` is dropped, unused here), or a 3D
+                `MedMAE3DModel` (e.g. `MedMAE3DForPreTraining.videomae`); every other key must match exactly.
             num_labels: number of classes.
             **cfg_kwargs: other `MedSegConfig` fields (`feature_size`, `skip_layers`, `loss`, ...).
 
@@ -127,14 +136,16 @@ class MedSegForSegmentation(_SegmenterBase):
             >>> MedSegForSegmentation.from_encoder(encoder, num_labels=3).config.skip_layers
             [1, 1]
         """
-        config = MedSegConfig(vit_config=encoder_fields(vit.config), num_labels=num_labels, **cfg_kwargs)
+        dims = 3 if isinstance(vit, MedMAE3DModel) else 2
+        config = MedSegConfig(vit_config=encoder_fields(vit.config, dims), num_labels=num_labels, spatial_dims=dims, **cfg_kwargs)
         model = cls(config)
         state = {k: v for k, v in vit.state_dict().items() if not k.startswith("pooler.")}
         missing, unexpected = model.vit.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise CheckpointError(
                 f"the encoder's weights do not match a ViTModel: missing {missing}, unexpected {unexpected}.",
-                "pass a transformers ViTModel/ViTMAEModel (e.g. MedMAEForPreTraining.vit) without a mask token.",
+                "pass a transformers ViTModel/ViTMAEModel (e.g. MedMAEForPreTraining.vit) without a mask token, "
+                "or a MedMAE3DModel (MedMAE3DForPreTraining.videomae).",
             )
         return model
 
@@ -164,7 +175,7 @@ class MedUNetForSegmentation(_SegmenterBase):
         return self.config.in_channels
 
     def segment(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[B, C, H, W] -> [B, num_labels, H, W] logits of MONAI's BasicUNet."""
+        """[B, C, (D,) H, W] -> [B, num_labels, (D,) H, W] logits of MONAI's BasicUNet."""
         return self.unet(pixel_values)
 
 
@@ -175,7 +186,7 @@ def build_unet_baseline(in_channels: int, num_labels: int, spatial_dims: int = 2
     Args:
         in_channels: image channels.
         num_labels: number of classes.
-        spatial_dims: 2 for images.
+        spatial_dims: 2 for images, 3 for volumes (the 3D U-Net baseline).
         features: BasicUNet's six channel counts.
         **cfg_kwargs: `ignore_index`, `loss`, `class_weights`, `id2label`.
 

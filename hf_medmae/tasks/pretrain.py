@@ -16,6 +16,7 @@ import torch
 from transformers import ViTImageProcessorPil
 
 from ..arguments import MedTrainingArguments
+from ..cli import spatial_dims
 from ..configuration import MedMAEConfig
 from ..data.pretraining import PretrainingDataset, load_source, streaming_dataset
 from ..data.io import item_to_chw, progress
@@ -283,12 +284,20 @@ def save_reconstructions(model: MedMAEForPreTraining, dataset, output_dir: str, 
 
 
 TASK = Pretrain()
-main = TASK.main
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run from a command line (`argv`, default sys.argv): the 3D task when `spatial_dims: 3`, else this one."""
+    from .volumes import PRETRAIN_3D
+
+    return (PRETRAIN_3D if spatial_dims(argv) == 3 else TASK).main(argv)
 
 
 def cli() -> None:
     """Console entry point `medmae-pretrain` (and `python run_*.py`): metrics as JSON, or the problem and its fix."""
-    console(TASK)
+    from .volumes import PRETRAIN_3D
+
+    console(PRETRAIN_3D if spatial_dims() == 3 else TASK)
 
 
 __all__ = ["DataArguments", "ModelArguments", "Pretrain", "cli", "load_images", "mae_config", "main", "save_reconstructions"]

@@ -24,6 +24,7 @@ from PIL import Image
 from transformers import ViTImageProcessorPil, set_seed
 
 from ..arguments import MedTrainingArguments
+from ..cli import spatial_dims
 from ..data.segmentation import (
     SegmentationDataset, SegmentationPairs, covering_tiles, labelled_fraction, load_pairs, map_mask, parse_class_map, sparsify,
 )
@@ -274,12 +275,20 @@ def score_label_maps(source: str, mask_dir: str, out_dir: str, data_args: DataAr
 
 
 TASK = Segment()
-main = TASK.main
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run from a command line (`argv`, default sys.argv): the 3D task when `spatial_dims: 3`, else this one."""
+    from .volumes import SEGMENT_3D
+
+    return (SEGMENT_3D if spatial_dims(argv) == 3 else TASK).main(argv)
 
 
 def cli() -> None:
     """Console entry point `medmae-segment` (and `python run_*.py`): metrics as JSON, or the problem and its fix."""
-    console(TASK)
+    from .volumes import SEGMENT_3D
+
+    console(SEGMENT_3D if spatial_dims() == 3 else TASK)
 
 
 __all__ = ["DataArguments", "ModelArguments", "Segment", "cli", "load_labelled", "main", "predict_only", "split_pairs"]
