@@ -341,7 +341,7 @@ def save_reconstruction_grid(original: np.ndarray, masked_pixels: np.ndarray, re
     return _save(fig, path)
 
 
-VIEWS = ("axial (H x W)", "coronal (D x W)", "sagittal (D x H)")
+VIEWS = ("axial", "coronal", "sagittal")  # H x W, D x W, D x H
 
 
 def _views(volume: np.ndarray, centre: tuple[int, int, int]) -> list[np.ndarray]:
@@ -376,7 +376,7 @@ def plot_volume_overlays(volumes: Sequence[np.ndarray], truth: Sequence[np.ndarr
         raise DataError("volumes, truth and pred do not fit together.", "pass [C, D, H, W] volumes with [D, H, W] truth and pred each.")
     k = len(class_names)
     cmap = ListedColormap(plt.get_cmap("tab20" if k > 10 else "tab10").colors[:k])
-    fig, axes = plt.subplots(2 * len(volumes), 3, figsize=(9, 2.8 * 2 * len(volumes)), squeeze=False)
+    fig, axes = plt.subplots(2 * len(volumes), 3, figsize=(10, 2.8 * 2 * len(volumes)), squeeze=False)
     for i, (volume, t, p) in enumerate(zip(volumes, truth, pred)):
         centre = _foreground_centre(t, ignore_index)
         image = np.asarray(volume[0], dtype=float)
@@ -384,7 +384,8 @@ def plot_volume_overlays(volumes: Sequence[np.ndarray], truth: Sequence[np.ndarr
         for r, (mask, what) in enumerate(((t, "truth"), (p, "prediction"))):
             for c, (img, m, view) in enumerate(zip(_views(image, centre), _views(mask, centre), VIEWS)):
                 ax = axes[2 * i + r, c]
-                _show(ax, np.clip((img - lo) / max(hi - lo, 1e-8), 0, 1), f"{names[i] + ': ' if names else ''}{what}, {view}")
+                prefix = f"{names[i]}: " if names and c == 0 else ""
+                _show(ax, np.clip((img - lo) / max(hi - lo, 1e-8), 0, 1), f"{prefix}{what}, {view}")
                 ax.imshow(_overlay(m, k, ignore_index), cmap=cmap, vmin=-0.5, vmax=k - 0.5, alpha=0.45, interpolation="nearest")
     handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(c)) for c in range(k)]
     fig.legend(handles, class_names, loc="lower center", ncol=min(k, 6), fontsize=8)
@@ -420,7 +421,7 @@ def save_volume_reconstruction(original: np.ndarray, codes: np.ndarray, reconstr
     for row, img, mask, rec, view in zip(axes, _views(original, centre), _views(hidden, centre), _views(recon, centre), VIEWS):
         masked = show(img).copy()
         masked[mask] = 0.5
-        for ax, panel, title in zip(row, (show(img), masked, show(rec)), ("original", f"masked ({mask.mean():.0%})", "reconstruction")):
+        for ax, panel, title in zip(row, (show(img), masked, show(rec)), ("original", f"masked ({mask.mean():.0%} here)", "reconstruction")):
             _show(ax, panel, f"{title}, {view}")
         row[2].contour(mask.astype(float), levels=[0.5], colors="#ffd400", linewidths=0.7)
     return _save(fig, path)

