@@ -162,6 +162,8 @@ class MedMAE3DModel(CurrentKeyNamesMixin, VideoMAEModel):
 
     def forward(self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None, **kwargs):
         """pixel_values [B, C, D, H, W]; bool_masked_pos [B, L] True where a patch is not encoded."""
+        check_pixels(pixel_values, self.config.num_channels, "the 3D encoder", spatial_dims=3)
+        self.check_size(tuple(pixel_values.shape[2:]))
         return super().forward(pixel_values.transpose(1, 2), bool_masked_pos=bool_masked_pos, **kwargs)
 
 
@@ -234,6 +236,8 @@ class MedMAE3DForPreTraining(MaskingMixin, CurrentKeyNamesMixin, VideoMAEForPreT
             # Validation masks come from a generator seeded by the batch, so eval losses are comparable.
             generator = None if self.training else torch.Generator().manual_seed(1234 + int(pixel_values.shape[0]))
             mask_codes = self.generate_codes(pixel_values, sample_ids, generator)
+        else:
+            self._check_codes(mask_codes, pixel_values.shape[0])
         hidden = self.videomae(pixel_values, bool_masked_pos=mask_codes != VISIBLE, **kwargs).last_hidden_state
         hidden = self.encoder_to_decoder(hidden)  # [B, L_visible, Dd]
         batch, _, width = hidden.shape
@@ -247,6 +251,17 @@ class MedMAE3DForPreTraining(MaskingMixin, CurrentKeyNamesMixin, VideoMAEForPreT
         target = self.targets(pixel_values)[masked].reshape(batch, masked_pos.shape[1], -1)
         loss = torch.nn.functional.mse_loss(logits.float(), target.float())
         return MedMAE3DOutput(loss=loss, logits=logits, mask=mask_codes)
+
+    def _check_codes(self, codes: torch.Tensor, batch: int) -> None:
+        """Explicit codes must be [B, L] with the same number of visible and of masked patches in every row:
+        the encoder and decoder gather them into [B, n, D] tensors, so unequal rows would mix volumes."""
+        if tuple(codes.shape) != (batch, self.config.num_patches):
+            raise DataError(f"mask_codes has shape {tuple(codes.shape)}; the model needs [{batch}, {self.config.num_patches}].",
+                            "give one code per patch of the (D/t, H/p, W/p) grid, depth-major, for every volume.")
+        counts = torch.stack([(codes == VISIBLE).sum(1), (codes == MASKED).sum(1)])
+        if bool((counts != counts[:, :1]).any()):
+            raise DataError("mask_codes rows have different numbers of visible or masked patches.",
+                            "give every volume of a batch the same counts (as every mask generator does).")
 
     def targets(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """What the decoder predicts per patch: [B, L, t*p*p*C], normalised per patch if `norm_pix_loss`."""

@@ -203,7 +203,7 @@ class Pretrain3D(Task):
         metrics = trainer.evaluate() if setup.eval_dataset is not None else {}
         shown = setup.eval_dataset or setup.train_dataset
         if setup.eval_dataset is not None:
-            metrics["eval_loss_mean_predictor"] = mean_predictor_loss_3d(setup.model, shown)
+            metrics["eval_loss_mean_predictor"] = mean_predictor_loss_3d(setup.model, shown, trainer.args.per_device_eval_batch_size)
         metrics.update(num_train_crops=len(setup.train_dataset), train_volumes=setup.state["train_volumes"],
                        intensity=data_args.intensity, roi_size=list(data_args.roi_size))  # fmt: skip
         if is_main:
@@ -228,7 +228,8 @@ def _processor(channels: int) -> ViTImageProcessorPil:
 @torch.no_grad()
 def mean_predictor_loss_3d(model: MedMAE3DForPreTraining, dataset, batch_size: int = 4) -> float:
     """Validation loss of predicting one constant, the mean hidden target, for every hidden voxel (0 with
-    `norm_pix_loss`, the data's mean otherwise), under the same masks: the floor a 3D MAE must beat."""
+    `norm_pix_loss`, the data's mean otherwise), under the eval loss's masks (same batches, so the same
+    batch-seeded masks): the floor a 3D MAE must beat."""
     model.eval()
     total = squares = count = 0.0
     for start in range(0, len(dataset), batch_size):
