@@ -11,6 +11,7 @@ import tifffile
 import torch
 
 from hf_medmae.data.volumes import (
+    LazyVolumes,
     VolumeAugment, VolumeDataset, VolumeSet, load_volumes, normalise_intensity, orthogonal_slices, read_volume, sliding_crops,
 )
 from hf_medmae.errors import ConfigError, DataError
@@ -307,3 +308,51 @@ def test_embedded_volumes_through_the_dataset(nuclei):
     ds = VolumeDataset(normalised.subset([0]), (16, 32, 32), VolumeAugment((16, 32, 32), pos_fraction=1.0), samples_per_volume=2)
     item = ds[1]
     assert item["pixel_values"].shape == (1, 16, 32, 32) and item["labels"].sum() > 0
+
+
+def _folder_pool(tmp_path, n=3, shape=(12, 16, 16)):
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        volume = rng.normal(100 + 10 * i, 5, shape).astype(np.float32)
+        save_nifti(tmp_path / f"v{i}.nii.gz", volume)
+        save_nifti(tmp_path / f"v{i}_label.nii.gz", (volume > 100 + 10 * i).astype(np.float32))
+    return tmp_path
+
+
+def test_lazy_pool_reads_files_only_when_used_and_keeps_a_few(tmp_path):
+    pool = load_volumes(str(_folder_pool(tmp_path)), lazy=True)
+    assert pool.lazy and isinstance(pool.volumes, LazyVolumes) and pool.volumes._cache == {}  # nothing read yet
+    assert pool.channels == 1
+    for i in (1, 2, 0):
+        pool.volumes[i]
+    assert list(pool.volumes._cache) == [2, 0]  # keep=2: the least recently used was dropped
+    normalised = pool.volumes.map(lambda v: v - v.mean())
+    assert abs(float(normalised[1].mean())) < 1e-3 and abs(float(pool.volumes[1].mean()) - 110) < 1  # map adds, never mutates
+
+
+def test_lazy_and_in_memory_pools_give_identical_items(tmp_path):
+    folder = str(_folder_pool(tmp_path))
+    kinds = [load_volumes(folder, lazy=lazy) for lazy in (False, True)]
+    for augment in (VolumeAugment((8, 16, 16)), None):
+        eager, lazy = (VolumeDataset(k, (8, 16, 16), augment, samples_per_volume=2, seed=3) for k in kinds)
+        assert len(eager) == len(lazy)
+        for i in range(len(eager)):
+            a, b = eager[i], lazy[i]
+            assert torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(a["labels"], b["labels"])
+
+
+def test_lazy_pool_checks_label_shape_when_read(tmp_path):
+    folder = _folder_pool(tmp_path, n=2)
+    save_nifti(folder / "v1_label.nii.gz", np.zeros((12, 16, 15), np.float32))
+    pool = load_volumes(str(folder), lazy=True)  # no read yet, so no error yet
+    dataset = VolumeDataset(pool, (8, 16, 16), VolumeAugment((8, 16, 16)))
+    dataset[0]
+    with pytest.raises(DataError, match=r"v1.nii.gz: the volume is \[D, H, W\] \(12, 16, 16\) but its label is \(12, 16, 15\)"):
+        dataset[1]
+
+
+def test_lazy_npy_stack_is_memory_mapped(tmp_path):
+    stack = np.random.default_rng(1).normal(size=(3, 1, 8, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "pool.npy", stack)
+    pool = load_volumes(str(tmp_path / "pool.npy"), lazy=True)
+    assert isinstance(pool.volumes[0], np.memmap) and np.array_equal(np.asarray(pool.volumes[2]), stack[2])

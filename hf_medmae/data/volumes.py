@@ -10,7 +10,10 @@ Every random draw of `VolumeAugment` comes from the torch.Generator of its item,
 from __future__ import annotations
 
 import zlib
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from itertools import product
 from pathlib import Path
 
@@ -133,12 +136,66 @@ def read_volume(path: str | Path, tiff_pages: str = "depth") -> np.ndarray:
     return array
 
 
+class LazyVolumes(Sequence):
+    """Volumes read when used (and transformed then), the most recent few kept: pools larger than memory.
+
+    Args:
+        paths: one file per volume.
+        read: `read_volume` or `read_label` (with its options bound).
+        transforms: applied in order after reading (e.g. intensity normalisation).
+        keep: volumes kept decoded; a training item draws a crop from one volume, so a few suffice.
+
+    Example:
+        >>> lazy = LazyVolumes(["a.nii.gz", "b.nii.gz"], read_volume)  # doctest: +SKIP
+        >>> lazy[1].shape  # read now, not before  # doctest: +SKIP
+        (1, 60, 128, 128)
+    """
+
+    def __init__(self, paths, read, transforms: tuple = (), keep: int = 2):
+        self.paths, self.read, self.transforms, self.keep = [Path(p) for p in paths], read, tuple(transforms), keep
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return LazyVolumes(self.paths[index], self.read, self.transforms, self.keep)
+        if index in self._cache:
+            self._cache.move_to_end(index)
+            return self._cache[index]
+        volume = self.read(self.paths[index])
+        for transform in self.transforms:
+            volume = transform(volume)
+        self._cache[index] = volume
+        while len(self._cache) > self.keep:
+            self._cache.popitem(last=False)
+        return volume
+
+    def map(self, transform) -> "LazyVolumes":
+        """The same files with one more transform applied on reading."""
+        return LazyVolumes(self.paths, self.read, (*self.transforms, transform), self.keep)
+
+    def subset(self, indices) -> "LazyVolumes":
+        return LazyVolumes([self.paths[i] for i in indices], self.read, self.transforms, self.keep)
+
+    def __getstate__(self):  # dataloader workers get the paths, not the cache
+        return {**self.__dict__, "_cache": OrderedDict()}
+
+
+def _pick(items, indices: list[int]):
+    return items.subset(indices) if isinstance(items, LazyVolumes) else [items[i] for i in indices]
+
+
 @dataclass
 class VolumeSet:
-    """Volumes [C, D, H, W] float32, optional labels [D, H, W] int64 (class ids) and their names."""
+    """Volumes [C, D, H, W] float32, optional labels [D, H, W] int64 (class ids) and their names.
 
-    volumes: list[np.ndarray]
-    labels: list[np.ndarray] | None
+    `volumes` and `labels` are lists, or `LazyVolumes` read when used (`load_volumes(..., lazy=True)`).
+    """
+
+    volumes: list[np.ndarray] | LazyVolumes
+    labels: list[np.ndarray] | LazyVolumes | None
     names: list[str]
 
     def __len__(self) -> int:
@@ -146,12 +203,17 @@ class VolumeSet:
 
     def subset(self, indices) -> "VolumeSet":
         indices = list(indices)
-        labels = None if self.labels is None else [self.labels[i] for i in indices]
-        return VolumeSet([self.volumes[i] for i in indices], labels, [self.names[i] for i in indices])
+        labels = None if self.labels is None else _pick(self.labels, indices)
+        return VolumeSet(_pick(self.volumes, indices), labels, [self.names[i] for i in indices])
+
+    @property
+    def lazy(self) -> bool:
+        return isinstance(self.volumes, LazyVolumes)
 
     @property
     def channels(self) -> int:
-        counts = sorted({v.shape[0] for v in self.volumes})
+        """The channel count; a lazy set reads its first volume (the others are checked as they are read)."""
+        counts = sorted({v.shape[0] for v in (self.volumes[:1] if self.lazy else self.volumes)})
         if len(counts) != 1:
             raise DataError(f"the volumes have {counts or 'no'} channel counts; one model input needs one.",
                             "give every volume the same channels (modalities) in the same order.")
@@ -190,6 +252,16 @@ def _folder_volumes(folder: Path, label_dir: Path | None, pattern: str, max_volu
     return [(p, label_of[p]) for p in images]
 
 
+def _files_set(found: list[tuple[Path, Path | None]], tiff_pages: str, lazy: bool) -> VolumeSet:
+    """(volume file, label file or None) pairs -> a VolumeSet, read now or when used."""
+    names = [p.name for p, _ in found]
+    read, read_labels = partial(read_volume, tiff_pages=tiff_pages), partial(read_label, tiff_pages=tiff_pages)
+    has_labels = bool(found) and found[0][1] is not None
+    if lazy:
+        return VolumeSet(LazyVolumes([p for p, _ in found], read), LazyVolumes([q for _, q in found], read_labels) if has_labels else None, names)
+    return VolumeSet([read(p) for p, _ in found], [read_labels(q) for _, q in found] if has_labels else None, names)
+
+
 def _npy_ndim(path: Path) -> int | None:
     """Dimensions of an `.npy` from its header alone; None when unreadable (read_volume then says why)."""
     try:
@@ -198,24 +270,28 @@ def _npy_ndim(path: Path) -> int | None:
         return None
 
 
-def _npy_stack(path: Path) -> VolumeSet:
-    """A [N, C, D, H, W] (or [N, D, H, W] labels) `.npy` stack and its optional `<name>_labels.npy`."""
+def _npy_stack(path: Path, lazy: bool = False) -> VolumeSet:
+    """A [N, C, D, H, W] (or [N, D, H, W] labels) `.npy` stack and its optional `<name>_labels.npy`; lazy: memory-mapped."""
+    mode = "r" if lazy else None
     try:
-        images = np.load(path, allow_pickle=False).astype(np.float32)
+        images = np.load(path, allow_pickle=False, mmap_mode=mode)
+        images = images if lazy else images.astype(np.float32)  # mapped items become float32 when used
         label_file = path.with_name(f"{path.stem}_labels.npy")
-        labels = np.load(label_file, allow_pickle=False) if label_file.is_file() else None
+        labels = np.load(label_file, allow_pickle=False, mmap_mode=mode) if label_file.is_file() else None
     except (OSError, ValueError, EOFError) as err:
         raise DataError(f"cannot read {path} ({err}).", "save arrays with numpy.save (no pickled objects).") from None
-    if labels is not None and (labels.ndim != 4 or len(labels) != len(images) or not np.array_equal(labels, np.round(labels))):
+    if labels is not None and (labels.ndim != 4 or len(labels) != len(images) or (not lazy and not np.array_equal(labels, np.round(labels)))):
         raise DataError(f"{label_file}: labels {labels.shape} do not pair with volumes {images.shape}.",
                         "save integer labels as [N, D, H, W] with the N of the volumes [N, C, D, H, W].")
-    check_finite(images, str(path))
     names = [f"{path.name}[{i}]" for i in range(len(images))]
+    if lazy:
+        return VolumeSet(list(images), None if labels is None else list(labels), names)
+    check_finite(images, str(path))
     return VolumeSet(list(images), None if labels is None else list(labels.astype(np.int64)), names)
 
 
 def load_volumes(source: str, label_dir: str | None = None, label_pattern: str = "{stem}_label{suffix}",
-                 tiff_pages: str = "depth", max_volumes: int | None = None) -> VolumeSet:
+                 tiff_pages: str = "depth", max_volumes: int | None = None, lazy: bool = False) -> VolumeSet:
     """Volumes and optional labels from a folder, one file, a `.npy` stack, or `embedded:nuclei3d|mni152`.
 
     Args:
@@ -227,6 +303,8 @@ def load_volumes(source: str, label_dir: str | None = None, label_pattern: str =
             `{suffix}` that extension, `{name}` the full name. Files that are labels are never volumes.
         tiff_pages: see `read_volume` ("depth" for 3D).
         max_volumes: read at most this many volumes (sorted order).
+        lazy: read each file when it is used (`LazyVolumes`; a `.npy` stack is memory-mapped), so a pool
+            larger than memory trains; a label's shape is then checked when it is read.
 
     Raises:
         DataError: missing labels, unreadable files, a label shape that differs from its volume's [D, H, W].
@@ -244,23 +322,21 @@ def load_volumes(source: str, label_dir: str | None = None, label_pattern: str =
         volumes = VolumeSet(*EMBEDDED_VOLUMES[name]())
     elif path.is_dir():
         found = _folder_volumes(path, Path(label_dir) if label_dir else None, label_pattern, max_volumes)
-        labels = [read_label(q, tiff_pages) for _, q in found] if found and found[0][1] is not None else None
-        volumes = VolumeSet([read_volume(p, tiff_pages) for p, _ in found], labels, [p.name for p, _ in found])
+        volumes = _files_set(found, tiff_pages, lazy)
     elif path.is_file() and volume_suffix(path) == ".npy" and _npy_ndim(path) == 5:
-        volumes = _npy_stack(path)
+        volumes = _npy_stack(path, lazy)
     elif path.is_file():
         label = _label_path(path, Path(label_dir) if label_dir else path.parent, label_pattern)
         if label_dir and not label.is_file():
             raise DataError(f"{path.name} has no label {label}.", "fix label_dir / label_pattern, or leave label_dir unset.")
-        labels = [read_label(label, tiff_pages)] if label.is_file() else None
-        volumes = VolumeSet([read_volume(path, tiff_pages)], labels, [path.name])
+        volumes = _files_set([(path, label if label.is_file() else None)], tiff_pages, lazy)
     else:
         raise DataError(f"volume source {source!r} is neither a folder, a volume file nor embedded:<name>.",
                         f"point train_data at a folder of {'/'.join(VOLUME_SUFFIXES)} files, one such file, or embedded:nuclei3d.")
     volumes = volumes.subset(range(min(len(volumes), max_volumes or len(volumes))))
     if not volumes.volumes:
         raise DataError(f"no volumes found in {source}.", f"check the path; volume files end in {', '.join(VOLUME_SUFFIXES)}.")
-    for i, name in enumerate(volumes.names):
+    for i, name in enumerate([] if volumes.lazy else volumes.names):  # lazy: checked as each is read
         image_shape = tuple(volumes.volumes[i].shape[1:])
         if volumes.labels is not None and tuple(volumes.labels[i].shape) != image_shape:
             raise DataError(f"{name}: the volume is [D, H, W] {image_shape} but its label is {tuple(volumes.labels[i].shape)}.",
@@ -431,31 +507,41 @@ class VolumeDataset(Dataset):
                               "build VolumeAugment with the dataset's roi_size.")
         if samples_per_volume < 1:
             raise ConfigError(f"samples_per_volume={samples_per_volume} must be at least 1.", "use e.g. 1 to 4.")
-        self.images = [torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for v in volumes.volumes]
-        self.labels = None if volumes.labels is None else [
-            torch.from_numpy(np.ascontiguousarray(m, dtype=np.int64)) for m in volumes.labels]
+        self.volumes, self.volume_labels = volumes.volumes, volumes.labels  # lists, or LazyVolumes read per item
         self.names = list(volumes.names)
         self.augment = None if augment is None else replace(augment, ignore_index=ignore_index)
         self.samples_per_volume, self.seed, self.epoch, self.ignore_index = samples_per_volume, seed, 0, ignore_index
         self.with_ids = with_ids
         self.windows = [] if augment is not None else [
-            (v, box) for v, image in enumerate(self.images) for box in sliding_crops(tuple(image.shape[1:]), self.roi_size)]
+            (v, box) for v in range(len(self.volumes)) for box in sliding_crops(tuple(self.volumes[v].shape[1:]), self.roi_size)]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def _pair(self, v: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Volume v as float32 [C, D, H, W] and its int64 [D, H, W] label (None without labels)."""
+        image = torch.from_numpy(np.ascontiguousarray(self.volumes[v], dtype=np.float32))
+        if self.volume_labels is None:
+            return image, None
+        label = torch.from_numpy(np.ascontiguousarray(self.volume_labels[v], dtype=np.int64))
+        if tuple(label.shape) != tuple(image.shape[1:]):  # lazy sets are checked here, when read
+            raise DataError(f"{self.names[v]}: the volume is [D, H, W] {tuple(image.shape[1:])} but its label is {tuple(label.shape)}.",
+                            "give every label the voxel grid of its volume (resample both to one grid before training).")
+        return image, label
+
     def __len__(self) -> int:
-        return len(self.images) * self.samples_per_volume if self.augment is not None else len(self.windows)
+        return len(self.volumes) * self.samples_per_volume if self.augment is not None else len(self.windows)
 
     def __getitem__(self, index: int) -> dict:
         if self.augment is not None:
             v = index // self.samples_per_volume
             gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
-            image, label = self.augment(self.images[v], None if self.labels is None else self.labels[v], gen)
+            image, label = self.augment(*self._pair(v), gen)
         else:
             v, box = self.windows[index]
-            label = None if self.labels is None else self.labels[v][box]
-            image, label = pad_to(self.images[v][(slice(None), *box)], label, self.roi_size, self.ignore_index)
+            image, label = self._pair(v)
+            label = None if label is None else label[box]
+            image, label = pad_to(image[(slice(None), *box)], label, self.roi_size, self.ignore_index)
             image, label = image.contiguous(), None if label is None else label.contiguous()
         item = {"pixel_values": image}
         if self.with_ids:
@@ -481,6 +567,6 @@ def orthogonal_slices(volume: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nd
 
 
 __all__ = [
-    "NORMALISE_MODES", "VOLUME_SUFFIXES", "VolumeAugment", "VolumeDataset", "VolumeSet", "load_volumes",
+    "LazyVolumes", "NORMALISE_MODES", "VOLUME_SUFFIXES", "VolumeAugment", "VolumeDataset", "VolumeSet", "load_volumes",
     "normalise_intensity", "orthogonal_slices", "pad_to", "read_label", "read_volume", "sliding_crops", "volume_suffix",
 ]

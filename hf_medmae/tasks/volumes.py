@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -51,6 +52,7 @@ class VolumeDataArguments:
     tiff_pages: Literal["depth", "channels"] = field(default="depth", metadata={"help": "multi-page TIFF pages are depth (3D runs)"})
     volumes: list[str] | None = field(default=None, metadata={"help": "use only these volumes (names), e.g. a study's training volumes"})
     max_volumes: int | None = None
+    in_memory: bool = field(default=False, metadata={"help": "read every volume first (small pools); default: read each volume when used"})
     intensity: str = field(default="percentile", metadata={"help": f"per-volume normalisation: {' | '.join(NORMALISE_MODES)}"})
     window: list[float] | None = field(default=None, metadata={"help": "ct_window: [low, high] in HU, e.g. [-175, 250] for abdomen CT"})
     percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
@@ -118,7 +120,8 @@ def prepare_volumes(data_args: VolumeDataArguments, labelled: bool) -> VolumeSet
         raise ConfigError("3D runs read multi-page TIFFs as depth.", "set tiff_pages: depth (or leave it out).")
     if len(data_args.roi_size) != 3 or min(data_args.roi_size) < 1:
         raise ConfigError(f"roi_size={data_args.roi_size} is not a (D, H, W) crop.", "give three positive sides, e.g. [32, 64, 64].")
-    data = load_volumes(data_args.train_data, data_args.label_dir, data_args.label_pattern, data_args.tiff_pages, data_args.max_volumes)
+    data = load_volumes(data_args.train_data, data_args.label_dir, data_args.label_pattern, data_args.tiff_pages, data_args.max_volumes,
+                        lazy=not data_args.in_memory)  # fmt: skip
     if data_args.volumes:
         missing = sorted(set(data_args.volumes) - set(data.names))
         if missing:
@@ -127,8 +130,9 @@ def prepare_volumes(data_args: VolumeDataArguments, labelled: bool) -> VolumeSet
     if labelled and data.labels is None:
         raise DataError(f"{data_args.train_data} has no labels.", f"put a label file beside each volume ({data_args.label_pattern}) or set label_dir.")
     window = tuple(data_args.window) if data_args.window else None
-    data.volumes = [normalise_intensity(v, data_args.intensity, window, tuple(data_args.percentiles), data_args.foreground_threshold)
-                    for v in data.volumes]  # fmt: skip
+    normalise = partial(normalise_intensity, mode=data_args.intensity, window=window, percentiles=tuple(data_args.percentiles),
+                        foreground_threshold=data_args.foreground_threshold)  # fmt: skip
+    data.volumes = data.volumes.map(normalise) if data.lazy else [normalise(v) for v in data.volumes]
     return data
 
 
@@ -324,12 +328,8 @@ def labels_to_classes(data: VolumeSet, data_args: VolumeDataArguments) -> tuple[
         class_map = {i: i for i in range(k)}
     else:
         class_map = parse_class_map(data_args.class_map, data_args.ignore_index)
-        lookup = {**class_map, data_args.ignore_index: data_args.ignore_index}
-        for i, m in enumerate(data.labels):
-            bad = sorted(set(np.unique(m).tolist()) - set(lookup))
-            if bad:
-                raise DataError(f"{data.names[i]} has label values {bad[:10]} missing from class_map.", "add them to class_map.")
-            data.labels[i] = _map_labels(m, lookup)
+        to_ids = partial(_map_labels, lookup={**class_map, data_args.ignore_index: data_args.ignore_index})
+        data.labels = data.labels.map(to_ids) if data.lazy else [to_ids(m) for m in data.labels]
     k = len(set(class_map.values()))
     names = list(data_args.class_names or [f"class_{i}" for i in range(k)])
     if len(names) != k:
@@ -338,7 +338,10 @@ def labels_to_classes(data: VolumeSet, data_args: VolumeDataArguments) -> tuple[
 
 
 def _map_labels(labels: np.ndarray, lookup: dict[int, int]) -> np.ndarray:
-    """Raw values -> class ids through a sorted lookup table (every value is known to be a key)."""
+    """Raw values -> class ids through a sorted lookup table; a value missing from `class_map` is a DataError."""
+    bad = sorted(set(np.unique(labels).tolist()) - set(lookup))
+    if bad:
+        raise DataError(f"label values {bad[:10]} are missing from class_map {lookup}.", "add them to class_map.")
     keys = np.array(sorted(lookup))
     return np.array([lookup[k] for k in keys], dtype=np.int64)[np.searchsorted(keys, labels)]
 
