@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 from pathlib import Path
@@ -15,6 +16,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .data.io import progress
 from .errors import ConfigError
 
+logger = logging.getLogger(__name__)
 CHECKPOINT_FILES = ("trainer_state.json", "model.safetensors", "optimizer.pt", "scheduler.pt")
 
 
@@ -143,8 +145,11 @@ class EpochCallback(TrainerCallback):
 class AttentionRefreshCallback(TrainerCallback):
     """Recomputes the CLS attention map of every training image every `every_epochs` epochs (MSMAE).
 
-    The maps feed the `attention` mask generator through `model.attention_bank`. Until the first
-    refresh (after `warmup_epochs`), that generator masks at random, as MSMAE's warm-up does.
+    Works for any model with `attention_map(pixel_values) -> [B, L]` and an `attention_bank` dict: the
+    MAEs, whose `attention` mask generator masks the most attended patches, and the classifier, which
+    drops the least attended tokens in training (`throw_ratio`). `dataset` yields `pixel_values` and
+    `sample_ids` without augmentation (the views the bank is keyed by). Until the first refresh (after
+    `warmup_epochs`) both draw at random, as MSMAE's warm-up does.
     """
 
     def __init__(self, dataset, every_epochs: float = 5, warmup_epochs: float = 1, batch_size: int = 64):
@@ -181,6 +186,42 @@ class ChoicesCallback(TrainerCallback):
         folder = Path(args.output_dir, f"checkpoint-{state.global_step}")
         if state.is_world_process_zero and folder.is_dir():
             (folder / CHOICES_FILE).write_text(json.dumps(self.choices))
+
+
+class NonFiniteStepGuard(TrainerCallback):
+    """Skips an optimizer step whose gradients are not finite, and counts it, instead of writing NaN into every weight.
+
+    Mixed precision can overflow a gradient (the 3D U-Net in bf16 did, once in a run). With gradient clipping
+    an infinite norm turns every gradient into NaN, the step writes NaN into all weights, and the run trains
+    nothing from then on. Here such a step leaves the weights as they were (the gradients are dropped before
+    `optimizer.step`), the schedule goes on, and `skipped_nonfinite_steps` in `all_results.json` says how often.
+    The check reads one number per step, so on a GPU it waits for the step to finish (the Trainer's own
+    gradient-norm logging does too).
+    """
+
+    def __init__(self):
+        self.skipped = 0
+        self._handle = None
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+        if inner is not None and self._handle is None:
+            self._handle = inner.register_step_pre_hook(self._check)
+
+    def _check(self, optimizer, args, kwargs) -> None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).float()).all()):
+            return
+        for group in optimizer.param_groups:  # parameters without a gradient are left alone by every torch optimizer
+            for p in group["params"]:
+                p.grad = None
+        self.skipped += 1
+        logger.warning("skipped an optimizer step with non-finite gradients (%d so far)", self.skipped)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
 
 
 class SampleIdRecorder(TrainerCallback):

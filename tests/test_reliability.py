@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from conftest import ROOT
 from PIL import Image
@@ -323,3 +324,27 @@ def test_resume_skips_half_written_checkpoints(resumed, crash_runs):
     resumed_steps = re.findall(r"global step (\d+)", log)
     assert resumed_steps and set(resumed_steps) == {"60"}, log[-4000:]
     assert_same_as_reference(folder, crash_runs["reference"], resumed_from)
+
+
+def test_a_step_with_non_finite_gradients_is_skipped_not_written_into_the_weights():
+    """bf16 can overflow a gradient; clipping then turns all of them into NaN. The guard drops that step only."""
+    from hf_medmae.training import NonFiniteStepGuard
+
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    guard = NonFiniteStepGuard()
+    guard.on_train_begin(None, None, None, optimizer=optimizer)
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.ones(1, 4)).sum().backward()
+    model.weight.grad[0, 0] = float("inf")
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # what the Trainer does: inf norm -> NaN gradients
+    optimizer.step()
+    assert guard.skipped == 1 and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    optimizer.zero_grad()
+    model(torch.ones(1, 4)).sum().backward()
+    optimizer.step()  # a finite step goes through
+    assert guard.skipped == 1 and not torch.equal(before[0], model.weight) and torch.isfinite(model.weight).all()
+    guard.on_train_end(None, None, None)
+    model.weight.grad = torch.full_like(model.weight, float("nan"))
+    optimizer.step()  # the hook is gone after training: nothing is counted any more
+    assert guard.skipped == 1

@@ -27,7 +27,7 @@ from ..errors import ConfigError, DataError, MedMAEError
 from ..hub import push_checkpoint
 from ..loading import load_checkpoint
 from ..performance import apply_fast_defaults, choose_precision
-from ..training import CHOICES_FILE, ChoicesCallback, ProcessSeedCallback, SelectionEarlyStopping, check_writable, hardware_description, resolve_resume, write_run_info
+from ..training import CHOICES_FILE, ChoicesCallback, NonFiniteStepGuard, ProcessSeedCallback, SelectionEarlyStopping, check_writable, hardware_description, resolve_resume, write_run_info
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +168,8 @@ def run(task: Task, setup: TaskSetup, model_args, data_args, args: MedTrainingAr
     sized = hasattr(setup.train_dataset, "__len__")  # a stream has no length: max_steps is its schedule
     if sized:
         args.ensure_min_steps(len(setup.train_dataset))
-    callbacks = [ProcessSeedCallback(), *setup.callbacks]
+    guard = NonFiniteStepGuard()
+    callbacks = [ProcessSeedCallback(), guard, *setup.callbacks]
     if selecting and args.early_stopping_patience:
         callbacks.append(SelectionEarlyStopping(early_stopping_patience=args.early_stopping_patience))
     apply_fast_defaults(args)
@@ -184,7 +185,8 @@ def run(task: Task, setup: TaskSetup, model_args, data_args, args: MedTrainingAr
         load_best_checkpoint(trainer)
     is_main = trainer.is_world_process_zero()
     metrics = {**train_result.metrics, **task.report(trainer, setup, model_args, data_args, is_main), **precision,
-               "hardware": hardware_description(), "global_step": trainer.state.global_step}  # fmt: skip
+               "hardware": hardware_description(), "global_step": trainer.state.global_step,
+               "skipped_nonfinite_steps": guard.skipped}  # fmt: skip
     if is_main:
         trainer.save_metrics("all", metrics)
         write_run_info(args, setup.dataset_name, len(setup.train_dataset) if sized else None, metrics)
