@@ -3,6 +3,7 @@
 The encoder is a plain `transformers.ViTModel` under the attribute `vit` (so its weights are
 saved as `vit.*`, which `load_encoder` reads back); on top sit mean pooling over patch tokens with
 a LayerNorm (`fc_norm`, as in MAE fine-tuning) or the CLS token, dropout and a linear head.
+With `throw_ratio > 0` (MSMAE) training drops the least attended patch tokens before the blocks.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from transformers import (
 from transformers import initialization as init
 from transformers.modeling_outputs import ImageClassifierOutput
 
+from .attention_maps import TokenDropper, align_to_views, bank_scores, kept_patches, last_block_cls_attention
 from .encoder import mae_encoder_state_dict, vit_config_dict, vit_config_from
 from .errors import ConfigError, DataError
 from .validation import as_pair, check_pixels
@@ -109,6 +111,18 @@ class MedClsConfig(PreTrainedConfig):
         class_weights (`list[float]`, *optional*): Per-class loss weights (one per label).
         problem_type (`str`, defaults to `"single_label_classification"`):
             Or `"multi_label_classification"` (sigmoid + BCE on [N, K] 0/1 labels).
+        throw_ratio (`float`, defaults to 0.0):
+            MSMAE's attention-driven token dropping: in `train()` mode the `round(throw_ratio * L)` least
+            attended of the L patch tokens of each image are dropped after the embeddings (CLS and the rest
+            keep their position embeddings), so every block runs on fewer tokens; `eval()` uses all of them.
+            "Attended" is the image's map in `attention_bank` (last-block CLS attention, refreshed every
+            `attention_refresh_epochs` by `training.AttentionRefreshCallback`); before the first refresh the
+            dropped tokens are drawn uniformly at random (MSMAE's warm-up). The maps are of un-augmented
+            images, so a training view must leave patches where they are: run_classification.py turns the
+            random resized crop off when throw_ratio > 0 (and logs it) and keeps flips and 90-degree
+            rotations, whose exact patch permutation the model applies to the map (`view_ids`).
+        attention_refresh_epochs (`float`, defaults to 5.0):
+            Epochs between two refreshes of the attention maps (used when throw_ratio > 0).
 
     Example:
         >>> config = MedClsConfig(vit_config={"hidden_size": 32, "num_attention_heads": 2}, num_labels=5)
@@ -124,6 +138,8 @@ class MedClsConfig(PreTrainedConfig):
     head_dropout: float = 0.0
     label_smoothing: float = 0.0
     class_weights: list[float] | None = None
+    throw_ratio: float = 0.0
+    attention_refresh_epochs: float = 5.0
 
     def __post_init__(self, **kwargs):
         if self.vit_config is None:
@@ -151,6 +167,13 @@ class MedClsConfig(PreTrainedConfig):
                 f"{vit.num_attention_heads} heads do not divide.",
                 "image_size must be a multiple of patch_size and hidden_size of num_attention_heads.",
             )
+        num_patches = (h // ph) * (w // pw)
+        if not 0.0 <= self.throw_ratio < 1.0 or round(self.throw_ratio * num_patches) >= num_patches:
+            raise ConfigError(f"throw_ratio={self.throw_ratio} must lie in [0, 1) and keep at least one of the {num_patches} patches.",
+                              "use e.g. 0.3 (MSMAE), or 0 to train on every token.")
+        if self.attention_refresh_epochs <= 0:
+            raise ConfigError(f"attention_refresh_epochs={self.attention_refresh_epochs} must be > 0.",
+                              "use e.g. 5 (epochs between two refreshes of the attention maps).")
 
 
 class MedClsForImageClassification(ClassificationLossMixin, CurrentKeyNamesMixin, PreTrainedModel):
@@ -186,6 +209,11 @@ class MedClsForImageClassification(ClassificationLossMixin, CurrentKeyNamesMixin
         self.head_drop = nn.Dropout(config.head_dropout)
         self.head = nn.Linear(hidden, config.num_labels)
         self._drop_path_handles = add_drop_path(self.vit, config.drop_path_rate) if config.drop_path_rate else []
+        # MSMAE token dropping: per-sample maps (AttentionRefreshCallback fills them) and the hook that applies it.
+        self.attention_bank: dict[int, torch.Tensor] = {}
+        self.token_dropper = TokenDropper()
+        if config.throw_ratio > 0:
+            self.vit.embeddings.register_forward_hook(self.token_dropper)
         self.post_init()
 
     @torch.no_grad()
@@ -239,6 +267,8 @@ class MedClsForImageClassification(ClassificationLossMixin, CurrentKeyNamesMixin
         self,
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        sample_ids: torch.Tensor | None = None,
+        view_ids: torch.Tensor | None = None,
         interpolate_pos_encoding: bool | None = None,
         **kwargs,
     ) -> ImageClassifierOutput:
@@ -246,17 +276,52 @@ class MedClsForImageClassification(ClassificationLossMixin, CurrentKeyNamesMixin
         Args:
             pixel_values: [B, C, H, W] normalised images.
             labels: [B] class indices (single-label) or [B, K] 0/1 targets (multi-label).
+            sample_ids: [B] dataset indices: which `attention_bank` maps token dropping reads (training only).
+            view_ids: [B] `Augment.with_view` codes of the training views, to move each map along (training only).
             interpolate_pos_encoding: Let the encoder run on other image sizes (bicubic position embeddings).
         """
         self._check_pixels(pixel_values, bool(interpolate_pos_encoding))
-        outputs = self.vit(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
-        tokens = outputs.last_hidden_state  # [B, 1 + L, D]
+        dropping = self.training and self.config.throw_ratio > 0
+        if dropping:  # the encoder's blocks see CLS + the kept patches (TokenDropper on the embeddings' output)
+            self.token_dropper.keep[pixel_values.device] = self.kept_patches(pixel_values, sample_ids, view_ids)
+        try:
+            outputs = self.vit(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
+        finally:
+            self.token_dropper.keep.pop(pixel_values.device, None)
+        tokens = outputs.last_hidden_state  # [B, 1 + L (- thrown in training), D]
         pooled = self.fc_norm(tokens[:, 1:].mean(dim=1)) if self.config.pooling == "mean" else tokens[:, 0]
         logits = self.head(self.head_drop(pooled))  # [B, K]
         loss = self.classification_loss(logits, labels) if labels is not None else None
         return ImageClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
+
+    def kept_patches(self, pixel_values: torch.Tensor, sample_ids: torch.Tensor | None = None,
+                     view_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch indices kept in training, [B, L - round(throw_ratio * L)]: all but the least attended ones
+        by the banked maps (moved along each view), or a uniformly random choice while a map is missing."""
+        p = as_pair(self.vit.config.patch_size)
+        grid = (pixel_values.shape[-2] // p[0], pixel_values.shape[-1] // p[1])
+        num_patches = grid[0] * grid[1]
+        scores = bank_scores(self.attention_bank, sample_ids, num_patches, pixel_values.device)
+        if scores is not None and view_ids is not None:
+            scores = align_to_views(scores, grid, view_ids)
+        return kept_patches(scores, round(self.config.throw_ratio * num_patches), pixel_values.shape[0], num_patches, pixel_values.device)
+
+    @torch.no_grad()
+    def attention_map(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Last-block CLS attention on all patches, heads min-max normalised and averaged (MSMAE). [B,C,H,W] -> [B, L].
+
+        Runs in eval mode (no drop path, no dropout, no token dropping) whatever the model's mode, and with
+        plain arithmetic for the last block, so it is the same under every attention implementation.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            dtype = self.vit.embeddings.patch_embeddings.projection.weight.dtype
+            return last_block_cls_attention(self.vit.layers, self.vit.embeddings(pixel_values.to(dtype)))
+        finally:
+            self.train(was_training)
 
 
 def freeze(model: nn.Module, mode: str) -> int:

@@ -51,6 +51,14 @@ class MedMAEConfig(ViTMAEConfig):
             Part of `mask_ratio` that is dropped and *not* reconstructed (MSMAE); only the
             `attention` generator uses it. MSMAE's "45% masked + 30% thrown" is `mask_ratio=0.75,
             throw_ratio=0.30`.
+        supervised_loss_weight (`float`, defaults to 0.0):
+            0 trains a plain MAE. Above 0 (MSMAE's supervised attention-driven masking; MSMAE uses 0.1), a
+            linear `classifier` on the encoder's final-LayerNorm CLS token of the *masked* forward pass is
+            trained with cross-entropy beside the reconstruction, `loss = reconstruction + weight * CE`, so the
+            CLS attention that the `attention` generator masks by is shaped by the labels. Needs
+            `num_labels` >= 2 (or `id2label`); images labelled -100 are unlabeled and add no CE.
+        class_weights (`list[float]`, *optional*):
+            Per-class weights of that cross-entropy, one positive weight per label.
 
     Example:
         >>> from hf_medmae import MedMAEConfig
@@ -64,6 +72,8 @@ class MedMAEConfig(ViTMAEConfig):
     mask_generator: str = "random"
     mask_generator_kwargs: dict | None = None
     throw_ratio: float = 0.0
+    supervised_loss_weight: float = 0.0
+    class_weights: list[float] | None = None
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -95,6 +105,24 @@ class MedMAEConfig(ViTMAEConfig):
                 "e.g. hidden_size 192 with 6 heads, decoder_hidden_size 128 with 2 or 4 heads.",
             )
         check_masking(self)
+        check_supervision(self)
 
 
-__all__ = ["MedMAEConfig", "check_masking"]
+def check_supervision(config) -> None:
+    """Check the supervised head's fields (`supervised_loss_weight`, `num_labels`, `class_weights`)."""
+    weight, weights = config.supervised_loss_weight, config.class_weights
+    if weight < 0:
+        raise ConfigError(f"supervised_loss_weight={weight} is negative.",
+                          "use 0 for a plain MAE, or a positive weight of the cross-entropy term (MSMAE: 0.1).")
+    if weight > 0 and config.num_labels < 2:
+        raise ConfigError(f"supervised_loss_weight={weight} needs at least 2 classes, but num_labels={config.num_labels}.",
+                          "set num_labels (or id2label) to the number of classes, or supervised_loss_weight: 0.")
+    if weights is not None and weight <= 0:
+        raise ConfigError("class_weights is set but only the supervised head uses it (supervised_loss_weight is 0).",
+                          "set supervised_loss_weight > 0, or remove class_weights.")
+    if weights is not None and (len(weights) != config.num_labels or min(weights) <= 0):
+        raise ConfigError(f"class_weights has {len(weights)} entries for num_labels={config.num_labels} (all must be > 0).",
+                          "give one positive weight per class (e.g. inverse class frequency), or leave class_weights unset.")
+
+
+__all__ = ["MedMAEConfig", "check_masking", "check_supervision"]

@@ -62,13 +62,16 @@ RUN_INFO_TYPES = {"hardware": str, "epochs": (int, float), "steps": int, "datase
 # (label, config.json key) rows of the "setup" table, shown when the key is present (keys of a head's
 # `vit_config` count as the config's own).
 CONFIG_ROWS = [
-    ("channels", "num_channels"), ("image size", "image_size"), ("patch size", "patch_size"),
+    ("channels", "num_channels"), ("depth (slices)", "num_frames"), ("image size", "image_size"), ("patch size", "patch_size"),
+    ("patch depth", "tubelet_size"),
     ("encoder width", "hidden_size"), ("encoder layers", "num_hidden_layers"),
     ("encoder heads", "num_attention_heads"), ("encoder MLP width", "intermediate_size"),
     ("decoder width", "decoder_hidden_size"), ("decoder layers", "decoder_num_hidden_layers"),
     ("decoder heads", "decoder_num_attention_heads"), ("mask generator", "mask_generator"),
     ("mask generator settings", "mask_generator_kwargs"), ("mask ratio", "mask_ratio"),
-    ("throw ratio", "throw_ratio"), ("normalised-pixel loss", "norm_pix_loss"),
+    ("throw ratio", "throw_ratio"), ("attention refresh (epochs)", "attention_refresh_epochs"),
+    ("supervised loss weight", "supervised_loss_weight"), ("supervised classes", "supervised_classes"),
+    ("normalised-pixel loss", "norm_pix_loss"),
     ("channels", "in_channels"), ("CNN", "architecture"), ("U-Net features", "features"), ("segmentation decoder", "decoder"),
     ("decoder feature size", "feature_size"), ("encoder blocks feeding the decoder", "skip_layers"),
     ("pooling", "pooling"), ("loss", "loss"), ("class weights", "class_weights"),
@@ -200,6 +203,17 @@ def _table_rows(source: dict, rows: list[tuple[str, str]]) -> list[tuple[str, st
             for label, key in rows if source.get(key) is not None]  # fmt: skip
 
 
+def setup_values(config: dict) -> dict:
+    """config.json's values for the setup table: a head's `vit_config` keys as its own, plus what MSMAE adds
+    (the supervised head's classes; the attention refresh only where tokens are dropped)."""
+    values = {**(config.get("vit_config") or {}), **config}
+    if config.get("supervised_loss_weight"):
+        values["supervised_classes"] = [name for _, name in sorted((config.get("id2label") or {}).items(), key=lambda kv: int(kv[0]))]
+    if not config.get("throw_ratio"):
+        values.pop("attention_refresh_epochs", None)
+    return values
+
+
 def render_model_card(
     checkpoint_dir: str | Path, kind: str | None = None, repo_id: str | None = None, *, license: str = "apache-2.0"
 ) -> ModelCard:
@@ -241,7 +255,8 @@ def render_model_card(
         model_type=config["model_type"],
         cnn=config.get("architecture"),
         architecture=(config.get("architectures") or ["MedMAEForPreTraining"])[0],
-        setup_rows=_table_rows({**(config.get("vit_config") or {}), **config}, CONFIG_ROWS),
+        encoder_attribute="videomae" if config["model_type"] == "medmae3d" else "vit",
+        setup_rows=_table_rows(setup_values(config), CONFIG_ROWS),
         run_rows=_table_rows(run_info, RUN_ROWS),
         run_info=run_info,
         image_mean=preprocessor.get("image_mean"),

@@ -3,9 +3,13 @@
 The model reuses `ViTMAEForPreTraining` and steers it through its public `noise` argument: the mask
 generator's codes become noise whose argsort keeps exactly the visible patches. The one change inside
 is `MedMAEEmbeddings`, which projects only the visible patches (stock projects all, then drops most).
+With `supervised_loss_weight > 0` (MSMAE) a linear `classifier` on the masked pass's CLS token adds a
+cross-entropy term, so the CLS attention that the `attention` generator reads is shaped by the labels.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -15,7 +19,9 @@ from transformers.models.vit_mae.modeling_vit_mae import (
     ViTMAEDecoder, ViTMAEEmbeddings, ViTMAEForPreTrainingOutput, build_2d_sinusoidal_position_embedding,
 )
 
+from .attention_maps import last_block_cls_attention
 from .configuration import MedMAEConfig
+from .errors import ConfigError, DataError
 from .validation import check_pixels
 from .masking import MASKED, VISIBLE, MaskGenerator, build_mask_generator, codes_to_noise
 from .loading import CurrentKeyNamesMixin
@@ -57,6 +63,20 @@ def sincos_position_embedding(grid_size: tuple[int, int], dim: int) -> torch.Ten
     pos = build_2d_sinusoidal_position_embedding(height=grid_size[0], width=grid_size[1], embed_dim=dim, cls_token=True)
     half = pos.shape[-1] // 2
     return torch.cat([pos[..., half:], pos[..., :half]], dim=-1)[None]
+
+
+@dataclass
+class MedMAEForPreTrainingOutput(ViTMAEForPreTrainingOutput):
+    r"""
+    class_logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`, *optional*):
+        The supervised head's logits on the masked pass's CLS token (only with `supervised_loss_weight > 0`).
+    reconstruction_loss, supervised_loss (`torch.FloatTensor`, *optional*):
+        The two terms of `loss = reconstruction_loss + supervised_loss_weight * supervised_loss`.
+    """
+
+    class_logits: torch.FloatTensor | None = None
+    reconstruction_loss: torch.FloatTensor | None = None
+    supervised_loss: torch.FloatTensor | None = None
 
 
 class MaskingMixin:
@@ -104,9 +124,18 @@ class MedMAEForPreTraining(MaskingMixin, CurrentKeyNamesMixin, ViTMAEForPreTrain
 
     config_class = MedMAEConfig
     config: MedMAEConfig
+    # Both losses are per-batch means. With **kwargs in forward, a Trainer fed `labels` would otherwise pass
+    # `num_items_in_batch` and scale the loss by the process count (as for MedClsForImageClassification).
+    accepts_loss_kwargs = False
 
     def __init__(self, config: MedMAEConfig):
         super().__init__(config)
+        # MSMAE's supervised head: linear, on the encoder's final-LayerNorm CLS token (None for a plain MAE,
+        # whose weights and outputs stay exactly stock's).
+        supervised = config.supervised_loss_weight > 0
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if supervised else None
+        if supervised:
+            self._init_weights(self.classifier)  # stock's Linear init; super().__init__'s post_init ran before the head existed
         # The encoder (a ViTMAEModel) ran its own stock init inside super().__init__, so `_init_weights`
         # below never reaches its embeddings: give them their sin-cos values here (loading overwrites them).
         embeddings = self.vit.embeddings
@@ -156,34 +185,83 @@ class MedMAEForPreTraining(MaskingMixin, CurrentKeyNamesMixin, ViTMAEForPreTrain
             sample_ids: [B] dataset indices, used by the `attention` generator's per-sample maps.
             mask_codes: [B, L] explicit codes (0 visible, 1 masked, 2 thrown); bypasses the generator.
             return_loss: always computed; declaring it tells `Trainer` this label-free model has an eval loss.
+            labels (keyword): [B] class indices for the supervised head (`supervised_loss_weight > 0`), -100 for
+                unlabeled images. Read from `**kwargs` on purpose: a `labels` parameter would make `Trainer` treat
+                the MAE as a labelled model and drop the eval loss of every batch without labels. With `Trainer`,
+                keep the column (`remove_unused_columns=False`, as for `sample_ids`).
 
         In `eval()` mode the masks come from a generator seeded by the batch, so validation loss is
         comparable across evaluations.
         """
+        labels = kwargs.pop("labels", None)
         self._check_input(pixel_values)
-        codes = None
-        if noise is None:
-            generator = None
-            if not self.training:
-                generator = torch.Generator().manual_seed(1234 + int(pixel_values.shape[0]))
-            if mask_codes is None and self.mask_generator.name == "random":
-                # Uniform masking is what transformers already does with plain uniform noise: no codes and
-                # no extra sort on top of stock's. In training, `noise=None` lets transformers draw it from
-                # the global RNG that the Trainer seeds and restores (run_mae.py passes per-image noise).
-                if generator is not None:
-                    noise = torch.rand(pixel_values.shape[0], self.mask_generator.num_patches, generator=generator)
-                    noise = noise.to(pixel_values.device)
-            else:
-                codes = mask_codes if mask_codes is not None else self.generate_codes(pixel_values, sample_ids, generator)
-                noise = codes_to_noise(codes, generator)
-        outputs = super().forward(pixel_values, noise=noise, **kwargs)
+        noise, codes = self._masking_noise(pixel_values, noise, sample_ids, mask_codes)
+        if self.classifier is None:
+            if labels is not None:
+                raise ConfigError("labels were given to an MAE without a supervised head (supervised_loss_weight is 0).",
+                                  "set supervised_loss_weight > 0 and num_labels in the config, or drop the labels.")
+            outputs = super().forward(pixel_values, noise=noise, **kwargs)
+        else:  # stock's encoder -> decoder -> loss, keeping the encoder's output for the head
+            encoded = self.vit(pixel_values, noise=noise, **kwargs)  # the masked pass: visible patches only
+            logits = self.decoder(encoded.last_hidden_state, encoded.ids_restore).logits  # [B, L, p*p*C]
+            outputs = MedMAEForPreTrainingOutput(
+                loss=self.reconstruction_loss(pixel_values, logits, encoded.mask), logits=logits, mask=encoded.mask,
+                ids_restore=encoded.ids_restore, hidden_states=encoded.hidden_states, attentions=encoded.attentions)
         # Only a throw_ratio or explicit codes can throw patches: testing for them otherwise would make
         # every GPU step wait for the device (a host sync) for nothing.
         may_throw = self.config.throw_ratio > 0 or mask_codes is not None
         if codes is not None and may_throw and bool((codes > MASKED).any()):
             # Thrown patches were removed from the encoder too; only MASKED ones count in the loss.
             outputs.loss = self.reconstruction_loss(pixel_values, outputs.logits, (codes == MASKED).float())
+        if self.classifier is not None:
+            outputs.class_logits = self.classifier(encoded.last_hidden_state[:, 0])  # [B, K], the final-LayerNorm CLS
+            outputs.reconstruction_loss = outputs.loss
+            outputs.supervised_loss = self.supervised_loss(outputs.class_logits, labels)
+            outputs.loss = outputs.loss + self.config.supervised_loss_weight * outputs.supervised_loss
         return outputs
+
+    def _masking_noise(self, pixel_values, noise, sample_ids, mask_codes) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The `noise` transformers argsorts, and the generator's codes (None for stock uniform masking)."""
+        if noise is not None:
+            return noise, None
+        generator = None
+        if not self.training:
+            generator = torch.Generator().manual_seed(1234 + int(pixel_values.shape[0]))
+        if mask_codes is None and self.mask_generator.name == "random":
+            # Uniform masking is what transformers already does with plain uniform noise: no codes and
+            # no extra sort on top of stock's. In training, `noise=None` lets transformers draw it from
+            # the global RNG that the Trainer seeds and restores (run_mae.py passes per-image noise).
+            if generator is not None:
+                noise = torch.rand(pixel_values.shape[0], self.mask_generator.num_patches, generator=generator)
+                noise = noise.to(pixel_values.device)
+            return noise, None
+        codes = mask_codes if mask_codes is not None else self.generate_codes(pixel_values, sample_ids, generator)
+        return codes_to_noise(codes, generator), codes
+
+    def supervised_loss(self, class_logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """Class-weighted cross-entropy over the labelled images of the batch; -100 (unlabeled) is left out.
+
+        A batch without a labelled image gives 0 (not 0/0 = NaN) and keeps the head in the graph, so every
+        process of a distributed run uses the same parameters. Labels are range-checked on the CPU only: on an
+        accelerator the check would wait for the device every step (run_mae.py checks them when reading them).
+        """
+        if labels is None:
+            return class_logits.sum() * 0.0
+        if labels.dim() != 1 or labels.is_floating_point():
+            raise DataError(f"labels of shape {tuple(labels.shape)} and dtype {labels.dtype} for the supervised head.",
+                            "pass [B] integer class indices, -100 for unlabeled images.")
+        labelled = labels != -100
+        if labels.device.type == "cpu" and bool(((labels < 0) & labelled | (labels >= class_logits.shape[-1])).any()):
+            bad = sorted(set(labels[labelled & ((labels < 0) | (labels >= class_logits.shape[-1]))].tolist()))
+            raise DataError(f"labels {bad} are outside [0, {class_logits.shape[-1]}) and are not -100 (unlabeled).",
+                            "map the classes to 0..num_labels-1 and unlabeled images to -100.")
+        weights = torch.ones(class_logits.shape[-1], device=class_logits.device)
+        if self.config.class_weights is not None:
+            weights = torch.tensor(self.config.class_weights, dtype=torch.float32, device=class_logits.device)
+        per_image = nn.functional.cross_entropy(class_logits.float(), labels.long(), weight=weights, ignore_index=-100,
+                                                reduction="none")  # [B]: w_y * CE, 0 where unlabeled
+        counted = weights[labels.clamp_min(0)] * labelled  # [B]: w_y, 0 where unlabeled
+        return per_image.sum() / counted.sum().clamp_min(1e-12)
 
     def reconstruction_loss(self, pixel_values: torch.Tensor, logits: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """MSE over the patches with weight 1 (per-patch normalised target if `norm_pix_loss`)."""
@@ -217,18 +295,7 @@ class MedMAEForPreTraining(MaskingMixin, CurrentKeyNamesMixin, ViTMAEForPreTrain
         emb = self.vit.embeddings
         tokens = emb.patch_embeddings(pixel_values) + emb.position_embeddings[:, 1:]
         cls = (emb.cls_token + emb.position_embeddings[:, :1]).expand(tokens.shape[0], -1, -1)
-        hidden = torch.cat([cls, tokens], dim=1)  # [B, 1+L, D]
-        for layer in self.vit.layers[:-1]:
-            hidden = layer(hidden, None)
-        last = self.vit.layers[-1]
-        hidden = last.layernorm_before(hidden)
-        attn = last.attention
-        b, n, _ = hidden.shape
-        q = attn.q_proj(hidden[:, :1]).view(b, 1, -1, attn.head_dim).transpose(1, 2)  # [B, h, 1, d]
-        k = attn.k_proj(hidden[:, 1:]).view(b, n - 1, -1, attn.head_dim).transpose(1, 2)  # [B, h, L, d]
-        weights = torch.softmax((q @ k.transpose(-1, -2)) * attn.scaling, dim=-1)[:, :, 0]  # [B, h, L]
-        lo, hi = weights.amin(-1, keepdim=True), weights.amax(-1, keepdim=True)
-        return ((weights - lo) / (hi - lo + 1e-12)).mean(dim=1)
+        return last_block_cls_attention(self.vit.layers, torch.cat([cls, tokens], dim=1))  # from [B, 1+L, D]
 
     attention_map = cls_attention  # the name both MAEs share (the 3D one has no CLS token)
 
@@ -236,4 +303,4 @@ class MedMAEForPreTraining(MaskingMixin, CurrentKeyNamesMixin, ViTMAEForPreTrain
 AutoConfig.register(MedMAEConfig.model_type, MedMAEConfig)
 AutoModelForPreTraining.register(MedMAEConfig, MedMAEForPreTraining)
 
-__all__ = ["MaskingMixin", "MedMAEForPreTraining", "VISIBLE", "MASKED"]
+__all__ = ["MaskingMixin", "MedMAEForPreTraining", "MedMAEForPreTrainingOutput", "VISIBLE", "MASKED"]

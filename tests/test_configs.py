@@ -8,11 +8,11 @@ import pytest
 from conftest import ROOT
 
 from hf_medmae.tasks import pretrain
-from hf_medmae.cli import parse_config
+from hf_medmae.cli import parse_config, read_config_file
 
+CONFIGS_3D = sorted(p for p in (ROOT / "configs").glob("*.yaml") if read_config_file(p).get("spatial_dims") == 3)
 MAE_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml")
-                     if not any(word in p.name for word in ("classification", "segmentation", "accelerate", "3d")))
-CONFIGS_3D = sorted((ROOT / "configs").glob("*3d*.yaml"))
+                     if not any(word in p.name for word in ("classification", "segmentation", "accelerate")) and p not in CONFIGS_3D)
 
 
 @pytest.mark.parametrize("path", MAE_CONFIGS, ids=lambda p: Path(p).name)

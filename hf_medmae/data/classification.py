@@ -174,6 +174,49 @@ def _multi_hot(rows: list[dict], columns: list[str], path: Path) -> np.ndarray:
     return np.asarray(table, dtype=float).astype(np.float32)
 
 
+def read_labels_csv(
+    image_dir: str | Path,
+    labels_csv: str | Path,
+    id_column: str = "filename",
+    label_columns: list[str] | None = None,
+    filename_template: str | None = None,
+    class_names: list[str] | None = None,
+    label_offset: int = 0,
+    label_map: dict | None = None,
+    multi_label: bool = False,
+) -> tuple[list[Path], np.ndarray, list[str]]:
+    """The image file, label and class names of every row of a labels CSV, without reading any pixels.
+
+    Arguments as `load_csv_labels`, which reads the images too. Every file a row names must exist.
+
+    Returns:
+        (paths, labels [N] ints or [N, K] 0/1, class names).
+
+    Example:
+        >>> paths, labels, names = read_labels_csv("Dataset 1", "Class Labels of Dataset 1.csv", "image ID",
+        ...     ["class label"], "{id:03d}.bmp", label_offset=1)  # doctest: +SKIP
+    """
+    folder, path = Path(image_dir), Path(labels_csv)
+    columns = list(label_columns or ["label"])
+    if multi_label and len(columns) < 2:
+        raise DataError(
+            f"multi-label config with single-label data: multi_label is true but only the label column {columns} is given.",
+            "list the 0/1 columns in label_columns (one per label), or set multi_label: false.",
+        )
+    if not multi_label and len(columns) > 1:
+        raise DataError(f"label_columns lists {len(columns)} columns but multi_label is false.", "set multi_label: true, or give one label column.")
+    rows = _read_csv(path)
+    _check_columns(rows, [id_column] + columns, path)
+    paths = [resolve_file(folder, row[id_column], filename_template) for row in rows]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise DataError(f"{len(missing)} images listed in {path} are missing, e.g. {missing[:3]}.", "check data_dir and filename_template (e.g. '{id:03d}.bmp').")
+    if multi_label:
+        return paths, _multi_hot(rows, columns, path), columns
+    labels, names = _name_labels([row[columns[0]] for row in rows], class_names, label_offset, label_map)
+    return paths, labels, names
+
+
 def load_csv_labels(
     image_dir: str | Path,
     labels_csv: str | Path,
@@ -204,25 +247,8 @@ def load_csv_labels(
         >>> wbc = load_csv_labels("Dataset 1", "Class Labels of Dataset 1.csv", "image ID", ["class label"],
         ...     "{id:03d}.bmp", ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"], 1)  # doctest: +SKIP
     """
-    folder, path = Path(image_dir), Path(labels_csv)
-    columns = list(label_columns or ["label"])
-    if multi_label and len(columns) < 2:
-        raise DataError(
-            f"multi-label config with single-label data: multi_label is true but only the label column {columns} is given.",
-            "list the 0/1 columns in label_columns (one per label), or set multi_label: false.",
-        )
-    if not multi_label and len(columns) > 1:
-        raise DataError(f"label_columns lists {len(columns)} columns but multi_label is false.", "set multi_label: true, or give one label column.")
-    rows = _read_csv(path)
-    _check_columns(rows, [id_column] + columns, path)
-    paths = [resolve_file(folder, row[id_column], filename_template) for row in rows]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise DataError(f"{len(missing)} images listed in {path} are missing, e.g. {missing[:3]}.", "check data_dir and filename_template (e.g. '{id:03d}.bmp').")
-    if multi_label:
-        labels, names = _multi_hot(rows, columns, path), columns
-    else:
-        labels, names = _name_labels([row[columns[0]] for row in rows], class_names, label_offset, label_map)
+    paths, labels, names = read_labels_csv(image_dir, labels_csv, id_column, label_columns, filename_template, class_names,
+                                           label_offset, label_map, multi_label)  # fmt: skip
     images, kept = read_all(paths, on_bad_file)
     return LabelledImages(images, labels[kept], names, [paths[i].name for i in kept], multi_label)
 
@@ -239,6 +265,8 @@ class ClassificationDataset(Dataset):
         image_mean, image_std: per-channel statistics (the checkpoint's, or the train split's).
         image_size: side of the model input.
         augment: training augmentation (random resized crop, flips, rot90); None = plain resize (evaluation).
+        with_ids: items also carry `sample_ids` (the index) and, when augmented, `view_ids` (the flips and
+            rotation drawn, `Augment.with_view`): what the classifier's token dropping reads its maps by.
 
     Example:
         >>> ds = ClassificationDataset(data.images, data.labels, mean, std, 64, Augment(64, (0.5, 1), rot90=True))  # doctest: +SKIP
@@ -246,13 +274,14 @@ class ClassificationDataset(Dataset):
         torch.Size([3, 64, 64])
     """
 
-    def __init__(self, images: list[np.ndarray], labels: np.ndarray, image_mean, image_std, image_size: int, augment: Augment | None = None):
+    def __init__(self, images: list[np.ndarray], labels: np.ndarray, image_mean, image_std, image_size: int, augment: Augment | None = None,
+                 with_ids: bool = False):  # fmt: skip
         if len(images) != len(labels):
             raise DataError(f"{len(images)} images but {len(labels)} labels.", "give one label per image.")
         self.images = [torch.from_numpy(np.ascontiguousarray(im)) for im in images]
         self.labels = torch.as_tensor(labels)
         self.normalize = Normalize(image_mean, image_std)
-        self.image_size, self.augment = image_size, augment
+        self.image_size, self.augment, self.with_ids = image_size, augment, with_ids
 
     def __len__(self) -> int:
         return len(self.images)
@@ -260,14 +289,23 @@ class ClassificationDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         image = self.normalize(self.images[index])
         # evaluation resizes the whole image: a central crop could cut off the cell being classified
-        image = self.augment(image) if self.augment is not None else resize(image, self.image_size)
-        return {"pixel_values": image, "labels": self.labels[index]}
+        if self.augment is None:
+            image, view = resize(image, self.image_size), None
+        else:
+            image, view = self.augment.with_view(image)
+        item = {"pixel_values": image, "labels": self.labels[index]}
+        if self.with_ids:
+            item["sample_ids"] = index
+            if view is not None:
+                item["view_ids"] = view
+        return item
 
 
 __all__ = [
     "LabelledImages",
     "load_class_folders",
     "load_csv_labels",
+    "read_labels_csv",
     "resolve_file",
     "ClassificationDataset",
 ]

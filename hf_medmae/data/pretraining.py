@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 from ..errors import DataError
 from .embedded import load_embedded
 from .io import ARRAY_SUFFIXES, item_to_chw
-from .sources import ArraySource, HFSource, ImageSource, ListSource, folder_source, open_hf_dataset
+from .sources import ArraySource, HFSource, ImageSource, ListSource, base_items, folder_source, open_hf_dataset
 from .sources import image_column as hf_image_column
 from .transforms import Augment, Normalize, center_crop
 
@@ -46,6 +46,22 @@ def load_source(source: str, on_bad_file: str = "error", max_images: int | None 
     )
 
 
+def item_labels(source: ImageSource, labels_by_file: dict[Path, int]) -> np.ndarray:
+    """[N] class index of every item of a folder source (or its subsets and tiles), -100 where no row names its file.
+
+    Args:
+        source: a folder's `FileSource`, or a `Subset` / `TiledSource` of one (a tile takes its image's label).
+        labels_by_file: {resolved image path: class index}, e.g. from `data.classification.read_labels_csv`.
+    """
+    root, index = base_items(source)
+    files = getattr(root, "files", None)
+    if files is None:
+        raise DataError("labels are matched to images by file name, but these images do not come from an image folder.",
+                        "pre-train with labels_csv on a folder of images (train_data: <folder>).")
+    found = np.asarray([labels_by_file.get(Path(f).resolve(), -100) for f in files], dtype=np.int64)
+    return found[index]
+
+
 def tile_image(image: np.ndarray, tile_size: int, stride: int | None = None) -> list[np.ndarray]:
     """Cut [C, H, W] into tile_size x tile_size tiles (e.g. 16x256x256 -> 16 tiles of 16x64x64).
 
@@ -77,14 +93,22 @@ class PretrainingDataset(Dataset):
             the same generator) for uniform random masking. The image's mask then depends on the image
             and epoch alone, not on which process or batch slot it landed in: 2 processes train on
             exactly the masks 1 process would, and a resumed run on exactly the masks it skipped.
+        labels: [N] class index per item, -100 where unlabeled, for the MAE's supervised head (MSMAE); items
+            then carry `labels`. None (default): the items are exactly a plain MAE's.
+        with_ids: items carry `sample_ids` (their index). A validation set of the `attention` generator leaves
+            them out: the attention bank is keyed by *training* indices, which a validation index would collide with.
     """
 
     def __init__(self, images: list[np.ndarray], image_mean, image_std, image_size: int, augment: Augment | None = None,
-                 seed: int = 0, mask_noise_patches: int = 0):  # fmt: skip
+                 seed: int = 0, mask_noise_patches: int = 0, labels: np.ndarray | None = None, with_ids: bool = True):  # fmt: skip
         self.images = images if isinstance(images, ImageSource) else ListSource(list(images))
         self.normalize = Normalize(image_mean, image_std)
         self.image_size, self.augment, self.seed, self.epoch = image_size, augment, seed, 0
         self.mask_noise_patches = mask_noise_patches
+        if labels is not None and len(labels) != len(self.images):
+            raise DataError(f"{len(labels)} labels for {len(self.images)} images.", "give one label per item (-100 where unlabeled).")
+        self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
+        self.with_ids = with_ids
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -96,9 +120,11 @@ class PretrainingDataset(Dataset):
         image = self.normalize(torch.from_numpy(np.ascontiguousarray(self.images[index])))
         gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
         image = center_crop(image, self.image_size) if self.augment is None else self.augment(image, gen)
-        item = {"pixel_values": image, "sample_ids": index}
+        item = {"pixel_values": image, "sample_ids": index} if self.with_ids else {"pixel_values": image}
         if self.mask_noise_patches:
             item["noise"] = torch.rand(self.mask_noise_patches, generator=gen)
+        if self.labels is not None:
+            item["labels"] = int(self.labels[index])
         return item
 
 

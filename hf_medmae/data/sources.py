@@ -352,6 +352,17 @@ class TiledSource(ImageSource):
         return (c, h, w) if top < 0 else (c, self.tile_size, self.tile_size)
 
 
+def base_items(source: ImageSource) -> tuple[ImageSource, np.ndarray]:
+    """The source under every `Subset` / `TiledSource` wrapper, and the index there of each of `source`'s items."""
+    if isinstance(source, TiledSource):
+        root, index = base_items(source.source)
+        return root, index[source.index[:, 0]]
+    if isinstance(source, Subset):
+        root, index = base_items(source.source)
+        return root, index[source.indices]
+    return source, np.arange(len(source))
+
+
 def sample_stats(source: ImageSource, sample_size: int | None, seed: int) -> tuple[list[float], list[float], int]:
     """Per-channel mean/std from a seeded sample of `sample_size` items (all when None or larger): (mean, std, n)."""
     n = len(source) if not sample_size or sample_size >= len(source) else sample_size
@@ -368,5 +379,5 @@ def source_channels(source: ImageSource, where: str) -> int:
     return counts[0]
 
 
-__all__ = ["ArraySource", "FileSource", "HFSource", "ImageSource", "ListSource", "Subset", "TiledSource", "folder_source",
+__all__ = ["ArraySource", "FileSource", "HFSource", "ImageSource", "ListSource", "Subset", "TiledSource", "base_items", "folder_source",
            "header_shape", "image_column", "open_hf_dataset", "sample_stats", "source_channels"]

@@ -51,6 +51,8 @@ class Augment:
         scale: area range of the random resized crop relative to the input (MAE uses (0.2, 1)).
         ratio: aspect-ratio range of the crop.
         hflip, vflip, rot90: cells and tissue have no preferred orientation, so all default to on.
+        crop: False resizes the whole image instead (as evaluation does), so the output's patches are a
+            fixed grid of the input, permuted only by the flips and rotations (`with_view`, `apply_view`).
     """
 
     image_size: int
@@ -59,6 +61,7 @@ class Augment:
     hflip: bool = True
     vflip: bool = True
     rot90: bool = False
+    crop: bool = True
 
     def crop_box(self, h: int, w: int, gen: torch.Generator | None) -> tuple[int, int, int, int]:
         for _ in range(10):
@@ -74,19 +77,47 @@ class Augment:
         return (h - side) // 2, (w - side) // 2, side, side
 
     def __call__(self, image: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+        return self.with_view(image, gen)[0]
+
+    def with_view(self, image: torch.Tensor, gen: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
+        """The augmented image and its view code (flips and rotation, see `apply_view`)."""
         _, h, w = image.shape
-        if self.scale[0] < 1.0 or (h, w) != (self.image_size, self.image_size):
+        if not self.crop:
+            image = resize(image, self.image_size)
+        elif self.scale[0] < 1.0 or (h, w) != (self.image_size, self.image_size):
             top, left, ch, cw = self.crop_box(h, w, gen)
             image = resize(image[:, top : top + ch, left : left + cw], self.image_size)
         # Flips and rotations as numpy views, then one copy: each torch flip/rot90 would copy the image.
-        view = image.numpy()
+        view, code = image.numpy(), 0
         if self.hflip and torch.rand(1, generator=gen) < 0.5:
-            view = view[..., ::-1]
+            view, code = view[..., ::-1], code | HFLIP
         if self.vflip and torch.rand(1, generator=gen) < 0.5:
-            view = view[..., ::-1, :]
+            view, code = view[..., ::-1, :], code | VFLIP
         if self.rot90:
-            view = np.rot90(view, int(torch.randint(0, 4, (1,), generator=gen)), axes=(-2, -1))
-        return torch.from_numpy(np.ascontiguousarray(view))
+            turns = int(torch.randint(0, 4, (1,), generator=gen))
+            view, code = np.rot90(view, turns, axes=(-2, -1)), code | turns << 2
+        return torch.from_numpy(np.ascontiguousarray(view)), code
+
+
+HFLIP, VFLIP = 1, 2  # view code bits; bits 2-3 count 90-degree turns
+
+
+def apply_view(x: torch.Tensor, code: int) -> torch.Tensor:
+    """Apply `Augment.with_view`'s flips and rotation (view `code`) to the last two axes of `x`, in its order.
+
+    On a map over the patch grid of a square image (side a multiple of the patch size) this is exactly the
+    permutation the view applied to the image's patches.
+
+    Example:
+        >>> grid = torch.arange(4).reshape(2, 2)
+        >>> apply_view(grid, HFLIP).tolist()
+        [[1, 0], [3, 2]]
+    """
+    if code & HFLIP:
+        x = x.flip(-1)
+    if code & VFLIP:
+        x = x.flip(-2)
+    return torch.rot90(x, code >> 2, dims=(-2, -1)) if code >> 2 else x
 
 
 @functools.lru_cache(maxsize=512)
@@ -187,4 +218,5 @@ class PairAugment:
         return image.contiguous(), mask.contiguous()
 
 
-__all__ = ["Augment", "Normalize", "PairAugment", "center_crop", "channel_moments", "channel_stats", "check_channels", "resize", "resize_pair"]
+__all__ = ["Augment", "HFLIP", "Normalize", "PairAugment", "VFLIP", "apply_view", "center_crop", "channel_moments", "channel_stats",
+           "check_channels", "resize", "resize_pair"]

@@ -36,7 +36,7 @@ from ..metrics import classification_metrics, compute_metrics_fn
 from ..loading import load_checkpoint, resolve_checkpoint
 from ..optim import default_layer_decay, param_groups_layer_decay
 from ..cli import parse_config
-from ..training import check_writable, hardware_description
+from ..training import AttentionRefreshCallback, check_writable, hardware_description
 from ..validation import as_pair
 from .run import Task, TaskSetup, console, encoder_normalisation
 
@@ -101,6 +101,11 @@ class ModelArguments:
     head_dropout: float = 0.0
     label_smoothing: float = 0.0
     class_weighting: Literal["none", "balanced"] = field(default="none", metadata={"help": "none | balanced (inverse class frequency in the training subset)"})
+    throw_ratio: float = field(default=0.0, metadata={
+        "help": "ViT only (MSMAE): drop this share of each training image's least attended patch tokens before the encoder "
+                "blocks (random before the first attention refresh); evaluation uses all tokens. Turns the random resized "
+                "crop off (flips and rotations stay): the maps must line up with the training views"})  # fmt: skip
+    attention_refresh_epochs: float = field(default=5.0, metadata={"help": "throw_ratio > 0: epochs between refreshes of the attention maps"})
 
 
 def load_data(args: DataArguments) -> LabelledImages:
@@ -209,6 +214,9 @@ def frozen_features(model_args: ModelArguments, data_args: DataArguments, args: 
     if model_args.architecture != "vit":
         raise ConfigError(f"mode: frozen_features evaluates a pre-trained ViT encoder; architecture {model_args.architecture} is a CNN "
                           "baseline trained from scratch.", "use mode: full with a CNN, or architecture: vit for frozen features.")
+    if model_args.throw_ratio > 0:
+        raise ConfigError("throw_ratio drops tokens while fine-tuning; mode: frozen_features does not fine-tune the encoder.",
+                          "set throw_ratio: 0, or use mode: full / linear_probe.")
     data, encoder, parts, train_only, mean, std = prepare(model_args, data_args, args)
     if data.multi_label:
         raise ConfigError("mode: frozen_features is for single-label data.", "use mode: full or linear_probe with multi_label.")
@@ -267,10 +275,30 @@ class Classify(Task):
                                   "trains from random weights.", "use mode: full with a CNN (or architecture: vit).")
             if model_args.init == "mae" or model_args.model_name_or_path:
                 logger.warning("architecture %s trains from random weights: init and model_name_or_path are not used", model_args.architecture)
+        if model_args.throw_ratio > 0 and model_args.architecture != "vit":
+            raise ConfigError(f"throw_ratio={model_args.throw_ratio} drops ViT patch tokens; the {model_args.architecture} baseline has none.",
+                              "set throw_ratio: 0 with a CNN, or architecture: vit.")  # fmt: skip
         data, encoder, parts, train_only, mean, std = prepare(model_args, data_args, args)
-        augment = Augment(model_args.image_size, tuple(data_args.crop_scale), hflip=data_args.hflip, vflip=data_args.vflip, rot90=data_args.rot90)
+        dropping = model_args.throw_ratio > 0
+        # The maps that choose the dropped tokens are computed once per refresh on the un-augmented images (a map
+        # per augmented batch would cost an extra all-token forward pass every step, more than dropping saves:
+        # benchmarks/token_dropping.py). A training view must therefore keep every patch where the map has it:
+        # the random resized crop (which resamples patches) is off; flips and 90-degree rotations permute whole
+        # patches, and the model moves each map along with its view (`view_ids`).
+        augment = Augment(model_args.image_size, tuple(data_args.crop_scale), hflip=data_args.hflip, vflip=data_args.vflip,
+                          rot90=data_args.rot90, crop=not dropping)  # fmt: skip
+        if dropping:
+            logger.info("throw_ratio %.2f: training drops the least attended patch tokens, so the random resized crop is off "
+                        "(crop_scale is not used); flips and rotations stay", model_args.throw_ratio)  # fmt: skip
         sets = {name: ClassificationDataset([data.images[i] for i in idx], data.labels[idx], mean, std, model_args.image_size,
-                                            augment if name == "train" else None) for name, idx in parts.items() if len(idx)}  # fmt: skip
+                                            augment if name == "train" else None, with_ids=dropping and name == "train")
+                for name, idx in parts.items() if len(idx)}  # fmt: skip
+        callbacks = []
+        if dropping:  # the un-augmented training images, which the bank's maps are keyed by
+            plain = ClassificationDataset([data.images[i] for i in parts["train"]], data.labels[parts["train"]], mean, std,
+                                          model_args.image_size, with_ids=True)  # fmt: skip
+            callbacks.append(AttentionRefreshCallback(plain, every_epochs=model_args.attention_refresh_epochs,
+                                                      batch_size=args.per_device_eval_batch_size))  # fmt: skip
         subset = parts["train"]
         weights = class_weights(data.labels[subset], len(data.class_names), model_args.class_weighting)
         args.remove_unused_columns = False
@@ -289,7 +317,7 @@ class Classify(Task):
         trainer_kwargs = dict(compute_metrics=compute_metrics_fn(data.class_names, data.multi_label), **optimizer)
         state = dict(data=data, test=sets.get("test"), counts=counts, train_only=train_only, mean=mean, std=std,
                      files={name: [data.files[i] for i in idx] for name, idx in parts.items()})  # fmt: skip
-        return TaskSetup(model, sets["train"], sets["val"], processor, str(data_args.data_dir), trainer_kwargs=trainer_kwargs,
+        return TaskSetup(model, sets["train"], sets["val"], processor, str(data_args.data_dir), callbacks=callbacks, trainer_kwargs=trainer_kwargs,
                          select_on="macro_f1", selection_metrics=SELECTION_METRICS, state=state)  # fmt: skip
 
     def summary(self, metrics: dict, output_dir: str) -> str:
@@ -315,7 +343,8 @@ class Classify(Task):
         model = MedClsForImageClassification.from_encoder(
             encoder, len(data.class_names), id2label=dict(enumerate(data.class_names)), pooling=args.pooling,
             drop_path_rate=drop_path, head_dropout=args.head_dropout, label_smoothing=args.label_smoothing,
-            class_weights=weights, problem_type=MULTI if data.multi_label else SINGLE,
+            class_weights=weights, problem_type=MULTI if data.multi_label else SINGLE, throw_ratio=args.throw_ratio,
+            attention_refresh_epochs=args.attention_refresh_epochs,
         )  # fmt: skip
         trainable = freeze(model, args.mode)
         logger.info("init %s, mode %s: %d trainable parameters of %d", args.init, args.mode, trainable, model.num_parameters())

@@ -12,15 +12,17 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+import numpy as np
 import torch
 from transformers import ViTImageProcessorPil
 
 from ..arguments import MedTrainingArguments
 from ..cli import spatial_dims
 from ..configuration import MedMAEConfig
-from ..data.pretraining import PretrainingDataset, load_source, streaming_dataset
+from ..data.classification import read_labels_csv
+from ..data.pretraining import PretrainingDataset, item_labels, load_source, streaming_dataset
 from ..data.io import item_to_chw, progress
-from ..data.sources import ImageSource, ListSource, TiledSource, open_hf_dataset, sample_stats, source_channels
+from ..data.sources import ImageSource, ListSource, TiledSource, base_items, open_hf_dataset, sample_stats, source_channels
 from ..data.sources import image_column as hf_image_column
 from ..data.splits import split_indices
 from ..data.transforms import Augment, channel_moments
@@ -29,6 +31,7 @@ from ..loading import load_checkpoint
 from ..modeling_mae import MedMAEForPreTraining
 from ..performance import choose_attention
 from ..training import AttentionRefreshCallback, EpochCallback, SampleIdRecorder
+from .classify import class_weights
 from .run import Task, TaskSetup, console
 
 logger = logging.getLogger(__name__)
@@ -62,6 +65,16 @@ class DataArguments:
     stats_sample_size: int | None = field(default=1000, metadata={
         "help": "per-channel mean/std from a seeded sample of this many training images (tiles); null: all of them"})
     record_sample_ids: bool = field(default=False, metadata={"help": "write the training sample ids each process saw (sharding check)"})
+    labels_csv: str | None = field(default=None, metadata={
+        "help": "MSMAE's supervised head (supervised_loss_weight > 0): class labels for all or part of a train_data folder, in "
+                "run_classification.py's CSV format (id_column, label_column, filename_template, label_offset, label_map); "
+                "images without a row are unlabeled"})  # fmt: skip
+    id_column: str = field(default="filename", metadata={"help": "labels_csv: the column with the file name or id"})
+    label_column: str = field(default="label", metadata={"help": "labels_csv: the column with the class (name or integer)"})
+    filename_template: str | None = field(default=None, metadata={"help": "labels_csv: id -> file name, e.g. '{id:03d}.bmp'"})
+    class_names: list[str] | None = field(default=None, metadata={"help": "labels_csv: class order; default: sorted labels"})
+    label_offset: int = field(default=0, metadata={"help": "labels_csv: subtracted from integer labels (1 for classes 1..K)"})
+    label_map: dict | None = field(default=None, metadata={"help": "labels_csv: {raw CSV value: class name or integer}"})
 
 
 @dataclass
@@ -85,13 +98,57 @@ class ModelArguments:
     mask_generator_kwargs: dict | None = None
     throw_ratio: float = 0.0
     attention_refresh_epochs: float = 5.0
+    supervised_loss_weight: float = field(default=0.0, metadata={
+        "help": "MSMAE: weight of the cross-entropy of a linear head on the masked pass's CLS token, beside the "
+                "reconstruction (needs labels_csv; MSMAE uses 0.1); 0 = plain MAE"})  # fmt: skip
+    class_weighting: Literal["none", "balanced"] = field(default="none", metadata={
+        "help": "supervised head: none | balanced (inverse class frequency over the labelled training images)"})
     attn_implementation: Literal["auto", "sdpa", "eager"] = field(default="auto", metadata={"help": "auto (sdpa on GPU; on CPU the faster of sdpa/eager, measured) | sdpa | eager"})
 
 
-def mae_config(model_args: ModelArguments, num_channels: int) -> MedMAEConfig:
-    """The `MedMAEConfig` the arguments describe, for images of `num_channels` channels."""
-    keys = set(MedMAEConfig.__dataclass_fields__) & set(asdict(model_args)) - {"num_channels"}
-    return MedMAEConfig(num_channels=num_channels, **{k: getattr(model_args, k) for k in keys})
+def mae_config(model_args: ModelArguments, num_channels: int, **extra) -> MedMAEConfig:
+    """The `MedMAEConfig` the arguments describe, for images of `num_channels` channels (`extra`: more config fields)."""
+    keys = set(MedMAEConfig.__dataclass_fields__) & set(asdict(model_args)) - {"num_channels"} - set(extra)
+    return MedMAEConfig(num_channels=num_channels, **{k: getattr(model_args, k) for k in keys}, **extra)
+
+
+@dataclass
+class Supervision:
+    """The labels of a supervised (MSMAE) pre-training: per item of the train and validation sources, -100 = unlabeled."""
+
+    class_names: list[str]
+    train: np.ndarray
+    val: np.ndarray
+    class_weights: list[float] | None = None
+
+    def config_fields(self) -> dict:
+        return dict(id2label=dict(enumerate(self.class_names)), class_weights=self.class_weights)
+
+
+def read_supervision(data_args: DataArguments, model_args: ModelArguments, train: ImageSource, val: ImageSource) -> Supervision | None:
+    """The labels `labels_csv` gives the training (and validation) images, matched by file, checked for use."""
+    if data_args.labels_csv is None:
+        if model_args.supervised_loss_weight > 0:
+            raise ConfigError(f"supervised_loss_weight={model_args.supervised_loss_weight} needs labels for the supervised head.",
+                              "give labels_csv (labels for all or part of train_data), or set supervised_loss_weight: 0.")
+        return None
+    if model_args.supervised_loss_weight <= 0 and not model_args.model_name_or_path:
+        raise ConfigError("labels_csv is given but supervised_loss_weight is 0, so no label would be used.",
+                          "set supervised_loss_weight > 0 (MSMAE: 0.1) for the supervised head, or drop labels_csv.")
+    paths, labels, names = read_labels_csv(data_args.train_data, data_args.labels_csv, data_args.id_column, [data_args.label_column],
+                                           data_args.filename_template, data_args.class_names, data_args.label_offset,
+                                           data_args.label_map)  # fmt: skip
+    by_file = {path.resolve(): int(label) for path, label in zip(paths, labels)}
+    from_files = getattr(base_items(val)[0], "files", None) is not None  # a separate validation_data may be an array
+    supervision = Supervision(names, item_labels(train, by_file), item_labels(val, by_file) if from_files else np.full(len(val), -100))
+    labelled = supervision.train[supervision.train >= 0]
+    if not len(labelled):
+        raise DataError(f"no training image of {data_args.train_data} has a row in {data_args.labels_csv}.",
+                        "check id_column and filename_template: they must name files of train_data.")
+    supervision.class_weights = class_weights(labelled, len(names), model_args.class_weighting)
+    logger.info("supervised head: %d of %d training items labelled, %s", len(labelled), len(supervision.train),
+                {name: int((labelled == i).sum()) for i, name in enumerate(names)})  # fmt: skip
+    return supervision
 
 
 def load_images(data_args: DataArguments, seed: int) -> tuple[ImageSource, ImageSource, list[str]]:
@@ -102,7 +159,9 @@ def load_images(data_args: DataArguments, seed: int) -> tuple[ImageSource, Image
     if not len(images):
         raise DataError(f"no images found in {data_args.train_data}.", "check train_data; supported: PNG/JPEG/BMP/TIFF folders, .npy/.npz, hf:, embedded:.")
     if data_args.in_memory:
+        files = getattr(images, "files", None)
         images = ListSource([images[i] for i in progress(range(len(images)), desc="reading into memory", unit="image")])
+        images.files = files  # labels_csv matches its rows to these file names
     if data_args.validation_data:
         val, more = load_source(data_args.validation_data, data_args.on_bad_file, pattern=data_args.file_pattern, image_column=data_args.image_column)
         train, skipped = images, skipped + more
@@ -125,7 +184,8 @@ class Pretrain(Task):
         if len(val_images) and source_channels(val_images, data_args.validation_data or data_args.train_data) != channels:
             raise DataError(f"the validation images have {source_channels(val_images, '')} channels, the training images {channels}.",
                             "use validation data with the training data's channel count.")  # fmt: skip
-        model = self.build_model(model_args, channels)
+        supervision = read_supervision(data_args, model_args, train_images, val_images)
+        model = self.build_model(model_args, channels, supervision)
         config = model.config
         mean, std, stats_images = sample_stats(train_images, data_args.stats_sample_size, args.seed)
         random_masks = config.mask_generator == "random"  # per-image masks: the same whatever the process count
@@ -133,16 +193,19 @@ class Pretrain(Task):
             augment = Augment(model_args.image_size, (1.0, 1.0), hflip=False, vflip=False)
         else:
             augment = Augment(model_args.image_size, tuple(data_args.crop_scale), hflip=data_args.hflip, vflip=data_args.vflip, rot90=data_args.rot90)
+        labels = {"train": supervision.train, "val": supervision.val} if supervision else {}
         train = PretrainingDataset(train_images, mean, std, model_args.image_size, augment, seed=args.seed,
-                                   mask_noise_patches=config.num_patches if random_masks else 0)  # fmt: skip
-        val = PretrainingDataset(val_images, mean, std, model_args.image_size) if len(val_images) else None
+                                   mask_noise_patches=config.num_patches if random_masks else 0, labels=labels.get("train"))  # fmt: skip
+        # validation ids would look up the *training* images' attention maps (the bank's keys): masks drawn at random instead
+        val = (PretrainingDataset(val_images, mean, std, model_args.image_size, labels=labels.get("val"),
+                                  with_ids=config.mask_generator != "attention") if len(val_images) else None)  # fmt: skip
         callbacks = [EpochCallback(train)]
         if config.mask_generator == "attention":
             plain = PretrainingDataset(train_images, mean, std, model_args.image_size)
             callbacks.append(AttentionRefreshCallback(plain, every_epochs=model_args.attention_refresh_epochs))
         if model_args.attn_implementation == "auto":
             choose_attention(model.to(args.device), args.per_device_train_batch_size)
-        args.remove_unused_columns = False  # keep sample_ids for the attention generator
+        args.remove_unused_columns = False  # keep sample_ids for the attention generator, labels for the supervised head
         args.prediction_loss_only = True  # evaluation needs the loss, not every reconstruction
         processor = ViTImageProcessorPil(do_resize=False, do_rescale=False, image_mean=mean, image_std=std)
         logger.info("training on %d images (%d channels), validating on %d; lr %.3g", len(train), channels, len(val or []), args.learning_rate)
@@ -151,15 +214,23 @@ class Pretrain(Task):
         return TaskSetup(model, train, val, processor, data_args.train_data, callbacks,
                          state={"skipped": skipped, "sources": (train_images, val_images), "stats_images": stats_images})
 
-    def build_model(self, model_args: ModelArguments, channels: int) -> MedMAEForPreTraining:
+    def build_model(self, model_args: ModelArguments, channels: int, supervision: Supervision | None = None) -> MedMAEForPreTraining:
         attn = "sdpa" if model_args.attn_implementation == "auto" else model_args.attn_implementation
         if not model_args.model_name_or_path:
-            return MedMAEForPreTraining._from_config(mae_config(model_args, channels), attn_implementation=attn)
+            extra = supervision.config_fields() if supervision else {}
+            return MedMAEForPreTraining._from_config(mae_config(model_args, channels, **extra), attn_implementation=attn)
         model = load_checkpoint(MedMAEForPreTraining, model_args.model_name_or_path, model_types=("medmae", "vit_mae"),
                                 what="an MAE", attn_implementation=attn)  # fmt: skip
         if model.config.num_channels != channels:
             raise DataError(f"the checkpoint expects {model.config.num_channels} channels, the data has {channels}.",
                             "use data with the checkpoint's channel count, or pre-train from scratch.")  # fmt: skip
+        head = model.classifier is not None
+        if supervision is not None and not (head and model.config.num_labels == len(supervision.class_names)):
+            raise ConfigError(f"labels_csv has {len(supervision.class_names)} classes but the checkpoint "
+                              + (f"has a supervised head for {model.config.num_labels}." if head else "has no supervised head."),
+                              "continue from a checkpoint pre-trained with the same classes, or pre-train from scratch with labels_csv.")
+        if supervision is None and head:
+            logger.warning("the checkpoint has a supervised head but no labels_csv is given: its cross-entropy term is 0")
         return model
 
     def setup_stream(self, model_args: ModelArguments, data_args: DataArguments, args: MedTrainingArguments) -> TaskSetup:
@@ -175,6 +246,9 @@ class Pretrain(Task):
         if model_args.mask_generator == "attention":
             raise ConfigError("the attention mask generator keeps a map per image, which a stream has no index for.",
                               "use mask_generator: random, block, grid or foreground with streaming.")
+        if data_args.labels_csv or model_args.supervised_loss_weight > 0:
+            raise ConfigError("the supervised head matches labels_csv rows to image files, which a stream has no index for.",
+                              "pre-train a folder source with labels_csv (streaming: false), or drop labels_csv.")
         name, _, split = data_args.train_data[3:].partition("::")
         stream = open_hf_dataset(name, split or "train", streaming=True, with_ids=data_args.record_sample_ids)
         column = data_args.image_column or hf_image_column(stream.column_names or list(next(iter(stream)).keys()), name)
@@ -216,6 +290,8 @@ class Pretrain(Task):
         metrics = trainer.evaluate() if setup.eval_dataset is not None else {}
         if setup.eval_dataset is not None:
             metrics["eval_loss_mean_predictor"] = mean_predictor_loss(model, setup.eval_dataset, args.per_device_eval_batch_size)
+            if getattr(model, "classifier", None) is not None:  # eval_loss adds the labelled images' weighted cross-entropy
+                metrics["eval_reconstruction_loss"] = reconstruction_only_loss(model, setup.eval_dataset, args.per_device_eval_batch_size)
         metrics.update(num_train_images=len(setup.train_dataset) if hasattr(setup.train_dataset, "__len__") else None,
                        num_skipped_files=len(skipped),
                        normalisation_sample_images=setup.state["stats_images"],
@@ -231,7 +307,7 @@ class Pretrain(Task):
     def summary(self, metrics: dict, output_dir: str) -> str:
         lines = []
         if "eval_loss" in metrics and "eval_loss_mean_predictor" in metrics:
-            loss, base = metrics["eval_loss"], metrics["eval_loss_mean_predictor"]
+            loss, base = metrics.get("eval_reconstruction_loss", metrics["eval_loss"]), metrics["eval_loss_mean_predictor"]
             lines.append(f"validation loss {loss:.4f}, against {base:.4f} for predicting the mean of every hidden patch "
                          f"({1 - loss / base:.0%} lower: the model reconstructs structure from the visible patches)")
         lines += [f"outputs in {output_dir}: model.safetensors + config.json (the MAE), reconstruction.png, all_results.json",
@@ -261,6 +337,18 @@ def mean_predictor_loss(model: MedMAEForPreTraining, dataset, batch_size: int = 
             out = model(pixels)  # for the mask: [B, L], 1 = hidden
             total += model.reconstruction_loss(pixels, torch.zeros_like(out.logits), out.mask).item() * len(pixels)
             count += len(pixels)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def reconstruction_only_loss(model: MedMAEForPreTraining, dataset, batch_size: int = 64) -> float:
+    """The validation loss without the supervised head's term (no labels given): comparable with `mean_predictor_loss`."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(dataset), batch_size):
+        pixels = torch.stack([dataset[i]["pixel_values"] for i in range(start, min(start + batch_size, len(dataset)))]).to(model.device)
+        total += model(pixels).loss.item() * len(pixels)
+        count += len(pixels)
     return total / max(count, 1)
 
 
@@ -300,4 +388,5 @@ def cli() -> None:
     console(PRETRAIN_3D if spatial_dims() == 3 else TASK)
 
 
-__all__ = ["DataArguments", "ModelArguments", "Pretrain", "cli", "load_images", "mae_config", "main", "save_reconstructions"]
+__all__ = ["DataArguments", "ModelArguments", "Pretrain", "Supervision", "cli", "load_images", "mae_config", "main", "read_supervision",
+           "save_reconstructions"]

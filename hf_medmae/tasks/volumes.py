@@ -180,7 +180,8 @@ class Pretrain3D(Task):
         else:
             train = VolumeDataset(data.subset(train_idx), roi, _augment(data_args), data_args.samples_per_volume, args.seed)
             callbacks = [EpochCallback(train)]
-        val = VolumeDataset(data.subset(val_idx), roi) if val_idx else None
+        # No sample ids on validation crops: the attention bank is keyed by training ids, which they would collide with.
+        val = VolumeDataset(data.subset(val_idx), roi, with_ids=False) if val_idx else None
         args.remove_unused_columns = False  # keep sample_ids for the attention generator
         args.prediction_loss_only = True
         processor = _processor(data.channels)
