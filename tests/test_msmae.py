@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import WBC, require, tiny_config
+from conftest import ROOT, WBC, require, tiny_config
 from transformers import ViTConfig, ViTImageProcessorPil, ViTModel, default_data_collator
 
 from hf_medmae import MedClsForImageClassification, MedMAEConfig, MedMAEForPreTraining, load_encoder
@@ -338,3 +338,20 @@ def test_run_classification_with_token_dropping(tmp_path, monkeypatch, one_threa
     assert banked == [0] * 4 + [train_images] * 4
     with pytest.raises(ConfigError, match="baseline has none"):
         classify.main(flags + ["--architecture", "resnet10"])
+
+
+def test_label_fraction_keeps_a_stratified_share_of_the_rows(tmp_path):
+    """labels for part of the pool from one full CSV: `label_fraction` keeps a seeded, per-class share of its rows."""
+    from hf_medmae.tasks import pretrain
+
+    require(WBC)
+    metrics = pretrain.main([
+        "--config", str(ROOT / "configs" / "wbc_msmae.yaml"), "--label_fraction", "0.3", "--max_steps", "2",
+        "--image_size", "32", "--hidden_size", "48", "--num_hidden_layers", "1", "--num_attention_heads", "2",
+        "--intermediate_size", "96", "--decoder_hidden_size", "32", "--decoder_num_hidden_layers", "1",
+        "--decoder_num_attention_heads", "2", "--decoder_intermediate_size", "64", "--per_device_train_batch_size", "32",
+        "--eval_strategy", "no", "--save_strategy", "no", "--output_dir", str(tmp_path / "run"), "--disable_tqdm", "true",
+        "--precision", "fp32", "--attn_implementation", "sdpa",
+    ])  # fmt: skip
+    full = metrics["num_train_images"]  # every training image has a row in the full CSV
+    assert 0.25 * full < metrics["labelled_train_images"] < 0.35 * full

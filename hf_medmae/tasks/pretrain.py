@@ -24,7 +24,7 @@ from ..data.pretraining import PretrainingDataset, item_labels, load_source, str
 from ..data.io import item_to_chw, progress
 from ..data.sources import ImageSource, ListSource, TiledSource, base_items, open_hf_dataset, sample_stats, source_channels
 from ..data.sources import image_column as hf_image_column
-from ..data.splits import split_indices
+from ..data.splits import label_subset, split_indices
 from ..data.transforms import Augment, channel_moments
 from ..errors import ConfigError, DataError
 from ..loading import load_checkpoint
@@ -75,6 +75,9 @@ class DataArguments:
     class_names: list[str] | None = field(default=None, metadata={"help": "labels_csv: class order; default: sorted labels"})
     label_offset: int = field(default=0, metadata={"help": "labels_csv: subtracted from integer labels (1 for classes 1..K)"})
     label_map: dict | None = field(default=None, metadata={"help": "labels_csv: {raw CSV value: class name or integer}"})
+    label_fraction: float = field(default=1.0, metadata={
+        "help": "labels_csv: a seeded, class-stratified share of its rows kept (the rest of the images are unlabeled), "
+                "to pre-train with labels for part of the pool"})  # fmt: skip
 
 
 @dataclass
@@ -125,7 +128,8 @@ class Supervision:
         return dict(id2label=dict(enumerate(self.class_names)), class_weights=self.class_weights)
 
 
-def read_supervision(data_args: DataArguments, model_args: ModelArguments, train: ImageSource, val: ImageSource) -> Supervision | None:
+def read_supervision(data_args: DataArguments, model_args: ModelArguments, train: ImageSource, val: ImageSource,
+                     seed: int = 0) -> Supervision | None:
     """The labels `labels_csv` gives the training (and validation) images, matched by file, checked for use."""
     if data_args.labels_csv is None:
         if model_args.supervised_loss_weight > 0:
@@ -138,6 +142,9 @@ def read_supervision(data_args: DataArguments, model_args: ModelArguments, train
     paths, labels, names = read_labels_csv(data_args.train_data, data_args.labels_csv, data_args.id_column, [data_args.label_column],
                                            data_args.filename_template, data_args.class_names, data_args.label_offset,
                                            data_args.label_map)  # fmt: skip
+    if data_args.label_fraction < 1:  # labels for part of the pool: the other rows are dropped, their images unlabeled
+        kept = label_subset(np.asarray(labels), names, data_args.label_fraction, seed)
+        paths, labels = [paths[i] for i in kept], [labels[i] for i in kept]
     by_file = {path.resolve(): int(label) for path, label in zip(paths, labels)}
     from_files = getattr(base_items(val)[0], "files", None) is not None  # a separate validation_data may be an array
     supervision = Supervision(names, item_labels(train, by_file), item_labels(val, by_file) if from_files else np.full(len(val), -100))
@@ -184,7 +191,7 @@ class Pretrain(Task):
         if len(val_images) and source_channels(val_images, data_args.validation_data or data_args.train_data) != channels:
             raise DataError(f"the validation images have {source_channels(val_images, '')} channels, the training images {channels}.",
                             "use validation data with the training data's channel count.")  # fmt: skip
-        supervision = read_supervision(data_args, model_args, train_images, val_images)
+        supervision = read_supervision(data_args, model_args, train_images, val_images, args.seed)
         model = self.build_model(model_args, channels, supervision)
         config = model.config
         mean, std, stats_images = sample_stats(train_images, data_args.stats_sample_size, args.seed)
@@ -212,7 +219,8 @@ class Pretrain(Task):
         if data_args.record_sample_ids:
             callbacks.append(SampleIdRecorder())
         return TaskSetup(model, train, val, processor, data_args.train_data, callbacks,
-                         state={"skipped": skipped, "sources": (train_images, val_images), "stats_images": stats_images})
+                         state={"skipped": skipped, "sources": (train_images, val_images), "stats_images": stats_images,
+                                "labelled_train_images": int((supervision.train >= 0).sum()) if supervision else None})
 
     def build_model(self, model_args: ModelArguments, channels: int, supervision: Supervision | None = None) -> MedMAEForPreTraining:
         attn = "sdpa" if model_args.attn_implementation == "auto" else model_args.attn_implementation
@@ -295,6 +303,7 @@ class Pretrain(Task):
         metrics.update(num_train_images=len(setup.train_dataset) if hasattr(setup.train_dataset, "__len__") else None,
                        num_skipped_files=len(skipped),
                        normalisation_sample_images=setup.state["stats_images"],
+                       labelled_train_images=setup.state.get("labelled_train_images"),
                        attn_implementation=model.config._attn_implementation)  # fmt: skip
         if is_main:
             if skipped:
@@ -308,8 +317,9 @@ class Pretrain(Task):
         lines = []
         if "eval_loss" in metrics and "eval_loss_mean_predictor" in metrics:
             loss, base = metrics.get("eval_reconstruction_loss", metrics["eval_loss"]), metrics["eval_loss_mean_predictor"]
-            lines.append(f"validation loss {loss:.4f}, against {base:.4f} for predicting the mean of every hidden patch "
-                         f"({1 - loss / base:.0%} lower: the model reconstructs structure from the visible patches)")
+            verdict = (f"{1 - loss / base:.0%} lower: the model reconstructs structure from the visible patches" if loss < base
+                       else "not lower: the model has not learned more than the mean yet; train longer or check the learning rate")
+            lines.append(f"validation loss {loss:.4f}, against {base:.4f} for predicting the mean of every hidden patch ({verdict})")
         lines += [f"outputs in {output_dir}: model.safetensors + config.json (the MAE), reconstruction.png, all_results.json",
                   f"next: the encoder in Python, hf_medmae.load_encoder({output_dir!r}); or fine-tune it with",
                   f"  python run_segmentation.py --config configs/nuclei_segmentation.yaml --model_name_or_path {output_dir}"]
