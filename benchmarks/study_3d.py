@@ -15,6 +15,8 @@ finishes and skipped when present:
 
     python benchmarks/study_3d.py                      # all arms, dense and sparse, seeds 0-2
     python benchmarks/study_3d.py --report             # table (Markdown), CSV and PNG from the JSON
+    python benchmarks/study_3d.py --labels dense --seeds 0 --seg-extra "--max_steps 400" --run-suffix _400 \
+        --output benchmarks/results/study_3d_400steps.json   # convergence: does twice the training beat it?
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ MAE_CONFIG, SEG_CONFIG = ROOT / "configs" / "nuclei3d_mae.yaml", ROOT / "configs
 RATIOS = (0.125, 0.5, 0.75)
 ARMS = tuple(f"mae{r}" for r in RATIOS) + ("scratch", "unet")
 LABELS = {"dense": 1.0, "sparse": 0.02}
+ARM_NAMES = {"scratch": "UNETR from scratch", "unet": "3D U-Net"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mae-extra", default="", help="flags added to every run_mae call (e.g. '--max_steps 20' for a smoke run)")
     p.add_argument("--seg-extra", default="", help="flags added to every run_segmentation call")
     p.add_argument("--work-dir", default=str(ROOT / "outputs" / "study_3d"))
+    p.add_argument("--run-suffix", default="", help="added to every segmentation run's folder (a variant reusing the MAEs, "
+                   "e.g. '_400steps' with --seg-extra '--max_steps 400' and its own --output)")
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "study_3d.json"))
     p.add_argument("--report", action="store_true", help="only summarise the JSON")
     args = p.parse_args(argv)
@@ -76,7 +81,7 @@ def seed_mae(args, seed: int, ratio: float, work: Path) -> Path:
 
 
 def run_arm(args, arm: str, labels: str, seed: int, work: Path) -> dict:
-    out = work / f"{arm}_{labels}_s{seed}"
+    out = work / f"{arm}_{labels}_s{seed}{args.run_suffix}"
     if arm == "unet":
         flags = ["--model", "unet", "--init", "scratch"]
     else:  # the scratch UNETR takes the architecture (not the weights) of the 0.75 MAE
@@ -105,37 +110,49 @@ def summarise(runs: list[dict]) -> list[dict]:
                 values = [r[m] for r in cell if r[m] is not None]
                 row[f"{m}_mean"] = statistics.mean(values) if values else None
                 row[f"{m}_std"] = statistics.pstdev(values) if values else None
+            # Each seed tests another quadrant, so compare arms within a seed: the paired difference to scratch.
+            scratch = {r["seed"]: r["dice_nucleus"] for r in runs if r["arm"] == "scratch" and r["labels"] == labels}
+            deltas = [r["dice_nucleus"] - scratch[r["seed"]] for r in cell if r["seed"] in scratch]
+            row["vs_scratch_mean"] = statistics.mean(deltas) if deltas and arm != "scratch" else None
+            row["vs_scratch_std"] = statistics.pstdev(deltas) if deltas and arm != "scratch" else None
+            row["vs_scratch_seeds"] = len(deltas)
             table.append(row)
     return table
 
 
 def format_table(table: list[dict]) -> str:
     fmt = lambda r, m, d: "-" if r[f"{m}_mean"] is None else f"{r[f'{m}_mean']:.{d}f} ± {r[f'{m}_std']:.{d}f}"  # noqa: E731
-    lines = ["| labels | arm | seeds | nucleus Dice | nucleus HD95 (voxels) | mean Dice |", "|---|---|---|---|---|---|"]
+    lines = ["| labels | arm | seeds | nucleus Dice | nucleus HD95 (voxels) | mean Dice | nucleus Dice − scratch, same seed |",
+             "|---|---|---|---|---|---|---|"]
     for r in table:
-        name = {"scratch": "UNETR from scratch", "unet": "3D U-Net"}.get(r["arm"], f"3D MAE-UNETR, mask {float(r['arm'][3:]):.1%}")
+        name = ARM_NAMES.get(r["arm"]) or f"3D MAE-UNETR, mask {float(r['arm'][3:]):.1%}"
         label = "dense" if r["labels"] == "dense" else f"sparse ({LABELS['sparse']:.0%} of voxels)"
-        lines.append(f"| {label} | {name} | {r['seeds']} | {fmt(r, 'dice_nucleus', 3)} | {fmt(r, 'hd95_nucleus', 1)} | {fmt(r, 'mean_dice', 3)} |")
+        paired = "-" if r["vs_scratch_mean"] is None else f"{r['vs_scratch_mean']:+.3f} ± {r['vs_scratch_std']:.3f} ({r['vs_scratch_seeds']} seeds)"
+        lines.append(f"| {label} | {name} | {r['seeds']} | {fmt(r, 'dice_nucleus', 3)} | {fmt(r, 'hd95_nucleus', 1)} | {fmt(r, 'mean_dice', 3)} | {paired} |")
     return "\n".join(lines)
 
 
 def plot(runs: list[dict], path: Path) -> None:
-    """Nucleus Dice per arm: one dot per seed, the bar at the mean; dense and sparse labels side by side."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-    for ax, labels in zip(axes, LABELS):
+    """Nucleus Dice per arm: one dot per seed, a bar at the mean (no bars from zero: the y axis is zoomed);
+    one panel per label regime that has runs."""
+    regimes = [labels for labels in LABELS if any(r["labels"] == labels for r in runs)]
+    fig, axes = plt.subplots(1, len(regimes), figsize=(max(7.0, 5.5 * len(regimes)), 4.0), sharey=True, squeeze=False)
+    for ax, labels in zip(axes[0], regimes):
         for x, arm in enumerate(ARMS):
             values = [r["dice_nucleus"] for r in runs if r["arm"] == arm and r["labels"] == labels]
             if values:
-                ax.bar(x, statistics.mean(values), color="#9ecae1" if arm.startswith("mae") else "#cccccc", width=0.6)
-                ax.scatter([x] * len(values), values, color="black", s=12, zorder=3)
+                colour = "#3182bd" if arm.startswith("mae") else "#636363"
+                ax.scatter([x] * len(values), values, color=colour, s=18, zorder=3)
+                ax.hlines(statistics.mean(values), x - 0.3, x + 0.3, color=colour, linewidth=2)
+                ax.annotate(f"n={len(values)}", (x, min(values)), textcoords="offset points", xytext=(0, -12), ha="center", fontsize=7)
         ax.set_xticks(range(len(ARMS)), [a.replace("mae", "MAE ") for a in ARMS], rotation=20)
+        ax.set_xlim(-0.6, len(ARMS) - 0.4)
         ax.set_title(f"{labels} labels" + ("" if labels == "dense" else f" ({LABELS[labels]:.0%} of voxels)"))
         ax.grid(axis="y", alpha=0.3)
-    axes[0].set_ylabel("test nucleus Dice (whole quadrant)")
-    lows = [r["dice_nucleus"] for r in runs]
-    if lows:
-        axes[0].set_ylim(max(0.0, min(lows) - 0.05), min(1.0, max(lows) + 0.03))
-    fig.suptitle("3D nuclei (confocal z-stack): bars = mean over seeds, dots = seeds")
+    axes[0][0].set_ylabel("test nucleus Dice (whole quadrant)")
+    values = [r["dice_nucleus"] for r in runs]
+    axes[0][0].set_ylim(min(values) - 0.015, max(values) + 0.01)  # room for the n= labels under the lowest dots
+    fig.suptitle("3D nuclei z-stack: test Dice per seed (dots) and mean (line); zoomed y axis", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
