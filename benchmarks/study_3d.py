@@ -138,6 +138,11 @@ def plot(runs: list[dict], path: Path) -> None:
     regimes = [labels for labels in LABELS if any(r["labels"] == labels for r in runs)]
     fig, axes = plt.subplots(1, len(regimes), figsize=(max(7.0, 5.5 * len(regimes)), 4.0), sharey=True, squeeze=False)
     for ax, labels in zip(axes[0], regimes):
+        for seed in sorted({r["seed"] for r in runs if r["labels"] == labels}):  # each seed tests its own quadrant: link it
+            points = [(x, r["dice_nucleus"]) for x, arm in enumerate(ARMS) for r in runs
+                      if r["arm"] == arm and r["labels"] == labels and r["seed"] == seed]
+            ax.plot(*zip(*points), color="#bbbbbb", linewidth=0.8, zorder=1)
+            ax.annotate(f"seed {seed}", points[-1], textcoords="offset points", xytext=(8, 0), fontsize=7, va="center", color="#777777")
         for x, arm in enumerate(ARMS):
             values = [r["dice_nucleus"] for r in runs if r["arm"] == arm and r["labels"] == labels]
             if values:
@@ -146,13 +151,13 @@ def plot(runs: list[dict], path: Path) -> None:
                 ax.hlines(statistics.mean(values), x - 0.3, x + 0.3, color=colour, linewidth=2)
                 ax.annotate(f"n={len(values)}", (x, min(values)), textcoords="offset points", xytext=(0, -12), ha="center", fontsize=7)
         ax.set_xticks(range(len(ARMS)), [a.replace("mae", "MAE ") for a in ARMS], rotation=20)
-        ax.set_xlim(-0.6, len(ARMS) - 0.4)
+        ax.set_xlim(-0.6, len(ARMS) - 0.1)
         ax.set_title(f"{labels} labels" + ("" if labels == "dense" else f" ({LABELS[labels]:.0%} of voxels)"))
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("test nucleus Dice (whole quadrant)")
     values = [r["dice_nucleus"] for r in runs]
     axes[0][0].set_ylim(min(values) - 0.015, max(values) + 0.01)  # room for the n= labels under the lowest dots
-    fig.suptitle("3D nuclei z-stack: test Dice per seed (dots) and mean (line); zoomed y axis", fontsize=10)
+    fig.suptitle("3D nuclei: test Dice per seed (dots; grey lines join one seed's runs), mean (bar)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
