@@ -142,7 +142,7 @@ def plot(runs: list[dict], path: Path) -> None:
             points = [(x, r["dice_nucleus"]) for x, arm in enumerate(ARMS) for r in runs
                       if r["arm"] == arm and r["labels"] == labels and r["seed"] == seed]
             ax.plot(*zip(*points), color="#bbbbbb", linewidth=0.8, zorder=1)
-            ax.annotate(f"seed {seed}", points[-1], textcoords="offset points", xytext=(8, 0), fontsize=7, va="center", color="#777777")
+            ax.annotate(f"seed {seed}", points[-1], textcoords="offset points", xytext=(30, 0), fontsize=7, va="center", color="#777777")
         for x, arm in enumerate(ARMS):
             values = [r["dice_nucleus"] for r in runs if r["arm"] == arm and r["labels"] == labels]
             if values:
