@@ -31,13 +31,13 @@ from ..errors import ConfigError, DataError
 from ..loading import load_checkpoint
 from ..metrics import segmentation_compute_metrics_fn, segmentation_metrics, segmentation_preprocess_logits
 from ..modeling_mae3d import MedMAE3DConfig, MedMAE3DForPreTraining
-from ..optim import default_layer_decay, param_groups_layer_decay
 from ..plots import plot_confusion_matrix, plot_volume_overlays, save_volume_reconstruction
 from ..segmentation import MedSegConfig, MedSegForSegmentation, build_unet_baseline, encoder_fields, predict
 from ..segmentation.configuration import UNET_MULTIPLE
 from ..segmentation.inference import save_inference_config
 from ..training import AttentionRefreshCallback, EpochCallback
 from .run import Task, TaskSetup
+from .segment import optimizer_for  # the same layer-decay AdamW as 2D UNETR
 
 logger = logging.getLogger(__name__)
 
@@ -284,7 +284,7 @@ class Segment3D(Task):
                     model_args.model, model_args.init, train.names, 100 * fraction, val.names, test.names)  # fmt: skip
         trainer_kwargs = dict(compute_metrics=segmentation_compute_metrics_fn(names, data_args.ignore_index),
                               preprocess_logits_for_metrics=segmentation_preprocess_logits,
-                              optimizer_cls_and_kwargs=_optimizer(model, model_args, args))  # fmt: skip
+                              optimizer_cls_and_kwargs=optimizer_for(model, model_args, args))  # fmt: skip
         state = dict(test=test, class_names=names, class_map=class_map, fraction=fraction, split=(train.names, val.names, test.names))
         return TaskSetup(model, train_ds, val_ds, _processor(data.channels), data_args.train_data, [EpochCallback(train_ds)],
                          trainer_kwargs=trainer_kwargs, select_on="mean_dice", state=state)  # fmt: skip
@@ -370,13 +370,6 @@ def build_segmenter_3d(model_args: Seg3DModelArguments, channels: int, roi: tupl
         return MedSegForSegmentation.from_encoder(encoder, **labels, **loss, **decoder)
     config = MedSegConfig(vit_config=encoder_fields(encoder.config, 3), spatial_dims=3, **labels, **loss, **decoder)
     return MedSegForSegmentation(config)  # the same architecture, random weights
-
-
-def _optimizer(model, model_args: Seg3DModelArguments, args: MedTrainingArguments):
-    if model_args.model != "unetr":
-        return None
-    groups = param_groups_layer_decay(model, args.learning_rate, args.weight_decay, default_layer_decay(model_args.layer_decay, model_args.init))
-    return torch.optim.AdamW, {"params": groups, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
 
 
 def volume_metrics(preds: list[np.ndarray], labels: list[np.ndarray], class_names: list[str], ignore_index: int) -> dict:
