@@ -235,7 +235,10 @@ def test_rerun_of_run_classification_is_bit_identical(cls_runs):
 # ----------------------------------------------------------------------------- crash and resume
 
 
-CRASH = dict(TINY_MAE, max_steps=200, per_device_train_batch_size=16, save_strategy="steps", save_steps=20, eval_strategy="no")
+# Fixed precision: `auto` measures bf16 against fp32 in each process, and two runs side by side on a busy machine
+# can choose differently, which these exact comparisons would read as a resume bug.
+CRASH = dict(TINY_MAE, max_steps=200, per_device_train_batch_size=16, save_strategy="steps", save_steps=20, eval_strategy="no",
+             precision="fp32")
 KILL_AFTER = 60  # SIGKILL as soon as checkpoint-60 is complete: 140 steps (>= 3 s here) are still to go
 
 
