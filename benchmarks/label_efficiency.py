@@ -46,6 +46,8 @@ from hf_medmae.training import hardware_description
 ROOT = Path(__file__).resolve().parents[1]
 WBC = ROOT.parent / "shared" / "data" / "wbc_zheng2018"
 CONFIG = ROOT / "configs" / "wbc_classification.yaml"
+# v2: at most 50 evaluations per run (`max_evaluations`); v1 evaluated and saved every epoch, 2,000 times at 1% labels.
+PROTOCOL = "converged-4-arms-v2"
 ARMS = ("cnn", "vit_scratch", "mae_finetune", "mae_frozen")
 METRICS = ("accuracy", "macro_precision_present", "macro_recall_present", "macro_f1_present")
 HEADERS = ("accuracy", "precision", "recall", "F1")
@@ -57,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 0.5, 1.0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--recipe", default="base", choices=list(RECIPES), help="the MAE pre-training recipe (mae_recipe.py)")
-    p.add_argument("--cnn", default="resnet18", help="the CNN arm's --architecture")
+    p.add_argument("--cnn", default="resnet10", help="the CNN arm's --architecture")
     p.add_argument("--extra", default="", help="flags added to every run_classification call, one string (--extra='--max_steps 20': a smoke run)")
     p.add_argument("--pretrain-steps", type=int, default=None, help="override the recipe's steps (smoke runs)")
     p.add_argument("--work-dir", default=str(ROOT / "outputs" / "label_efficiency"))
@@ -112,7 +114,7 @@ def run_arm(args: argparse.Namespace, arm: str, fraction: float, seed: int, work
         splits = json.loads((out / "splits.json").read_text()) if (out / "splits.json").is_file() else None
         if splits is not None:
             assert not set(pool["wbc_train_files"]) & (set(splits["val"]) | set(splits["test"])), "pre-training saw evaluation images"
-    return dict(arm=arm, fraction=fraction, seed=seed, **{m: report[m] for m in METRICS}, train_images=sum(report["class_counts"]["train"].values()),
+    return dict(arm=arm, fraction=fraction, seed=seed, model=args.cnn if arm == "cnn" else "vit", **{m: report[m] for m in METRICS}, train_images=sum(report["class_counts"]["train"].values()),
                 steps=metrics.get("global_step"), minutes=round((time.time() - start) / 60, 2), confidence=report.get("confidence"))  # fmt: skip
 
 
@@ -177,12 +179,27 @@ def report(results: dict, output: Path) -> None:
     print(f"hardware: {results['hardware']}; {len(results['runs'])} runs; wrote {output} and {output.with_suffix('.png')}")
 
 
+def record(output: Path, results: dict, run: dict) -> dict:
+    """Add `run` to the JSON as it is on disk now, so that several processes (e.g. one per seed) can fill one file."""
+    current = json.loads(output.read_text()) if output.is_file() else results
+    if current.get("protocol") != results["protocol"]:
+        current = results
+    key = (run["arm"], run["fraction"], run["seed"])
+    current["runs"] = [r for r in current["runs"] if (r["arm"], r["fraction"], r["seed"]) != key] + [run]
+    tmp = output.with_suffix(".tmp")
+    tmp.write_text(json.dumps(current, indent=2))
+    tmp.replace(output)  # atomic: a reader never sees half a file
+    return current
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     output, work = Path(args.output), Path(args.work_dir)
     results = json.loads(output.read_text()) if output.is_file() else {}
-    if results.get("protocol") != "converged-4-arms":  # an older study's file: start anew
-        results = {"protocol": "converged-4-arms", "hardware": hardware_description(), "recipe": {"name": args.recipe, **BASE, **RECIPES[args.recipe]},
+    if results.get("protocol") == "converged-4-arms":  # v1 evaluated every epoch; frozen-feature runs do not train, so they stay
+        results.update(protocol=PROTOCOL, runs=[r for r in results["runs"] if r["arm"] == "mae_frozen"], cnn=args.cnn)
+    if results.get("protocol") != PROTOCOL:  # an older study's file: start anew
+        results = {"protocol": PROTOCOL, "hardware": hardware_description(), "recipe": {"name": args.recipe, **BASE, **RECIPES[args.recipe]},
                    "cnn": args.cnn, "config": str(CONFIG.relative_to(ROOT)), "extra_flags": args.extra, "runs": []}  # fmt: skip
     done = {(r["arm"], r["fraction"], r["seed"]) for r in results["runs"]}
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -192,8 +209,7 @@ def main(argv: list[str] | None = None) -> None:
                 if (arm, fraction, seed) in done:
                     continue
                 run = run_arm(args, arm, fraction, seed, work)
-                results["runs"].append(run)
-                output.write_text(json.dumps(results, indent=2))
+                results = record(output, results, run)
                 print(f"{arm} {fraction:.0%} seed {seed}: accuracy {run['accuracy']:.3f}, macro-F1 {run['macro_f1_present']:.3f}, "
                       f"{run['steps']} steps, {run['minutes']} min", flush=True)
     report(results, output)

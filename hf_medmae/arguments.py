@@ -16,6 +16,7 @@ from typing import Literal
 
 import torch
 from transformers import TrainingArguments
+from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 
 from .performance import cpu_has_native_bf16
 
@@ -46,6 +47,10 @@ class MedTrainingArguments(TrainingArguments):
         "help": "on GPU machines, when dataloader_num_workers is 0: min(8, CPU cores per process) workers, kept alive across "
                 "epochs, 4 batches prefetched each, pinned memory, so reading and augmenting overlap the step; false keeps the "
                 "Trainer's settings. CPU runs are never changed (workers would take the step's cores)"})  # fmt: skip
+    max_evaluations: int = field(default=50, metadata={
+        "help": "when min_train_steps raises the epochs, evaluate (and save) every k epochs so that a run has at most this "
+                "many evaluations: 5 images at batch 32 are one step per epoch, and 2,000 evaluations and checkpoints "
+                "would cost more than the training. 0 keeps one per epoch"})  # fmt: skip
     early_stopping_patience: int | None = field(default=None, metadata={
         "help": "transfer tasks: stop after this many evaluations without a better metric_for_best_model "
                 "(transformers' EarlyStoppingCallback); the best checkpoint is then reloaded"})  # fmt: skip
@@ -80,12 +85,20 @@ class MedTrainingArguments(TrainingArguments):
         return self.per_device_train_batch_size * self.gradient_accumulation_steps * max(1, self.world_size)
 
     def ensure_min_steps(self, num_train_samples: int) -> None:
-        """Raise `num_train_epochs` so that training runs at least `min_train_steps` optimizer steps."""
+        """Raise `num_train_epochs` so that training runs at least `min_train_steps` optimizer steps (and thin out
+        per-epoch evaluation to at most `max_evaluations`)."""
         if self.max_steps > 0 or not self.min_train_steps or not num_train_samples:
             return
         steps_per_epoch = math.ceil(num_train_samples / self.effective_batch_size)
-        if self.num_train_epochs * steps_per_epoch < self.min_train_steps:
-            self.num_train_epochs = math.ceil(self.min_train_steps / steps_per_epoch)
+        if self.num_train_epochs * steps_per_epoch >= self.min_train_steps:
+            return
+        self.num_train_epochs = math.ceil(self.min_train_steps / steps_per_epoch)
+        every = math.ceil(self.num_train_epochs / self.max_evaluations) if self.max_evaluations else 1
+        if every > 1 and self.eval_strategy == IntervalStrategy.EPOCH:
+            # The same cadence in steps, on epoch boundaries; saving follows it (best-model selection needs both alike).
+            self.eval_strategy, self.eval_steps = IntervalStrategy.STEPS, every * steps_per_epoch
+            if self.save_strategy == SaveStrategy.EPOCH:
+                self.save_strategy, self.save_steps = SaveStrategy.STEPS, every * steps_per_epoch
 
     def use_bf16(self, enabled: bool) -> None:
         """Switch bf16 autocast before the Trainer is built (its accelerator reads `mixed_precision` then)."""

@@ -195,3 +195,24 @@ def test_min_train_steps_raises_the_epochs_of_a_small_training_set(tmp_path):
     assert args.num_train_epochs == 143
     args.ensure_min_steps(10_000)  # already long enough: unchanged
     assert args.num_train_epochs == 143
+
+
+def test_min_train_steps_thins_out_per_epoch_evaluation(tmp_path):
+    """5 images at batch 32 are one step per epoch: 2,000 steps must not mean 2,000 evaluations and checkpoints."""
+    from hf_medmae import MedTrainingArguments
+
+    def args(**kw):
+        return MedTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, num_train_epochs=30, per_device_train_batch_size=32,
+                                    min_train_steps=2000, eval_strategy="epoch", save_strategy="epoch", **kw)  # fmt: skip
+
+    thinned = args()
+    thinned.ensure_min_steps(5)
+    assert thinned.num_train_epochs == 2000
+    assert thinned.eval_strategy == "steps" and thinned.save_strategy == "steps" and thinned.eval_steps == thinned.save_steps == 40
+    assert thinned.num_train_epochs / thinned.eval_steps <= thinned.max_evaluations
+    every_epoch = args(max_evaluations=0)
+    every_epoch.ensure_min_steps(5)
+    assert every_epoch.eval_strategy == "epoch" and every_epoch.num_train_epochs == 2000
+    large = args()
+    large.ensure_min_steps(195 * 32 * 3)  # a set whose 30 epochs already exceed the floor: nothing changes
+    assert large.eval_strategy == "epoch" and large.num_train_epochs == 30
