@@ -55,6 +55,9 @@ RECIPES = {
     "size96": {"image_size": 96},
     # the two single levers that helped at both fractions, together
     "norm_pix_foreground": {"norm_pix_loss": True, "mask_generator": "foreground"},
+    # levers on top of the best single one (foreground): longer (the small-data literature's hundreds of epochs), sparser
+    "foreground_steps3200": {"mask_generator": "foreground", "steps": 3200},
+    "foreground_mask90": {"mask_generator": "foreground", "mask_ratio": 0.9},
 }
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "plot_label_efficiency",
     "plot_segmentation_overlays",
     "save_reconstruction_grid",
+    "plot_attention_masks",
     "plot_volume_overlays",
     "save_volume_reconstruction",
 ]
@@ -338,6 +339,40 @@ def save_reconstruction_grid(original: np.ndarray, masked_pixels: np.ndarray, re
             _show(ax, img, title)
         # Outline the predicted (hidden) patches: what inside them is the model's, not a copy of the input.
         row[2].contour(hidden.astype(float), levels=[0.5], colors="#ffd400", linewidths=0.7)
+    return _save(fig, path)
+
+
+def plot_attention_masks(images: np.ndarray, titles: Sequence[str], maps: dict[str, np.ndarray], codes: dict[str, np.ndarray],
+                         path: str | Path) -> str:
+    """One row per image: the image, then per model its CLS attention map and the mask drawn from it (MSMAE).
+
+    Args:
+        images: [N, C, H, W] images (any scale: each is stretched to its own 1-99 percentiles).
+        titles: N row titles (e.g. the class).
+        maps: {model name: [N, gh, gw] attention}; shown bilinearly upsampled over the image.
+        codes: {model name: [N, gh, gw] patch codes} (0 visible, 1 masked and reconstructed, 2 thrown).
+        path: PNG path.
+    """
+    images = np.asarray(images, dtype=float)
+    n, (h, w) = len(images), images.shape[2:]
+    cols = 1 + 2 * len(maps)
+    fig, axes = plt.subplots(n, cols, figsize=(2.1 * cols, 2.2 * n), squeeze=False)
+    shade = np.array([[0, 0, 0, 0], [0.5, 0.5, 0.5, 0.85], [0, 0, 0, 0.95]])  # visible, masked (grey), thrown (black)
+    for i, row in enumerate(axes):
+        disp = to_display(images[i], None, robust_range(images[i]))
+        _show(row[0], disp, titles[i])
+        for j, name in enumerate(maps):
+            attention = np.asarray(maps[name][i], dtype=float)
+            row[1 + 2 * j].imshow(disp)
+            attention = (attention - attention.min()) / max(attention.max() - attention.min(), 1e-12)  # its own range: the ranking is what masks
+            row[1 + 2 * j].imshow(attention, cmap="magma", alpha=0.6, extent=(0, w, h, 0), interpolation="bilinear")
+            row[1 + 2 * j].set_title(f"{name}\nattention", fontsize=8)
+            row[1 + 2 * j].axis("off")
+            row[2 + 2 * j].imshow(disp)
+            row[2 + 2 * j].imshow(shade[np.asarray(codes[name][i], dtype=int)], extent=(0, w, h, 0), interpolation="nearest")
+            row[2 + 2 * j].set_title(f"{name}\nmasked grey, thrown black", fontsize=8)
+            row[2 + 2 * j].axis("off")
+    fig.tight_layout()
     return _save(fig, path)
 
 

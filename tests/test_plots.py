@@ -6,6 +6,7 @@ from PIL import Image
 
 from hf_medmae.errors import DataError
 from hf_medmae.plots import (
+    plot_attention_masks,
     plot_confidence,
     plot_confusion_matrix,
     plot_label_efficiency,
@@ -104,3 +105,11 @@ def test_reconstruction_mask_size_error(tmp_path):
     x = RNG.normal(size=(1, 1, 16, 16))
     with pytest.raises(DataError, match="patches"):
         save_reconstruction_grid(x, np.zeros((1, 15)), x, 4, tmp_path / "r.png")
+
+
+def test_attention_masks_one_row_per_image_two_columns_per_model(tmp_path):
+    images = RNG.normal(size=(3, 3, 32, 32))
+    maps = {name: RNG.random((3, 4, 4)) for name in ("MAE", "MSMAE")}
+    codes = {name: RNG.integers(0, 3, (3, 4, 4)) for name in maps}  # visible / masked / thrown
+    w, h = _open(plot_attention_masks(images, ["a", "b", "c"], maps, codes, tmp_path / "attn.png"))
+    assert 1.3 < w / h < 2.0  # 5 columns x 3 rows

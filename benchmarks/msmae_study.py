@@ -1,0 +1,311 @@
+#!/usr/bin/env python
+"""MSMAE vs plain MAE (seed 004): pre-training x fine-tuning with and without token dropping, on two real sets.
+
+For each data set, seed and label fraction (10% / 100% of the training split's labels):
+
+- pre-training on the seed's training images only (never a validation or test image), 800 steps x 64,
+  the shared settings of `mae_recipe.py`'s `base` (64 px, patch 8, ViT 192 x 6, plain-pixel loss):
+  * `mae`: random masking 0.75, no labels (one per data set and seed: it uses no labels);
+  * `msmae`: the `attention` generator driven by a supervised CE head on the masked pass's CLS token
+    (weight 0.1, balanced class weights), 45% most attended patches masked + 30% thrown, random masks
+    during the warm-up, with labels for exactly the images the fine-tuning may use (`labels_csv` rows of
+    that fraction's label subset; the rest of the pool is unlabeled);
+- fine-tuning through `run_classification.py` on `configs/wbc_classification.yaml` (the converged schedule:
+  >= 2000 steps, selection on validation), with `throw_ratio` 0 (all tokens) or 0.3 (MSMAE's dropping of the
+  least attended tokens in training; all tokens at evaluation).
+
+Data sets: WBC Zheng 2018 Dataset 1 (5 classes, 300 images) and BCCD cell crops (another lab's smears: every
+WBC and platelet box, and as many red cells drawn by a seeded shuffle, squared, as PNGs with a labels CSV,
+written once under the work dir from `../shared/data/bccd`).
+
+Every result is written as it finishes and runs already in the JSON are skipped, so the study completes
+over several sessions:
+
+    python benchmarks/msmae_study.py                               # everything: 2 sets x 3 seeds x 2 fractions x 4 arms
+    python benchmarks/msmae_study.py --datasets wbc --seeds 0      # a part
+    python benchmarks/msmae_study.py --report                      # table + figure from the JSON
+
+Per fine-tuning run the JSON keeps test accuracy and macro-F1 (classes present), the Trainer's measured
+training img/s, and the FLOPs per training image (torch's `FlopCounterMode`, forward + backward, eager
+attention) of that model with its throw ratio. `--figure` draws the attention maps of the seed-0 MAE and
+MSMAE for a few test images and the masks the `attention` generator draws from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shlex
+import statistics
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from hf_medmae.data.splits import label_subset, stratified_split
+from hf_medmae.masking import build_mask_generator
+from hf_medmae.tasks import classify
+from hf_medmae.tasks import pretrain as pretrain_task
+from hf_medmae.training import hardware_description
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+CONFIG = ROOT / "configs" / "wbc_classification.yaml"
+PROTOCOL = "msmae-v1"
+WBC = dict(data_dir=SHARED / "wbc_zheng2018" / "Dataset 1", labels_csv=SHARED / "wbc_zheng2018" / "Class Labels of Dataset 1.csv",
+           id_column="image ID", label_column="class label", filename_template="{id:03d}.bmp", label_offset=1,
+           class_names=["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"])  # fmt: skip
+BCCD_CLASSES = ["RBC", "WBC", "Platelets"]
+ARMS = ("mae", "mae_drop", "msmae", "msmae_drop")  # pre-training x fine-tuning throw ratio 0 / 0.3
+PRETRAIN = ["--image_size", "64", "--patch_size", "8", "--hidden_size", "192", "--num_hidden_layers", "6", "--num_attention_heads", "6",
+            "--intermediate_size", "768", "--decoder_hidden_size", "128", "--decoder_num_hidden_layers", "2",
+            "--decoder_num_attention_heads", "4", "--decoder_intermediate_size", "512", "--mask_ratio", "0.75",
+            "--norm_pix_loss", "false", "--max_steps", "800", "--per_device_train_batch_size", "64", "--learning_rate", "1.5e-3",
+            "--warmup_steps", "0.05", "--lr_scheduler_type", "cosine", "--weight_decay", "0.05", "--adam_beta2", "0.95",
+            "--crop_scale", "[0.4, 1.0]", "--rot90", "true", "--validation_fraction", "0.05", "--save_strategy", "steps",
+            "--save_steps", "200", "--save_total_limit", "1", "--eval_strategy", "no", "--report_to", "none",
+            "--disable_tqdm", "true", "--logging_steps", "100", "--seed", "0"]  # fmt: skip
+MSMAE = ["--mask_generator", "attention", "--throw_ratio", "0.3", "--supervised_loss_weight", "0.1", "--class_weighting", "balanced",
+         "--attention_refresh_epochs", "20"]  # fmt: skip
+
+
+def bccd_cells(work: Path, seed: int = 0) -> dict:
+    """BCCD's boxes as labelled crops (PNG + labels.csv), written once; returns the data-set flags."""
+    out = work / "bccd_cells"
+    spec = dict(data_dir=out / "images", labels_csv=out / "labels.csv", id_column="filename", label_column="label",
+                filename_template=None, label_offset=0, class_names=BCCD_CLASSES)  # fmt: skip
+    if spec["labels_csv"].is_file():
+        return spec
+    from PIL import Image
+
+    root = SHARED / "bccd" / "BCCD"
+    boxes = []  # (file stem, class, box)
+    for xml in sorted((root / "Annotations").glob("*.xml")):
+        for obj in ET.parse(xml).getroot().iter("object"):
+            name = obj.findtext("name")
+            if name in BCCD_CLASSES:
+                boxes.append((xml.stem, name, [int(float(obj.find("bndbox").findtext(k))) for k in ("xmin", "ymin", "xmax", "ymax")]))
+    rng = np.random.default_rng(seed)
+    rbc = [b for b in boxes if b[1] == "RBC"]
+    others = [b for b in boxes if b[1] != "RBC"]
+    wbc = sum(b[1] == "WBC" for b in others)  # as many red cells as white ones: RBC would otherwise be ~85% of the boxes
+    keep = others + [rbc[i] for i in sorted(rng.permutation(len(rbc))[:wbc])]
+    spec["data_dir"].mkdir(parents=True, exist_ok=True)
+    rows, images = [], {}
+    for i, (stem, name, (x0, y0, x1, y1)) in enumerate(sorted(keep)):
+        image = images.setdefault(stem, Image.open(root / "JPEGImages" / f"{stem}.jpg").convert("RGB"))
+        side = int(max(x1 - x0, y1 - y0) * 1.2)  # the cell with some surrounding, as WBC's crops show it
+        cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
+        left = min(max(0, cx - side // 2), max(0, image.width - side))
+        top = min(max(0, cy - side // 2), max(0, image.height - side))
+        crop = image.crop((left, top, left + side, top + side))
+        if min(crop.size) < 16:
+            continue
+        file = f"{i:05d}_{stem}_{name}.png"
+        crop.save(spec["data_dir"] / file)
+        rows.append({"filename": file, "label": name})
+    with open(spec["labels_csv"], "w", newline="") as f:
+        writer = csv.DictWriter(f, ["filename", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return spec
+
+
+def data_flags(spec: dict) -> list[str]:
+    template = spec["filename_template"]
+    return ["--data_dir", str(spec["data_dir"]), "--labels_csv", str(spec["labels_csv"]), "--id_column", spec["id_column"],
+            "--label_column", spec["label_column"], "--filename_template", template if template else "null",
+            "--label_offset", str(spec["label_offset"]), "--class_names", json.dumps(spec["class_names"])]  # fmt: skip
+
+
+def split_of(spec: dict, seed: int, fraction: float):
+    """The fine-tuning split: (data, `Split`, labelled subset of its training indices) exactly as `run_classification.py` draws them."""
+    data_args = classify.DataArguments(data_dir=str(spec["data_dir"]), labels_csv=str(spec["labels_csv"]), id_column=spec["id_column"],
+                                       label_column=spec["label_column"], filename_template=spec["filename_template"],
+                                       label_offset=spec["label_offset"], class_names=spec["class_names"])  # fmt: skip
+    data = classify.load_data(data_args)
+    split = stratified_split(data.labels, data.class_names, 0.15, 0.2, seed)  # the config's validation / test fractions
+    subset = split.train[label_subset(data.labels[split.train], data.class_names, fraction, seed)]
+    return data, split, subset
+
+
+def pretrain(kind: str, name: str, spec: dict, seed: int, fraction: float, work: Path) -> Path:
+    """The seed's MAE (`mae`) or MSMAE with labels for `fraction` of the training split; reused when present."""
+    out = work / (f"pre_{name}_mae_s{seed}" if kind == "mae" else f"pre_{name}_msmae_f{fraction}_s{seed}")
+    if (out / "model.safetensors").is_file():
+        return out
+    data, split, subset = split_of(spec, seed, fraction)
+    train = split.train
+    pool = work / f"{name}_pool_s{seed}"  # the seed's training images only, as links
+    pool.mkdir(parents=True, exist_ok=True)
+    for i in train:
+        link = pool / Path(data.files[i]).name
+        if not link.exists():
+            os.symlink(Path(spec["data_dir"]).resolve() / Path(data.files[i]).name, link)
+    flags = ["--train_data", str(pool), "--output_dir", str(out), *PRETRAIN]
+    if kind == "msmae":
+        rows = work / f"{out.name}_labels.csv"
+        with open(rows, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["filename", "label"])
+            writer.writerows([Path(data.files[i]).name, data.class_names[data.labels[i]]] for i in subset)
+        flags += [*MSMAE, "--labels_csv", str(rows), "--id_column", "filename", "--label_column", "label",
+                  "--class_names", json.dumps(data.class_names)]  # fmt: skip
+    pretrain_task.main(flags)
+    (out / "pretraining_pool.json").write_text(json.dumps({"train_files": [Path(data.files[i]).name for i in train],
+                                                           "labelled": len(subset) if kind == "msmae" else 0}, indent=1))  # fmt: skip
+    return out
+
+
+def flops_per_image(run_dir: Path, throw_ratio: float) -> float:
+    """Forward + backward FLOPs of one training image through the fine-tuned model with its throw ratio (eager attention)."""
+    model, _ = classify.load_classifier(str(run_dir))
+    model.config.throw_ratio = throw_ratio
+    model.train()
+    model.vit.set_attn_implementation("eager")
+    vit = model.config.vit_config
+    size, channels = vit["image_size"], vit["num_channels"]
+    num_patches = (size // vit["patch_size"]) ** 2
+    torch.manual_seed(0)
+    batch = {"pixel_values": torch.randn(4, channels, size, size), "labels": torch.zeros(4, dtype=torch.long), "sample_ids": torch.arange(4)}
+    model.attention_bank = {i: torch.rand(num_patches) for i in range(4)}
+    with FlopCounterMode(display=False) as counter:
+        model(**batch).loss.backward()
+    return counter.get_total_flops() / 4
+
+
+def run_arm(args, name: str, spec: dict, arm: str, fraction: float, seed: int, work: Path) -> dict:
+    kind, throw = arm.removesuffix("_drop"), 0.3 if arm.endswith("_drop") else 0.0
+    init = pretrain(kind, name, spec, seed, fraction, work)
+    out = work / f"ft_{name}_{arm}_f{fraction}_s{seed}"
+    start = time.time()
+    classify.main(["--config", str(CONFIG), *data_flags(spec), "--train_fraction", str(fraction), "--seed", str(seed), "--init", "mae",
+                   "--model_name_or_path", str(init), "--throw_ratio", str(throw), "--output_dir", str(out), "--disable_tqdm", "true",
+                   *args.extra])  # fmt: skip
+    report = json.loads((out / "test_metrics.json").read_text())
+    results = json.loads((out / "all_results.json").read_text())
+    splits = json.loads((out / "splits.json").read_text())
+    seen = set(json.loads((init / "pretraining_pool.json").read_text())["train_files"])
+    assert not seen & {Path(f).name for f in splits["val"] + splits["test"]}, "pre-training saw evaluation images"
+    return dict(dataset=name, arm=arm, fraction=fraction, seed=seed, throw_ratio=throw, accuracy=report["accuracy"],
+                macro_f1_present=report["macro_f1_present"], train_images=sum(report["class_counts"]["train"].values()),
+                steps=results.get("global_step"), train_img_per_s=results.get("train_samples_per_second"),
+                flops_per_image=flops_per_image(out, throw), minutes=round((time.time() - start) / 60, 2))  # fmt: skip
+
+
+def record(output: Path, results: dict, run: dict) -> dict:
+    """Add `run` to the JSON as it is on disk now (several processes may fill one file)."""
+    current = json.loads(output.read_text()) if output.is_file() else results
+    key = lambda r: (r["dataset"], r["arm"], r["fraction"], r["seed"])  # noqa: E731
+    current["runs"] = [r for r in current["runs"] if key(r) != key(run)] + [run]
+    tmp = output.with_suffix(".tmp")
+    tmp.write_text(json.dumps(current, indent=2))
+    tmp.replace(output)
+    return current
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    table = []
+    for name in sorted({r["dataset"] for r in runs}, reverse=True):
+        for fraction in sorted({r["fraction"] for r in runs}):
+            base = {r["seed"]: r for r in runs if (r["dataset"], r["fraction"], r["arm"]) == (name, fraction, "mae")}
+            for arm in ARMS:
+                cell = [r for r in runs if (r["dataset"], r["fraction"], r["arm"]) == (name, fraction, arm)]
+                if not cell:
+                    continue
+                diff = [r["macro_f1_present"] - base[r["seed"]]["macro_f1_present"] for r in cell if r["seed"] in base]
+                mean_std = lambda v: (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0)  # noqa: E731
+                table.append(dict(dataset=name, fraction=fraction, arm=arm, seeds=len(cell), accuracy=mean_std([r["accuracy"] for r in cell]),
+                                  macro_f1=mean_std([r["macro_f1_present"] for r in cell]), vs_mae=mean_std(diff) if arm != "mae" and diff else None,
+                                  img_per_s=statistics.median(r["train_img_per_s"] for r in cell),
+                                  gflops=statistics.mean(r["flops_per_image"] for r in cell) / 1e9))  # fmt: skip
+    return table
+
+
+def report(results: dict) -> None:
+    print("| data | labels | pre-training | fine-tuning | seeds | accuracy | macro-F1 | vs MAE, same seed | train img/s | GFLOPs / image |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for row in summarise(results["runs"]):
+        kind, tune = row["arm"].removesuffix("_drop"), "drop 30%" if row["arm"].endswith("_drop") else "all tokens"
+        vs = f"{100 * row['vs_mae'][0]:+.1f} ± {100 * row['vs_mae'][1]:.1f}" if row["vs_mae"] else "—"
+        print(f"| {row['dataset']} | {row['fraction']:.0%} | {kind.upper()} | {tune} | {row['seeds']} | {row['accuracy'][0]:.3f} ± {row['accuracy'][1]:.3f} "
+              f"| {row['macro_f1'][0]:.3f} ± {row['macro_f1'][1]:.3f} | {vs} | {row['img_per_s']:.0f} | {row['gflops']:.2f} |")
+    print(f"hardware: {results['hardware']}")
+
+
+def figure(work: Path, output: Path, count: int = 4) -> None:
+    """Attention maps of the seed-0 WBC MAE and MSMAE (100% labels) on test images of each class, and the masks they draw."""
+    from hf_medmae import MedMAEForPreTraining
+    from hf_medmae.data.transforms import resize
+    from hf_medmae.plots import plot_attention_masks
+
+    data, split, _ = split_of(WBC, 0, 1.0)
+    picks, seen = [], set()
+    for i in split.test:  # one test image per class (never seen in pre-training)
+        if data.labels[i] not in seen and len(picks) < count:
+            picks.append(i)
+            seen.add(data.labels[i])
+    raw = torch.stack([resize(torch.from_numpy(np.asarray(data.images[i])).float(), 64) for i in picks])
+    maps, codes = {}, {}
+    for name, folder in (("MAE", "pre_wbc_mae_s0"), ("MSMAE", "pre_wbc_msmae_f1.0_s0")):
+        model = MedMAEForPreTraining.from_pretrained(str(work / folder)).eval()
+        pre = json.loads((work / folder / "preprocessor_config.json").read_text())
+        x = (raw - torch.tensor(pre["image_mean"])[:, None, None]) / torch.tensor(pre["image_std"])[:, None, None]
+        grid = model.config.image_size // model.config.patch_size
+        with torch.no_grad():
+            attention = model.cls_attention(x)
+        generator = build_mask_generator("attention", 0.75, (grid, grid), throw_ratio=0.3)  # MSMAE's masking, from either map
+        drawn = generator(len(picks), scores=attention, generator=torch.Generator().manual_seed(0))
+        maps[name], codes[name] = attention.reshape(-1, grid, grid).numpy(), drawn.reshape(-1, grid, grid).numpy()
+    titles = [f"{data.class_names[data.labels[i]]} ({Path(data.files[i]).name})" for i in picks]
+    plot_attention_masks(raw.numpy(), titles, maps, codes, output)
+    print(f"wrote {output}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datasets", nargs="+", default=["wbc", "bccd"], choices=["wbc", "bccd"])
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    p.add_argument("--fractions", type=float, nargs="+", default=[0.1, 1.0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--extra", default="", help="flags added to every run_classification call (--extra='--max_steps 20': a smoke run)")
+    p.add_argument("--pretrain-extra", default="", help="flags added to every run_mae call (--pretrain-extra='--max_steps 10')")
+    p.add_argument("--work-dir", default=str(ROOT / "outputs" / "msmae_study"))
+    p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "msmae_study.json"))
+    p.add_argument("--report", action="store_true", help="only print the table from the JSON")
+    p.add_argument("--figure", default=None, help="draw the attention-map figure to this PNG (needs the seed-0 WBC runs)")
+    args = p.parse_args(argv)
+    args.extra = shlex.split(args.extra)
+    PRETRAIN.extend(shlex.split(args.pretrain_extra))
+    output, work = Path(args.output), Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    results = json.loads(output.read_text()) if output.is_file() else {}
+    if results.get("protocol") != PROTOCOL:
+        results = {"protocol": PROTOCOL, "hardware": hardware_description(), "config": str(CONFIG.relative_to(ROOT)),
+                   "pretrain_flags": PRETRAIN, "msmae_flags": MSMAE, "finetune_extra": args.extra, "runs": []}  # fmt: skip
+    output.parent.mkdir(parents=True, exist_ok=True)
+    done = {(r["dataset"], r["arm"], r["fraction"], r["seed"]) for r in results["runs"]}
+    for seed in [] if args.report or args.figure else args.seeds:
+        for name in args.datasets:
+            spec = WBC if name == "wbc" else bccd_cells(work)
+            for fraction in args.fractions:
+                for arm in args.arms:
+                    if (name, arm, fraction, seed) in done:
+                        continue
+                    run = run_arm(args, name, spec, arm, fraction, seed, work)
+                    results = record(output, results, run)
+                    print(f"{name} {arm} {fraction:.0%} seed {seed}: accuracy {run['accuracy']:.3f}, macro-F1 {run['macro_f1_present']:.3f}, "
+                          f"{run['train_img_per_s']:.0f} img/s, {run['flops_per_image'] / 1e9:.2f} GFLOPs, {run['minutes']} min", flush=True)
+    if args.figure:
+        figure(work, Path(args.figure))
+    elif results["runs"]:
+        report(results)
+
+
+if __name__ == "__main__":
+    main()
