@@ -20,7 +20,7 @@ from transformers.models.vit_mae.modeling_vit_mae import (
 )
 
 from .attention_maps import last_block_cls_attention
-from .configuration import MedMAEConfig
+from .configuration import MedMAEConfig, check_masking
 from .errors import ConfigError, DataError
 from .validation import check_pixels
 from .masking import MASKED, VISIBLE, MaskGenerator, build_mask_generator, codes_to_noise
@@ -79,6 +79,9 @@ class MedMAEForPreTrainingOutput(ViTMAEForPreTrainingOutput):
     supervised_loss: torch.FloatTensor | None = None
 
 
+RECIPE_FIELDS = ("mask_ratio", "mask_generator", "mask_generator_kwargs", "throw_ratio", "norm_pix_loss")
+
+
 class MaskingMixin:
     """The masking half of both MAEs (2D and 3D): the generator named in the config, and per-batch codes."""
 
@@ -90,6 +93,21 @@ class MaskingMixin:
             config.mask_generator, mask_ratio=config.mask_ratio, grid_size=config.grid_size, **kwargs)
         # Per-sample attention maps for the `attention` generator, filled by AttentionRefreshCallback.
         self.attention_bank: dict[int, torch.Tensor] = {}
+
+    def set_masking(self, **fields) -> dict:
+        """Give a loaded checkpoint this run's masking and loss settings (`RECIPE_FIELDS`), as transformers'
+        `run_mae.py` does with `mask_ratio` and `norm_pix_loss`; returns {field: (checkpoint's, new)} for those
+        that changed. They shape no weight, so continuing e.g. a plain MAE with MSMAE's masking is legitimate."""
+        unknown = set(fields) - set(RECIPE_FIELDS)
+        if unknown:
+            raise ConfigError(f"{sorted(unknown)} are not masking settings.", f"set only {list(RECIPE_FIELDS)} this way.")
+        changed = {k: (getattr(self.config, k, None), v) for k, v in fields.items() if getattr(self.config, k, None) != v}
+        for key, (_, value) in changed.items():
+            setattr(self.config, key, value)
+        if changed:
+            check_masking(self.config)
+            self.build_masking(self.config)
+        return changed
 
     def generate_codes(self, pixel_values: torch.Tensor, sample_ids: torch.Tensor | None = None, generator=None):
         """Per-patch codes (0 visible, 1 masked, 2 thrown) for a batch. [B, C, (D,) H, W] -> [B, L]."""

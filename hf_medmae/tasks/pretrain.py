@@ -28,7 +28,7 @@ from ..data.splits import label_subset, split_indices
 from ..data.transforms import Augment, channel_moments
 from ..errors import ConfigError, DataError
 from ..loading import load_checkpoint
-from ..modeling_mae import MedMAEForPreTraining
+from ..modeling_mae import RECIPE_FIELDS, MedMAEForPreTraining
 from ..performance import choose_attention
 from ..training import AttentionRefreshCallback, EpochCallback, SampleIdRecorder
 from .classify import class_weights
@@ -107,6 +107,14 @@ class ModelArguments:
     class_weighting: Literal["none", "balanced"] = field(default="none", metadata={
         "help": "supervised head: none | balanced (inverse class frequency over the labelled training images)"})
     attn_implementation: Literal["auto", "sdpa", "eager"] = field(default="auto", metadata={"help": "auto (sdpa on GPU; on CPU the faster of sdpa/eager, measured) | sdpa | eager"})
+
+
+def apply_recipe(model, model_args) -> None:
+    """A continued pre-training masks and scores as this run's arguments say, not as the checkpoint did (said in the log)."""
+    changed = model.set_masking(**{k: getattr(model_args, k) for k in RECIPE_FIELDS})
+    if changed:
+        logger.warning("continuing from %s with this run's %s (the checkpoint was pre-trained with %s)", model_args.model_name_or_path,
+                       {k: new for k, (_, new) in changed.items()}, {k: old for k, (old, _) in changed.items()})  # fmt: skip
 
 
 def mae_config(model_args: ModelArguments, num_channels: int, **extra) -> MedMAEConfig:
@@ -239,6 +247,7 @@ class Pretrain(Task):
                               "continue from a checkpoint pre-trained with the same classes, or pre-train from scratch with labels_csv.")
         if supervision is None and head:
             logger.warning("the checkpoint has a supervised head but no labels_csv is given: its cross-entropy term is 0")
+        apply_recipe(model, model_args)
         return model
 
     def setup_stream(self, model_args: ModelArguments, data_args: DataArguments, args: MedTrainingArguments) -> TaskSetup:

@@ -36,6 +36,7 @@ from ..segmentation import MedSegConfig, MedSegForSegmentation, build_unet_basel
 from ..segmentation.configuration import UNET_MULTIPLE
 from ..segmentation.inference import save_inference_config
 from ..training import AttentionRefreshCallback, EpochCallback
+from .pretrain import apply_recipe  # continued pre-training: the run's masking, as in 2D
 from .run import Task, TaskSetup
 from .segment import optimizer_for  # the same layer-decay AdamW as 2D UNETR
 
@@ -197,6 +198,7 @@ class Pretrain3D(Task):
                 raise DataError(f"the checkpoint takes {model.config.num_channels}-channel crops of {list(model.config.volume_size)}, "
                                 f"the data has {channels} channels and roi_size {data_args.roi_size}.",
                                 f"set roi_size: {list(model.config.volume_size)} and use {model.config.num_channels}-channel volumes.")
+            apply_recipe(model, model_args)
             return model
         keys = set(MedMAE3DConfig.__dataclass_fields__) & set(asdict(model_args))
         d, h, w = data_args.roi_size
