@@ -58,6 +58,8 @@ RECIPES = {
     # levers on top of the best single one (foreground): longer (the small-data literature's hundreds of epochs), sparser
     "foreground_steps3200": {"mask_generator": "foreground", "steps": 3200},
     "foreground_mask90": {"mask_generator": "foreground", "mask_ratio": 0.9},
+    # the same recipe, another pre-training seed: how far apart two runs of one recipe land (the ranking's noise floor)
+    "foreground_seed1": {"mask_generator": "foreground", "seed": 1},
 }
 
 
@@ -94,7 +96,7 @@ def pretrain(recipe: dict, pool: np.ndarray, out: Path) -> float:
         "--per_device_train_batch_size", "64", "--learning_rate", str(recipe["learning_rate"]), "--warmup_steps", "0.05",
         "--lr_scheduler_type", "cosine", "--weight_decay", "0.05", "--adam_beta2", "0.95", "--crop_scale", "[0.4, 1.0]",
         "--rot90", "true", "--save_strategy", "no", "--eval_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
-        "--logging_steps", "100", "--seed", "0",
+        "--logging_steps", "100", "--seed", str(recipe.get("seed", 0)),
     ])  # fmt: skip
     return json.loads((out / "all_results.json").read_text()).get("train_loss")
 
