@@ -76,7 +76,7 @@ def wbc_args() -> list[str]:
 
 def seed_mae(args: argparse.Namespace, seed: int, work: Path) -> Path:
     """The seed's MAE, pre-trained on its training images (and the recipe's external pool), reused if present."""
-    out = work / f"mae_seed{seed}"
+    out = work / (f"mae_seed{seed}" if args.recipe == "foreground" else f"mae_{args.recipe}_seed{seed}")  # foreground: the first study's
     if (out / "model.safetensors").is_file():
         return out
     recipe = {**BASE, **RECIPES[args.recipe]}
@@ -104,7 +104,7 @@ def run_arm(args: argparse.Namespace, arm: str, fraction: float, seed: int, work
              "mae_frozen": ["--init", "mae", "--mode", "frozen_features", "--model_name_or_path", str(seed_mae(args, seed, work))]
              if arm == "mae_frozen" else []}[arm]  # fmt: skip
     if arm.startswith("mae"):
-        pool = json.loads((work / f"mae_seed{seed}" / "pretraining_pool.json").read_text())
+        pool = json.loads((seed_mae(args, seed, work) / "pretraining_pool.json").read_text())
         flags += ["--image_size", str(pool["image_size"])]
     start = time.time()
     metrics = classify.main(["--config", str(CONFIG), *wbc_args(), "--train_fraction", str(fraction), "--seed", str(seed),
@@ -198,6 +198,11 @@ def main(argv: list[str] | None = None) -> None:
     results = json.loads(output.read_text()) if output.is_file() else {}
     if results.get("protocol") == "converged-4-arms":  # v1 evaluated every epoch; frozen-feature runs do not train, so they stay
         results.update(protocol=PROTOCOL, runs=[r for r in results["runs"] if r["arm"] == "mae_frozen"], cnn=args.cnn)
+    if results.get("protocol") == PROTOCOL and results["recipe"]["name"] != args.recipe:
+        # Another pre-training recipe: the MAE arms are redone on it; the CNN and scratch runs do not depend on it.
+        print(f"recipe {results['recipe']['name']} -> {args.recipe}: its MAE runs are dropped from {output}", flush=True)
+        results.update(recipe={"name": args.recipe, **BASE, **RECIPES[args.recipe]}, runs=[r for r in results["runs"] if not r["arm"].startswith("mae")])
+        output.write_text(json.dumps(results, indent=2))
     if results.get("protocol") != PROTOCOL:  # an older study's file: start anew
         results = {"protocol": PROTOCOL, "hardware": hardware_description(), "recipe": {"name": args.recipe, **BASE, **RECIPES[args.recipe]},
                    "cnn": args.cnn, "config": str(CONFIG.relative_to(ROOT)), "extra_flags": args.extra, "runs": []}  # fmt: skip
