@@ -120,10 +120,13 @@ def main() -> None:
     p.add_argument("--splits", type=int, default=5)
     p.add_argument("--work-dir", default=str(ROOT / "outputs" / "mae_recipe"))
     p.add_argument("--output", default="benchmarks/results/mae_recipe.json")
+    p.add_argument("--table", default=None, help="only print the README table, differences paired against this recipe (e.g. base)")
     p.add_argument("--plot-steps", default=None, help="only draw probe macro-F1 vs pre-training steps (random masking, seed 0) to this PNG")
     args = p.parse_args()
     if args.plot_steps:
         return plot_steps(json.loads(Path(args.output).read_text()), Path(args.plot_steps))
+    if args.table:
+        return print_table(json.loads(Path(args.output).read_text()), args.table)
     out, work = Path(args.output), Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     results = json.loads(out.read_text()) if out.is_file() else {"hardware": hardware_description(), "base": BASE, "splits": args.splits, "rows": []}
@@ -155,6 +158,23 @@ def main() -> None:
         print(f"{r['recipe']:>12} {r['f1_10']['mean']:>7.3f} ± {r['f1_10']['std']:.3f} {r['f1_100']['mean']:>7.3f} ± {r['f1_100']['std']:.3f} "
               f"{loss:>7} {r['minutes']:>5}")
     print(f"hardware: {results['hardware']}; wrote {out}")
+
+
+def print_table(results: dict, reference: str) -> None:
+    """Markdown rows: macro-F1 mean ± std over the splits, and the mean per-split difference to `reference` ± its standard error."""
+    rows = {r["recipe"]: r for r in results["rows"]}
+
+    def versus(row, key):
+        if row["recipe"] == reference:
+            return "—"
+        diff = np.subtract(row[key]["scores"], rows[reference][key]["scores"]) * 100
+        return f"{diff.mean():+.1f} ± {diff.std(ddof=1) / np.sqrt(len(diff)):.1f}"
+
+    print(f"| recipe | steps | macro-F1, 10% labels | vs {reference} | macro-F1, 100% | vs {reference} | minutes |")
+    print("|---|---|---|---|---|---|---|")
+    for row in results["rows"]:
+        print(f"| {row['recipe']} | {row['steps'] if row['recipe'] != 'random' else 0} | {row['f1_10']['mean']:.3f} ± {row['f1_10']['std']:.3f} "
+              f"| {versus(row, 'f1_10')} | {row['f1_100']['mean']:.3f} ± {row['f1_100']['std']:.3f} | {versus(row, 'f1_100')} | {row['minutes']} |")
 
 
 def plot_steps(results: dict, path: Path) -> None:
