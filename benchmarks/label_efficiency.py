@@ -48,6 +48,7 @@ WBC = ROOT.parent / "shared" / "data" / "wbc_zheng2018"
 CONFIG = ROOT / "configs" / "wbc_classification.yaml"
 # v2: at most 50 evaluations per run (`max_evaluations`); v1 evaluated and saved every epoch, 2,000 times at 1% labels.
 PROTOCOL = "converged-4-arms-v2"
+DEFAULT_RECIPE = "steps6400"  # the recipe search's winner, as configs/wbc_mae.yaml
 ARMS = ("cnn", "vit_scratch", "mae_finetune", "mae_frozen")
 METRICS = ("accuracy", "macro_precision_present", "macro_recall_present", "macro_f1_present")
 HEADERS = ("accuracy", "precision", "recall", "F1")
@@ -58,7 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     p.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 0.5, 1.0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    p.add_argument("--recipe", default="base", choices=list(RECIPES), help="the MAE pre-training recipe (mae_recipe.py)")
+    p.add_argument("--recipe", default=None, choices=list(RECIPES),
+                   help=f"the MAE pre-training recipe (mae_recipe.py); default: the JSON's, or {DEFAULT_RECIPE} for a new study")
     p.add_argument("--cnn", default="resnet10", help="the CNN arm's --architecture")
     p.add_argument("--extra", default="", help="flags added to every run_classification call, one string (--extra='--max_steps 20': a smoke run)")
     p.add_argument("--pretrain-steps", type=int, default=None, help="override the recipe's steps (smoke runs)")
@@ -98,7 +100,8 @@ def seed_mae(args: argparse.Namespace, seed: int, work: Path) -> Path:
 
 
 def run_arm(args: argparse.Namespace, arm: str, fraction: float, seed: int, work: Path) -> dict:
-    out = work / f"{arm}_f{fraction}_s{seed}"
+    named = arm.startswith("mae") and args.recipe != "foreground"  # the first study's MAE runs carry no recipe in their name
+    out = work / (f"{arm}_{args.recipe}_f{fraction}_s{seed}" if named else f"{arm}_f{fraction}_s{seed}")
     flags = {"cnn": ["--architecture", args.cnn], "vit_scratch": ["--init", "scratch", "--model_name_or_path", "null"],
              "mae_finetune": ["--init", "mae", "--model_name_or_path", str(seed_mae(args, seed, work))] if arm == "mae_finetune" else [],
              "mae_frozen": ["--init", "mae", "--mode", "frozen_features", "--model_name_or_path", str(seed_mae(args, seed, work))]
@@ -198,7 +201,9 @@ def main(argv: list[str] | None = None) -> None:
     results = json.loads(output.read_text()) if output.is_file() else {}
     if results.get("protocol") == "converged-4-arms":  # v1 evaluated every epoch; frozen-feature runs do not train, so they stay
         results.update(protocol=PROTOCOL, runs=[r for r in results["runs"] if r["arm"] == "mae_frozen"], cnn=args.cnn)
-    if results.get("protocol") == PROTOCOL and results["recipe"]["name"] != args.recipe:
+    if args.recipe is None:
+        args.recipe = results["recipe"]["name"] if results.get("protocol") == PROTOCOL else DEFAULT_RECIPE
+    if results.get("protocol") == PROTOCOL and results["recipe"]["name"] != args.recipe and not args.report:
         # Another pre-training recipe: the MAE arms are redone on it; the CNN and scratch runs do not depend on it.
         print(f"recipe {results['recipe']['name']} -> {args.recipe}: its MAE runs are dropped from {output}", flush=True)
         results.update(recipe={"name": args.recipe, **BASE, **RECIPES[args.recipe]}, runs=[r for r in results["runs"] if not r["arm"].startswith("mae")])
