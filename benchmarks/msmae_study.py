@@ -253,7 +253,7 @@ def figure(work: Path, output: Path, count: int = 4) -> None:
     raw = torch.stack([resize(torch.from_numpy(np.asarray(data.images[i])).float(), 64) for i in picks])
     maps, codes = {}, {}
     for name, folder in (("MAE", "pre_wbc_mae_s0"), ("MSMAE", "pre_wbc_msmae_f1.0_s0")):
-        model = MedMAEForPreTraining.from_pretrained(str(work / folder)).eval()
+        model = MedMAEForPreTraining.from_pretrained(str(work / folder), use_safetensors=True).eval()
         pre = json.loads((work / folder / "preprocessor_config.json").read_text())
         x = (raw - torch.tensor(pre["image_mean"])[:, None, None]) / torch.tensor(pre["image_std"])[:, None, None]
         grid = model.config.image_size // model.config.patch_size

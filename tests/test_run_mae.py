@@ -120,23 +120,24 @@ def test_bad_data_is_named(tmp_path):
         pretrain.main(base_args(tmp_path, train_data=str(folder), model_name_or_path=str(ckpt)))
 
 
-def test_continued_pretraining_masks_as_the_run_says(tmp_path, caplog):
-    """A checkpoint's masking is replaced by this run's (as transformers' run_mae.py does), said in the log and saved."""
+def test_continued_pretraining_keeps_the_checkpoints_masking_unless_the_run_sets_it(tmp_path, caplog):
+    """Unset masking fields keep the checkpoint's values; set ones replace them (said in the log, saved, checked)."""
     ckpt = tmp_path / "ckpt"
-    MedMAEForPreTraining(tiny_config(num_channels=16, mask_ratio=0.75, norm_pix_loss=True)).save_pretrained(ckpt)
+    MedMAEForPreTraining(tiny_config(num_channels=16, mask_ratio=0.75, mask_generator="grid", norm_pix_loss=False)).save_pretrained(ckpt)
     out = tmp_path / "continued"
     with caplog.at_level("WARNING"):
-        pretrain.main(["--config", write_config(tmp_path / "c.yaml", train_data="embedded:nuclei16",
-                                                 model_name_or_path=str(ckpt), mask_ratio=0.5, mask_generator="grid",
-                                                 norm_pix_loss=False, max_steps=1, output_dir=str(out))])  # fmt: skip
+        pretrain.main(["--config", write_config(tmp_path / "c.yaml", train_data="embedded:nuclei16", model_name_or_path=str(ckpt),
+                                                 mask_ratio=0.5, max_steps=1, output_dir=str(out))])  # fmt: skip
     saved = json.loads((out / "config.json").read_text())
     assert (saved["mask_ratio"], saved["mask_generator"], saved["norm_pix_loss"]) == (0.5, "grid", False)
-    assert "checkpoint was pre-trained with" in caplog.text and "'mask_ratio': 0.75" in caplog.text
+    assert "checkpoint was pre-trained with {'mask_ratio': 0.75}" in caplog.text
     model = MedMAEForPreTraining.from_pretrained(out)
     codes = model.generate_codes(torch.zeros(2, 16, 32, 32))
-    assert (codes == 1).float().mean().item() == 0.5  # the grid generator at 0.5, not random at 0.75
+    assert (codes == 1).float().mean().item() == 0.5  # the grid generator at the run's 0.5
     with pytest.raises(ConfigError, match="throw_ratio"):  # the new settings are checked like a fresh config's
         model.set_masking(throw_ratio=0.6)
+    fresh = pretrain.mae_config(pretrain.ModelArguments(), 3)  # a new MAE: the MAE defaults
+    assert (fresh.mask_ratio, fresh.mask_generator, fresh.norm_pix_loss, fresh.throw_ratio) == (0.75, "random", True, 0.0)
 
 
 def test_output_dir_not_writable(tmp_path):

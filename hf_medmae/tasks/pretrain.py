@@ -95,11 +95,13 @@ class ModelArguments:
     decoder_num_attention_heads: int = 4
     decoder_intermediate_size: int = 512
     layer_norm_eps: float = 1e-6
-    norm_pix_loss: bool = True
-    mask_ratio: float = 0.75
-    mask_generator: str = "random"
+    # Masking and loss: unset = the MAE defaults (MASKING_DEFAULTS) for a new MAE, and the checkpoint's own values when
+    # continuing from model_name_or_path; set = this run's, also over a checkpoint's (see `apply_recipe`).
+    norm_pix_loss: bool | None = field(default=None, metadata={"help": "default true; continuing: the checkpoint's"})
+    mask_ratio: float | None = field(default=None, metadata={"help": "default 0.75; continuing: the checkpoint's"})
+    mask_generator: str | None = field(default=None, metadata={"help": "default random; continuing: the checkpoint's"})
     mask_generator_kwargs: dict | None = None
-    throw_ratio: float = 0.0
+    throw_ratio: float | None = field(default=None, metadata={"help": "default 0; continuing: the checkpoint's"})
     attention_refresh_epochs: float = 5.0
     supervised_loss_weight: float = field(default=0.0, metadata={
         "help": "MSMAE: weight of the cross-entropy of a linear head on the masked pass's CLS token, beside the "
@@ -109,9 +111,17 @@ class ModelArguments:
     attn_implementation: Literal["auto", "sdpa", "eager"] = field(default="auto", metadata={"help": "auto (sdpa on GPU; on CPU the faster of sdpa/eager, measured) | sdpa | eager"})
 
 
+MASKING_DEFAULTS = dict(norm_pix_loss=True, mask_ratio=0.75, mask_generator="random", mask_generator_kwargs=None, throw_ratio=0.0)
+
+
+def fresh_masking(model_args) -> dict:
+    """The masking fields of a new MAE: the arguments, with MASKING_DEFAULTS where unset."""
+    return {k: MASKING_DEFAULTS[k] if getattr(model_args, k) is None else getattr(model_args, k) for k in RECIPE_FIELDS}
+
+
 def apply_recipe(model, model_args) -> None:
-    """A continued pre-training masks and scores as this run's arguments say, not as the checkpoint did (said in the log)."""
-    changed = model.set_masking(**{k: getattr(model_args, k) for k in RECIPE_FIELDS})
+    """A continued pre-training keeps the checkpoint's masking except where this run's arguments set it (said in the log)."""
+    changed = model.set_masking(**{k: getattr(model_args, k) for k in RECIPE_FIELDS if getattr(model_args, k) is not None})
     if changed:
         logger.warning("continuing from %s with this run's %s (the checkpoint was pre-trained with %s)", model_args.model_name_or_path,
                        {k: new for k, (_, new) in changed.items()}, {k: old for k, (old, _) in changed.items()})  # fmt: skip
@@ -119,8 +129,8 @@ def apply_recipe(model, model_args) -> None:
 
 def mae_config(model_args: ModelArguments, num_channels: int, **extra) -> MedMAEConfig:
     """The `MedMAEConfig` the arguments describe, for images of `num_channels` channels (`extra`: more config fields)."""
-    keys = set(MedMAEConfig.__dataclass_fields__) & set(asdict(model_args)) - {"num_channels"} - set(extra)
-    return MedMAEConfig(num_channels=num_channels, **{k: getattr(model_args, k) for k in keys}, **extra)
+    keys = set(MedMAEConfig.__dataclass_fields__) & set(asdict(model_args)) - {"num_channels"} - set(extra) - set(RECIPE_FIELDS)
+    return MedMAEConfig(num_channels=num_channels, **{k: getattr(model_args, k) for k in keys}, **fresh_masking(model_args), **extra)
 
 
 @dataclass

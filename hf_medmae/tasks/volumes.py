@@ -30,13 +30,14 @@ from ..encoder import load_encoder
 from ..errors import ConfigError, DataError
 from ..loading import load_checkpoint
 from ..metrics import segmentation_compute_metrics_fn, segmentation_metrics, segmentation_preprocess_logits
+from ..modeling_mae import RECIPE_FIELDS
 from ..modeling_mae3d import MedMAE3DConfig, MedMAE3DForPreTraining
 from ..plots import plot_confusion_matrix, plot_volume_overlays, save_volume_reconstruction
 from ..segmentation import MedSegConfig, MedSegForSegmentation, build_unet_baseline, encoder_fields, predict
 from ..segmentation.configuration import UNET_MULTIPLE
 from ..segmentation.inference import save_inference_config
 from ..training import AttentionRefreshCallback, EpochCallback
-from .pretrain import apply_recipe  # continued pre-training: the run's masking, as in 2D
+from .pretrain import apply_recipe, fresh_masking  # masking defaults and continued pre-training, as in 2D
 from .run import Task, TaskSetup
 from .segment import optimizer_for  # the same layer-decay AdamW as 2D UNETR
 
@@ -90,11 +91,12 @@ class MAE3DModelArguments:
     decoder_num_attention_heads: int = 4
     decoder_intermediate_size: int = 384
     layer_norm_eps: float = 1e-6
-    norm_pix_loss: bool = True
-    mask_ratio: float = 0.75
-    mask_generator: str = "random"
+    # unset = MASKING_DEFAULTS for a new MAE, the checkpoint's values when continuing (as in 2D)
+    norm_pix_loss: bool | None = None
+    mask_ratio: float | None = None
+    mask_generator: str | None = None
     mask_generator_kwargs: dict | None = None
-    throw_ratio: float = 0.0
+    throw_ratio: float | None = None
     attention_refresh_epochs: float = 5.0
 
 
@@ -200,9 +202,10 @@ class Pretrain3D(Task):
                                 f"set roi_size: {list(model.config.volume_size)} and use {model.config.num_channels}-channel volumes.")
             apply_recipe(model, model_args)
             return model
-        keys = set(MedMAE3DConfig.__dataclass_fields__) & set(asdict(model_args))
+        keys = set(MedMAE3DConfig.__dataclass_fields__) & set(asdict(model_args)) - set(RECIPE_FIELDS)
         d, h, w = data_args.roi_size
-        config = MedMAE3DConfig(num_channels=channels, num_frames=d, image_size=[h, w], **{k: getattr(model_args, k) for k in keys})
+        config = MedMAE3DConfig(num_channels=channels, num_frames=d, image_size=[h, w], **{k: getattr(model_args, k) for k in keys},
+                                **fresh_masking(model_args))  # fmt: skip
         return MedMAE3DForPreTraining(config)
 
     def report(self, trainer, setup: TaskSetup, model_args, data_args: VolumeDataArguments, is_main: bool) -> dict:
