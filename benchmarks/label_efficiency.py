@@ -31,6 +31,7 @@ import json
 import shlex
 import statistics
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +122,13 @@ def run_arm(args: argparse.Namespace, arm: str, fraction: float, seed: int, work
                 steps=metrics.get("global_step"), minutes=round((time.time() - start) / 60, 2), confidence=report.get("confidence"))  # fmt: skip
 
 
+def arm_name(arm: str, results: dict) -> str:
+    """The arm as a reader would name it."""
+    cnn = results.get("cnn", "resnet10").replace("resnet", "ResNet-").replace("densenet", "DenseNet-")
+    return {"cnn": f"{cnn} from scratch", "vit_scratch": "ViT from scratch", "mae_finetune": "ViT from MAE, fine-tuned",
+            "mae_frozen": "MAE frozen + logistic regression"}[arm]  # fmt: skip
+
+
 def summarise(runs: list[dict]) -> list[dict]:
     table = []
     for fraction in sorted({r["fraction"] for r in runs}):
@@ -165,10 +173,17 @@ def format_table(table: list[dict]) -> str:
 
 
 def report(results: dict, output: Path) -> None:
+    if output.is_file():  # the file as it is now: another process may have added runs since this one read it
+        results = json.loads(output.read_text())
     table = summarise(results["runs"])
     results["summary"] = table
-    output.write_text(json.dumps(results, indent=2))
-    rows = [{"init": r["arm"], "fraction": r["fraction"], "macro_f1": r["macro_f1_present"]} for r in results["runs"]]
+    tmp = output.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(output)
+    counts = {a: sorted(Counter(r["fraction"] for r in results["runs"] if r["arm"] == a).values()) for a in ARMS}
+    seeds = {a: "" if not c else f" ({c[0]} seed{'s' * (c[-1] > 1)})" if c[0] == c[-1] else f" ({c[0]}–{c[-1]} seeds)" for a, c in counts.items()}
+    label = lambda r: arm_name(r["arm"], results) + seeds[r["arm"]]  # noqa: E731
+    rows = [{"init": label(r), "fraction": r["fraction"], "macro_f1": r["macro_f1_present"]} for r in results["runs"]]
     if rows:
         plot_label_efficiency(rows, output.with_suffix(".png"), metric="macro_f1")
     print(format_table(table))
