@@ -139,6 +139,8 @@ def test_frozen_features_mode_is_fast_and_scores_like_fine_tuning(tmp_path, clas
     assert metrics["test_macro_f1_present"] > 0.35, metrics
     for png in ("confusion_matrix.png", "reliability.png"):
         assert (tmp_path / png).is_file()
+    splits = json.loads((tmp_path / "splits.json").read_text())  # which images it was scored on, as fine-tuning writes
+    assert len(splits["test"]) == 60 and not set(splits["test"]) & set(splits["train"])
 
 
 def test_frozen_features_of_the_last_k_blocks():

@@ -246,6 +246,7 @@ def frozen_features(model_args: ModelArguments, data_args: DataArguments, args: 
               "class_counts": {n: class_counts(labels[n], names) for n in labels}, "image_mean": mean, "image_std": std,
               "hardware": hardware_description()}  # fmt: skip
     Path(args.output_dir, "test_metrics.json").write_text(json.dumps(report, indent=2, default=str))
+    Path(args.output_dir, "splits.json").write_text(json.dumps({name: [data.files[i] for i in idx] for name, idx in parts.items()}, indent=1))
     metrics = {f"test_{k}": v for k, v in test.items() if isinstance(v, (int, float))}
     metrics.update(mode="frozen_features", classifier=report["classifier"], num_train_images=len(labels["train"]))
     Path(args.output_dir, "all_results.json").write_text(json.dumps(metrics, indent=2, default=str))
