@@ -177,9 +177,7 @@ def report(results: dict, output: Path) -> None:
         results = json.loads(output.read_text())
     table = summarise(results["runs"])
     results["summary"] = table
-    tmp = output.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(output)
+    write_json(output, results)
     counts = {a: sorted(Counter(r["fraction"] for r in results["runs"] if r["arm"] == a).values()) for a in ARMS}
     seeds = {a: "" if not c else f" ({c[0]} seed{'s' * (c[-1] > 1)})" if c[0] == c[-1] else f" ({c[0]}–{c[-1]} seeds)" for a, c in counts.items()}
     label = lambda r: arm_name(r["arm"], results) + seeds[r["arm"]]  # noqa: E731
@@ -204,10 +202,14 @@ def record(output: Path, results: dict, run: dict) -> dict:
         current = results
     key = (run["arm"], run["fraction"], run["seed"])
     current["runs"] = [r for r in current["runs"] if (r["arm"], r["fraction"], r["seed"]) != key] + [run]
-    tmp = output.with_suffix(".tmp")
-    tmp.write_text(json.dumps(current, indent=2))
-    tmp.replace(output)  # atomic: a reader never sees half a file
+    write_json(output, current)
     return current
+
+
+def write_json(output: Path, results: dict) -> None:
+    tmp = output.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(output)  # atomic: a reader never sees half a file
 
 
 def main(argv: list[str] | None = None) -> None:
