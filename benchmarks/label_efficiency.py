@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from mae_recipe import BASE, RECIPES, bccd_cells, pretrain
+from results_io import record, write_json
 
 from hf_medmae.data.splits import stratified_split
 from hf_medmae.data.transforms import resize
@@ -195,23 +196,6 @@ def report(results: dict, output: Path) -> None:
     print(f"hardware: {results['hardware']}; {len(results['runs'])} runs; wrote {output} and {output.with_suffix('.png')}")
 
 
-def record(output: Path, results: dict, run: dict) -> dict:
-    """Add `run` to the JSON as it is on disk now, so that several processes (e.g. one per seed) can fill one file."""
-    current = json.loads(output.read_text()) if output.is_file() else results
-    if current.get("protocol") != results["protocol"]:
-        current = results
-    key = (run["arm"], run["fraction"], run["seed"])
-    current["runs"] = [r for r in current["runs"] if (r["arm"], r["fraction"], r["seed"]) != key] + [run]
-    write_json(output, current)
-    return current
-
-
-def write_json(output: Path, results: dict) -> None:
-    tmp = output.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(output)  # atomic: a reader never sees half a file
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     output, work = Path(args.output), Path(args.work_dir)
@@ -236,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
                 if (arm, fraction, seed) in done:
                     continue
                 run = run_arm(args, arm, fraction, seed, work)
-                results = record(output, results, run)
+                results = record(output, results, run, key=lambda r: (r["arm"], r["fraction"], r["seed"]))
                 print(f"{arm} {fraction:.0%} seed {seed}: accuracy {run['accuracy']:.3f}, macro-F1 {run['macro_f1_present']:.3f}, "
                       f"{run['steps']} steps, {run['minutes']} min", flush=True)
     report(results, output)

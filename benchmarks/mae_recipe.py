@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from frozen_probe import features, probe, wbc
+from results_io import record
 from transformers import ViTModel
 
 from hf_medmae import load_encoder
@@ -149,7 +150,7 @@ def main() -> None:
         row = dict(recipe=name, **recipe, train_loss=loss, pool_images=None if name == "random" else len(pool),
                    minutes=round((time.time() - start) / 60, 1), **scores(features(encoder, images, mean, std), labels, args.splits))  # fmt: skip
         out.parent.mkdir(parents=True, exist_ok=True)
-        results = record(out, results, row)
+        results = record(out, results, row, key=lambda r: r["recipe"], field="rows")
         print(f"{name:>12}: macro-F1 10% {row['f1_10']['mean']:.3f} ± {row['f1_10']['std']:.3f}, "
               f"100% {row['f1_100']['mean']:.3f} ± {row['f1_100']['std']:.3f} ({row['minutes']} min)", flush=True)
     print(f"\n{'recipe':>12} {'10% labels':>15} {'100% labels':>15} {'loss':>7} {'min':>5}")
@@ -202,16 +203,6 @@ def plot_steps(results: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
-
-
-def record(out: Path, results: dict, row: dict) -> dict:
-    """Add `row` to the JSON as it is on disk now, so that several processes (one recipe each) can fill one file."""
-    current = json.loads(out.read_text()) if out.is_file() else results
-    current["rows"] = [r for r in current["rows"] if r["recipe"] != row["recipe"]] + [row]
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(current, indent=2))
-    tmp.replace(out)
-    return current
 
 
 def load_encoder_config(recipe: dict):

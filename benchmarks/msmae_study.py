@@ -48,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from results_io import record
 from torch.utils.flop_counter import FlopCounterMode
 
 from hf_medmae.data.splits import label_subset, stratified_split
@@ -201,17 +202,6 @@ def run_arm(args, name: str, spec: dict, arm: str, fraction: float, seed: int, w
                 flops_per_image=None if frozen else flops_per_image(out, throw), minutes=round((time.time() - start) / 60, 2))  # fmt: skip
 
 
-def record(output: Path, results: dict, run: dict) -> dict:
-    """Add `run` to the JSON as it is on disk now (several processes may fill one file)."""
-    current = json.loads(output.read_text()) if output.is_file() else results
-    key = lambda r: (r["dataset"], r["arm"], r["fraction"], r["seed"])  # noqa: E731
-    current["runs"] = [r for r in current["runs"] if key(r) != key(run)] + [run]
-    tmp = output.with_suffix(".tmp")
-    tmp.write_text(json.dumps(current, indent=2))
-    tmp.replace(output)
-    return current
-
-
 def summarise(runs: list[dict]) -> list[dict]:
     table = []
     for name in sorted({r["dataset"] for r in runs}, reverse=True):
@@ -304,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
                     if (name, arm, fraction, seed) in done:
                         continue
                     run = run_arm(args, name, spec, arm, fraction, seed, work)
-                    results = record(output, results, run)
+                    results = record(output, results, run, key=lambda r: (r["dataset"], r["arm"], r["fraction"], r["seed"]))
                     print(f"{name} {arm} {fraction:.0%} seed {seed}: accuracy {run['accuracy']:.3f}, macro-F1 {run['macro_f1_present']:.3f}, "
                           + ("" if run["flops_per_image"] is None else f"{run['train_img_per_s']:.0f} img/s, {run['flops_per_image'] / 1e9:.2f} GFLOPs, ")
                           + f"{run['minutes']} min", flush=True)

@@ -33,6 +33,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from results_io import record, write_json  # noqa: E402
 
 from hf_medmae.data.volumes import load_volumes  # noqa: E402
 from hf_medmae.tasks import pretrain, segment  # noqa: E402
@@ -95,7 +97,8 @@ def run_arm(args, arm: str, labels: str, seed: int, work: Path) -> dict:
     assert report["test_volumes"] == test and metrics["train_volumes"] == train, "the segmenter's split differs from the MAE's"
     return dict(arm=arm, labels=labels, seed=seed, mean_dice=report["mean_dice"], dice_nucleus=report["dice_per_class"]["nucleus"],
                 hd95_nucleus=report["hd95_per_class"]["nucleus"], test_volume=test[0], steps=metrics.get("global_step"),
-                best_checkpoint=Path(metrics.get("best_checkpoint") or "").name, minutes=round((time.time() - start) / 60, 2))  # fmt: skip
+                best_checkpoint=Path(metrics.get("best_checkpoint") or "").name, minutes=round((time.time() - start) / 60, 2),
+                threads=torch.get_num_threads())  # fmt: skip
 
 
 def summarise(runs: list[dict]) -> list[dict]:
@@ -164,10 +167,13 @@ def plot(runs: list[dict], path: Path) -> None:
 
 
 def report(results: dict, output: Path) -> None:
+    if output.is_file():  # another process may have added runs since this one started
+        results = json.loads(output.read_text())
     results["summary"] = summarise(results["runs"])
-    output.write_text(json.dumps(results, indent=2))
+    write_json(output, results)
     with output.with_suffix(".csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(results["runs"][0]) if results["runs"] else ["arm"])
+        fields = list(dict.fromkeys(k for r in results["runs"] for k in r)) or ["arm"]  # older runs lack newer keys
+        writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(results["runs"])
     if results["runs"]:
@@ -190,8 +196,7 @@ def main(argv=None) -> None:
             for arm in args.arms:
                 if (arm, labels, seed) not in done:
                     run = run_arm(args, arm, labels, seed, work)
-                    results["runs"].append(run)
-                    output.write_text(json.dumps(results, indent=2))
+                    results = record(output, results, run, key=lambda r: (r["arm"], r["labels"], r["seed"]))
                     print(f"{arm} {labels} seed {seed}: nucleus Dice {run['dice_nucleus']:.3f}, HD95 {run['hd95_nucleus']}, "
                           f"{run['minutes']} min", flush=True)
     report(results, output)

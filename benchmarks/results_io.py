@@ -1,0 +1,25 @@
+"""The studies' JSON files: written atomically and merged with what is on disk, so that several processes (one
+per seed, arm or recipe) can fill one file and a study can be completed over several sessions."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)  # atomic: a reader never sees half a file
+
+
+def record(path: Path, results: dict, item: dict, key: Callable[[dict], tuple], field: str = "runs") -> dict:
+    """Add `item` to `field` of the JSON as it is on disk now, replacing an item with the same key, and return
+    the merged results. A file written under another `protocol` is replaced by `results`."""
+    current = json.loads(path.read_text()) if path.is_file() else results
+    if current.get("protocol") != results.get("protocol"):
+        current = results
+    current[field] = [r for r in current.get(field, []) if key(r) != key(item)] + [item]
+    write_json(path, current)
+    return current

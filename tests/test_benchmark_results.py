@@ -1,0 +1,32 @@
+"""The studies' JSON writer (benchmarks/results_io.py): several processes fill one file without losing runs."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from results_io import record  # noqa: E402
+
+KEY = lambda r: (r["arm"], r["seed"])  # noqa: E731
+
+
+def test_processes_with_stale_copies_keep_each_others_runs(tmp_path):
+    path = tmp_path / "study.json"
+    header = {"protocol": "v2", "runs": []}
+    first, second = json.loads(json.dumps(header)), json.loads(json.dumps(header))  # two processes, each its own copy
+    first = record(path, first, {"arm": "a", "seed": 0, "f1": 0.5}, KEY)
+    second = record(path, second, {"arm": "b", "seed": 0, "f1": 0.6}, KEY)  # never saw arm a in memory
+    on_disk = json.loads(path.read_text())
+    assert sorted(KEY(r) for r in on_disk["runs"]) == [("a", 0), ("b", 0)]
+    assert on_disk == second
+    record(path, first, {"arm": "a", "seed": 0, "f1": 0.7}, KEY)  # a rerun replaces, never duplicates
+    runs = json.loads(path.read_text())["runs"]
+    assert len(runs) == 2 and [r["f1"] for r in runs if r["arm"] == "a"] == [0.7]
+    assert not path.with_suffix(".tmp").exists()
+
+
+def test_a_file_of_another_protocol_is_replaced(tmp_path):
+    path = tmp_path / "study.json"
+    record(path, {"protocol": "v1", "runs": []}, {"arm": "a", "seed": 0}, KEY)
+    merged = record(path, {"protocol": "v2", "runs": []}, {"arm": "b", "seed": 1}, KEY, field="runs")
+    assert merged["protocol"] == "v2" and [KEY(r) for r in merged["runs"]] == [("b", 1)]
