@@ -141,8 +141,22 @@ def summarise(runs: list[dict]) -> list[dict]:
                     values = [r[m] for r in cell]
                     row[f"{m}_mean"], row[f"{m}_std"] = statistics.mean(values), statistics.pstdev(values)
                 row["confidence"] = pooled_confidence(cell)
+                for ref in ("vit_scratch", "cnn"):
+                    if arm != ref:
+                        row[f"f1_vs_{ref}"] = paired(runs, arm, ref, fraction)
                 table.append(row)
     return table
+
+
+def paired(runs: list[dict], arm: str, ref: str, fraction: float) -> dict | None:
+    """Macro-F1 of `arm` minus `ref` in points, seed by seed: seeds differ in difficulty far more than arms do,
+    so arms are compared on the seeds where both ran."""
+    f1 = {(r["arm"], r["seed"]): r["macro_f1_present"] for r in runs if r["fraction"] == fraction}
+    seeds = sorted(s for a, s in f1 if a == arm and (ref, s) in f1)
+    if not seeds:
+        return None
+    points = [100 * (f1[(arm, s)] - f1[(ref, s)]) for s in seeds]
+    return {"mean": statistics.mean(points), "std": statistics.stdev(points) if len(points) > 1 else 0.0, "seeds": seeds, "per_seed": points}
 
 
 def pooled_confidence(cell: list[dict]) -> dict:
@@ -162,14 +176,17 @@ def pooled_confidence(cell: list[dict]) -> dict:
     return out
 
 
-def format_table(table: list[dict]) -> str:
-    """Seed 000's shape: one row per (labels, arm), mean ± std over seeds per metric, and the F1 gain over the ViT from scratch."""
-    lines = ["| labels | arm | seeds | " + " | ".join(HEADERS) + " | F1 vs ViT scratch |", "|" + "---|" * (4 + len(HEADERS))]
+def format_table(table: list[dict], results: dict) -> str:
+    """Seed 000's shape: one row per (labels, arm), mean ± std over seeds per metric, and the macro-F1 gain in
+    points over the ViT and the CNN from scratch, paired by seed (mean ± std over the seeds both ran)."""
+    cnn = arm_name("cnn", results).removesuffix(" from scratch")
+    lines = ["| labels | arm | seeds | " + " | ".join(HEADERS) + f" | F1 vs ViT scratch, paired | F1 vs {cnn}, paired |",
+             "|" + "---|" * (5 + len(HEADERS))]  # fmt: skip
+    gain = lambda d: "-" if not d else f"{d['mean']:+.1f} ± {d['std']:.1f}"  # noqa: E731
     for r in table:
-        scratch = next((x for x in table if x["fraction"] == r["fraction"] and x["arm"] == "vit_scratch"), None)
-        gain = f"{100 * (r['macro_f1_present_mean'] - scratch['macro_f1_present_mean']):+.1f} points" if scratch and r is not scratch else "-"
         cells = [f"{r[f'{m}_mean']:.3f} ± {r[f'{m}_std']:.3f}" for m in METRICS]
-        lines.append(f"| {r['fraction']:.0%} | {r['arm']} | {r['seeds']} | " + " | ".join(cells) + f" | {gain} |")
+        lines.append(f"| {r['fraction']:.0%} | {arm_name(r['arm'], results)} | {r['seeds']} | " + " | ".join(cells)
+                     + f" | {gain(r.get('f1_vs_vit_scratch'))} | {gain(r.get('f1_vs_cnn'))} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -185,7 +202,13 @@ def report(results: dict, output: Path) -> None:
     rows = [{"init": label(r), "fraction": r["fraction"], "macro_f1": r["macro_f1_present"]} for r in results["runs"]]
     if rows:
         plot_label_efficiency(rows, output.with_suffix(".png"), metric="macro_f1")
-    print(format_table(table))
+    print(format_table(table, results))
+    print("\nmacro-F1 gain in points per seed (seeds in order):")
+    for r in table:
+        for ref in ("vit_scratch", "cnn"):
+            if r.get(f"f1_vs_{ref}") and r["arm"] != "vit_scratch":  # its row vs the CNN is the CNN's row negated
+                d = r[f"f1_vs_{ref}"]
+                print(f"  {r['fraction']:>5.0%} {r['arm']:>13} vs {ref:<11}: seeds {d['seeds']}: " + ", ".join(f"{x:+.0f}" for x in d["per_seed"]))
     print("\nconfidence (mean probability of the predicted class), right / wrong test predictions, pooled over seeds:")
     for r in table:
         parts = []
