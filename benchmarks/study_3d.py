@@ -13,10 +13,14 @@ Arms: `mae` at mask ratios 0.125 / 0.5 / 0.75 (SelfMedMAE: low ratios win for se
 (the same UNETR, random weights), `unet` (MONAI BasicUNet 3D). Every run is written to the JSON as it
 finishes and skipped when present:
 
-    python benchmarks/study_3d.py                      # all arms, dense and sparse, seeds 0-2
+    python benchmarks/study_3d.py                      # all arms, dense and sparse, seeds 0-2, the configs' 400 steps
     python benchmarks/study_3d.py --report             # table (Markdown), CSV and PNG from the JSON
-    python benchmarks/study_3d.py --labels dense --seeds 0 --seg-extra "--max_steps 400" --run-suffix _400 \
-        --output benchmarks/results/study_3d_400steps.json   # convergence: does twice the training beat it?
+    python benchmarks/study_3d.py --labels dense --seeds 0 --seg-extra "--max_steps 800" --run-suffix _800 \
+        --output benchmarks/results/study_3d_800steps.json   # convergence: does twice the training beat it?
+    python benchmarks/study_3d.py --compare benchmarks/results/study_3d_200steps.json benchmarks/results/study_3d.json \
+        benchmarks/results/study_3d_800steps.json      # the three lengths, run by run
+
+`benchmarks/results/study_3d_200steps.json` is the first version (segmenters trained 200 steps, too few).
 """
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "e.g. '_400steps' with --seg-extra '--max_steps 400' and its own --output)")
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "study_3d.json"))
     p.add_argument("--report", action="store_true", help="only summarise the JSON")
+    p.add_argument("--compare", nargs="+", type=Path, default=None, metavar="JSON",
+                   help="only print, run by run, nucleus Dice and HD95 across these result files (e.g. 200 / 400 / 800 steps)")
     args = p.parse_args(argv)
     args.mae_extra, args.seg_extra = shlex.split(args.mae_extra), shlex.split(args.seg_extra)
     return args
@@ -124,13 +130,14 @@ def summarise(runs: list[dict]) -> list[dict]:
 
 
 def format_table(table: list[dict]) -> str:
-    fmt = lambda r, m, d: "-" if r[f"{m}_mean"] is None else f"{r[f'{m}_mean']:.{d}f} ± {r[f'{m}_std']:.{d}f}"  # noqa: E731
+    fmt = lambda r, m, d: ("-" if r[f"{m}_mean"] is None else f"{r[f'{m}_mean']:.{d}f}"  # noqa: E731
+                           + (f" ± {r[f'{m}_std']:.{d}f}" if r[f"{m}_mean"] is not None and r["seeds"] > 1 else ""))
     lines = ["| labels | arm | seeds | nucleus Dice | nucleus HD95 (voxels) | mean Dice | nucleus Dice − scratch, same seed |",
              "|---|---|---|---|---|---|---|"]
     for r in table:
         name = ARM_NAMES.get(r["arm"]) or f"3D MAE-UNETR, mask {float(r['arm'][3:]):.1%}"
         label = "dense" if r["labels"] == "dense" else f"sparse ({LABELS['sparse']:.0%} of voxels)"
-        paired = "-" if r["vs_scratch_mean"] is None else f"{r['vs_scratch_mean']:+.3f} ± {r['vs_scratch_std']:.3f} ({r['vs_scratch_seeds']} seeds)"
+        paired = "-" if r["vs_scratch_mean"] is None else (f"{r['vs_scratch_mean']:+.3f} ± {r['vs_scratch_std']:.3f} ({r['vs_scratch_seeds']} seeds)" if r["vs_scratch_seeds"] > 1 else f"{r['vs_scratch_mean']:+.3f} (1 seed)")
         lines.append(f"| {label} | {name} | {r['seeds']} | {fmt(r, 'dice_nucleus', 3)} | {fmt(r, 'hd95_nucleus', 1)} | {fmt(r, 'mean_dice', 3)} | {paired} |")
     return "\n".join(lines)
 
@@ -141,11 +148,17 @@ def plot(runs: list[dict], path: Path) -> None:
     regimes = [labels for labels in LABELS if any(r["labels"] == labels for r in runs)]
     fig, axes = plt.subplots(1, len(regimes), figsize=(max(7.0, 5.5 * len(regimes)), 4.0), sharey=True, squeeze=False)
     for ax, labels in zip(axes[0], regimes):
+        ends = []
         for seed in sorted({r["seed"] for r in runs if r["labels"] == labels}):  # each seed tests its own quadrant: link it
             points = [(x, r["dice_nucleus"]) for x, arm in enumerate(ARMS) for r in runs
                       if r["arm"] == arm and r["labels"] == labels and r["seed"] == seed]
             ax.plot(*zip(*points), color="#bbbbbb", linewidth=0.8, zorder=1)
-            ax.annotate(f"seed {seed}", points[-1], textcoords="offset points", xytext=(30, 0), fontsize=7, va="center", color="#777777")
+            ends.append((points[-1][1], seed, points[-1][0]))
+        gap = 0.04 * (max(r["dice_nucleus"] for r in runs) - min(r["dice_nucleus"] for r in runs) + 0.025)
+        previous = -1.0
+        for y, seed, x in sorted(ends):  # push the seed labels apart where lines end close together
+            previous = max(y, previous + gap)
+            ax.annotate(f"seed {seed}", (x + 0.35, previous), fontsize=7, va="center", color="#777777")
         for x, arm in enumerate(ARMS):
             values = [r["dice_nucleus"] for r in runs if r["arm"] == arm and r["labels"] == labels]
             if values:
@@ -153,7 +166,7 @@ def plot(runs: list[dict], path: Path) -> None:
                 ax.scatter([x] * len(values), values, color=colour, s=18, zorder=3)
                 ax.hlines(statistics.mean(values), x - 0.3, x + 0.3, color=colour, linewidth=2)
                 ax.annotate(f"n={len(values)}", (x, min(values)), textcoords="offset points", xytext=(0, -12), ha="center", fontsize=7)
-        ax.set_xticks(range(len(ARMS)), [a.replace("mae", "MAE ") for a in ARMS], rotation=20)
+        ax.set_xticks(range(len(ARMS)), [{"scratch": "UNETR scratch", "unet": "3D U-Net"}.get(a, a.replace("mae", "MAE-UNETR ")) for a in ARMS], rotation=20)
         ax.set_xlim(-0.6, len(ARMS) - 0.1)
         ax.set_title(f"{labels} labels" + ("" if labels == "dense" else f" ({LABELS[labels]:.0%} of voxels)"))
         ax.grid(axis="y", alpha=0.3)
@@ -182,8 +195,26 @@ def report(results: dict, output: Path) -> None:
     print(f"hardware: {results['hardware']}; {len(results['runs'])} runs; wrote {output}, .csv and .png")
 
 
+def compare(paths: list[Path]) -> str:
+    """One row per run of the last file (a convergence check: the same seeds trained longer), its nucleus Dice
+    in every file, the change from the one before, and HD95 across them."""
+    files = [{(r["arm"], r["labels"], r["seed"]): r for r in json.loads(path.read_text())["runs"]} for path in paths]
+    names = [f"{max(r['steps'] for r in f.values())} steps" for f in files]  # what the files differ in: training length
+    lines = ["| arm | labels | seed | " + " | ".join(f"Dice, {n}" for n in names) + " | last − previous | HD95, " + " → ".join(names) + " |",
+             "|" + "---|" * (5 + len(names))]  # fmt: skip
+    for key in sorted(files[-1], key=lambda k: (k[1], k[2], ARMS.index(k[0]))):
+        runs = [f.get(key) for f in files]
+        dice = [f"{r['dice_nucleus']:.3f}" if r else "-" for r in runs]
+        delta = f"{runs[-1]['dice_nucleus'] - runs[-2]['dice_nucleus']:+.3f}" if len(runs) > 1 and runs[-2] else "-"
+        hd95 = " → ".join(f"{r['hd95_nucleus']:.1f}" if r else "-" for r in runs)
+        lines.append(f"| {ARM_NAMES.get(key[0]) or f'3D MAE-UNETR, mask {float(key[0][3:]):.1%}'} | {key[1]} | {key[2]} | " + " | ".join(dice) + f" | {delta} | {hd95} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.compare:
+        return print(compare(args.compare))
     output, work = Path(args.output), Path(args.work_dir)
     results = json.loads(output.read_text()) if output.is_file() else {}
     if not results:
