@@ -62,7 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seg-extra", default="", help="flags added to every run_segmentation call")
     p.add_argument("--work-dir", default=str(ROOT / "outputs" / "study_3d"))
     p.add_argument("--run-suffix", default="", help="added to every segmentation run's folder (a variant reusing the MAEs, "
-                   "e.g. '_400steps' with --seg-extra '--max_steps 400' and its own --output)")
+                   "e.g. '_800' with --seg-extra '--max_steps 800' and its own --output)")
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "study_3d.json"))
     p.add_argument("--report", action="store_true", help="only summarise the JSON")
     p.add_argument("--compare", nargs="+", type=Path, default=None, metavar="JSON",
