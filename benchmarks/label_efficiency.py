@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
         # Another pre-training recipe: the MAE arms are redone on it; the CNN and scratch runs do not depend on it.
         print(f"recipe {results['recipe']['name']} -> {args.recipe}: its MAE runs are dropped from {output}", flush=True)
         results.update(recipe={"name": args.recipe, **BASE, **RECIPES[args.recipe]}, runs=[r for r in results["runs"] if not r["arm"].startswith("mae")])
-        output.write_text(json.dumps(results, indent=2))
+        write_json(output, results)
     if results.get("protocol") != PROTOCOL:  # an older study's file: start anew
         results = {"protocol": PROTOCOL, "hardware": hardware_description(), "recipe": {"name": args.recipe, **BASE, **RECIPES[args.recipe]},
                    "cnn": args.cnn, "config": str(CONFIG.relative_to(ROOT)), "extra_flags": args.extra, "runs": []}  # fmt: skip

@@ -129,13 +129,17 @@ def summarise(runs: list[dict]) -> list[dict]:
     return table
 
 
+def arm_name(arm: str) -> str:
+    return ARM_NAMES.get(arm) or f"3D MAE-UNETR, mask {float(arm[3:]):.1%}"
+
+
 def format_table(table: list[dict]) -> str:
     fmt = lambda r, m, d: ("-" if r[f"{m}_mean"] is None else f"{r[f'{m}_mean']:.{d}f}"  # noqa: E731
                            + (f" ± {r[f'{m}_std']:.{d}f}" if r[f"{m}_mean"] is not None and r["seeds"] > 1 else ""))
     lines = ["| labels | arm | seeds | nucleus Dice | nucleus HD95 (voxels) | mean Dice | nucleus Dice − scratch, same seed |",
              "|---|---|---|---|---|---|---|"]
     for r in table:
-        name = ARM_NAMES.get(r["arm"]) or f"3D MAE-UNETR, mask {float(r['arm'][3:]):.1%}"
+        name = arm_name(r["arm"])
         label = "dense" if r["labels"] == "dense" else f"sparse ({LABELS['sparse']:.0%} of voxels)"
         paired = "-" if r["vs_scratch_mean"] is None else (f"{r['vs_scratch_mean']:+.3f} ± {r['vs_scratch_std']:.3f} ({r['vs_scratch_seeds']} seeds)" if r["vs_scratch_seeds"] > 1 else f"{r['vs_scratch_mean']:+.3f} (1 seed)")
         lines.append(f"| {label} | {name} | {r['seeds']} | {fmt(r, 'dice_nucleus', 3)} | {fmt(r, 'hd95_nucleus', 1)} | {fmt(r, 'mean_dice', 3)} | {paired} |")
@@ -207,7 +211,7 @@ def compare(paths: list[Path]) -> str:
         dice = [f"{r['dice_nucleus']:.3f}" if r else "-" for r in runs]
         delta = f"{runs[-1]['dice_nucleus'] - runs[-2]['dice_nucleus']:+.3f}" if len(runs) > 1 and runs[-2] else "-"
         hd95 = " → ".join(f"{r['hd95_nucleus']:.1f}" if r else "-" for r in runs)
-        lines.append(f"| {ARM_NAMES.get(key[0]) or f'3D MAE-UNETR, mask {float(key[0][3:]):.1%}'} | {key[1]} | {key[2]} | " + " | ".join(dice) + f" | {delta} | {hd95} |")
+        lines.append(f"| {arm_name(key[0])} | {key[1]} | {key[2]} | " + " | ".join(dice) + f" | {delta} | {hd95} |")
     return "\n".join(lines)
 
 
