@@ -151,7 +151,8 @@ def pretrain(kind: str, name: str, spec: dict, seed: int, fraction: float, work:
         link = pool / Path(data.files[i]).name
         if not link.exists():
             os.symlink(Path(spec["data_dir"]).resolve() / Path(data.files[i]).name, link)
-    flags = ["--train_data", str(pool), "--output_dir", str(out), *PRETRAIN]
+    # a 30-min run is interrupted in practice: resume from its newest complete checkpoint, if any (fresh otherwise)
+    flags = ["--train_data", str(pool), "--output_dir", str(out), *PRETRAIN, "--resume_from_checkpoint", "true"]
     if kind == "msmae":
         rows = work / f"{out.name}_labels.csv"
         with open(rows, "w", newline="") as f:
