@@ -17,10 +17,16 @@ finishes and skipped when present:
     python benchmarks/study_3d.py --report             # table (Markdown), CSV and PNG from the JSON
     python benchmarks/study_3d.py --labels dense --seeds 0 --seg-extra "--max_steps 800" --run-suffix _800 \
         --output benchmarks/results/study_3d_800steps.json   # convergence: does twice the training beat it?
-    python benchmarks/study_3d.py --compare benchmarks/results/study_3d_200steps.json benchmarks/results/study_3d.json \
-        benchmarks/results/study_3d_800steps.json      # the three lengths, run by run
+    python benchmarks/study_3d.py --compare benchmarks/results/study_3d_200steps.json \
+        benchmarks/results/study_3d_mae1000steps.json benchmarks/results/study_3d_800steps.json   # segmenter lengths
+    python benchmarks/study_3d.py --compare benchmarks/results/study_3d_mae1000steps.json benchmarks/results/study_3d.json \
+        --arms mae0.125 mae0.5 mae0.75                 # MAE pre-training of 1,000 vs 3,000 steps, run by run
+    python benchmarks/study_3d.py --arms mae0.75 --labels dense --seeds 0 --mae-extra "--max_steps 6000" \
+        --work-dir outputs/study_3d_mae6000 --output benchmarks/results/study_3d_mae6000.json   # and 6,000
 
-`benchmarks/results/study_3d_200steps.json` is the first version (segmenters trained 200 steps, too few).
+Earlier versions: `study_3d_200steps.json` (segmenters trained 200 steps, too few) and `study_3d_mae1000steps.json`
+(MAEs pre-trained 1,000 steps: the 75% ones had not left the loss plateau and reconstructed flat grey). A reused
+MAE folder must hold an MAE of the length asked for, or the study stops and says so.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
 from results_io import record, write_json  # noqa: E402
 
 from hf_medmae.data.volumes import load_volumes  # noqa: E402
@@ -66,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "study_3d.json"))
     p.add_argument("--report", action="store_true", help="only summarise the JSON")
     p.add_argument("--compare", nargs="+", type=Path, default=None, metavar="JSON",
-                   help="only print, run by run, nucleus Dice and HD95 across these result files (e.g. 200 / 400 / 800 steps)")
+                   help="only print, run by run (of --arms), nucleus Dice and HD95 across these result files (e.g. 200 / 400 / 800 steps)")
     args = p.parse_args(argv)
     args.mae_extra, args.seg_extra = shlex.split(args.mae_extra), shlex.split(args.seg_extra)
     return args
@@ -80,12 +87,24 @@ def seed_split(seed: int) -> tuple[list[str], list[str], list[str]]:
 def seed_mae(args, seed: int, ratio: float, work: Path) -> Path:
     """The seed's 3D MAE at `ratio`, self pre-trained on the seed's training quadrants only; reused if present."""
     out = work / f"mae_r{ratio}_s{seed}"
-    if not (out / "model.safetensors").is_file():
+    if (out / "model.safetensors").is_file():
+        steps, wanted = json.loads((out / "all_results.json").read_text())["global_step"], mae_steps(args)
+        if steps != wanted:  # an MAE of another length would silently change the protocol
+            raise SystemExit(f"{out} was pre-trained {steps} steps, this study asks for {wanted}: move it away or pass another --work-dir.")
+    else:
         train, _, _ = seed_split(seed)
         pretrain.main(["--config", str(MAE_CONFIG), "--volumes", *train, "--validation_volumes", "0", "--eval_strategy", "no",
                        "--mask_ratio", str(ratio), "--seed", str(seed), "--output_dir", str(out), "--disable_tqdm", "true",
                        *args.mae_extra])  # fmt: skip
     return out
+
+
+def mae_steps(args) -> int:
+    """The MAE pre-training length this invocation asks for: --mae-extra's --max_steps, else the config's."""
+    extra = args.mae_extra
+    if "--max_steps" in extra:
+        return int(extra[extra.index("--max_steps") + 1])
+    return int(yaml.safe_load(MAE_CONFIG.read_text())["max_steps"])
 
 
 def run_arm(args, arm: str, labels: str, seed: int, work: Path) -> dict:
@@ -104,7 +123,7 @@ def run_arm(args, arm: str, labels: str, seed: int, work: Path) -> dict:
     return dict(arm=arm, labels=labels, seed=seed, mean_dice=report["mean_dice"], dice_nucleus=report["dice_per_class"]["nucleus"],
                 hd95_nucleus=report["hd95_per_class"]["nucleus"], test_volume=test[0], steps=metrics.get("global_step"),
                 best_checkpoint=Path(metrics.get("best_checkpoint") or "").name, minutes=round((time.time() - start) / 60, 2),
-                threads=torch.get_num_threads())  # fmt: skip
+                threads=torch.get_num_threads(), mae_steps=None if arm in ("scratch", "unet") else mae_steps(args))  # fmt: skip
 
 
 def summarise(runs: list[dict]) -> list[dict]:
@@ -199,26 +218,35 @@ def report(results: dict, output: Path) -> None:
     print(f"hardware: {results['hardware']}; {len(results['runs'])} runs; wrote {output}, .csv and .png")
 
 
-def compare(paths: list[Path]) -> str:
-    """One row per run of the last file (a convergence check: the same seeds trained longer), its nucleus Dice
-    in every file, the change from the one before, and HD95 across them."""
+def compare(paths: list[Path], arms: list[str]) -> str:
+    """One row per run (of `arms`) of the last file (a convergence check: the same seeds trained longer), its
+    nucleus Dice in every file, the change from the one before, and HD95 across them."""
     files = [{(r["arm"], r["labels"], r["seed"]): r for r in json.loads(path.read_text())["runs"]} for path in paths]
-    names = [f"{max(r['steps'] for r in f.values())} steps" for f in files]  # what the files differ in: training length
+    # what the files differ in: the segmenters' training length, else the MAEs' pre-training length
+    names = [f"{max(r['steps'] for r in f.values())} steps" for f in files]
+    if len(set(names)) == 1:
+        names = [f"MAE {max(r.get('mae_steps') or 0 for r in f.values())} steps" for f in files]
     lines = ["| arm | labels | seed | " + " | ".join(f"Dice, {n}" for n in names) + " | last − previous | HD95, " + " → ".join(names) + " |",
              "|" + "---|" * (5 + len(names))]  # fmt: skip
-    for key in sorted(files[-1], key=lambda k: (k[1], k[2], ARMS.index(k[0]))):
+    deltas = []
+    for key in sorted((k for k in files[-1] if k[0] in arms), key=lambda k: (k[1], k[2], ARMS.index(k[0]))):
         runs = [f.get(key) for f in files]
         dice = [f"{r['dice_nucleus']:.3f}" if r else "-" for r in runs]
-        delta = f"{runs[-1]['dice_nucleus'] - runs[-2]['dice_nucleus']:+.3f}" if len(runs) > 1 and runs[-2] else "-"
+        if len(runs) > 1 and runs[-2]:
+            deltas.append(runs[-1]["dice_nucleus"] - runs[-2]["dice_nucleus"])
+        delta = f"{deltas[-1]:+.3f}" if len(runs) > 1 and runs[-2] else "-"
         hd95 = " → ".join(f"{r['hd95_nucleus']:.1f}" if r else "-" for r in runs)
         lines.append(f"| {arm_name(key[0])} | {key[1]} | {key[2]} | " + " | ".join(dice) + f" | {delta} | {hd95} |")
+    if len(deltas) > 1:
+        lines.append(f"| mean over {len(deltas)} runs | | | " + " | ".join("" for _ in names)
+                     + f" | {statistics.mean(deltas):+.3f} ± {statistics.stdev(deltas):.3f} | |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.compare:
-        return print(compare(args.compare))
+        return print(compare(args.compare, args.arms))
     output, work = Path(args.output), Path(args.work_dir)
     results = json.loads(output.read_text()) if output.is_file() else {}
     if not results:
