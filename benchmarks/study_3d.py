@@ -21,7 +21,7 @@ finishes and skipped when present:
         benchmarks/results/study_3d_mae1000steps.json benchmarks/results/study_3d_800steps.json   # segmenter lengths
     python benchmarks/study_3d.py --compare benchmarks/results/study_3d_mae1000steps.json benchmarks/results/study_3d.json \
         --arms mae0.125 mae0.5 mae0.75                 # MAE pre-training of 1,000 vs 3,000 steps, run by run
-    python benchmarks/study_3d.py --arms mae0.75 --labels dense --seeds 0 --mae-extra "--max_steps 6000" \
+    python benchmarks/study_3d.py --arms mae0.75 --labels dense --seeds 0 1 2 --mae-extra "--max_steps 6000" \
         --work-dir outputs/study_3d_mae6000 --output benchmarks/results/study_3d_mae6000.json   # and 6,000
 
 Earlier versions: `study_3d_200steps.json` (segmenters trained 200 steps, too few) and `study_3d_mae1000steps.json`
@@ -232,9 +232,10 @@ def compare(paths: list[Path], arms: list[str]) -> str:
     for key in sorted((k for k in files[-1] if k[0] in arms), key=lambda k: (k[1], k[2], ARMS.index(k[0]))):
         runs = [f.get(key) for f in files]
         dice = [f"{r['dice_nucleus']:.3f}" if r else "-" for r in runs]
+        delta = "-"
         if len(runs) > 1 and runs[-2]:
             deltas.append(runs[-1]["dice_nucleus"] - runs[-2]["dice_nucleus"])
-        delta = f"{deltas[-1]:+.3f}" if len(runs) > 1 and runs[-2] else "-"
+            delta = f"{deltas[-1]:+.3f}"
         hd95 = " → ".join(f"{r['hd95_nucleus']:.1f}" if r else "-" for r in runs)
         lines.append(f"| {arm_name(key[0])} | {key[1]} | {key[2]} | " + " | ".join(dice) + f" | {delta} | {hd95} |")
     if len(deltas) > 1:
