@@ -13,7 +13,7 @@ Arms: `mae` at mask ratios 0.125 / 0.5 / 0.75 (SelfMedMAE: low ratios win for se
 (the same UNETR, random weights), `unet` (MONAI BasicUNet 3D). Every run is written to the JSON as it
 finishes and skipped when present:
 
-    python benchmarks/study_3d.py                      # all arms, dense and sparse, seeds 0-2, the configs' 400 steps
+    python benchmarks/study_3d.py                      # all arms, dense and sparse, seeds 0-4, the configs' 400 steps
     python benchmarks/study_3d.py --report             # table (Markdown), CSV and PNG from the JSON
     python benchmarks/study_3d.py --labels dense --seeds 0 --seg-extra "--max_steps 800" --run-suffix _800 \
         --output benchmarks/results/study_3d_800steps.json   # convergence: does twice the training beat it?
@@ -64,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     p.add_argument("--labels", nargs="+", default=list(LABELS), choices=list(LABELS))
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--mae-extra", default="", help="flags added to every run_mae call (e.g. '--max_steps 20' for a smoke run)")
     p.add_argument("--seg-extra", default="", help="flags added to every run_segmentation call")
     p.add_argument("--work-dir", default=str(ROOT / "outputs" / "study_3d"))
@@ -144,8 +144,20 @@ def summarise(runs: list[dict]) -> list[dict]:
             row["vs_scratch_mean"] = statistics.mean(deltas) if deltas and arm != "scratch" else None
             row["vs_scratch_std"] = statistics.pstdev(deltas) if deltas and arm != "scratch" else None
             row["vs_scratch_seeds"] = len(deltas)
+            row["vs_scratch_ci95"] = paired_ci95(deltas) if arm != "scratch" else None
             table.append(row)
     return table
+
+
+def paired_ci95(deltas: list[float]) -> list[float] | None:
+    """The 95% interval of the mean paired difference (Student's t, seeds − 1 degrees of freedom): excludes 0 only if
+    the difference stands out from the seed-to-seed noise."""
+    if len(deltas) < 2:
+        return None
+    from scipy.stats import t
+
+    half = t.ppf(0.975, len(deltas) - 1) * statistics.stdev(deltas) / len(deltas) ** 0.5
+    return [statistics.mean(deltas) - half, statistics.mean(deltas) + half]
 
 
 def arm_name(arm: str) -> str:
@@ -155,13 +167,14 @@ def arm_name(arm: str) -> str:
 def format_table(table: list[dict]) -> str:
     fmt = lambda r, m, d: ("-" if r[f"{m}_mean"] is None else f"{r[f'{m}_mean']:.{d}f}"  # noqa: E731
                            + (f" ± {r[f'{m}_std']:.{d}f}" if r[f"{m}_mean"] is not None and r["seeds"] > 1 else ""))
-    lines = ["| labels | arm | seeds | nucleus Dice | nucleus HD95 (voxels) | mean Dice | nucleus Dice − scratch, same seed |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| labels | arm | seeds | nucleus Dice | nucleus HD95 (voxels) | mean Dice | nucleus Dice − scratch, same seed | its 95% interval |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in table:
         name = arm_name(r["arm"])
         label = "dense" if r["labels"] == "dense" else f"sparse ({LABELS['sparse']:.0%} of voxels)"
         paired = "-" if r["vs_scratch_mean"] is None else (f"{r['vs_scratch_mean']:+.3f} ± {r['vs_scratch_std']:.3f} ({r['vs_scratch_seeds']} seeds)" if r["vs_scratch_seeds"] > 1 else f"{r['vs_scratch_mean']:+.3f} (1 seed)")
-        lines.append(f"| {label} | {name} | {r['seeds']} | {fmt(r, 'dice_nucleus', 3)} | {fmt(r, 'hd95_nucleus', 1)} | {fmt(r, 'mean_dice', 3)} | {paired} |")
+        ci = "-" if r.get("vs_scratch_ci95") is None else "[{:+.3f}, {:+.3f}]".format(*r["vs_scratch_ci95"])
+        lines.append(f"| {label} | {name} | {r['seeds']} | {fmt(r, 'dice_nucleus', 3)} | {fmt(r, 'hd95_nucleus', 1)} | {fmt(r, 'mean_dice', 3)} | {paired} | {ci} |")
     return "\n".join(lines)
 
 
@@ -169,7 +182,7 @@ def plot(runs: list[dict], path: Path) -> None:
     """Nucleus Dice per arm: one dot per seed, a bar at the mean (no bars from zero: the y axis is zoomed);
     one panel per label regime that has runs."""
     regimes = [labels for labels in LABELS if any(r["labels"] == labels for r in runs)]
-    fig, axes = plt.subplots(1, len(regimes), figsize=(max(7.0, 5.5 * len(regimes)), 4.0), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(regimes), figsize=(max(7.0, 6.2 * len(regimes)), 4.2), sharey=True, squeeze=False)
     for ax, labels in zip(axes[0], regimes):
         ends = []
         for seed in sorted({r["seed"] for r in runs if r["labels"] == labels}):  # each seed tests its own quadrant: link it
@@ -188,14 +201,15 @@ def plot(runs: list[dict], path: Path) -> None:
                 colour = "#3182bd" if arm.startswith("mae") else "#636363"
                 ax.scatter([x] * len(values), values, color=colour, s=18, zorder=3)
                 ax.hlines(statistics.mean(values), x - 0.3, x + 0.3, color=colour, linewidth=2)
-                ax.annotate(f"n={len(values)}", (x, min(values)), textcoords="offset points", xytext=(0, -12), ha="center", fontsize=7)
-        ax.set_xticks(range(len(ARMS)), [{"scratch": "UNETR scratch", "unet": "3D U-Net"}.get(a, a.replace("mae", "MAE-UNETR ")) for a in ARMS], rotation=20)
+        counts = [sum(r["arm"] == arm and r["labels"] == labels for r in runs) for arm in ARMS]
+        names = [{"scratch": "UNETR scratch", "unet": "3D U-Net"}.get(a, a.replace("mae", "MAE-UNETR ")) for a in ARMS]
+        ax.set_xticks(range(len(ARMS)), [f"{name}\n(n={n})" for name, n in zip(names, counts)], rotation=20)
         ax.set_xlim(-0.6, len(ARMS) - 0.1)
         ax.set_title(f"{labels} labels" + ("" if labels == "dense" else f" ({LABELS[labels]:.0%} of voxels)"))
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("test nucleus Dice (whole quadrant)")
     values = [r["dice_nucleus"] for r in runs]
-    axes[0][0].set_ylim(min(values) - 0.015, max(values) + 0.01)  # room for the n= labels under the lowest dots
+    axes[0][0].set_ylim(min(values) - 0.01, max(values) + 0.01)
     fig.suptitle("3D nuclei: test Dice per seed (dots; grey lines join one seed's runs), mean (bar)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -219,8 +233,8 @@ def report(results: dict, output: Path) -> None:
 
 
 def compare(paths: list[Path], arms: list[str]) -> str:
-    """One row per run (of `arms`) of the last file (a convergence check: the same seeds trained longer), its
-    nucleus Dice in every file, the change from the one before, and HD95 across them."""
+    """One row per run (of `arms`) of the last file that an earlier file has too (a convergence check: the same
+    seeds trained longer): its nucleus Dice in every file, the change from the one before, and HD95 across them."""
     files = [{(r["arm"], r["labels"], r["seed"]): r for r in json.loads(path.read_text())["runs"]} for path in paths]
     # what the files differ in: the segmenters' training length, else the MAEs' pre-training length
     names = [f"{max(r['steps'] for r in f.values())} steps" for f in files]
@@ -231,6 +245,8 @@ def compare(paths: list[Path], arms: list[str]) -> str:
     deltas = []
     for key in sorted((k for k in files[-1] if k[0] in arms), key=lambda k: (k[1], k[2], ARMS.index(k[0]))):
         runs = [f.get(key) for f in files]
+        if not any(runs[:-1]):  # only in the last file: nothing to compare it with
+            continue
         dice = [f"{r['dice_nucleus']:.3f}" if r else "-" for r in runs]
         delta = "-"
         if len(runs) > 1 and runs[-2]:
