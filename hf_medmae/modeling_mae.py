@@ -19,7 +19,7 @@ from transformers.models.vit_mae.modeling_vit_mae import (
     ViTMAEDecoder, ViTMAEEmbeddings, ViTMAEForPreTrainingOutput, build_2d_sinusoidal_position_embedding,
 )
 
-from .attention_maps import last_block_cls_attention
+from .attention_maps import align_to_views, last_block_cls_attention
 from .configuration import MedMAEConfig, check_masking
 from .errors import ConfigError, DataError
 from .validation import check_pixels
@@ -109,13 +109,19 @@ class MaskingMixin:
             self.build_masking(self.config)
         return changed
 
-    def generate_codes(self, pixel_values: torch.Tensor, sample_ids: torch.Tensor | None = None, generator=None):
-        """Per-patch codes (0 visible, 1 masked, 2 thrown) for a batch. [B, C, (D,) H, W] -> [B, L]."""
+    def generate_codes(self, pixel_values: torch.Tensor, sample_ids: torch.Tensor | None = None, generator=None,
+                       view_ids: torch.Tensor | None = None):
+        """Per-patch codes (0 visible, 1 masked, 2 thrown) for a batch. [B, C, (D,) H, W] -> [B, L].
+
+        `view_ids` (2D): the `Augment.with_view` flips and turn of each training view; the banked maps are of the
+        un-augmented images, so each is turned along with its view before it picks the patches."""
         scores = None
         if self.mask_generator.uses_scores and sample_ids is not None and self.attention_bank:
             maps = [self.attention_bank.get(int(i)) for i in sample_ids]
             if all(m is not None for m in maps):
                 scores = torch.stack(maps).to(pixel_values.device)
+                if view_ids is not None:
+                    scores = align_to_views(scores, self.mask_generator.grid_size, view_ids.to(scores.device))
         return self.mask_generator(
             pixel_values.shape[0],
             pixel_values=pixel_values if self.mask_generator.uses_pixels else None,
@@ -193,6 +199,7 @@ class MedMAEForPreTraining(MaskingMixin, CurrentKeyNamesMixin, ViTMAEForPreTrain
         noise: torch.Tensor | None = None,
         sample_ids: torch.Tensor | None = None,
         mask_codes: torch.Tensor | None = None,
+        view_ids: torch.Tensor | None = None,
         return_loss: bool = True,
         **kwargs,
     ) -> ViTMAEForPreTrainingOutput:
@@ -202,6 +209,7 @@ class MedMAEForPreTraining(MaskingMixin, CurrentKeyNamesMixin, ViTMAEForPreTrain
             noise: [B, L] explicit noise (as in transformers); bypasses the mask generator.
             sample_ids: [B] dataset indices, used by the `attention` generator's per-sample maps.
             mask_codes: [B, L] explicit codes (0 visible, 1 masked, 2 thrown); bypasses the generator.
+            view_ids: [B] flips and turn of each training view (`Augment.with_view`), to turn its attention map along.
             return_loss: always computed; declaring it tells `Trainer` this label-free model has an eval loss.
             labels (keyword): [B] class indices for the supervised head (`supervised_loss_weight > 0`), -100 for
                 unlabeled images. Read from `**kwargs` on purpose: a `labels` parameter would make `Trainer` treat
@@ -213,7 +221,7 @@ class MedMAEForPreTraining(MaskingMixin, CurrentKeyNamesMixin, ViTMAEForPreTrain
         """
         labels = kwargs.pop("labels", None)
         self._check_input(pixel_values)
-        noise, codes = self._masking_noise(pixel_values, noise, sample_ids, mask_codes)
+        noise, codes = self._masking_noise(pixel_values, noise, sample_ids, mask_codes, view_ids)
         if self.classifier is None:
             if labels is not None:
                 raise ConfigError("labels were given to an MAE without a supervised head (supervised_loss_weight is 0).",
@@ -238,7 +246,7 @@ class MedMAEForPreTraining(MaskingMixin, CurrentKeyNamesMixin, ViTMAEForPreTrain
             outputs.loss = outputs.loss + self.config.supervised_loss_weight * outputs.supervised_loss
         return outputs
 
-    def _masking_noise(self, pixel_values, noise, sample_ids, mask_codes) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _masking_noise(self, pixel_values, noise, sample_ids, mask_codes, view_ids=None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The `noise` transformers argsorts, and the generator's codes (None for stock uniform masking)."""
         if noise is not None:
             return noise, None
@@ -253,7 +261,7 @@ class MedMAEForPreTraining(MaskingMixin, CurrentKeyNamesMixin, ViTMAEForPreTrain
                 noise = torch.rand(pixel_values.shape[0], self.mask_generator.num_patches, generator=generator)
                 noise = noise.to(pixel_values.device)
             return noise, None
-        codes = mask_codes if mask_codes is not None else self.generate_codes(pixel_values, sample_ids, generator)
+        codes = mask_codes if mask_codes is not None else self.generate_codes(pixel_values, sample_ids, generator, view_ids)
         return codes_to_noise(codes, generator), codes
 
     def supervised_loss(self, class_logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:

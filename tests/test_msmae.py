@@ -238,6 +238,53 @@ def test_maps_move_along_with_flips_and_rotations():
     assert len(codes) > 4
 
 
+def test_pretraining_masks_follow_the_map_through_flips_and_rotations():
+    """MSMAE's masks come from maps of the un-augmented images: a flipped or turned training view must be masked
+    where the view put the attended patches (each patch's pixels encode whether its map value is high)."""
+    grid, patch = 8, 4
+    high = torch.zeros(grid * grid, dtype=torch.bool)
+    high[torch.randperm(grid * grid, generator=torch.Generator().manual_seed(0))[:32]] = True
+    scores = torch.where(high, 1.0, 1e-30)  # log-gap ~69: no Gumbel draw reorders the two halves
+    image = high.float().reshape(1, grid, grid).repeat_interleave(patch, 1).repeat_interleave(patch, 2).expand(3, -1, -1).numpy()
+    data = PretrainingDataset([image], [0.0] * 3, [1.0] * 3, 32, Augment(32, hflip=True, vflip=True, rot90=True, crop=False))
+    model = MedMAEForPreTraining(tiny_config(mask_generator="attention", mask_ratio=0.5)).train()
+    model.attention_bank = {0: scores}
+    views = set()
+    for epoch in range(12):
+        data.set_epoch(epoch)
+        item = data[0]
+        views.add(item["view_ids"])
+        codes = model.generate_codes(item["pixel_values"][None], torch.tensor([0]), view_ids=torch.tensor([item["view_ids"]]))[0]
+        assert torch.equal(codes == MASKED, item["pixel_values"][0, ::patch, ::patch].reshape(-1) == 1)
+    assert len(views) > 4
+
+
+def test_run_mae_attention_maps_are_of_the_training_views_before_their_flips(tmp_path):
+    """The bank's images (what the maps are computed on) and the training views must be the same pixels up to the
+    view's flips and turn, also when the files are larger than image_size (a crop there would misalign them)."""
+    from hf_medmae.cli import parse_config
+    from hf_medmae.tasks.pretrain import Pretrain
+    from hf_medmae.training import AttentionRefreshCallback
+
+    require(WBC)
+    task = Pretrain()
+    model_args, data_args, args = parse_config(task.arguments, [
+        "--train_data", str(WBC), "--file_pattern", "*.bmp", "--max_images", "8", "--mask_generator", "attention",
+        "--throw_ratio", "0.25", "--rot90", "true", "--image_size", "32", "--patch_size", "4", "--hidden_size", "32",
+        "--num_hidden_layers", "1", "--num_attention_heads", "2", "--intermediate_size", "64", "--decoder_hidden_size", "32",
+        "--decoder_num_hidden_layers", "1", "--decoder_num_attention_heads", "2", "--decoder_intermediate_size", "64",
+        "--validation_fraction", "0", "--output_dir", str(tmp_path), "--report_to", "none", "--precision", "fp32",
+    ])  # fmt: skip
+    setup = task.setup(model_args, data_args, args)
+    plain = next(c for c in setup.callbacks if isinstance(c, AttentionRefreshCallback)).dataset
+    views = set()
+    for i in range(len(setup.train_dataset)):
+        item = setup.train_dataset[i]
+        views.add(item["view_ids"])
+        assert torch.equal(item["pixel_values"], apply_view(plain[i]["pixel_values"], item["view_ids"]))
+    assert len(views) > 1
+
+
 def test_dropping_is_off_in_eval_and_drop_path_still_fires_with_fewer_tokens():
     dropping, plain = classifier(throw_ratio=0.5, drop_path_rate=0.2), classifier(throw_ratio=0.0, drop_path_rate=0.2)
     plain.load_state_dict(dropping.state_dict())

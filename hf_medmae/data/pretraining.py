@@ -79,7 +79,7 @@ def tile_image(image: np.ndarray, tile_size: int, stride: int | None = None) -> 
 
 
 class PretrainingDataset(Dataset):
-    """Normalised, augmented images for MAE pre-training; items are {"pixel_values", "sample_ids"}.
+    """Normalised, augmented images for MAE pre-training; items are {"pixel_values", "sample_ids"} (and see below).
 
     Args:
         images: an `ImageSource` (read per item) or a list of [C, H, W] float arrays (raw intensities).
@@ -97,6 +97,8 @@ class PretrainingDataset(Dataset):
             then carry `labels`. None (default): the items are exactly a plain MAE's.
         with_ids: items carry `sample_ids` (their index). A validation set of the `attention` generator leaves
             them out: the attention bank is keyed by *training* indices, which a validation index would collide with.
+            With an `augment` that does not crop, items also carry `view_ids` (`Augment.with_view` codes: the
+            flips and turn), so the model can turn each image's attention map along with its view.
     """
 
     def __init__(self, images: list[np.ndarray], image_mean, image_std, image_size: int, augment: Augment | None = None,
@@ -119,8 +121,13 @@ class PretrainingDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         image = self.normalize(torch.from_numpy(np.ascontiguousarray(self.images[index])))
         gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
-        image = center_crop(image, self.image_size) if self.augment is None else self.augment(image, gen)
+        if self.augment is None:
+            image, view = center_crop(image, self.image_size), None
+        else:
+            image, view = self.augment.with_view(image, gen)
         item = {"pixel_values": image, "sample_ids": index} if self.with_ids else {"pixel_values": image}
+        if self.with_ids and view is not None and not self.augment.crop:  # a view that permutes whole patches
+            item["view_ids"] = view
         if self.mask_noise_patches:
             item["noise"] = torch.rand(self.mask_noise_patches, generator=gen)
         if self.labels is not None:

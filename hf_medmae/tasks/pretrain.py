@@ -214,8 +214,12 @@ class Pretrain(Task):
         config = model.config
         mean, std, stats_images = sample_stats(train_images, data_args.stats_sample_size, args.seed)
         random_masks = config.mask_generator == "random"  # per-image masks: the same whatever the process count
-        if config.mask_generator == "attention":  # maps must line up with the pixels they mask: no crops, no flips
-            augment = Augment(model_args.image_size, (1.0, 1.0), hflip=False, vflip=False)
+        if config.mask_generator == "attention":
+            # The maps are of the whole un-augmented images (`plain` below), so a training view must keep every patch
+            # where its map has it: no random resized crop; flips and 90-degree turns permute whole patches, and the
+            # model turns each map along with its view (`view_ids`).
+            augment = Augment(model_args.image_size, crop=False, hflip=data_args.hflip, vflip=data_args.vflip, rot90=data_args.rot90)
+            logger.info("attention masking: the random resized crop is off (crop_scale is not used); flips and rotations stay")
         else:
             augment = Augment(model_args.image_size, tuple(data_args.crop_scale), hflip=data_args.hflip, vflip=data_args.vflip, rot90=data_args.rot90)
         labels = {"train": supervision.train, "val": supervision.val} if supervision else {}
@@ -226,7 +230,7 @@ class Pretrain(Task):
                                   with_ids=config.mask_generator != "attention") if len(val_images) else None)  # fmt: skip
         callbacks = [EpochCallback(train)]
         if config.mask_generator == "attention":
-            plain = PretrainingDataset(train_images, mean, std, model_args.image_size)
+            plain = PretrainingDataset(train_images, mean, std, model_args.image_size, Augment(model_args.image_size, crop=False, hflip=False, vflip=False))
             callbacks.append(AttentionRefreshCallback(plain, every_epochs=model_args.attention_refresh_epochs))
         if model_args.attn_implementation == "auto":
             choose_attention(model.to(args.device), args.per_device_train_batch_size)
