@@ -366,7 +366,7 @@ def plot_attention_masks(images: np.ndarray, titles: Sequence[str], maps: dict[s
             row[1 + 2 * j].imshow(disp)
             attention = (attention - attention.min()) / max(attention.max() - attention.min(), 1e-12)  # its own range: the ranking is what masks
             row[1 + 2 * j].imshow(attention, cmap="magma", alpha=0.6, extent=(0, w, h, 0), interpolation="bilinear")
-            row[1 + 2 * j].set_title(f"{name}\nattention", fontsize=8)
+            row[1 + 2 * j].set_title(f"{name}\nattention (bright = high)", fontsize=8)
             row[1 + 2 * j].axis("off")
             row[2 + 2 * j].imshow(disp)
             row[2 + 2 * j].imshow(shade[np.asarray(codes[name][i], dtype=int)], extent=(0, w, h, 0), interpolation="nearest")
