@@ -19,7 +19,7 @@ from transformers.models.vit_mae.modeling_vit_mae import (
     ViTMAEDecoder, ViTMAEEmbeddings, ViTMAEForPreTrainingOutput, build_2d_sinusoidal_position_embedding,
 )
 
-from .attention_maps import align_to_views, last_block_cls_attention
+from .attention_maps import align_to_views, bank_scores, last_block_cls_attention
 from .configuration import MedMAEConfig, check_masking
 from .errors import ConfigError, DataError
 from .validation import check_pixels
@@ -116,12 +116,11 @@ class MaskingMixin:
         `view_ids` (2D): the `Augment.with_view` flips and turn of each training view; the banked maps are of the
         un-augmented images, so each is turned along with its view before it picks the patches."""
         scores = None
-        if self.mask_generator.uses_scores and sample_ids is not None and self.attention_bank:
-            maps = [self.attention_bank.get(int(i)) for i in sample_ids]
-            if all(m is not None for m in maps):
-                scores = torch.stack(maps).to(pixel_values.device)
-                if view_ids is not None:
-                    scores = align_to_views(scores, self.mask_generator.grid_size, view_ids.to(scores.device))
+        if self.mask_generator.uses_scores:
+            gen = self.mask_generator
+            scores = bank_scores(self.attention_bank, sample_ids, gen.num_patches, pixel_values.device)
+            if scores is not None and view_ids is not None:
+                scores = align_to_views(scores, gen.grid_size, view_ids.to(scores.device))
         return self.mask_generator(
             pixel_values.shape[0],
             pixel_values=pixel_values if self.mask_generator.uses_pixels else None,
