@@ -213,26 +213,86 @@ def summarise(runs: list[dict]) -> list[dict]:
                 cell = [r for r in runs if (r["dataset"], r["fraction"], r["arm"]) == (name, fraction, arm)]
                 if not cell:
                     continue
+                # each seed has its own split and pre-training: compare arms within a seed
                 diff = [r["macro_f1_present"] - base[r["seed"]]["macro_f1_present"] for r in cell if r["seed"] in base]
                 mean_std = lambda v: (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0)  # noqa: E731
                 table.append(dict(dataset=name, fraction=fraction, arm=arm, seeds=len(cell), accuracy=mean_std([r["accuracy"] for r in cell]),
-                                  macro_f1=mean_std([r["macro_f1_present"] for r in cell]), vs_mae=mean_std(diff) if arm != ref and diff else None,
+                                  macro_f1=mean_std([r["macro_f1_present"] for r in cell]),
+                                  vs_mae=mean_std(diff) if arm != ref and diff else None, vs_mae_seeds=len(diff),
+                                  vs_mae_ci95=paired_ci95(diff) if arm != ref else None,
                                   img_per_s=None if arm.endswith("_frozen") else statistics.median(r["train_img_per_s"] for r in cell),
                                   gflops=None if arm.endswith("_frozen") else statistics.mean(r["flops_per_image"] for r in cell) / 1e9))  # fmt: skip
     return table
 
 
-def report(results: dict) -> None:
-    print("| data | labels | pre-training | use | seeds | accuracy | macro-F1 | vs MAE (same seed, same use) | train img/s | GFLOPs / image |")
+def paired_ci95(deltas: list[float]) -> list[float] | None:
+    """95% interval of the mean paired difference (Student's t, seeds - 1 degrees of freedom); None below 2 seeds."""
+    if len(deltas) < 2:
+        return None
+    from scipy.stats import t
+
+    half = t.ppf(0.975, len(deltas) - 1) * statistics.stdev(deltas) / len(deltas) ** 0.5
+    return [statistics.mean(deltas) - half, statistics.mean(deltas) + half]
+
+
+def arm_label(arm: str) -> str:
+    kind = arm.removesuffix("_drop").removesuffix("_frozen").upper()
+    return f"{kind}, " + ("drop 30%" if arm.endswith("_drop") else "frozen + logistic regression" if arm.endswith("_frozen") else "all tokens")
+
+
+def report(results: dict, figure_path: Path | None = None) -> None:
+    print("| data | labels | pre-training, use | seeds | accuracy | macro-F1 | macro-F1 − MAE's, same seed (points) | its 95% interval "
+          "| train img/s | GFLOPs / image |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for row in summarise(results["runs"]):
-        kind = row["arm"].removesuffix("_drop").removesuffix("_frozen")
-        tune = "drop 30%" if row["arm"].endswith("_drop") else "frozen + logistic regression" if row["arm"].endswith("_frozen") else "all tokens"
         speed = "— | —" if row["gflops"] is None else f"{row['img_per_s']:.0f} | {row['gflops']:.2f}"
         vs = f"{100 * row['vs_mae'][0]:+.1f} ± {100 * row['vs_mae'][1]:.1f}" if row["vs_mae"] else "—"
-        print(f"| {row['dataset']} | {row['fraction']:.0%} | {kind.upper()} | {tune} | {row['seeds']} | {row['accuracy'][0]:.3f} ± {row['accuracy'][1]:.3f} "
-              f"| {row['macro_f1'][0]:.3f} ± {row['macro_f1'][1]:.3f} | {vs} | {speed} |")
+        ci = "[{:+.1f}, {:+.1f}]".format(*(100 * v for v in row["vs_mae_ci95"])) if row["vs_mae_ci95"] else "—"
+        print(f"| {row['dataset']} | {row['fraction']:.0%} | {arm_label(row['arm'])} | {row['seeds']} | {row['accuracy'][0]:.3f} ± {row['accuracy'][1]:.3f} "
+              f"| {row['macro_f1'][0]:.3f} ± {row['macro_f1'][1]:.3f} | {vs} | {ci} | {speed} |")
+    print("(± is the standard deviation over seeds; the MAE reference is fine-tuned with all tokens, or frozen for the frozen arms)")
     print(f"hardware: {results['hardware']}")
+    if figure_path is not None:
+        plot_results(results["runs"], figure_path)
+        print(f"wrote {figure_path}")
+
+
+def plot_results(runs: list[dict], path: Path) -> None:
+    """Test macro-F1 per arm, one panel per data set and label fraction: a dot per seed (grey lines join one seed's
+    runs: same split, same pre-trainings), a bar at the mean. The y axis is zoomed, not from zero."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(d, f) for d in sorted({r["dataset"] for r in runs}, reverse=True) for f in sorted({r["fraction"] for r in runs})
+              if any((r["dataset"], r["fraction"]) == (d, f) for r in runs)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.4), squeeze=False)
+    for ax, (name, fraction) in zip(axes[0], panels):
+        cell = [r for r in runs if (r["dataset"], r["fraction"]) == (name, fraction)]
+        for seed in sorted({r["seed"] for r in cell}):
+            for frozen in (False, True):  # fine-tuned arms and frozen arms: two groups, a line within each
+                points = [(x, r["macro_f1_present"]) for x, arm in enumerate(ARMS) for r in cell
+                          if (r["arm"], r["seed"]) == (arm, seed) and arm.endswith("_frozen") == frozen]
+                if points:
+                    ax.plot(*zip(*points), color="#cccccc", linewidth=0.8, zorder=1)
+        ax.axvline(3.5, color="#999999", linewidth=0.6, linestyle=":")
+        for x, arm in enumerate(ARMS):
+            values = [r["macro_f1_present"] for r in cell if r["arm"] == arm]
+            if values:
+                colour = "#e6550d" if arm.startswith("msmae") else "#3182bd"
+                ax.scatter([x] * len(values), values, color=colour, s=18, zorder=3)
+                ax.hlines(statistics.mean(values), x - 0.3, x + 0.3, color=colour, linewidth=2)
+        counts = [sum(r["arm"] == arm for r in cell) for arm in ARMS]
+        names = [arm_label(a).replace(", ", "\n").replace("frozen + logistic regression", "frozen + LR") for a in ARMS]
+        ax.set_xticks(range(len(ARMS)), [f"{n}\n(n={c})" for n, c in zip(names, counts)], fontsize=7)
+        ax.set_title(f"{name.upper()}, {fraction:.0%} of the training labels", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("test macro-F1 (classes present)")
+    fig.suptitle("MSMAE vs plain MAE pre-training: test macro-F1 per seed (dots), mean (bar)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def figure(work: Path, output: Path, count: int = 4) -> None:
@@ -302,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.figure:
         figure(work, Path(args.figure))
     elif results["runs"]:
-        report(results)
+        report(results, output.with_suffix(".png") if args.report else None)
 
 
 if __name__ == "__main__":
