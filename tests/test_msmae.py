@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import ROOT, WBC, require, tiny_config
+from hub_server import hub_server  # noqa: F401  (pytest fixture)
 from transformers import ViTConfig, ViTImageProcessorPil, ViTModel, default_data_collator
 
 from hf_medmae import MedClsForImageClassification, MedMAEConfig, MedMAEForPreTraining, load_encoder
@@ -310,7 +312,10 @@ def test_dropping_is_off_in_eval_and_drop_path_still_fires_with_fewer_tokens():
 # ----------------------------------------------------------------------------- the scripts
 
 
-def test_run_mae_with_partial_labels_writes_the_msmae_settings(tmp_path, one_thread):
+def test_run_mae_with_partial_labels_writes_the_msmae_settings_and_rebuilds_from_the_hub(tmp_path, one_thread, hub_server):
+    from huggingface_hub import ModelCard
+
+    from hf_medmae.hub import pull_checkpoint
     from hf_medmae.tasks import pretrain
 
     require(WBC)
@@ -328,6 +333,7 @@ def test_run_mae_with_partial_labels_writes_the_msmae_settings(tmp_path, one_thr
         "--validation_fraction", "0.2", "--max_steps", "6", "--per_device_train_batch_size", "32", "--eval_strategy", "steps",
         "--eval_steps", "6", "--save_strategy", "steps", "--save_steps", "6", "--output_dir", str(out), "--report_to", "none",
         "--disable_tqdm", "true", "--dataloader_num_workers", "0", "--seed", "0", "--precision", "fp32",
+        "--push_to_hub", "--hub_model_id", "medmae-test/msmae-wbc",
     ])  # fmt: skip
     for folder in (out, out / "checkpoint-6"):
         config = json.loads((folder / "config.json").read_text())
@@ -338,7 +344,17 @@ def test_run_mae_with_partial_labels_writes_the_msmae_settings(tmp_path, one_thr
     assert 0 < metrics["labelled_train_images"] < metrics["num_train_images"]
     # prediction_loss_only evaluation: the loss adds the labelled validation images' cross-entropy
     assert metrics["eval_loss"] > metrics["eval_reconstruction_loss"] > 0
-    assert MedMAEForPreTraining.from_pretrained(out).classifier.weight.shape == (5, 32)
+    local = MedMAEForPreTraining.from_pretrained(out)
+    assert local.classifier.weight.shape == (5, 32)
+    # published by the Trainer's Hub arguments; rebuilt by repo id: same weights, same generator and head settings
+    hub = MedMAEForPreTraining.from_pretrained("medmae-test/msmae-wbc")
+    drop = {"transformers_version", "_name_or_path"}
+    assert {k: v for k, v in hub.config.to_dict().items() if k not in drop} == {k: v for k, v in local.config.to_dict().items() if k not in drop}
+    assert all(torch.equal(a, b) for a, b in zip(hub.state_dict().values(), local.state_dict().values()))
+    assert type(hub.mask_generator).__name__ == type(local.mask_generator).__name__ and hub.mask_generator.num_thrown == local.mask_generator.num_thrown == 16
+    card = ModelCard.load(Path(pull_checkpoint("medmae-test/msmae-wbc", cache_dir=tmp_path / "cache")) / "README.md").text
+    for row in ("| mask generator | attention |", "| throw ratio | 0.25 |", "| supervised loss weight | 0.1 |", "neutrophil"):
+        assert row in card
 
 
 def test_run_mae_label_settings_are_checked(tmp_path):
