@@ -37,7 +37,9 @@ MSMAE for a few test images and the masks the `attention` generator draws from t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import fcntl
 import json
 import os
 import shlex
@@ -141,8 +143,15 @@ def split_of(spec: dict, seed: int, fraction: float):
 def pretrain(kind: str, name: str, spec: dict, seed: int, fraction: float, work: Path) -> Path:
     """The seed's MAE (`mae`) or MSMAE with labels for `fraction` of the training split; reused when present."""
     out = work / (f"pre_{name}_mae_s{seed}" if kind == "mae" else f"pre_{name}_msmae_f{fraction}_s{seed}")
-    if (out / "model.safetensors").is_file():
-        return out
+    # study processes run side by side (one per core): one that needs a pre-training another is running waits for it
+    with open(work / f"{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "model.safetensors").is_file():
+            run_pretraining(kind, name, spec, seed, fraction, work, out)
+    return out
+
+
+def run_pretraining(kind: str, name: str, spec: dict, seed: int, fraction: float, work: Path, out: Path) -> None:
     data, split, subset = split_of(spec, seed, fraction)
     train = split.train
     pool = work / f"{name}_pool_s{seed}"  # the seed's training images only, as links
@@ -150,7 +159,8 @@ def pretrain(kind: str, name: str, spec: dict, seed: int, fraction: float, work:
     for i in train:
         link = pool / Path(data.files[i]).name
         if not link.exists():
-            os.symlink(Path(spec["data_dir"]).resolve() / Path(data.files[i]).name, link)
+            with contextlib.suppress(FileExistsError):  # the other process's pre-training of this seed made it first
+                os.symlink(Path(spec["data_dir"]).resolve() / Path(data.files[i]).name, link)
     # a 30-min run is interrupted in practice: resume from its newest complete checkpoint, if any (fresh otherwise)
     flags = ["--train_data", str(pool), "--output_dir", str(out), *PRETRAIN, "--resume_from_checkpoint", "true"]
     if kind == "msmae":
@@ -164,7 +174,6 @@ def pretrain(kind: str, name: str, spec: dict, seed: int, fraction: float, work:
     pretrain_task.main(flags)
     (out / "pretraining_pool.json").write_text(json.dumps({"train_files": [Path(data.files[i]).name for i in train],
                                                            "labelled": len(subset) if kind == "msmae" else 0}, indent=1))  # fmt: skip
-    return out
 
 
 def flops_per_image(run_dir: Path, throw_ratio: float) -> float:
