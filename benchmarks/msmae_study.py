@@ -305,7 +305,7 @@ def plot_results(runs: list[dict], path: Path) -> None:
 
 
 def figure(work: Path, output: Path, count: int = 4) -> None:
-    """Attention maps of the seed-0 WBC MAE and MSMAE (100% labels) on test images of each class, and the masks they draw."""
+    """Attention maps of the seed-0 WBC MAE and MSMAEs (100% and 10% labels) on test images of each class, and the masks they draw."""
     from hf_medmae import MedMAEForPreTraining
     from hf_medmae.data.transforms import resize
     from hf_medmae.plots import plot_attention_masks
@@ -318,7 +318,8 @@ def figure(work: Path, output: Path, count: int = 4) -> None:
             seen.add(data.labels[i])
     raw = torch.stack([resize(torch.from_numpy(np.asarray(data.images[i])).float(), 64) for i in picks])
     maps, codes = {}, {}
-    for name, folder in (("MAE", "pre_wbc_mae_s0"), ("MSMAE", "pre_wbc_msmae_f1.0_s0")):
+    models = (("MAE", "pre_wbc_mae_s0"), ("MSMAE 100% labels", "pre_wbc_msmae_f1.0_s0"), ("MSMAE 10% labels", "pre_wbc_msmae_f0.1_s0"))
+    for name, folder in [(n, f) for n, f in models if (work / f / "model.safetensors").is_file()]:
         model = MedMAEForPreTraining.from_pretrained(str(work / folder), use_safetensors=True).eval()
         pre = json.loads((work / folder / "preprocessor_config.json").read_text())
         x = (raw - torch.tensor(pre["image_mean"])[:, None, None]) / torch.tensor(pre["image_std"])[:, None, None]
