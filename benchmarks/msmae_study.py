@@ -50,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from results_io import record
+from results_io import paired_ci95, record
 from torch.utils.flop_counter import FlopCounterMode
 
 from hf_medmae.data.splits import label_subset, stratified_split
@@ -227,21 +227,11 @@ def summarise(runs: list[dict]) -> list[dict]:
                 mean_std = lambda v: (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0)  # noqa: E731
                 table.append(dict(dataset=name, fraction=fraction, arm=arm, seeds=len(cell), accuracy=mean_std([r["accuracy"] for r in cell]),
                                   macro_f1=mean_std([r["macro_f1_present"] for r in cell]),
-                                  vs_mae=mean_std(diff) if arm != ref and diff else None, vs_mae_seeds=len(diff),
+                                  vs_mae=mean_std(diff) if arm != ref and diff else None,
                                   vs_mae_ci95=paired_ci95(diff) if arm != ref else None,
                                   img_per_s=None if arm.endswith("_frozen") else statistics.median(r["train_img_per_s"] for r in cell),
                                   gflops=None if arm.endswith("_frozen") else statistics.mean(r["flops_per_image"] for r in cell) / 1e9))  # fmt: skip
     return table
-
-
-def paired_ci95(deltas: list[float]) -> list[float] | None:
-    """95% interval of the mean paired difference (Student's t, seeds - 1 degrees of freedom); None below 2 seeds."""
-    if len(deltas) < 2:
-        return None
-    from scipy.stats import t
-
-    half = t.ppf(0.975, len(deltas) - 1) * statistics.stdev(deltas) / len(deltas) ** 0.5
-    return [statistics.mean(deltas) - half, statistics.mean(deltas) + half]
 
 
 def arm_label(arm: str) -> str:

@@ -1,9 +1,11 @@
 """The studies' JSON files: written atomically and merged with what is on disk, so that several processes (one
-per seed, arm or recipe) can fill one file and a study can be completed over several sessions."""
+per seed, arm or recipe) can fill one file and a study can be completed over several sessions; and the paired
+interval their reports give."""
 
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,3 +25,14 @@ def record(path: Path, results: dict, item: dict, key: Callable[[dict], tuple], 
     current[field] = [r for r in current.get(field, []) if key(r) != key(item)] + [item]
     write_json(path, current)
     return current
+
+
+def paired_ci95(deltas: list[float]) -> list[float] | None:
+    """The 95% interval of the mean paired difference (Student's t, seeds − 1 degrees of freedom): excludes 0 only if
+    the difference stands out from the seed-to-seed noise. None below 2 seeds."""
+    if len(deltas) < 2:
+        return None
+    from scipy.stats import t
+
+    half = t.ppf(0.975, len(deltas) - 1) * statistics.stdev(deltas) / len(deltas) ** 0.5
+    return [statistics.mean(deltas) - half, statistics.mean(deltas) + half]

@@ -45,7 +45,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from results_io import record, write_json  # noqa: E402
+from results_io import paired_ci95, record, write_json  # noqa: E402
 
 from hf_medmae.data.volumes import load_volumes  # noqa: E402
 from hf_medmae.tasks import pretrain, segment  # noqa: E402
@@ -147,17 +147,6 @@ def summarise(runs: list[dict]) -> list[dict]:
             row["vs_scratch_ci95"] = paired_ci95(deltas) if arm != "scratch" else None
             table.append(row)
     return table
-
-
-def paired_ci95(deltas: list[float]) -> list[float] | None:
-    """The 95% interval of the mean paired difference (Student's t, seeds − 1 degrees of freedom): excludes 0 only if
-    the difference stands out from the seed-to-seed noise."""
-    if len(deltas) < 2:
-        return None
-    from scipy.stats import t
-
-    half = t.ppf(0.975, len(deltas) - 1) * statistics.stdev(deltas) / len(deltas) ** 0.5
-    return [statistics.mean(deltas) - half, statistics.mean(deltas) + half]
 
 
 def arm_name(arm: str) -> str:

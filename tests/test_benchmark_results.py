@@ -1,11 +1,13 @@
-"""The studies' JSON writer (benchmarks/results_io.py): several processes fill one file without losing runs."""
+"""The studies' helpers (benchmarks/results_io.py): several processes fill one file without losing runs; the paired interval."""
 
 import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from results_io import record  # noqa: E402
+from results_io import paired_ci95, record  # noqa: E402
 
 KEY = lambda r: (r["arm"], r["seed"])  # noqa: E731
 
@@ -30,3 +32,10 @@ def test_a_file_of_another_protocol_is_replaced(tmp_path):
     record(path, {"protocol": "v1", "runs": []}, {"arm": "a", "seed": 0}, KEY)
     merged = record(path, {"protocol": "v2", "runs": []}, {"arm": "b", "seed": 1}, KEY, field="runs")
     assert merged["protocol"] == "v2" and [KEY(r) for r in merged["runs"]] == [("b", 1)]
+
+
+def test_paired_interval_is_students_t_and_needs_two_seeds():
+    low, high = paired_ci95([0.01, 0.02, 0.03])  # mean 0.02, sd 0.01, t(0.975, 2 df) = 4.303
+    assert (low + high) / 2 == pytest.approx(0.02)
+    assert (high - low) / 2 == pytest.approx(4.3027 * 0.01 / 3**0.5, rel=1e-4)
+    assert paired_ci95([0.05]) is None
