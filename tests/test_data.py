@@ -105,10 +105,13 @@ def test_augment_and_dataset_normalise():
     ds = PretrainingDataset(images, mean, std, 32, Augment(32, (0.2, 1.0), rot90=True))
     item = ds[1]
     assert item["pixel_values"].shape == (16, 32, 32) and item["sample_ids"] == 1
+    # validation: the whole image resized (the classifier's evaluation view), not a central crop at native scale
     val = PretrainingDataset(images, mean, std, 32)
-    center = val[0]["pixel_values"]
+    whole = val[0]["pixel_values"]
     expected = (torch.from_numpy(images[0]) - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
-    assert torch.allclose(center, expected[:, 16:48, 16:48])
+    pooled = torch.nn.functional.avg_pool2d(expected[None], 2)[0]  # a 2x antialiased shrink is close to 2x2 means
+    assert whole.shape == (16, 32, 32) and torch.equal(whole, val[0]["pixel_values"])
+    assert (whole - pooled).abs().mean() < 0.5 * (expected[:, 16:48, 16:48] - pooled).abs().mean()
     flip = Augment(64, (1.0, 1.0), hflip=True, vflip=False)
     x = torch.arange(64.0).repeat(1, 64, 1)
     outs = {tuple(flip(x, torch.Generator().manual_seed(s))[0, 0, :2].tolist()) for s in range(10)}

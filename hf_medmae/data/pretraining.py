@@ -13,7 +13,7 @@ from .embedded import load_embedded
 from .io import ARRAY_SUFFIXES, item_to_chw
 from .sources import ArraySource, HFSource, ImageSource, ListSource, base_items, folder_source, open_hf_dataset
 from .sources import image_column as hf_image_column
-from .transforms import Augment, Normalize, center_crop
+from .transforms import Augment, Normalize, resize
 
 
 def load_source(source: str, on_bad_file: str = "error", max_images: int | None = None, array_key: str | None = None,
@@ -85,7 +85,9 @@ class PretrainingDataset(Dataset):
         images: an `ImageSource` (read per item) or a list of [C, H, W] float arrays (raw intensities).
         image_mean, image_std: per-channel statistics of the training images.
         image_size: side of the model input.
-        augment: training augmentation, or None for a deterministic central crop (validation).
+        augment: training augmentation, or None for validation: the whole image resized, the view the classifier
+            is evaluated on and the attention maps are drawn from (a central crop at native scale is a zoom that no
+            training view need have shown: an MSMAE trains on whole views only).
         seed: augmentation of item i in epoch e draws from its own generator seeded by (seed, e, i), so
             it does not depend on what else drew random numbers before: a resumed run, which loads and
             skips the batches it already trained on, augments the remaining ones exactly as before.
@@ -122,7 +124,7 @@ class PretrainingDataset(Dataset):
         image = self.normalize(torch.from_numpy(np.ascontiguousarray(self.images[index])))
         gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
         if self.augment is None:
-            image, view = center_crop(image, self.image_size), None
+            image, view = resize(image, self.image_size), None
         else:
             image, view = self.augment.with_view(image, gen)
         item = {"pixel_values": image, "sample_ids": index} if self.with_ids else {"pixel_values": image}
@@ -153,7 +155,7 @@ def streaming_dataset(stream, column: str, image_mean, image_std, image_size: in
             array = item_to_chw(item, name)
             for tile in tile_image(array, tile_size) if tile_size else [array]:
                 image = normalize(torch.from_numpy(np.ascontiguousarray(tile)))
-                out["pixel_values"].append(center_crop(image, image_size) if augment is None else augment(image))
+                out["pixel_values"].append(resize(image, image_size) if augment is None else augment(image))
                 if ids:
                     out["sample_ids"].append(int(batch["sample_ids"][k]))
         return out
