@@ -172,6 +172,47 @@ class AttentionRefreshCallback(TrainerCallback):
         self.last_refresh = epoch
 
 
+class LossTermsCallback(TrainerCallback):
+    """Logs the terms of a loss that adds several, next to the Trainer's `loss`: for the supervised MAE (MSMAE),
+    `reconstruction_loss` and `supervised_loss`, so one can see which of them still falls (the head's
+    cross-entropy on a few labelled images can fall long after the reconstruction has stopped).
+
+    A forward hook keeps the detached terms of every training forward; at each log they are averaged (this
+    process's forwards since the last log) and added to the logged values and to `trainer_state.json`'s
+    `log_history`. `tasks.run` puts it first among the callbacks so that the printed line shows them too.
+    """
+
+    logs_first = True
+
+    def __init__(self, terms: tuple[str, ...] = ("reconstruction_loss", "supervised_loss")):
+        self.terms = terms
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+        self.handle = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.handle = model.register_forward_hook(self._hook)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.handle.remove()
+
+    def _hook(self, module, args, output):
+        values = {t: getattr(output, t, None) for t in self.terms}
+        if module.training and all(v is not None for v in values.values()):
+            for t, v in values.items():  # summed on the device: one sync per log, not per step
+                self.sums[t] = self.sums.get(t, 0) + v.detach().float()
+            self.count += 1
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs or not self.count:
+            return
+        means = {t: round(float(s) / self.count, 4) for t, s in self.sums.items()}
+        logs.update(means)
+        if state.log_history and "loss" in state.log_history[-1]:
+            state.log_history[-1].update(means)
+        self.sums, self.count = {}, 0
+
+
 CHOICES_FILE = "measured_choices.json"
 
 

@@ -332,7 +332,7 @@ def test_run_mae_with_partial_labels_writes_the_msmae_settings_and_rebuilds_from
         "--decoder_num_attention_heads", "2", "--decoder_intermediate_size", "64", "--attn_implementation", "sdpa",
         "--validation_fraction", "0.2", "--max_steps", "6", "--per_device_train_batch_size", "32", "--eval_strategy", "steps",
         "--eval_steps", "6", "--save_strategy", "steps", "--save_steps", "6", "--output_dir", str(out), "--report_to", "none",
-        "--disable_tqdm", "true", "--dataloader_num_workers", "0", "--seed", "0", "--precision", "fp32",
+        "--disable_tqdm", "true", "--dataloader_num_workers", "0", "--seed", "0", "--precision", "fp32", "--logging_steps", "3",
         "--push_to_hub", "--hub_model_id", "medmae-test/msmae-wbc",
     ])  # fmt: skip
     for folder in (out, out / "checkpoint-6"):
@@ -344,6 +344,12 @@ def test_run_mae_with_partial_labels_writes_the_msmae_settings_and_rebuilds_from
     assert 0 < metrics["labelled_train_images"] < metrics["num_train_images"]
     # prediction_loss_only evaluation: the loss adds the labelled validation images' cross-entropy
     assert metrics["eval_loss"] > metrics["eval_reconstruction_loss"] > 0
+    # the training log keeps the two terms of the loss apart, and they add up to it
+    logged = [e for e in json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+    assert [e["step"] for e in logged] == [3, 6]
+    for entry in logged:
+        assert entry["supervised_loss"] > 0 and entry["reconstruction_loss"] > 0
+        assert entry["loss"] == pytest.approx(entry["reconstruction_loss"] + 0.1 * entry["supervised_loss"], abs=2e-4)
     local = MedMAEForPreTraining.from_pretrained(out)
     assert local.classifier.weight.shape == (5, 32)
     # published by the Trainer's Hub arguments; rebuilt by repo id: same weights, same generator and head settings

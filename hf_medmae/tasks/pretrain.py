@@ -30,7 +30,7 @@ from ..errors import ConfigError, DataError
 from ..loading import load_checkpoint
 from ..modeling_mae import RECIPE_FIELDS, MedMAEForPreTraining
 from ..performance import choose_attention
-from ..training import AttentionRefreshCallback, EpochCallback, SampleIdRecorder
+from ..training import AttentionRefreshCallback, EpochCallback, LossTermsCallback, SampleIdRecorder
 from .classify import class_weights
 from .run import Task, TaskSetup, console
 
@@ -238,6 +238,8 @@ class Pretrain(Task):
         args.prediction_loss_only = True  # evaluation needs the loss, not every reconstruction
         processor = ViTImageProcessorPil(do_resize=False, do_rescale=False, image_mean=mean, image_std=std)
         logger.info("training on %d images (%d channels), validating on %d; lr %.3g", len(train), channels, len(val or []), args.learning_rate)
+        if supervision:
+            callbacks.append(LossTermsCallback())
         if data_args.record_sample_ids:
             callbacks.append(SampleIdRecorder())
         return TaskSetup(model, train, val, processor, data_args.train_data, callbacks,

@@ -180,6 +180,8 @@ def run(task: Task, setup: TaskSetup, model_args, data_args, args: MedTrainingAr
     trainer = Trainer(model=setup.model, args=args, train_dataset=setup.train_dataset, eval_dataset=setup.eval_dataset,
                       processing_class=setup.processor, callbacks=callbacks,
                       **setup.trainer_kwargs)  # fmt: skip
+    # callbacks that add to the logged values must run before the printing ones (stable: the rest keep their order)
+    trainer.callback_handler.callbacks.sort(key=lambda cb: not getattr(cb, "logs_first", False))
     train_result = trainer.train(resume_from_checkpoint=resume)
     if selecting:
         load_best_checkpoint(trainer)
