@@ -87,6 +87,18 @@ def test_thrown_patches_reach_neither_the_encoder_nor_the_loss():
     assert not torch.equal(model(changed, mask_codes=torch.where(codes == THROWN, MASKED, codes)).loss, a.loss)  # the control
 
 
+def test_reconstruction_figure_of_a_throwing_model_hides_every_patch_it_does_not_show(tmp_path):
+    from hf_medmae.tasks.pretrain import save_reconstructions
+
+    model = MedMAEForPreTraining(supervised_config())
+    seen = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs.get("mask_codes")), with_kwargs=True)
+    items = [{"pixel_values": torch.randn(3, 32, 32)} for _ in range(3)]
+    assert Path(save_reconstructions(model, items, str(tmp_path))).is_file()
+    codes = seen[-1]  # in training 25% of the grid would be thrown: never trained to be reconstructed, so not drawn so
+    assert not (codes == THROWN).any() and (codes == MASKED).sum(1).tolist() == [48, 48, 48]
+
+
 def test_supervised_head_gradient_reaches_the_encoder():
     model = MedMAEForPreTraining(supervised_config(mask_generator="random", throw_ratio=0.0))
     out = model(torch.randn(4, 3, 32, 32), labels=torch.tensor([0, 1, 2, 1]))

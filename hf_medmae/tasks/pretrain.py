@@ -28,6 +28,7 @@ from ..data.splits import label_subset, split_indices
 from ..data.transforms import Augment, channel_moments
 from ..errors import ConfigError, DataError
 from ..loading import load_checkpoint
+from ..masking import MASKED
 from ..modeling_mae import RECIPE_FIELDS, MedMAEForPreTraining
 from ..performance import choose_attention
 from ..training import AttentionRefreshCallback, EpochCallback, LossTermsCallback, SampleIdRecorder
@@ -389,7 +390,8 @@ def reconstruction_only_loss(model: MedMAEForPreTraining, dataset, batch_size: i
 
 @torch.no_grad()
 def save_reconstructions(model: MedMAEForPreTraining, dataset, output_dir: str, channels=None, n: int = 4, mean_view: bool = False) -> str:
-    """`reconstruction.png`: originals, what the encoder saw, and the reconstruction of `n` images.
+    """`reconstruction.png`: originals, what the encoder saw, and the reconstruction of `n` images (random masks at
+    the model's ratio; a model that throws patches in training has every hidden patch reconstructed here).
 
     `mean_view` shows the average of all channels (original and reconstruction alike) as one grey image.
     """
@@ -399,7 +401,12 @@ def save_reconstructions(model: MedMAEForPreTraining, dataset, output_dir: str, 
     pixels = torch.stack([torch.as_tensor(dataset[i]["pixel_values"]) for i in range(min(n, len(dataset)))]).to(model.device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # the same masks in every figure of a run's images
-        out = model(pixels)
+        codes = None
+        if model.config.throw_ratio > 0:  # thrown patches are never trained to be reconstructed: hide, don't throw
+            gen = model.mask_generator
+            order = torch.rand(len(pixels), gen.num_patches).argsort(dim=1)[:, : gen.num_masked]
+            codes = torch.zeros(len(pixels), gen.num_patches, dtype=torch.uint8).scatter_(1, order, MASKED).to(model.device)
+        out = model(pixels, mask_codes=codes)
     recon = model.reconstruct(pixels, out.logits, out.mask)
     if mean_view:
         pixels, recon, channels = pixels.mean(1, keepdim=True), recon.mean(1, keepdim=True), [0]
