@@ -30,7 +30,10 @@ over several sessions:
 
 Per fine-tuning run the JSON keeps test accuracy and macro-F1 (classes present), the Trainer's measured
 training img/s, and the FLOPs per training image (torch's `FlopCounterMode`, forward + backward, eager
-attention) of that model with its throw ratio. `--figure` draws the attention maps of the seed-0 MAE and
+attention) of that model with its throw ratio. Per pre-training (while its folder is in the work dir) it keeps
+its held-out reconstruction loss: on the seed's test images, whole views, under one set of random 75% masks
+shared by every model (nothing thrown), against predicting the mean — how well it infers hidden patches
+from random visible ones, whatever masks it trained on. `--figure` draws the attention maps of the seed-0 MAE and
 MSMAE for a few test images and the masks the `attention` generator draws from them.
 """
 
@@ -212,6 +215,45 @@ def run_arm(args, name: str, spec: dict, arm: str, fraction: float, seed: int, w
                 flops_per_image=None if frozen else flops_per_image(out, throw), minutes=round((time.time() - start) / 60, 2))  # fmt: skip
 
 
+@torch.no_grad()
+def held_out_reconstruction(init: Path, spec: dict, seed: int) -> dict:
+    """The pre-trained MAE's reconstruction loss on the seed's test images (never seen in pre-training), resized
+    whole, under the same random 75% masks for every model, and the loss of predicting the mean there."""
+    from hf_medmae import MedMAEForPreTraining
+    from hf_medmae.data.transforms import resize
+
+    model = MedMAEForPreTraining.from_pretrained(str(init), use_safetensors=True).eval()
+    pre = json.loads((init / "preprocessor_config.json").read_text())
+    mean, std = (torch.tensor(pre[k])[:, None, None] for k in ("image_mean", "image_std"))
+    data, split, _ = split_of(spec, seed, 1.0)
+    size = model.config.image_size
+    x = torch.stack([resize((torch.from_numpy(np.asarray(data.images[i])).float() - mean) / std, size) for i in split.test])
+    patches = (size // model.config.patch_size) ** 2
+    order = torch.rand(len(x), patches, generator=torch.Generator().manual_seed(seed)).argsort(dim=1)
+    codes = torch.zeros(len(x), patches, dtype=torch.uint8).scatter_(1, order[:, : int(0.75 * patches)], 1)  # 1 = masked
+    out = model(x, mask_codes=codes)
+    loss = out.reconstruction_loss if getattr(out, "reconstruction_loss", None) is not None else out.loss
+    zero = model.reconstruction_loss(x, torch.zeros_like(out.logits), codes.float())
+    state = json.loads((init / "all_results.json").read_text())
+    return dict(test_reconstruction_loss=round(loss.item(), 4), mean_predictor_loss=round(zero.item(), 4),
+                test_images=len(x), pretrain_steps=state.get("global_step"))
+
+
+def record_pretrainings(output: Path, results: dict, name: str, spec: dict, seed: int, fractions, work: Path) -> dict:
+    """Add the held-out reconstruction of each of the seed's pre-trainings still in `work` and not yet in the JSON."""
+    key = lambda r: (r["dataset"], r["pretraining"], r["fraction"], r["seed"])  # noqa: E731
+    done = {key(r) for r in results.get("pretrainings", [])}
+    wanted = [("mae", None, work / f"pre_{name}_mae_s{seed}")] + [("msmae", f, work / f"pre_{name}_msmae_f{f}_s{seed}") for f in fractions]
+    for kind, fraction, folder in wanted:
+        if (name, kind, fraction, seed) in done or not (folder / "model.safetensors").is_file():
+            continue
+        item = dict(dataset=name, pretraining=kind, fraction=fraction, seed=seed, **held_out_reconstruction(folder, spec, seed))
+        results = record(output, results, item, key=key, field="pretrainings")
+        print(f"{name} {kind}{'' if fraction is None else f' {fraction:.0%} labels'} seed {seed}: held-out reconstruction "
+              f"{item['test_reconstruction_loss']:.3f} (predicting the mean: {item['mean_predictor_loss']:.3f})", flush=True)
+    return results
+
+
 def summarise(runs: list[dict]) -> list[dict]:
     table = []
     for name in sorted({r["dataset"] for r in runs}, reverse=True):
@@ -250,6 +292,14 @@ def report(results: dict, figure_path: Path | None = None) -> None:
         print(f"| {row['dataset']} | {row['fraction']:.0%} | {arm_label(row['arm'])} | {row['seeds']} | {row['accuracy'][0]:.3f} ± {row['accuracy'][1]:.3f} "
               f"| {row['macro_f1'][0]:.3f} ± {row['macro_f1'][1]:.3f} | {vs} | {ci} | {speed} |")
     print("(± is the standard deviation over seeds; the MAE reference is fine-tuned with all tokens, or frozen for the frozen arms)")
+    if results.get("pretrainings"):
+        print("\n| data | pre-training | labels | seed | steps | held-out reconstruction loss | predicting the mean |")
+        print("|---|---|---|---|---|---|---|")
+        for r in sorted(results["pretrainings"], key=lambda r: (r["dataset"], r["seed"], r["pretraining"], r["fraction"] or 0)):
+            labels = "—" if r["fraction"] is None else f"{r['fraction']:.0%}"
+            print(f"| {r['dataset']} | {r['pretraining'].upper()} | {labels} | {r['seed']} | {r['pretrain_steps']} "
+                  f"| {r['test_reconstruction_loss']:.3f} | {r['mean_predictor_loss']:.3f} |")
+        print("(the seed's test images, whole views, the same random 75% masks for every model, nothing thrown)")
     print(f"hardware: {results['hardware']}")
     if figure_path is not None:
         plot_results(results["runs"], figure_path)
@@ -359,6 +409,7 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"{name} {arm} {fraction:.0%} seed {seed}: accuracy {run['accuracy']:.3f}, macro-F1 {run['macro_f1_present']:.3f}, "
                           + ("" if run["flops_per_image"] is None else f"{run['train_img_per_s']:.0f} img/s, {run['flops_per_image'] / 1e9:.2f} GFLOPs, ")
                           + f"{run['minutes']} min", flush=True)
+            results = record_pretrainings(output, results, name, spec, seed, args.fractions, work)
     if args.figure:
         figure(work, Path(args.figure))
     elif results["runs"]:
