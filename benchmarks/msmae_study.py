@@ -344,22 +344,31 @@ def plot_results(runs: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def figure(work: Path, output: Path, count: int = 4) -> None:
-    """Attention maps of the seed-0 WBC MAE and MSMAEs (100% and 10% labels) on test images of each class, and the masks they draw."""
-    from hf_medmae import MedMAEForPreTraining
+def figure_models(work: Path, seed: int, count: int = 4):
+    """The seed's WBC pre-trainings still in `work`, and `count` of its test images, one per class, resized whole."""
     from hf_medmae.data.transforms import resize
-    from hf_medmae.plots import plot_attention_masks
 
-    data, split, _ = split_of(WBC, 0, 1.0)
+    data, split, _ = split_of(WBC, seed, 1.0)
     picks, seen = [], set()
     for i in split.test:  # one test image per class (never seen in pre-training)
         if data.labels[i] not in seen and len(picks) < count:
             picks.append(i)
             seen.add(data.labels[i])
     raw = torch.stack([resize(torch.from_numpy(np.asarray(data.images[i])).float(), 64) for i in picks])
+    models = (("MAE", f"pre_wbc_mae_s{seed}"), ("MSMAE 100% labels", f"pre_wbc_msmae_f1.0_s{seed}"),
+              ("MSMAE 10% labels", f"pre_wbc_msmae_f0.1_s{seed}"))  # fmt: skip
+    titles = [f"{data.class_names[data.labels[i]]} ({Path(data.files[i]).name})" for i in picks]
+    return raw, titles, [(n, work / f) for n, f in models if (work / f / "model.safetensors").is_file()]
+
+
+def figure(work: Path, output: Path, seed: int = 0) -> None:
+    """Attention maps of the seed's WBC MAE and MSMAEs (100% and 10% labels) on test images of each class, and the masks they draw."""
+    from hf_medmae import MedMAEForPreTraining
+    from hf_medmae.plots import plot_attention_masks
+
+    raw, titles, models = figure_models(work, seed)
     maps, codes = {}, {}
-    models = (("MAE", "pre_wbc_mae_s0"), ("MSMAE 100% labels", "pre_wbc_msmae_f1.0_s0"), ("MSMAE 10% labels", "pre_wbc_msmae_f0.1_s0"))
-    for name, folder in [(n, f) for n, f in models if (work / f / "model.safetensors").is_file()]:
+    for name, folder in models:
         model = MedMAEForPreTraining.from_pretrained(str(work / folder), use_safetensors=True).eval()
         pre = json.loads((work / folder / "preprocessor_config.json").read_text())
         x = (raw - torch.tensor(pre["image_mean"])[:, None, None]) / torch.tensor(pre["image_std"])[:, None, None]
@@ -369,8 +378,30 @@ def figure(work: Path, output: Path, count: int = 4) -> None:
         generator = build_mask_generator("attention", 0.75, (grid, grid), throw_ratio=0.3)  # MSMAE's masking, from either map
         drawn = generator(len(picks), scores=attention, generator=torch.Generator().manual_seed(0))
         maps[name], codes[name] = attention.reshape(-1, grid, grid).numpy(), drawn.reshape(-1, grid, grid).numpy()
-    titles = [f"{data.class_names[data.labels[i]]} ({Path(data.files[i]).name})" for i in picks]
     plot_attention_masks(raw.numpy(), titles, maps, codes, output)
+    print(f"wrote {output}")
+
+
+@torch.no_grad()
+def reconstruction_figure(work: Path, output: Path, seed: int = 0) -> None:
+    """The seed's WBC MAE and MSMAEs reconstructing the same test images under the same random 75% masks (nothing thrown)."""
+    from hf_medmae import MedMAEForPreTraining
+    from hf_medmae.plots import save_reconstruction_grid
+
+    raw, _, models = figure_models(work, seed)
+    recons = {}
+    for name, folder in models:
+        model = MedMAEForPreTraining.from_pretrained(str(folder), use_safetensors=True).eval()
+        pre = json.loads((folder / "preprocessor_config.json").read_text())
+        mean, std = (torch.tensor(pre[k])[:, None, None] for k in ("image_mean", "image_std"))
+        patches = (model.config.image_size // model.config.patch_size) ** 2
+        order = torch.rand(len(raw), patches, generator=torch.Generator().manual_seed(seed)).argsort(dim=1)
+        codes = torch.zeros(len(raw), patches, dtype=torch.uint8).scatter_(1, order[:, : int(0.75 * patches)], 1)
+        x = (raw - mean) / std
+        out = model(x, mask_codes=codes)
+        recons[name] = model.reconstruct(x, out.logits, out.mask) * std + mean  # back to intensities: one stretch for all
+        mask, patch = out.mask, model.config.patch_size  # the same for every model: one seed, one grid
+    save_reconstruction_grid(raw.numpy(), mask.numpy(), {k: v.numpy() for k, v in recons.items()}, patch, output)
     print(f"wrote {output}")
 
 
@@ -385,7 +416,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--work-dir", default=str(ROOT / "outputs" / "msmae_study"))
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "msmae_study.json"))
     p.add_argument("--report", action="store_true", help="only print the table from the JSON")
-    p.add_argument("--figure", default=None, help="draw the attention-map figure to this PNG (needs the seed-0 WBC runs)")
+    p.add_argument("--figure", default=None, help="draw the attention-map figure to this PNG (needs --figure-seed's WBC pre-trainings)")
+    p.add_argument("--reconstruction-figure", default=None, help="draw the MAE and MSMAEs' reconstructions of the same test images to this PNG")
+    p.add_argument("--figure-seed", type=int, default=0, help="whose pre-trainings the figures show")
     args = p.parse_args(argv)
     args.extra = shlex.split(args.extra)
     PRETRAIN.extend(shlex.split(args.pretrain_extra))
@@ -397,7 +430,7 @@ def main(argv: list[str] | None = None) -> None:
                    "pretrain_flags": PRETRAIN, "msmae_flags": MSMAE, "finetune_extra": args.extra, "runs": []}  # fmt: skip
     output.parent.mkdir(parents=True, exist_ok=True)
     done = {(r["dataset"], r["arm"], r["fraction"], r["seed"]) for r in results["runs"]}
-    for seed in [] if args.report or args.figure else args.seeds:
+    for seed in [] if args.report or args.figure or args.reconstruction_figure else args.seeds:
         for name in args.datasets:
             spec = WBC if name == "wbc" else bccd_cells(work)
             for fraction in args.fractions:
@@ -410,8 +443,11 @@ def main(argv: list[str] | None = None) -> None:
                           + ("" if run["flops_per_image"] is None else f"{run['train_img_per_s']:.0f} img/s, {run['flops_per_image'] / 1e9:.2f} GFLOPs, ")
                           + f"{run['minutes']} min", flush=True)
             results = record_pretrainings(output, results, name, spec, seed, args.fractions, work)
-    if args.figure:
-        figure(work, Path(args.figure))
+    if args.figure or args.reconstruction_figure:
+        if args.figure:
+            figure(work, Path(args.figure), args.figure_seed)
+        if args.reconstruction_figure:
+            reconstruction_figure(work, Path(args.reconstruction_figure), args.figure_seed)
     elif results["runs"]:
         report(results, output.with_suffix(".png") if args.report else None)
 

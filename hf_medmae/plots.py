@@ -299,19 +299,19 @@ def _patch_mask_to_pixels(mask: np.ndarray, height: int, width: int, patch_size:
     return np.kron(mask.reshape(grid), np.ones((patch_size, patch_size))).astype(bool)
 
 
-def save_reconstruction_grid(original: np.ndarray, masked_pixels: np.ndarray, reconstruction: np.ndarray,
+def save_reconstruction_grid(original: np.ndarray, masked_pixels: np.ndarray, reconstruction: np.ndarray | dict[str, np.ndarray],
                              patch_size: int, path: str | Path, channels: int | Sequence[int] | None = None,
                              max_images: int = 4) -> str:
     """One row per image: original, masked input (masked patches grey), reconstruction (hidden patches outlined).
 
-    The 1-99 percentile stretch is computed on the original and applied to all three panels, so
+    The 1-99 percentile stretch is computed on the original and applied to all panels, so
     brightness differences in the reconstruction are real.
 
     Args:
         original: [N, C, H, W] images in normalised units.
         masked_pixels: [N, L] patch mask, 1 = masked (ViTMAE's ``mask`` output).
         reconstruction: [N, C, H, W] unpatchified prediction (the caller pastes visible patches back
-            if wanted).
+            if wanted), or {model name: that} to compare several models on the same masks, one column each.
         patch_size: patch side in pixels.
         path: PNG path.
         channels: see :func:`resolve_channels`.
@@ -320,25 +320,32 @@ def save_reconstruction_grid(original: np.ndarray, masked_pixels: np.ndarray, re
     Example:
         >>> save_reconstruction_grid(x, out.mask, model.unpatchify(out.logits), 4, "out/recon.png")
     """
-    original, recon = np.asarray(original, dtype=float), np.asarray(reconstruction, dtype=float)
+    original = np.asarray(original, dtype=float)
+    named = reconstruction if isinstance(reconstruction, dict) else {"reconstruction (hidden patches outlined)": reconstruction}
+    recons = {name: np.asarray(r, dtype=float) for name, r in named.items()}
     masked_pixels = np.asarray(masked_pixels)
-    if original.ndim != 4 or recon.shape != original.shape or len(masked_pixels) != len(original):
-        raise DataError(f"original {original.shape}, reconstruction {recon.shape}, mask {masked_pixels.shape} "
-                        "do not fit.", "Pass original and reconstruction as [N, C, H, W] and the mask as [N, L].")
+    for name, recon in recons.items():
+        if original.ndim != 4 or recon.shape != original.shape or len(masked_pixels) != len(original):
+            raise DataError(f"original {original.shape}, reconstruction {name!r} {recon.shape}, mask {masked_pixels.shape} "
+                            "do not fit.", "Pass original and reconstruction as [N, C, H, W] and the mask as [N, L].")
     chosen = resolve_channels(channels, original.shape[1])
     n, (h, w) = min(len(original), max_images), original.shape[2:]
-    fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.5 * n), squeeze=False)
+    fig, axes = plt.subplots(n, 2 + len(recons), figsize=(2.5 * (2 + len(recons)), 2.5 * n), squeeze=False)
     for i, row in enumerate(axes):
         lo_hi = robust_range(original[i], chosen)
         disp = to_display(original[i], chosen, lo_hi)
         hidden = _patch_mask_to_pixels(masked_pixels[i], h, w, patch_size)
         masked = disp.copy()
         masked[hidden] = 0.5  # grey, in both [H, W] and [H, W, 3] layouts
-        for ax, img, title in zip(row, (disp, masked, to_display(recon[i], chosen, lo_hi)),
-                                  ("original", f"masked ({hidden.mean():.0%})", "reconstruction (hidden patches outlined)")):
-            _show(ax, img, title)
-        # Outline the predicted (hidden) patches: what inside them is the model's, not a copy of the input.
-        row[2].contour(hidden.astype(float), levels=[0.5], colors="#ffd400", linewidths=0.7)
+        _show(row[0], disp, "original")
+        _show(row[1], masked, f"masked ({hidden.mean():.0%})")
+        for ax, (name, recon) in zip(row[2:], recons.items()):
+            _show(ax, to_display(recon[i], chosen, lo_hi), name)
+            # Outline the predicted (hidden) patches: what inside them is the model's, not a copy of the input.
+            ax.contour(hidden.astype(float), levels=[0.5], colors="#ffd400", linewidths=0.7)
+    if isinstance(reconstruction, dict):
+        fig.suptitle("each model predicts every patch grey in 'masked' (yellow: the edges of what it was shown)", fontsize=9)
+        fig.tight_layout()
     return _save(fig, path)
 
 

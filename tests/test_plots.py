@@ -80,6 +80,15 @@ def test_reconstruction_grid(tmp_path, c, channels):
     assert 1.1 < w / h < 2.0  # 2 rows x 3 columns: max_images respected
 
 
+def test_reconstruction_grid_compares_models_one_column_each(tmp_path):
+    x = RNG.normal(size=(2, 3, 16, 16))
+    mask = (RNG.random((2, 16)) < 0.75).astype(int)
+    w, h = _open(save_reconstruction_grid(x, mask, {"MAE": x + 0.1, "MSMAE": x - 0.1, "other": x}, 4, tmp_path / "cmp.png"))
+    assert 2.0 < w / h < 3.0  # 2 rows x 5 columns
+    with pytest.raises(DataError, match="'MSMAE'"):
+        save_reconstruction_grid(x, mask, {"MAE": x, "MSMAE": x[:1]}, 4, tmp_path / "bad.png")
+
+
 @pytest.mark.parametrize("channels", [16, [0, 1], [0, 1, 99], -1, 2.5])
 def test_channels_validation(channels):
     with pytest.raises(DataError, match="channels"):
