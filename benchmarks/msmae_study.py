@@ -215,22 +215,33 @@ def run_arm(args, name: str, spec: dict, arm: str, fraction: float, seed: int, w
                 flops_per_image=None if frozen else flops_per_image(out, throw), minutes=round((time.time() - start) / 60, 2))  # fmt: skip
 
 
+def load_pretraining(folder: Path):
+    """A pre-trained MAE (eval mode) and its normalisation as [C, 1, 1] mean and std."""
+    from hf_medmae import MedMAEForPreTraining
+
+    model = MedMAEForPreTraining.from_pretrained(str(folder), use_safetensors=True).eval()
+    pre = json.loads((folder / "preprocessor_config.json").read_text())
+    return model, *(torch.tensor(pre[k])[:, None, None] for k in ("image_mean", "image_std"))
+
+
+def shared_masks(count: int, model, seed: int) -> torch.Tensor:
+    """Random 75% masks (codes, 1 = masked, nothing thrown) drawn from `seed` alone: the same for every model of a grid."""
+    patches = (model.config.image_size // model.config.patch_size) ** 2
+    order = torch.rand(count, patches, generator=torch.Generator().manual_seed(seed)).argsort(dim=1)
+    return torch.zeros(count, patches, dtype=torch.uint8).scatter_(1, order[:, : int(0.75 * patches)], 1)
+
+
 @torch.no_grad()
 def held_out_reconstruction(init: Path, spec: dict, seed: int) -> dict:
     """The pre-trained MAE's reconstruction loss on the seed's test images (never seen in pre-training), resized
     whole, under the same random 75% masks for every model, and the loss of predicting the mean there."""
-    from hf_medmae import MedMAEForPreTraining
     from hf_medmae.data.transforms import resize
 
-    model = MedMAEForPreTraining.from_pretrained(str(init), use_safetensors=True).eval()
-    pre = json.loads((init / "preprocessor_config.json").read_text())
-    mean, std = (torch.tensor(pre[k])[:, None, None] for k in ("image_mean", "image_std"))
+    model, mean, std = load_pretraining(init)
     data, split, _ = split_of(spec, seed, 1.0)
-    size = model.config.image_size
-    x = torch.stack([resize((torch.from_numpy(np.asarray(data.images[i])).float() - mean) / std, size) for i in split.test])
-    patches = (size // model.config.patch_size) ** 2
-    order = torch.rand(len(x), patches, generator=torch.Generator().manual_seed(seed)).argsort(dim=1)
-    codes = torch.zeros(len(x), patches, dtype=torch.uint8).scatter_(1, order[:, : int(0.75 * patches)], 1)  # 1 = masked
+    x = torch.stack([resize((torch.from_numpy(np.asarray(data.images[i])).float() - mean) / std, model.config.image_size)
+                     for i in split.test])  # fmt: skip
+    codes = shared_masks(len(x), model, seed)
     out = model(x, mask_codes=codes)
     loss = out.reconstruction_loss if getattr(out, "reconstruction_loss", None) is not None else out.loss
     zero = model.reconstruction_loss(x, torch.zeros_like(out.logits), codes.float())
@@ -363,20 +374,18 @@ def figure_models(work: Path, seed: int, count: int = 4):
 
 def figure(work: Path, output: Path, seed: int = 0) -> None:
     """Attention maps of the seed's WBC MAE and MSMAEs (100% and 10% labels) on test images of each class, and the masks they draw."""
-    from hf_medmae import MedMAEForPreTraining
     from hf_medmae.plots import plot_attention_masks
 
     raw, titles, models = figure_models(work, seed)
     maps, codes = {}, {}
     for name, folder in models:
-        model = MedMAEForPreTraining.from_pretrained(str(work / folder), use_safetensors=True).eval()
-        pre = json.loads((work / folder / "preprocessor_config.json").read_text())
-        x = (raw - torch.tensor(pre["image_mean"])[:, None, None]) / torch.tensor(pre["image_std"])[:, None, None]
+        model, mean, std = load_pretraining(folder)
+        x = (raw - mean) / std
         grid = model.config.image_size // model.config.patch_size
         with torch.no_grad():
             attention = model.cls_attention(x)
         generator = build_mask_generator("attention", 0.75, (grid, grid), throw_ratio=0.3)  # MSMAE's masking, from either map
-        drawn = generator(len(picks), scores=attention, generator=torch.Generator().manual_seed(0))
+        drawn = generator(len(raw), scores=attention, generator=torch.Generator().manual_seed(0))
         maps[name], codes[name] = attention.reshape(-1, grid, grid).numpy(), drawn.reshape(-1, grid, grid).numpy()
     plot_attention_masks(raw.numpy(), titles, maps, codes, output)
     print(f"wrote {output}")
@@ -385,20 +394,14 @@ def figure(work: Path, output: Path, seed: int = 0) -> None:
 @torch.no_grad()
 def reconstruction_figure(work: Path, output: Path, seed: int = 0) -> None:
     """The seed's WBC MAE and MSMAEs reconstructing the same test images under the same random 75% masks (nothing thrown)."""
-    from hf_medmae import MedMAEForPreTraining
     from hf_medmae.plots import save_reconstruction_grid
 
     raw, _, models = figure_models(work, seed)
     recons = {}
     for name, folder in models:
-        model = MedMAEForPreTraining.from_pretrained(str(folder), use_safetensors=True).eval()
-        pre = json.loads((folder / "preprocessor_config.json").read_text())
-        mean, std = (torch.tensor(pre[k])[:, None, None] for k in ("image_mean", "image_std"))
-        patches = (model.config.image_size // model.config.patch_size) ** 2
-        order = torch.rand(len(raw), patches, generator=torch.Generator().manual_seed(seed)).argsort(dim=1)
-        codes = torch.zeros(len(raw), patches, dtype=torch.uint8).scatter_(1, order[:, : int(0.75 * patches)], 1)
+        model, mean, std = load_pretraining(folder)
         x = (raw - mean) / std
-        out = model(x, mask_codes=codes)
+        out = model(x, mask_codes=shared_masks(len(raw), model, seed))
         recons[name] = model.reconstruct(x, out.logits, out.mask) * std + mean  # back to intensities: one stretch for all
         mask, patch = out.mask, model.config.patch_size  # the same for every model: one seed, one grid
     save_reconstruction_grid(raw.numpy(), mask.numpy(), {k: v.numpy() for k, v in recons.items()}, patch, output)

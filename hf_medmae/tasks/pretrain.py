@@ -28,7 +28,7 @@ from ..data.splits import label_subset, split_indices
 from ..data.transforms import Augment, channel_moments
 from ..errors import ConfigError, DataError
 from ..loading import load_checkpoint
-from ..masking import MASKED
+from ..masking import RandomMaskGenerator
 from ..modeling_mae import RECIPE_FIELDS, MedMAEForPreTraining
 from ..performance import choose_attention
 from ..training import AttentionRefreshCallback, EpochCallback, LossTermsCallback, SampleIdRecorder
@@ -403,9 +403,8 @@ def save_reconstructions(model: MedMAEForPreTraining, dataset, output_dir: str, 
         torch.manual_seed(0)  # the same masks in every figure of a run's images
         codes = None
         if model.config.throw_ratio > 0:  # thrown patches are never trained to be reconstructed: hide, don't throw
-            gen = model.mask_generator
-            order = torch.rand(len(pixels), gen.num_patches).argsort(dim=1)[:, : gen.num_masked]
-            codes = torch.zeros(len(pixels), gen.num_patches, dtype=torch.uint8).scatter_(1, order, MASKED).to(model.device)
+            uniform = RandomMaskGenerator(model.config.mask_ratio, model.mask_generator.grid_size)
+            codes = uniform(len(pixels), device=model.device)
         out = model(pixels, mask_codes=codes)
     recon = model.reconstruct(pixels, out.logits, out.mask)
     if mean_view:
