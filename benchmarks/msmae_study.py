@@ -325,11 +325,13 @@ def plot_results(runs: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(d, f) for d in sorted({r["dataset"] for r in runs}, reverse=True) for f in sorted({r["fraction"] for r in runs})
-              if any((r["dataset"], r["fraction"]) == (d, f) for r in runs)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.4), squeeze=False)
-    for ax, (name, fraction) in zip(axes[0], panels):
+    datasets, fractions = sorted({r["dataset"] for r in runs}, reverse=True), sorted({r["fraction"] for r in runs})
+    fig, axes = plt.subplots(len(datasets), len(fractions), figsize=(4.6 * len(fractions), 4.4 * len(datasets)), squeeze=False)
+    for ax, (name, fraction) in zip(axes.ravel(), [(d, f) for d in datasets for f in fractions]):  # a row per data set
         cell = [r for r in runs if (r["dataset"], r["fraction"]) == (name, fraction)]
+        if not cell:
+            ax.set_axis_off()
+            continue
         for seed in sorted({r["seed"] for r in cell}):
             for frozen in (False, True):  # fine-tuned arms and frozen arms: two groups, a line within each
                 points = [(x, r["macro_f1_present"]) for x, arm in enumerate(ARMS) for r in cell
@@ -348,7 +350,8 @@ def plot_results(runs: list[dict], path: Path) -> None:
         ax.set_xticks(range(len(ARMS)), [f"{n}\n(n={c})" for n, c in zip(names, counts)], fontsize=7)
         ax.set_title(f"{name.upper()}, {fraction:.0%} of the training labels", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-    axes[0][0].set_ylabel("test macro-F1 (classes present)")
+    for row in axes:
+        row[0].set_ylabel("test macro-F1 (classes present)")
     fig.suptitle("MSMAE vs plain MAE pre-training: test macro-F1 per seed (dots), mean (bar)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
