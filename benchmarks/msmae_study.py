@@ -298,7 +298,7 @@ def report(results: dict, figure_path: Path | None = None) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for row in summarise(results["runs"]):
         speed = "— | —" if row["gflops"] is None else f"{row['img_per_s']:.0f} | {row['gflops']:.2f}"
-        spread = (lambda m, s, f: f"{m:{f}} ± {s:.{f[-2]}f}") if row["seeds"] > 1 else (lambda m, s, f: f"{m:{f}}")  # noqa: E731  one seed: no spread to show
+        spread = lambda mean, sd, spec: f"{mean:{spec}}" + (f" ± {sd:{spec.lstrip('+')}}" if row["seeds"] > 1 else "")  # noqa: E731  one seed: no spread
         vs = spread(100 * row["vs_mae"][0], 100 * row["vs_mae"][1], "+.1f") if row["vs_mae"] else "—"
         ci = "[{:+.1f}, {:+.1f}]".format(*(100 * v for v in row["vs_mae_ci95"])) if row["vs_mae_ci95"] else "—"
         print(f"| {row['dataset']} | {row['fraction']:.0%} | {arm_label(row['arm'])} | {row['seeds']} | {spread(*row['accuracy'], '.3f')} "
