@@ -292,17 +292,21 @@ def arm_label(arm: str) -> str:
     return f"{kind}, " + ("drop 30%" if arm.endswith("_drop") else "frozen + logistic regression" if arm.endswith("_frozen") else "all tokens")
 
 
+def mean_sd(mean: float, sd: float, spec: str, seeds: int) -> str:
+    """`mean ± sd` in the format `spec`; one seed has no spread, so only the mean."""
+    return f"{mean:{spec}}" + (f" ± {sd:{spec.lstrip('+')}}" if seeds > 1 else "")
+
+
 def report(results: dict, figure_path: Path | None = None) -> None:
     print("| data | labels | pre-training, use | seeds | accuracy | macro-F1 | macro-F1 − MAE's, same seed (points) | its 95% interval "
           "| train img/s | GFLOPs / image |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for row in summarise(results["runs"]):
         speed = "— | —" if row["gflops"] is None else f"{row['img_per_s']:.0f} | {row['gflops']:.2f}"
-        spread = lambda mean, sd, spec: f"{mean:{spec}}" + (f" ± {sd:{spec.lstrip('+')}}" if row["seeds"] > 1 else "")  # noqa: E731  one seed: no spread
-        vs = spread(100 * row["vs_mae"][0], 100 * row["vs_mae"][1], "+.1f") if row["vs_mae"] else "—"
+        vs = mean_sd(100 * row["vs_mae"][0], 100 * row["vs_mae"][1], "+.1f", row["seeds"]) if row["vs_mae"] else "—"
         ci = "[{:+.1f}, {:+.1f}]".format(*(100 * v for v in row["vs_mae_ci95"])) if row["vs_mae_ci95"] else "—"
-        print(f"| {row['dataset']} | {row['fraction']:.0%} | {arm_label(row['arm'])} | {row['seeds']} | {spread(*row['accuracy'], '.3f')} "
-              f"| {spread(*row['macro_f1'], '.3f')} | {vs} | {ci} | {speed} |")
+        print(f"| {row['dataset']} | {row['fraction']:.0%} | {arm_label(row['arm'])} | {row['seeds']} | {mean_sd(*row['accuracy'], '.3f', row['seeds'])} "
+              f"| {mean_sd(*row['macro_f1'], '.3f', row['seeds'])} | {vs} | {ci} | {speed} |")
     print("(± is the standard deviation over seeds; the MAE reference is fine-tuned with all tokens, or frozen for the frozen arms)")
     if results.get("pretrainings"):
         print("\n| data | pre-training | labels | seed | steps | held-out reconstruction loss | predicting the mean |")
