@@ -4,6 +4,7 @@ interval their reports give."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import statistics
 from collections.abc import Callable
@@ -19,11 +20,15 @@ def write_json(path: Path, data: dict) -> None:
 def record(path: Path, results: dict, item: dict, key: Callable[[dict], tuple], field: str = "runs") -> dict:
     """Add `item` to `field` of the JSON as it is on disk now, replacing an item with the same key, and return
     the merged results. A file written under another `protocol` is replaced by `results`."""
-    current = json.loads(path.read_text()) if path.is_file() else results
-    if current.get("protocol") != results.get("protocol"):
-        current = results
-    current[field] = [r for r in current.get(field, []) if key(r) != key(item)] + [item]
-    write_json(path, current)
+    # read-modify-write under a lock: processes that finish within the same second (many runs on one GPU) would
+    # otherwise each write the file without the other's item
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        current = json.loads(path.read_text()) if path.is_file() else results
+        if current.get("protocol") != results.get("protocol"):
+            current = results
+        current[field] = [r for r in current.get(field, []) if key(r) != key(item)] + [item]
+        write_json(path, current)
     return current
 
 

@@ -39,3 +39,23 @@ def test_paired_interval_is_students_t_and_needs_two_seeds():
     assert (low + high) / 2 == pytest.approx(0.02)
     assert (high - low) / 2 == pytest.approx(4.3027 * 0.01 / 3**0.5, rel=1e-4)
     assert paired_ci95([0.05]) is None
+
+
+def _record_many(path: str, arm: str) -> None:
+    for seed in range(25):
+        record(Path(path), {"protocol": "v2", "runs": []}, {"arm": arm, "seed": seed}, KEY)
+
+
+def test_processes_writing_at_the_same_moment_lose_no_run(tmp_path):
+    import multiprocessing
+
+    path = tmp_path / "study.json"
+    ctx = multiprocessing.get_context("fork")
+    workers = [ctx.Process(target=_record_many, args=(str(path), arm)) for arm in "abcdef"]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    assert all(w.exitcode == 0 for w in workers)
+    runs = json.loads(path.read_text())["runs"]
+    assert sorted(KEY(r) for r in runs) == [(arm, seed) for arm in "abcdef" for seed in range(25)]
