@@ -99,6 +99,28 @@ def test_tiling_split_and_stats():
     assert np.allclose(std, stacked.std(axis=(0, 2, 3)), atol=1e-4)
 
 
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_persistent_workers_draw_each_epochs_views_and_masks(start):
+    """Workers kept alive across epochs (the GPU default) must see `set_epoch`, called as the Trainer does, before the
+    epoch's first batch: each epoch's crops and masks are then the ones the dataset draws for that epoch in the
+    main process, and not epoch 0's again (which an MAE memorises)."""
+    from torch.utils.data import DataLoader
+
+    images = [np.random.default_rng(i).normal(5.0, 3.0, (3, 40, 40)).astype(np.float32) for i in range(6)]
+    mean, std = channel_stats(images)
+    ds = PretrainingDataset(images, mean, std, 32, Augment(32, (0.2, 1.0), rot90=True), seed=3, mask_noise_patches=16)
+    loader = DataLoader(ds, batch_size=3, num_workers=2, persistent_workers=True, multiprocessing_context=start)
+    seen = []
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        batches = list(loader)
+        for key in ("pixel_values", "noise"):
+            served = torch.cat([b[key] for b in batches])
+            assert torch.equal(served, torch.stack([ds[i][key] for i in range(len(ds))])), (epoch, key)
+        seen.append(torch.cat([b["noise"] for b in batches]))
+    assert not torch.equal(seen[0], seen[1]) and not torch.equal(seen[1], seen[2])
+
+
 def test_augment_and_dataset_normalise():
     images = [np.random.default_rng(i).normal(5.0, 3.0, (16, 64, 64)).astype(np.float32) for i in range(4)]
     mean, std = channel_stats(images)

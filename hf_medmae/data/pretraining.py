@@ -13,7 +13,7 @@ from .embedded import load_embedded
 from .io import ARRAY_SUFFIXES, item_to_chw
 from .sources import ArraySource, HFSource, ImageSource, ListSource, base_items, folder_source, open_hf_dataset
 from .sources import image_column as hf_image_column
-from .transforms import Augment, Normalize, resize
+from .transforms import Augment, EpochSeeded, Normalize, resize
 
 
 def load_source(source: str, on_bad_file: str = "error", max_images: int | None = None, array_key: str | None = None,
@@ -78,7 +78,7 @@ def tile_image(image: np.ndarray, tile_size: int, stride: int | None = None) -> 
     ]
 
 
-class PretrainingDataset(Dataset):
+class PretrainingDataset(EpochSeeded, Dataset):
     """Normalised, augmented images for MAE pre-training; items are {"pixel_values", "sample_ids"} (and see below).
 
     Args:
@@ -88,9 +88,10 @@ class PretrainingDataset(Dataset):
         augment: training augmentation, or None for validation: the whole image resized, the view the classifier
             is evaluated on and the attention maps are drawn from (a central crop at native scale is a zoom that no
             training view need have shown: an MSMAE trains on whole views only).
-        seed: augmentation of item i in epoch e draws from its own generator seeded by (seed, e, i), so
-            it does not depend on what else drew random numbers before: a resumed run, which loads and
-            skips the batches it already trained on, augments the remaining ones exactly as before.
+        seed: augmentation of item i in epoch e draws from its own generator seeded by (seed, e, i) (`EpochSeeded`,
+            which also carries the epoch to persistent workers), so it does not depend on what else drew random
+            numbers before: a resumed run, which loads and skips the batches it already trained on, augments the
+            remaining ones exactly as before.
         mask_noise_patches: when > 0, items also carry `noise` ([mask_noise_patches] uniform draws from
             the same generator) for uniform random masking. The image's mask then depends on the image
             and epoch alone, not on which process or batch slot it landed in: 2 processes train on
@@ -107,22 +108,20 @@ class PretrainingDataset(Dataset):
                  seed: int = 0, mask_noise_patches: int = 0, labels: np.ndarray | None = None, with_ids: bool = True):  # fmt: skip
         self.images = images if isinstance(images, ImageSource) else ListSource(list(images))
         self.normalize = Normalize(image_mean, image_std)
-        self.image_size, self.augment, self.seed, self.epoch = image_size, augment, seed, 0
+        EpochSeeded.__init__(self, seed)
+        self.image_size, self.augment = image_size, augment
         self.mask_noise_patches = mask_noise_patches
         if labels is not None and len(labels) != len(self.images):
             raise DataError(f"{len(labels)} labels for {len(self.images)} images.", "give one label per item (-100 where unlabeled).")
         self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
         self.with_ids = with_ids
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int) -> dict:
         image = self.normalize(torch.from_numpy(np.ascontiguousarray(self.images[index])))
-        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+        gen = self.item_generator(index)
         if self.augment is None:
             image, view = resize(image, self.image_size), None
         else:

@@ -2,7 +2,7 @@
 
 `Augment` (single images: random resized crop, flips, 90-degree rotations) and `PairAugment` (image +
 mask, each draw applied to both) take a `torch.Generator`, so an item's augmentation depends only on
-its (seed, epoch, index) and not on what drew random numbers before.
+its (seed, epoch, index) and not on what drew random numbers before; `EpochSeeded` gives datasets that generator.
 """
 
 from __future__ import annotations
@@ -16,6 +16,32 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DataError
+
+
+class EpochSeeded:
+    """For datasets whose item i in epoch e draws its augmentation (and masks) from a generator seeded by (seed, e, i).
+
+    The epoch lives in shared memory. DataLoader workers hold their own copy of the dataset, and with
+    `persistent_workers` (the GPU default) that copy is made once: a plain attribute set by `set_epoch` in the main
+    process would never reach it, and every epoch would replay epoch 0's crops and masks (an MAE then memorises its
+    training views: near-zero training loss, poor reconstruction of new images). A shared tensor is seen by forked and
+    spawned workers alike; the Trainer calls `set_epoch` (through `training.EpochCallback`) before it asks the workers
+    for the epoch's first batch.
+    """
+
+    def __init__(self, seed: int = 0):
+        self.seed = int(seed)
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.fill_(int(epoch))
+
+    def item_generator(self, index: int) -> torch.Generator:
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
 
 
 def channel_stats(images) -> tuple[list[float], list[float]]:

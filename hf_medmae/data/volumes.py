@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 from ..errors import ConfigError, DataError
 from .embedded import EMBEDDED_VOLUMES
 from .io import check_finite
+from .transforms import EpochSeeded
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".tif", ".tiff", ".npy")
 NORMALISE_MODES = ("zscore", "percentile", "ct_window", "none")
@@ -480,14 +481,14 @@ def sliding_crops(shape: tuple[int, int, int], roi_size, overlap: float = 0.0) -
     return list(product(*per_axis))
 
 
-class VolumeDataset(Dataset):
+class VolumeDataset(EpochSeeded, Dataset):
     """ROI crops of volumes; items are {"pixel_values": [C, *roi] float32, "labels": [*roi] int64, "sample_ids"}.
 
     Args:
         volumes: normalised volumes (see `normalise_intensity`) and optional labels.
         roi_size: crop (D, H, W).
         augment: training: item i is a random crop of volume i // samples_per_volume, drawn from its own
-            generator seeded by (seed, epoch, i); None (evaluation): the fixed `sliding_crops` of every volume.
+            generator seeded by (seed, epoch, i) (`EpochSeeded`); None (evaluation): the fixed `sliding_crops` of every volume.
         samples_per_volume: training crops per volume and epoch.
         seed: base seed of the crops.
         ignore_index: label of padded voxels (it replaces the augment's own).
@@ -510,13 +511,11 @@ class VolumeDataset(Dataset):
         self.volumes, self.volume_labels = volumes.volumes, volumes.labels  # lists, or LazyVolumes read per item
         self.names = list(volumes.names)
         self.augment = None if augment is None else replace(augment, ignore_index=ignore_index)
-        self.samples_per_volume, self.seed, self.epoch, self.ignore_index = samples_per_volume, seed, 0, ignore_index
+        EpochSeeded.__init__(self, seed)
+        self.samples_per_volume, self.ignore_index = samples_per_volume, ignore_index
         self.with_ids = with_ids
         self.windows = [] if augment is not None else [
             (v, box) for v in range(len(self.volumes)) for box in sliding_crops(tuple(self.volumes[v].shape[1:]), self.roi_size)]
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
 
     def _pair(self, v: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Volume v as float32 [C, D, H, W] and its int64 [D, H, W] label (None without labels)."""
@@ -535,7 +534,7 @@ class VolumeDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         if self.augment is not None:
             v = index // self.samples_per_volume
-            gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+            gen = self.item_generator(index)
             image, label = self.augment(*self._pair(v), gen)
         else:
             v, box = self.windows[index]
