@@ -63,7 +63,7 @@ from hf_medmae.tasks import pretrain as pretrain_task
 from hf_medmae.training import hardware_description
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+SHARED = Path(os.environ.get("HF_MEDMAE_SHARED_DATA", ROOT.parent / "shared" / "data"))  # as the tests find it
 CONFIG = ROOT / "configs" / "wbc_classification.yaml"
 PROTOCOL = "msmae-v2"  # v2: 6400 pre-training steps (v1: 800), frozen-feature arms
 WBC = dict(data_dir=SHARED / "wbc_zheng2018" / "Dataset 1", labels_csv=SHARED / "wbc_zheng2018" / "Class Labels of Dataset 1.csv",
@@ -81,6 +81,14 @@ PRETRAIN = ["--image_size", "64", "--patch_size", "8", "--hidden_size", "192", "
             "--disable_tqdm", "true", "--logging_steps", "100", "--seed", "0"]  # fmt: skip
 MSMAE = ["--mask_generator", "attention", "--throw_ratio", "0.3", "--supervised_loss_weight", "0.1", "--class_weighting", "balanced",
          "--attention_refresh_epochs", "20"]  # fmt: skip
+
+
+def run_key(r: dict) -> tuple:
+    return r["dataset"], r["arm"], r["fraction"], r["seed"]
+
+
+def pretraining_key(r: dict) -> tuple:
+    return r["dataset"], r["pretraining"], r["fraction"], r["seed"]
 
 
 def bccd_cells(work: Path, seed: int = 0) -> dict:
@@ -212,7 +220,8 @@ def run_arm(args, name: str, spec: dict, arm: str, fraction: float, seed: int, w
     return dict(dataset=name, arm=arm, fraction=fraction, seed=seed, throw_ratio=throw, accuracy=report["accuracy"],
                 macro_f1_present=report["macro_f1_present"], train_images=sum(report["class_counts"]["train"].values()),
                 steps=results.get("global_step"), train_img_per_s=results.get("train_samples_per_second"),
-                flops_per_image=None if frozen else flops_per_image(out, throw), minutes=round((time.time() - start) / 60, 2))  # fmt: skip
+                flops_per_image=None if frozen else flops_per_image(out, throw), minutes=round((time.time() - start) / 60, 2),
+                hardware=hardware_description())  # fmt: skip
 
 
 def load_pretraining(folder: Path):
@@ -252,14 +261,14 @@ def held_out_reconstruction(init: Path, spec: dict, seed: int) -> dict:
 
 def record_pretrainings(output: Path, results: dict, name: str, spec: dict, seed: int, fractions, work: Path) -> dict:
     """Add the held-out reconstruction of each of the seed's pre-trainings still in `work` and not yet in the JSON."""
-    key = lambda r: (r["dataset"], r["pretraining"], r["fraction"], r["seed"])  # noqa: E731
-    done = {key(r) for r in results.get("pretrainings", [])}
+    done = {pretraining_key(r) for r in results.get("pretrainings", [])}
     wanted = [("mae", None, work / f"pre_{name}_mae_s{seed}")] + [("msmae", f, work / f"pre_{name}_msmae_f{f}_s{seed}") for f in fractions]
     for kind, fraction, folder in wanted:
         if (name, kind, fraction, seed) in done or not (folder / "model.safetensors").is_file():
             continue
-        item = dict(dataset=name, pretraining=kind, fraction=fraction, seed=seed, **held_out_reconstruction(folder, spec, seed))
-        results = record(output, results, item, key=key, field="pretrainings")
+        item = dict(dataset=name, pretraining=kind, fraction=fraction, seed=seed, **held_out_reconstruction(folder, spec, seed),
+                    hardware=hardware_description())  # fmt: skip
+        results = record(output, results, item, key=pretraining_key, field="pretrainings")
         print(f"{name} {kind}{'' if fraction is None else f' {fraction:.0%} labels'} seed {seed}: held-out reconstruction "
               f"{item['test_reconstruction_loss']:.3f} (predicting the mean: {item['mean_predictor_loss']:.3f})", flush=True)
     return results
@@ -316,7 +325,11 @@ def report(results: dict, figure_path: Path | None = None) -> None:
             print(f"| {r['dataset']} | {r['pretraining'].upper()} | {labels} | {r['seed']} | {r['pretrain_steps']} "
                   f"| {r['test_reconstruction_loss']:.3f} | {r['mean_predictor_loss']:.3f} |")
         print("(the seed's test images, whole views, the same random 75% masks for every model, nothing thrown)")
-    print(f"hardware: {results['hardware']}")
+    machines = {}  # hardware -> (data set, seed) run there; runs without the field ran on the file's hardware
+    for r in results["runs"]:
+        machines.setdefault(r.get("hardware", results["hardware"]), set()).add((r["dataset"], r["seed"]))
+    for machine, cells in machines.items():
+        print(f"hardware: {machine} ({', '.join(f'{d} seed {s}' for d, s in sorted(cells, key=lambda c: (c[0] != 'wbc', c)))})")
     if figure_path is not None:
         plot_results(results["runs"], figure_path)
         print(f"wrote {figure_path}")
@@ -444,7 +457,7 @@ def main(argv: list[str] | None = None) -> None:
         results = {"protocol": PROTOCOL, "hardware": hardware_description(), "config": str(CONFIG.relative_to(ROOT)),
                    "pretrain_flags": PRETRAIN, "msmae_flags": MSMAE, "finetune_extra": args.extra, "runs": []}  # fmt: skip
     output.parent.mkdir(parents=True, exist_ok=True)
-    done = {(r["dataset"], r["arm"], r["fraction"], r["seed"]) for r in results["runs"]}
+    done = {run_key(r) for r in results["runs"]}
     for seed in [] if args.report or args.figure or args.reconstruction_figure else args.seeds:
         for name in args.datasets:
             spec = WBC if name == "wbc" else bccd_cells(work)
@@ -453,7 +466,7 @@ def main(argv: list[str] | None = None) -> None:
                     if (name, arm, fraction, seed) in done:
                         continue
                     run = run_arm(args, name, spec, arm, fraction, seed, work)
-                    results = record(output, results, run, key=lambda r: (r["dataset"], r["arm"], r["fraction"], r["seed"]))
+                    results = record(output, results, run, key=run_key)
                     print(f"{name} {arm} {fraction:.0%} seed {seed}: accuracy {run['accuracy']:.3f}, macro-F1 {run['macro_f1_present']:.3f}, "
                           + ("" if run["flops_per_image"] is None else f"{run['train_img_per_s']:.0f} img/s, {run['flops_per_image'] / 1e9:.2f} GFLOPs, ")
                           + f"{run['minutes']} min", flush=True)
