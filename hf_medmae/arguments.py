@@ -10,7 +10,6 @@ upload are switched off and remembered in `push_at_end`).
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -18,7 +17,7 @@ import torch
 from transformers import TrainingArguments
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 
-from .performance import cpu_has_native_bf16
+from .performance import cpu_has_native_bf16, usable_cores
 
 
 def _has_accelerator() -> bool:
@@ -75,7 +74,7 @@ class MedTrainingArguments(TrainingArguments):
         if not on_gpu:
             self.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
         elif self.gpu_dataloader and self.dataloader_num_workers == 0:
-            per_process = (os.cpu_count() or 1) // max(1, torch.cuda.device_count())
+            per_process = usable_cores() // max(1, torch.cuda.device_count())
             self.dataloader_num_workers = max(0, min(8, per_process - 1))  # one core stays with the training process
             if self.dataloader_num_workers:
                 self.dataloader_persistent_workers, self.dataloader_prefetch_factor = True, 4

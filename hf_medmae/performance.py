@@ -22,6 +22,13 @@ logger = logging.getLogger(__name__)
 ATTENTION_CHOICES = ("auto", "sdpa", "eager")
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity where the OS has one (a container, a Slurm job or a lent
+    GPU machine often allows fewer than `os.cpu_count()`, the machine's total), else the total."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+
+
 def cpu_has_native_bf16() -> bool:
     """True when the CPU computes bf16 matmuls in hardware (AVX512-BF16 or AMX); emulated bf16 is slower than fp32."""
     cpu = getattr(torch, "cpu", None)
@@ -140,7 +147,7 @@ def apply_fast_defaults(args: TrainingArguments) -> None:
             torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls the bf16 autocast leaves
             torch.backends.cudnn.allow_tf32 = True
     else:
-        cores = os.cpu_count() or 1
+        cores = usable_cores()
         if args.dataloader_num_workers and 2 * args.dataloader_num_workers >= cores:
             logger.warning(
                 "dataloader_num_workers=%d on a CPU-only run with %d cores: the workers compete with the training "

@@ -10,7 +10,7 @@ from transformers import TrainingArguments
 
 from hf_medmae import MedMAEForPreTraining
 from hf_medmae.errors import ConfigError
-from hf_medmae.performance import apply_fast_defaults, choose_attention, cpu_has_native_bf16
+from hf_medmae.performance import apply_fast_defaults, choose_attention, cpu_has_native_bf16, usable_cores
 
 from conftest import tiny_config
 
@@ -61,6 +61,17 @@ def test_hardware_checks_and_cpu_defaults(tmp_path, caplog):
         apply_fast_defaults(crowded)
     assert f"dataloader_num_workers={os.cpu_count()} on a CPU-only run" in caplog.text and "Set dataloader_num_workers: 0" in caplog.text
     assert crowded.dataloader_num_workers == os.cpu_count()  # warned, not overridden
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is a Linux feature")
+def test_usable_cores_follow_the_process_affinity_not_the_machine_total():
+    allowed = os.sched_getaffinity(0)
+    assert usable_cores() == len(allowed) <= os.cpu_count()
+    try:
+        os.sched_setaffinity(0, {min(allowed)})  # as a container or a batch job that grants one core
+        assert usable_cores() == 1
+    finally:
+        os.sched_setaffinity(0, allowed)
 
 
 def test_run_mae_reports_the_attention_it_chose(tmp_path):
