@@ -325,14 +325,38 @@ def report(results: dict, figure_path: Path | None = None) -> None:
             print(f"| {r['dataset']} | {r['pretraining'].upper()} | {labels} | {r['seed']} | {r['pretrain_steps']} "
                   f"| {r['test_reconstruction_loss']:.3f} | {r['mean_predictor_loss']:.3f} |")
         print("(the seed's test images, whole views, the same random 75% masks for every model, nothing thrown)")
-    machines = {}  # hardware -> (data set, seed) run there; runs without the field ran on the file's hardware
-    for r in results["runs"]:
-        machines.setdefault(r.get("hardware", results["hardware"]), set()).add((r["dataset"], r["seed"]))
-    for machine, cells in machines.items():
-        print(f"hardware: {machine} ({', '.join(f'{d} seed {s}' for d, s in sorted(cells, key=lambda c: (c[0] != 'wbc', c)))})")
+    for machine, roles in machines(results).items():
+        print(f"hardware: {machine}: " + "; ".join(f"{role} {seeds}" for role, seeds in roles.items()))
     if figure_path is not None:
         plot_results(results["runs"], figure_path)
         print(f"wrote {figure_path}")
+
+
+def machines(results: dict) -> dict[str, dict[str, str]]:
+    """hardware -> {"pre-trainings" | "fine-tunings" | "frozen probes": "wbc seeds 0, 1, bccd seed 2"}: one seed's
+    pre-trainings and fine-tunings may have run on different machines. Items without the field ran on the file's."""
+    where: dict[str, dict[str, set]] = {}
+    pretrainings = list(results.get("pretrainings", []))
+    # a seed's pre-trainings are in the JSON only if their held-out reconstruction was recorded; the study's first
+    # seeds ran before that, on the file's hardware
+    known = {(r["dataset"], r["seed"]) for r in pretrainings}
+    pretrainings += [dict(dataset=d, seed=s) for d, s in sorted({(r["dataset"], r["seed"]) for r in results["runs"]} - known)]
+    items = [("pre-trainings", r) for r in pretrainings] + [
+        ("frozen probes" if r["arm"].endswith("_frozen") else "fine-tunings", r) for r in results["runs"]]
+    for role, r in items:
+        where.setdefault(r.get("hardware", results["hardware"]), {}).setdefault(role, set()).add((r["dataset"], r["seed"]))
+    out = {}
+    for machine, roles in where.items():
+        out[machine] = {}
+        for role in ("pre-trainings", "fine-tunings", "frozen probes"):
+            cells = roles.get(role, set())
+            parts = []
+            for dataset in sorted({d for d, _ in cells}, key=lambda d: (d != "wbc", d)):
+                seeds = sorted(s for d, s in cells if d == dataset)
+                parts.append(f"{dataset} seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}")
+            if parts:
+                out[machine][role] = ", ".join(parts)
+    return out
 
 
 def plot_results(runs: list[dict], path: Path) -> None:
