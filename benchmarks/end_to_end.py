@@ -25,36 +25,52 @@ import tempfile
 from pathlib import Path
 
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-from hf_medmae.tasks import pretrain  # noqa: E402
 from pretrain_throughput import time_steps  # noqa: E402
 
-from hf_medmae.training import hardware_description  # noqa: E402
 from hf_medmae import MedMAEForPreTraining  # noqa: E402
 from hf_medmae.cli import parse_config  # noqa: E402
+from hf_medmae.tasks import pretrain  # noqa: E402
+from hf_medmae.training import hardware_description  # noqa: E402
 
 
 def run_script(config: str, overrides: dict, steps: int, workdir: Path) -> dict:
     """Run run_mae.py for `steps` steps; its all_results.json."""
     out = workdir / f"run_{steps}_{overrides['dataloader_num_workers']}"
-    flags = {**overrides, "max_steps": steps, "output_dir": str(out), "eval_strategy": "no", "save_strategy": "no",
-             "logging_steps": max(steps // 4, 1), "disable_tqdm": True, "report_to": "none"}
-    cmd = [sys.executable, str(ROOT / "run_mae.py"), "--config", config] + [x for k, v in flags.items() for x in (f"--{k}", str(v))]
+    flags = {
+        **overrides,
+        "max_steps": steps,
+        "output_dir": str(out),
+        "eval_strategy": "no",
+        "save_strategy": "no",
+        "logging_steps": max(steps // 4, 1),
+        "disable_tqdm": True,
+        "report_to": "none",
+    }
+    cmd = [sys.executable, str(ROOT / "run_mae.py"), "--config", config] + [
+        x for k, v in flags.items() for x in (f"--{k}", str(v))
+    ]
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return json.loads((out / "all_results.json").read_text())
 
 
 def raw_stepper(config: str, batch_size: int, attn: str):
     """A function giving the median img/s of bare training steps with the config's model and batch size."""
-    model_args, _, train_args = parse_config(pretrain.Pretrain.arguments,
-                                             ["--config", config, "--output_dir", tempfile.mkdtemp()])  # fmt: skip
+    model_args, _, train_args = parse_config(
+        pretrain.Pretrain.arguments, ["--config", config, "--output_dir", tempfile.mkdtemp()]
+    )
     channels = model_args.num_channels or 16
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = MedMAEForPreTraining._from_config(pretrain.mae_config(model_args, channels), attn_implementation=attn).train().to(device)
+    model = (
+        MedMAEForPreTraining._from_config(pretrain.mae_config(model_args, channels), attn_implementation=attn)
+        .train()
+        .to(device)
+    )
     batch = torch.randn(batch_size, channels, model_args.image_size, model_args.image_size, device=device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)  # the Trainer's default optimizer
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True
+    )  # the Trainer's default optimizer
     clip = train_args.max_grad_norm or 0.0  # part of the configured optimisation step, like AdamW
     time_steps(model, opt, batch, 2, "fp32", clip)
     return lambda: statistics.median(time_steps(model, opt, batch, 5, "fp32", clip) for _ in range(3))
@@ -67,7 +83,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--short", type=int, default=10)
     parser.add_argument("--long", type=int, default=60)
-    parser.add_argument("--repeats", type=int, default=3, help="(short, long) run pairs per row; the median is reported")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="(short, long) run pairs per row; the median is reported"
+    )
     parser.add_argument("--output", default="benchmarks/results/end_to_end.json")
     args = parser.parse_args()
     rows = []
@@ -82,18 +100,44 @@ def main() -> None:
                     if raw is None:  # the same kernel the runs chose
                         raw = raw_stepper(config, args.batch_size, long["attn_implementation"])
                     raws.append(raw())
-                    rates.append((args.long - args.short) * args.batch_size / (long["train_runtime"] - short["train_runtime"]))
+                    rates.append(
+                        (args.long - args.short) * args.batch_size / (long["train_runtime"] - short["train_runtime"])
+                    )
                     ratios.append(rates[-1] / raws[-1])
                 e2e, raw_rate = statistics.median(rates), statistics.median(raws)
-                rows.append(dict(config=Path(config).stem, workers=workers, batch=args.batch_size, attn=long["attn_implementation"],
-                                 end_to_end_img_s=round(e2e, 1), raw_img_s=round(raw_rate, 1), ratio=round(statistics.median(ratios), 3),
-                                 ratios=[round(x, 3) for x in ratios]))
+                rows.append(
+                    dict(
+                        config=Path(config).stem,
+                        workers=workers,
+                        batch=args.batch_size,
+                        attn=long["attn_implementation"],
+                        end_to_end_img_s=round(e2e, 1),
+                        raw_img_s=round(raw_rate, 1),
+                        ratio=round(statistics.median(ratios), 3),
+                        ratios=[round(x, 3) for x in ratios],
+                    )
+                )
                 r = rows[-1]
-                print(f"{r['config']:>22} workers {workers}  attn {r['attn']:>5}  end-to-end {r['end_to_end_img_s']:>6} img/s  "
-                      f"raw step {r['raw_img_s']:>6} img/s  ratio {r['ratio']:.3f}", flush=True)
+                print(
+                    f"{r['config']:>22} workers {workers}  attn {r['attn']:>5}  end-to-end {r['end_to_end_img_s']:>6} img/s  "
+                    f"raw step {r['raw_img_s']:>6} img/s  ratio {r['ratio']:.3f}",
+                    flush=True,
+                )
     hardware = hardware_description()
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(dict(hardware=hardware, torch=torch.__version__, short=args.short, long=args.long, repeats=args.repeats, rows=rows), indent=2))
+    Path(args.output).write_text(
+        json.dumps(
+            dict(
+                hardware=hardware,
+                torch=torch.__version__,
+                short=args.short,
+                long=args.long,
+                repeats=args.repeats,
+                rows=rows,
+            ),
+            indent=2,
+        )
+    )
     print(f"hardware: {hardware}\nwrote {args.output}")
 
 

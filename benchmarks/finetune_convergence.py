@@ -53,24 +53,54 @@ def main() -> None:
             if (arm, seed) in done:
                 continue
             start = time.time()
-            metrics = classify.main(["--config", str(ROOT / "configs" / "wbc_classification.yaml"), "--init", "scratch",
-                                     "--model_name_or_path", "null", "--seed", str(seed), "--disable_tqdm", "true",
-                                     "--output_dir", f"{args.work_dir}/{arm}_seed{seed}", *ARMS[arm]])  # fmt: skip
-            results["runs"].append(dict(arm=arm, seed=seed, test_accuracy=metrics["test_accuracy"],
-                                        test_macro_f1_present=metrics["test_macro_f1_present"], steps=metrics["global_step"],
-                                        epochs=metrics.get("epoch"), minutes=round((time.time() - start) / 60, 1)))  # fmt: skip
+            metrics = classify.main(
+                [
+                    "--config",
+                    str(ROOT / "configs" / "wbc_classification.yaml"),
+                    "--init",
+                    "scratch",
+                    "--model_name_or_path",
+                    "null",
+                    "--seed",
+                    str(seed),
+                    "--disable_tqdm",
+                    "true",
+                    "--output_dir",
+                    f"{args.work_dir}/{arm}_seed{seed}",
+                    *ARMS[arm],
+                ]
+            )
+            results["runs"].append(
+                dict(
+                    arm=arm,
+                    seed=seed,
+                    test_accuracy=metrics["test_accuracy"],
+                    test_macro_f1_present=metrics["test_macro_f1_present"],
+                    steps=metrics["global_step"],
+                    epochs=metrics.get("epoch"),
+                    minutes=round((time.time() - start) / 60, 1),
+                )
+            )
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(results, indent=2))
-            print(f"{arm} seed {seed}: accuracy {metrics['test_accuracy']:.3f}, macro-F1 (present) "
-                  f"{metrics['test_macro_f1_present']:.3f}, {metrics['global_step']} steps", flush=True)
+            print(
+                f"{arm} seed {seed}: accuracy {metrics['test_accuracy']:.3f}, macro-F1 (present) "
+                f"{metrics['test_macro_f1_present']:.3f}, {metrics['global_step']} steps",
+                flush=True,
+            )
     print(f"\n{'arm':>16} {'seeds':>5} {'accuracy':>15} {'macro-F1':>15} {'steps':>11}")
     for arm in ARMS:
         runs = [r for r in results["runs"] if r["arm"] == arm]
         if runs:
-            stat = {k: (statistics.mean(r[k] for r in runs), statistics.pstdev(r[k] for r in runs)) for k in ("test_accuracy", "test_macro_f1_present")}
+            stat = {
+                k: (statistics.mean(r[k] for r in runs), statistics.pstdev(r[k] for r in runs))
+                for k in ("test_accuracy", "test_macro_f1_present")
+            }
             steps = [r["steps"] for r in runs]
-            print(f"{arm:>16} {len(runs):>5} {stat['test_accuracy'][0]:>8.3f} ± {stat['test_accuracy'][1]:.3f} "
-                  f"{stat['test_macro_f1_present'][0]:>8.3f} ± {stat['test_macro_f1_present'][1]:.3f} {min(steps):>5}-{max(steps)}")
+            print(
+                f"{arm:>16} {len(runs):>5} {stat['test_accuracy'][0]:>8.3f} ± {stat['test_accuracy'][1]:.3f} "
+                f"{stat['test_macro_f1_present'][0]:>8.3f} ± {stat['test_macro_f1_present'][1]:.3f} {min(steps):>5}-{max(steps)}"
+            )
     print(f"hardware: {results['hardware']}; wrote {out}")
 
 

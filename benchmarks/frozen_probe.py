@@ -43,7 +43,9 @@ def wbc(size: int) -> tuple[np.ndarray, np.ndarray]:
     """[N, 3, size, size] float images and [N] labels 0..3 (basophil, a single image, left out)."""
     rows = list(csv.DictReader((WBC / "Class Labels of Dataset 1.csv").open(encoding="utf-8-sig")))
     keep = [(int(r["image ID"]), int(r["class label"]) - 1) for r in rows if int(r["class label"]) != 5]
-    images = np.stack([resize(torch.from_numpy(read_image(WBC / "Dataset 1" / f"{i:03d}.bmp")), size).numpy() for i, _ in keep])
+    images = np.stack(
+        [resize(torch.from_numpy(read_image(WBC / "Dataset 1" / f"{i:03d}.bmp")), size).numpy() for i, _ in keep]
+    )
     return images.astype(np.float32), np.array([label for _, label in keep])
 
 
@@ -69,7 +71,9 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--pretrain-steps", type=int, default=800)
     p.add_argument("--mask-ratio", type=float, default=0.75)
-    p.add_argument("--norm-pix-loss", action="store_true", help="per-patch normalised targets (discard colour and brightness)")
+    p.add_argument(
+        "--norm-pix-loss", action="store_true", help="per-patch normalised targets (discard colour and brightness)"
+    )
     p.add_argument("--splits", type=int, default=5)
     p.add_argument("--mae-checkpoint", default=None, help="skip pre-training: probe this MAE")
     p.add_argument("--work-dir", default=str(ROOT / "outputs" / "frozen_probe"))
@@ -82,35 +86,115 @@ def main() -> None:
     if mae is None:
         np.save(work / "unlabeled.npy", images)  # the same images, labels never shown
         mae = str(work / "mae")
-        pretrain_task.main([
-            "--train_data", str(work / "unlabeled.npy"), "--validation_fraction", "0.05", "--output_dir", mae,
-            "--image_size", str(args.image_size), "--patch_size", "8", "--hidden_size", "192", "--num_hidden_layers", "6",
-            "--num_attention_heads", "6", "--intermediate_size", "768", "--decoder_hidden_size", "128",
-            "--decoder_num_hidden_layers", "2", "--decoder_num_attention_heads", "4", "--decoder_intermediate_size", "512",
-            "--mask_ratio", str(args.mask_ratio), "--norm_pix_loss", str(args.norm_pix_loss).lower(),
-            "--max_steps", str(args.pretrain_steps), "--per_device_train_batch_size", "64", "--learning_rate", "1.5e-3",
-            "--warmup_steps", "0.05", "--lr_scheduler_type", "cosine", "--weight_decay", "0.05", "--adam_beta2", "0.95",
-            "--crop_scale", "[0.4, 1.0]", "--rot90", "true", "--save_strategy", "no", "--eval_strategy", "no",
-            "--report_to", "none", "--disable_tqdm", "true", "--logging_steps", "100", "--seed", "0",
-        ])  # fmt: skip
+        pretrain_task.main(
+            [
+                "--train_data",
+                str(work / "unlabeled.npy"),
+                "--validation_fraction",
+                "0.05",
+                "--output_dir",
+                mae,
+                "--image_size",
+                str(args.image_size),
+                "--patch_size",
+                "8",
+                "--hidden_size",
+                "192",
+                "--num_hidden_layers",
+                "6",
+                "--num_attention_heads",
+                "6",
+                "--intermediate_size",
+                "768",
+                "--decoder_hidden_size",
+                "128",
+                "--decoder_num_hidden_layers",
+                "2",
+                "--decoder_num_attention_heads",
+                "4",
+                "--decoder_intermediate_size",
+                "512",
+                "--mask_ratio",
+                str(args.mask_ratio),
+                "--norm_pix_loss",
+                str(args.norm_pix_loss).lower(),
+                "--max_steps",
+                str(args.pretrain_steps),
+                "--per_device_train_batch_size",
+                "64",
+                "--learning_rate",
+                "1.5e-3",
+                "--warmup_steps",
+                "0.05",
+                "--lr_scheduler_type",
+                "cosine",
+                "--weight_decay",
+                "0.05",
+                "--adam_beta2",
+                "0.95",
+                "--crop_scale",
+                "[0.4, 1.0]",
+                "--rot90",
+                "true",
+                "--save_strategy",
+                "no",
+                "--eval_strategy",
+                "no",
+                "--report_to",
+                "none",
+                "--disable_tqdm",
+                "true",
+                "--logging_steps",
+                "100",
+                "--seed",
+                "0",
+            ]
+        )
     pretrained_seconds = time.time() - start
     encoder = load_encoder(mae, image_size=args.image_size)
     torch.manual_seed(0)
     random = ViTModel(encoder.config, add_pooling_layer=False)
-    mean, std = encoder.image_mean or channel_stats(list(images))[0], encoder.image_std or channel_stats(list(images))[1]
-    feats = {"MAE encoder": features(encoder, images, mean, std), "same ViT, random weights": features(random, images, mean, std),
-             "raw pixels": images.reshape(len(images), -1)}  # fmt: skip
+    mean, std = (
+        encoder.image_mean or channel_stats(list(images))[0],
+        encoder.image_std or channel_stats(list(images))[1],
+    )
+    feats = {
+        "MAE encoder": features(encoder, images, mean, std),
+        "same ViT, random weights": features(random, images, mean, std),
+        "raw pixels": images.reshape(len(images), -1),
+    }
     rows = []
     for name, x in feats.items():
         for fraction in (0.1, 1.0):
             scores = [probe(x, labels, fraction, seed) for seed in range(args.splits)]
-            rows.append(dict(features=name, fraction=fraction, macro_f1_mean=round(float(np.mean(scores)), 3),
-                             macro_f1_std=round(float(np.std(scores)), 3), scores=[round(s, 3) for s in scores]))
-            print(f"{name:>26}  {fraction:>4.0%} of labels  macro-F1 {rows[-1]['macro_f1_mean']:.3f} ± {rows[-1]['macro_f1_std']:.3f}", flush=True)
-    info = dict(hardware=hardware_description(), torch=torch.__version__, image_size=args.image_size, pretrain_steps=args.pretrain_steps,
-                mask_ratio=args.mask_ratio, norm_pix_loss=args.norm_pix_loss, splits=args.splits, mae=mae,
-                mae_train_loss=json.loads(Path(mae, "all_results.json").read_text()).get("train_loss") if Path(mae, "all_results.json").is_file() else None,
-                pretraining_minutes=round(pretrained_seconds / 60, 1), rows=rows)  # fmt: skip
+            rows.append(
+                dict(
+                    features=name,
+                    fraction=fraction,
+                    macro_f1_mean=round(float(np.mean(scores)), 3),
+                    macro_f1_std=round(float(np.std(scores)), 3),
+                    scores=[round(s, 3) for s in scores],
+                )
+            )
+            print(
+                f"{name:>26}  {fraction:>4.0%} of labels  macro-F1 {rows[-1]['macro_f1_mean']:.3f} ± {rows[-1]['macro_f1_std']:.3f}",
+                flush=True,
+            )
+    info = dict(
+        hardware=hardware_description(),
+        torch=torch.__version__,
+        image_size=args.image_size,
+        pretrain_steps=args.pretrain_steps,
+        mask_ratio=args.mask_ratio,
+        norm_pix_loss=args.norm_pix_loss,
+        splits=args.splits,
+        mae=mae,
+        mae_train_loss=json.loads(Path(mae, "all_results.json").read_text()).get("train_loss")
+        if Path(mae, "all_results.json").is_file()
+        else None,
+        pretraining_minutes=round(pretrained_seconds / 60, 1),
+        rows=rows,
+    )
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(info, indent=2))
     print(f"hardware: {info['hardware']}; pre-training {info['pretraining_minutes']} min; wrote {args.output}")

@@ -32,19 +32,38 @@ import transformers
 from torch.utils.flop_counter import FlopCounterMode
 
 HERE = Path(__file__).resolve().parent
-from hf_medmae import MedMAEConfig, MedMAEForPreTraining  # noqa: E402
-from hf_medmae.training import hardware_description  # noqa: E402
 from pretrain_throughput import MODELS  # noqa: E402  (seed 001 Model 1)
 
-VIT_B16 = dict(num_channels=3, image_size=224, patch_size=16, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-               intermediate_size=3072, decoder_hidden_size=512, decoder_num_hidden_layers=8, decoder_num_attention_heads=16,
-               decoder_intermediate_size=2048, mask_ratio=0.75)
+from hf_medmae import MedMAEConfig, MedMAEForPreTraining  # noqa: E402
+from hf_medmae.training import hardware_description  # noqa: E402
+
+VIT_B16 = dict(
+    num_channels=3,
+    image_size=224,
+    patch_size=16,
+    hidden_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    decoder_hidden_size=512,
+    decoder_num_hidden_layers=8,
+    decoder_num_attention_heads=16,
+    decoder_intermediate_size=2048,
+    mask_ratio=0.75,
+)
 MODEL1 = dict(num_channels=16, image_size=64, mask_ratio=0.5, **MODELS[1])
-CONFIGS = {"vit_b16": (VIT_B16, 256), "model1_p8": (dict(MODEL1, patch_size=8), 512), "model1_p4": (dict(MODEL1, patch_size=4), 512)}
+CONFIGS = {
+    "vit_b16": (VIT_B16, 256),
+    "model1_p8": (dict(MODEL1, patch_size=8), 512),
+    "model1_p4": (dict(MODEL1, patch_size=4), 512),
+}
 SMOKE_VIT = dict(VIT_B16, image_size=64, **MODELS[1])  # vit_b16's 3 ch / patch 16 / mask 0.75 at 64 px, Model-1 width
 VARIANTS = {  # name: (attention, tf32, bf16 autocast, torch.compile, peak it is measured against)
-    "fp32": ("eager", False, False, False, "fp32"), "tf32": ("eager", True, False, False, "tf32"),
-    "bf16": ("sdpa", True, True, False, "bf16"), "bf16_compile": ("sdpa", True, True, True, "bf16")}
+    "fp32": ("eager", False, False, False, "fp32"),
+    "tf32": ("eager", True, False, False, "tf32"),
+    "bf16": ("sdpa", True, True, False, "bf16"),
+    "bf16_compile": ("sdpa", True, True, True, "bf16"),
+}
 
 
 def set_tf32(on: bool, device: torch.device) -> None:
@@ -94,6 +113,7 @@ def make_step(model, forward, batch: torch.Tensor, amp: bool, use_noise: bool):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
     return step
 
 
@@ -117,7 +137,13 @@ def time_row(spec: dict, variant: str, size: int, args, device: torch.device) ->
     torch._dynamo.reset()  # drops earlier compiled models (and their weights); avoids the recompile limit
     gc.collect()
     model = build(spec, attn, device)
-    step = make_step(model, torch.compile(model) if compiled else model, random_batch(spec, size, device), amp, args.masking == "noise")
+    step = make_step(
+        model,
+        torch.compile(model) if compiled else model,
+        random_batch(spec, size, device),
+        amp,
+        args.masking == "noise",
+    )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -167,8 +193,10 @@ HEADER = f"{'config':<10} {'variant':<13} {'batch':>5} {'img/s':>9} {'TFLOP/s':>
 
 def format_row(r: dict) -> str:
     gib = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
-    return (f"{r['config']:<10} {r['variant']:<13} {r['batch']:>5} {r['img_s']:>9.1f} {r['tflop_s']:>8.2f} "
-            f"{r['mfu_pct']:>6.1f} {r['peak']:>4} {r['mfu_bf16_pct']:>10.1f} {gib:>8}")
+    return (
+        f"{r['config']:<10} {r['variant']:<13} {r['batch']:>5} {r['img_s']:>9.1f} {r['tflop_s']:>8.2f} "
+        f"{r['mfu_pct']:>6.1f} {r['peak']:>4} {r['mfu_bf16_pct']:>10.1f} {gib:>8}"
+    )
 
 
 def parse_args() -> argparse.Namespace:
@@ -182,7 +210,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--masking", choices=["noise", "generator"], default="noise")
     p.add_argument("--matmul-size", type=int, help="n of the peak matmuls (default 8192 on CUDA, 1024 elsewhere)")
     p.add_argument("--smoke", action="store_true", help="tiny end-to-end check: batch 4, 2 steps, 1 repeat, small vit")
-    p.add_argument("--compile-on-cpu", action="store_true", help="also run bf16_compile without CUDA (needs a C++ compiler)")
+    p.add_argument(
+        "--compile-on-cpu", action="store_true", help="also run bf16_compile without CUDA (needs a C++ compiler)"
+    )
     p.add_argument("--output", default="benchmarks/results/gpu_pretrain.json")
     args = p.parse_args()
     if args.smoke:
@@ -197,13 +227,35 @@ def main() -> None:
     torch.manual_seed(0)
     n = args.matmul_size or (8192 if device.type == "cuda" else 1024)
     peak_repeats = 1 if args.smoke else 5
-    peaks = {name: matmul_peak(dtype, tf32, device, n, peak_repeats)
-             for name, dtype, tf32 in [("bf16", torch.bfloat16, True), ("tf32", torch.float32, True), ("fp32", torch.float32, False)]}
-    print(f"{hardware(device)}; torch {torch.__version__}; measured {n}^2 matmul peaks (TFLOP/s): "
-          + ", ".join(f"{k} {v:.2f}" for k, v in peaks.items()), flush=True)
-    result = dict(hardware=hardware(device), device=device.type, torch=torch.__version__, cuda=torch.version.cuda,
-                  transformers=transformers.__version__, smoke=args.smoke, steps=args.steps, repeats=args.repeats,
-                  warmup=args.warmup, masking=args.masking, matmul_size=n, peaks_tflop_s=peaks, gflop_per_image={}, rows=[])
+    peaks = {
+        name: matmul_peak(dtype, tf32, device, n, peak_repeats)
+        for name, dtype, tf32 in [
+            ("bf16", torch.bfloat16, True),
+            ("tf32", torch.float32, True),
+            ("fp32", torch.float32, False),
+        ]
+    }
+    print(
+        f"{hardware(device)}; torch {torch.__version__}; measured {n}^2 matmul peaks (TFLOP/s): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in peaks.items()),
+        flush=True,
+    )
+    result = dict(
+        hardware=hardware(device),
+        device=device.type,
+        torch=torch.__version__,
+        cuda=torch.version.cuda,
+        transformers=transformers.__version__,
+        smoke=args.smoke,
+        steps=args.steps,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        masking=args.masking,
+        matmul_size=n,
+        peaks_tflop_s=peaks,
+        gflop_per_image={},
+        rows=[],
+    )
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     print(HEADER, flush=True)
@@ -214,17 +266,28 @@ def main() -> None:
         flops = with_oom_retry(lambda s: flops_per_image(spec, s, device), requested, f"{name} flop count")[1]
         result["gflop_per_image"][name] = flops / 1e9
         for variant in variants:
-            size, timed = with_oom_retry(lambda s: time_row(spec, variant, s, args, device), requested, f"{name} {variant}")
+            size, timed = with_oom_retry(
+                lambda s: time_row(spec, variant, s, args, device), requested, f"{name} {variant}"
+            )
             peak_name = VARIANTS[variant][4]
             flop_s = timed["img_s"] * flops
-            row = dict(config=name, variant=variant, attn=VARIANTS[variant][0], batch=size, requested_batch=requested,
-                       tflop_s=flop_s / 1e12, peak=peak_name, mfu_pct=100 * flop_s / 1e12 / peaks[peak_name],
-                       mfu_bf16_pct=100 * flop_s / 1e12 / peaks["bf16"], **timed)
+            row = dict(
+                config=name,
+                variant=variant,
+                attn=VARIANTS[variant][0],
+                batch=size,
+                requested_batch=requested,
+                tflop_s=flop_s / 1e12,
+                peak=peak_name,
+                mfu_pct=100 * flop_s / 1e12 / peaks[peak_name],
+                mfu_bf16_pct=100 * flop_s / 1e12 / peaks["bf16"],
+                **timed,
+            )
             result["rows"].append(row)
             print(format_row(row), flush=True)
             out.write_text(json.dumps(result, indent=2))
     out.write_text(json.dumps(result, indent=2))
-    print(f"GFLOP/image (fwd+bwd): " + ", ".join(f"{k} {v:.2f}" for k, v in result["gflop_per_image"].items()))
+    print("GFLOP/image (fwd+bwd): " + ", ".join(f"{k} {v:.2f}" for k, v in result["gflop_per_image"].items()))
     print(f"median of {args.repeats} x {args.steps} steps after {args.warmup} warm-up steps; wrote {out}")
 
 

@@ -41,8 +41,16 @@ from hf_medmae.training import hardware_description
 ROOT = Path(__file__).resolve().parents[1]
 BCCD = ROOT.parent / "shared" / "data" / "bccd" / "BCCD"
 
-BASE = dict(image_size=64, patch_size=8, mask_ratio=0.75, norm_pix_loss=False, mask_generator="random", steps=800,
-            learning_rate=1.5e-3, pool="wbc")  # fmt: skip
+BASE = dict(
+    image_size=64,
+    patch_size=8,
+    mask_ratio=0.75,
+    norm_pix_loss=False,
+    mask_generator="random",
+    steps=800,
+    learning_rate=1.5e-3,
+    pool="wbc",
+)
 RECIPES = {
     "base": {},
     "norm_pix": {"norm_pix_loss": True},
@@ -91,18 +99,72 @@ def bccd_cells(side: int) -> list[np.ndarray]:
 def pretrain(recipe: dict, pool: np.ndarray, out: Path) -> float:
     """One MAE with the pre-training task; returns its final training loss."""
     np.save(out.parent / f"{out.name}_pool.npy", pool)
-    pretrain_task.main([
-        "--train_data", str(out.parent / f"{out.name}_pool.npy"), "--validation_fraction", "0.05", "--output_dir", str(out),
-        "--image_size", str(recipe["image_size"]), "--patch_size", str(recipe["patch_size"]), "--hidden_size", "192",
-        "--num_hidden_layers", "6", "--num_attention_heads", "6", "--intermediate_size", "768", "--decoder_hidden_size", "128",
-        "--decoder_num_hidden_layers", "2", "--decoder_num_attention_heads", "4", "--decoder_intermediate_size", "512",
-        "--mask_ratio", str(recipe["mask_ratio"]), "--mask_generator", recipe["mask_generator"],
-        "--norm_pix_loss", str(recipe["norm_pix_loss"]).lower(), "--max_steps", str(recipe["steps"]),
-        "--per_device_train_batch_size", "64", "--learning_rate", str(recipe["learning_rate"]), "--warmup_steps", "0.05",
-        "--lr_scheduler_type", "cosine", "--weight_decay", "0.05", "--adam_beta2", "0.95", "--crop_scale", "[0.4, 1.0]",
-        "--rot90", "true", "--save_strategy", "no", "--eval_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
-        "--logging_steps", "100", "--seed", str(recipe.get("seed", 0)),
-    ])  # fmt: skip
+    pretrain_task.main(
+        [
+            "--train_data",
+            str(out.parent / f"{out.name}_pool.npy"),
+            "--validation_fraction",
+            "0.05",
+            "--output_dir",
+            str(out),
+            "--image_size",
+            str(recipe["image_size"]),
+            "--patch_size",
+            str(recipe["patch_size"]),
+            "--hidden_size",
+            "192",
+            "--num_hidden_layers",
+            "6",
+            "--num_attention_heads",
+            "6",
+            "--intermediate_size",
+            "768",
+            "--decoder_hidden_size",
+            "128",
+            "--decoder_num_hidden_layers",
+            "2",
+            "--decoder_num_attention_heads",
+            "4",
+            "--decoder_intermediate_size",
+            "512",
+            "--mask_ratio",
+            str(recipe["mask_ratio"]),
+            "--mask_generator",
+            recipe["mask_generator"],
+            "--norm_pix_loss",
+            str(recipe["norm_pix_loss"]).lower(),
+            "--max_steps",
+            str(recipe["steps"]),
+            "--per_device_train_batch_size",
+            "64",
+            "--learning_rate",
+            str(recipe["learning_rate"]),
+            "--warmup_steps",
+            "0.05",
+            "--lr_scheduler_type",
+            "cosine",
+            "--weight_decay",
+            "0.05",
+            "--adam_beta2",
+            "0.95",
+            "--crop_scale",
+            "[0.4, 1.0]",
+            "--rot90",
+            "true",
+            "--save_strategy",
+            "no",
+            "--eval_strategy",
+            "no",
+            "--report_to",
+            "none",
+            "--disable_tqdm",
+            "true",
+            "--logging_steps",
+            "100",
+            "--seed",
+            str(recipe.get("seed", 0)),
+        ]
+    )
     return json.loads((out / "all_results.json").read_text()).get("train_loss")
 
 
@@ -110,8 +172,11 @@ def scores(x: np.ndarray, labels: np.ndarray, splits: int) -> dict:
     row = {}
     for fraction in (0.1, 1.0):
         values = [probe(x, labels, fraction, seed) for seed in range(splits)]
-        row[f"f1_{int(fraction * 100)}"] = dict(mean=round(float(np.mean(values)), 3), std=round(float(np.std(values)), 3),
-                                               scores=[round(v, 3) for v in values])  # fmt: skip
+        row[f"f1_{int(fraction * 100)}"] = dict(
+            mean=round(float(np.mean(values)), 3),
+            std=round(float(np.std(values)), 3),
+            scores=[round(v, 3) for v in values],
+        )
     return row
 
 
@@ -121,8 +186,14 @@ def main() -> None:
     p.add_argument("--splits", type=int, default=5)
     p.add_argument("--work-dir", default=str(ROOT / "outputs" / "mae_recipe"))
     p.add_argument("--output", default="benchmarks/results/mae_recipe.json")
-    p.add_argument("--table", default=None, help="only print the README table, differences paired against this recipe (e.g. base)")
-    p.add_argument("--plot-steps", default=None, help="only draw probe macro-F1 vs pre-training steps (random masking, seed 0) to this PNG")
+    p.add_argument(
+        "--table", default=None, help="only print the README table, differences paired against this recipe (e.g. base)"
+    )
+    p.add_argument(
+        "--plot-steps",
+        default=None,
+        help="only draw probe macro-F1 vs pre-training steps (random masking, seed 0) to this PNG",
+    )
     args = p.parse_args()
     if args.plot_steps:
         return plot_steps(json.loads(Path(args.output).read_text()), Path(args.plot_steps))
@@ -130,7 +201,11 @@ def main() -> None:
         return print_table(json.loads(Path(args.output).read_text()), args.table)
     out, work = Path(args.output), Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    results = json.loads(out.read_text()) if out.is_file() else {"hardware": hardware_description(), "base": BASE, "splits": args.splits, "rows": []}
+    results = (
+        json.loads(out.read_text())
+        if out.is_file()
+        else {"hardware": hardware_description(), "base": BASE, "splits": args.splits, "rows": []}
+    )
     done = {r["recipe"] for r in results["rows"]}
     for name in ["random", *args.recipes]:
         if name in done:
@@ -147,17 +222,28 @@ def main() -> None:
             loss = pretrain(recipe, np.stack(pool).astype(np.float32), work / name)
             encoder = load_encoder(str(work / name), image_size=recipe["image_size"])
             mean, std = encoder.image_mean, encoder.image_std
-        row = dict(recipe=name, **recipe, train_loss=loss, pool_images=None if name == "random" else len(pool),
-                   minutes=round((time.time() - start) / 60, 1), **scores(features(encoder, images, mean, std), labels, args.splits))  # fmt: skip
+        row = dict(
+            recipe=name,
+            **recipe,
+            train_loss=loss,
+            pool_images=None if name == "random" else len(pool),
+            minutes=round((time.time() - start) / 60, 1),
+            **scores(features(encoder, images, mean, std), labels, args.splits),
+        )
         out.parent.mkdir(parents=True, exist_ok=True)
         results = record(out, results, row, key=lambda r: r["recipe"], field="rows")
-        print(f"{name:>12}: macro-F1 10% {row['f1_10']['mean']:.3f} ± {row['f1_10']['std']:.3f}, "
-              f"100% {row['f1_100']['mean']:.3f} ± {row['f1_100']['std']:.3f} ({row['minutes']} min)", flush=True)
+        print(
+            f"{name:>12}: macro-F1 10% {row['f1_10']['mean']:.3f} ± {row['f1_10']['std']:.3f}, "
+            f"100% {row['f1_100']['mean']:.3f} ± {row['f1_100']['std']:.3f} ({row['minutes']} min)",
+            flush=True,
+        )
     print(f"\n{'recipe':>12} {'10% labels':>15} {'100% labels':>15} {'loss':>7} {'min':>5}")
     for r in results["rows"]:
         loss = f"{r['train_loss']:.3f}" if r["train_loss"] is not None else "-"
-        print(f"{r['recipe']:>12} {r['f1_10']['mean']:>7.3f} ± {r['f1_10']['std']:.3f} {r['f1_100']['mean']:>7.3f} ± {r['f1_100']['std']:.3f} "
-              f"{loss:>7} {r['minutes']:>5}")
+        print(
+            f"{r['recipe']:>12} {r['f1_10']['mean']:>7.3f} ± {r['f1_10']['std']:.3f} {r['f1_100']['mean']:>7.3f} ± {r['f1_100']['std']:.3f} "
+            f"{loss:>7} {r['minutes']:>5}"
+        )
     print(f"hardware: {results['hardware']}; wrote {out}")
 
 
@@ -174,8 +260,10 @@ def print_table(results: dict, reference: str) -> None:
     print(f"| recipe | steps | macro-F1, 10% labels | vs {reference} | macro-F1, 100% | vs {reference} | minutes |")
     print("|---|---|---|---|---|---|---|")
     for row in results["rows"]:
-        print(f"| {row['recipe']} | {row['steps'] if row['recipe'] != 'random' else 0} | {row['f1_10']['mean']:.3f} ± {row['f1_10']['std']:.3f} "
-              f"| {versus(row, 'f1_10')} | {row['f1_100']['mean']:.3f} ± {row['f1_100']['std']:.3f} | {versus(row, 'f1_100')} | {row['minutes']} |")
+        print(
+            f"| {row['recipe']} | {row['steps'] if row['recipe'] != 'random' else 0} | {row['f1_10']['mean']:.3f} ± {row['f1_10']['std']:.3f} "
+            f"| {versus(row, 'f1_10')} | {row['f1_100']['mean']:.3f} ± {row['f1_100']['std']:.3f} | {versus(row, 'f1_100')} | {row['minutes']} |"
+        )
 
 
 def plot_steps(results: dict, path: Path) -> None:
@@ -190,14 +278,24 @@ def plot_steps(results: dict, path: Path) -> None:
     epochs = [r["steps"] * 64 / r["pool_images"] for r in chain]
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for key, label, colour in (("f1_10", "10% of labels", "#d95f02"), ("f1_100", "100% of labels", "#1b9e77")):
-        ax.errorbar(epochs, [r[key]["mean"] for r in chain], [r[key]["std"] for r in chain], marker="o", capsize=3, color=colour, label=label)
+        ax.errorbar(
+            epochs,
+            [r[key]["mean"] for r in chain],
+            [r[key]["std"] for r in chain],
+            marker="o",
+            capsize=3,
+            color=colour,
+            label=label,
+        )
         ax.axhline(rows["random"][key]["mean"], color=colour, ls=":", lw=1)
     ax.set_xscale("log")
     ax.set_xticks(epochs, [f"{e:.0f}\n({r['steps']} steps)" for e, r in zip(epochs, chain)], fontsize=8)
     ax.minorticks_off()  # the log axis would add its own unlabelled-looking ticks between the runs
     ax.set_xlabel("pre-training epochs of the 284-image pool")
     ax.set_ylabel("probe macro-F1 (5 splits)")
-    ax.set_title("WBC: frozen MAE features vs pre-training length\n(dotted: the same ViT with random weights)", fontsize=9)
+    ax.set_title(
+        "WBC: frozen MAE features vs pre-training length\n(dotted: the same ViT with random weights)", fontsize=9
+    )
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -208,8 +306,15 @@ def plot_steps(results: dict, path: Path) -> None:
 def load_encoder_config(recipe: dict):
     from transformers import ViTConfig
 
-    return ViTConfig(image_size=recipe["image_size"], patch_size=recipe["patch_size"], num_channels=3, hidden_size=192,
-                     num_hidden_layers=6, num_attention_heads=6, intermediate_size=768)  # fmt: skip
+    return ViTConfig(
+        image_size=recipe["image_size"],
+        patch_size=recipe["patch_size"],
+        num_channels=3,
+        hidden_size=192,
+        num_hidden_layers=6,
+        num_attention_heads=6,
+        intermediate_size=768,
+    )
 
 
 if __name__ == "__main__":

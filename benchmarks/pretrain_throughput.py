@@ -32,25 +32,60 @@ from pathlib import Path
 import torch
 from transformers import ViTMAEForPreTraining
 
-from hf_medmae.training import hardware_description  # noqa: E402
 from hf_medmae import MASK_GENERATORS, MedMAEConfig, MedMAEForPreTraining  # noqa: E402
 from hf_medmae.performance import choose_attention  # noqa: E402
+from hf_medmae.training import hardware_description  # noqa: E402
 
 MODELS = {  # seed 001, tables 2 and 3
-    1: dict(hidden_size=192, intermediate_size=768, num_hidden_layers=6, num_attention_heads=6,
-            decoder_hidden_size=192, decoder_intermediate_size=768, decoder_num_hidden_layers=6, decoder_num_attention_heads=6),
-    2: dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-            decoder_hidden_size=128, decoder_intermediate_size=256, decoder_num_hidden_layers=2, decoder_num_attention_heads=2),
+    1: dict(
+        hidden_size=192,
+        intermediate_size=768,
+        num_hidden_layers=6,
+        num_attention_heads=6,
+        decoder_hidden_size=192,
+        decoder_intermediate_size=768,
+        decoder_num_hidden_layers=6,
+        decoder_num_attention_heads=6,
+    ),
+    2: dict(
+        hidden_size=192,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        decoder_hidden_size=128,
+        decoder_intermediate_size=256,
+        decoder_num_hidden_layers=2,
+        decoder_num_attention_heads=2,
+    ),
 }
-VIT_B16 = dict(num_channels=3, image_size=224, patch_size=16, mask_ratio=0.75, hidden_size=768, intermediate_size=3072,
-               num_hidden_layers=12, num_attention_heads=12, decoder_hidden_size=512, decoder_intermediate_size=2048,
-               decoder_num_hidden_layers=8, decoder_num_attention_heads=16)  # the MAE paper's ViT-B
+VIT_B16 = dict(
+    num_channels=3,
+    image_size=224,
+    patch_size=16,
+    mask_ratio=0.75,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    decoder_hidden_size=512,
+    decoder_intermediate_size=2048,
+    decoder_num_hidden_layers=8,
+    decoder_num_attention_heads=16,
+)  # the MAE paper's ViT-B
 KINDS = ("stock_sdpa", "stock_eager", "ours_sdpa", "ours_eager")
 
 
 def seed001_config(model_id: int, patch: int, ratio: float, generator: str = "random") -> MedMAEConfig:
-    return MedMAEConfig(num_channels=16, image_size=64, patch_size=patch, mask_ratio=ratio, norm_pix_loss=True,
-                        layer_norm_eps=1e-6, mask_generator=generator, **MODELS[model_id])
+    return MedMAEConfig(
+        num_channels=16,
+        image_size=64,
+        patch_size=patch,
+        mask_ratio=ratio,
+        norm_pix_loss=True,
+        layer_norm_eps=1e-6,
+        mask_generator=generator,
+        **MODELS[model_id],
+    )
 
 
 def make_models(config: MedMAEConfig, kinds=KINDS) -> dict[str, torch.nn.Module]:
@@ -86,7 +121,9 @@ def time_steps(model, optimizer, batch: torch.Tensor, steps: int, precision: str
     return steps * batch.shape[0] / (time.perf_counter() - start)
 
 
-def compare(models: dict, batch: torch.Tensor, steps: int, repeats: int, precision: str, block_seconds: float = 1.0) -> dict[str, list[float]]:
+def compare(
+    models: dict, batch: torch.Tensor, steps: int, repeats: int, precision: str, block_seconds: float = 1.0
+) -> dict[str, list[float]]:
     """img/s of each model per repeat. Each ours/stock pair runs back to back (the pair's ratio sees the
     same machine state), the side that goes first alternates, and the order of the pairs rotates."""
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.95)) for k, m in models.items()}
@@ -96,7 +133,7 @@ def compare(models: dict, batch: torch.Tensor, steps: int, repeats: int, precisi
     rates = {k: [] for k in models}
     pairs = [(f"stock_{a}", f"ours_{a}") for a in ("sdpa", "eager") if f"ours_{a}" in models]
     for r in range(repeats):
-        for pair in pairs[r % len(pairs):] + pairs[: r % len(pairs)]:
+        for pair in pairs[r % len(pairs) :] + pairs[: r % len(pairs)]:
             for k in pair if r % 2 == 0 else pair[::-1]:
                 rates[k].append(time_steps(models[k], opts[k], batch, steps, precision))
     return rates
@@ -150,13 +187,30 @@ def run_config(name: str, config: MedMAEConfig, batch_size: int, args, with_cost
     rates = {k: round(statistics.median(per_repeat[k]), 2) if k in per_repeat else None for k in KINDS}
     auto = choose_attention(models["ours_sdpa"], batch_size)
     models["ours_sdpa"].set_attn_implementation("sdpa")
-    same = {k: paired_ratio(per_repeat[f"ours_{k}"], per_repeat[f"stock_{k}"]) for k in ("sdpa", "eager") if f"ours_{k}" in per_repeat}
-    default, default_iqr = paired_ratio(per_repeat[f"ours_{auto}"], per_repeat["stock_sdpa"]) if f"ours_{auto}" in per_repeat else (None, None)
-    row = dict(config=name, patch=config.patch_size, mask_ratio=config.mask_ratio, batch=batch_size, precision=args.precision,
-               **rates, **{f"same_kernel_{k}": round(same[k][0], 3) if k in same else None for k in ("sdpa", "eager")},
-               same_kernel_noise=round(max(v[1] for v in same.values()), 3),  # half-IQR of the per-repeat ratios
-               auto_choice=auto, default_ratio=default and round(default, 3), default_noise=default_iqr and round(default_iqr, 3),
-               activation_mb={k: round(activation_mb(models[k], batch), 1) for k in ("stock_sdpa", "ours_sdpa")})
+    same = {
+        k: paired_ratio(per_repeat[f"ours_{k}"], per_repeat[f"stock_{k}"])
+        for k in ("sdpa", "eager")
+        if f"ours_{k}" in per_repeat
+    }
+    default, default_iqr = (
+        paired_ratio(per_repeat[f"ours_{auto}"], per_repeat["stock_sdpa"])
+        if f"ours_{auto}" in per_repeat
+        else (None, None)
+    )
+    row = dict(
+        config=name,
+        patch=config.patch_size,
+        mask_ratio=config.mask_ratio,
+        batch=batch_size,
+        precision=args.precision,
+        **rates,
+        **{f"same_kernel_{k}": round(same[k][0], 3) if k in same else None for k in ("sdpa", "eager")},
+        same_kernel_noise=round(max(v[1] for v in same.values()), 3),  # half-IQR of the per-repeat ratios
+        auto_choice=auto,
+        default_ratio=default and round(default, 3),
+        default_noise=default_iqr and round(default_iqr, 3),
+        activation_mb={k: round(activation_mb(models[k], batch), 1) for k in ("stock_sdpa", "ours_sdpa")},
+    )
     if with_costs:
         row["generator_cost_pct"] = generator_costs(config, batch, batch_size / rates["ours_sdpa"])
     return row
@@ -165,12 +219,18 @@ def run_config(name: str, config: MedMAEConfig, batch_size: int, args, with_cost
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--patches", type=int, nargs="+", default=[8, 4, 2], help="patch 2 has 4x the tokens of patch 4: slow on a CPU")
+    parser.add_argument(
+        "--patches", type=int, nargs="+", default=[8, 4, 2], help="patch 2 has 4x the tokens of patch 4: slow on a CPU"
+    )
     parser.add_argument("--mask-ratios", type=float, nargs="+", default=[0.5, 0.75, 0.9])
     parser.add_argument("--no-vit-b16", action="store_true", help="skip ViT-B/16 (3 ch, 224 px, mask 0.75)")
     parser.add_argument("--batch-size", type=int, default=32, help="seed 001 configs at patch 4 and 8")
-    parser.add_argument("--small-batch-size", type=int, default=8, help="patch 2 and ViT-B/16, whose steps are much longer")
-    parser.add_argument("--points", nargs="+", metavar="MODEL/PATCH/MASK", help="instead of the grid, e.g. 1/4/0.9 1/2/0.5")
+    parser.add_argument(
+        "--small-batch-size", type=int, default=8, help="patch 2 and ViT-B/16, whose steps are much longer"
+    )
+    parser.add_argument(
+        "--points", nargs="+", metavar="MODEL/PATCH/MASK", help="instead of the grid, e.g. 1/4/0.9 1/2/0.5"
+    )
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--eager-max-patches", type=int, default=256, help="longer sequences time sdpa only")
     parser.add_argument("--steps", type=int, default=2)
@@ -184,11 +244,17 @@ def main() -> None:
     for model_id, patch, ratio in grid:
         bs = args.small_batch_size if patch <= 2 else args.batch_size
         first = ratio == grid[0][2] or args.points is not None  # generator costs: once per model and patch
-        rows.append(run_config(f"seed001_model{model_id}", seed001_config(model_id, patch, ratio), bs, args, with_costs=first))
+        rows.append(
+            run_config(f"seed001_model{model_id}", seed001_config(model_id, patch, ratio), bs, args, with_costs=first)
+        )
         print_row(rows[-1])
         summarise(rows, args, final=False)  # a stopped run keeps its finished rows
     if not args.no_vit_b16:
-        rows.append(run_config("vit_b16", MedMAEConfig(norm_pix_loss=True, **VIT_B16), args.small_batch_size, args, with_costs=True))
+        rows.append(
+            run_config(
+                "vit_b16", MedMAEConfig(norm_pix_loss=True, **VIT_B16), args.small_batch_size, args, with_costs=True
+            )
+        )
         print_row(rows[-1])
     summarise(rows, args)
 
@@ -199,11 +265,23 @@ def summarise(rows: list[dict], args, final: bool = True) -> None:
     same = [r[k] for r in rows for k in ("same_kernel_sdpa", "same_kernel_eager") if r[k] is not None]
     band = max(abs(x - 1) for x in same)
     if final:
-        print(f"\nhardware: {hardware}; torch {torch.__version__}; {args.precision}; median of {args.repeats} repeats x >= {args.steps} steps")
-        print(f"default ours/stock: worst {worst:.3f}, median {statistics.median(r['default_ratio'] for r in rows):.3f}; "
-              f"same-kernel ratios: median {statistics.median(same):.3f}, all within {100 * band:.1f}% of 1.0")
-    result = dict(hardware=hardware, torch=torch.__version__, precision=args.precision, steps=args.steps, repeats=args.repeats,
-                  worst_default_ratio=worst, median_same_kernel_ratio=statistics.median(same), rows=rows)
+        print(
+            f"\nhardware: {hardware}; torch {torch.__version__}; {args.precision}; median of {args.repeats} repeats x >= {args.steps} steps"
+        )
+        print(
+            f"default ours/stock: worst {worst:.3f}, median {statistics.median(r['default_ratio'] for r in rows):.3f}; "
+            f"same-kernel ratios: median {statistics.median(same):.3f}, all within {100 * band:.1f}% of 1.0"
+        )
+    result = dict(
+        hardware=hardware,
+        torch=torch.__version__,
+        precision=args.precision,
+        steps=args.steps,
+        repeats=args.repeats,
+        worst_default_ratio=worst,
+        median_same_kernel_ratio=statistics.median(same),
+        rows=rows,
+    )
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2))
     if final:
@@ -212,14 +290,19 @@ def summarise(rows: list[dict], args, final: bool = True) -> None:
 
 def print_row(row: dict) -> None:
     if not hasattr(print_row, "header"):
-        print(f"{'config':>15} {'patch':>5} {'mask':>5} {'bs':>3} | {'stock sdpa':>10} {'stock eager':>11} {'ours sdpa':>9} {'ours eager':>10} | "
-              f"{'same-kernel':>11} {'auto':>5} {'ours/stock':>12} | {'act MB':>7}  generator cost (% of step)")
+        print(
+            f"{'config':>15} {'patch':>5} {'mask':>5} {'bs':>3} | {'stock sdpa':>10} {'stock eager':>11} {'ours sdpa':>9} {'ours eager':>10} | "
+            f"{'same-kernel':>11} {'auto':>5} {'ours/stock':>12} | {'act MB':>7}  generator cost (% of step)"
+        )
         print_row.header = True
     costs = " ".join(f"{k}={v:.1f}" for k, v in row.get("generator_cost_pct", {}).items())
     r = {k: "-" if v is None else v for k, v in row.items()}
-    print(f"{r['config']:>15} {r['patch']:>5} {r['mask_ratio']:>5} {r['batch']:>3} | {r['stock_sdpa']:>10} {r['stock_eager']:>11} "
-          f"{r['ours_sdpa']:>9} {r['ours_eager']:>10} | {r['same_kernel_sdpa']:>5}/{r['same_kernel_eager']:<5} {r['auto_choice']:>5} "
-          f"{r['default_ratio']:>6}±{r['default_noise']:<5} | {r['activation_mb']['ours_sdpa']:>7}  {costs}", flush=True)
+    print(
+        f"{r['config']:>15} {r['patch']:>5} {r['mask_ratio']:>5} {r['batch']:>3} | {r['stock_sdpa']:>10} {r['stock_eager']:>11} "
+        f"{r['ours_sdpa']:>9} {r['ours_eager']:>10} | {r['same_kernel_sdpa']:>5}/{r['same_kernel_eager']:<5} {r['auto_choice']:>5} "
+        f"{r['default_ratio']:>6}±{r['default_noise']:<5} | {r['activation_mb']['ours_sdpa']:>7}  {costs}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

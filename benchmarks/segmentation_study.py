@@ -41,18 +41,50 @@ CLASSES = ["background", "cytoplasm", "nucleus"]
 ARMS = {"mae-unetr": ("unetr", "mae"), "scratch-unetr": ("unetr", "scratch"), "unet": ("unet", "scratch")}
 
 FULL = dict(
-    mae=dict(image_size=64, patch_size=8, hidden_size=192, num_hidden_layers=6, num_attention_heads=6, intermediate_size=768,
-             decoder_hidden_size=128, decoder_num_hidden_layers=2, decoder_num_attention_heads=4, decoder_intermediate_size=512,
-             mask_ratio=0.5, crop_scale=[0.4, 1.0], rot90=True, max_steps=2000, per_device_train_batch_size=64,
-             learning_rate=1.5e-3, adam_beta2=0.95, weight_decay=0.05, lr_scheduler_type="cosine", warmup_steps=0.05,
-             validation_fraction=0.05),
+    mae=dict(
+        image_size=64,
+        patch_size=8,
+        hidden_size=192,
+        num_hidden_layers=6,
+        num_attention_heads=6,
+        intermediate_size=768,
+        decoder_hidden_size=128,
+        decoder_num_hidden_layers=2,
+        decoder_num_attention_heads=4,
+        decoder_intermediate_size=512,
+        mask_ratio=0.5,
+        crop_scale=[0.4, 1.0],
+        rot90=True,
+        max_steps=2000,
+        per_device_train_batch_size=64,
+        learning_rate=1.5e-3,
+        adam_beta2=0.95,
+        weight_decay=0.05,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.05,
+        validation_fraction=0.05,
+    ),
     seg=dict(image_size=64, feature_size=16, max_steps=400, eval_steps=50, per_device_train_batch_size=16),
 )
 QUICK = dict(
-    mae=dict(FULL["mae"], image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-             intermediate_size=128, decoder_hidden_size=32, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
-             decoder_intermediate_size=64, max_steps=30, per_device_train_batch_size=32),
-    seg=dict(image_size=32, feature_size=8, max_steps=20, eval_steps=10, per_device_train_batch_size=16, max_images=60),
+    mae=dict(
+        FULL["mae"],
+        image_size=32,
+        patch_size=8,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        decoder_hidden_size=32,
+        decoder_num_hidden_layers=1,
+        decoder_num_attention_heads=2,
+        decoder_intermediate_size=64,
+        max_steps=30,
+        per_device_train_batch_size=32,
+    ),
+    seg=dict(
+        image_size=32, feature_size=8, max_steps=20, eval_steps=10, per_device_train_batch_size=16, max_images=60
+    ),
 )
 
 
@@ -62,10 +94,16 @@ def wbc_image_stack(path: Path, bccd_images: int) -> Path:
     The folder itself cannot be run_mae's train_data: it holds the masks (.png) beside the images. The
     76 images smaller than 120 px (88-116 px sides) are resized to 120 so they stack.
     """
-    images = [np.asarray(Image.open(p).convert("RGB").resize((120, 120), Image.BILINEAR)) for p in sorted(WBC.glob("*.bmp"))]
+    images = [
+        np.asarray(Image.open(p).convert("RGB").resize((120, 120), Image.BILINEAR)) for p in sorted(WBC.glob("*.bmp"))
+    ]
     for p in sorted(BCCD.glob("*.jpg"))[:bccd_images]:
         smear = np.asarray(Image.open(p).convert("RGB"))
-        images += [smear[t:t + 120, l:l + 120] for t in range(0, smear.shape[0] - 119, 120) for l in range(0, smear.shape[1] - 119, 120)]
+        images += [
+            smear[t : t + 120, l : l + 120]
+            for t in range(0, smear.shape[0] - 119, 120)
+            for l in range(0, smear.shape[1] - 119, 120)
+        ]
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path, np.stack(images).transpose(0, 3, 1, 2))  # [N, H, W, 3] -> [N, 3, H, W]
     return path
@@ -77,8 +115,26 @@ def pretrain(mae_dir: Path, settings: dict, bccd_images: int, force: bool) -> fl
         print(f"reusing MAE checkpoint {mae_dir}")
         return 0.0
     stack = wbc_image_stack(mae_dir.parent / "wbc_unlabeled.npy", bccd_images)
-    argv = ["--train_data", str(stack), "--output_dir", str(mae_dir), "--report_to", "none", "--save_strategy", '"no"',
-            "--eval_strategy", '"no"', "--logging_steps", "50", "--dataloader_num_workers", "0", "--seed", "0", "--disable_tqdm", "true"]
+    argv = [
+        "--train_data",
+        str(stack),
+        "--output_dir",
+        str(mae_dir),
+        "--report_to",
+        "none",
+        "--save_strategy",
+        '"no"',
+        "--eval_strategy",
+        '"no"',
+        "--logging_steps",
+        "50",
+        "--dataloader_num_workers",
+        "0",
+        "--seed",
+        "0",
+        "--disable_tqdm",
+        "true",
+    ]
     for key, value in settings.items():
         argv += [f"--{key}", json.dumps(value)]
     start = time.perf_counter()
@@ -91,19 +147,46 @@ def segment(arm: str, fraction: float, seed: int, mae_dir: Path, out_root: Path,
     """One segmentation-task run; returns a flat result row."""
     model, init = ARMS[arm]
     out = out_root / f"{arm}_labels{fraction:g}_seed{seed}"
-    values = dict(train_data=str(WBC), image_glob="*.bmp", class_map={0: 0, 128: 1, 255: 2}, class_names=CLASSES,
-                  model=model, init=init, model_name_or_path=str(mae_dir), label_fraction_pixels=fraction, seed=seed,
-                  learning_rate=1e-3, weight_decay=0.05, lr_scheduler_type="cosine", warmup_steps=0.05, layer_decay=0.75 if init == "mae" else 1.0,
-                  save_steps=settings["eval_steps"], save_total_limit=1, load_best_model_at_end=True, per_device_eval_batch_size=64,
-                  logging_steps=50, report_to="none", dataloader_num_workers=0, output_dir=str(out), **settings)
+    values = dict(
+        train_data=str(WBC),
+        image_glob="*.bmp",
+        class_map={0: 0, 128: 1, 255: 2},
+        class_names=CLASSES,
+        model=model,
+        init=init,
+        model_name_or_path=str(mae_dir),
+        label_fraction_pixels=fraction,
+        seed=seed,
+        learning_rate=1e-3,
+        weight_decay=0.05,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.05,
+        layer_decay=0.75 if init == "mae" else 1.0,
+        save_steps=settings["eval_steps"],
+        save_total_limit=1,
+        load_best_model_at_end=True,
+        per_device_eval_batch_size=64,
+        logging_steps=50,
+        report_to="none",
+        dataloader_num_workers=0,
+        output_dir=str(out),
+        **settings,
+    )
     argv = ["--eval_strategy", '"steps"', "--save_strategy", '"steps"', "--disable_tqdm", "true"]
     for key, value in values.items():
         argv += [f"--{key}", json.dumps(value)]
     start = time.perf_counter()
     segment_task.main(argv)
     m = json.loads((out / "test_metrics.json").read_text())
-    row = dict(arm=arm, label_fraction=fraction, seed=seed, seconds=round(time.perf_counter() - start, 1),
-               mean_dice=m["mean_dice"], pixel_accuracy=m["pixel_accuracy"], hd95=m.get("hd95"))
+    row = dict(
+        arm=arm,
+        label_fraction=fraction,
+        seed=seed,
+        seconds=round(time.perf_counter() - start, 1),
+        mean_dice=m["mean_dice"],
+        pixel_accuracy=m["pixel_accuracy"],
+        hd95=m.get("hd95"),
+    )
     row.update({f"dice_{c}": m["dice_per_class"][c] for c in CLASSES})
     row.update({f"f1_{c}": m["per_class"][c]["f1-score"] for c in CLASSES})
     return row
@@ -129,19 +212,35 @@ def summarise(rows: list[dict]) -> list[dict]:
 def markdown(summary: list[dict]) -> str:
     head = "| model | labelled pixels | seeds | mean Dice | F1 background | F1 cytoplasm | F1 nucleus |\n|---|---|---|---|---|---|---|"
     cell = lambda e, k: f"{e[k]:.3f} ± {e[k + '_std']:.3f}"  # noqa: E731
-    lines = [f"| {e['arm']} | {e['label_fraction']:.1%} | {e['seeds']} | {cell(e, 'mean_dice')} | "
-             + " | ".join(cell(e, f"f1_{c}") for c in CLASSES) + " |" for e in summary]
+    lines = [
+        f"| {e['arm']} | {e['label_fraction']:.1%} | {e['seeds']} | {cell(e, 'mean_dice')} | "
+        + " | ".join(cell(e, f"f1_{c}") for c in CLASSES)
+        + " |"
+        for e in summary
+    ]
     return "\n".join([head, *lines])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (quick: 0)")
-    parser.add_argument("--label-fractions", type=float, nargs="+", default=[1.0, 0.02], help="share of pixels labelled per training image")
+    parser.add_argument(
+        "--label-fractions",
+        type=float,
+        nargs="+",
+        default=[1.0, 0.02],
+        help="share of pixels labelled per training image",
+    )
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    parser.add_argument("--quick", action="store_true", help="tiny models and few steps: proves the pipeline, not a result")
-    parser.add_argument("--bccd-images", type=int, default=0, help="add 120 px tiles of this many BCCD smears to MAE pre-training")
-    parser.add_argument("--mae-dir", type=Path, default=None, help="MAE checkpoint to reuse or create (default outputs/wbc_mae)")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny models and few steps: proves the pipeline, not a result"
+    )
+    parser.add_argument(
+        "--bccd-images", type=int, default=0, help="add 120 px tiles of this many BCCD smears to MAE pre-training"
+    )
+    parser.add_argument(
+        "--mae-dir", type=Path, default=None, help="MAE checkpoint to reuse or create (default outputs/wbc_mae)"
+    )
     parser.add_argument("--force-pretrain", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--pretrain-steps", type=int, default=None, help="MAE steps (default 2000; quick 30)")
@@ -177,10 +276,19 @@ def main() -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    report = dict(hardware=hardware_description(), torch=torch.__version__, seconds_total=round(total, 1),
-                  seconds_pretrain=round(pretrain_seconds, 1), seeds=seeds, settings=settings, mae_checkpoint=str(mae_dir),
-                  bccd_images=args.bccd_images, note="the MAE saw all WBC images unlabeled (test images included); no masks",
-                  summary=summary, runs=rows)
+    report = dict(
+        hardware=hardware_description(),
+        torch=torch.__version__,
+        seconds_total=round(total, 1),
+        seconds_pretrain=round(pretrain_seconds, 1),
+        seeds=seeds,
+        settings=settings,
+        mae_checkpoint=str(mae_dir),
+        bccd_images=args.bccd_images,
+        note="the MAE saw all WBC images unlabeled (test images included); no masks",
+        summary=summary,
+        runs=rows,
+    )
     (results / f"segmentation_study{tag}.json").write_text(json.dumps(report, indent=2))
     print(markdown(summary))
     print(f"\n{hardware_description()}; total {total / 60:.1f} min (MAE pre-training {pretrain_seconds / 60:.1f} min)")

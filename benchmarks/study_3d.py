@@ -65,15 +65,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     p.add_argument("--labels", nargs="+", default=list(LABELS), choices=list(LABELS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    p.add_argument("--mae-extra", default="", help="flags added to every run_mae call (e.g. '--max_steps 20' for a smoke run)")
+    p.add_argument(
+        "--mae-extra", default="", help="flags added to every run_mae call (e.g. '--max_steps 20' for a smoke run)"
+    )
     p.add_argument("--seg-extra", default="", help="flags added to every run_segmentation call")
     p.add_argument("--work-dir", default=str(ROOT / "outputs" / "study_3d"))
-    p.add_argument("--run-suffix", default="", help="added to every segmentation run's folder (a variant reusing the MAEs, "
-                   "e.g. '_800' with --seg-extra '--max_steps 800' and its own --output)")
+    p.add_argument(
+        "--run-suffix",
+        default="",
+        help="added to every segmentation run's folder (a variant reusing the MAEs, "
+        "e.g. '_800' with --seg-extra '--max_steps 800' and its own --output)",
+    )
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "study_3d.json"))
     p.add_argument("--report", action="store_true", help="only summarise the JSON")
-    p.add_argument("--compare", nargs="+", type=Path, default=None, metavar="JSON",
-                   help="only print, run by run (of --arms), nucleus Dice and HD95 across these result files (e.g. 200 / 400 / 800 steps)")
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="only print, run by run (of --arms), nucleus Dice and HD95 across these result files (e.g. 200 / 400 / 800 steps)",
+    )
     args = p.parse_args(argv)
     args.mae_extra, args.seg_extra = shlex.split(args.mae_extra), shlex.split(args.seg_extra)
     return args
@@ -90,12 +102,32 @@ def seed_mae(args, seed: int, ratio: float, work: Path) -> Path:
     if (out / "model.safetensors").is_file():
         steps, wanted = json.loads((out / "all_results.json").read_text())["global_step"], mae_steps(args)
         if steps != wanted:  # an MAE of another length would silently change the protocol
-            raise SystemExit(f"{out} was pre-trained {steps} steps, this study asks for {wanted}: move it away or pass another --work-dir.")
+            raise SystemExit(
+                f"{out} was pre-trained {steps} steps, this study asks for {wanted}: move it away or pass another --work-dir."
+            )
     else:
         train, _, _ = seed_split(seed)
-        pretrain.main(["--config", str(MAE_CONFIG), "--volumes", *train, "--validation_volumes", "0", "--eval_strategy", "no",
-                       "--mask_ratio", str(ratio), "--seed", str(seed), "--output_dir", str(out), "--disable_tqdm", "true",
-                       *args.mae_extra])  # fmt: skip
+        pretrain.main(
+            [
+                "--config",
+                str(MAE_CONFIG),
+                "--volumes",
+                *train,
+                "--validation_volumes",
+                "0",
+                "--eval_strategy",
+                "no",
+                "--mask_ratio",
+                str(ratio),
+                "--seed",
+                str(seed),
+                "--output_dir",
+                str(out),
+                "--disable_tqdm",
+                "true",
+                *args.mae_extra,
+            ]
+        )
     return out
 
 
@@ -113,17 +145,48 @@ def run_arm(args, arm: str, labels: str, seed: int, work: Path) -> dict:
         flags = ["--model", "unet", "--init", "scratch"]
     else:  # the scratch UNETR takes the architecture (not the weights) of the 0.75 MAE
         ratio = float(arm[3:]) if arm.startswith("mae") else 0.75
-        flags = ["--init", "mae" if arm.startswith("mae") else "scratch", "--model_name_or_path", str(seed_mae(args, seed, ratio, work))]
+        flags = [
+            "--init",
+            "mae" if arm.startswith("mae") else "scratch",
+            "--model_name_or_path",
+            str(seed_mae(args, seed, ratio, work)),
+        ]
     start = time.time()
-    metrics = segment.main(["--config", str(SEG_CONFIG), "--seed", str(seed), "--label_fraction_voxels", str(LABELS[labels]),
-                            "--output_dir", str(out), "--disable_tqdm", "true", *flags, *args.seg_extra])  # fmt: skip
+    metrics = segment.main(
+        [
+            "--config",
+            str(SEG_CONFIG),
+            "--seed",
+            str(seed),
+            "--label_fraction_voxels",
+            str(LABELS[labels]),
+            "--output_dir",
+            str(out),
+            "--disable_tqdm",
+            "true",
+            *flags,
+            *args.seg_extra,
+        ]
+    )
     report = json.loads((out / "test_metrics.json").read_text())
     train, val, test = seed_split(seed)
-    assert report["test_volumes"] == test and metrics["train_volumes"] == train, "the segmenter's split differs from the MAE's"
-    return dict(arm=arm, labels=labels, seed=seed, mean_dice=report["mean_dice"], dice_nucleus=report["dice_per_class"]["nucleus"],
-                hd95_nucleus=report["hd95_per_class"]["nucleus"], test_volume=test[0], steps=metrics.get("global_step"),
-                best_checkpoint=Path(metrics.get("best_checkpoint") or "").name, minutes=round((time.time() - start) / 60, 2),
-                threads=torch.get_num_threads(), mae_steps=None if arm in ("scratch", "unet") else mae_steps(args))  # fmt: skip
+    assert report["test_volumes"] == test and metrics["train_volumes"] == train, (
+        "the segmenter's split differs from the MAE's"
+    )
+    return dict(
+        arm=arm,
+        labels=labels,
+        seed=seed,
+        mean_dice=report["mean_dice"],
+        dice_nucleus=report["dice_per_class"]["nucleus"],
+        hd95_nucleus=report["hd95_per_class"]["nucleus"],
+        test_volume=test[0],
+        steps=metrics.get("global_step"),
+        best_checkpoint=Path(metrics.get("best_checkpoint") or "").name,
+        minutes=round((time.time() - start) / 60, 2),
+        threads=torch.get_num_threads(),
+        mae_steps=None if arm in ("scratch", "unet") else mae_steps(args),
+    )
 
 
 def summarise(runs: list[dict]) -> list[dict]:
@@ -154,16 +217,32 @@ def arm_name(arm: str) -> str:
 
 
 def format_table(table: list[dict]) -> str:
-    fmt = lambda r, m, d: ("-" if r[f"{m}_mean"] is None else f"{r[f'{m}_mean']:.{d}f}"  # noqa: E731
-                           + (f" ± {r[f'{m}_std']:.{d}f}" if r[f"{m}_mean"] is not None and r["seeds"] > 1 else ""))
-    lines = ["| labels | arm | seeds | nucleus Dice | nucleus HD95 (voxels) | mean Dice | nucleus Dice − scratch, same seed | its 95% interval |",
-             "|---|---|---|---|---|---|---|---|"]
+    fmt = lambda r, m, d: (
+        "-"
+        if r[f"{m}_mean"] is None
+        else f"{r[f'{m}_mean']:.{d}f}"  # noqa: E731
+        + (f" ± {r[f'{m}_std']:.{d}f}" if r[f"{m}_mean"] is not None and r["seeds"] > 1 else "")
+    )
+    lines = [
+        "| labels | arm | seeds | nucleus Dice | nucleus HD95 (voxels) | mean Dice | nucleus Dice − scratch, same seed | its 95% interval |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in table:
         name = arm_name(r["arm"])
         label = "dense" if r["labels"] == "dense" else f"sparse ({LABELS['sparse']:.0%} of voxels)"
-        paired = "-" if r["vs_scratch_mean"] is None else (f"{r['vs_scratch_mean']:+.3f} ± {r['vs_scratch_std']:.3f} ({r['vs_scratch_seeds']} seeds)" if r["vs_scratch_seeds"] > 1 else f"{r['vs_scratch_mean']:+.3f} (1 seed)")
+        paired = (
+            "-"
+            if r["vs_scratch_mean"] is None
+            else (
+                f"{r['vs_scratch_mean']:+.3f} ± {r['vs_scratch_std']:.3f} ({r['vs_scratch_seeds']} seeds)"
+                if r["vs_scratch_seeds"] > 1
+                else f"{r['vs_scratch_mean']:+.3f} (1 seed)"
+            )
+        )
         ci = "-" if r.get("vs_scratch_ci95") is None else "[{:+.3f}, {:+.3f}]".format(*r["vs_scratch_ci95"])
-        lines.append(f"| {label} | {name} | {r['seeds']} | {fmt(r, 'dice_nucleus', 3)} | {fmt(r, 'hd95_nucleus', 1)} | {fmt(r, 'mean_dice', 3)} | {paired} | {ci} |")
+        lines.append(
+            f"| {label} | {name} | {r['seeds']} | {fmt(r, 'dice_nucleus', 3)} | {fmt(r, 'hd95_nucleus', 1)} | {fmt(r, 'mean_dice', 3)} | {paired} | {ci} |"
+        )
     return "\n".join(lines)
 
 
@@ -174,9 +253,15 @@ def plot(runs: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(regimes), figsize=(max(7.0, 6.2 * len(regimes)), 4.2), sharey=True, squeeze=False)
     for ax, labels in zip(axes[0], regimes):
         ends = []
-        for seed in sorted({r["seed"] for r in runs if r["labels"] == labels}):  # each seed tests its own quadrant: link it
-            points = [(x, r["dice_nucleus"]) for x, arm in enumerate(ARMS) for r in runs
-                      if r["arm"] == arm and r["labels"] == labels and r["seed"] == seed]
+        for seed in sorted(
+            {r["seed"] for r in runs if r["labels"] == labels}
+        ):  # each seed tests its own quadrant: link it
+            points = [
+                (x, r["dice_nucleus"])
+                for x, arm in enumerate(ARMS)
+                for r in runs
+                if r["arm"] == arm and r["labels"] == labels and r["seed"] == seed
+            ]
             ax.plot(*zip(*points), color="#bbbbbb", linewidth=0.8, zorder=1)
             ends.append((points[-1][1], seed, points[-1][0]))
         gap = 0.04 * (max(r["dice_nucleus"] for r in runs) - min(r["dice_nucleus"] for r in runs) + 0.025)
@@ -229,8 +314,14 @@ def compare(paths: list[Path], arms: list[str]) -> str:
     names = [f"{max(r['steps'] for r in f.values())} steps" for f in files]
     if len(set(names)) == 1:
         names = [f"MAE {max(r.get('mae_steps') or 0 for r in f.values())} steps" for f in files]
-    lines = ["| arm | labels | seed | " + " | ".join(f"Dice, {n}" for n in names) + " | last − previous | HD95, " + " → ".join(names) + " |",
-             "|" + "---|" * (5 + len(names))]  # fmt: skip
+    lines = [
+        "| arm | labels | seed | "
+        + " | ".join(f"Dice, {n}" for n in names)
+        + " | last − previous | HD95, "
+        + " → ".join(names)
+        + " |",
+        "|" + "---|" * (5 + len(names)),
+    ]
     deltas = []
     for key in sorted((k for k in files[-1] if k[0] in arms), key=lambda k: (k[1], k[2], ARMS.index(k[0]))):
         runs = [f.get(key) for f in files]
@@ -244,8 +335,11 @@ def compare(paths: list[Path], arms: list[str]) -> str:
         hd95 = " → ".join(f"{r['hd95_nucleus']:.1f}" if r else "-" for r in runs)
         lines.append(f"| {arm_name(key[0])} | {key[1]} | {key[2]} | " + " | ".join(dice) + f" | {delta} | {hd95} |")
     if len(deltas) > 1:
-        lines.append(f"| mean over {len(deltas)} runs | | | " + " | ".join("" for _ in names)
-                     + f" | {statistics.mean(deltas):+.3f} ± {statistics.stdev(deltas):.3f} | |")
+        lines.append(
+            f"| mean over {len(deltas)} runs | | | "
+            + " | ".join("" for _ in names)
+            + f" | {statistics.mean(deltas):+.3f} ± {statistics.stdev(deltas):.3f} | |"
+        )
     return "\n".join(lines)
 
 
@@ -256,8 +350,14 @@ def main(argv=None) -> None:
     output, work = Path(args.output), Path(args.work_dir)
     results = json.loads(output.read_text()) if output.is_file() else {}
     if not results:
-        results = {"hardware": hardware_description(), "mae_config": str(MAE_CONFIG.relative_to(ROOT)),
-                   "seg_config": str(SEG_CONFIG.relative_to(ROOT)), "mae_extra": args.mae_extra, "seg_extra": args.seg_extra, "runs": []}
+        results = {
+            "hardware": hardware_description(),
+            "mae_config": str(MAE_CONFIG.relative_to(ROOT)),
+            "seg_config": str(SEG_CONFIG.relative_to(ROOT)),
+            "mae_extra": args.mae_extra,
+            "seg_extra": args.seg_extra,
+            "runs": [],
+        }
     done = {(r["arm"], r["labels"], r["seed"]) for r in results["runs"]}
     output.parent.mkdir(parents=True, exist_ok=True)
     for labels in [] if args.report else args.labels:  # dense for every seed first: the main table fills first
@@ -266,8 +366,11 @@ def main(argv=None) -> None:
                 if (arm, labels, seed) not in done:
                     run = run_arm(args, arm, labels, seed, work)
                     results = record(output, results, run, key=lambda r: (r["arm"], r["labels"], r["seed"]))
-                    print(f"{arm} {labels} seed {seed}: nucleus Dice {run['dice_nucleus']:.3f}, HD95 {run['hd95_nucleus']}, "
-                          f"{run['minutes']} min", flush=True)
+                    print(
+                        f"{arm} {labels} seed {seed}: nucleus Dice {run['dice_nucleus']:.3f}, HD95 {run['hd95_nucleus']}, "
+                        f"{run['minutes']} min",
+                        flush=True,
+                    )
     report(results, output)
 
 

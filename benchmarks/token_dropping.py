@@ -37,15 +37,31 @@ from hf_medmae.classification import MedClsConfig, MedClsForImageClassification
 from hf_medmae.optim import param_groups_layer_decay
 from hf_medmae.training import hardware_description
 
-ENCODER = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536, patch_size=16,
-               num_channels=3, layer_norm_eps=1e-6)  # fmt: skip
-VARIANTS = {"throw 0.0": (0.0, False), "throw 0.3": (0.3, False), "throw 0.5": (0.5, False), "throw 0.3 + map per batch": (0.3, True)}
+ENCODER = dict(
+    hidden_size=384,
+    num_hidden_layers=12,
+    num_attention_heads=6,
+    intermediate_size=1536,
+    patch_size=16,
+    num_channels=3,
+    layer_norm_eps=1e-6,
+)
+VARIANTS = {
+    "throw 0.0": (0.0, False),
+    "throw 0.3": (0.3, False),
+    "throw 0.5": (0.5, False),
+    "throw 0.3 + map per batch": (0.3, True),
+}
 
 
-def build(throw_ratio: float, image_size: int, batch_size: int, attn: str) -> tuple[MedClsForImageClassification, torch.optim.Optimizer]:
+def build(
+    throw_ratio: float, image_size: int, batch_size: int, attn: str
+) -> tuple[MedClsForImageClassification, torch.optim.Optimizer]:
     """The classifier in training mode with a full attention bank for sample ids 0..batch-1, and its AdamW."""
     torch.manual_seed(0)
-    config = MedClsConfig(vit_config=dict(image_size=image_size, **ENCODER), num_labels=5, drop_path_rate=0.1, throw_ratio=throw_ratio)
+    config = MedClsConfig(
+        vit_config=dict(image_size=image_size, **ENCODER), num_labels=5, drop_path_rate=0.1, throw_ratio=throw_ratio
+    )
     model = MedClsForImageClassification(config).train()
     model.vit.set_attn_implementation(attn)
     num_patches = (image_size // ENCODER["patch_size"]) ** 2
@@ -79,13 +95,18 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="rounds over all variants before timing")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per variant")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention kernel of the timed steps")
+    parser.add_argument(
+        "--attn", default="sdpa", choices=["sdpa", "eager"], help="attention kernel of the timed steps"
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "token_dropping.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
-    batch = {"pixel_values": torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=gen),
-             "labels": torch.randint(0, 5, (args.batch_size,), generator=gen), "sample_ids": torch.arange(args.batch_size)}  # fmt: skip
+    batch = {
+        "pixel_values": torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=gen),
+        "labels": torch.randint(0, 5, (args.batch_size,), generator=gen),
+        "sample_ids": torch.arange(args.batch_size),
+    }
     models = {name: build(ratio, args.image_size, args.batch_size, args.attn) for name, (ratio, _) in VARIANTS.items()}
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for round_ in range(args.warmup + args.repeats):
@@ -98,20 +119,46 @@ def main() -> None:
     rows = []
     for name, (ratio, per_batch) in VARIANTS.items():
         seconds = statistics.median(times[name])
-        rows.append(dict(variant=name, throw_ratio=ratio, map_per_batch=per_batch, tokens_in_blocks=1 + num_patches - round(ratio * num_patches),
-                         img_per_s=args.batch_size / seconds, img_per_s_best=args.batch_size / min(times[name]),
-                         step_s_median=seconds, step_s_all=times[name],
-                         gflops_per_image=flops_per_image(ratio, per_batch, batch, args.image_size) / 1e9))  # fmt: skip
+        rows.append(
+            dict(
+                variant=name,
+                throw_ratio=ratio,
+                map_per_batch=per_batch,
+                tokens_in_blocks=1 + num_patches - round(ratio * num_patches),
+                img_per_s=args.batch_size / seconds,
+                img_per_s_best=args.batch_size / min(times[name]),
+                step_s_median=seconds,
+                step_s_all=times[name],
+                gflops_per_image=flops_per_image(ratio, per_batch, batch, args.image_size) / 1e9,
+            )
+        )
     base = rows[0]
-    print(f"{'variant':<28}{'tokens':>7}{'img/s':>9}{'speed-up':>10}{'best img/s':>12}{'speed-up':>10}{'GFLOPs/img':>12}{'FLOPs':>8}")
+    print(
+        f"{'variant':<28}{'tokens':>7}{'img/s':>9}{'speed-up':>10}{'best img/s':>12}{'speed-up':>10}{'GFLOPs/img':>12}{'FLOPs':>8}"
+    )
     for row in rows:
-        row["speedup"], row["speedup_best"] = row["img_per_s"] / base["img_per_s"], row["img_per_s_best"] / base["img_per_s_best"]
+        row["speedup"], row["speedup_best"] = (
+            row["img_per_s"] / base["img_per_s"],
+            row["img_per_s_best"] / base["img_per_s_best"],
+        )
         row["flops_fraction"] = row["gflops_per_image"] / base["gflops_per_image"]
-        print(f"{row['variant']:<28}{row['tokens_in_blocks']:>7}{row['img_per_s']:>9.2f}{row['speedup']:>9.2f}x"
-              f"{row['img_per_s_best']:>12.2f}{row['speedup_best']:>9.2f}x{row['gflops_per_image']:>12.2f}{row['flops_fraction']:>7.0%}")
-    result = dict(hardware=hardware_description(), torch=torch.__version__, threads=torch.get_num_threads(), attn=args.attn,
-                  image_size=args.image_size, batch_size=args.batch_size, warmup=args.warmup, repeats=args.repeats,
-                  encoder=ENCODER, pixels="generated (torch.randn): speed only, no accuracy", rows=rows)  # fmt: skip
+        print(
+            f"{row['variant']:<28}{row['tokens_in_blocks']:>7}{row['img_per_s']:>9.2f}{row['speedup']:>9.2f}x"
+            f"{row['img_per_s_best']:>12.2f}{row['speedup_best']:>9.2f}x{row['gflops_per_image']:>12.2f}{row['flops_fraction']:>7.0%}"
+        )
+    result = dict(
+        hardware=hardware_description(),
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        attn=args.attn,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        encoder=ENCODER,
+        pixels="generated (torch.randn): speed only, no accuracy",
+        rows=rows,
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"written to {args.out}")

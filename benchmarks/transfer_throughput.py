@@ -29,8 +29,8 @@ import torch
 from transformers import ViTConfig, ViTModel
 
 from hf_medmae.classification import MedClsForImageClassification, freeze  # noqa: E402
-from hf_medmae.training import hardware_description  # noqa: E402
 from hf_medmae.segmentation import MedSegForSegmentation, build_unet_baseline  # noqa: E402
+from hf_medmae.training import hardware_description  # noqa: E402
 
 IMAGE_SIZE = 64
 ENCODER = dict(hidden_size=192, num_hidden_layers=6, num_attention_heads=6, intermediate_size=768, layer_norm_eps=1e-6)
@@ -54,8 +54,9 @@ def build(name: str, mode: str, attn: str) -> torch.nn.Module:
         model = MedSegForSegmentation.from_encoder(encoder, classes, feature_size=16, loss="ce")
     else:
         drop_path = 0.0 if mode == "linear_probe" else 0.1  # run_classification.py: a frozen encoder gets none
-        model = MedClsForImageClassification.from_encoder(encoder, classes, pooling="mean",
-                                                          drop_path_rate=drop_path, label_smoothing=0.1)
+        model = MedClsForImageClassification.from_encoder(
+            encoder, classes, pooling="mean", drop_path_rate=drop_path, label_smoothing=0.1
+        )
         freeze(model, "linear_probe" if mode == "linear_probe" else "full")
     # Set on the encoder itself: the segmenter's own config does not pass it down to `vit`.
     model.vit.set_attn_implementation(attn)
@@ -117,8 +118,14 @@ def measure(name: str, mode: str, args, device: str) -> dict:
     rate = statistics.median(run(args.steps) for _ in range(args.repeats))
     peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return dict(model=name, mode=mode, batch=args.batch_size, img_s=round(rate, 1), trainable_params=trainable,
-                peak_mem_mb=None if peak is None else round(peak, 1))
+    return dict(
+        model=name,
+        mode=mode,
+        batch=args.batch_size,
+        img_s=round(rate, 1),
+        trainable_params=trainable,
+        peak_mem_mb=None if peak is None else round(peak, 1),
+    )
 
 
 def print_row(row: dict) -> None:
@@ -146,13 +153,27 @@ def main() -> None:
             print_row(rows[-1])
     hardware = hardware_description()
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-    result = dict(hardware=hardware, device=device, torch=torch.__version__, threads=torch.get_num_threads(),
-                  attn=args.attn, image_size=IMAGE_SIZE, steps=args.steps, repeats=args.repeats,
-                  peak_rss_mb=round(peak_rss, 1), rows=rows)
-    memory = "peak memory per row is torch.cuda.max_memory_allocated" if device == "cuda" else \
-        f"CPU: no per-row memory; process peak RSS over all rows {peak_rss:.0f} MB"
-    print(f"\nhardware: {hardware}, torch {torch.__version__}, attn {args.attn}; "
-          f"median of {args.repeats} repeats x {args.steps} steps; {memory}")
+    result = dict(
+        hardware=hardware,
+        device=device,
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        attn=args.attn,
+        image_size=IMAGE_SIZE,
+        steps=args.steps,
+        repeats=args.repeats,
+        peak_rss_mb=round(peak_rss, 1),
+        rows=rows,
+    )
+    memory = (
+        "peak memory per row is torch.cuda.max_memory_allocated"
+        if device == "cuda"
+        else f"CPU: no per-row memory; process peak RSS over all rows {peak_rss:.0f} MB"
+    )
+    print(
+        f"\nhardware: {hardware}, torch {torch.__version__}, attn {args.attn}; "
+        f"median of {args.repeats} repeats x {args.steps} steps; {memory}"
+    )
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.output}")

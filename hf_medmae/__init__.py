@@ -17,15 +17,50 @@ from .masking import MASK_GENERATORS, build_mask_generator
 from .modeling_mae import MedMAEForPreTraining
 from .modeling_mae3d import MedMAE3DConfig, MedMAE3DForPreTraining, MedMAE3DModel
 from .optim import add_drop_path, param_groups_layer_decay
-from .segmentation import MedSegConfig, MedSegForSegmentation, MedUNetConfig, MedUNetForSegmentation, build_unet_baseline, predict
+from .segmentation import (
+    MedSegConfig,
+    MedSegForSegmentation,
+    MedUNetConfig,
+    MedUNetForSegmentation,
+    build_unet_baseline,
+    predict,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "MedMAEConfig", "MedMAEForPreTraining", "MedMAE3DConfig", "MedMAE3DForPreTraining", "MedMAE3DModel", "MASK_GENERATORS", "build_mask_generator",
-    "load_encoder", "mae_encoder_state_dict", "vit_config_dict", "vit_config_from",
-    "MedClsConfig", "MedClsForImageClassification", "freeze", "MedCNNConfig", "MedCNNForImageClassification", "build_cnn", "add_drop_path", "param_groups_layer_decay",
-    "MedSegConfig", "MedSegForSegmentation", "MedUNetConfig", "MedUNetForSegmentation", "build_unet_baseline", "predict",
-    "push_checkpoint", "pull_checkpoint", "render_model_card", "load_checkpoint", "MedTrainingArguments",
-    "MedMAEError", "ConfigError", "DataError", "CheckpointError",
+    "MedMAEConfig",
+    "MedMAEForPreTraining",
+    "MedMAE3DConfig",
+    "MedMAE3DForPreTraining",
+    "MedMAE3DModel",
+    "MASK_GENERATORS",
+    "build_mask_generator",
+    "load_encoder",
+    "mae_encoder_state_dict",
+    "vit_config_dict",
+    "vit_config_from",
+    "MedClsConfig",
+    "MedClsForImageClassification",
+    "freeze",
+    "MedCNNConfig",
+    "MedCNNForImageClassification",
+    "build_cnn",
+    "add_drop_path",
+    "param_groups_layer_decay",
+    "MedSegConfig",
+    "MedSegForSegmentation",
+    "MedUNetConfig",
+    "MedUNetForSegmentation",
+    "build_unet_baseline",
+    "predict",
+    "push_checkpoint",
+    "pull_checkpoint",
+    "render_model_card",
+    "load_checkpoint",
+    "MedTrainingArguments",
+    "MedMAEError",
+    "ConfigError",
+    "DataError",
+    "CheckpointError",
 ]

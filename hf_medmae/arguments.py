@@ -35,24 +35,46 @@ class MedTrainingArguments(TrainingArguments):
         (True, 'bf16')
     """
 
-    precision: Literal["auto", "bf16", "fp32"] = field(default="auto", metadata={
-        "help": "auto: bf16 on GPUs that support it; on CPUs with native bf16 (AVX512-BF16/AMX) bf16 when a start-up "
-                "measurement shows it faster; else fp32 | bf16 | fp32"})  # fmt: skip
-    base_learning_rate: float | None = field(default=None, metadata={"help": "if set, lr = base_lr * effective batch / 256 (MAE rule)"})
-    min_train_steps: int = field(default=0, metadata={
-        "help": "train at least this many optimizer steps: num_train_epochs is raised to reach it (a small data set needs "
-                "many epochs; the step count, not the epoch count, is what converges). Ignored when max_steps is set"})  # fmt: skip
-    gpu_dataloader: bool = field(default=True, metadata={
-        "help": "on GPU machines, when dataloader_num_workers is 0: min(8, CPU cores per process) workers, kept alive across "
-                "epochs, 4 batches prefetched each, pinned memory, so reading and augmenting overlap the step; false keeps the "
-                "Trainer's settings. CPU runs are never changed (workers would take the step's cores)"})  # fmt: skip
-    max_evaluations: int = field(default=50, metadata={
-        "help": "when min_train_steps raises the epochs, evaluate (and save) every k epochs so that a run has at most this "
-                "many evaluations: 5 images at batch 32 are one step per epoch, and 2,000 evaluations and checkpoints "
-                "would cost more than the training. 0 keeps one per epoch"})  # fmt: skip
-    early_stopping_patience: int | None = field(default=None, metadata={
-        "help": "transfer tasks: stop after this many evaluations without a better metric_for_best_model "
-                "(transformers' EarlyStoppingCallback); the best checkpoint is then reloaded"})  # fmt: skip
+    precision: Literal["auto", "bf16", "fp32"] = field(
+        default="auto",
+        metadata={
+            "help": "auto: bf16 on GPUs that support it; on CPUs with native bf16 (AVX512-BF16/AMX) bf16 when a start-up "
+            "measurement shows it faster; else fp32 | bf16 | fp32"
+        },
+    )
+    base_learning_rate: float | None = field(
+        default=None, metadata={"help": "if set, lr = base_lr * effective batch / 256 (MAE rule)"}
+    )
+    min_train_steps: int = field(
+        default=0,
+        metadata={
+            "help": "train at least this many optimizer steps: num_train_epochs is raised to reach it (a small data set needs "
+            "many epochs; the step count, not the epoch count, is what converges). Ignored when max_steps is set"
+        },
+    )
+    gpu_dataloader: bool = field(
+        default=True,
+        metadata={
+            "help": "on GPU machines, when dataloader_num_workers is 0: min(8, CPU cores per process) workers, kept alive across "
+            "epochs, 4 batches prefetched each, pinned memory, so reading and augmenting overlap the step; false keeps the "
+            "Trainer's settings. CPU runs are never changed (workers would take the step's cores)"
+        },
+    )
+    max_evaluations: int = field(
+        default=50,
+        metadata={
+            "help": "when min_train_steps raises the epochs, evaluate (and save) every k epochs so that a run has at most this "
+            "many evaluations: 5 images at batch 32 are one step per epoch, and 2,000 evaluations and checkpoints "
+            "would cost more than the training. 0 keeps one per epoch"
+        },
+    )
+    early_stopping_patience: int | None = field(
+        default=None,
+        metadata={
+            "help": "transfer tasks: stop after this many evaluations without a better metric_for_best_model "
+            "(transformers' EarlyStoppingCallback); the best checkpoint is then reloaded"
+        },
+    )
 
     def __post_init__(self):
         self.push_at_end = bool(self.push_to_hub)  # see the module docstring

@@ -43,8 +43,9 @@ def last_block_cls_attention(layers: nn.ModuleList, hidden: torch.Tensor) -> tor
     return ((weights - lo) / (hi - lo + 1e-12)).mean(dim=1)
 
 
-def bank_scores(bank: dict[int, torch.Tensor], sample_ids: torch.Tensor | None, num_patches: int,
-                device: torch.device | str) -> torch.Tensor | None:
+def bank_scores(
+    bank: dict[int, torch.Tensor], sample_ids: torch.Tensor | None, num_patches: int, device: torch.device | str
+) -> torch.Tensor | None:
     """The banked maps of a batch, [B, L], or None unless every sample has one (then the caller draws at random).
 
     A map of another length than `num_patches` (a bank filled for another image size) is an error.
@@ -56,13 +57,20 @@ def bank_scores(bank: dict[int, torch.Tensor], sample_ids: torch.Tensor | None, 
         return None
     scores = torch.stack(maps).to(device)
     if scores.shape[1] != num_patches:
-        raise DataError(f"the attention bank holds maps of {scores.shape[1]} patches, the images have {num_patches}.",
-                        "refresh the maps (AttentionRefreshCallback) at the training image size, or clear model.attention_bank.")
+        raise DataError(
+            f"the attention bank holds maps of {scores.shape[1]} patches, the images have {num_patches}.",
+            "refresh the maps (AttentionRefreshCallback) at the training image size, or clear model.attention_bank.",
+        )
     return scores
 
 
-def kept_patches(scores: torch.Tensor | None, num_thrown: int, batch_size: int | None = None, num_patches: int | None = None,
-                 device: torch.device | str | None = None) -> torch.Tensor:
+def kept_patches(
+    scores: torch.Tensor | None,
+    num_thrown: int,
+    batch_size: int | None = None,
+    num_patches: int | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
     """Indices of the patches to keep, [B, L - num_thrown] in grid order: all but the `num_thrown` least attended.
 
     Args:
@@ -85,10 +93,14 @@ def align_to_views(scores: torch.Tensor, grid_size: tuple[int, int], view_ids: t
     """
     gh, gw = grid_size
     if gh != gw:
-        raise DataError(f"views (flips, rotations) of a {gh}x{gw} patch grid cannot be aligned with its maps.",
-                        "use square images and patches, or train without augmentation (no view_ids).")
+        raise DataError(
+            f"views (flips, rotations) of a {gh}x{gw} patch grid cannot be aligned with its maps.",
+            "use square images and patches, or train without augmentation (no view_ids).",
+        )
     grid = torch.arange(gh * gw, device=scores.device).reshape(gh, gw)
-    table = torch.stack([apply_view(grid, code).reshape(-1) for code in range(16)])  # [16, L]: new position -> old patch
+    table = torch.stack(
+        [apply_view(grid, code).reshape(-1) for code in range(16)]
+    )  # [16, L]: new position -> old patch
     return scores.gather(1, table[view_ids.long()])
 
 

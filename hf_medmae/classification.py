@@ -25,9 +25,9 @@ from transformers.modeling_outputs import ImageClassifierOutput
 from .attention_maps import TokenDropper, align_to_views, bank_scores, kept_patches, last_block_cls_attention
 from .encoder import mae_encoder_state_dict, vit_config_dict, vit_config_from
 from .errors import ConfigError, DataError
-from .validation import as_pair, check_pixels
-from .optim import add_drop_path
 from .loading import CurrentKeyNamesMixin
+from .optim import add_drop_path
+from .validation import as_pair, check_pixels
 
 SINGLE, MULTI = "single_label_classification", "multi_label_classification"
 
@@ -35,16 +35,20 @@ SINGLE, MULTI = "single_label_classification", "multi_label_classification"
 def check_head_fields(config: PreTrainedConfig, rates: tuple[str, ...]) -> None:
     """The checks every classifier config shares: problem type, rates in [0, 1), one positive weight per class."""
     if config.problem_type not in (SINGLE, MULTI):
-        raise ConfigError(f"problem_type={config.problem_type!r} is not supported by the hf_medmae classifiers.",
-                          f"use {SINGLE!r} or {MULTI!r}.")
+        raise ConfigError(
+            f"problem_type={config.problem_type!r} is not supported by the hf_medmae classifiers.",
+            f"use {SINGLE!r} or {MULTI!r}.",
+        )
     for name in rates:
         value, top = getattr(config, name), 1.0 if name == "drop_path_rate" else 0.999
         if not 0.0 <= value <= top:
             raise ConfigError(f"{name}={value} is outside [0, 1).", f"use e.g. 0.1 for {name}.")
     weights = config.class_weights
     if weights is not None and (len(weights) != config.num_labels or min(weights) <= 0):
-        raise ConfigError(f"class_weights has {len(weights)} entries but there are {config.num_labels} labels (all weights must be > 0).",
-                          "give one positive weight per label (e.g. inverse class frequency), or leave class_weights unset.")
+        raise ConfigError(
+            f"class_weights has {len(weights)} entries but there are {config.num_labels} labels (all weights must be > 0).",
+            "give one positive weight per label (e.g. inverse class frequency), or leave class_weights unset.",
+        )
 
 
 class ClassificationLossMixin:
@@ -169,11 +173,15 @@ class MedClsConfig(PreTrainedConfig):
             )
         num_patches = (h // ph) * (w // pw)
         if not 0.0 <= self.throw_ratio < 1.0 or round(self.throw_ratio * num_patches) >= num_patches:
-            raise ConfigError(f"throw_ratio={self.throw_ratio} must lie in [0, 1) and keep at least one of the {num_patches} patches.",
-                              "use e.g. 0.3 (MSMAE), or 0 to train on every token.")
+            raise ConfigError(
+                f"throw_ratio={self.throw_ratio} must lie in [0, 1) and keep at least one of the {num_patches} patches.",
+                "use e.g. 0.3 (MSMAE), or 0 to train on every token.",
+            )
         if self.attention_refresh_epochs <= 0:
-            raise ConfigError(f"attention_refresh_epochs={self.attention_refresh_epochs} must be > 0.",
-                              "use e.g. 5 (epochs between two refreshes of the attention maps).")
+            raise ConfigError(
+                f"attention_refresh_epochs={self.attention_refresh_epochs} must be > 0.",
+                "use e.g. 5 (epochs between two refreshes of the attention maps).",
+            )
 
 
 class MedClsForImageClassification(ClassificationLossMixin, CurrentKeyNamesMixin, PreTrainedModel):
@@ -257,11 +265,16 @@ class MedClsForImageClassification(ClassificationLossMixin, CurrentKeyNamesMixin
     def _check_pixels(self, pixel_values: torch.Tensor, interpolate: bool) -> None:
         vit = self.vit.config
         eh, ew = as_pair(vit.image_size)
-        check_pixels(pixel_values, vit.num_channels, "the checkpoint's encoder", size=None if interpolate else (eh, ew),
-                     channel_fix=f"convert the images to {vit.num_channels} channels (the channels the encoder was "
-                                 f"pre-trained on), or pre-train an encoder with num_channels={pixel_values.shape[1]}.",
-                     size_fix=f"resize/crop the images to {eh}x{ew}, or load the encoder with load_encoder(..., "
-                              f"image_size={pixel_values.shape[-2]}) to interpolate its position embeddings.")  # fmt: skip
+        check_pixels(
+            pixel_values,
+            vit.num_channels,
+            "the checkpoint's encoder",
+            size=None if interpolate else (eh, ew),
+            channel_fix=f"convert the images to {vit.num_channels} channels (the channels the encoder was "
+            f"pre-trained on), or pre-train an encoder with num_channels={pixel_values.shape[1]}.",
+            size_fix=f"resize/crop the images to {eh}x{ew}, or load the encoder with load_encoder(..., "
+            f"image_size={pixel_values.shape[-2]}) to interpolate its position embeddings.",
+        )
 
     def forward(
         self,
@@ -296,8 +309,9 @@ class MedClsForImageClassification(ClassificationLossMixin, CurrentKeyNamesMixin
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
 
-    def kept_patches(self, pixel_values: torch.Tensor, sample_ids: torch.Tensor | None = None,
-                     view_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def kept_patches(
+        self, pixel_values: torch.Tensor, sample_ids: torch.Tensor | None = None, view_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Patch indices kept in training, [B, L - round(throw_ratio * L)]: all but the least attended ones
         by the banked maps (moved along each view), or a uniformly random choice while a map is missing."""
         p = as_pair(self.vit.config.patch_size)
@@ -306,7 +320,13 @@ class MedClsForImageClassification(ClassificationLossMixin, CurrentKeyNamesMixin
         scores = bank_scores(self.attention_bank, sample_ids, num_patches, pixel_values.device)
         if scores is not None and view_ids is not None:
             scores = align_to_views(scores, grid, view_ids)
-        return kept_patches(scores, round(self.config.throw_ratio * num_patches), pixel_values.shape[0], num_patches, pixel_values.device)
+        return kept_patches(
+            scores,
+            round(self.config.throw_ratio * num_patches),
+            pixel_values.shape[0],
+            num_patches,
+            pixel_values.device,
+        )
 
     @torch.no_grad()
     def attention_map(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -29,12 +29,17 @@ def read_config_file(path: str | Path) -> dict:
     """A YAML or JSON mapping from `path`."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist.", "pass --config with the path of a .yaml or .json file (see configs/).")
+        raise ConfigError(
+            f"config file {path} does not exist.",
+            "pass --config with the path of a .yaml or .json file (see configs/).",
+        )
     text = path.read_text()
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as err:
-        raise ConfigError(f"config file {path} is not valid YAML/JSON: {err}", "fix the syntax at the position shown.") from None
+        raise ConfigError(
+            f"config file {path} is not valid YAML/JSON: {err}", "fix the syntax at the position shown."
+        ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of key: value.", "write one `key: value` per line.")
     return data
@@ -73,12 +78,18 @@ def coerce(key: str, value, annotation):
     if isinstance(value, FlagText):  # from the command line: text where text is wanted, else read as YAML
         parsed = _yaml(value)
         wants_text = str in allowed or any(isinstance(t, type) and issubclass(t, Enum) for t in allowed)
-        value = str(value) if wants_text and not isinstance(parsed, tuple(t for t in allowed if isinstance(t, type))) else parsed
+        value = (
+            str(value)
+            if wants_text and not isinstance(parsed, tuple(t for t in allowed if isinstance(t, type)))
+            else parsed
+        )
     if isinstance(value, bool) and bool not in allowed and value is False:
         value = "no"  # YAML 1.1 reads `save_strategy: no` as False; "no" is what such fields mean
     choices = _literal_choices(annotation)
     if choices is not None and value is not None and value not in choices:
-        raise ConfigError(f"{key}={value!r} is not one of {list(choices)}.", f"set {key} to one of {', '.join(map(str, choices))}.")
+        raise ConfigError(
+            f"{key}={value!r} is not one of {list(choices)}.", f"set {key} to one of {', '.join(map(str, choices))}."
+        )
     if value is None or any(t in (typing.Any, object) for t in allowed):
         return value
     if isinstance(value, str) and list in allowed and str not in allowed:
@@ -102,7 +113,10 @@ def coerce(key: str, value, annotation):
                 except ValueError:
                     pass
     names = "/".join(sorted({getattr(t, "__name__", str(t)) for t in allowed}))
-    raise ConfigError(f"config key {key!r} expects {names}, got {value!r} ({type(value).__name__}).", f"give {key} a value of type {names}.")
+    raise ConfigError(
+        f"config key {key!r} expects {names}, got {value!r} ({type(value).__name__}).",
+        f"give {key} a value of type {names}.",
+    )
 
 
 class MedArgumentParser(HfArgumentParser):
@@ -118,8 +132,12 @@ class MedArgumentParser(HfArgumentParser):
     def __init__(self, dataclass_types, **kwargs):
         super().__init__(dataclass_types, allow_abbrev=False, **kwargs)
         self.add_argument("--config", help="YAML or JSON file of key: value; command-line flags override it")
-        self.fields = {f.name: (cls, f, typing.get_type_hints(cls)[f.name]) for cls in self.dataclass_types
-                       for f in dataclasses.fields(cls) if f.init}  # fmt: skip
+        self.fields = {
+            f.name: (cls, f, typing.get_type_hints(cls)[f.name])
+            for cls in self.dataclass_types
+            for f in dataclasses.fields(cls)
+            if f.init
+        }
         for action in self._actions:  # keep only what was given; the dataclasses hold the defaults
             if action.dest in self.fields:
                 action.default, action.required, action.type = argparse.SUPPRESS, False, FlagText
@@ -133,7 +151,10 @@ class MedArgumentParser(HfArgumentParser):
         """One instance per dataclass, from `--config FILE` and flags (flags win)."""
         namespace, unknown = self.parse_known_args(sys.argv[1:] if argv is None else argv)
         if unknown:
-            self._unknown([token.lstrip("-").partition("=")[0].replace("-", "_") for token in unknown if token.startswith("-")] or unknown)
+            self._unknown(
+                [token.lstrip("-").partition("=")[0].replace("-", "_") for token in unknown if token.startswith("-")]
+                or unknown
+            )
         given = vars(namespace)
         config_path = given.pop("config", None)
         file_values = read_config_file(config_path) if config_path else {}
@@ -156,20 +177,32 @@ class MedArgumentParser(HfArgumentParser):
         if keys:
             hints = {k: difflib.get_close_matches(k, list(self.fields), n=1) for k in keys}
             said = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
-            raise ConfigError(f"unknown config key(s): {said}.", "fix the spelling or remove the key; `--help` lists every key.")
+            raise ConfigError(
+                f"unknown config key(s): {said}.", "fix the spelling or remove the key; `--help` lists every key."
+            )
 
     @staticmethod
     def _build(cls, values: dict):
-        missing = [f.name for f in dataclasses.fields(cls) if f.init and f.default is dataclasses.MISSING
-                   and f.default_factory is dataclasses.MISSING and f.name not in values]  # fmt: skip
+        missing = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.init
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+            and f.name not in values
+        ]
         if missing:
-            raise ConfigError(f"missing config key(s): {missing}.", f"add them to the config file or pass --{missing[0]} VALUE.")
+            raise ConfigError(
+                f"missing config key(s): {missing}.", f"add them to the config file or pass --{missing[0]} VALUE."
+            )
         try:
             return cls(**values)
         except ConfigError:
             raise
         except (ValueError, TypeError) as err:
-            raise ConfigError(f"invalid {cls.__name__} settings: {err}", "correct the value named above in the config.") from None
+            raise ConfigError(
+                f"invalid {cls.__name__} settings: {err}", "correct the value named above in the config."
+            ) from None
 
 
 def parse_config(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:

@@ -24,10 +24,18 @@ from .validation import check_pixels
 
 # name -> MONAI constructor taking (spatial_dims, in_channels, num_classes)
 CNN_ARCHITECTURES = {
-    **{f"resnet{d}": (lambda d: lambda dims, cin, k: getattr(nets, f"resnet{d}")(spatial_dims=dims, n_input_channels=cin, num_classes=k))(d)
-       for d in (10, 18, 34, 50)},
+    **{
+        f"resnet{d}": (
+            lambda d: (
+                lambda dims, cin, k: getattr(nets, f"resnet{d}")(
+                    spatial_dims=dims, n_input_channels=cin, num_classes=k
+                )
+            )
+        )(d)
+        for d in (10, 18, 34, 50)
+    },
     "densenet121": lambda dims, cin, k: nets.DenseNet121(spatial_dims=dims, in_channels=cin, out_channels=k),
-}  # fmt: skip
+}
 
 
 @strict
@@ -57,7 +65,10 @@ class MedCNNConfig(PreTrainedConfig):
 
     def check(self) -> None:
         if self.architecture not in CNN_ARCHITECTURES:
-            raise ConfigError(f"architecture={self.architecture!r} is not a CNN baseline.", f"use one of {sorted(CNN_ARCHITECTURES)}.")
+            raise ConfigError(
+                f"architecture={self.architecture!r} is not a CNN baseline.",
+                f"use one of {sorted(CNN_ARCHITECTURES)}.",
+            )
         if self.num_channels < 1:
             raise ConfigError(f"num_channels={self.num_channels}.", "use the images' channel count (>= 1).")
         check_head_fields(self, ("label_smoothing",))
@@ -82,23 +93,33 @@ class MedCNNForImageClassification(ClassificationLossMixin, PreTrainedModel):
         # Keep MONAI's own initialisation (Kaiming convs, unit batch norms): what these networks train with.
         pass
 
-    def forward(self, pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None, **kwargs) -> ImageClassifierOutput:
+    def forward(
+        self, pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None, **kwargs
+    ) -> ImageClassifierOutput:
         r"""pixel_values: [B, C, H, W] normalised images; labels: [B] class indices or [B, K] 0/1 targets."""
-        check_pixels(pixel_values, self.config.num_channels, f"the {self.config.architecture}",
-                     channel_fix=f"convert the images to {self.config.num_channels} channels, as the training images were.")  # fmt: skip
+        check_pixels(
+            pixel_values,
+            self.config.num_channels,
+            f"the {self.config.architecture}",
+            channel_fix=f"convert the images to {self.config.num_channels} channels, as the training images were.",
+        )
         logits = self.cnn(pixel_values)
         loss = self.classification_loss(logits, labels) if labels is not None else None
         return ImageClassifierOutput(loss=loss, logits=logits)
 
 
-def build_cnn(architecture: str, num_channels: int, num_labels: int, image_size: int = 64, **cfg) -> MedCNNForImageClassification:
+def build_cnn(
+    architecture: str, num_channels: int, num_labels: int, image_size: int = 64, **cfg
+) -> MedCNNForImageClassification:
     """A CNN baseline from random weights. `**cfg`: `id2label`, `label_smoothing`, `class_weights`, `problem_type`."""
     if "id2label" in cfg:
         cfg["id2label"] = {int(k): str(v) for k, v in cfg["id2label"].items()}
         cfg.setdefault("label2id", {v: k for k, v in cfg["id2label"].items()})
     else:
         cfg["num_labels"] = num_labels
-    return MedCNNForImageClassification(MedCNNConfig(architecture=architecture, num_channels=num_channels, image_size=image_size, **cfg))
+    return MedCNNForImageClassification(
+        MedCNNConfig(architecture=architecture, num_channels=num_channels, image_size=image_size, **cfg)
+    )
 
 
 AutoConfig.register(MedCNNConfig.model_type, MedCNNConfig)

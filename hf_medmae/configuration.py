@@ -112,17 +112,25 @@ def check_supervision(config) -> None:
     """Check the supervised head's fields (`supervised_loss_weight`, `num_labels`, `class_weights`)."""
     weight, weights = config.supervised_loss_weight, config.class_weights
     if weight < 0:
-        raise ConfigError(f"supervised_loss_weight={weight} is negative.",
-                          "use 0 for a plain MAE, or a positive weight of the cross-entropy term (MSMAE: 0.1).")
+        raise ConfigError(
+            f"supervised_loss_weight={weight} is negative.",
+            "use 0 for a plain MAE, or a positive weight of the cross-entropy term (MSMAE: 0.1).",
+        )
     if weight > 0 and config.num_labels < 2:
-        raise ConfigError(f"supervised_loss_weight={weight} needs at least 2 classes, but num_labels={config.num_labels}.",
-                          "set num_labels (or id2label) to the number of classes, or supervised_loss_weight: 0.")
+        raise ConfigError(
+            f"supervised_loss_weight={weight} needs at least 2 classes, but num_labels={config.num_labels}.",
+            "set num_labels (or id2label) to the number of classes, or supervised_loss_weight: 0.",
+        )
     if weights is not None and weight <= 0:
-        raise ConfigError("class_weights is set but only the supervised head uses it (supervised_loss_weight is 0).",
-                          "set supervised_loss_weight > 0, or remove class_weights.")
+        raise ConfigError(
+            "class_weights is set but only the supervised head uses it (supervised_loss_weight is 0).",
+            "set supervised_loss_weight > 0, or remove class_weights.",
+        )
     if weights is not None and (len(weights) != config.num_labels or min(weights) <= 0):
-        raise ConfigError(f"class_weights has {len(weights)} entries for num_labels={config.num_labels} (all must be > 0).",
-                          "give one positive weight per class (e.g. inverse class frequency), or leave class_weights unset.")
+        raise ConfigError(
+            f"class_weights has {len(weights)} entries for num_labels={config.num_labels} (all must be > 0).",
+            "give one positive weight per class (e.g. inverse class frequency), or leave class_weights unset.",
+        )
 
 
 __all__ = ["MedMAEConfig", "check_masking", "check_supervision"]

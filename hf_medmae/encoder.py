@@ -183,14 +183,23 @@ def _load_encoder_3d(folder: Path, config: dict, image_size) -> nn.Module:
     from .segmentation.configuration import encoder_fields
 
     if image_size is not None:
-        raise ConfigError("image_size cannot be changed for a 3D encoder: its fixed 3D positions are made for its crop size.",
-                          "leave image_size unset and feed crops of the checkpoint's size (sliding windows for whole volumes).")  # fmt: skip
+        raise ConfigError(
+            "image_size cannot be changed for a 3D encoder: its fixed 3D positions are made for its crop size.",
+            "leave image_size unset and feed crops of the checkpoint's size (sliding windows for whole volumes).",
+        )
     fields = encoder_fields(config, spatial_dims=3)
     encoder_config = MedMAE3DConfig(**{k: v for k, v in fields.items() if k not in NORM_FIELDS})
     # A segmenter keeps its encoder under `vit.`; MedMAE3DModel's own prefix is VideoMAE's `videomae.`.
     mapping = {r"^vit\.": "videomae."} if config["model_type"] in OWN_TYPES else None
-    model = load_checkpoint(MedMAE3DModel, folder, model_types=SUPPORTED_TYPES, what="a 3D encoder", key_mapping=mapping,
-                            ignore_unexpected=ENCODER3D_EXTRAS, config=encoder_config)  # fmt: skip
+    model = load_checkpoint(
+        MedMAE3DModel,
+        folder,
+        model_types=SUPPORTED_TYPES,
+        what="a 3D encoder",
+        key_mapping=mapping,
+        ignore_unexpected=ENCODER3D_EXTRAS,
+        config=encoder_config,
+    )
     mean, std = _read_normalisation(folder, encoder_config)
     model.config.image_mean, model.config.image_std = mean, std
     model.image_mean, model.image_std = mean, std
@@ -240,18 +249,30 @@ def load_encoder(
     if config["model_type"] in MAE3D_TYPES or config.get("spatial_dims") == 3:
         return _load_encoder_3d(folder, config, image_size)
     if config["model_type"] in OWN_TYPES and not isinstance(config.get("vit_config"), dict):
-        raise CheckpointError(f"the {config['model_type']} config in {folder} has no vit_config.",
-                              "re-save the model with hf_medmae (its config stores the encoder as vit_config).")  # fmt: skip
+        raise CheckpointError(
+            f"the {config['model_type']} config in {folder} has no vit_config.",
+            "re-save the model with hf_medmae (its config stores the encoder as vit_config).",
+        )
     vit_config = vit_config_from(config)
     if image_size is not None:
         _check_image_size(image_size, vit_config.patch_size)
     # ViTModel's learnable position embeddings start from the MAE's fixed sin-cos values.
-    model = load_checkpoint(ViTModel, folder, model_types=SUPPORTED_TYPES, what="an encoder", ignore_unexpected=ENCODER_EXTRAS,
-                            config=vit_config, add_pooling_layer=False)  # fmt: skip
+    model = load_checkpoint(
+        ViTModel,
+        folder,
+        model_types=SUPPORTED_TYPES,
+        what="an encoder",
+        ignore_unexpected=ENCODER_EXTRAS,
+        config=vit_config,
+        add_pooling_layer=False,
+    )
     if not bool(model.embeddings.position_embeddings.detach().abs().amax()):
-        logger.warning("%s has all-zero position embeddings: it was pre-trained position-blind (transformers 5.x built "
-                       "ViT-MAEs so before hf_medmae set sin-cos values). Its features ignore where patches are; "
-                       "pre-train it again with this version.", folder)
+        logger.warning(
+            "%s has all-zero position embeddings: it was pre-trained position-blind (transformers 5.x built "
+            "ViT-MAEs so before hf_medmae set sin-cos values). Its features ignore where patches are; "
+            "pre-train it again with this version.",
+            folder,
+        )
     if image_size is not None and as_pair(image_size) != as_pair(vit_config.image_size):
         model = _resize(model, image_size)
     mean, std = _read_normalisation(folder, vit_config)

@@ -40,8 +40,14 @@ from .loading import PICKLE_PATTERNS, check_safetensors
 TEMPLATE_PACKAGE = "hf_medmae.model_cards"
 
 # config.json `model_type` -> card template (model_cards/<kind>.md). Extend when a new head is added.
-CARD_KINDS = {"medmae": "mae", "medmae3d": "mae", "medmae_classifier": "classifier", "medmae_cnn": "classifier", "medmae_segmenter": "segmenter",
-              "medmae_unet": "segmenter"}  # fmt: skip
+CARD_KINDS = {
+    "medmae": "mae",
+    "medmae3d": "mae",
+    "medmae_classifier": "classifier",
+    "medmae_cnn": "classifier",
+    "medmae_segmenter": "segmenter",
+    "medmae_unet": "segmenter",
+}
 # kind -> (extra tag, pipeline_tag, model-index task type)
 KIND_TASKS = {
     "mae": ("self-supervised", None, "masked-image-modeling"),
@@ -50,34 +56,68 @@ KIND_TASKS = {
 }
 BASE_TAGS = ["medical-imaging", "masked-autoencoder", "vit-mae", "hf_medmae"]
 # model_type -> base tags where BASE_TAGS would be wrong: the U-Net and CNN baselines have neither a ViT nor MAE pre-training.
-MODEL_TYPE_BASE_TAGS = {"medmae_unet": ["medical-imaging", "unet", "hf_medmae"], "medmae_cnn": ["medical-imaging", "cnn", "hf_medmae"],
-                        "medmae3d": ["medical-imaging", "masked-autoencoder", "videomae", "3d", "hf_medmae"]}
+MODEL_TYPE_BASE_TAGS = {
+    "medmae_unet": ["medical-imaging", "unet", "hf_medmae"],
+    "medmae_cnn": ["medical-imaging", "cnn", "hf_medmae"],
+    "medmae3d": ["medical-imaging", "masked-autoencoder", "videomae", "3d", "hf_medmae"],
+}
 
 PUSH_PATTERNS = ["*.json", "*.safetensors", "*.md", "*.png"]
 PULL_PATTERNS = ["*.json", "*.safetensors", "*.md"]
 METRICS_FILES = ["metrics.json", "eval_results.json", "all_results.json"]  # earlier files win on equal keys
-RUN_INFO_TYPES = {"hardware": str, "epochs": (int, float), "steps": int, "dataset": str, "num_images": int,
-                  "seed": int, "command": str, "population": str, "scanner": str}  # fmt: skip
+RUN_INFO_TYPES = {
+    "hardware": str,
+    "epochs": (int, float),
+    "steps": int,
+    "dataset": str,
+    "num_images": int,
+    "seed": int,
+    "command": str,
+    "population": str,
+    "scanner": str,
+}
 
 # (label, config.json key) rows of the "setup" table, shown when the key is present (keys of a head's
 # `vit_config` count as the config's own).
 CONFIG_ROWS = [
-    ("channels", "num_channels"), ("depth (slices)", "num_frames"), ("image size", "image_size"), ("patch size", "patch_size"),
+    ("channels", "num_channels"),
+    ("depth (slices)", "num_frames"),
+    ("image size", "image_size"),
+    ("patch size", "patch_size"),
     ("patch depth", "tubelet_size"),
-    ("encoder width", "hidden_size"), ("encoder layers", "num_hidden_layers"),
-    ("encoder heads", "num_attention_heads"), ("encoder MLP width", "intermediate_size"),
-    ("decoder width", "decoder_hidden_size"), ("decoder layers", "decoder_num_hidden_layers"),
-    ("decoder heads", "decoder_num_attention_heads"), ("mask generator", "mask_generator"),
-    ("mask generator settings", "mask_generator_kwargs"), ("mask ratio", "mask_ratio"),
-    ("throw ratio", "throw_ratio"), ("attention refresh (epochs)", "attention_refresh_epochs"),
-    ("supervised loss weight", "supervised_loss_weight"), ("supervised classes", "supervised_classes"),
+    ("encoder width", "hidden_size"),
+    ("encoder layers", "num_hidden_layers"),
+    ("encoder heads", "num_attention_heads"),
+    ("encoder MLP width", "intermediate_size"),
+    ("decoder width", "decoder_hidden_size"),
+    ("decoder layers", "decoder_num_hidden_layers"),
+    ("decoder heads", "decoder_num_attention_heads"),
+    ("mask generator", "mask_generator"),
+    ("mask generator settings", "mask_generator_kwargs"),
+    ("mask ratio", "mask_ratio"),
+    ("throw ratio", "throw_ratio"),
+    ("attention refresh (epochs)", "attention_refresh_epochs"),
+    ("supervised loss weight", "supervised_loss_weight"),
+    ("supervised classes", "supervised_classes"),
     ("normalised-pixel loss", "norm_pix_loss"),
-    ("channels", "in_channels"), ("CNN", "architecture"), ("U-Net features", "features"), ("segmentation decoder", "decoder"),
-    ("decoder feature size", "feature_size"), ("encoder blocks feeding the decoder", "skip_layers"),
-    ("pooling", "pooling"), ("loss", "loss"), ("class weights", "class_weights"),
-]  # fmt: skip
-RUN_ROWS = [("hardware", "hardware"), ("epochs", "epochs"), ("optimizer steps", "steps"), ("dataset", "dataset"),
-            ("training images", "num_images"), ("seed", "seed")]  # fmt: skip
+    ("channels", "in_channels"),
+    ("CNN", "architecture"),
+    ("U-Net features", "features"),
+    ("segmentation decoder", "decoder"),
+    ("decoder feature size", "feature_size"),
+    ("encoder blocks feeding the decoder", "skip_layers"),
+    ("pooling", "pooling"),
+    ("loss", "loss"),
+    ("class weights", "class_weights"),
+]
+RUN_ROWS = [
+    ("hardware", "hardware"),
+    ("epochs", "epochs"),
+    ("optimizer steps", "steps"),
+    ("dataset", "dataset"),
+    ("training images", "num_images"),
+    ("seed", "seed"),
+]
 
 
 def _read_json(path: Path, required: bool = False) -> dict:
@@ -199,8 +239,11 @@ def card_template(kind: str) -> str:
 
 
 def _table_rows(source: dict, rows: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    return [(label, json.dumps(source[key]) if isinstance(source[key], (dict, list)) else str(source[key]))
-            for label, key in rows if source.get(key) is not None]  # fmt: skip
+    return [
+        (label, json.dumps(source[key]) if isinstance(source[key], (dict, list)) else str(source[key]))
+        for label, key in rows
+        if source.get(key) is not None
+    ]
 
 
 def setup_values(config: dict) -> dict:
@@ -208,7 +251,9 @@ def setup_values(config: dict) -> dict:
     (the supervised head's classes; the attention refresh only where tokens are dropped)."""
     values = {**(config.get("vit_config") or {}), **config}
     if config.get("supervised_loss_weight"):
-        values["supervised_classes"] = [name for _, name in sorted((config.get("id2label") or {}).items(), key=lambda kv: int(kv[0]))]
+        values["supervised_classes"] = [
+            name for _, name in sorted((config.get("id2label") or {}).items(), key=lambda kv: int(kv[0]))
+        ]
     if not config.get("throw_ratio"):
         values.pop("attention_refresh_epochs", None)
     return values
@@ -329,7 +374,10 @@ def push_checkpoint(
 
 
 def pull_checkpoint(
-    repo_id: str, revision: str | None = None, token: str | bool | None = None, cache_dir: str | Path | None = None,
+    repo_id: str,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | Path | None = None,
     local_files_only: bool | None = None,
 ) -> str:
     """Download a checkpoint's JSON, safetensors and Markdown files; return the local folder.
@@ -349,7 +397,11 @@ def pull_checkpoint(
     rev = revision or "main"
     try:
         local = snapshot_download(
-            repo_id, revision=revision, token=token, cache_dir=cache_dir, allow_patterns=PULL_PATTERNS,
+            repo_id,
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            allow_patterns=PULL_PATTERNS,
             local_files_only=bool(local_files_only),  # None/False: huggingface_hub still honours HF_HUB_OFFLINE
         )
     except HFValidationError as err:

@@ -37,8 +37,13 @@ class CurrentKeyNamesMixin:
         return super().save_pretrained(*args, save_original_format=save_original_format, **kwargs)
 
 
-def resolve_checkpoint(name_or_path: str | os.PathLike, revision: str | None = None, token: str | bool | None = None,
-                       cache_dir: str | os.PathLike | None = None, local_files_only: bool | None = None) -> Path:
+def resolve_checkpoint(
+    name_or_path: str | os.PathLike,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool | None = None,
+) -> Path:
     """A local folder holding the checkpoint: the path itself, or a Hub snapshot of its JSON, safetensors and Markdown.
 
     Args:
@@ -54,15 +59,20 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, revision: str | None = N
     if path.is_dir():
         return path
     if path.exists() or str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1:
-        raise CheckpointError(f"{name_or_path} is not a checkpoint directory.",
-                              "pass the folder written by save_pretrained (holding config.json and model.safetensors) "
-                              "or a Hub repo id such as 'user/medmae-wbc'.")  # fmt: skip
+        raise CheckpointError(
+            f"{name_or_path} is not a checkpoint directory.",
+            "pass the folder written by save_pretrained (holding config.json and model.safetensors) "
+            "or a Hub repo id such as 'user/medmae-wbc'.",
+        )
     from .hub import pull_checkpoint  # the one Hub download path (JSON + safetensors only)
 
     if local_files_only is None:  # read now: huggingface_hub reads HF_HUB_OFFLINE once, at import
         local_files_only = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-    return Path(pull_checkpoint(str(name_or_path), revision=revision, token=token, cache_dir=cache_dir,
-                                local_files_only=local_files_only))  # fmt: skip
+    return Path(
+        pull_checkpoint(
+            str(name_or_path), revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only
+        )
+    )
 
 
 def check_safetensors(folder: Path, where: str | None = None) -> None:
@@ -78,22 +88,30 @@ def check_safetensors(folder: Path, where: str | None = None) -> None:
             "load the model where it was trained and re-save it with save_pretrained(..., safe_serialization=True) "
             "(the default), which writes model.safetensors.",
         )
-    raise CheckpointError(f"{where} has no model.safetensors (nor any *.safetensors weights); pickled weights are never loaded.",
-                          "save the model with `model.save_pretrained(dir)` and point to that folder.")  # fmt: skip
+    raise CheckpointError(
+        f"{where} has no model.safetensors (nor any *.safetensors weights); pickled weights are never loaded.",
+        "save the model with `model.save_pretrained(dir)` and point to that folder.",
+    )
 
 
 def read_config(folder: Path, model_types: tuple[str, ...], what: str = "a supported checkpoint") -> dict:
     """`config.json` of a checkpoint, whose `model_type` must be one of `model_types` (`what` names them in errors)."""
     file = folder / "config.json"
     if not file.is_file():
-        raise CheckpointError(f"{folder} has no config.json.", "save the model with save_pretrained, which writes config.json.")
+        raise CheckpointError(
+            f"{folder} has no config.json.", "save the model with save_pretrained, which writes config.json."
+        )
     try:
         config = json.loads(file.read_text())
     except json.JSONDecodeError as err:
-        raise CheckpointError(f"{file} is not valid JSON ({err}).", "re-save the checkpoint with save_pretrained.") from None
+        raise CheckpointError(
+            f"{file} is not valid JSON ({err}).", "re-save the checkpoint with save_pretrained."
+        ) from None
     if config.get("model_type") not in model_types:
-        raise CheckpointError(f"{folder} holds a model of type {config.get('model_type')!r}, not {what} ({', '.join(model_types)}).",
-                              f"use a checkpoint of one of the supported types: {', '.join(model_types)}.")  # fmt: skip
+        raise CheckpointError(
+            f"{folder} holds a model of type {config.get('model_type')!r}, not {what} ({', '.join(model_types)}).",
+            f"use a checkpoint of one of the supported types: {', '.join(model_types)}.",
+        )
     return config
 
 
@@ -108,10 +126,19 @@ def _quiet_load_report():
         hf_logging.set_verbosity(before)
 
 
-def load_checkpoint(model_class: type[PreTrainedModel], name_or_path: str | os.PathLike, *,
-                    model_types: tuple[str, ...] | None = None, what: str = "a supported checkpoint", ignore_unexpected: str | None = None,
-                    revision: str | None = None, token: str | bool | None = None, cache_dir: str | os.PathLike | None = None,
-                    local_files_only: bool | None = None, **kwargs) -> PreTrainedModel:
+def load_checkpoint(
+    model_class: type[PreTrainedModel],
+    name_or_path: str | os.PathLike,
+    *,
+    model_types: tuple[str, ...] | None = None,
+    what: str = "a supported checkpoint",
+    ignore_unexpected: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool | None = None,
+    **kwargs,
+) -> PreTrainedModel:
     """`model_class.from_pretrained` from safetensors, every weight accounted for, else a `CheckpointError`.
 
     Args:
@@ -132,11 +159,14 @@ def load_checkpoint(model_class: type[PreTrainedModel], name_or_path: str | os.P
         read_config(folder, model_types or (own,), what)
     try:
         with _quiet_load_report():
-            model, info = model_class.from_pretrained(folder, use_safetensors=True, output_loading_info=True,
-                                                      ignore_mismatched_sizes=True, **kwargs)  # fmt: skip
+            model, info = model_class.from_pretrained(
+                folder, use_safetensors=True, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+            )
     except OSError as err:
-        raise CheckpointError(f"cannot load a checkpoint from {folder} ({err}).",
-                              "point at a folder written by save_pretrained (config.json + model.safetensors).") from None  # fmt: skip
+        raise CheckpointError(
+            f"cannot load a checkpoint from {folder} ({err}).",
+            "point at a folder written by save_pretrained (config.json + model.safetensors).",
+        ) from None
     skip = re.compile(ignore_unexpected) if ignore_unexpected else None
     unexpected = sorted(k for k in info.get("unexpected_keys", ()) if not (skip and skip.search(k)))
     missing, mismatched = sorted(info.get("missing_keys", ())), sorted(info.get("mismatched_keys", ()))
@@ -149,8 +179,10 @@ def load_checkpoint(model_class: type[PreTrainedModel], name_or_path: str | os.P
         )
     if mismatched:
         shapes = "; ".join(f"{key}: checkpoint {tuple(a)} vs config {tuple(b)}" for key, a, b in mismatched)
-        raise CheckpointError(f"tensors in {folder} do not have the shapes its config implies ({shapes}).",
-                              "the config.json and the weights disagree: re-save both together with save_pretrained.")  # fmt: skip
+        raise CheckpointError(
+            f"tensors in {folder} do not have the shapes its config implies ({shapes}).",
+            "the config.json and the weights disagree: re-save both together with save_pretrained.",
+        )
     return model
 
 

@@ -145,7 +145,9 @@ class BlockMaskGenerator(MaskGenerator):
 
     name = "block"
 
-    def __init__(self, mask_ratio, grid_size, min_block: int = 4, max_block: int | None = None, min_aspect: float = 0.3):
+    def __init__(
+        self, mask_ratio, grid_size, min_block: int = 4, max_block: int | None = None, min_aspect: float = 0.3
+    ):
         super().__init__(mask_ratio, grid_size)
         self.min_block = max(1, min_block)
         self.max_block = max(self.min_block, max_block or self.num_patches // 4)
@@ -344,7 +346,13 @@ class AttentionMaskGenerator(MaskGenerator):
 
 MASK_GENERATORS: dict[str, type[MaskGenerator]] = {
     cls.name: cls
-    for cls in (RandomMaskGenerator, BlockMaskGenerator, GridMaskGenerator, ForegroundMaskGenerator, AttentionMaskGenerator)
+    for cls in (
+        RandomMaskGenerator,
+        BlockMaskGenerator,
+        GridMaskGenerator,
+        ForegroundMaskGenerator,
+        AttentionMaskGenerator,
+    )
 }
 
 

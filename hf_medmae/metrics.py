@@ -13,7 +13,8 @@ next to a checkpoint as-is. The ``*_compute_metrics_fn`` factories return callab
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,8 +63,10 @@ def _plain(obj: Any) -> Any:
 def _check_int_labels(values: np.ndarray, num_classes: int, what: str, allowed_extra: tuple = ()) -> None:
     """Raise a DataError naming the label values outside [0, num_classes) (plus ``allowed_extra``)."""
     if values.size and not np.all(np.equal(np.mod(values, 1), 0)):
-        raise DataError(f"{what} must be integer class indices, got non-integer values.",
-                        "Pass class indices (argmax of the logits), not probabilities or one-hot rows.")
+        raise DataError(
+            f"{what} must be integer class indices, got non-integer values.",
+            "Pass class indices (argmax of the logits), not probabilities or one-hot rows.",
+        )
     uniq = np.unique(values)
     bad = [int(v) for v in uniq if not (0 <= v < num_classes) and v not in allowed_extra]
     if bad:
@@ -79,23 +82,31 @@ def _check_probs(probs: np.ndarray, labels: np.ndarray, class_names: list[str], 
     """Validate shapes and values of classification inputs."""
     k = len(class_names)
     if probs.ndim != 2 or probs.shape[1] != k:
-        raise DataError(f"probs must have shape [N, {k}] (one column per class name), got {probs.shape}.",
-                        "Pass softmax/sigmoid outputs with one column per entry of class_names.")
+        raise DataError(
+            f"probs must have shape [N, {k}] (one column per class name), got {probs.shape}.",
+            "Pass softmax/sigmoid outputs with one column per entry of class_names.",
+        )
     if len(probs) != len(labels):
-        raise DataError(f"probs has {len(probs)} rows but labels has {len(labels)}.",
-                        "Pass one label per prediction, in the same order.")
+        raise DataError(
+            f"probs has {len(probs)} rows but labels has {len(labels)}.",
+            "Pass one label per prediction, in the same order.",
+        )
     if len(probs) == 0:
         raise DataError("No samples to evaluate (empty probs).", "Evaluate on a non-empty split.")
     if not np.all(np.isfinite(probs)):
         raise DataError("probs contain NaN or inf.", "Check the model outputs (diverged training?).")
     if multi_label:
         if labels.shape != probs.shape or not np.isin(labels, (0, 1)).all():
-            raise DataError(f"Multi-label labels must be 0/1 of shape {probs.shape}, got {labels.shape}.",
-                            "Pass a [N, K] multi-hot matrix, or use multi_label=False for class indices.")
+            raise DataError(
+                f"Multi-label labels must be 0/1 of shape {probs.shape}, got {labels.shape}.",
+                "Pass a [N, K] multi-hot matrix, or use multi_label=False for class indices.",
+            )
     else:
         if labels.ndim != 1:
-            raise DataError(f"labels must be 1-D class indices, got shape {labels.shape}.",
-                            "Pass labels as [N] integers, or set multi_label=True for [N, K] 0/1 labels.")
+            raise DataError(
+                f"labels must be 1-D class indices, got shape {labels.shape}.",
+                "Pass labels as [N] integers, or set multi_label=True for [N, K] 0/1 labels.",
+            )
         _check_int_labels(labels, k, "labels")
 
 
@@ -152,8 +163,13 @@ def _summary(values: np.ndarray) -> dict[str, Any]:
     if values.size == 0:
         return {"count": 0, "mean": None, "median": None, "q25": None, "q75": None}
     q25, med, q75 = np.percentile(values, [25, 50, 75])
-    return {"count": int(values.size), "mean": float(values.mean()), "median": float(med),
-            "q25": float(q25), "q75": float(q75)}
+    return {
+        "count": int(values.size),
+        "mean": float(values.mean()),
+        "median": float(med),
+        "q25": float(q25),
+        "q75": float(q75),
+    }
 
 
 def confidence_by_class(probs: np.ndarray, labels: np.ndarray, class_names: list[str]) -> dict:
@@ -181,16 +197,22 @@ def _ovr_auc(probs: np.ndarray, labels: np.ndarray, class_names: list[str]) -> d
     present = sorted(int(c) for c in np.unique(labels))
     left_out = [name for k, name in enumerate(class_names) if k not in present]
     if len(present) < 2:
-        return {"roc_auc": None, "roc_auc_per_class": {}, "roc_auc_classes_left_out": left_out,
-                "roc_auc_note": "fewer than 2 classes present in labels; ROC-AUC undefined"}
+        return {
+            "roc_auc": None,
+            "roc_auc_per_class": {},
+            "roc_auc_classes_left_out": left_out,
+            "roc_auc_note": "fewer than 2 classes present in labels; ROC-AUC undefined",
+        }
     # Binarised one-vs-rest form lets sklearn score a subset of classes (multi_class="ovr" needs all).
     onehot = label_binarize(labels, classes=list(range(len(class_names))))
     if onehot.shape[1] == 1:  # label_binarize returns one column for K == 2
         onehot = np.hstack([1 - onehot, onehot])
     per = roc_auc_score(onehot[:, present], probs[:, present], average=None)
-    return {"roc_auc": float(np.mean(per)),
-            "roc_auc_per_class": {class_names[k]: float(a) for k, a in zip(present, per)},
-            "roc_auc_classes_left_out": left_out}
+    return {
+        "roc_auc": float(np.mean(per)),
+        "roc_auc_per_class": {class_names[k]: float(a) for k, a in zip(present, per)},
+        "roc_auc_classes_left_out": left_out,
+    }
 
 
 def _single_label_metrics(probs: np.ndarray, labels: np.ndarray, class_names: list[str]) -> dict:
@@ -198,14 +220,14 @@ def _single_label_metrics(probs: np.ndarray, labels: np.ndarray, class_names: li
     pred = probs.argmax(axis=1)
     out: dict[str, Any] = {"n_samples": int(len(labels)), "accuracy": accuracy_score(labels, pred)}
     for avg in ("macro", "weighted"):
-        p, r, f, _ = precision_recall_fscore_support(labels, pred, labels=range(k), average=avg,
-                                                     zero_division=0)
+        p, r, f, _ = precision_recall_fscore_support(labels, pred, labels=range(k), average=avg, zero_division=0)
         out.update({f"{avg}_precision": p, f"{avg}_recall": r, f"{avg}_f1": f})
     with warnings.catch_warnings():  # balanced_accuracy warns when a class is absent from labels
         warnings.simplefilter("ignore", UserWarning)
         out["balanced_accuracy"] = balanced_accuracy_score(labels, pred)
-    out["per_class"] = classification_report(labels, pred, labels=range(k), target_names=class_names,
-                                             output_dict=True, zero_division=0)
+    out["per_class"] = classification_report(
+        labels, pred, labels=range(k), target_names=class_names, output_dict=True, zero_division=0
+    )
     out.update(_ovr_auc(probs, labels, class_names))
     out["confusion_matrix"] = confusion_matrix(labels, pred, labels=range(k))
     out["confidence"] = confidence_by_class(probs, labels, class_names)
@@ -222,16 +244,20 @@ def _multi_label_metrics(probs: np.ndarray, labels: np.ndarray, class_names: lis
             skipped.append(name)  # AUC is undefined when a column holds a single value
         else:
             per[name] = float(roc_auc_score(labels[:, k], probs[:, k]))
-    return {"n_samples": int(len(labels)), "roc_auc_per_class": per,
-            "roc_auc": float(np.mean(list(per.values()))) if per else None,
-            "roc_auc_classes_left_out": skipped,
-            "micro_f1": f1_score(labels, pred, average="micro", zero_division=0),
-            "macro_f1": f1_score(labels, pred, average="macro", zero_division=0),
-            "subset_accuracy": accuracy_score(labels, pred)}  # sklearn: exact match of whole rows
+    return {
+        "n_samples": int(len(labels)),
+        "roc_auc_per_class": per,
+        "roc_auc": float(np.mean(list(per.values()))) if per else None,
+        "roc_auc_classes_left_out": skipped,
+        "micro_f1": f1_score(labels, pred, average="micro", zero_division=0),
+        "macro_f1": f1_score(labels, pred, average="macro", zero_division=0),
+        "subset_accuracy": accuracy_score(labels, pred),
+    }  # sklearn: exact match of whole rows
 
 
-def classification_metrics(probs: np.ndarray, labels: np.ndarray, class_names: list[str],
-                           multi_label: bool = False) -> dict:
+def classification_metrics(
+    probs: np.ndarray, labels: np.ndarray, class_names: list[str], multi_label: bool = False
+) -> dict:
     """Classification metrics as a JSON-serialisable dict.
 
     Single-label: accuracy, balanced_accuracy, macro/weighted precision/recall/f1, ``per_class``
@@ -276,9 +302,20 @@ def compute_metrics_fn(class_names: list[str], multi_label: bool = False) -> Cal
     Example:
         >>> trainer = Trainer(..., compute_metrics=compute_metrics_fn(["neutrophil", "lymphocyte"]))
     """
-    keys = (["roc_auc", "micro_f1", "macro_f1", "subset_accuracy"] if multi_label else
-            ["accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall",
-             "roc_auc", "ece"])
+    keys = (
+        ["roc_auc", "micro_f1", "macro_f1", "subset_accuracy"]
+        if multi_label
+        else [
+            "accuracy",
+            "balanced_accuracy",
+            "macro_f1",
+            "weighted_f1",
+            "macro_precision",
+            "macro_recall",
+            "roc_auc",
+            "ece",
+        ]
+    )
 
     def compute_metrics(eval_pred: Any) -> dict[str, float]:
         logits = _first(eval_pred.predictions).astype(float)
@@ -291,8 +328,10 @@ def compute_metrics_fn(class_names: list[str], multi_label: bool = False) -> Cal
 
 def _check_segmentation(pred: np.ndarray, target: np.ndarray, k: int, ignore_index: int) -> None:
     if pred.shape != target.shape or pred.ndim not in (3, 4):
-        raise DataError(f"pred {pred.shape} and target {target.shape} must both be [N, H, W] (or [N, D, H, W] volumes).",
-                        "Argmax the logits over the class axis and resize predictions to the label size.")
+        raise DataError(
+            f"pred {pred.shape} and target {target.shape} must both be [N, H, W] (or [N, D, H, W] volumes).",
+            "Argmax the logits over the class axis and resize predictions to the label size.",
+        )
     _check_int_labels(pred, k, "Predictions")
     _check_int_labels(target, k, "Target masks", allowed_extra=(ignore_index,))
 
@@ -311,8 +350,13 @@ def _overlap_scores(cm: np.ndarray, class_names: list[str]) -> dict[str, Any]:
         denom = tp[k] + fp[k] + fn[k]
         dice[name] = None if denom == 0 else float(2 * tp[k] / (denom + tp[k]))
         iou[name] = None if denom == 0 else float(tp[k] / denom)
-    mean = lambda d: float(np.mean([v for v in d.values() if v is not None])) if any(  # noqa: E731
-        v is not None for v in d.values()) else None
+    mean = lambda d: (
+        float(np.mean([v for v in d.values() if v is not None]))
+        if any(  # noqa: E731
+            v is not None for v in d.values()
+        )
+        else None
+    )
     return {"dice_per_class": dice, "mean_dice": mean(dice), "iou_per_class": iou, "mean_iou": mean(iou)}
 
 
@@ -321,30 +365,40 @@ def _hd95(pred: np.ndarray, target: np.ndarray, class_names: list[str], ignore_i
     dense = ~(target == ignore_index).reshape(len(target), -1).any(axis=1)
     skipped = int((~dense).sum())
     if not dense.any():
-        return {"hd95": None, "hd95_per_class": None, "hd95_images_used": 0, "hd95_images_skipped": skipped,
-                "hd95_note": "no image is fully labeled (every image has ignore_index pixels); "
-                             "HD95 needs dense masks"}
+        return {
+            "hd95": None,
+            "hd95_per_class": None,
+            "hd95_images_used": 0,
+            "hd95_images_skipped": skipped,
+            "hd95_note": "no image is fully labeled (every image has ignore_index pixels); HD95 needs dense masks",
+        }
     k = len(class_names)
     eye = np.eye(k, dtype=np.float32)
     # [M, (D,) H, W] ints -> [M, K, (D,) H, W] one-hot, as MONAI expects
     onehot = lambda x: torch.from_numpy(np.ascontiguousarray(np.moveaxis(eye[x], -1, 1)))  # noqa: E731
     with warnings.catch_warnings():  # MONAI warns for every class absent in an image
         warnings.simplefilter("ignore")
-        d = compute_hausdorff_distance(onehot(pred[dense]), onehot(target[dense]),
-                                       include_background=True, percentile=95).numpy()  # [M, K]
+        d = compute_hausdorff_distance(
+            onehot(pred[dense]), onehot(target[dense]), include_background=True, percentile=95
+        ).numpy()  # [M, K]
     per, n_used = {}, {}
     for c, name in enumerate(class_names):
         finite = d[:, c][np.isfinite(d[:, c])]
         per[name] = float(finite.mean()) if finite.size else None
         n_used[name] = int(finite.size)
     vals = [v for v in per.values() if v is not None]
-    return {"hd95": float(np.mean(vals)) if vals else None, "hd95_per_class": per,
-            "hd95_images_per_class": n_used, "hd95_images_used": int(dense.sum()),
-            "hd95_images_skipped": skipped}
+    return {
+        "hd95": float(np.mean(vals)) if vals else None,
+        "hd95_per_class": per,
+        "hd95_images_per_class": n_used,
+        "hd95_images_used": int(dense.sum()),
+        "hd95_images_skipped": skipped,
+    }
 
 
-def segmentation_metrics(pred: np.ndarray, target: np.ndarray, class_names: list[str],
-                         ignore_index: int = 255, hd95: bool = True) -> dict:
+def segmentation_metrics(
+    pred: np.ndarray, target: np.ndarray, class_names: list[str], ignore_index: int = 255, hd95: bool = True
+) -> dict:
     """Semantic segmentation metrics on the labeled pixels (``target != ignore_index``).
 
     Returns ``per_class`` (sklearn classification_report: precision/recall/f1-score/support per class,
@@ -371,14 +425,20 @@ def segmentation_metrics(pred: np.ndarray, target: np.ndarray, class_names: list
     _check_segmentation(pred, target, k, ignore_index)
     keep = target != ignore_index
     if not keep.any():
-        raise DataError("Every target pixel equals ignore_index; nothing to evaluate.",
-                        f"Check the masks and ignore_index={ignore_index}.")
+        raise DataError(
+            "Every target pixel equals ignore_index; nothing to evaluate.",
+            f"Check the masks and ignore_index={ignore_index}.",
+        )
     t, p = target[keep].astype(int), pred[keep].astype(int)
     cm = confusion_matrix(t, p, labels=range(k))
-    out: dict[str, Any] = {"n_pixels": int(keep.sum()), "n_ignored": int((~keep).sum()),
-                           "pixel_accuracy": float(np.trace(cm) / cm.sum())}
-    out["per_class"] = classification_report(t, p, labels=range(k), target_names=class_names,
-                                             output_dict=True, zero_division=0)
+    out: dict[str, Any] = {
+        "n_pixels": int(keep.sum()),
+        "n_ignored": int((~keep).sum()),
+        "pixel_accuracy": float(np.trace(cm) / cm.sum()),
+    }
+    out["per_class"] = classification_report(
+        t, p, labels=range(k), target_names=class_names, output_dict=True, zero_division=0
+    )
     out.update(_overlap_scores(cm, class_names))
     out["confusion_matrix"] = cm
     if hd95:
@@ -398,8 +458,9 @@ def segmentation_preprocess_logits(logits: Any, labels: Any) -> torch.Tensor:
     return logits.argmax(dim=1)
 
 
-def segmentation_compute_metrics_fn(class_names: list[str], ignore_index: int = 255
-                                    ) -> Callable[[Any], dict[str, float]]:
+def segmentation_compute_metrics_fn(
+    class_names: list[str], ignore_index: int = 255
+) -> Callable[[Any], dict[str, float]]:
     """Build a Trainer ``compute_metrics`` for segmentation (flat float scalars, no HD95).
 
     Accepts logits [N, K, H, W] (argmaxed here) or class maps [N, H, W] (from
@@ -413,6 +474,7 @@ def segmentation_compute_metrics_fn(class_names: list[str], ignore_index: int = 
     Example:
         >>> trainer = Trainer(..., compute_metrics=segmentation_compute_metrics_fn(["bg", "cell"]))
     """
+
     def compute_metrics(eval_pred: Any) -> dict[str, float]:
         pred = _first(eval_pred.predictions)
         labels = np.asarray(eval_pred.label_ids)

@@ -16,15 +16,18 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForPreTraining, ViTMAEForPreTraining
 from transformers import initialization as init
 from transformers.models.vit_mae.modeling_vit_mae import (
-    ViTMAEDecoder, ViTMAEEmbeddings, ViTMAEForPreTrainingOutput, build_2d_sinusoidal_position_embedding,
+    ViTMAEDecoder,
+    ViTMAEEmbeddings,
+    ViTMAEForPreTrainingOutput,
+    build_2d_sinusoidal_position_embedding,
 )
 
 from .attention_maps import align_to_views, bank_scores, last_block_cls_attention
 from .configuration import MedMAEConfig, check_masking
 from .errors import ConfigError, DataError
-from .validation import check_pixels
-from .masking import MASKED, VISIBLE, MaskGenerator, build_mask_generator, codes_to_noise
 from .loading import CurrentKeyNamesMixin
+from .masking import MASKED, VISIBLE, MaskGenerator, build_mask_generator, codes_to_noise
+from .validation import check_pixels
 
 
 class MedMAEEmbeddings(ViTMAEEmbeddings):
@@ -37,7 +40,9 @@ class MedMAEEmbeddings(ViTMAEEmbeddings):
     Same parameters, same outputs up to float summation order.
     """
 
-    def forward(self, pixel_values: torch.Tensor, noise: torch.Tensor | None = None, interpolate_pos_encoding: bool = False):
+    def forward(
+        self, pixel_values: torch.Tensor, noise: torch.Tensor | None = None, interpolate_pos_encoding: bool = False
+    ):
         if interpolate_pos_encoding or tuple(pixel_values.shape[2:]) != tuple(self.image_size):
             return super().forward(pixel_values, noise, interpolate_pos_encoding)
         batch, channels, height, width = pixel_values.shape
@@ -60,7 +65,9 @@ def sincos_position_embedding(grid_size: tuple[int, int], dim: int) -> torch.Ten
     The half-swap reproduces the original MAE's [sin_w|cos_w|sin_h|cos_h] order that pretrained ViT-MAE
     weights use (as transformers' own `initialize_weights` does); any grid, square or not.
     """
-    pos = build_2d_sinusoidal_position_embedding(height=grid_size[0], width=grid_size[1], embed_dim=dim, cls_token=True)
+    pos = build_2d_sinusoidal_position_embedding(
+        height=grid_size[0], width=grid_size[1], embed_dim=dim, cls_token=True
+    )
     half = pos.shape[-1] // 2
     return torch.cat([pos[..., half:], pos[..., :half]], dim=-1)[None]
 
@@ -90,7 +97,8 @@ class MaskingMixin:
         if config.mask_generator == "attention":
             kwargs.setdefault("throw_ratio", config.throw_ratio)
         self.mask_generator: MaskGenerator = build_mask_generator(
-            config.mask_generator, mask_ratio=config.mask_ratio, grid_size=config.grid_size, **kwargs)
+            config.mask_generator, mask_ratio=config.mask_ratio, grid_size=config.grid_size, **kwargs
+        )
         # Per-sample attention maps for the `attention` generator, filled by AttentionRefreshCallback.
         self.attention_bank: dict[int, torch.Tensor] = {}
 
@@ -100,8 +108,12 @@ class MaskingMixin:
         that changed. They shape no weight, so continuing e.g. a plain MAE with MSMAE's masking is legitimate."""
         unknown = set(fields) - set(RECIPE_FIELDS)
         if unknown:
-            raise ConfigError(f"{sorted(unknown)} are not masking settings.", f"set only {list(RECIPE_FIELDS)} this way.")
-        changed = {k: (getattr(self.config, k, None), v) for k, v in fields.items() if getattr(self.config, k, None) != v}
+            raise ConfigError(
+                f"{sorted(unknown)} are not masking settings.", f"set only {list(RECIPE_FIELDS)} this way."
+            )
+        changed = {
+            k: (getattr(self.config, k, None), v) for k, v in fields.items() if getattr(self.config, k, None) != v
+        }
         for key, (_, value) in changed.items():
             setattr(self.config, key, value)
         if changed:
@@ -109,8 +121,13 @@ class MaskingMixin:
             self.build_masking(self.config)
         return changed
 
-    def generate_codes(self, pixel_values: torch.Tensor, sample_ids: torch.Tensor | None = None, generator=None,
-                       view_ids: torch.Tensor | None = None):
+    def generate_codes(
+        self,
+        pixel_values: torch.Tensor,
+        sample_ids: torch.Tensor | None = None,
+        generator=None,
+        view_ids: torch.Tensor | None = None,
+    ):
         """Per-patch codes (0 visible, 1 masked, 2 thrown) for a batch. [B, C, (D,) H, W] -> [B, L].
 
         `view_ids` (2D): the `Augment.with_view` flips and turn of each training view; the banked maps are of the
@@ -158,11 +175,16 @@ class MedMAEForPreTraining(MaskingMixin, CurrentKeyNamesMixin, ViTMAEForPreTrain
         supervised = config.supervised_loss_weight > 0
         self.classifier = nn.Linear(config.hidden_size, config.num_labels) if supervised else None
         if supervised:
-            self._init_weights(self.classifier)  # stock's Linear init; super().__init__'s post_init ran before the head existed
+            self._init_weights(
+                self.classifier
+            )  # stock's Linear init; super().__init__'s post_init ran before the head existed
         # The encoder (a ViTMAEModel) ran its own stock init inside super().__init__, so `_init_weights`
         # below never reaches its embeddings: give them their sin-cos values here (loading overwrites them).
         embeddings = self.vit.embeddings
-        init.copy_(embeddings.position_embeddings, sincos_position_embedding(config.grid_size, embeddings.position_embeddings.shape[-1]))
+        init.copy_(
+            embeddings.position_embeddings,
+            sincos_position_embedding(config.grid_size, embeddings.position_embeddings.shape[-1]),
+        )
         # Swap the forward only: the module keeps stock's parameters, names, initialisation and loading.
         self.vit.embeddings.__class__ = MedMAEEmbeddings
         self.build_masking(config)
@@ -179,18 +201,29 @@ class MedMAEForPreTraining(MaskingMixin, CurrentKeyNamesMixin, ViTMAEForPreTrain
         """
         super()._init_weights(module)
         if isinstance(module, ViTMAEEmbeddings):  # reached on re-initialisation (e.g. missing keys on load)
-            init.copy_(module.position_embeddings, sincos_position_embedding(self.config.grid_size, module.position_embeddings.shape[-1]))
+            init.copy_(
+                module.position_embeddings,
+                sincos_position_embedding(self.config.grid_size, module.position_embeddings.shape[-1]),
+            )
         elif isinstance(module, ViTMAEDecoder):
-            init.copy_(module.decoder_pos_embed, sincos_position_embedding(self.config.grid_size, module.decoder_pos_embed.shape[-1]))
+            init.copy_(
+                module.decoder_pos_embed,
+                sincos_position_embedding(self.config.grid_size, module.decoder_pos_embed.shape[-1]),
+            )
             init.normal_(module.mask_token, std=self.config.initializer_range)  # as the MAE paper (stock zeroes it)
 
     def _check_input(self, pixel_values: torch.Tensor) -> None:
         size, p = self.vit.embeddings.image_size, self.config.patch_size
-        check_pixels(pixel_values, self.config.num_channels, "the model", size=size,
-                     channel_fix=f"set num_channels: {pixel_values.shape[1]} when pre-training from scratch, or convert "
-                                 f"the images to {self.config.num_channels} channels for this checkpoint.",
-                     size_fix=f"set image_size: {pixel_values.shape[-2]} (a multiple of patch_size {p}), or crop/tile "
-                              "the images to the model's size.")  # fmt: skip
+        check_pixels(
+            pixel_values,
+            self.config.num_channels,
+            "the model",
+            size=size,
+            channel_fix=f"set num_channels: {pixel_values.shape[1]} when pre-training from scratch, or convert "
+            f"the images to {self.config.num_channels} channels for this checkpoint.",
+            size_fix=f"set image_size: {pixel_values.shape[-2]} (a multiple of patch_size {p}), or crop/tile "
+            "the images to the model's size.",
+        )
 
     def forward(
         self,
@@ -223,15 +256,22 @@ class MedMAEForPreTraining(MaskingMixin, CurrentKeyNamesMixin, ViTMAEForPreTrain
         noise, codes = self._masking_noise(pixel_values, noise, sample_ids, mask_codes, view_ids)
         if self.classifier is None:
             if labels is not None:
-                raise ConfigError("labels were given to an MAE without a supervised head (supervised_loss_weight is 0).",
-                                  "set supervised_loss_weight > 0 and num_labels in the config, or drop the labels.")
+                raise ConfigError(
+                    "labels were given to an MAE without a supervised head (supervised_loss_weight is 0).",
+                    "set supervised_loss_weight > 0 and num_labels in the config, or drop the labels.",
+                )
             outputs = super().forward(pixel_values, noise=noise, **kwargs)
         else:  # stock's encoder -> decoder -> loss, keeping the encoder's output for the head
             encoded = self.vit(pixel_values, noise=noise, **kwargs)  # the masked pass: visible patches only
             logits = self.decoder(encoded.last_hidden_state, encoded.ids_restore).logits  # [B, L, p*p*C]
             outputs = MedMAEForPreTrainingOutput(
-                loss=self.reconstruction_loss(pixel_values, logits, encoded.mask), logits=logits, mask=encoded.mask,
-                ids_restore=encoded.ids_restore, hidden_states=encoded.hidden_states, attentions=encoded.attentions)
+                loss=self.reconstruction_loss(pixel_values, logits, encoded.mask),
+                logits=logits,
+                mask=encoded.mask,
+                ids_restore=encoded.ids_restore,
+                hidden_states=encoded.hidden_states,
+                attentions=encoded.attentions,
+            )
         # Only a throw_ratio or explicit codes can throw patches: testing for them otherwise would make
         # every GPU step wait for the device (a host sync) for nothing.
         may_throw = self.config.throw_ratio > 0 or mask_codes is not None
@@ -245,7 +285,9 @@ class MedMAEForPreTraining(MaskingMixin, CurrentKeyNamesMixin, ViTMAEForPreTrain
             outputs.loss = outputs.loss + self.config.supervised_loss_weight * outputs.supervised_loss
         return outputs
 
-    def _masking_noise(self, pixel_values, noise, sample_ids, mask_codes, view_ids=None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _masking_noise(
+        self, pixel_values, noise, sample_ids, mask_codes, view_ids=None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The `noise` transformers argsorts, and the generator's codes (None for stock uniform masking)."""
         if noise is not None:
             return noise, None
@@ -260,7 +302,11 @@ class MedMAEForPreTraining(MaskingMixin, CurrentKeyNamesMixin, ViTMAEForPreTrain
                 noise = torch.rand(pixel_values.shape[0], self.mask_generator.num_patches, generator=generator)
                 noise = noise.to(pixel_values.device)
             return noise, None
-        codes = mask_codes if mask_codes is not None else self.generate_codes(pixel_values, sample_ids, generator, view_ids)
+        codes = (
+            mask_codes
+            if mask_codes is not None
+            else self.generate_codes(pixel_values, sample_ids, generator, view_ids)
+        )
         return codes_to_noise(codes, generator), codes
 
     def supervised_loss(self, class_logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
@@ -273,22 +319,29 @@ class MedMAEForPreTraining(MaskingMixin, CurrentKeyNamesMixin, ViTMAEForPreTrain
         if labels is None:
             return class_logits.sum() * 0.0
         if labels.dim() != 1 or labels.is_floating_point():
-            raise DataError(f"labels of shape {tuple(labels.shape)} and dtype {labels.dtype} for the supervised head.",
-                            "pass [B] integer class indices, -100 for unlabeled images.")
+            raise DataError(
+                f"labels of shape {tuple(labels.shape)} and dtype {labels.dtype} for the supervised head.",
+                "pass [B] integer class indices, -100 for unlabeled images.",
+            )
         labelled = labels != -100
         if labels.device.type == "cpu" and bool(((labels < 0) & labelled | (labels >= class_logits.shape[-1])).any()):
             bad = sorted(set(labels[labelled & ((labels < 0) | (labels >= class_logits.shape[-1]))].tolist()))
-            raise DataError(f"labels {bad} are outside [0, {class_logits.shape[-1]}) and are not -100 (unlabeled).",
-                            "map the classes to 0..num_labels-1 and unlabeled images to -100.")
+            raise DataError(
+                f"labels {bad} are outside [0, {class_logits.shape[-1]}) and are not -100 (unlabeled).",
+                "map the classes to 0..num_labels-1 and unlabeled images to -100.",
+            )
         weights = torch.ones(class_logits.shape[-1], device=class_logits.device)
         if self.config.class_weights is not None:
             weights = torch.tensor(self.config.class_weights, dtype=torch.float32, device=class_logits.device)
-        per_image = nn.functional.cross_entropy(class_logits.float(), labels.long(), weight=weights, ignore_index=-100,
-                                                reduction="none")  # [B]: w_y * CE, 0 where unlabeled
+        per_image = nn.functional.cross_entropy(
+            class_logits.float(), labels.long(), weight=weights, ignore_index=-100, reduction="none"
+        )  # [B]: w_y * CE, 0 where unlabeled
         counted = weights[labels.clamp_min(0)] * labelled  # [B]: w_y, 0 where unlabeled
         return per_image.sum() / counted.sum().clamp_min(1e-12)
 
-    def reconstruction_loss(self, pixel_values: torch.Tensor, logits: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def reconstruction_loss(
+        self, pixel_values: torch.Tensor, logits: torch.Tensor, weight: torch.Tensor
+    ) -> torch.Tensor:
         """MSE over the patches with weight 1 (per-patch normalised target if `norm_pix_loss`)."""
         target = self.patchify(pixel_values)  # [B, L, p*p*C]
         if self.config.norm_pix_loss:

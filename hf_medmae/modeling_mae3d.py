@@ -29,10 +29,23 @@ from .validation import as_pair, check_pixels
 
 # The encoder's architecture fields, the ones a 3D segmenter copies from an MAE checkpoint.
 ENCODER_FIELDS = (
-    "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
-    "hidden_dropout_prob", "attention_probs_dropout_prob", "initializer_range", "layer_norm_eps",
-    "image_size", "patch_size", "num_channels", "num_frames", "tubelet_size", "qv_bias", "use_mean_pooling",
-)  # fmt: skip
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_act",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "initializer_range",
+    "layer_norm_eps",
+    "image_size",
+    "patch_size",
+    "num_channels",
+    "num_frames",
+    "tubelet_size",
+    "qv_bias",
+    "use_mean_pooling",
+)
 
 
 @strict
@@ -90,8 +103,10 @@ class MedMAE3DConfig(VideoMAEConfig):
     def check(self):
         """Fail at construction and on load, naming the fix."""
         if not isinstance(self.patch_size, int):
-            raise ConfigError(f"patch_size={self.patch_size}: the 3D MAE takes one in-plane patch side.",
-                              "give patch_size as an int and the depth of a patch as tubelet_size.")
+            raise ConfigError(
+                f"patch_size={self.patch_size}: the 3D MAE takes one in-plane patch side.",
+                "give patch_size as an int and the depth of a patch as tubelet_size.",
+            )
         size, patch = self.volume_size, self.patch_shape
         if any(s % p for s, p in zip(size, patch)):
             raise ConfigError(
@@ -101,11 +116,15 @@ class MedMAE3DConfig(VideoMAEConfig):
             )
         for name in ("hidden_size", "decoder_hidden_size"):
             if getattr(self, name) % 6:  # 3D sin-cos: a sin and a cos per axis
-                raise ConfigError(f"{name}={getattr(self, name)} is not divisible by 6.",
-                                  "3D sin-cos positions need widths divisible by 6, e.g. 96, 192, 384 or 768.")
+                raise ConfigError(
+                    f"{name}={getattr(self, name)} is not divisible by 6.",
+                    "3D sin-cos positions need widths divisible by 6, e.g. 96, 192, 384 or 768.",
+                )
         if self.hidden_size % self.num_attention_heads or self.decoder_hidden_size % self.decoder_num_attention_heads:
-            raise ConfigError("hidden_size / decoder_hidden_size must be divisible by their number of attention heads.",
-                              "e.g. hidden_size 192 with 6 heads, decoder_hidden_size 96 with 2 heads.")
+            raise ConfigError(
+                "hidden_size / decoder_hidden_size must be divisible by their number of attention heads.",
+                "e.g. hidden_size 192 with 6 heads, decoder_hidden_size 96 with 2 heads.",
+            )
         check_masking(self)
 
 
@@ -156,9 +175,12 @@ class MedMAE3DModel(CurrentKeyNamesMixin, VideoMAEModel):
         """Fixed 3D positions are made for one crop size: name it when another arrives."""
         expected = self.config.volume_size
         if tuple(size) != tuple(expected):
-            raise DataError(f"the volumes are {'x'.join(map(str, size))} but the 3D encoder was built for "
-                            f"{'x'.join(map(str, expected))}.", "feed crops of the training size; whole volumes go "
-                            "through sliding-window inference (hf_medmae.segmentation.predict).")  # fmt: skip
+            raise DataError(
+                f"the volumes are {'x'.join(map(str, size))} but the 3D encoder was built for "
+                f"{'x'.join(map(str, expected))}.",
+                "feed crops of the training size; whole volumes go "
+                "through sliding-window inference (hf_medmae.segmentation.predict).",
+            )
 
     def forward(self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None, **kwargs):
         """pixel_values [B, C, D, H, W]; bool_masked_pos [B, L] True where a patch is not encoded."""
@@ -211,10 +233,16 @@ class MedMAE3DForPreTraining(MaskingMixin, CurrentKeyNamesMixin, VideoMAEForPreT
 
     def _check_input(self, pixel_values: torch.Tensor) -> None:
         d, h, w = self.config.volume_size
-        check_pixels(pixel_values, self.config.num_channels, "the 3D model", size=(d, h, w),
-                     channel_fix=f"set num_channels: {pixel_values.shape[1]} when pre-training from scratch, or convert "
-                                 f"the volumes to {self.config.num_channels} channels for this checkpoint.",
-                     size_fix=f"crop the volumes to {d}x{h}x{w} (the model's crop size).", spatial_dims=3)  # fmt: skip
+        check_pixels(
+            pixel_values,
+            self.config.num_channels,
+            "the 3D model",
+            size=(d, h, w),
+            channel_fix=f"set num_channels: {pixel_values.shape[1]} when pre-training from scratch, or convert "
+            f"the volumes to {self.config.num_channels} channels for this checkpoint.",
+            size_fix=f"crop the volumes to {d}x{h}x{w} (the model's crop size).",
+            spatial_dims=3,
+        )
 
     def forward(
         self,
@@ -256,12 +284,16 @@ class MedMAE3DForPreTraining(MaskingMixin, CurrentKeyNamesMixin, VideoMAEForPreT
         """Explicit codes must be [B, L] with the same number of visible and of masked patches in every row:
         the encoder and decoder gather them into [B, n, D] tensors, so unequal rows would mix volumes."""
         if tuple(codes.shape) != (batch, self.config.num_patches):
-            raise DataError(f"mask_codes has shape {tuple(codes.shape)}; the model needs [{batch}, {self.config.num_patches}].",
-                            "give one code per patch of the (D/t, H/p, W/p) grid, depth-major, for every volume.")
+            raise DataError(
+                f"mask_codes has shape {tuple(codes.shape)}; the model needs [{batch}, {self.config.num_patches}].",
+                "give one code per patch of the (D/t, H/p, W/p) grid, depth-major, for every volume.",
+            )
         counts = torch.stack([(codes == VISIBLE).sum(1), (codes == MASKED).sum(1)])
         if bool((counts != counts[:, :1]).any()):
-            raise DataError("mask_codes rows have different numbers of visible or masked patches.",
-                            "give every volume of a batch the same counts (as every mask generator does).")
+            raise DataError(
+                "mask_codes rows have different numbers of visible or masked patches.",
+                "give every volume of a batch the same counts (as every mask generator does).",
+            )
 
     def targets(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """What the decoder predicts per patch: [B, L, t*p*p*C], normalised per patch if `norm_pix_loss`."""
@@ -313,5 +345,13 @@ class MedMAE3DForPreTraining(MaskingMixin, CurrentKeyNamesMixin, VideoMAEForPreT
 AutoConfig.register(MedMAE3DConfig.model_type, MedMAE3DConfig)
 AutoModelForPreTraining.register(MedMAE3DConfig, MedMAE3DForPreTraining)
 
-__all__ = ["ENCODER_FIELDS", "MedMAE3DConfig", "MedMAE3DForPreTraining", "MedMAE3DModel", "MedMAE3DOutput",
-           "patchify_3d", "sincos_3d", "unpatchify_3d"]
+__all__ = [
+    "ENCODER_FIELDS",
+    "MedMAE3DConfig",
+    "MedMAE3DForPreTraining",
+    "MedMAE3DModel",
+    "MedMAE3DOutput",
+    "patchify_3d",
+    "sincos_3d",
+    "unpatchify_3d",
+]

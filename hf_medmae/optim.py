@@ -109,8 +109,14 @@ def param_groups_layer_decay(
         scale = layer_decay ** (num_layers + 1 - lid)
         group = groups.setdefault(
             (lid, decay),
-            {"params": [], "param_names": [], "lr": base_lr * scale, "lr_scale": scale,
-             "weight_decay": weight_decay if decay else 0.0, "layer_id": lid},
+            {
+                "params": [],
+                "param_names": [],
+                "lr": base_lr * scale,
+                "lr_scale": scale,
+                "weight_decay": weight_decay if decay else 0.0,
+                "layer_id": lid,
+            },
         )
         group["params"].append(param)
         group["param_names"].append(name)
@@ -182,4 +188,11 @@ def add_drop_path(model: nn.Module, drop_path_rate: float) -> list[RemovableHand
     return handles
 
 
-__all__ = ["default_layer_decay", "param_groups_layer_decay", "layer_id", "drop_path_rates", "add_drop_path", "DropPathHook"]
+__all__ = [
+    "default_layer_decay",
+    "param_groups_layer_decay",
+    "layer_id",
+    "drop_path_rates",
+    "add_drop_path",
+    "DropPathHook",
+]

@@ -87,11 +87,19 @@ def choose_attention(model: nn.Module, batch_size: int, margin: float = 0.15, st
         torch.distributed.broadcast_object_list(decided, src=0)
         choice = decided[0]
     model.set_attn_implementation(choice)
-    logger.info("attention: %s (measured s/step at batch %d: sdpa %.3f, eager %.3f)", choice, len(batch), seconds["sdpa"], seconds["eager"])
+    logger.info(
+        "attention: %s (measured s/step at batch %d: sdpa %.3f, eager %.3f)",
+        choice,
+        len(batch),
+        seconds["sdpa"],
+        seconds["eager"],
+    )
     return choice
 
 
-def choose_precision(model: nn.Module, batch: dict, margin: float = 0.15, steps: int = 5) -> tuple[bool, dict[str, float]]:
+def choose_precision(
+    model: nn.Module, batch: dict, margin: float = 0.15, steps: int = 5
+) -> tuple[bool, dict[str, float]]:
     """Whether to train `model` with bf16 autocast on this CPU: only when a measurement shows it > `margin` faster.
 
     Called only where the CPU has native bf16 (`cpu_has_native_bf16`): emulated bf16 is several times slower.
@@ -130,7 +138,12 @@ def choose_precision(model: nn.Module, batch: dict, margin: float = 0.15, steps:
         decided = [use]  # every rank must train alike: rank 0's measurement decides
         torch.distributed.broadcast_object_list(decided, src=0)
         use = decided[0]
-    logger.info("precision: %s (measured s/step: fp32 %.3f, bf16 %.3f)", "bf16" if use else "fp32", seconds["fp32"], seconds["bf16"])
+    logger.info(
+        "precision: %s (measured s/step: fp32 %.3f, bf16 %.3f)",
+        "bf16" if use else "fp32",
+        seconds["fp32"],
+        seconds["bf16"],
+    )
     return use, seconds
 
 
@@ -153,5 +166,6 @@ def apply_fast_defaults(args: TrainingArguments) -> None:
                 "dataloader_num_workers=%d on a CPU-only run with %d cores: the workers compete with the training "
                 "step for cores (on a 2-core machine 2 workers gave 73%% of the raw step rate, 0 workers 95%%). "
                 "Set dataloader_num_workers: 0 unless benchmarks/end_to_end.py shows augmentation is the bottleneck.",
-                args.dataloader_num_workers, cores,
+                args.dataloader_num_workers,
+                cores,
             )

@@ -9,8 +9,8 @@ PNG and returns its path.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 
@@ -59,12 +59,12 @@ def resolve_channels(channels: int | Sequence[int] | None, num_channels: int) ->
     if channels is None:
         return [0, 1, 2] if num_channels == 3 else [0]
     chosen = list(channels) if isinstance(channels, (list, tuple, np.ndarray)) else [channels]
-    ok = len(chosen) in (1, 3) and all(isinstance(c, (int, np.integer)) and not isinstance(c, bool)
-                                        for c in chosen)
+    ok = len(chosen) in (1, 3) and all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) for c in chosen)
     if not ok or not all(0 <= c < num_channels for c in chosen):
-        raise DataError(f"channels={channels!r} does not fit an image with {num_channels} channels.",
-                        f"Pass None, one channel index in [0, {num_channels}), or a list of 3 such "
-                        "indices for an RGB composite.")
+        raise DataError(
+            f"channels={channels!r} does not fit an image with {num_channels} channels.",
+            f"Pass None, one channel index in [0, {num_channels}), or a list of 3 such indices for an RGB composite.",
+        )
     return [int(c) for c in chosen]
 
 
@@ -74,8 +74,9 @@ def robust_range(img: np.ndarray, channels: int | Sequence[int] | None = None) -
     return np.stack([np.percentile(img[c], [1, 99]) for c in chosen])
 
 
-def to_display(img: np.ndarray, channels: int | Sequence[int] | None = None,
-               lo_hi: np.ndarray | None = None) -> np.ndarray:
+def to_display(
+    img: np.ndarray, channels: int | Sequence[int] | None = None, lo_hi: np.ndarray | None = None
+) -> np.ndarray:
     """Map a [C, H, W] image (any units) to a displayable [H, W] grey or [H, W, 3] RGB array in [0, 1].
 
     Args:
@@ -90,8 +91,10 @@ def to_display(img: np.ndarray, channels: int | Sequence[int] | None = None,
     """
     img = np.asarray(img, dtype=float)
     if img.ndim != 3:
-        raise DataError(f"Expected one image as [C, H, W], got shape {img.shape}.",
-                        "Index a single image out of the batch, channels first.")
+        raise DataError(
+            f"Expected one image as [C, H, W], got shape {img.shape}.",
+            "Index a single image out of the batch, channels first.",
+        )
     chosen = resolve_channels(channels, img.shape[0])
     lo_hi = robust_range(img, chosen) if lo_hi is None else np.asarray(lo_hi, dtype=float)
     lo, hi = lo_hi[:, 0, None, None], lo_hi[:, 1, None, None]
@@ -105,8 +108,9 @@ def _show(ax: plt.Axes, disp: np.ndarray, title: str) -> None:
     ax.axis("off")
 
 
-def plot_confusion_matrix(cm: np.ndarray, class_names: list[str], path: str | Path, normalize: bool = True,
-                          title: str = "Confusion matrix") -> str:
+def plot_confusion_matrix(
+    cm: np.ndarray, class_names: list[str], path: str | Path, normalize: bool = True, title: str = "Confusion matrix"
+) -> str:
     """Confusion matrix heat map (rows = true class), each cell annotated with its count.
 
     Args:
@@ -122,8 +126,10 @@ def plot_confusion_matrix(cm: np.ndarray, class_names: list[str], path: str | Pa
     cm = np.asarray(cm, dtype=float)
     k = len(class_names)
     if cm.shape != (k, k):
-        raise DataError(f"cm has shape {cm.shape}, expected ({k}, {k}) for {k} class names.",
-                        "Pass the confusion matrix computed with labels=range(len(class_names)).")
+        raise DataError(
+            f"cm has shape {cm.shape}, expected ({k}, {k}) for {k} class names.",
+            "Pass the confusion matrix computed with labels=range(len(class_names)).",
+        )
     with np.errstate(invalid="ignore", divide="ignore"):
         shown = np.nan_to_num(cm / cm.sum(axis=1, keepdims=True)) if normalize else cm
     fig, ax = plt.subplots(figsize=(1.0 + 0.8 * k, 0.8 + 0.8 * k))
@@ -155,8 +161,7 @@ def plot_confidence(probs: np.ndarray, labels: np.ndarray, class_names: list[str
     probs, labels = np.asarray(probs, dtype=float), np.asarray(labels).astype(int)
     pred, conf = probs.argmax(axis=1), probs.max(axis=1)
     fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(class_names), 4))
-    for offset, (name, ok, colour) in zip((-0.2, 0.2), (("correct", True, "tab:green"),
-                                                        ("wrong", False, "tab:red"))):
+    for offset, (name, ok, colour) in zip((-0.2, 0.2), (("correct", True, "tab:green"), ("wrong", False, "tab:red"))):
         groups = [conf[(labels == k) & ((pred == k) == ok)] for k in range(len(class_names))]
         pos = [k + offset for k, g in enumerate(groups) if g.size]  # an empty group draws no box
         bp = ax.boxplot([g for g in groups if g.size], positions=pos, widths=0.35, patch_artist=True)
@@ -165,8 +170,12 @@ def plot_confidence(probs: np.ndarray, labels: np.ndarray, class_names: list[str
         ax.plot([], [], color=colour, lw=8, alpha=0.5, label=f"{name} (n={sum(g.size for g in groups)})")
     ax.set_xticks(range(len(class_names)))
     ax.set_xticklabels(class_names, rotation=30, ha="right")
-    ax.set(ylabel="confidence (p of predicted class)", ylim=(0, 1.02), xlim=(-0.6, len(class_names) - 0.4),
-           title="Confidence by true class")
+    ax.set(
+        ylabel="confidence (p of predicted class)",
+        ylim=(0, 1.02),
+        xlim=(-0.6, len(class_names) - 0.4),
+        title="Confidence by true class",
+    )
     ax.legend(loc="lower right", fontsize=8)
     return _save(fig, path)
 
@@ -189,11 +198,23 @@ def plot_reliability(probs: np.ndarray, labels: np.ndarray, path: str | Path, n_
     centres, width = (b["edges"][:-1] + b["edges"][1:]) / 2, 1.0 / n_bins
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.bar(centres, np.nan_to_num(b["accuracy"]), width=width, edgecolor="k", label="accuracy")
-    ax.bar(centres, np.nan_to_num(b["confidence"] - b["accuracy"]), bottom=np.nan_to_num(b["accuracy"]),
-           width=width, color="tab:red", alpha=0.3, label="gap")
+    ax.bar(
+        centres,
+        np.nan_to_num(b["confidence"] - b["accuracy"]),
+        bottom=np.nan_to_num(b["accuracy"]),
+        width=width,
+        color="tab:red",
+        alpha=0.3,
+        label="gap",
+    )
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy",
-           title=f"Reliability (ECE = {ece:.3f}, n = {len(labels)})")
+    ax.set(
+        xlim=(0, 1),
+        ylim=(0, 1),
+        xlabel="confidence",
+        ylabel="accuracy",
+        title=f"Reliability (ECE = {ece:.3f}, n = {len(labels)})",
+    )
     ax.legend(loc="upper left", fontsize=8)
     return _save(fig, path)
 
@@ -203,12 +224,14 @@ def _aggregate(results: list[dict], metric: str) -> dict[str, list[tuple[float, 
     raw, out = defaultdict(list), defaultdict(list)
     for r in results:
         if "fraction" not in r or "init" not in r or not ({f"{metric}_mean", metric} & r.keys()):
-            raise DataError(f"Result row {r} lacks 'fraction', 'init' or '{metric}_mean' / '{metric}'.",
-                            f"Give every row fraction, init and {metric}_mean (+ {metric}_std), or one raw "
-                            f"{metric} per seed.")
+            raise DataError(
+                f"Result row {r} lacks 'fraction', 'init' or '{metric}_mean' / '{metric}'.",
+                f"Give every row fraction, init and {metric}_mean (+ {metric}_std), or one raw {metric} per seed.",
+            )
         if f"{metric}_mean" in r:
-            out[r["init"]].append((float(r["fraction"]), float(r[f"{metric}_mean"]),
-                                   float(r.get(f"{metric}_std") or 0.0)))
+            out[r["init"]].append(
+                (float(r["fraction"]), float(r[f"{metric}_mean"]), float(r.get(f"{metric}_std") or 0.0))
+            )
         else:
             raw[(r["init"], float(r["fraction"]))].append(float(r[metric]))
     for (init, frac), vals in raw.items():
@@ -241,8 +264,11 @@ def plot_label_efficiency(results: list[dict], path: str | Path, metric: str = "
     ax.set_xticks(sorted(fractions), [f"{f:.0%}" for f in sorted(fractions)])  # the fractions measured, as percentages
     ax.minorticks_off()
     name = {"macro_f1": "macro-F1", "accuracy": "accuracy"}.get(metric, metric)
-    ax.set(xlabel="labelled training images (% of the training split)", ylabel=f"{name} (mean ± std over seeds)",
-           title=f"Label efficiency: {name}")  # fmt: skip
+    ax.set(
+        xlabel="labelled training images (% of the training split)",
+        ylabel=f"{name} (mean ± std over seeds)",
+        title=f"Label efficiency: {name}",
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
@@ -253,9 +279,15 @@ def _overlay(mask: np.ndarray, k: int, ignore_index: int) -> np.ma.MaskedArray:
     return np.ma.masked_where((mask == ignore_index) | (mask < 0) | (mask >= k), mask)
 
 
-def plot_segmentation_overlays(images: np.ndarray, truth: np.ndarray, pred: np.ndarray, path: str | Path,
-                               class_names: list[str], ignore_index: int = 255,
-                               channels: int | Sequence[int] | None = None) -> str:
+def plot_segmentation_overlays(
+    images: np.ndarray,
+    truth: np.ndarray,
+    pred: np.ndarray,
+    path: str | Path,
+    class_names: list[str],
+    ignore_index: int = 255,
+    channels: int | Sequence[int] | None = None,
+) -> str:
     """Rows = images; columns = image, truth overlay, prediction overlay (unlabeled pixels transparent).
 
     Args:
@@ -272,8 +304,10 @@ def plot_segmentation_overlays(images: np.ndarray, truth: np.ndarray, pred: np.n
     """
     images, truth, pred = np.asarray(images), np.asarray(truth), np.asarray(pred)
     if images.ndim != 4 or truth.shape != pred.shape or truth.shape != images[:, 0].shape:
-        raise DataError(f"Shapes images {images.shape}, truth {truth.shape}, pred {pred.shape} do not match.",
-                        "Pass images [N, C, H, W] and truth/pred [N, H, W] of the same N, H, W.")
+        raise DataError(
+            f"Shapes images {images.shape}, truth {truth.shape}, pred {pred.shape} do not match.",
+            "Pass images [N, C, H, W] and truth/pred [N, H, W] of the same N, H, W.",
+        )
     k = len(class_names)
     cmap = ListedColormap(plt.get_cmap("tab20" if k > 10 else "tab10").colors[:k])
     fig, axes = plt.subplots(len(images), 3, figsize=(7.5, 2.5 * len(images)), squeeze=False)
@@ -282,8 +316,14 @@ def plot_segmentation_overlays(images: np.ndarray, truth: np.ndarray, pred: np.n
         for ax, mask, title in zip(row, (None, truth[i], pred[i]), ("image", "truth", "prediction")):
             _show(ax, disp, title)
             if mask is not None:
-                ax.imshow(_overlay(mask, k, ignore_index), cmap=cmap, vmin=-0.5, vmax=k - 0.5,
-                          alpha=0.5, interpolation="nearest")
+                ax.imshow(
+                    _overlay(mask, k, ignore_index),
+                    cmap=cmap,
+                    vmin=-0.5,
+                    vmax=k - 0.5,
+                    alpha=0.5,
+                    interpolation="nearest",
+                )
     handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(c)) for c in range(k)]
     fig.legend(handles, class_names, loc="lower center", ncol=min(k, 6), fontsize=8)
     return _save(fig, path)
@@ -293,15 +333,24 @@ def _patch_mask_to_pixels(mask: np.ndarray, height: int, width: int, patch_size:
     """[L] 0/1 patch mask (row-major patches, as ViTMAE) -> [H, W] boolean pixel mask."""
     grid = (height // patch_size, width // patch_size)
     if mask.size != grid[0] * grid[1]:
-        raise DataError(f"Mask has {mask.size} patches but a {height}x{width} image with patch {patch_size} "
-                        f"has {grid[0] * grid[1]}.", "Pass the patch mask returned with these images.")
+        raise DataError(
+            f"Mask has {mask.size} patches but a {height}x{width} image with patch {patch_size} "
+            f"has {grid[0] * grid[1]}.",
+            "Pass the patch mask returned with these images.",
+        )
     # [h, w] -> [h*p, w*p]: each patch value repeated over its p x p pixels
     return np.kron(mask.reshape(grid), np.ones((patch_size, patch_size))).astype(bool)
 
 
-def save_reconstruction_grid(original: np.ndarray, masked_pixels: np.ndarray, reconstruction: np.ndarray | dict[str, np.ndarray],
-                             patch_size: int, path: str | Path, channels: int | Sequence[int] | None = None,
-                             max_images: int = 4) -> str:
+def save_reconstruction_grid(
+    original: np.ndarray,
+    masked_pixels: np.ndarray,
+    reconstruction: np.ndarray | dict[str, np.ndarray],
+    patch_size: int,
+    path: str | Path,
+    channels: int | Sequence[int] | None = None,
+    max_images: int = 4,
+) -> str:
     """One row per image: original, masked input (masked patches grey), reconstruction (hidden patches outlined).
 
     The 1-99 percentile stretch is computed on the original and applied to all panels, so
@@ -321,13 +370,20 @@ def save_reconstruction_grid(original: np.ndarray, masked_pixels: np.ndarray, re
         >>> save_reconstruction_grid(x, out.mask, model.unpatchify(out.logits), 4, "out/recon.png")
     """
     original = np.asarray(original, dtype=float)
-    named = reconstruction if isinstance(reconstruction, dict) else {"reconstruction (hidden patches outlined)": reconstruction}
+    named = (
+        reconstruction
+        if isinstance(reconstruction, dict)
+        else {"reconstruction (hidden patches outlined)": reconstruction}
+    )
     recons = {name: np.asarray(r, dtype=float) for name, r in named.items()}
     masked_pixels = np.asarray(masked_pixels)
     for name, recon in recons.items():
         if original.ndim != 4 or recon.shape != original.shape or len(masked_pixels) != len(original):
-            raise DataError(f"original {original.shape}, reconstruction {name!r} {recon.shape}, mask {masked_pixels.shape} "
-                            "do not fit.", "Pass original and reconstruction as [N, C, H, W] and the mask as [N, L].")
+            raise DataError(
+                f"original {original.shape}, reconstruction {name!r} {recon.shape}, mask {masked_pixels.shape} "
+                "do not fit.",
+                "Pass original and reconstruction as [N, C, H, W] and the mask as [N, L].",
+            )
     chosen = resolve_channels(channels, original.shape[1])
     n, (h, w) = min(len(original), max_images), original.shape[2:]
     fig, axes = plt.subplots(n, 2 + len(recons), figsize=(2.5 * (2 + len(recons)), 2.5 * n), squeeze=False)
@@ -344,13 +400,20 @@ def save_reconstruction_grid(original: np.ndarray, masked_pixels: np.ndarray, re
             # Outline the predicted (hidden) patches: what inside them is the model's, not a copy of the input.
             ax.contour(hidden.astype(float), levels=[0.5], colors="#ffd400", linewidths=0.7)
     if isinstance(reconstruction, dict):
-        fig.suptitle("each model predicts every patch grey in 'masked' (yellow: the edges of what it was shown)", fontsize=9)
+        fig.suptitle(
+            "each model predicts every patch grey in 'masked' (yellow: the edges of what it was shown)", fontsize=9
+        )
         fig.tight_layout()
     return _save(fig, path)
 
 
-def plot_attention_masks(images: np.ndarray, titles: Sequence[str], maps: dict[str, np.ndarray], codes: dict[str, np.ndarray],
-                         path: str | Path) -> str:
+def plot_attention_masks(
+    images: np.ndarray,
+    titles: Sequence[str],
+    maps: dict[str, np.ndarray],
+    codes: dict[str, np.ndarray],
+    path: str | Path,
+) -> str:
     """One row per image: the image, then per model its CLS attention map and the mask drawn from it (MSMAE).
 
     Args:
@@ -371,12 +434,16 @@ def plot_attention_masks(images: np.ndarray, titles: Sequence[str], maps: dict[s
         for j, name in enumerate(maps):
             attention = np.asarray(maps[name][i], dtype=float)
             row[1 + 2 * j].imshow(disp)
-            attention = (attention - attention.min()) / max(attention.max() - attention.min(), 1e-12)  # its own range: the ranking is what masks
+            attention = (attention - attention.min()) / max(
+                attention.max() - attention.min(), 1e-12
+            )  # its own range: the ranking is what masks
             row[1 + 2 * j].imshow(attention, cmap="magma", alpha=0.6, extent=(0, w, h, 0), interpolation="bilinear")
             row[1 + 2 * j].set_title(f"{name}\nattention (bright = high)", fontsize=8)
             row[1 + 2 * j].axis("off")
             row[2 + 2 * j].imshow(disp)
-            row[2 + 2 * j].imshow(shade[np.asarray(codes[name][i], dtype=int)], extent=(0, w, h, 0), interpolation="nearest")
+            row[2 + 2 * j].imshow(
+                shade[np.asarray(codes[name][i], dtype=int)], extent=(0, w, h, 0), interpolation="nearest"
+            )
             row[2 + 2 * j].set_title(f"{name}\nmasked grey, thrown black", fontsize=8)
             row[2 + 2 * j].axis("off")
     fig.tight_layout()
@@ -398,8 +465,15 @@ def _foreground_centre(labels: np.ndarray, ignore_index: int) -> tuple[int, int,
     return tuple(int(v) for v in (fg.mean(axis=0) if len(fg) else np.array(labels.shape) / 2))
 
 
-def plot_volume_overlays(volumes: Sequence[np.ndarray], truth: Sequence[np.ndarray], pred: Sequence[np.ndarray],
-                         path: str | Path, class_names: list[str], ignore_index: int = 255, names: Sequence[str] | None = None) -> str:
+def plot_volume_overlays(
+    volumes: Sequence[np.ndarray],
+    truth: Sequence[np.ndarray],
+    pred: Sequence[np.ndarray],
+    path: str | Path,
+    class_names: list[str],
+    ignore_index: int = 255,
+    names: Sequence[str] | None = None,
+) -> str:
     """Two rows per volume (truth, prediction) and one column per orthogonal view, through the foreground's centre.
 
     Args:
@@ -414,8 +488,12 @@ def plot_volume_overlays(volumes: Sequence[np.ndarray], truth: Sequence[np.ndarr
         >>> plot_volume_overlays([x], [y], [p], "out/overlays.png", ["background", "nucleus"])  # doctest: +SKIP
     """
     if not (len(volumes) == len(truth) == len(pred)) or any(
-            t.shape != p.shape or t.shape != v.shape[1:] for v, t, p in zip(volumes, truth, pred)):
-        raise DataError("volumes, truth and pred do not fit together.", "pass [C, D, H, W] volumes with [D, H, W] truth and pred each.")
+        t.shape != p.shape or t.shape != v.shape[1:] for v, t, p in zip(volumes, truth, pred)
+    ):
+        raise DataError(
+            "volumes, truth and pred do not fit together.",
+            "pass [C, D, H, W] volumes with [D, H, W] truth and pred each.",
+        )
     k = len(class_names)
     cmap = ListedColormap(plt.get_cmap("tab20" if k > 10 else "tab10").colors[:k])
     fig, axes = plt.subplots(2 * len(volumes), 3, figsize=(10, 2.8 * 2 * len(volumes)), squeeze=False)
@@ -428,14 +506,26 @@ def plot_volume_overlays(volumes: Sequence[np.ndarray], truth: Sequence[np.ndarr
                 ax = axes[2 * i + r, c]
                 prefix = f"{names[i]}: " if names and c == 0 else ""
                 _show(ax, np.clip((img - lo) / max(hi - lo, 1e-8), 0, 1), f"{prefix}{what}, {view}")
-                ax.imshow(_overlay(m, k, ignore_index), cmap=cmap, vmin=-0.5, vmax=k - 0.5, alpha=0.45, interpolation="nearest")
+                ax.imshow(
+                    _overlay(m, k, ignore_index),
+                    cmap=cmap,
+                    vmin=-0.5,
+                    vmax=k - 0.5,
+                    alpha=0.45,
+                    interpolation="nearest",
+                )
     handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(c)) for c in range(k)]
     fig.legend(handles, class_names, loc="lower center", ncol=min(k, 6), fontsize=8)
     return _save(fig, path)
 
 
-def save_volume_reconstruction(original: np.ndarray, codes: np.ndarray, reconstruction: np.ndarray,
-                               patch_shape: tuple[int, int, int], path: str | Path) -> str:
+def save_volume_reconstruction(
+    original: np.ndarray,
+    codes: np.ndarray,
+    reconstruction: np.ndarray,
+    patch_shape: tuple[int, int, int],
+    path: str | Path,
+) -> str:
     """A 3D MAE's reconstruction as orthogonal slices: rows = views; columns = original, masked input, reconstruction.
 
     Args:
@@ -451,8 +541,11 @@ def save_volume_reconstruction(original: np.ndarray, codes: np.ndarray, reconstr
     original, recon = np.asarray(original, dtype=float)[0], np.asarray(reconstruction, dtype=float)[0]
     grid = tuple(s // p for s, p in zip(original.shape, patch_shape))
     if int(np.prod(grid)) != np.asarray(codes).size or recon.shape != original.shape:
-        raise DataError(f"codes ({np.asarray(codes).size}) or reconstruction {recon.shape} do not fit the crop {original.shape} "
-                        f"with patches {patch_shape}.", "pass one crop, its codes and its reconstruction.")
+        raise DataError(
+            f"codes ({np.asarray(codes).size}) or reconstruction {recon.shape} do not fit the crop {original.shape} "
+            f"with patches {patch_shape}.",
+            "pass one crop, its codes and its reconstruction.",
+        )
     hidden = np.asarray(codes).reshape(grid) != 0
     for axis, p in enumerate(patch_shape):  # [gd, gh, gw] -> [D, H, W]: each code over its patch's voxels
         hidden = np.repeat(hidden, p, axis=axis)
@@ -460,10 +553,14 @@ def save_volume_reconstruction(original: np.ndarray, codes: np.ndarray, reconstr
     show = lambda x: np.clip((x - lo) / max(hi - lo, 1e-8), 0, 1)  # noqa: E731  one stretch for all panels
     centre = tuple(s // 2 for s in original.shape)
     fig, axes = plt.subplots(3, 3, figsize=(9, 8.5), squeeze=False)
-    for row, img, mask, rec, view in zip(axes, _views(original, centre), _views(hidden, centre), _views(recon, centre), VIEWS):
+    for row, img, mask, rec, view in zip(
+        axes, _views(original, centre), _views(hidden, centre), _views(recon, centre), VIEWS
+    ):
         masked = show(img).copy()
         masked[mask] = 0.5
-        for ax, panel, title in zip(row, (show(img), masked, show(rec)), ("original", f"masked ({mask.mean():.0%} here)", "reconstruction")):
+        for ax, panel, title in zip(
+            row, (show(img), masked, show(rec)), ("original", f"masked ({mask.mean():.0%} here)", "reconstruction")
+        ):
             _show(ax, panel, f"{title}, {view}")
         row[2].contour(mask.astype(float), levels=[0.5], colors="#ffd400", linewidths=0.7)
     return _save(fig, path)

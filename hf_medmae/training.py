@@ -68,7 +68,9 @@ def check_writable(output_dir: str | Path) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:
-        raise ConfigError(f"output_dir {path} is not writable ({err.strerror}).", "choose another output_dir or fix its permissions.") from None
+        raise ConfigError(
+            f"output_dir {path} is not writable ({err.strerror}).", "choose another output_dir or fix its permissions."
+        ) from None
 
 
 def hardware_description() -> str:
@@ -93,9 +95,14 @@ def write_run_info(args: TrainingArguments, dataset: str, num_images: int | None
     """`run_info.json` beside the checkpoint: what the model card reports about how it was trained."""
     import sys
 
-    info = dict(hardware=hardware_description(), epochs=float(metrics.get("epoch", args.num_train_epochs)),
-                steps=int(metrics.get("global_step", args.max_steps if args.max_steps > 0 else 0)), dataset=dataset,
-                seed=int(args.seed), command=" ".join(["python", *sys.argv]))
+    info = dict(
+        hardware=hardware_description(),
+        epochs=float(metrics.get("epoch", args.num_train_epochs)),
+        steps=int(metrics.get("global_step", args.max_steps if args.max_steps > 0 else 0)),
+        dataset=dataset,
+        seed=int(args.seed),
+        command=" ".join(["python", *sys.argv]),
+    )
     if num_images is not None:  # a stream has no count
         info["num_images"] = int(num_images)
     (Path(args.output_dir) / "run_info.json").write_text(json.dumps(info, indent=2))

@@ -16,8 +16,17 @@ def as_pair(value) -> tuple[int, int]:
     return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value), int(value))
 
 
-def check_pixels(pixel_values: torch.Tensor, num_channels: int, source: str, *, size=None, multiple: int | None = None,
-                 channel_fix: str | None = None, size_fix: str | None = None, spatial_dims: int = 2) -> None:
+def check_pixels(
+    pixel_values: torch.Tensor,
+    num_channels: int,
+    source: str,
+    *,
+    size=None,
+    multiple: int | None = None,
+    channel_fix: str | None = None,
+    size_fix: str | None = None,
+    spatial_dims: int = 2,
+) -> None:
     """Raise `DataError` unless `pixel_values` is [B, num_channels, H, W] (or [B, C, D, H, W]) of the expected size.
 
     Args:
@@ -34,22 +43,31 @@ def check_pixels(pixel_values: torch.Tensor, num_channels: int, source: str, *, 
     """
     axes = "height, width" if spatial_dims == 2 else "depth, height, width"
     if pixel_values.dim() != spatial_dims + 2:
-        raise DataError(f"pixel_values must be [batch, channels, {axes}], got shape {tuple(pixel_values.shape)}.",
-                        f"stack {'images' if spatial_dims == 2 else 'volumes'} into a {spatial_dims + 2}-D tensor "
-                        "(add a channel axis for single-channel data).")  # fmt: skip
+        raise DataError(
+            f"pixel_values must be [batch, channels, {axes}], got shape {tuple(pixel_values.shape)}.",
+            f"stack {'images' if spatial_dims == 2 else 'volumes'} into a {spatial_dims + 2}-D tensor "
+            "(add a channel axis for single-channel data).",
+        )
     channels, sides = pixel_values.shape[1], tuple(pixel_values.shape[2:])
     shown = "x".join(map(str, sides))
     if channels != num_channels:
-        raise DataError(f"the {'images' if spatial_dims == 2 else 'volumes'} have {channels} channels but {source} expects {num_channels}.",
-                        channel_fix or f"convert the data to {num_channels} channels, or use a model pre-trained "
-                                       f"with num_channels: {channels} for this data.")  # fmt: skip
+        raise DataError(
+            f"the {'images' if spatial_dims == 2 else 'volumes'} have {channels} channels but {source} expects {num_channels}.",
+            channel_fix
+            or f"convert the data to {num_channels} channels, or use a model pre-trained "
+            f"with num_channels: {channels} for this data.",
+        )
     expected = None if size is None else (as_pair(size) if spatial_dims == 2 else tuple(int(v) for v in size))
     if expected is not None and sides != expected:
         want = "x".join(map(str, expected))
-        raise DataError(f"the input is {shown} but {source} expects {want}.", size_fix or f"resize or crop the input to {want}.")
+        raise DataError(
+            f"the input is {shown} but {source} expects {want}.", size_fix or f"resize or crop the input to {want}."
+        )
     if multiple and any(s % multiple for s in sides):
-        raise DataError(f"input size {shown} is not divisible by {multiple} (the patch size / network stride).",
-                        f"crop or pad the input to a multiple of {multiple} on every side, e.g. {max(multiple, sides[-1] // multiple * multiple)}.")
+        raise DataError(
+            f"input size {shown} is not divisible by {multiple} (the patch size / network stride).",
+            f"crop or pad the input to a multiple of {multiple} on every side, e.g. {max(multiple, sides[-1] // multiple * multiple)}.",
+        )
 
 
 __all__ = ["as_pair", "check_pixels"]

@@ -35,9 +35,19 @@ def tiny_config(**overrides):
     from hf_medmae import MedMAEConfig
 
     values = dict(
-        num_channels=3, image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, decoder_hidden_size=32, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
-        decoder_intermediate_size=64, mask_ratio=0.75, norm_pix_loss=True,
+        num_channels=3,
+        image_size=32,
+        patch_size=4,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        decoder_hidden_size=32,
+        decoder_num_hidden_layers=1,
+        decoder_num_attention_heads=2,
+        decoder_intermediate_size=64,
+        mask_ratio=0.75,
+        norm_pix_loss=True,
     )
     values.update(overrides)
     return MedMAEConfig(**values)

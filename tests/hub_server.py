@@ -154,9 +154,14 @@ class HubHandler(BaseHTTPRequestHandler):
             if parts[1:2] == ["models"] and len(parts) >= 4:
                 repo_id, rest = "/".join(parts[2:4]), parts[4:]
                 action = (method, rest[0] if rest else "info")
-                handlers = {("GET", "info"): self._info, ("GET", "revision"): self._info, ("GET", "tree"): self._tree,
-                            ("POST", "preupload"): self._preupload, ("POST", "commit"): self._commit,
-                            ("POST", "branch"): self._branch}  # fmt: skip
+                handlers = {
+                    ("GET", "info"): self._info,
+                    ("GET", "revision"): self._info,
+                    ("GET", "tree"): self._tree,
+                    ("POST", "preupload"): self._preupload,
+                    ("POST", "commit"): self._commit,
+                    ("POST", "branch"): self._branch,
+                }
                 if action in handlers:
                     return lambda body: handlers[action](repo_id, rest[1:], body)
         elif method in ("GET", "HEAD") and len(parts) >= 5 and parts[2] == "resolve":
@@ -288,17 +293,28 @@ def hub_server(tmp_path, monkeypatch):
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     endpoint, home = server.endpoint, tmp_path / "hf-home"
-    env = {"HF_ENDPOINT": endpoint, "HF_TOKEN": "hf_dummy_test_token", "HF_HOME": str(home),
-           "HF_HUB_CACHE": str(home / "hub"), "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_XET": "1",
-           "HF_HUB_OFFLINE": "0"}  # fmt: skip
+    env = {
+        "HF_ENDPOINT": endpoint,
+        "HF_TOKEN": "hf_dummy_test_token",
+        "HF_HOME": str(home),
+        "HF_HUB_CACHE": str(home / "hub"),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HUB_OFFLINE": "0",
+    }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    patched = {"ENDPOINT": endpoint,
-               "HUGGINGFACE_CO_URL_TEMPLATE": endpoint + "/{repo_id}/resolve/{revision}/{filename}",
-               "HF_URL_HOSTS": constants.HF_URL_HOSTS | {"127.0.0.1"}, "HF_HOME": str(home),
-               "HF_HUB_CACHE": str(home / "hub"), "HF_HUB_OFFLINE": False, "HF_HUB_DISABLE_TELEMETRY": True,
-               "HF_HUB_DISABLE_XET": True}  # fmt: skip
+    patched = {
+        "ENDPOINT": endpoint,
+        "HUGGINGFACE_CO_URL_TEMPLATE": endpoint + "/{repo_id}/resolve/{revision}/{filename}",
+        "HF_URL_HOSTS": constants.HF_URL_HOSTS | {"127.0.0.1"},
+        "HF_HOME": str(home),
+        "HF_HUB_CACHE": str(home / "hub"),
+        "HF_HUB_OFFLINE": False,
+        "HF_HUB_DISABLE_TELEMETRY": True,
+        "HF_HUB_DISABLE_XET": True,
+    }
     for name, value in patched.items():
         monkeypatch.setattr(constants, name, value)
     # The module-level `HfApi()` behind `huggingface_hub.model_info` & co. captured the endpoint at import;

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
+from hub_server import hub_endpoint, hub_server  # noqa: F401  (pytest fixtures)
 from huggingface_hub import ModelCard, ModelCardData
 from PIL import Image
 from safetensors.torch import load_file
@@ -24,14 +26,22 @@ from hf_medmae.modeling_mae3d import patchify_3d, sincos_3d, unpatchify_3d
 from hf_medmae.optim import param_groups_layer_decay
 from hf_medmae.segmentation import MedSegForSegmentation, build_unet_baseline, default_skip_layers
 from hf_medmae.tasks import pretrain, segment
-from conftest import ROOT
-from hub_server import hub_endpoint, hub_server  # noqa: F401  (pytest fixtures)
 
 TINY_3D = dict(
-    num_channels=1, num_frames=8, image_size=16, patch_size=4, tubelet_size=4, hidden_size=48, num_hidden_layers=2,
-    num_attention_heads=2, intermediate_size=96, decoder_hidden_size=48, decoder_num_hidden_layers=1,
-    decoder_num_attention_heads=2, decoder_intermediate_size=96,
-)  # fmt: skip
+    num_channels=1,
+    num_frames=8,
+    image_size=16,
+    patch_size=4,
+    tubelet_size=4,
+    hidden_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=96,
+    decoder_hidden_size=48,
+    decoder_num_hidden_layers=1,
+    decoder_num_attention_heads=2,
+    decoder_intermediate_size=96,
+)
 TINY_UNET = (4, 4, 8, 8, 16, 4)
 
 
@@ -96,7 +106,9 @@ def test_patchify_puts_every_voxel_where_videomae_numbers_it(channels, size, pat
     patches = patchify_3d(x, patch)
     gh, gw = h // ph, w // pw
     assert patches.shape == (2, (d // t) * gh * gw, t * ph * pw * channels)
-    c, z, y, xx = torch.meshgrid(torch.arange(channels), torch.arange(d), torch.arange(h), torch.arange(w), indexing="ij")
+    c, z, y, xx = torch.meshgrid(
+        torch.arange(channels), torch.arange(d), torch.arange(h), torch.arange(w), indexing="ij"
+    )
     token = ((z // t) * gh + y // ph) * gw + xx // pw
     element = (((z % t) * ph + y % ph) * pw + xx % pw) * channels + c
     for b in range(2):
@@ -121,7 +133,10 @@ def test_patchify_order_matches_videomae_conv3d_embedding(channels, size, patch)
     with torch.no_grad():
         conv_tokens = embed(x.transpose(1, 2))  # VideoMAE takes [B, T, C, H, W]
         weight = embed.projection.weight  # [D, C, t, p, p]
-        linear = patchify_3d(x, patch) @ weight.permute(0, 2, 3, 4, 1).reshape(weight.shape[0], -1).T + embed.projection.bias
+        linear = (
+            patchify_3d(x, patch) @ weight.permute(0, 2, 3, 4, 1).reshape(weight.shape[0], -1).T
+            + embed.projection.bias
+        )
     assert conv_tokens.shape == linear.shape == (2, config.num_patches, config.hidden_size)
     torch.testing.assert_close(linear, conv_tokens, rtol=1e-4, atol=1e-5)
     # The check has teeth: the within-patch order (C, t, p, p) of the weight's own layout does not match.
@@ -130,6 +145,7 @@ def test_patchify_order_matches_videomae_conv3d_embedding(channels, size, patch)
 
 
 # --- 2. fixed 3D sin-cos positions -----------------------------------------------------------------------------------
+
 
 def sincos_1d(positions: torch.Tensor, dim: int) -> torch.Tensor:
     """[N] -> [N, dim]: sin then cos of positions * 1 / 10000^(k / (dim / 2)), the MAE / MONAI frequencies."""
@@ -149,7 +165,9 @@ def test_sincos_3d_is_separable_by_construction(grid, dim):
     table = table[0].reshape(gd, gh, gw, dim).double()
     third = dim // 3
     z, y, x = torch.meshgrid(torch.arange(gd), torch.arange(gh), torch.arange(gw), indexing="ij")
-    expected = torch.cat([sincos_1d(y.flatten(), third), sincos_1d(z.flatten(), third), sincos_1d(x.flatten(), third)], dim=1)
+    expected = torch.cat(
+        [sincos_1d(y.flatten(), third), sincos_1d(z.flatten(), third), sincos_1d(x.flatten(), third)], dim=1
+    )
     torch.testing.assert_close(table.reshape(-1, dim), expected, rtol=0, atol=1e-6)
     # Tokens of one depth slice share the depth part; of one row (h) the height part; of one column (w) the width part.
     depth_part, height_part, width_part = table[..., third : 2 * third], table[..., :third], table[..., 2 * third :]
@@ -165,7 +183,9 @@ def test_position_tables_are_fixed_not_parameters_and_not_saved():
     config = tiny_3d(decoder_hidden_size=36, decoder_num_attention_heads=2)  # the decoder's own width
     model = MedMAE3DForPreTraining(config)
     encoder_table, decoder_table = model.videomae.embeddings.position_embeddings, model.position_embeddings
-    assert torch.equal(encoder_table, sincos_3d(config.grid_size, 48)) and torch.equal(decoder_table, sincos_3d(config.grid_size, 36))
+    assert torch.equal(encoder_table, sincos_3d(config.grid_size, 48)) and torch.equal(
+        decoder_table, sincos_3d(config.grid_size, 36)
+    )
     tables = {id(encoder_table), id(decoder_table)}
     assert not any(id(p) in tables for p in model.parameters()) and not any(id(b) in tables for b in model.buffers())
     assert not encoder_table.requires_grad and not decoder_table.requires_grad
@@ -174,27 +194,38 @@ def test_position_tables_are_fixed_not_parameters_and_not_saved():
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     model(volume(config)).loss.backward()
     optimizer.step()
-    assert torch.equal(model.videomae.embeddings.position_embeddings, before[0]) and torch.equal(model.position_embeddings, before[1])
+    assert torch.equal(model.videomae.embeddings.position_embeddings, before[0]) and torch.equal(
+        model.position_embeddings, before[1]
+    )
 
 
-@pytest.mark.parametrize("generator, kwargs", [("random", None), ("block", {"min_block": 2}), ("grid", None),
-                                               ("foreground", {"mix": 0.3}), ("attention", None)])
+@pytest.mark.parametrize(
+    "generator, kwargs",
+    [("random", None), ("block", {"min_block": 2}), ("grid", None), ("foreground", {"mix": 0.3}), ("attention", None)],
+)
 @pytest.mark.parametrize("norm_pix_loss", [True, False])
 def test_save_load_round_trip_is_exact(tmp_path, generator, kwargs, norm_pix_loss):
-    config = tiny_3d(num_channels=2, mask_generator=generator, mask_generator_kwargs=kwargs, norm_pix_loss=norm_pix_loss)
+    config = tiny_3d(
+        num_channels=2, mask_generator=generator, mask_generator_kwargs=kwargs, norm_pix_loss=norm_pix_loss
+    )
     model = MedMAE3DForPreTraining(config).eval()
     model.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "medmae3d"
     assert AutoConfig.from_pretrained(tmp_path).model_type == "medmae3d"
     x, codes = volume(config), make_codes(2, config.num_patches, visible=8, thrown=0)
     reference = model(x, mask_codes=codes)
-    for loaded in (MedMAE3DForPreTraining.from_pretrained(tmp_path), AutoModelForPreTraining.from_pretrained(tmp_path)):
+    for loaded in (
+        MedMAE3DForPreTraining.from_pretrained(tmp_path),
+        AutoModelForPreTraining.from_pretrained(tmp_path),
+    ):
         loaded.eval()
         assert type(loaded) is MedMAE3DForPreTraining and type(loaded.videomae) is MedMAE3DModel
         assert loaded.mask_generator.name == generator and loaded.config.mask_generator_kwargs == kwargs
         # the tables are computed on load, on the CPU (not left on the meta device), equal to the saved model's
-        for ours, theirs in ((model.videomae.embeddings.position_embeddings, loaded.videomae.embeddings.position_embeddings),
-                             (model.position_embeddings, loaded.position_embeddings)):
+        for ours, theirs in (
+            (model.videomae.embeddings.position_embeddings, loaded.videomae.embeddings.position_embeddings),
+            (model.position_embeddings, loaded.position_embeddings),
+        ):
             assert theirs.device.type == "cpu" and torch.equal(ours, theirs)
         out = loaded(x, mask_codes=codes)
         assert torch.equal(out.logits, reference.logits) and torch.equal(out.loss, reference.loss)
@@ -204,6 +235,7 @@ def test_save_load_round_trip_is_exact(tmp_path, generator, kwargs, norm_pix_los
 
 
 # --- 3. the loss, thrown patches, every generator --------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("norm_pix_loss", [True, False])
 @pytest.mark.parametrize("channels, thrown", [(1, 0), (1, 8), (3, 5)])
@@ -238,8 +270,14 @@ def test_reconstruct_pastes_visible_patches_and_undoes_norm_pix():
     target = model.targets(x)
     perfect = torch.stack([target[b][codes[b] == MASKED] for b in range(2)])  # a perfect normalised prediction
     recon = model.reconstruct(x, perfect, codes)
-    thrown_voxels = torch.stack([unpatchify_3d((codes[b] == THROWN)[None, :, None].float().expand(1, -1, 128), config.patch_shape,
-                                               config.volume_size)[0] for b in range(2)]).bool()  # fmt: skip
+    thrown_voxels = torch.stack(
+        [
+            unpatchify_3d(
+                (codes[b] == THROWN)[None, :, None].float().expand(1, -1, 128), config.patch_shape, config.volume_size
+            )[0]
+            for b in range(2)
+        ]
+    ).bool()
     torch.testing.assert_close(recon[~thrown_voxels], x[~thrown_voxels], rtol=1e-4, atol=1e-4)
     assert thrown_voxels.any() and (recon[thrown_voxels] == 0).all()
 
@@ -249,8 +287,12 @@ def test_thrown_patches_reach_neither_the_encoder_nor_the_loss():
     model = MedMAE3DForPreTraining(config).eval()
     codes = make_codes(1, config.num_patches, visible=10, thrown=7)
     seen = {}
-    handles = [model.videomae.embeddings.register_forward_hook(lambda m, a, out: seen.__setitem__("embeddings", out.shape)),
-               model.videomae.register_forward_hook(lambda m, a, out: seen.__setitem__("encoder", out.last_hidden_state.shape))]
+    handles = [
+        model.videomae.embeddings.register_forward_hook(lambda m, a, out: seen.__setitem__("embeddings", out.shape)),
+        model.videomae.register_forward_hook(
+            lambda m, a, out: seen.__setitem__("encoder", out.last_hidden_state.shape)
+        ),
+    ]
     x = volume(config, batch=1)
     with torch.no_grad():
         base = model(x, mask_codes=codes)
@@ -288,7 +330,9 @@ GENERATOR_CASES = [  # (name, mask_ratio, throw_ratio, kwargs)
 
 @pytest.mark.parametrize("name, ratio, throw, kwargs", GENERATOR_CASES)
 def test_every_generator_trains_a_3d_model_one_step(name, ratio, throw, kwargs):
-    config = tiny_3d(num_channels=2, mask_generator=name, mask_ratio=ratio, throw_ratio=throw, mask_generator_kwargs=kwargs)
+    config = tiny_3d(
+        num_channels=2, mask_generator=name, mask_ratio=ratio, throw_ratio=throw, mask_generator_kwargs=kwargs
+    )
     model = MedMAE3DForPreTraining(config).train()
     x, ids = volume(config, batch=3), torch.arange(3)
     n_masked_total = config.num_patches - num_kept(config.num_patches, ratio)
@@ -298,11 +342,15 @@ def test_every_generator_trains_a_3d_model_one_step(name, ratio, throw, kwargs):
     out = model(x, sample_ids=ids)
     assert torch.isfinite(out.loss)
     assert out.logits.shape == (3, n_masked_total - n_thrown, 64 * 2)
-    assert ((out.mask == MASKED).sum(1) == n_masked_total - n_thrown).all() and ((out.mask == THROWN).sum(1) == n_thrown).all()
+    assert ((out.mask == MASKED).sum(1) == n_masked_total - n_thrown).all() and (
+        (out.mask == THROWN).sum(1) == n_thrown
+    ).all()
     out.loss.backward()
     optimizer.step()
     moved = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
-    assert any(k.startswith("videomae.encoder.layer.0.") for k in moved) and any(k.startswith("decoder.") for k in moved)
+    assert any(k.startswith("videomae.encoder.layer.0.") for k in moved) and any(
+        k.startswith("decoder.") for k in moved
+    )
     assert "mask_token" in moved and any(k.startswith("videomae.embeddings.patch_embeddings") for k in moved)
 
 
@@ -342,12 +390,16 @@ def test_eval_masks_are_deterministic(name, ratio, throw, kwargs):
 
 # --- 4. bad inputs and configs name the fix ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("shape, problem, fix", [
-    ((2, 3, 8, 16, 16), "volumes have 3 channels but the 3D model expects 1", "num_channels: 3"),
-    ((2, 1, 8, 16, 12), "input is 8x16x12 but the 3D model expects 8x16x16", "crop the volumes to 8x16x16"),
-    ((2, 1, 12, 16, 16), "input is 12x16x16 but the 3D model expects 8x16x16", "crop the volumes to 8x16x16"),
-    ((2, 8, 16, 16), r"\[batch, channels, depth, height, width\]", "5-D tensor"),
-])  # fmt: skip
+
+@pytest.mark.parametrize(
+    "shape, problem, fix",
+    [
+        ((2, 3, 8, 16, 16), "volumes have 3 channels but the 3D model expects 1", "num_channels: 3"),
+        ((2, 1, 8, 16, 12), "input is 8x16x12 but the 3D model expects 8x16x16", "crop the volumes to 8x16x16"),
+        ((2, 1, 12, 16, 16), "input is 12x16x16 but the 3D model expects 8x16x16", "crop the volumes to 8x16x16"),
+        ((2, 8, 16, 16), r"\[batch, channels, depth, height, width\]", "5-D tensor"),
+    ],
+)
 def test_bad_volumes_raise_data_error_naming_the_fix(shape, problem, fix):
     model = MedMAE3DForPreTraining(tiny_3d())
     with pytest.raises(DataError, match=problem) as err:
@@ -355,17 +407,24 @@ def test_bad_volumes_raise_data_error_naming_the_fix(shape, problem, fix):
     assert fix in err.value.fix
 
 
-@pytest.mark.parametrize("overrides, problem, fix", [
-    ({"num_frames": 10}, r"volume 10x16x16 .* not divisible by the patch 4x4x4", "multiple of the patch"),
-    ({"image_size": 18}, r"volume 8x18x18 .* not divisible by the patch 4x4x4", "multiple of the patch"),
-    ({"num_frames": 8, "tubelet_size": 3}, r"not divisible by the patch 3x4x4", "multiple of the patch"),
-    ({"hidden_size": 32}, "hidden_size=32 is not divisible by 6", "divisible by 6"),
-    ({"decoder_hidden_size": 64}, "decoder_hidden_size=64 is not divisible by 6", "divisible by 6"),
-    ({"mask_generator": "checkerboard"}, "unknown mask_generator 'checkerboard'", "'attention', 'block', 'foreground', 'grid', 'random'"),
-    ({"mask_ratio": 1.0}, "outside", "0.75"),
-    ({"throw_ratio": 0.3}, "only used by the 'attention' generator", "mask_generator: attention"),
-    ({"patch_size": [4, 4]}, "one in-plane patch side", "tubelet_size"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides, problem, fix",
+    [
+        ({"num_frames": 10}, r"volume 10x16x16 .* not divisible by the patch 4x4x4", "multiple of the patch"),
+        ({"image_size": 18}, r"volume 8x18x18 .* not divisible by the patch 4x4x4", "multiple of the patch"),
+        ({"num_frames": 8, "tubelet_size": 3}, r"not divisible by the patch 3x4x4", "multiple of the patch"),
+        ({"hidden_size": 32}, "hidden_size=32 is not divisible by 6", "divisible by 6"),
+        ({"decoder_hidden_size": 64}, "decoder_hidden_size=64 is not divisible by 6", "divisible by 6"),
+        (
+            {"mask_generator": "checkerboard"},
+            "unknown mask_generator 'checkerboard'",
+            "'attention', 'block', 'foreground', 'grid', 'random'",
+        ),
+        ({"mask_ratio": 1.0}, "outside", "0.75"),
+        ({"throw_ratio": 0.3}, "only used by the 'attention' generator", "mask_generator: attention"),
+        ({"patch_size": [4, 4]}, "one in-plane patch side", "tubelet_size"),
+    ],
+)
 def test_bad_3d_configs_raise_config_error_naming_the_fix(overrides, problem, fix):
     with pytest.raises(ConfigError, match=problem) as err:
         tiny_3d(**overrides)
@@ -399,6 +458,7 @@ def test_malformed_mask_codes_are_refused(case):
 
 
 # --- 5. encoder hand-over: UNETR, load_encoder, Auto classes, U-Net, layer decay --------------------------------------
+
 
 @pytest.mark.parametrize("patch, size", [(2, (8, 16, 16)), (4, (8, 16, 16)), (8, (16, 32, 32))])
 def test_from_encoder_copies_every_tensor_and_segments_at_full_resolution(patch, size):
@@ -435,7 +495,9 @@ def saved_3d(tmp_path):
     """A saved 3D MAE (with a preprocessor_config) and a saved 3D segmenter built on its encoder."""
     mae = MedMAE3DForPreTraining(tiny_3d(num_channels=2)).eval()
     mae.save_pretrained(tmp_path / "mae")
-    ViTImageProcessorPil(do_resize=False, do_rescale=False, image_mean=[0.1, 0.2], image_std=[0.5, 0.6]).save_pretrained(tmp_path / "mae")
+    ViTImageProcessorPil(
+        do_resize=False, do_rescale=False, image_mean=[0.1, 0.2], image_std=[0.5, 0.6]
+    ).save_pretrained(tmp_path / "mae")
     seg = MedSegForSegmentation.from_encoder(mae.videomae, num_labels=3, feature_size=4)
     with torch.no_grad():  # the segmenter's encoder moves away from the MAE's, as after fine-tuning
         for param in seg.vit.parameters():
@@ -453,8 +515,10 @@ def test_load_encoder_returns_the_3d_encoder_of_an_mae_and_of_a_segmenter(saved_
         assert encoder.image_mean == mean
         with torch.no_grad():
             assert torch.equal(encoder.eval()(x).last_hidden_state, original(x).last_hidden_state)
-    assert not torch.equal(load_encoder(folder / "seg").state_dict()["encoder.layer.0.output.dense.weight"],
-                           mae.videomae.state_dict()["encoder.layer.0.output.dense.weight"])  # each its own weights
+    assert not torch.equal(
+        load_encoder(folder / "seg").state_dict()["encoder.layer.0.output.dense.weight"],
+        mae.videomae.state_dict()["encoder.layer.0.output.dense.weight"],
+    )  # each its own weights
     with pytest.raises(ConfigError, match="cannot be changed for a 3D encoder"):
         load_encoder(folder / "mae", image_size=32)
 
@@ -463,7 +527,9 @@ def test_3d_segmenter_round_trips_through_auto_class(saved_3d):
     _, seg, folder = saved_3d
     assert json.loads((folder / "seg" / "config.json").read_text())["spatial_dims"] == 3
     loaded = AutoModelForSemanticSegmentation.from_pretrained(folder / "seg").eval()
-    assert type(loaded) is MedSegForSegmentation and type(loaded.vit) is MedMAE3DModel and loaded.config.spatial_dims == 3
+    assert (
+        type(loaded) is MedSegForSegmentation and type(loaded.vit) is MedMAE3DModel and loaded.config.spatial_dims == 3
+    )
     x = torch.randn(1, 2, 8, 16, 16)
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, seg(x).logits)
@@ -506,15 +572,20 @@ def test_layer_decay_groups_on_a_3d_segmenter():
 
 # --- 6. Hub round trip ------------------------------------------------------------------------------------------------
 
+
 def saved_3d_mae_for_hub(folder):
     torch.manual_seed(0)
     model = MedMAE3DForPreTraining(tiny_3d(num_channels=2, mask_generator="block", mask_ratio=0.5)).eval()
     with torch.no_grad():
         metrics = {"eval_loss": model(torch.randn(2, 2, 8, 16, 16)).loss.item()}
     model.save_pretrained(folder)
-    ViTImageProcessorPil(do_resize=False, do_rescale=False, image_mean=[0.0, 0.0], image_std=[1.0, 1.0]).save_pretrained(folder)
+    ViTImageProcessorPil(
+        do_resize=False, do_rescale=False, image_mean=[0.0, 0.0], image_std=[1.0, 1.0]
+    ).save_pretrained(folder)
     (folder / "metrics.json").write_text(json.dumps({**metrics, "eval_runtime": 0.01, "epoch": 1.0}))
-    (folder / "run_info.json").write_text(json.dumps({"dataset": "embedded:nuclei3d", "steps": 4, "command": "pytest tests/test_3d.py"}))
+    (folder / "run_info.json").write_text(
+        json.dumps({"dataset": "embedded:nuclei3d", "steps": 4, "command": "pytest tests/test_3d.py"})
+    )
     return model, metrics
 
 
@@ -526,7 +597,14 @@ def test_3d_mae_hub_round_trip_with_its_card(hub_server, tmp_path):
     local = pull_checkpoint(repo_id, cache_dir=tmp_path / "cache")
     assert Path(local).name == sha  # the snapshot pulled is the commit pushed
     files = {p.name for p in Path(local).iterdir()}
-    assert {"config.json", "model.safetensors", "preprocessor_config.json", "metrics.json", "run_info.json", "README.md"} <= files
+    assert {
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "metrics.json",
+        "run_info.json",
+        "README.md",
+    } <= files
     x, codes = torch.randn(2, 2, 8, 16, 16), make_codes(2, 32, visible=16, thrown=0)
     for loaded in (MedMAE3DForPreTraining.from_pretrained(repo_id), AutoModelForPreTraining.from_pretrained(local)):
         assert type(loaded) is MedMAE3DForPreTraining and loaded.config.mask_generator == "block"
@@ -539,7 +617,9 @@ def test_3d_mae_hub_round_trip_with_its_card(hub_server, tmp_path):
 
     card = ModelCard.load(f"{local}/README.md")
     meta = card.data.to_dict()
-    assert "3d" in meta["tags"] and "videomae" in meta["tags"] and meta["tags"][-1] == "self-supervised"  # the MAE kind
+    assert (
+        "3d" in meta["tags"] and "videomae" in meta["tags"] and meta["tags"][-1] == "self-supervised"
+    )  # the MAE kind
     assert "masked-autoencoder" in meta["tags"] and meta.get("pipeline_tag") is None
     assert {r.metric_name: r.metric_value for r in card.data.eval_results} == metrics
     assert {r.task_type for r in card.data.eval_results} == {"masked-image-modeling"}
@@ -560,16 +640,75 @@ def test_3d_mae_card_names_attributes_the_model_has(tmp_path):
 
 # --- 7. end to end on the embedded z-stack ----------------------------------------------------------------------------
 
-MAE_ARGS = ["--config", str(ROOT / "configs" / "nuclei3d_mae.yaml"), "--hidden_size", "48", "--num_hidden_layers", "2",
-            "--num_attention_heads", "2", "--intermediate_size", "96", "--decoder_hidden_size", "48", "--decoder_num_hidden_layers", "1",
-            "--decoder_num_attention_heads", "2", "--decoder_intermediate_size", "96", "--roi_size", "16", "32", "32",
-            "--patch_size", "8", "--tubelet_size", "8", "--samples_per_volume", "2", "--max_steps", "4", "--eval_steps", "2",
-            "--save_steps", "2", "--per_device_train_batch_size", "2",
-            # both checkpoints kept (the resume test restarts from checkpoint-2); fixed precision: runs are compared
-            "--save_total_limit", "2", "--logging_steps", "1", "--precision", "fp32"]  # fmt: skip
-SEG_ARGS = ["--config", str(ROOT / "configs" / "nuclei3d_segmentation.yaml"), "--roi_size", "16", "32", "32", "--feature_size", "8",
-            "--samples_per_volume", "2", "--max_steps", "2", "--eval_steps", "2", "--save_steps", "2",
-            "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "8", "--precision", "fp32"]  # fmt: skip
+MAE_ARGS = [
+    "--config",
+    str(ROOT / "configs" / "nuclei3d_mae.yaml"),
+    "--hidden_size",
+    "48",
+    "--num_hidden_layers",
+    "2",
+    "--num_attention_heads",
+    "2",
+    "--intermediate_size",
+    "96",
+    "--decoder_hidden_size",
+    "48",
+    "--decoder_num_hidden_layers",
+    "1",
+    "--decoder_num_attention_heads",
+    "2",
+    "--decoder_intermediate_size",
+    "96",
+    "--roi_size",
+    "16",
+    "32",
+    "32",
+    "--patch_size",
+    "8",
+    "--tubelet_size",
+    "8",
+    "--samples_per_volume",
+    "2",
+    "--max_steps",
+    "4",
+    "--eval_steps",
+    "2",
+    "--save_steps",
+    "2",
+    "--per_device_train_batch_size",
+    "2",
+    # both checkpoints kept (the resume test restarts from checkpoint-2); fixed precision: runs are compared
+    "--save_total_limit",
+    "2",
+    "--logging_steps",
+    "1",
+    "--precision",
+    "fp32",
+]
+SEG_ARGS = [
+    "--config",
+    str(ROOT / "configs" / "nuclei3d_segmentation.yaml"),
+    "--roi_size",
+    "16",
+    "32",
+    "32",
+    "--feature_size",
+    "8",
+    "--samples_per_volume",
+    "2",
+    "--max_steps",
+    "2",
+    "--eval_steps",
+    "2",
+    "--save_steps",
+    "2",
+    "--per_device_train_batch_size",
+    "2",
+    "--per_device_eval_batch_size",
+    "8",
+    "--precision",
+    "fp32",
+]
 QUADRANT_VOXELS = 60 * 128 * 128  # one test quadrant of the embedded stack, segmented whole
 
 
@@ -588,12 +727,25 @@ def mae_run(tmp_path_factory):
 
 def test_pretrain_3d_end_to_end(mae_run):
     out, metrics = mae_run
-    for name in ("model.safetensors", "config.json", "preprocessor_config.json", "reconstruction.png", "all_results.json",
-                 "run_info.json", "checkpoint-2", "checkpoint-4"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "preprocessor_config.json",
+        "reconstruction.png",
+        "all_results.json",
+        "run_info.json",
+        "checkpoint-2",
+        "checkpoint-4",
+    ):
         assert (out / name).exists(), name
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "medmae3d" and config["num_frames"] == 16 and config["image_size"] == [32, 32]
-    assert (config["patch_size"], config["tubelet_size"], config["hidden_size"], config["num_channels"]) == (8, 8, 48, 1)
+    assert (config["patch_size"], config["tubelet_size"], config["hidden_size"], config["num_channels"]) == (
+        8,
+        8,
+        48,
+        1,
+    )
     # 4 quadrants: 1 validation volume, 3 training volumes x samples_per_volume 2 crops
     assert metrics["global_step"] == 4 and metrics["num_train_crops"] == 6 and len(metrics["train_volumes"]) == 3
     assert metrics["roi_size"] == [16, 32, 32] and metrics["intensity"] == "percentile"
@@ -606,7 +758,9 @@ def test_pretrain_3d_end_to_end(mae_run):
     last = MedMAE3DForPreTraining.from_pretrained(out / "checkpoint-4").eval()
     x, codes = torch.randn(2, 1, 16, 32, 32), make_codes(2, 32, visible=8, thrown=0)  # a 2 x 4 x 4 grid
     assert torch.equal(final(x, mask_codes=codes).logits, last(x, mask_codes=codes).logits)
-    assert not torch.equal(final(x, mask_codes=codes).logits, MedMAE3DForPreTraining(final.config).eval()(x, mask_codes=codes).logits)
+    assert not torch.equal(
+        final(x, mask_codes=codes).logits, MedMAE3DForPreTraining(final.config).eval()(x, mask_codes=codes).logits
+    )
 
 
 def test_pretrain_3d_resumes_from_the_last_complete_checkpoint(mae_run, tmp_path, one_thread):
@@ -637,8 +791,15 @@ def test_pretrain_3d_resumes_from_the_last_complete_checkpoint(mae_run, tmp_path
 
 
 def check_segmentation_outputs(out, metrics, model: str) -> dict:
-    for name in ("model.safetensors", "config.json", "test_metrics.json", "overlays.png", "confusion_matrix.png",
-                 "inference_config.json", "all_results.json"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "test_metrics.json",
+        "overlays.png",
+        "confusion_matrix.png",
+        "inference_config.json",
+        "all_results.json",
+    ):
         assert (out / name).is_file(), name
     test = json.loads((out / "test_metrics.json").read_text())
     assert 0.0 <= test["mean_dice"] <= 1.0 and metrics["test_mean_dice"] == pytest.approx(test["mean_dice"])
@@ -680,8 +841,24 @@ def test_segment_3d_unetr_on_the_pretrained_encoder(mae_run, tmp_path, one_threa
 
 def test_segment_3d_unet_baseline_from_scratch(mae_run, tmp_path, one_thread):
     out = tmp_path / "unet"
-    metrics = segment.main([*SEG_ARGS, "--model", "unet", "--init", "scratch", "--unet_features", "4", "4", "8", "8", "16", "4",
-                            "--output_dir", str(out)])
+    metrics = segment.main(
+        [
+            *SEG_ARGS,
+            "--model",
+            "unet",
+            "--init",
+            "scratch",
+            "--unet_features",
+            "4",
+            "4",
+            "8",
+            "8",
+            "16",
+            "4",
+            "--output_dir",
+            str(out),
+        ]
+    )
     check_segmentation_outputs(out, metrics, "unet")
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "medmae_unet" and config["features"] == [4, 4, 8, 8, 16, 4]
@@ -690,8 +867,9 @@ def test_segment_3d_unet_baseline_from_scratch(mae_run, tmp_path, one_thread):
 def test_segment_3d_sparse_labels_with_dice_ce(mae_run, tmp_path, one_thread):
     mae_dir, _ = mae_run
     out = tmp_path / "sparse"
-    metrics = segment.main([*SEG_ARGS, "--model_name_or_path", str(mae_dir), "--label_fraction_voxels", "0.05",
-                            "--output_dir", str(out)])
+    metrics = segment.main(
+        [*SEG_ARGS, "--model_name_or_path", str(mae_dir), "--label_fraction_voxels", "0.05", "--output_dir", str(out)]
+    )
     test = check_segmentation_outputs(out, metrics, "unetr")
     assert json.loads((out / "config.json").read_text())["loss"] == "dice_ce"
     assert metrics["labelled_voxel_fraction"] == pytest.approx(0.05, abs=0.002)
@@ -701,13 +879,20 @@ def test_segment_3d_sparse_labels_with_dice_ce(mae_run, tmp_path, one_thread):
 
 # --- 8. a 2D-only key in a 3D run -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("main, argv, key", [
-    (pretrain.main, ["--spatial_dims", "3", "--tile_size", "64"], "tile_size"),
-    (pretrain.main, ["--config", str(ROOT / "configs" / "nuclei3d_mae.yaml"), "--image_size", "64"], "image_size"),
-    (segment.main, ["--spatial_dims", "3", "--crop_mode", "random_crop"], "crop_mode"),
-    (segment.main, ["--config", str(ROOT / "configs" / "nuclei3d_segmentation.yaml"), "--label_fraction_pixels", "0.1"],
-     "label_fraction_pixels"),
-])  # fmt: skip
+
+@pytest.mark.parametrize(
+    "main, argv, key",
+    [
+        (pretrain.main, ["--spatial_dims", "3", "--tile_size", "64"], "tile_size"),
+        (pretrain.main, ["--config", str(ROOT / "configs" / "nuclei3d_mae.yaml"), "--image_size", "64"], "image_size"),
+        (segment.main, ["--spatial_dims", "3", "--crop_mode", "random_crop"], "crop_mode"),
+        (
+            segment.main,
+            ["--config", str(ROOT / "configs" / "nuclei3d_segmentation.yaml"), "--label_fraction_pixels", "0.1"],
+            "label_fraction_pixels",
+        ),
+    ],
+)
 def test_2d_only_key_in_a_3d_run_is_a_named_config_error(tmp_path, main, argv, key):
     with pytest.raises(ConfigError, match=f"unknown config key.*'{key}'") as err:
         main([*argv, "--output_dir", str(tmp_path / "o")])

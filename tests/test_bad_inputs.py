@@ -12,9 +12,9 @@ from __future__ import annotations
 import io
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -24,14 +24,33 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import BertConfig, BertModel, ViTImageProcessorPil
 
-from hf_medmae.tasks import classify, pretrain, segment
 from hf_medmae import MedMAEForPreTraining
 from hf_medmae.errors import CheckpointError, ConfigError, DataError, MedMAEError
+from hf_medmae.tasks import classify, pretrain, segment
 
 SCRIPTS = {"mae": pretrain, "cls": classify, "seg": segment}
-MAE_TINY = ["--image_size", "32", "--patch_size", "4", "--hidden_size", "32", "--num_hidden_layers", "2",
-            "--num_attention_heads", "2", "--intermediate_size", "64", "--decoder_hidden_size", "32",
-            "--decoder_num_hidden_layers", "1", "--decoder_num_attention_heads", "2", "--decoder_intermediate_size", "64"]  # fmt: skip
+MAE_TINY = [
+    "--image_size",
+    "32",
+    "--patch_size",
+    "4",
+    "--hidden_size",
+    "32",
+    "--num_hidden_layers",
+    "2",
+    "--num_attention_heads",
+    "2",
+    "--intermediate_size",
+    "64",
+    "--decoder_hidden_size",
+    "32",
+    "--decoder_num_hidden_layers",
+    "1",
+    "--decoder_num_attention_heads",
+    "2",
+    "--decoder_intermediate_size",
+    "64",
+]
 COMMON = ["--max_steps", "1", "--report_to", "none", "--dataloader_num_workers", "0", "--disable_tqdm", "true"]
 CLS_TRAIN = ["--eval_strategy", "epoch", "--save_strategy", "epoch", "--image_size", "32"]
 SEG_TRAIN = ["--image_glob", "*.bmp", "--class_map", "{0: 0, 255: 1}", "--image_size", "32"]
@@ -65,19 +84,25 @@ def seg_pairs(root: Path, n: int = 6, bad_mask: int | None = None) -> Path:
     for i in range(n):
         Image.fromarray(rgb(i)).save(root / f"{i}.bmp")
         side = 20 if i == bad_mask else 32
-        Image.fromarray(((np.arange(side * side).reshape(side, side) % 3 == 0) * 255).astype(np.uint8)).save(root / f"{i}.png")
+        Image.fromarray(((np.arange(side * side).reshape(side, side) % 3 == 0) * 255).astype(np.uint8)).save(
+            root / f"{i}.png"
+        )
     return root
 
 
 def mae_checkpoint(folder: Path, channels: int = 3, **overrides) -> Path:
     """A tiny MAE as run_mae.py saves it: weights, config and the preprocessor's image statistics."""
     MedMAEForPreTraining(tiny_config(num_channels=channels, **overrides)).save_pretrained(folder)
-    ViTImageProcessorPil(do_resize=False, do_rescale=False, image_mean=[120.0] * channels, image_std=[60.0] * channels).save_pretrained(folder)
+    ViTImageProcessorPil(
+        do_resize=False, do_rescale=False, image_mean=[120.0] * channels, image_std=[60.0] * channels
+    ).save_pretrained(folder)
     return folder
 
 
 def bert_checkpoint(folder: Path) -> Path:
-    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=50)).save_pretrained(folder)
+    BertModel(
+        BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=50)
+    ).save_pretrained(folder)
     return folder
 
 
@@ -104,7 +129,9 @@ def hub_pickle_repo(request) -> str:
     request.getfixturevalue("hub_server")
     repo_id, api = "medmae-test/pickles-only", HfApi()
     api.create_repo(repo_id)
-    api.upload_file(path_or_fileobj=tiny_config().to_json_string().encode(), path_in_repo="config.json", repo_id=repo_id)
+    api.upload_file(
+        path_or_fileobj=tiny_config().to_json_string().encode(), path_in_repo="config.json", repo_id=repo_id
+    )
     api.upload_file(path_or_fileobj=b"\x80\x04never unpickled", path_in_repo="pytorch_model.bin", repo_id=repo_id)
     return repo_id
 
@@ -143,7 +170,16 @@ def csv_out_of_range(t: Path) -> list[str]:
     image_folder(t / "imgs", 6)
     rows = "\n".join(f"img{i}.png,{label}" for i, label in enumerate([0, 1, 0, 1, 0, 7]))
     (t / "labels.csv").write_text(f"filename,label\n{rows}\n")
-    return ["--init", "scratch", "--data_dir", str(t / "imgs"), "--labels_csv", str(t / "labels.csv"), "--class_names", "[a, b]"]
+    return [
+        "--init",
+        "scratch",
+        "--data_dir",
+        str(t / "imgs"),
+        "--labels_csv",
+        str(t / "labels.csv"),
+        "--class_names",
+        "[a, b]",
+    ]
 
 
 def corrupt_folder(t: Path) -> str:
@@ -168,45 +204,151 @@ def two_classes(t: Path) -> str:
 
 CASES = {
     # run_mae.py
-    "mae-channels-vs-checkpoint": Case("mae", mae(lambda t, r: [str(image_folder(t / "imgs")), "--model_name_or_path", str(mae_checkpoint(t / "ck16", 16))]),
-                                       DataError, "checkpoint expects 16 channels, the data has 3"),
-    "mae-size-not-divisible-by-patch": Case("mae", mae(lambda t, r: ["embedded:nuclei16", "--image_size", "30"]), ConfigError, "not divisible by patch_size"),
+    "mae-channels-vs-checkpoint": Case(
+        "mae",
+        mae(lambda t, r: [str(image_folder(t / "imgs")), "--model_name_or_path", str(mae_checkpoint(t / "ck16", 16))]),
+        DataError,
+        "checkpoint expects 16 channels, the data has 3",
+    ),
+    "mae-size-not-divisible-by-patch": Case(
+        "mae",
+        mae(lambda t, r: ["embedded:nuclei16", "--image_size", "30"]),
+        ConfigError,
+        "not divisible by patch_size",
+    ),
     "mae-corrupt-image": Case("mae", mae(lambda t, r: [corrupt_folder(t)]), DataError, r"slide_017\.png"),
-    "mae-empty-dataset": Case("mae", mae(lambda t, r: [str(image_folder(t / "empty", 0))]), DataError, "no images found in .*empty"),
+    "mae-empty-dataset": Case(
+        "mae", mae(lambda t, r: [str(image_folder(t / "empty", 0))]), DataError, "no images found in .*empty"
+    ),
     "mae-nan-pixels": Case("mae", mae(lambda t, r: [nan_npy(t)]), DataError, r"stack\.npy\[\d+\] has 1 NaN/inf pixel"),
-    "mae-unknown-mask-generator": Case("mae", mae(lambda t, r: ["embedded:nuclei16", "--mask_generator", "checkerboard"]), ConfigError, "unknown mask_generator 'checkerboard'"),
-    "mae-unknown-config-key": Case("mae", lambda t, r: [*typo_config(t), *COMMON], ConfigError, "'mask_ration' \\(did you mean 'mask_ratio'"),
-    "mae-wrong-value-type": Case("mae", lambda t, r: [*wrong_type_config(t), *COMMON], ConfigError, "'hflip' expects bool, got 'sometimes'"),
-    "mae-other-architecture": Case("mae", mae(lambda t, r: [str(image_folder(t / "imgs")), "--model_name_or_path", str(bert_checkpoint(t / "bert"))]),
-                                   CheckpointError, "type 'bert', not an MAE"),
-    "mae-missing-encoder-key": Case("mae", mae(lambda t, r: [str(image_folder(t / "imgs")), "--model_name_or_path", str(truncated_checkpoint(t / "cut"))]),
-                                    CheckpointError, r"missing_keys.*vit\.layers\.1\.attention\.q_proj\.weight"),
-    "mae-hub-repo-with-only-pickles": Case("mae", mae(lambda t, r: [str(image_folder(t / "imgs")), "--model_name_or_path", hub_pickle_repo(r)]),
-                                           CheckpointError, r"pickles-only has only pickled weights \(pytorch_model\.bin\)"),
+    "mae-unknown-mask-generator": Case(
+        "mae",
+        mae(lambda t, r: ["embedded:nuclei16", "--mask_generator", "checkerboard"]),
+        ConfigError,
+        "unknown mask_generator 'checkerboard'",
+    ),
+    "mae-unknown-config-key": Case(
+        "mae", lambda t, r: [*typo_config(t), *COMMON], ConfigError, "'mask_ration' \\(did you mean 'mask_ratio'"
+    ),
+    "mae-wrong-value-type": Case(
+        "mae", lambda t, r: [*wrong_type_config(t), *COMMON], ConfigError, "'hflip' expects bool, got 'sometimes'"
+    ),
+    "mae-other-architecture": Case(
+        "mae",
+        mae(lambda t, r: [str(image_folder(t / "imgs")), "--model_name_or_path", str(bert_checkpoint(t / "bert"))]),
+        CheckpointError,
+        "type 'bert', not an MAE",
+    ),
+    "mae-missing-encoder-key": Case(
+        "mae",
+        mae(
+            lambda t, r: [str(image_folder(t / "imgs")), "--model_name_or_path", str(truncated_checkpoint(t / "cut"))]
+        ),
+        CheckpointError,
+        r"missing_keys.*vit\.layers\.1\.attention\.q_proj\.weight",
+    ),
+    "mae-hub-repo-with-only-pickles": Case(
+        "mae",
+        mae(lambda t, r: [str(image_folder(t / "imgs")), "--model_name_or_path", hub_pickle_repo(r)]),
+        CheckpointError,
+        r"pickles-only has only pickled weights \(pytorch_model\.bin\)",
+    ),
     # run_classification.py
     "cls-labels-out-of-range": Case("cls", cls(lambda t, r: csv_out_of_range(t)), DataError, r"\b7\b"),
-    "cls-fraction-empties-a-class": Case("cls", cls(lambda t, r: ["--init", "scratch", "--data_dir", str(class_folders(t / "cls", {"common": 16, "rare": 4})),
-                                                                  "--train_fraction", "0.2", "--strict_fraction", "true"]),
-                                         DataError, "leaves class 'rare'"),
-    "cls-channels-vs-checkpoint": Case("cls", cls(lambda t, r: ["--data_dir", two_classes(t), "--model_name_or_path", str(mae_checkpoint(t / "grey", 1))]),
-                                       DataError, "1-channel images, the data has 3"),
-    "cls-other-architecture": Case("cls", cls(lambda t, r: ["--data_dir", two_classes(t), "--model_name_or_path", str(bert_checkpoint(t / "bert"))]),
-                                   CheckpointError, "type 'bert'"),
-    "cls-missing-encoder-key": Case("cls", cls(lambda t, r: ["--data_dir", two_classes(t), "--model_name_or_path", str(truncated_checkpoint(t / "cut"))]),
-                                    CheckpointError, r"missing \['layers\.1\.attention\.q_proj\.weight'\]"),
-    "cls-hub-repo-with-only-pickles": Case("cls", cls(lambda t, r: ["--data_dir", two_classes(t), "--model_name_or_path", hub_pickle_repo(r)]),
-                                           CheckpointError, "pytorch_model.bin is refused"),
+    "cls-fraction-empties-a-class": Case(
+        "cls",
+        cls(
+            lambda t, r: [
+                "--init",
+                "scratch",
+                "--data_dir",
+                str(class_folders(t / "cls", {"common": 16, "rare": 4})),
+                "--train_fraction",
+                "0.2",
+                "--strict_fraction",
+                "true",
+            ]
+        ),
+        DataError,
+        "leaves class 'rare'",
+    ),
+    "cls-channels-vs-checkpoint": Case(
+        "cls",
+        cls(lambda t, r: ["--data_dir", two_classes(t), "--model_name_or_path", str(mae_checkpoint(t / "grey", 1))]),
+        DataError,
+        "1-channel images, the data has 3",
+    ),
+    "cls-other-architecture": Case(
+        "cls",
+        cls(lambda t, r: ["--data_dir", two_classes(t), "--model_name_or_path", str(bert_checkpoint(t / "bert"))]),
+        CheckpointError,
+        "type 'bert'",
+    ),
+    "cls-missing-encoder-key": Case(
+        "cls",
+        cls(lambda t, r: ["--data_dir", two_classes(t), "--model_name_or_path", str(truncated_checkpoint(t / "cut"))]),
+        CheckpointError,
+        r"missing \['layers\.1\.attention\.q_proj\.weight'\]",
+    ),
+    "cls-hub-repo-with-only-pickles": Case(
+        "cls",
+        cls(lambda t, r: ["--data_dir", two_classes(t), "--model_name_or_path", hub_pickle_repo(r)]),
+        CheckpointError,
+        "pytorch_model.bin is refused",
+    ),
     # run_segmentation.py
-    "seg-mask-size-mismatch": Case("seg", seg(lambda t, r: ["--model", "unet", "--init", "scratch", "--train_data", str(seg_pairs(t / "pairs", bad_mask=3))]),
-                                   DataError, "3.bmp.*32x32 but its mask is 20x20"),
-    "seg-mask-value-not-in-class-map": Case("seg", seg(lambda t, r: ["--model", "unet", "--init", "scratch", "--train_data", str(seg_pairs(t / "pairs")),
-                                                                     "--class_map", "{0: 0, 128: 1}"]),
-                                            DataError, r"mask values \[255\] are not in class_map"),
-    "seg-channels-vs-checkpoint": Case("seg", seg(lambda t, r: ["--train_data", str(seg_pairs(t / "pairs")), "--model_name_or_path", str(mae_checkpoint(t / "ck16", 16))]),
-                                       DataError, "16-channel images but .* has 3 channels"),
-    "seg-output-dir-not-writable": Case("seg", seg(lambda t, r: ["--model", "unet", "--init", "scratch", "--output_dir", str(blocked_dir(t))]),
-                                        ConfigError, "output_dir .*blocker.* is not writable"),
-}  # fmt: skip
+    "seg-mask-size-mismatch": Case(
+        "seg",
+        seg(
+            lambda t, r: [
+                "--model",
+                "unet",
+                "--init",
+                "scratch",
+                "--train_data",
+                str(seg_pairs(t / "pairs", bad_mask=3)),
+            ]
+        ),
+        DataError,
+        "3.bmp.*32x32 but its mask is 20x20",
+    ),
+    "seg-mask-value-not-in-class-map": Case(
+        "seg",
+        seg(
+            lambda t, r: [
+                "--model",
+                "unet",
+                "--init",
+                "scratch",
+                "--train_data",
+                str(seg_pairs(t / "pairs")),
+                "--class_map",
+                "{0: 0, 128: 1}",
+            ]
+        ),
+        DataError,
+        r"mask values \[255\] are not in class_map",
+    ),
+    "seg-channels-vs-checkpoint": Case(
+        "seg",
+        seg(
+            lambda t, r: [
+                "--train_data",
+                str(seg_pairs(t / "pairs")),
+                "--model_name_or_path",
+                str(mae_checkpoint(t / "ck16", 16)),
+            ]
+        ),
+        DataError,
+        "16-channel images but .* has 3 channels",
+    ),
+    "seg-output-dir-not-writable": Case(
+        "seg",
+        seg(lambda t, r: ["--model", "unet", "--init", "scratch", "--output_dir", str(blocked_dir(t))]),
+        ConfigError,
+        "output_dir .*blocker.* is not writable",
+    ),
+}
 
 
 def blocked_dir(t: Path) -> Path:
@@ -238,8 +380,22 @@ def test_skipped_files_are_counted_never_silent(tmp_path):
     """on_bad_file: skip trains on the good images and reports the one it left out in all_results.json."""
     folder = corrupt_folder(tmp_path)
     out = tmp_path / "out"
-    metrics = pretrain.main(["--train_data", folder, "--on_bad_file", "skip", "--validation_fraction", "0", "--save_strategy", "no",
-                            "--output_dir", str(out), *MAE_TINY, *COMMON])  # fmt: skip
+    metrics = pretrain.main(
+        [
+            "--train_data",
+            folder,
+            "--on_bad_file",
+            "skip",
+            "--validation_fraction",
+            "0",
+            "--save_strategy",
+            "no",
+            "--output_dir",
+            str(out),
+            *MAE_TINY,
+            *COMMON,
+        ]
+    )
     saved = json.loads((out / "all_results.json").read_text())
     assert saved["num_skipped_files"] == metrics["num_skipped_files"] == 1
     # the folder is indexed from file headers (the truncated PNG's header reads): 4 items; when the truncated one is
@@ -248,4 +404,3 @@ def test_skipped_files_are_counted_never_silent(tmp_path):
     assert (out / "model.safetensors").is_file()
     with pytest.raises(DataError, match=r"slide_017\.png"):  # the default still stops at the bad file
         pretrain.main(["--train_data", folder, "--output_dir", str(out), *MAE_TINY, *COMMON])
-

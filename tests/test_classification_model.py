@@ -16,8 +16,15 @@ from hf_medmae.optim import DropPathHook, add_drop_path, drop_path_rates, param_
 
 def tiny_encoder(channels: int = 3, layers: int = 2) -> ViTModel:
     torch.manual_seed(0)
-    config = ViTConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64,
-                       image_size=32, patch_size=4, num_channels=channels)  # fmt: skip
+    config = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=4,
+        num_channels=channels,
+    )
     config.image_mean, config.image_std = [0.5] * channels, [0.25] * channels
     return ViTModel(config, add_pooling_layer=False)
 
@@ -46,11 +53,21 @@ def test_from_encoder_accepts_an_mae_model():
     from hf_medmae.configuration import MedMAEConfig
     from hf_medmae.modeling_mae import MedMAEForPreTraining
 
-    mae = MedMAEForPreTraining(MedMAEConfig(
-        num_channels=1, image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, decoder_hidden_size=32, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
-        decoder_intermediate_size=64,
-    ))  # fmt: skip
+    mae = MedMAEForPreTraining(
+        MedMAEConfig(
+            num_channels=1,
+            image_size=32,
+            patch_size=4,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            decoder_hidden_size=32,
+            decoder_num_hidden_layers=1,
+            decoder_num_attention_heads=2,
+            decoder_intermediate_size=64,
+        )
+    )
     model = MedClsForImageClassification.from_encoder(mae, 2)
     assert torch.equal(model.vit.embeddings.position_embeddings, mae.vit.embeddings.position_embeddings)
     assert model.vit.embeddings.position_embeddings.requires_grad
@@ -177,7 +194,11 @@ def test_freeze_modes_count_trainable_parameters():
     assert freeze(model, "full") == count(model)
     assert freeze(model, "linear_probe") == head
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
-        "fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}  # fmt: skip
+        "fc_norm.weight",
+        "fc_norm.bias",
+        "head.weight",
+        "head.bias",
+    }
     assert freeze(model, "last_k:1") == head + count(model.vit.layers[1]) + count(model.vit.layernorm)
     assert freeze(model, "last_k:0") == head + count(model.vit.layernorm)
     for bad in ("last_k:3", "last_k:x", "partial"):
@@ -192,14 +213,24 @@ def test_layer_decay_groups():
     assert sorted(names) == sorted(n for n, p in model.named_parameters() if p.requires_grad)
     assert len(names) == len(set(names))  # each parameter in exactly one group
     lr_of = {n: g["lr"] for g in groups for n in g["param_names"]}
-    depth = ["vit.embeddings.patch_embeddings.projection.weight", "vit.layers.0.mlp.fc1.weight",
-             "vit.layers.1.mlp.fc1.weight", "head.weight"]  # fmt: skip
+    depth = [
+        "vit.embeddings.patch_embeddings.projection.weight",
+        "vit.layers.0.mlp.fc1.weight",
+        "vit.layers.1.mlp.fc1.weight",
+        "head.weight",
+    ]
     lrs = [lr_of[n] for n in depth]
     assert lrs == sorted(set(lrs)) and lrs[-1] == pytest.approx(1e-3) and lrs[0] == pytest.approx(1e-3 * 0.5**3)
     no_decay = {n for g in groups if g["weight_decay"] == 0.0 for n in g["param_names"]}
     decay = {n for g in groups if g["weight_decay"] == 0.05 for n in g["param_names"]}
-    assert {"vit.layers.0.attention.q_proj.bias", "vit.layers.1.layernorm_before.weight", "fc_norm.weight",
-            "vit.embeddings.cls_token", "vit.embeddings.position_embeddings", "head.bias"} <= no_decay  # fmt: skip
+    assert {
+        "vit.layers.0.attention.q_proj.bias",
+        "vit.layers.1.layernorm_before.weight",
+        "fc_norm.weight",
+        "vit.embeddings.cls_token",
+        "vit.embeddings.position_embeddings",
+        "head.bias",
+    } <= no_decay
     assert {"vit.layers.0.attention.q_proj.weight", "head.weight"} <= decay
     freeze(model, "linear_probe")
     frozen = param_groups_layer_decay(model, 1e-3, 0.05)
@@ -210,8 +241,14 @@ def test_layer_decay_groups():
 def test_layer_decay_groups_pass_through_trainer_and_scheduler_keeps_ratios():
     model = tiny_classifier(3)
     groups = param_groups_layer_decay(model, base_lr=1e-3, weight_decay=0.05)
-    args = TrainingArguments(output_dir=tempfile.mkdtemp(), use_cpu=True, report_to=[], warmup_steps=4,
-                             lr_scheduler_type="linear", learning_rate=5.0)  # fmt: skip
+    args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(),
+        use_cpu=True,
+        report_to=[],
+        warmup_steps=4,
+        lr_scheduler_type="linear",
+        learning_rate=5.0,
+    )
     optimizer = (torch.optim.AdamW, {"params": groups, "betas": (0.9, 0.999)})
     trainer = Trainer(model, args, optimizer_cls_and_kwargs=optimizer)
     trainer.create_optimizer_and_scheduler(num_training_steps=10)

@@ -26,8 +26,12 @@ class Needs:
 
 def test_file_then_flags(tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("patch_size: 4\nmask_ratio: 0.5\nlearning_rate: 1e-3\noutput_dir: out\nmask_generator_kwargs: {mix: 0.2}\n")
-    model, args = parse_config((Model, TrainingArguments), ["--config", str(cfg), "--mask_ratio", "0.9", "--crop_scale", "[0.5, 1.0]"])
+    cfg.write_text(
+        "patch_size: 4\nmask_ratio: 0.5\nlearning_rate: 1e-3\noutput_dir: out\nmask_generator_kwargs: {mix: 0.2}\n"
+    )
+    model, args = parse_config(
+        (Model, TrainingArguments), ["--config", str(cfg), "--mask_ratio", "0.9", "--crop_scale", "[0.5, 1.0]"]
+    )
     assert model.patch_size == 4 and model.mask_ratio == 0.9 and model.crop_scale == [0.5, 1.0]
     assert model.mask_generator_kwargs == {"mix": 0.2}
     assert args.learning_rate == 1e-3 and args.output_dir == "out"  # YAML's '1e-3' string became a float
@@ -63,8 +67,21 @@ def test_flags_keep_text_where_text_is_wanted(tmp_path):
         mask_pattern: str = "{stem}.png"
         tile_size: int | None = None
 
-    data, args = parse_config((Data, TrainingArguments), ["--image_glob", "*.bmp", "--mask_pattern", "{stem}_mask.png",
-                                                          "--tile_size", "64", "--output_dir", "o", "--eval_strategy", "no"])
+    data, args = parse_config(
+        (Data, TrainingArguments),
+        [
+            "--image_glob",
+            "*.bmp",
+            "--mask_pattern",
+            "{stem}_mask.png",
+            "--tile_size",
+            "64",
+            "--output_dir",
+            "o",
+            "--eval_strategy",
+            "no",
+        ],
+    )
     assert data.image_glob == "*.bmp" and data.mask_pattern == "{stem}_mask.png" and data.tile_size == 64
     assert args.eval_strategy == "no"
     (cfg := tmp_path / "c.yaml").write_text("output_dir: o\nsave_strategy: no\n")

@@ -19,8 +19,22 @@ from hf_medmae.tasks import classify
 
 NAMES = ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"]
 LABELS_CSV = WBC.parent / "Class Labels of Dataset 1.csv"
-WBC_ARGS = ["--data_dir", str(WBC), "--labels_csv", str(LABELS_CSV), "--id_column", "image ID", "--label_column", "class label",
-            "--filename_template", "{id:03d}.bmp", "--label_offset", "1", "--class_names", *NAMES]  # fmt: skip
+WBC_ARGS = [
+    "--data_dir",
+    str(WBC),
+    "--labels_csv",
+    str(LABELS_CSV),
+    "--id_column",
+    "image ID",
+    "--label_column",
+    "class label",
+    "--filename_template",
+    "{id:03d}.bmp",
+    "--label_offset",
+    "1",
+    "--class_names",
+    *NAMES,
+]
 
 
 @pytest.mark.parametrize("name", sorted(CNN_ARCHITECTURES))
@@ -49,21 +63,62 @@ def cnn_run(tmp_path_factory):
     """A ResNet-10 trained briefly on real WBC images, chosen by `--architecture` on top of the shipped ViT config."""
     require(WBC)
     out = tmp_path_factory.mktemp("cnn") / "run"
-    metrics = classify.main(["--config", "configs/wbc_classification.yaml", *WBC_ARGS, "--architecture", "resnet10", "--image_size", "32",
-                             "--max_steps", "24", "--per_device_train_batch_size", "16", "--eval_strategy", "steps", "--eval_steps", "12",
-                             "--save_strategy", "steps", "--save_steps", "12", "--learning_rate", "2e-3", "--precision", "fp32",
-                             "--logging_steps", "4", "--disable_tqdm", "true", "--output_dir", str(out)])  # fmt: skip
+    metrics = classify.main(
+        [
+            "--config",
+            "configs/wbc_classification.yaml",
+            *WBC_ARGS,
+            "--architecture",
+            "resnet10",
+            "--image_size",
+            "32",
+            "--max_steps",
+            "24",
+            "--per_device_train_batch_size",
+            "16",
+            "--eval_strategy",
+            "steps",
+            "--eval_steps",
+            "12",
+            "--save_strategy",
+            "steps",
+            "--save_steps",
+            "12",
+            "--learning_rate",
+            "2e-3",
+            "--precision",
+            "fp32",
+            "--logging_steps",
+            "4",
+            "--disable_tqdm",
+            "true",
+            "--output_dir",
+            str(out),
+        ]
+    )
     return out, metrics
 
 
 def test_one_key_trains_a_cnn_with_the_vit_runs_outputs(cnn_run):
     out, metrics = cnn_run
-    for name in ("test_metrics.json", "model.safetensors", "preprocessor_config.json", "confusion_matrix.png", "splits.json"):
+    for name in (
+        "test_metrics.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "confusion_matrix.png",
+        "splits.json",
+    ):
         assert (out / name).stat().st_size > 0, name
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == "medmae_cnn" and config["architecture"] == "resnet10" and config["id2label"]["4"] == "basophil"
+    assert (
+        config["model_type"] == "medmae_cnn"
+        and config["architecture"] == "resnet10"
+        and config["id2label"]["4"] == "basophil"
+    )
     report = json.loads((out / "test_metrics.json").read_text())
-    assert report["architecture"] == "resnet10" and report["init"] == "scratch"  # the config's init: mae does not apply
+    assert (
+        report["architecture"] == "resnet10" and report["init"] == "scratch"
+    )  # the config's init: mae does not apply
     assert report["n_samples"] == 60 and report["selected_on"] == "validation"
     state = json.loads((out / "checkpoint-24" / "trainer_state.json").read_text())
     losses = [log["loss"] for log in state["log_history"] if "loss" in log]
@@ -76,12 +131,29 @@ def test_predict_only_and_the_hub_card_work_for_a_cnn(cnn_run, hub_server, tmp_p
     from hf_medmae import pull_checkpoint, push_checkpoint
 
     out, _ = cnn_run
-    result = classify.main(["--predict_only", "--model_name_or_path", str(out), "--predict_data", str(WBC), "--predict_labels_csv",
-                            str(LABELS_CSV), *WBC_ARGS[4:], "--output_dir", str(tmp_path / "pred")])  # fmt: skip
+    result = classify.main(
+        [
+            "--predict_only",
+            "--model_name_or_path",
+            str(out),
+            "--predict_data",
+            str(WBC),
+            "--predict_labels_csv",
+            str(LABELS_CSV),
+            *WBC_ARGS[4:],
+            "--output_dir",
+            str(tmp_path / "pred"),
+        ]
+    )
     assert result["sets"][0]["images"] == 300
     # the reloaded model (batch-norm statistics included) reproduces the run's own test accuracy
-    truth = {f"{int(r['image ID']):03d}.bmp": NAMES[int(r["class label"]) - 1] for r in csv.DictReader(LABELS_CSV.open(encoding="utf-8-sig"))}
-    predicted = {r["file"]: r["predicted"] for r in csv.DictReader((tmp_path / "pred" / WBC.name / "predictions.csv").open())}
+    truth = {
+        f"{int(r['image ID']):03d}.bmp": NAMES[int(r["class label"]) - 1]
+        for r in csv.DictReader(LABELS_CSV.open(encoding="utf-8-sig"))
+    }
+    predicted = {
+        r["file"]: r["predicted"] for r in csv.DictReader((tmp_path / "pred" / WBC.name / "predictions.csv").open())
+    }
     test_files = json.loads((out / "splits.json").read_text())["test"]
     accuracy = np.mean([predicted[f] == truth[f] for f in test_files])
     assert accuracy == pytest.approx(json.loads((out / "test_metrics.json").read_text())["accuracy"])
@@ -92,7 +164,15 @@ def test_predict_only_and_the_hub_card_work_for_a_cnn(cnn_run, hub_server, tmp_p
 
 def test_cnn_refuses_vit_only_modes(tmp_path):
     require(WBC)
-    base = ["--config", "configs/wbc_classification.yaml", *WBC_ARGS, "--architecture", "resnet18", "--output_dir", str(tmp_path)]
+    base = [
+        "--config",
+        "configs/wbc_classification.yaml",
+        *WBC_ARGS,
+        "--architecture",
+        "resnet18",
+        "--output_dir",
+        str(tmp_path),
+    ]
     with pytest.raises(ConfigError, match="mode: full with a CNN"):
         classify.main([*base, "--mode", "last_k:2"])
     with pytest.raises(ConfigError, match="frozen_features evaluates a pre-trained ViT"):

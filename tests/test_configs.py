@@ -7,12 +7,15 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from hf_medmae.tasks import pretrain
 from hf_medmae.cli import parse_config, read_config_file
+from hf_medmae.tasks import pretrain
 
 CONFIGS_3D = sorted(p for p in (ROOT / "configs").glob("*.yaml") if read_config_file(p).get("spatial_dims") == 3)
-MAE_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml")
-                     if not any(word in p.name for word in ("classification", "segmentation", "accelerate")) and p not in CONFIGS_3D)
+MAE_CONFIGS = sorted(
+    p
+    for p in (ROOT / "configs").glob("*.yaml")
+    if not any(word in p.name for word in ("classification", "segmentation", "accelerate")) and p not in CONFIGS_3D
+)
 
 
 @pytest.mark.parametrize("path", MAE_CONFIGS, ids=lambda p: Path(p).name)
@@ -34,9 +37,16 @@ def test_shipped_3d_configs_parse_into_the_3d_tasks(path):
     assert len(data_args.roi_size) == 3 and training_args.output_dir.startswith("outputs/")
     if task is volumes.PRETRAIN_3D:  # the MAE it describes is valid for its crop size
         d, h, w = data_args.roi_size
-        MedMAE3DConfig(num_frames=d, image_size=[h, w], patch_size=model_args.patch_size, tubelet_size=model_args.tubelet_size,
-                       hidden_size=model_args.hidden_size, num_attention_heads=model_args.num_attention_heads,
-                       decoder_hidden_size=model_args.decoder_hidden_size, decoder_num_attention_heads=model_args.decoder_num_attention_heads)
+        MedMAE3DConfig(
+            num_frames=d,
+            image_size=[h, w],
+            patch_size=model_args.patch_size,
+            tubelet_size=model_args.tubelet_size,
+            hidden_size=model_args.hidden_size,
+            num_attention_heads=model_args.num_attention_heads,
+            decoder_hidden_size=model_args.decoder_hidden_size,
+            decoder_num_attention_heads=model_args.decoder_num_attention_heads,
+        )
 
 
 def test_multinode_launch_config_is_one_accelerate_reads():

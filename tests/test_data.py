@@ -78,7 +78,9 @@ def test_npy_npz_and_datasets(tmp_path):
     import datasets
 
     rgb = [Image.fromarray(np.full((8, 8, 3), i * 10, np.uint8)) for i in range(3)]
-    datasets.Dataset.from_dict({"image": rgb}, features=datasets.Features({"image": datasets.Image()})).save_to_disk(tmp_path / "ds")
+    datasets.Dataset.from_dict({"image": rgb}, features=datasets.Features({"image": datasets.Image()})).save_to_disk(
+        tmp_path / "ds"
+    )
     images = read_hf_dataset(str(tmp_path / "ds"))
     assert len(images) == 3 and images[2].shape == (3, 8, 8) and images[2].max() == 20
 
@@ -153,7 +155,9 @@ def test_resize_is_torch_bilinear(shape, size):
     """The matmul upsampling path and the antialiased downsampling path both equal F.interpolate."""
     image = torch.randn(shape)
     shrink = shape[1] > size or shape[2] > size
-    expected = torch.nn.functional.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)[0]
+    expected = torch.nn.functional.interpolate(
+        image[None], size=(size, size), mode="bilinear", align_corners=False, antialias=shrink
+    )[0]
     torch.testing.assert_close(resize(image, size), expected, rtol=1e-5, atol=1e-5)
 
 

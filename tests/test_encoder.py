@@ -20,10 +20,18 @@ MEAN, STD = [0.2, 0.4, 0.6], [0.1, 0.2, 0.3]
 
 def tiny_mae(channels: int = 3) -> MedMAEForPreTraining:
     config = MedMAEConfig(
-        num_channels=channels, image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=2,
-        num_attention_heads=2, intermediate_size=64, decoder_hidden_size=32, decoder_num_hidden_layers=1,
-        decoder_num_attention_heads=2, decoder_intermediate_size=64,
-    )  # fmt: skip
+        num_channels=channels,
+        image_size=32,
+        patch_size=4,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        decoder_hidden_size=32,
+        decoder_num_hidden_layers=1,
+        decoder_num_attention_heads=2,
+        decoder_intermediate_size=64,
+    )
     torch.manual_seed(0)
     return MedMAEForPreTraining(config)
 
@@ -161,8 +169,15 @@ def test_interpolation_is_identity_on_same_grid_and_keeps_constant_fields():
 
 
 def test_plain_vit_checkpoints_with_and_without_prefix(tmp_path):
-    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                       image_size=32, patch_size=4, num_labels=3)  # fmt: skip
+    config = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=4,
+        num_labels=3,
+    )
     classifier = ViTForImageClassification(config)
     classifier.save_pretrained(tmp_path / "cls")  # keys vit.* + classifier.*
     with_pooler = ViTModel(config)  # pooler.* is ignored, not an error

@@ -7,25 +7,49 @@ from pathlib import Path
 
 import pytest
 import torch
+from hub_server import hub_endpoint, hub_server  # noqa: F401  (pytest fixtures)
 from huggingface_hub import HfApi, ModelCard, ModelCardData, constants
 from transformers import AutoImageProcessor, BertConfig, ViTImageProcessor
 
-from hf_medmae import CheckpointError, MedClsForImageClassification, MedMAEConfig, MedMAEForPreTraining, MedSegForSegmentation
+from hf_medmae import (
+    CheckpointError,
+    MedClsForImageClassification,
+    MedMAEConfig,
+    MedMAEForPreTraining,
+    MedSegForSegmentation,
+)
 from hf_medmae.hub import BASE_TAGS, KIND_TASKS, pull_checkpoint, push_checkpoint
-from hub_server import hub_endpoint, hub_server  # noqa: F401  (pytest fixtures)
 
 IMAGE_MEAN, IMAGE_STD = [0.62, 0.48, 0.55], [0.21, 0.24, 0.19]
-RUN_INFO = {"hardware": "test CPU", "epochs": 1.0, "steps": 3, "dataset": "synthetic-noise", "num_images": 2,
-            "seed": 0, "command": "pytest tests/test_hub.py"}  # fmt: skip
+RUN_INFO = {
+    "hardware": "test CPU",
+    "epochs": 1.0,
+    "steps": 3,
+    "dataset": "synthetic-noise",
+    "num_images": 2,
+    "seed": 0,
+    "command": "pytest tests/test_hub.py",
+}
 # Written next to the real metrics: the card must leave it out of the model-index.
 BOOKKEEPING = {"eval_runtime": 0.01, "epoch": 1.0}
 
 
 def tiny_mae_config() -> MedMAEConfig:
-    return MedMAEConfig(num_channels=3, image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, decoder_hidden_size=32,
-                        decoder_num_hidden_layers=1, decoder_num_attention_heads=2, decoder_intermediate_size=64,
-                        mask_generator="grid", mask_ratio=0.5)  # fmt: skip
+    return MedMAEConfig(
+        num_channels=3,
+        image_size=32,
+        patch_size=4,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        decoder_hidden_size=32,
+        decoder_num_hidden_layers=1,
+        decoder_num_attention_heads=2,
+        decoder_intermediate_size=64,
+        mask_generator="grid",
+        mask_ratio=0.5,
+    )
 
 
 def build_mae_checkpoint(folder: Path) -> tuple[torch.nn.Module, dict[str, float]]:
@@ -59,16 +83,20 @@ def build_segmenter_checkpoint(folder: Path) -> tuple[torch.nn.Module, dict[str,
 
 
 # kind -> builder returning (model, real eval metrics). A new checkpoint kind is one entry here.
-CHECKPOINT_BUILDERS = {"mae": build_mae_checkpoint, "classifier": build_classifier_checkpoint, "segmenter": build_segmenter_checkpoint}
+CHECKPOINT_BUILDERS = {
+    "mae": build_mae_checkpoint,
+    "classifier": build_classifier_checkpoint,
+    "segmenter": build_segmenter_checkpoint,
+}
 
 
 def save_checkpoint(folder: Path, kind: str) -> tuple[torch.nn.Module, dict[str, float]]:
     model, metrics = CHECKPOINT_BUILDERS[kind](folder)
     model.save_pretrained(folder)
     size = 32  # every tiny test checkpoint takes 32 px images
-    ViTImageProcessor(image_mean=IMAGE_MEAN, image_std=IMAGE_STD, size={"height": size, "width": size}).save_pretrained(
-        folder
-    )
+    ViTImageProcessor(
+        image_mean=IMAGE_MEAN, image_std=IMAGE_STD, size={"height": size, "width": size}
+    ).save_pretrained(folder)
     (folder / "metrics.json").write_text(json.dumps({**metrics, **BOOKKEEPING}))
     (folder / "run_info.json").write_text(json.dumps(RUN_INFO))
     return model, metrics
@@ -93,8 +121,13 @@ def test_push_pull_round_trip(kind, hub_server, tmp_path):
 
     assert local.name == sha  # the snapshot pulled is the commit pushed
     assert {p.name for p in local.iterdir()} == {
-        "config.json", "model.safetensors", "preprocessor_config.json", "metrics.json", "run_info.json", "README.md"
-    }  # fmt: skip
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "metrics.json",
+        "run_info.json",
+        "README.md",
+    }
     # Through transformers' own Hub code path, by repo id.
     loaded = type(model).from_pretrained(repo_id)
     assert_same_weights(model, loaded)
@@ -181,8 +214,9 @@ def test_pull_refuses_pickled_weights(hub_server, tmp_path):
     repo_id = "medmae-test/pickles"
     api = HfApi()
     api.create_repo(repo_id)
-    api.upload_file(path_or_fileobj=tiny_mae_config().to_json_string().encode(), path_in_repo="config.json",
-                    repo_id=repo_id)  # fmt: skip
+    api.upload_file(
+        path_or_fileobj=tiny_mae_config().to_json_string().encode(), path_in_repo="config.json", repo_id=repo_id
+    )
     # Never unpickled: any bytes make the point.
     api.upload_file(path_or_fileobj=b"\x80\x04not really a pickle", path_in_repo="pytorch_model.bin", repo_id=repo_id)
     with pytest.raises(CheckpointError, match="refusing pickled weights") as err:
@@ -202,7 +236,9 @@ def test_push_refuses_pickled_weights(hub_server, tmp_path):
 
 def test_push_refuses_other_architectures(hub_server, tmp_path):
     folder = tmp_path / "bert"
-    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(folder)
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(
+        folder
+    )
     with pytest.raises(CheckpointError, match="checkpoint of another architecture: model_type 'bert'"):
         push_checkpoint(folder, "medmae-test/bert")
     with pytest.raises(CheckpointError, match="card_kind='classifier' does not match"):
@@ -220,12 +256,49 @@ def test_run_mae_push_to_hub_publishes_its_own_metrics(hub_server, tmp_path):
     from hf_medmae.tasks import pretrain
 
     out = tmp_path / "run"
-    pretrain.main(["--train_data", "embedded:nuclei16", "--max_images", "3", "--tile_size", "64", "--image_size", "32",
-                  "--patch_size", "8", "--hidden_size", "32", "--num_hidden_layers", "1", "--num_attention_heads", "2",
-                  "--intermediate_size", "64", "--decoder_hidden_size", "32", "--decoder_num_hidden_layers", "1",
-                  "--decoder_num_attention_heads", "2", "--decoder_intermediate_size", "64", "--max_steps", "2",
-                  "--per_device_train_batch_size", "8", "--save_strategy", "no", "--report_to", "none",
-                  "--output_dir", str(out), "--push_to_hub", "--hub_model_id", "medmae-test/quick-run"])
+    pretrain.main(
+        [
+            "--train_data",
+            "embedded:nuclei16",
+            "--max_images",
+            "3",
+            "--tile_size",
+            "64",
+            "--image_size",
+            "32",
+            "--patch_size",
+            "8",
+            "--hidden_size",
+            "32",
+            "--num_hidden_layers",
+            "1",
+            "--num_attention_heads",
+            "2",
+            "--intermediate_size",
+            "64",
+            "--decoder_hidden_size",
+            "32",
+            "--decoder_num_hidden_layers",
+            "1",
+            "--decoder_num_attention_heads",
+            "2",
+            "--decoder_intermediate_size",
+            "64",
+            "--max_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "8",
+            "--save_strategy",
+            "no",
+            "--report_to",
+            "none",
+            "--output_dir",
+            str(out),
+            "--push_to_hub",
+            "--hub_model_id",
+            "medmae-test/quick-run",
+        ]
+    )
     local = Path(pull_checkpoint("medmae-test/quick-run", cache_dir=tmp_path / "cache"))
     assert "training_args.bin" not in {p.name for p in local.iterdir()}  # nothing pickled is published
     results = json.loads((out / "all_results.json").read_text())

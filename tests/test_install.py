@@ -17,33 +17,66 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from huggingface_hub import HfApi, ModelCard, hf_hub_download
-
 from hub_server import hub_server  # noqa: F401  (pytest fixture)
+from huggingface_hub import HfApi, ModelCard, hf_hub_download
 
 ROOT = Path(__file__).resolve().parents[1]
 # Console command -> module of its `cli()` ([project.scripts] in pyproject.toml).
-SCRIPTS = {"medmae-pretrain": "hf_medmae.tasks.pretrain", "medmae-classify": "hf_medmae.tasks.classify",
-           "medmae-segment": "hf_medmae.tasks.segment"}  # fmt: skip
+SCRIPTS = {
+    "medmae-pretrain": "hf_medmae.tasks.pretrain",
+    "medmae-classify": "hf_medmae.tasks.classify",
+    "medmae-segment": "hf_medmae.tasks.segment",
+}
 # Left out of the copy the wheel is built from: VCS data, build leftovers and run outputs (.gitignore).
-NOT_COPIED = shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
-                                    ".benchmarks", "outputs", "runs", ".whl", ".gl")  # fmt: skip
+NOT_COPIED = shutil.ignore_patterns(
+    ".git",
+    "build",
+    "dist",
+    "*.egg-info",
+    "__pycache__",
+    ".pytest_cache",
+    ".benchmarks",
+    "outputs",
+    "runs",
+    ".whl",
+    ".gl",
+)
 
 # repo name -> (architecture, base tags, extra tag, pipeline_tag, a sentence only that card kind's template has)
 MAE_TAGS = ["medical-imaging", "masked-autoencoder", "vit-mae", "hf_medmae"]
 EXPECTED = {
-    "mae": ("MedMAEForPreTraining", MAE_TAGS, "self-supervised", None,
-            "A Vision Transformer **masked autoencoder (MAE)** pre-trained"),
-    "classifier": ("MedClsForImageClassification", MAE_TAGS, "image-classification", "image-classification",
-                   "A Vision Transformer **image classifier** fine-tuned"),
-    "unetr": ("MedSegForSegmentation", MAE_TAGS, "image-segmentation", "image-segmentation",
-              "A Vision Transformer **semantic segmenter** fine-tuned"),
-    "unet": ("MedUNetForSegmentation", ["medical-imaging", "unet", "hf_medmae"], "image-segmentation",
-             "image-segmentation", "A **U-Net semantic segmenter** (MONAI `BasicUNet`) trained from scratch"),
-}  # fmt: skip
+    "mae": (
+        "MedMAEForPreTraining",
+        MAE_TAGS,
+        "self-supervised",
+        None,
+        "A Vision Transformer **masked autoencoder (MAE)** pre-trained",
+    ),
+    "classifier": (
+        "MedClsForImageClassification",
+        MAE_TAGS,
+        "image-classification",
+        "image-classification",
+        "A Vision Transformer **image classifier** fine-tuned",
+    ),
+    "unetr": (
+        "MedSegForSegmentation",
+        MAE_TAGS,
+        "image-segmentation",
+        "image-segmentation",
+        "A Vision Transformer **semantic segmenter** fine-tuned",
+    ),
+    "unet": (
+        "MedUNetForSegmentation",
+        ["medical-imaging", "unet", "hf_medmae"],
+        "image-segmentation",
+        "image-segmentation",
+        "A **U-Net semantic segmenter** (MONAI `BasicUNet`) trained from scratch",
+    ),
+}
 
 # Runs in the subprocess: argv = site folder, checkpoints folder, result JSON path.
-PUSH_SCRIPT = r'''
+PUSH_SCRIPT = r"""
 import json, sys
 from importlib import resources
 from pathlib import Path
@@ -82,7 +115,7 @@ result.write_text(json.dumps({
     "templates": {kind: str(templates.joinpath(f"{kind}.md")) for kind in sorted(set(CARD_KINDS.values()))},
     "templates_exist": all(templates.joinpath(f"{kind}.md").is_file() for kind in CARD_KINDS.values()),
 }))
-'''
+"""
 
 
 def _run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -94,8 +127,12 @@ def _run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> tuple[Path, Path, Path]:
     """(wheel, copy of the checkout it was built from, `pip install --target` folder), built once per module."""
-    pytest.importorskip("setuptools", minversion="68", reason="building the wheel without network needs "
-                        "setuptools>=68 in this environment (pip wheel --no-build-isolation)")  # fmt: skip
+    pytest.importorskip(
+        "setuptools",
+        minversion="68",
+        reason="building the wheel without network needs "
+        "setuptools>=68 in this environment (pip wheel --no-build-isolation)",
+    )
     tmp = tmp_path_factory.mktemp("install")
     src, dist, site = tmp / "src", tmp / "dist", tmp / "site"
     shutil.copytree(ROOT, src, ignore=NOT_COPIED)
@@ -110,11 +147,16 @@ def test_wheel_ships_every_module_the_templates_and_the_scripts(installed):
     wheel, src, site = installed
     names = set(zipfile.ZipFile(wheel).namelist())
     # packages in pyproject.toml is an explicit list (see the comment there): a new sub-package must be added.
-    modules = {p.relative_to(src).as_posix() for p in (src / "hf_medmae").rglob("*.py") if "__pycache__" not in p.parts}
+    modules = {
+        p.relative_to(src).as_posix() for p in (src / "hf_medmae").rglob("*.py") if "__pycache__" not in p.parts
+    }
     assert modules - names == set(), "add these modules' packages to [tool.setuptools] packages in pyproject.toml"
     cards = {f"hf_medmae/model_cards/{p.name}" for p in (src / "model_cards").glob("*.md")}
-    assert {"hf_medmae/model_cards/mae.md", "hf_medmae/model_cards/classifier.md",
-            "hf_medmae/model_cards/segmenter.md"} <= cards <= names  # fmt: skip
+    assert (
+        {"hf_medmae/model_cards/mae.md", "hf_medmae/model_cards/classifier.md", "hf_medmae/model_cards/segmenter.md"}
+        <= cards
+        <= names
+    )
     assert not any(name.startswith("model_cards/") for name in names)  # no top-level `model_cards` package
     for script, module in SCRIPTS.items():
         text = (site / "bin" / script).read_text()
@@ -127,8 +169,13 @@ def test_installed_wheel_pushes_a_rendered_card_per_kind(installed, hub_server, 
     work, result, script = tmp_path / "checkpoints", tmp_path / "result.json", tmp_path / "push.py"
     script.write_text(PUSH_SCRIPT)
     # Only the installed copy on the path; the hub_server fixture put the local Hub's HF_* variables in os.environ.
-    env = {**os.environ, "PYTHONPATH": str(site), "PYTHONNOUSERSITE": "1", "OMP_NUM_THREADS": "1",
-           "HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(site),
+        "PYTHONNOUSERSITE": "1",
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    }
     _run([sys.executable, str(script), str(site), str(work), str(result)], cwd=tmp_path, env=env, timeout=300)
     out = json.loads(result.read_text())
 

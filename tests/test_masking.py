@@ -36,7 +36,9 @@ def adjacent_masked_pairs(codes, grid):
 
 
 @pytest.mark.parametrize("name", sorted(MASK_GENERATORS))
-@pytest.mark.parametrize("ratio,grid", [(0.125, (8, 8)), (0.5, (16, 16)), (0.75, (14, 14)), (0.9, (8, 8)), (0.75, (4, 6))])
+@pytest.mark.parametrize(
+    "ratio,grid", [(0.125, (8, 8)), (0.5, (16, 16)), (0.75, (14, 14)), (0.9, (8, 8)), (0.75, (4, 6))]
+)
 def test_exact_count_matches_transformers(name, ratio, grid):
     gen = make(name, ratio, grid)
     pixels = torch.randn(8, 3, grid[0] * 4, grid[1] * 4)

@@ -94,16 +94,20 @@ def test_compute_metrics_fn_returns_flat_floats():
     assert out["accuracy"] == pytest.approx(0.75)
     assert {"balanced_accuracy", "macro_f1", "weighted_f1", "roc_auc", "ece"} <= out.keys()
     ml = compute_metrics_fn(NAMES, multi_label=True)(
-        EvalPrediction(predictions=(logits - 1.5,), label_ids=(logits > 0).astype(float)))
+        EvalPrediction(predictions=(logits - 1.5,), label_ids=(logits > 0).astype(float))
+    )
     assert ml["subset_accuracy"] == 1.0
 
 
-@pytest.mark.parametrize("probs, labels, match", [
-    (np.full((3, 3), 1 / 3), np.array([0, 1]), "rows"),
-    (np.full((3, 3), 1 / 3), np.array([0, 1, 7]), r"\[7\]"),
-    (np.full((2, 3), 1 / 3), np.array([-1, 0]), r"\[-1\]"),
-    (np.full((2, 2), 1 / 2), np.array([0, 1]), r"\[N, 3\]"),
-])
+@pytest.mark.parametrize(
+    "probs, labels, match",
+    [
+        (np.full((3, 3), 1 / 3), np.array([0, 1]), "rows"),
+        (np.full((3, 3), 1 / 3), np.array([0, 1, 7]), r"\[7\]"),
+        (np.full((2, 3), 1 / 3), np.array([-1, 0]), r"\[-1\]"),
+        (np.full((2, 2), 1 / 2), np.array([0, 1]), r"\[N, 3\]"),
+    ],
+)
 def test_classification_data_errors(probs, labels, match):
     with pytest.raises(DataError, match=match):
         classification_metrics(probs, labels, NAMES)
@@ -171,10 +175,13 @@ def test_absent_class_gives_no_nan():
     json.dumps(m, allow_nan=False)
 
 
-@pytest.mark.parametrize("pred_shape, bad_value, match", [
-    ((2, 8, 7), None, "must both be"),
-    ((2, 8, 8), 5, r"\[5\]"),
-])
+@pytest.mark.parametrize(
+    "pred_shape, bad_value, match",
+    [
+        ((2, 8, 7), None, "must both be"),
+        ((2, 8, 8), 5, r"\[5\]"),
+    ],
+)
 def test_segmentation_data_errors(pred_shape, bad_value, match):
     _, target = _seg_case()
     pred = np.zeros(pred_shape, int)

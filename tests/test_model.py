@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModelForPreTraining, ViTMAEForPreTraini
 
 from hf_medmae import MedMAEConfig, MedMAEForPreTraining
 from hf_medmae.errors import ConfigError, DataError
-from hf_medmae.masking import MASKED, THROWN, VISIBLE
+from hf_medmae.masking import MASKED, THROWN
 
 
 @pytest.mark.parametrize("channels", [1, 3, 16])
@@ -27,7 +27,11 @@ def test_shapes_for_channels_and_patches(channels, patch, size):
 
 @pytest.mark.parametrize("generator", ["random", "block", "grid", "foreground", "attention"])
 def test_save_load_round_trip_is_exact(tmp_path, generator):
-    config = tiny_config(num_channels=16, mask_generator=generator, mask_generator_kwargs={"mix": 0.3} if generator == "foreground" else None)
+    config = tiny_config(
+        num_channels=16,
+        mask_generator=generator,
+        mask_generator_kwargs={"mix": 0.3} if generator == "foreground" else None,
+    )
     model = MedMAEForPreTraining(config).eval()
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists()
@@ -112,7 +116,9 @@ def test_reconstruct_pastes_visible_patches_back():
     out = model(x)
     recon = model.reconstruct(x, out.logits, out.mask)
     visible = (out.mask == 0)[..., None]
-    assert torch.equal(model.patchify(recon)[visible.expand(-1, -1, 48)], model.patchify(x)[visible.expand(-1, -1, 48)])
+    assert torch.equal(
+        model.patchify(recon)[visible.expand(-1, -1, 48)], model.patchify(x)[visible.expand(-1, -1, 48)]
+    )
 
 
 def test_named_errors():
@@ -135,8 +141,11 @@ def test_checkpoints_use_current_key_names_so_trainer_restores_every_weight(tmp_
     from hf_medmae import MedClsForImageClassification, MedSegForSegmentation
 
     mae = MedMAEForPreTraining(tiny_config())
-    model = {"mae": lambda: mae, "classifier": lambda: MedClsForImageClassification.from_encoder(mae.vit, num_labels=3),
-             "segmenter": lambda: MedSegForSegmentation.from_encoder(mae.vit, num_labels=3)}[build]()
+    model = {
+        "mae": lambda: mae,
+        "classifier": lambda: MedClsForImageClassification.from_encoder(mae.vit, num_labels=3),
+        "segmenter": lambda: MedSegForSegmentation.from_encoder(mae.vit, num_labels=3),
+    }[build]()
     model.save_pretrained(tmp_path)
     result = model.load_state_dict(load_file(tmp_path / "model.safetensors"), strict=False)
     assert not result.missing_keys and not result.unexpected_keys

@@ -6,13 +6,12 @@ import os
 
 import pytest
 import torch
+from conftest import tiny_config
 from transformers import TrainingArguments
 
 from hf_medmae import MedMAEForPreTraining
 from hf_medmae.errors import ConfigError
 from hf_medmae.performance import apply_fast_defaults, choose_attention, cpu_has_native_bf16, usable_cores
-
-from conftest import tiny_config
 
 
 def tiny_model() -> MedMAEForPreTraining:
@@ -56,10 +55,15 @@ def test_hardware_checks_and_cpu_defaults(tmp_path, caplog):
         apply_fast_defaults(args)
     assert args.dataloader_pin_memory is False  # pinning needs an accelerator
     assert "dataloader_num_workers" not in caplog.text  # 0 workers: nothing to warn about
-    crowded = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", dataloader_num_workers=os.cpu_count())
+    crowded = TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to="none", dataloader_num_workers=os.cpu_count()
+    )
     with caplog.at_level(logging.WARNING, logger="hf_medmae.performance"):
         apply_fast_defaults(crowded)
-    assert f"dataloader_num_workers={os.cpu_count()} on a CPU-only run" in caplog.text and "Set dataloader_num_workers: 0" in caplog.text
+    assert (
+        f"dataloader_num_workers={os.cpu_count()} on a CPU-only run" in caplog.text
+        and "Set dataloader_num_workers: 0" in caplog.text
+    )
     assert crowded.dataloader_num_workers == os.cpu_count()  # warned, not overridden
 
 
@@ -77,11 +81,42 @@ def test_usable_cores_follow_the_process_affinity_not_the_machine_total():
 def test_run_mae_reports_the_attention_it_chose(tmp_path):
     from hf_medmae.tasks import pretrain
 
-    common = ["--train_data", "embedded:nuclei16", "--max_images", "2", "--tile_size", "64", "--image_size", "32",
-              "--patch_size", "8", "--hidden_size", "32", "--num_hidden_layers", "1", "--num_attention_heads", "2",
-              "--intermediate_size", "64", "--decoder_hidden_size", "32", "--decoder_num_hidden_layers", "1",
-              "--decoder_num_attention_heads", "2", "--decoder_intermediate_size", "64", "--max_steps", "2",
-              "--per_device_train_batch_size", "4", "--report_to", "none", "--disable_tqdm", "true"]  # fmt: skip
+    common = [
+        "--train_data",
+        "embedded:nuclei16",
+        "--max_images",
+        "2",
+        "--tile_size",
+        "64",
+        "--image_size",
+        "32",
+        "--patch_size",
+        "8",
+        "--hidden_size",
+        "32",
+        "--num_hidden_layers",
+        "1",
+        "--num_attention_heads",
+        "2",
+        "--intermediate_size",
+        "64",
+        "--decoder_hidden_size",
+        "32",
+        "--decoder_num_hidden_layers",
+        "1",
+        "--decoder_num_attention_heads",
+        "2",
+        "--decoder_intermediate_size",
+        "64",
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "4",
+        "--report_to",
+        "none",
+        "--disable_tqdm",
+        "true",
+    ]
     pretrain.main([*common, "--output_dir", str(tmp_path / "run")])  # attn_implementation defaults to auto
     results = json.loads((tmp_path / "run" / "all_results.json").read_text())
     assert results["attn_implementation"] in {"sdpa", "eager"}

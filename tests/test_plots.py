@@ -32,8 +32,7 @@ def _probs_labels(n=40):
 
 
 def test_confusion_matrix(tmp_path):
-    w, h = _open(plot_confusion_matrix(np.array([[5, 1, 0], [2, 7, 1], [0, 0, 4]]), NAMES,
-                                       tmp_path / "cm.png"))
+    w, h = _open(plot_confusion_matrix(np.array([[5, 1, 0], [2, 7, 1], [0, 0, 4]]), NAMES, tmp_path / "cm.png"))
     assert 0.7 < w / h < 1.6
 
 
@@ -52,8 +51,11 @@ def test_confidence_and_reliability(tmp_path):
 
 
 def test_label_efficiency_from_means_and_from_seeds(tmp_path):
-    rows = [{"fraction": f, "init": i, "macro_f1_mean": 0.5 + f / 3, "macro_f1_std": 0.02}
-            for f in (0.1, 0.5, 1.0) for i in ("scratch", "mae")]
+    rows = [
+        {"fraction": f, "init": i, "macro_f1_mean": 0.5 + f / 3, "macro_f1_std": 0.02}
+        for f in (0.1, 0.5, 1.0)
+        for i in ("scratch", "mae")
+    ]
     w, h = _open(plot_label_efficiency(rows, tmp_path / "eff.png"))
     assert w > h
     seeds = [{"fraction": f, "init": "mae", "accuracy": 0.6 + s / 100} for f in (0.1, 1.0) for s in range(3)]
@@ -66,8 +68,11 @@ def test_segmentation_overlays(tmp_path):
     images = RNG.normal(size=(2, 3, 16, 16))
     truth = RNG.integers(0, 3, (2, 16, 16))
     truth[0, :4] = 255
-    w, h = _open(plot_segmentation_overlays(images, truth, RNG.integers(0, 3, (2, 16, 16)),
-                                            tmp_path / "seg.png", ["bg", "cytoplasm", "nucleus"]))
+    w, h = _open(
+        plot_segmentation_overlays(
+            images, truth, RNG.integers(0, 3, (2, 16, 16)), tmp_path / "seg.png", ["bg", "cytoplasm", "nucleus"]
+        )
+    )
     assert 1.0 < w / h < 2.2  # 3 columns x 2 rows plus a legend
 
 
@@ -75,15 +80,16 @@ def test_segmentation_overlays(tmp_path):
 def test_reconstruction_grid(tmp_path, c, channels):
     x = RNG.normal(size=(5, c, 16, 16))
     mask = (RNG.random((5, 16)) < 0.75).astype(int)  # 4x4 patches of 4 px
-    w, h = _open(save_reconstruction_grid(x, mask, x + 0.1, 4, tmp_path / "rec.png", channels=channels,
-                                          max_images=2))
+    w, h = _open(save_reconstruction_grid(x, mask, x + 0.1, 4, tmp_path / "rec.png", channels=channels, max_images=2))
     assert 1.1 < w / h < 2.0  # 2 rows x 3 columns: max_images respected
 
 
 def test_reconstruction_grid_compares_models_one_column_each(tmp_path):
     x = RNG.normal(size=(2, 3, 16, 16))
     mask = (RNG.random((2, 16)) < 0.75).astype(int)
-    w, h = _open(save_reconstruction_grid(x, mask, {"MAE": x + 0.1, "MSMAE": x - 0.1, "other": x}, 4, tmp_path / "cmp.png"))
+    w, h = _open(
+        save_reconstruction_grid(x, mask, {"MAE": x + 0.1, "MSMAE": x - 0.1, "other": x}, 4, tmp_path / "cmp.png")
+    )
     assert 2.0 < w / h < 3.0  # 2 rows x 5 columns
     with pytest.raises(DataError, match="'MSMAE'"):
         save_reconstruction_grid(x, mask, {"MAE": x, "MSMAE": x[:1]}, 4, tmp_path / "bad.png")

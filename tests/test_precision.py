@@ -24,9 +24,20 @@ class Images(torch.utils.data.Dataset):
 
 
 def args_for(tmp_path, precision: str, **kw) -> MedTrainingArguments:
-    return MedTrainingArguments(output_dir=str(tmp_path / precision), precision=precision, use_cpu=True, report_to="none",
-                                max_steps=8, per_device_train_batch_size=8, learning_rate=1e-3, logging_steps=1,
-                                save_strategy="no", disable_tqdm=True, seed=0, **kw)  # fmt: skip
+    return MedTrainingArguments(
+        output_dir=str(tmp_path / precision),
+        precision=precision,
+        use_cpu=True,
+        report_to="none",
+        max_steps=8,
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("precision, expected", [("bf16", "bf16"), ("fp32", "no")])
@@ -40,7 +51,9 @@ def test_bf16_run_tracks_fp32_but_differs(tmp_path, one_thread):
     losses = {}
     for precision in ("fp32", "bf16"):
         torch.manual_seed(0)
-        trainer = Trainer(model=MedMAEForPreTraining(tiny_config()), args=args_for(tmp_path, precision), train_dataset=Images())
+        trainer = Trainer(
+            model=MedMAEForPreTraining(tiny_config()), args=args_for(tmp_path, precision), train_dataset=Images()
+        )
         trainer.train()
         losses[precision] = torch.tensor([h["loss"] for h in trainer.state.log_history if "loss" in h])
     assert len(losses["fp32"]) == 8

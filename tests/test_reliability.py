@@ -30,13 +30,40 @@ from hf_medmae.training import is_complete_checkpoint, last_complete_checkpoint
 pytestmark = pytest.mark.slow
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-LAUNCH_2 = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+LAUNCH_2 = [
+    "-m",
+    "accelerate.commands.launch",
+    "--multi_gpu",
+    "--num_processes",
+    "2",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+]
 TINY_MAE = dict(
-    image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-    decoder_hidden_size=32, decoder_num_hidden_layers=1, decoder_num_attention_heads=2, decoder_intermediate_size=64,
-    train_data="embedded:nuclei16", tile_size=64, max_images=5, validation_fraction=0.2,  # 64 train / 16 val tiles
-    report_to="none", dataloader_num_workers=0, seed=0, disable_tqdm=True, learning_rate=1e-3, logging_steps=1,
+    image_size=32,
+    patch_size=4,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    decoder_hidden_size=32,
+    decoder_num_hidden_layers=1,
+    decoder_num_attention_heads=2,
+    decoder_intermediate_size=64,
+    train_data="embedded:nuclei16",
+    tile_size=64,
+    max_images=5,
+    validation_fraction=0.2,  # 64 train / 16 val tiles
+    report_to="none",
+    dataloader_num_workers=0,
+    seed=0,
+    disable_tqdm=True,
+    learning_rate=1e-3,
+    logging_steps=1,
     attn_implementation="sdpa",  # fixed kernel: "auto" may pick another one run to run, and these tests compare runs
 )
 STEPS = 40  # optimizer steps of the MAE runs compared below
@@ -49,8 +76,14 @@ def start(script: str, config: dict, path: Path, processes: int = 1, **env) -> s
     launcher = LAUNCH_2 if processes == 2 else []
     env = {**ENV, **({"ACCELERATE_USE_CPU": "1"} if processes == 2 else {}), **env}
     with open(path.with_suffix(".log"), "w") as log:
-        proc = subprocess.Popen([sys.executable, *launcher, script, "--config", str(path)], cwd=ROOT, env=env,
-                                stdout=log, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, *launcher, script, "--config", str(path)],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
     proc.log_path = path.with_suffix(".log")
     return proc
 
@@ -92,13 +125,38 @@ def without_runtime(metrics: dict) -> dict:
 def mae_runs(tmp_path_factory):
     """run_mae.py with global batch 16: one process twice (different hash seeds), and 2 processes x 8."""
     root = tmp_path_factory.mktemp("mae_runs")
-    common = dict(TINY_MAE, max_steps=STEPS, per_device_eval_batch_size=8, eval_strategy="steps", eval_steps=STEPS // 2, learning_rate=1e-3,
-                  eval_on_start=True, save_strategy="steps", save_steps=STEPS, record_sample_ids=True)  # fmt: skip
+    common = dict(
+        TINY_MAE,
+        max_steps=STEPS,
+        per_device_eval_batch_size=8,
+        eval_strategy="steps",
+        eval_steps=STEPS // 2,
+        learning_rate=1e-3,
+        eval_on_start=True,
+        save_strategy="steps",
+        save_steps=STEPS,
+        record_sample_ids=True,
+    )
     procs = {
-        "one": start("run_mae.py", dict(common, per_device_train_batch_size=16, output_dir=str(root / "one")), root / "one.yaml", PYTHONHASHSEED="1"),
-        "again": start("run_mae.py", dict(common, per_device_train_batch_size=16, output_dir=str(root / "again")), root / "again.yaml", PYTHONHASHSEED="2"),
-        "two": start("run_mae.py", dict(common, per_device_train_batch_size=8, output_dir=str(root / "two")), root / "two.yaml", processes=2),
-    }  # fmt: skip
+        "one": start(
+            "run_mae.py",
+            dict(common, per_device_train_batch_size=16, output_dir=str(root / "one")),
+            root / "one.yaml",
+            PYTHONHASHSEED="1",
+        ),
+        "again": start(
+            "run_mae.py",
+            dict(common, per_device_train_batch_size=16, output_dir=str(root / "again")),
+            root / "again.yaml",
+            PYTHONHASHSEED="2",
+        ),
+        "two": start(
+            "run_mae.py",
+            dict(common, per_device_train_batch_size=8, output_dir=str(root / "two")),
+            root / "two.yaml",
+            processes=2,
+        ),
+    }
     finish(*procs.values())
     return {name: root / name for name in procs}
 
@@ -108,11 +166,16 @@ def test_two_processes_train_on_the_same_global_batches(mae_runs):
     r0, r1 = (json.loads((mae_runs["two"] / f"sample_ids_rank{r}.json").read_text()) for r in (0, 1))
     assert len(one) == len(r0) + len(r1) == STEPS * 16
     for step in range(STEPS):  # the 16 images of each optimizer step, split 8 + 8 over the two processes
-        assert sorted(one[16 * step : 16 * step + 16]) == sorted(r0[8 * step : 8 * step + 8] + r1[8 * step : 8 * step + 8]), step
+        assert sorted(one[16 * step : 16 * step + 16]) == sorted(
+            r0[8 * step : 8 * step + 8] + r1[8 * step : 8 * step + 8]
+        ), step
 
 
 def test_two_processes_evaluate_the_whole_validation_set(mae_runs):
-    evals = {name: [h["eval_loss"] for h in history(mae_runs[name] / f"checkpoint-{STEPS}") if "eval_loss" in h] for name in ("one", "two")}
+    evals = {
+        name: [h["eval_loss"] for h in history(mae_runs[name] / f"checkpoint-{STEPS}") if "eval_loss" in h]
+        for name in ("one", "two")
+    }
     # Before any update both runs hold the same seeded weights, and validation masks are seeded by
     # the batch: the step-0 loss over all 16 validation tiles (8 per process, gathered) must agree to
     # float rounding. Leaving either half out moves it by ~1.2e-4 (measured), 100x the tolerance.
@@ -180,17 +243,54 @@ def cls_runs(tmp_path_factory):
     """
     root = tmp_path_factory.mktemp("cls_runs")
     data = class_folders(root / "data")
-    common = dict(data_dir=str(data), init="scratch", image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
-                  num_attention_heads=2, intermediate_size=64, drop_path_rate=0.0, crop_scale=[1.0, 1.0], hflip=False,
-                  vflip=False, rot90=False, validation_fraction=0.2, test_fraction=0.2, num_train_epochs=4,
-                  learning_rate=2e-3, eval_strategy="epoch", save_strategy="epoch", per_device_eval_batch_size=4,
-                  logging_steps=1, report_to="none", dataloader_num_workers=0, seed=0, disable_tqdm=True,
-                  precision="fp32")  # fixed: "auto" times fp32 against bf16 and could pick differently run to run  # fmt: skip
+    common = dict(
+        data_dir=str(data),
+        init="scratch",
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        drop_path_rate=0.0,
+        crop_scale=[1.0, 1.0],
+        hflip=False,
+        vflip=False,
+        rot90=False,
+        validation_fraction=0.2,
+        test_fraction=0.2,
+        num_train_epochs=4,
+        learning_rate=2e-3,
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        per_device_eval_batch_size=4,
+        logging_steps=1,
+        report_to="none",
+        dataloader_num_workers=0,
+        seed=0,
+        disable_tqdm=True,
+        precision="fp32",
+    )  # fixed: "auto" times fp32 against bf16 and could pick differently run to run
     procs = {
-        "one": start("run_classification.py", dict(common, per_device_train_batch_size=16, output_dir=str(root / "one")), root / "one.yaml", PYTHONHASHSEED="1"),
-        "again": start("run_classification.py", dict(common, per_device_train_batch_size=16, output_dir=str(root / "again")), root / "again.yaml", PYTHONHASHSEED="2"),
-        "two": start("run_classification.py", dict(common, per_device_train_batch_size=8, output_dir=str(root / "two")), root / "two.yaml", processes=2),
-    }  # fmt: skip
+        "one": start(
+            "run_classification.py",
+            dict(common, per_device_train_batch_size=16, output_dir=str(root / "one")),
+            root / "one.yaml",
+            PYTHONHASHSEED="1",
+        ),
+        "again": start(
+            "run_classification.py",
+            dict(common, per_device_train_batch_size=16, output_dir=str(root / "again")),
+            root / "again.yaml",
+            PYTHONHASHSEED="2",
+        ),
+        "two": start(
+            "run_classification.py",
+            dict(common, per_device_train_batch_size=8, output_dir=str(root / "two")),
+            root / "two.yaml",
+            processes=2,
+        ),
+    }
     finish(*procs.values())
     return {name: root / name for name in procs}
 
@@ -226,7 +326,9 @@ def test_rerun_of_run_classification_is_bit_identical(cls_runs):
     for report in (first, second):  # the checkpoint path names the output folder, which differs on purpose
         report["best_model_checkpoint"] = Path(report["best_model_checkpoint"]).name
     assert first == second
-    results = [without_runtime(json.loads((cls_runs[name] / "all_results.json").read_text())) for name in ("one", "again")]
+    results = [
+        without_runtime(json.loads((cls_runs[name] / "all_results.json").read_text())) for name in ("one", "again")
+    ]
     for r in results:
         r["best_checkpoint_name"] = Path(r.pop("best_model_checkpoint")).name
     assert results[0] == results[1]
@@ -237,8 +339,15 @@ def test_rerun_of_run_classification_is_bit_identical(cls_runs):
 
 # Fixed precision: `auto` measures bf16 against fp32 in each process, and two runs side by side on a busy machine
 # can choose differently, which these exact comparisons would read as a resume bug.
-CRASH = dict(TINY_MAE, max_steps=200, per_device_train_batch_size=16, save_strategy="steps", save_steps=20, eval_strategy="no",
-             precision="fp32")
+CRASH = dict(
+    TINY_MAE,
+    max_steps=200,
+    per_device_train_batch_size=16,
+    save_strategy="steps",
+    save_steps=20,
+    eval_strategy="no",
+    precision="fp32",
+)
 KILL_AFTER = 60  # SIGKILL as soon as checkpoint-60 is complete: 140 steps (>= 3 s here) are still to go
 
 
@@ -270,7 +379,9 @@ def assert_same_as_reference(resumed: Path, reference: Path, resumed_from: int) 
     assert [losses[s] for s in range(1, resumed_from + 1)] == [expected[s] for s in range(1, resumed_from + 1)]
     # After the checkpoint: optimizer, scheduler, data order, augmentation and mask RNG all restored,
     # so the curve continues exactly as the uninterrupted one (float rounding only).
-    assert [losses[s] for s in range(resumed_from + 1, 201)] == pytest.approx([expected[s] for s in range(resumed_from + 1, 201)], rel=1e-5)
+    assert [losses[s] for s in range(resumed_from + 1, 201)] == pytest.approx(
+        [expected[s] for s in range(resumed_from + 1, 201)], rel=1e-5
+    )
     a, b = load_file(reference / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert a.keys() == b.keys()
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
@@ -286,10 +397,14 @@ def start_resume(output_dir: Path, config_path: Path) -> subprocess.Popen:
 def partial_checkpoints(output_dir: Path, source: Path) -> None:
     """Checkpoints a kill during saving leaves behind, in the Trainer's write order (trainer_state.json last)."""
     variants = {
-        80: lambda d: [(d / f).unlink() for f in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json")],  # killed saving the optimizer
+        80: lambda d: [
+            (d / f).unlink() for f in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json")
+        ],  # killed saving the optimizer
         100: lambda d: (d / "trainer_state.json").unlink(),  # killed before the state file
         120: lambda d: (d / "trainer_state.json").write_text(""),  # killed as it opened the state file
-        140: lambda d: (d / "trainer_state.json").write_text((source / "trainer_state.json").read_text()[:300]),  # cut mid-write
+        140: lambda d: (d / "trainer_state.json").write_text(
+            (source / "trainer_state.json").read_text()[:300]
+        ),  # cut mid-write
     }
     for step, damage in variants.items():
         shutil.copytree(source, output_dir / f"checkpoint-{step}")

@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, WBC, require, tiny_config
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score, f1_score
 from sklearn.preprocessing import StandardScaler
 from transformers import ViTImageProcessorPil
 
-from conftest import ROOT, WBC, require, tiny_config
 from hf_medmae import MedMAEForPreTraining
 from hf_medmae.data.classification import ClassificationDataset, load_class_folders, load_csv_labels
 from hf_medmae.data.splits import class_counts, label_subset, stratified_split
@@ -45,7 +45,6 @@ def data():
     return wbc()
 
 
-
 def save_checkpoint(folder: Path, mean, std, **overrides) -> Path:
     MedMAEForPreTraining(tiny_config(**overrides)).save_pretrained(folder)
     ViTImageProcessorPil(do_resize=False, do_rescale=False, image_mean=mean, image_std=std).save_pretrained(folder)
@@ -58,7 +57,13 @@ def save_checkpoint(folder: Path, mean, std, **overrides) -> Path:
 def test_csv_loading_maps_ids_and_labels(data):
     assert len(data) == 300 and data.images[0].shape == (3, 120, 120)
     assert data.files[:2] == ["001.bmp", "002.bmp"] and data.class_names == NAMES
-    assert class_counts(data.labels, NAMES) == {"neutrophil": 176, "lymphocyte": 53, "monocyte": 48, "eosinophil": 22, "basophil": 1}
+    assert class_counts(data.labels, NAMES) == {
+        "neutrophil": 176,
+        "lymphocyte": 53,
+        "monocyte": 48,
+        "eosinophil": 22,
+        "basophil": 1,
+    }
     assert data.labels[0] == 1  # CSV row "1,2" -> lymphocyte
 
 
@@ -77,7 +82,9 @@ def test_stratified_split_keeps_proportions_and_the_single_basophil_in_train(dat
     report = classification_metrics(onehot, data.labels[split.test], NAMES)["per_class"]
     assert report["basophil"]["support"] == 0  # listed, with support 0
     again = stratified_split(data.labels, NAMES, 0.15, 0.2, seed=3)
-    assert np.array_equal(again.test, split.test) and not np.array_equal(stratified_split(data.labels, NAMES, 0.15, 0.2, 4).test, split.test)
+    assert np.array_equal(again.test, split.test) and not np.array_equal(
+        stratified_split(data.labels, NAMES, 0.15, 0.2, 4).test, split.test
+    )
 
 
 @pytest.mark.parametrize("fraction", [0.01, 0.1, 0.5])
@@ -115,7 +122,9 @@ def test_bad_labels_are_named(tmp_path):
 def test_multi_label_csv_and_multi_label_config_on_single_label_data(tmp_path):
     require(WBC)
     (tmp_path / "multi.csv").write_text("id,nucleus_lobed,granular\n1,1,0\n2,0,0\n3,1,1\n")
-    multi = load_csv_labels(WBC, tmp_path / "multi.csv", "id", ["nucleus_lobed", "granular"], "{id:03d}.bmp", multi_label=True)
+    multi = load_csv_labels(
+        WBC, tmp_path / "multi.csv", "id", ["nucleus_lobed", "granular"], "{id:03d}.bmp", multi_label=True
+    )
     assert multi.class_names == ["nucleus_lobed", "granular"] and multi.labels.tolist() == [[1, 0], [0, 0], [1, 1]]
     with pytest.raises(DataError, match="multi-label config with single-label data"):
         wbc(multi_label=True)
@@ -153,14 +162,50 @@ def mae(data, tmp_path_factory):
     np.save(root / "wbc32.npy", small)
     torch.manual_seed(0)
     init = save_checkpoint(root / "init", *channel_stats(list(small)), mask_ratio=0.5)
-    pretrain.main([
-        "--train_data", str(root / "wbc32.npy"), "--model_name_or_path", str(init), "--image_size", "32",
-        "--validation_fraction", "0", "--output_dir", str(root / "mae"), "--max_steps", "1000", "--seed", "0",
-        "--per_device_train_batch_size", "64", "--learning_rate", "3e-3", "--warmup_steps", "0.05",
-        "--lr_scheduler_type", "cosine", "--weight_decay", "0.05", "--adam_beta2", "0.95", "--save_strategy", '"no"',
-        "--rot90", "true", "--crop_scale", "[0.5, 1.0]", "--report_to", "none", "--disable_tqdm", "true",
-        "--logging_steps", "200", "--dataloader_num_workers", "0",
-    ])  # fmt: skip
+    pretrain.main(
+        [
+            "--train_data",
+            str(root / "wbc32.npy"),
+            "--model_name_or_path",
+            str(init),
+            "--image_size",
+            "32",
+            "--validation_fraction",
+            "0",
+            "--output_dir",
+            str(root / "mae"),
+            "--max_steps",
+            "1000",
+            "--seed",
+            "0",
+            "--per_device_train_batch_size",
+            "64",
+            "--learning_rate",
+            "3e-3",
+            "--warmup_steps",
+            "0.05",
+            "--lr_scheduler_type",
+            "cosine",
+            "--weight_decay",
+            "0.05",
+            "--adam_beta2",
+            "0.95",
+            "--save_strategy",
+            '"no"',
+            "--rot90",
+            "true",
+            "--crop_scale",
+            "[0.5, 1.0]",
+            "--report_to",
+            "none",
+            "--disable_tqdm",
+            "true",
+            "--logging_steps",
+            "200",
+            "--dataloader_num_workers",
+            "0",
+        ]
+    )
     torch.set_num_threads(before)
     return {"init": init, "trained": root / "mae", "small": small}
 
@@ -189,8 +234,10 @@ def test_linear_probe_on_mae_features_beats_the_random_encoder(mae, data, one_th
     # inits) gave mean gains of +0.10 to +0.30. Thresholds sit at about half the measured gain (macro-F1 > 0.06,
     # balanced accuracy > 0.05, MAE ahead on at least 4 of 6 splits), so the test fails only if pre-training
     # stops producing features that separate the cell types better than the random encoder it started from.
-    scores = {name: np.array([probe_scores(mean_pooled_features(mae[name], mae["small"]), data.labels, s) for s in range(6)])
-              for name in ("trained", "init")}  # fmt: skip
+    scores = {
+        name: np.array([probe_scores(mean_pooled_features(mae[name], mae["small"]), data.labels, s) for s in range(6)])
+        for name in ("trained", "init")
+    }
     gain = scores["trained"] - scores["init"]  # [split, (macro-F1, balanced accuracy)]
     assert gain[:, 0].mean() > 0.06, gain
     assert gain[:, 1].mean() > 0.05, gain
@@ -202,21 +249,57 @@ def test_linear_probe_on_mae_features_beats_the_random_encoder(mae, data, one_th
 
 def run_script(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, str(ROOT / "run_classification.py"), "--config", str(ROOT / "configs" / "wbc_classification.yaml"),
-           "--data_dir", str(WBC), "--labels_csv", str(CSV), "--output_dir", str(tmp_path / "out"), "--image_size", "32",
-           "--disable_tqdm", "true", *flags]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "run_classification.py"),
+        "--config",
+        str(ROOT / "configs" / "wbc_classification.yaml"),
+        "--data_dir",
+        str(WBC),
+        "--labels_csv",
+        str(CSV),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--image_size",
+        "32",
+        "--disable_tqdm",
+        "true",
+        *flags,
+    ]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_end_to_end_selects_on_validation_and_reports_on_test(mae, tmp_path):
-    done = run_script(tmp_path, "--model_name_or_path", str(mae["trained"]), "--num_train_epochs", "6",
-                      "--learning_rate", "3e-3", "--per_device_train_batch_size", "64", "--save_total_limit", "1")
+    done = run_script(
+        tmp_path,
+        "--model_name_or_path",
+        str(mae["trained"]),
+        "--num_train_epochs",
+        "6",
+        "--learning_rate",
+        "3e-3",
+        "--per_device_train_batch_size",
+        "64",
+        "--save_total_limit",
+        "1",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "out"
-    for name in ("test_metrics.json", "all_results.json", "model.safetensors", "preprocessor_config.json",
-                 "confusion_matrix.png", "confidence.png", "reliability.png", "splits.json"):
+    for name in (
+        "test_metrics.json",
+        "all_results.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "confusion_matrix.png",
+        "confidence.png",
+        "reliability.png",
+        "splits.json",
+    ):
         assert (out / name).stat().st_size > 0, name
-    report, results = json.loads((out / "test_metrics.json").read_text()), json.loads((out / "all_results.json").read_text())
+    report, results = (
+        json.loads((out / "test_metrics.json").read_text()),
+        json.loads((out / "all_results.json").read_text()),
+    )
     splits = json.loads((out / "splits.json").read_text())
     assert not set(splits["test"]) & (set(splits["train"]) | set(splits["val"]))
     assert report["n_samples"] == len(splits["test"]) == sum(report["class_counts"]["test"].values())
@@ -238,8 +321,18 @@ def test_checkpoint_mismatches_are_named(tmp_path, one_thread):
     from hf_medmae.tasks import classify
 
     grey = save_checkpoint(tmp_path / "grey", [100.0], [50.0], num_channels=1)
-    base = ["--config", str(ROOT / "configs" / "wbc_classification.yaml"), "--data_dir", str(require(WBC)),
-            "--labels_csv", str(CSV), "--output_dir", str(tmp_path / "out"), "--image_size", "32"]  # fmt: skip
+    base = [
+        "--config",
+        str(ROOT / "configs" / "wbc_classification.yaml"),
+        "--data_dir",
+        str(require(WBC)),
+        "--labels_csv",
+        str(CSV),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--image_size",
+        "32",
+    ]
     with pytest.raises(DataError, match="1-channel"):
         classify.main(base + ["--model_name_or_path", str(grey)])
     rgb = save_checkpoint(tmp_path / "rgb", [100.0] * 3, [50.0] * 3)
@@ -248,4 +341,6 @@ def test_checkpoint_mismatches_are_named(tmp_path, one_thread):
     with pytest.raises(DataError, match="multi-label config with single-label data"):
         classify.main(base + ["--model_name_or_path", str(rgb), "--multi_label", "true"])
     with pytest.raises(DataError, match="basophil"):
-        classify.main(base + ["--model_name_or_path", str(rgb), "--train_fraction", "0.1", "--strict_fraction", "true"])
+        classify.main(
+            base + ["--model_name_or_path", str(rgb), "--train_fraction", "0.1", "--strict_fraction", "true"]
+        )

@@ -15,13 +15,13 @@ from conftest import ROOT, tiny_config
 from PIL import Image
 from transformers import AutoModelForSemanticSegmentation, ViTImageProcessorPil
 
-from hf_medmae.tasks import segment
 from hf_medmae import MedMAEForPreTraining
 from hf_medmae.cli import parse_config
 from hf_medmae.data.segmentation import load_pairs, map_mask, sparsify
 from hf_medmae.data.splits import split_three
 from hf_medmae.data.transforms import PairAugment
 from hf_medmae.errors import ConfigError, DataError
+from hf_medmae.tasks import segment
 
 WBC_MAP = {0: 0, 128: 1, 255: 2}
 WBC_NAMES = ["background", "cytoplasm", "nucleus"]
@@ -36,16 +36,28 @@ def mae3(tmp_path_factory):
     path = tmp_path_factory.mktemp("mae3")
     MedMAEForPreTraining(tiny_config(num_channels=3)).save_pretrained(path)
     # Roughly the RGB statistics of the WBC images (background ~200, stained cells darker).
-    ViTImageProcessorPil(do_resize=False, do_rescale=False, image_mean=[200.0, 180.0, 190.0],
-                         image_std=[40.0, 50.0, 40.0]).save_pretrained(path)
+    ViTImageProcessorPil(
+        do_resize=False, do_rescale=False, image_mean=[200.0, 180.0, 190.0], image_std=[40.0, 50.0, 40.0]
+    ).save_pretrained(path)
     return path
 
 
-
 def wbc_config(path, wbc_dir, **values):
-    config = dict(train_data=str(wbc_dir), image_glob="*.bmp", class_map=WBC_MAP, class_names=WBC_NAMES, image_size=32,
-                  feature_size=8, per_device_train_batch_size=16, per_device_eval_batch_size=64, learning_rate=2e-3,
-                  report_to="none", dataloader_num_workers=0, seed=0, logging_steps=50)
+    config = dict(
+        train_data=str(wbc_dir),
+        image_glob="*.bmp",
+        class_map=WBC_MAP,
+        class_names=WBC_NAMES,
+        image_size=32,
+        feature_size=8,
+        per_device_train_batch_size=16,
+        per_device_eval_batch_size=64,
+        learning_rate=2e-3,
+        report_to="none",
+        dataloader_num_workers=0,
+        seed=0,
+        logging_steps=50,
+    )
     config.update(values)
     path.write_text(yaml.safe_dump(config))
     return str(path)
@@ -53,9 +65,16 @@ def wbc_config(path, wbc_dir, **values):
 
 def mosaic(wbc_dir, stems):
     """A 240 x 240 image of four WBC images (2 x 2) and its mapped mask: larger than any training image."""
-    pairs = [(np.asarray(Image.open(wbc_dir / f"{s}.bmp")), np.asarray(Image.open(wbc_dir / f"{s}.png"))) for s in stems]
-    grid = lambda k: np.concatenate([np.concatenate([pairs[0][k], pairs[1][k]], 1),  # noqa: E731
-                                     np.concatenate([pairs[2][k], pairs[3][k]], 1)], 0)
+    pairs = [
+        (np.asarray(Image.open(wbc_dir / f"{s}.bmp")), np.asarray(Image.open(wbc_dir / f"{s}.png"))) for s in stems
+    ]
+    grid = lambda k: np.concatenate(
+        [
+            np.concatenate([pairs[0][k], pairs[1][k]], 1),  # noqa: E731
+            np.concatenate([pairs[2][k], pairs[3][k]], 1),
+        ],
+        0,
+    )
     image, mask = grid(0), grid(1)
     return image, map_mask(mask.astype(np.int64), WBC_MAP, "mosaic")
 
@@ -71,19 +90,50 @@ def test_wbc_end_to_end_learns_nuclei_and_predicts_large_images(tmp_path, wbc_di
     big_image, big_mask = mosaic(wbc_dir, ["003", "010", "020", "030"])
     Image.fromarray(big_image).save(big_dir / "mosaic.png")
     out = tmp_path / "run"
-    cfg = wbc_config(tmp_path / "c.yaml", wbc_dir, model_name_or_path=str(mae3), max_steps=150, eval_strategy="steps",
-                     eval_steps=75, save_strategy="steps", save_steps=75, save_total_limit=1, load_best_model_at_end=True,
-                     warmup_steps=10, lr_scheduler_type="cosine", output_dir=str(out), predict_images=str(big_dir))
-    result = subprocess.run([sys.executable, "run_segmentation.py", "--config", cfg], cwd=ROOT, capture_output=True, text=True,
-                            env={**os.environ, **ONE_THREAD}, timeout=600)
+    cfg = wbc_config(
+        tmp_path / "c.yaml",
+        wbc_dir,
+        model_name_or_path=str(mae3),
+        max_steps=150,
+        eval_strategy="steps",
+        eval_steps=75,
+        save_strategy="steps",
+        save_steps=75,
+        save_total_limit=1,
+        load_best_model_at_end=True,
+        warmup_steps=10,
+        lr_scheduler_type="cosine",
+        output_dir=str(out),
+        predict_images=str(big_dir),
+    )
+    result = subprocess.run(
+        [sys.executable, "run_segmentation.py", "--config", cfg],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **ONE_THREAD},
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
-    for name in ("model.safetensors", "config.json", "preprocessor_config.json", "all_results.json", "test_metrics.json",
-                 "confusion_matrix.png", "overlays.png", "inference_config.json"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "preprocessor_config.json",
+        "all_results.json",
+        "test_metrics.json",
+        "confusion_matrix.png",
+        "overlays.png",
+        "inference_config.json",
+    ):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "test_metrics.json").read_text())
     assert set(metrics["per_class"]) >= set(WBC_NAMES) and metrics["per_class"]["nucleus"]["support"] > 0
     assert np.asarray(metrics["confusion_matrix"]).shape == (3, 3) and metrics["hd95_per_class"]["nucleus"] is not None
-    assert json.loads((out / "preprocessor_config.json").read_text())["image_mean"] == [200.0, 180.0, 190.0]  # init mae: the checkpoint's
+    assert json.loads((out / "preprocessor_config.json").read_text())["image_mean"] == [
+        200.0,
+        180.0,
+        190.0,
+    ]  # init mae: the checkpoint's
     assert Image.open(out / "overlays.png").size[1] > 300
 
     # Trivial baseline on the same test pixels: predicting "nucleus" everywhere gives nucleus Dice
@@ -107,8 +157,17 @@ def test_wbc_end_to_end_learns_nuclei_and_predicts_large_images(tmp_path, wbc_di
     assert nucleus_dice(labels, big_mask) > trivial_big + 0.3
 
     # predict_only reloads the saved model (safetensors) and reproduces the in-run label map exactly.
-    segment.main(["--predict_only", "--model_name_or_path", str(out), "--predict_images", str(big_dir),
-                           "--output_dir", str(tmp_path / "again")])
+    segment.main(
+        [
+            "--predict_only",
+            "--model_name_or_path",
+            str(out),
+            "--predict_images",
+            str(big_dir),
+            "--output_dir",
+            str(tmp_path / "again"),
+        ]
+    )
     assert np.array_equal(np.asarray(Image.open(tmp_path / "again" / "mosaic_labels.png")), labels)
 
     # Another site's labelled set: with mask_dir, predict_only also scores the label maps against its masks.
@@ -117,8 +176,21 @@ def test_wbc_end_to_end_learns_nuclei_and_predicts_large_images(tmp_path, wbc_di
     Image.fromarray(big_image).save(site / "mosaic.bmp")
     raw = np.select([big_mask == 1, big_mask == 2], [128, 255], 0).astype(np.uint8)  # back to WBC's raw mask values
     Image.fromarray(raw).save(site / "mosaic.png")
-    scored = segment.main(["--predict_only", "--model_name_or_path", str(out), "--predict_images", str(site), "--predict_mask_dirs", str(site),
-                           "--image_glob", "*.bmp", "--output_dir", str(tmp_path / "scored")])
+    scored = segment.main(
+        [
+            "--predict_only",
+            "--model_name_or_path",
+            str(out),
+            "--predict_images",
+            str(site),
+            "--predict_mask_dirs",
+            str(site),
+            "--image_glob",
+            "*.bmp",
+            "--output_dir",
+            str(tmp_path / "scored"),
+        ]
+    )
     external = json.loads((tmp_path / "scored" / "test_metrics.json").read_text())
     assert external["dice_per_class"]["nucleus"] == pytest.approx(nucleus_dice(labels, big_mask), abs=1e-6)
     assert scored["num_predictions"] == 1 and (tmp_path / "scored" / "overlays.png").is_file()
@@ -126,11 +198,32 @@ def test_wbc_end_to_end_learns_nuclei_and_predicts_large_images(tmp_path, wbc_di
     # Several sets in one call: one sub-folder each, one table row per scored set.
     (unlabelled := tmp_path / "unlabelled").mkdir()
     Image.fromarray(big_image).save(unlabelled / "mosaic.bmp")
-    segment.main(["--predict_only", "--model_name_or_path", str(out), "--predict_images", str(unlabelled), str(site),
-                  "--predict_mask_dirs", "", str(site), "--image_glob", "*.bmp", "--output_dir", str(tmp_path / "both")])
-    assert (tmp_path / "both" / "site" / "mosaic_labels.png").is_file() and (tmp_path / "both" / "site" / "test_metrics.json").is_file()
+    segment.main(
+        [
+            "--predict_only",
+            "--model_name_or_path",
+            str(out),
+            "--predict_images",
+            str(unlabelled),
+            str(site),
+            "--predict_mask_dirs",
+            "",
+            str(site),
+            "--image_glob",
+            "*.bmp",
+            "--output_dir",
+            str(tmp_path / "both"),
+        ]
+    )
+    assert (tmp_path / "both" / "site" / "mosaic_labels.png").is_file() and (
+        tmp_path / "both" / "site" / "test_metrics.json"
+    ).is_file()
     table = (tmp_path / "both" / "external_metrics.csv").read_text().splitlines()
-    assert len(table) == 2 and table[1].startswith("site,") and (tmp_path / "both" / "unlabelled" / "mosaic_labels.png").is_file()
+    assert (
+        len(table) == 2
+        and table[1].startswith("site,")
+        and (tmp_path / "both" / "unlabelled" / "mosaic_labels.png").is_file()
+    )
     reloaded = AutoModelForSemanticSegmentation.from_pretrained(out, use_safetensors=True)
     assert reloaded.config.id2label[2] == "nucleus"
 
@@ -154,8 +247,13 @@ def test_sparse_labels_keep_the_requested_fraction(wbc_dir):
 def test_sparse_option_reaches_only_training_masks(tmp_path, wbc_dir):
     (model_args, data_args, training_args) = parse_config(
         segment.Segment.arguments,
-        ["--config", wbc_config(tmp_path / "c.yaml", wbc_dir, max_images=40, label_fraction_pixels=0.02,
-                                output_dir=str(tmp_path / "o"))])
+        [
+            "--config",
+            wbc_config(
+                tmp_path / "c.yaml", wbc_dir, max_images=40, label_fraction_pixels=0.02, output_dir=str(tmp_path / "o")
+            ),
+        ],
+    )
     pairs, _, names, channels = segment.load_labelled(data_args)
     train, val, test = segment.split_pairs(pairs, data_args, training_args.seed)
     assert (len(train.images), len(val.images), len(test.images)) == (28, 6, 6) and channels == 3
@@ -214,42 +312,108 @@ def test_named_error_label_value_not_in_class_map(tmp_path):
         mask[:4] = 7 if stem == "b" else 128
         write_pair(tmp_path / "d", stem, (32, 32), mask)
     # cli.parse_cli_flags YAML-parses flag values, so glob and pattern need YAML quotes on the command line.
-    argv = ["--train_data", str(tmp_path / "d"), "--image_glob", '"*.bmp"', "--mask_pattern", '"{stem}_mask.png"',
-            "--class_map", "{0: 0, 128: 1}", "--model", "unet", "--init", "scratch", "--image_size", "32",
-            "--output_dir", str(tmp_path / "o"), "--report_to", "none"]
+    argv = [
+        "--train_data",
+        str(tmp_path / "d"),
+        "--image_glob",
+        '"*.bmp"',
+        "--mask_pattern",
+        '"{stem}_mask.png"',
+        "--class_map",
+        "{0: 0, 128: 1}",
+        "--model",
+        "unet",
+        "--init",
+        "scratch",
+        "--image_size",
+        "32",
+        "--output_dir",
+        str(tmp_path / "o"),
+        "--report_to",
+        "none",
+    ]
     with pytest.raises(DataError, match=r"b\.bmp.*\[7\]"):
         segment.main(argv)
 
 
 def test_named_error_image_size_not_divisible_by_patch(tmp_path, wbc_dir, mae3):
-    cfg = wbc_config(tmp_path / "c.yaml", wbc_dir, model_name_or_path=str(mae3), image_size=30, max_images=6,
-                     output_dir=str(tmp_path / "o"))
+    cfg = wbc_config(
+        tmp_path / "c.yaml",
+        wbc_dir,
+        model_name_or_path=str(mae3),
+        image_size=30,
+        max_images=6,
+        output_dir=str(tmp_path / "o"),
+    )
     with pytest.raises(ConfigError, match=r"30x30.*patch_size 4x4"):
         segment.main(["--config", cfg])
 
 
 def test_named_error_three_channel_checkpoint_on_sixteen_channel_data(tmp_path, mae3):
-    argv = ["--train_data", "embedded:nuclei16", "--class_map", "{0: 0, 1: 1}", "--model_name_or_path", str(mae3),
-            "--image_size", "32", "--output_dir", str(tmp_path / "o"), "--report_to", "none"]
+    argv = [
+        "--train_data",
+        "embedded:nuclei16",
+        "--class_map",
+        "{0: 0, 1: 1}",
+        "--model_name_or_path",
+        str(mae3),
+        "--image_size",
+        "32",
+        "--output_dir",
+        str(tmp_path / "o"),
+        "--report_to",
+        "none",
+    ]
     with pytest.raises(DataError, match=r"3-channel.*16 channels"):
         segment.main(argv)
 
 
 def test_class_map_must_be_explicit(tmp_path, wbc_dir):
-    cfg = wbc_config(tmp_path / "c.yaml", wbc_dir, class_map=None, model="unet", init="scratch", output_dir=str(tmp_path / "o"))
+    cfg = wbc_config(
+        tmp_path / "c.yaml", wbc_dir, class_map=None, model="unet", init="scratch", output_dir=str(tmp_path / "o")
+    )
     with pytest.raises(ConfigError, match="class_map"):
         segment.main(["--config", cfg])
 
 
 def test_unet_baseline_runs_through_the_script_on_sixteen_channels(tmp_path, one_thread):
     out = tmp_path / "unet"
-    metrics = segment.main([
-        "--train_data", "embedded:nuclei16", "--class_map", "{0: 0, 1: 1}", "--class_names", "[background, nucleus]",
-        "--model", "unet", "--init", "scratch", "--unet_features", "[4, 4, 8, 8, 16, 4]", "--image_size", "32",
-        "--crop_mode", "random_crop", "--max_steps", "3", "--per_device_train_batch_size", "4", "--eval_strategy", "\"no\"",
-        "--save_strategy", "\"no\"", "--report_to", "none", "--output_dir", str(out), "--num_overlays", "2",
-        "--display_channels", "[8]",
-    ])
+    metrics = segment.main(
+        [
+            "--train_data",
+            "embedded:nuclei16",
+            "--class_map",
+            "{0: 0, 1: 1}",
+            "--class_names",
+            "[background, nucleus]",
+            "--model",
+            "unet",
+            "--init",
+            "scratch",
+            "--unet_features",
+            "[4, 4, 8, 8, 16, 4]",
+            "--image_size",
+            "32",
+            "--crop_mode",
+            "random_crop",
+            "--max_steps",
+            "3",
+            "--per_device_train_batch_size",
+            "4",
+            "--eval_strategy",
+            '"no"',
+            "--save_strategy",
+            '"no"',
+            "--report_to",
+            "none",
+            "--output_dir",
+            str(out),
+            "--num_overlays",
+            "2",
+            "--display_channels",
+            "[8]",
+        ]
+    )
     assert metrics["num_train_images"] == 8 and metrics["test_mean_dice"] >= 0.0
     saved = json.loads((out / "config.json").read_text())
     assert saved["model_type"] == "medmae_unet" and saved["in_channels"] == 16
@@ -269,7 +433,7 @@ def test_split_is_seeded_and_disjoint():
 @pytest.mark.parametrize("name", ["wbc_segmentation.yaml", "nuclei_segmentation.yaml"])
 def test_shipped_configs_parse(name):
     model_args, data_args, training_args = parse_config(
-        segment.Segment.arguments,
-        ["--config", str(ROOT / "configs" / name)])
+        segment.Segment.arguments, ["--config", str(ROOT / "configs" / name)]
+    )
     assert training_args.load_best_model_at_end and training_args.metric_for_best_model == "mean_dice"
     assert len(data_args.class_names) == len(set(data_args.class_map.values()))

@@ -25,9 +25,9 @@ from PIL import Image
 from transformers import ViTImageProcessorPil
 
 from hf_medmae import MedMAEForPreTraining, load_checkpoint
-from hf_medmae.tasks import classify, pretrain, segment
 from hf_medmae.encoder import load_encoder
 from hf_medmae.errors import CheckpointError
+from hf_medmae.tasks import classify, pretrain, segment
 
 PICKLE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
 # from_pretrained of these reads JSON only; everything else loads weights and must insist on safetensors
@@ -69,7 +69,11 @@ def _call_problems(call: ast.Call) -> list[str]:
     if _keyword(call, "use_safetensors") is False:
         problems.append("use_safetensors=False")
     owner = name.rsplit(".", 1)[0] if "." in name else ""
-    if name.endswith(".from_pretrained") and not any(word in owner for word in JSON_ONLY) and _keyword(call, "use_safetensors") is not True:
+    if (
+        name.endswith(".from_pretrained")
+        and not any(word in owner for word in JSON_ONLY)
+        and _keyword(call, "use_safetensors") is not True
+    ):
         problems.append(f"{name} without use_safetensors=True (falls back to pytorch_model.bin)")
     return problems
 
@@ -81,11 +85,15 @@ def unsafe_loading(source: str) -> list[str]:
         if isinstance(node, ast.Call):
             found += [f"line {node.lineno}: {p}" for p in _call_problems(node)]
         elif isinstance(node, ast.Import):
-            found += [f"line {node.lineno}: import {a.name}" for a in node.names if a.name.split(".")[0] in PICKLE_MODULES]
+            found += [
+                f"line {node.lineno}: import {a.name}" for a in node.names if a.name.split(".")[0] in PICKLE_MODULES
+            ]
         elif isinstance(node, ast.ImportFrom) and node.module:
             root = node.module.split(".")[0]
             aliased_load = root in {"torch", "numpy"} and any(a.name == "load" for a in node.names)
-            if root in PICKLE_MODULES or aliased_load:  # `from torch import load` would hide the call from the rule above
+            if (
+                root in PICKLE_MODULES or aliased_load
+            ):  # `from torch import load` would hide the call from the rule above
                 found.append(f"line {node.lineno}: from {node.module} import {', '.join(a.name for a in node.names)}")
     return found
 
@@ -94,34 +102,40 @@ def scanned_files() -> list[Path]:
     return sorted([*ROOT.glob("hf_medmae/**/*.py"), *ROOT.glob("run_*.py"), *ROOT.glob("benchmarks/**/*.py")])
 
 
-@pytest.mark.parametrize("snippet", [
-    "torch.load(path)",
-    "torch.load(path, weights_only=False)",
-    "torch.load(path, weights_only=flag)",
-    "np.load(path)",
-    "numpy.load(path, allow_pickle=True)",
-    "import pickle",
-    "from pickle import loads",
-    "data = joblib.load(path)",
-    "from torch import load",
-    "AutoModel.from_pretrained(repo, trust_remote_code=True)",
-    "MedMAEForPreTraining.from_pretrained(path)",
-    "MedMAEForPreTraining.from_pretrained(path, use_safetensors=False)",
-    "torch.hub.load('owner/repo', 'model')",
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "snippet",
+    [
+        "torch.load(path)",
+        "torch.load(path, weights_only=False)",
+        "torch.load(path, weights_only=flag)",
+        "np.load(path)",
+        "numpy.load(path, allow_pickle=True)",
+        "import pickle",
+        "from pickle import loads",
+        "data = joblib.load(path)",
+        "from torch import load",
+        "AutoModel.from_pretrained(repo, trust_remote_code=True)",
+        "MedMAEForPreTraining.from_pretrained(path)",
+        "MedMAEForPreTraining.from_pretrained(path, use_safetensors=False)",
+        "torch.hub.load('owner/repo', 'model')",
+    ],
+)
 def test_lint_flags_unsafe_loading(snippet):
     assert unsafe_loading(snippet), snippet
 
 
-@pytest.mark.parametrize("snippet", [
-    "torch.load(path, weights_only=True)",
-    "np.load(path, allow_pickle=False)",
-    "MedMAEForPreTraining.from_pretrained(path, use_safetensors=True)",
-    "ViTImageProcessorPil.from_pretrained(path)",
-    "MedMAEConfig.from_pretrained(path)",
-    "AutoModel.from_pretrained(repo, trust_remote_code=False, use_safetensors=True)",
-    '"""docstring: torch.load(path) and pickle.load(f)"""  # comment: np.load(x)',
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "snippet",
+    [
+        "torch.load(path, weights_only=True)",
+        "np.load(path, allow_pickle=False)",
+        "MedMAEForPreTraining.from_pretrained(path, use_safetensors=True)",
+        "ViTImageProcessorPil.from_pretrained(path)",
+        "MedMAEConfig.from_pretrained(path)",
+        "AutoModel.from_pretrained(repo, trust_remote_code=False, use_safetensors=True)",
+        '"""docstring: torch.load(path) and pickle.load(f)"""  # comment: np.load(x)',
+    ],
+)
 def test_lint_passes_safe_loading(snippet):
     assert unsafe_loading(snippet) == []
 
@@ -129,7 +143,13 @@ def test_lint_passes_safe_loading(snippet):
 def test_package_scripts_and_benchmarks_load_nothing_unsafely():
     files = scanned_files()
     names = {p.relative_to(ROOT).as_posix() for p in files}
-    assert {"run_mae.py", "run_classification.py", "run_segmentation.py", "hf_medmae/encoder.py", "hf_medmae/data/io.py"} <= names
+    assert {
+        "run_mae.py",
+        "run_classification.py",
+        "run_segmentation.py",
+        "hf_medmae/encoder.py",
+        "hf_medmae/data/io.py",
+    } <= names
     assert any(n.startswith("benchmarks/") for n in names)
     problems = [f"{p.relative_to(ROOT)} {problem}" for p in files for problem in unsafe_loading(p.read_text())]
     assert problems == []
@@ -154,8 +174,12 @@ def pickle_only(tmp_path):
     trapped pytorch_model.bin; and the file the trap creates if anything unpickles it."""
     folder, sentinel = tmp_path / "pickled", tmp_path / "TRAP_FIRED"
     tiny_config().save_pretrained(folder)
-    ViTImageProcessorPil(do_resize=False, do_rescale=False, image_mean=[120.0] * 3, image_std=[60.0] * 3).save_pretrained(folder)
-    (folder / "inference_config.json").write_text(json.dumps({"image_size": 32, "scale": 1.0, "class_names": ["a", "b"]}))
+    ViTImageProcessorPil(
+        do_resize=False, do_rescale=False, image_mean=[120.0] * 3, image_std=[60.0] * 3
+    ).save_pretrained(folder)
+    (folder / "inference_config.json").write_text(
+        json.dumps({"image_size": 32, "scale": 1.0, "class_names": ["a", "b"]})
+    )
     (folder / "pytorch_model.bin").write_bytes(pickle.dumps(_Trap(sentinel)))
     return folder, sentinel
 
@@ -169,29 +193,87 @@ def test_the_trap_fires_when_unpickled(pickle_only):
 def _images(folder: Path) -> Path:
     folder.mkdir()
     for i in range(4):
-        Image.fromarray(np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.bmp")
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+            folder / f"{i}.bmp"
+        )
         Image.fromarray(np.zeros((32, 32), np.uint8)).save(folder / f"{i}.png")
     return folder
 
 
 ENTRY_POINTS = {
     "load_encoder": lambda ck, t: load_encoder(ck),
-    "run_mae": lambda ck, t: pretrain.main(["--train_data", str(_images(t / "imgs")), "--file_pattern", "*.bmp", "--model_name_or_path", str(ck),
-                                           "--image_size", "32", "--output_dir", str(t / "out"), "--max_steps", "1", "--report_to", "none"]),
-    "run_classification": lambda ck, t: classify.main(["--data_dir", str(_class_folders(t / "cls")), "--model_name_or_path", str(ck), "--image_size", "32",
-                                                                 "--eval_strategy", "epoch", "--save_strategy", "epoch", "--output_dir", str(t / "out")]),
-    "run_segmentation": lambda ck, t: segment.main(["--train_data", str(_images(t / "imgs")), "--image_glob", "*.bmp", "--class_map", "{0: 0, 255: 1}",
-                                                             "--model_name_or_path", str(ck), "--image_size", "32", "--output_dir", str(t / "out")]),
-    "run_segmentation_predict_only": lambda ck, t: segment.main(["--predict_only", "true", "--model_name_or_path", str(ck),
-                                                                          "--predict_images", str(_images(t / "imgs")), "--output_dir", str(t / "out")]),
-}  # fmt: skip
+    "run_mae": lambda ck, t: pretrain.main(
+        [
+            "--train_data",
+            str(_images(t / "imgs")),
+            "--file_pattern",
+            "*.bmp",
+            "--model_name_or_path",
+            str(ck),
+            "--image_size",
+            "32",
+            "--output_dir",
+            str(t / "out"),
+            "--max_steps",
+            "1",
+            "--report_to",
+            "none",
+        ]
+    ),
+    "run_classification": lambda ck, t: classify.main(
+        [
+            "--data_dir",
+            str(_class_folders(t / "cls")),
+            "--model_name_or_path",
+            str(ck),
+            "--image_size",
+            "32",
+            "--eval_strategy",
+            "epoch",
+            "--save_strategy",
+            "epoch",
+            "--output_dir",
+            str(t / "out"),
+        ]
+    ),
+    "run_segmentation": lambda ck, t: segment.main(
+        [
+            "--train_data",
+            str(_images(t / "imgs")),
+            "--image_glob",
+            "*.bmp",
+            "--class_map",
+            "{0: 0, 255: 1}",
+            "--model_name_or_path",
+            str(ck),
+            "--image_size",
+            "32",
+            "--output_dir",
+            str(t / "out"),
+        ]
+    ),
+    "run_segmentation_predict_only": lambda ck, t: segment.main(
+        [
+            "--predict_only",
+            "true",
+            "--model_name_or_path",
+            str(ck),
+            "--predict_images",
+            str(_images(t / "imgs")),
+            "--output_dir",
+            str(t / "out"),
+        ]
+    ),
+}
 
 
 def _class_folders(root: Path) -> Path:
     for name in ("a", "b"):
         (root / name).mkdir(parents=True)
         for i in range(6):
-            Image.fromarray(np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+            Image.fromarray(np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                root / name / f"{i}.png"
+            )
     return root
 
 
@@ -201,7 +283,9 @@ def test_pickle_only_checkpoint_is_refused_by_name(entry, pickle_only, tmp_path)
     with pytest.raises(CheckpointError) as err:
         ENTRY_POINTS[entry](folder, tmp_path)
     assert "pickle" in err.value.problem and "safetensors" in str(err.value), err.value
-    assert "pytorch_model.bin" in err.value.problem or entry == "run_mae"  # run_mae quotes transformers' "no model.safetensors"
+    assert (
+        "pytorch_model.bin" in err.value.problem or entry == "run_mae"
+    )  # run_mae quotes transformers' "no model.safetensors"
     assert not sentinel.exists(), f"{entry} unpickled the weights"
 
 

@@ -23,10 +23,40 @@ from hf_medmae.data.transforms import Augment, channel_stats
 from hf_medmae.errors import ConfigError, DataError
 from hf_medmae.tasks import pretrain
 
-TINY = ["--image_size", "32", "--patch_size", "8", "--hidden_size", "32", "--num_hidden_layers", "1", "--num_attention_heads", "2",
-        "--intermediate_size", "64", "--decoder_hidden_size", "32", "--decoder_num_hidden_layers", "1", "--decoder_num_attention_heads", "2",
-        "--decoder_intermediate_size", "64", "--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "no",
-        "--attn_implementation", "sdpa", "--precision", "fp32", "--per_device_train_batch_size", "4"]  # fmt: skip
+TINY = [
+    "--image_size",
+    "32",
+    "--patch_size",
+    "8",
+    "--hidden_size",
+    "32",
+    "--num_hidden_layers",
+    "1",
+    "--num_attention_heads",
+    "2",
+    "--intermediate_size",
+    "64",
+    "--decoder_hidden_size",
+    "32",
+    "--decoder_num_hidden_layers",
+    "1",
+    "--decoder_num_attention_heads",
+    "2",
+    "--decoder_intermediate_size",
+    "64",
+    "--report_to",
+    "none",
+    "--disable_tqdm",
+    "true",
+    "--save_strategy",
+    "no",
+    "--attn_implementation",
+    "sdpa",
+    "--precision",
+    "fp32",
+    "--per_device_train_batch_size",
+    "4",
+]
 
 
 def stack(n: int = 6, channels: int = 16, side: int = 64, seed: int = 0) -> np.ndarray:
@@ -83,7 +113,9 @@ def test_npz_member_is_converted_once_to_a_memory_mapped_cache(tmp_path, monkeyp
     cached = list((tmp_path / "cache" / "hf_medmae_npz").glob("*.npy"))
     assert len(cached) == 1
     written = cached[0].stat().st_mtime_ns
-    assert np.array_equal(ArraySource(tmp_path / "pool.npz")[0], arr[0]) and cached[0].stat().st_mtime_ns == written  # reused
+    assert (
+        np.array_equal(ArraySource(tmp_path / "pool.npz")[0], arr[0]) and cached[0].stat().st_mtime_ns == written
+    )  # reused
     with pytest.raises(DataError, match="no array 'x'"):
         ArraySource(tmp_path / "pool.npz", key="x")
 
@@ -103,7 +135,9 @@ def test_folder_is_indexed_from_headers_and_bad_files_are_counted(tmp_path):
     # a file whose header reads but whose pixels do not: skipped when read, replaced by the next image, counted
     png = (tmp_path / "rgb.png").read_bytes()
     (tmp_path / "rgb.png").write_bytes(png[: len(png) // 2])
-    assert np.array_equal(source[4], arr[0].astype(np.float32)) and source.skipped_at_read == [str(tmp_path / "rgb.png")]
+    assert np.array_equal(source[4], arr[0].astype(np.float32)) and source.skipped_at_read == [
+        str(tmp_path / "rgb.png")
+    ]
     strict = FileSource(source.files, on_bad_file="error")
     with pytest.raises(DataError, match="rgb.png"):
         strict[4]
@@ -134,7 +168,9 @@ def test_lazy_dataset_gives_the_in_memory_items(tmp_path):
     images = [a.astype(np.float32) for a in arr]
     mean, std = channel_stats(images)
     augment = Augment(32, (0.2, 1.0), rot90=True)
-    lazy = PretrainingDataset(ArraySource(tmp_path / "pool.npy"), mean, std, 32, augment, seed=3, mask_noise_patches=16)
+    lazy = PretrainingDataset(
+        ArraySource(tmp_path / "pool.npy"), mean, std, 32, augment, seed=3, mask_noise_patches=16
+    )
     memory = PretrainingDataset(images, mean, std, 32, augment, seed=3, mask_noise_patches=16)
     for i in range(4):
         a, b = lazy[i], memory[i]
@@ -143,10 +179,25 @@ def test_lazy_dataset_gives_the_in_memory_items(tmp_path):
 
 def test_run_mae_on_a_memory_mapped_npy_records_the_sample(tmp_path):
     np.save(tmp_path / "pool.npy", stack(12, 4, 128))
-    metrics = pretrain.main(["--train_data", str(tmp_path / "pool.npy"), "--tile_size", "64", "--stats_sample_size", "8",
-                             "--max_steps", "2", "--output_dir", str(tmp_path / "out"), *TINY])  # fmt: skip
+    metrics = pretrain.main(
+        [
+            "--train_data",
+            str(tmp_path / "pool.npy"),
+            "--tile_size",
+            "64",
+            "--stats_sample_size",
+            "8",
+            "--max_steps",
+            "2",
+            "--output_dir",
+            str(tmp_path / "out"),
+            *TINY,
+        ]
+    )
     results = json.loads((tmp_path / "out" / "all_results.json").read_text())
-    assert results["normalisation_sample_images"] == 8 and metrics["num_train_images"] == 4 * 11  # 11 train images x 4 tiles
+    assert (
+        results["normalisation_sample_images"] == 8 and metrics["num_train_images"] == 4 * 11
+    )  # 11 train images x 4 tiles
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
@@ -155,7 +206,9 @@ def local_dataset(path, n: int = 32):
 
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)) for _ in range(n)]
-    datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()})).save_to_disk(str(path))
+    datasets.Dataset.from_dict(
+        {"image": images}, features=datasets.Features({"image": datasets.Image()})
+    ).save_to_disk(str(path))
     return path
 
 
@@ -167,8 +220,22 @@ def test_streaming_trains_on_a_local_dataset_and_refuses_what_it_cannot_do(tmp_p
     with pytest.raises(ConfigError, match="validation_data"):
         pretrain.main([*base, "--max_steps", "2"])
     with pytest.raises(ConfigError, match="hf: source"):
-        pretrain.main(["--train_data", str(tmp_path), "--streaming", "true", "--max_steps", "2", "--output_dir", str(tmp_path / "o"), *TINY])
-    metrics = pretrain.main([*base, "--max_steps", "3", "--validation_data", f"hf:{data}", "--stats_sample_size", "16"])
+        pretrain.main(
+            [
+                "--train_data",
+                str(tmp_path),
+                "--streaming",
+                "true",
+                "--max_steps",
+                "2",
+                "--output_dir",
+                str(tmp_path / "o"),
+                *TINY,
+            ]
+        )
+    metrics = pretrain.main(
+        [*base, "--max_steps", "3", "--validation_data", f"hf:{data}", "--stats_sample_size", "16"]
+    )
     results = json.loads((tmp_path / "out" / "all_results.json").read_text())
     assert metrics["global_step"] == 3 and results["normalisation_sample_images"] == 16 and "eval_loss" in results
     assert (tmp_path / "out" / "reconstruction.png").stat().st_size > 1000
@@ -176,8 +243,23 @@ def test_streaming_trains_on_a_local_dataset_and_refuses_what_it_cannot_do(tmp_p
 
 def test_an_interrupted_stream_resumes_where_it_stopped(tmp_path, caplog):
     data = local_dataset(tmp_path / "ds")
-    base = [*TINY, "--train_data", f"hf:{data}", "--streaming", "true", "--validation_fraction", "0", "--output_dir", str(tmp_path / "out"),
-            "--save_strategy", "steps", "--save_steps", "2", "--record_sample_ids", "true"]  # fmt: skip
+    base = [
+        *TINY,
+        "--train_data",
+        f"hf:{data}",
+        "--streaming",
+        "true",
+        "--validation_fraction",
+        "0",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "2",
+        "--record_sample_ids",
+        "true",
+    ]
     pretrain.main([*base, "--max_steps", "4"])
     first = json.loads((tmp_path / "out" / "sample_ids_rank0.json").read_text())
     (tmp_path / "out" / "checkpoint-4").rename(tmp_path / "later")  # as if killed after step 2
@@ -196,16 +278,45 @@ def test_two_processes_read_disjoint_shards_that_make_up_the_pool(tmp_path, kind
     import sys
 
     if kind == "stream":
-        source = ["--train_data", f"hf:{local_dataset(tmp_path / 'ds')}", "--streaming", "true", "--validation_fraction", "0"]
+        source = [
+            "--train_data",
+            f"hf:{local_dataset(tmp_path / 'ds')}",
+            "--streaming",
+            "true",
+            "--validation_fraction",
+            "0",
+        ]
     else:
         (tmp_path / "tifs").mkdir()
         for i, image in enumerate(stack(32, 16, 32)):
             tifffile.imwrite(tmp_path / "tifs" / f"{i:02d}.tif", image)
         source = ["--train_data", str(tmp_path / "tifs"), "--validation_fraction", "0"]
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "run_mae.py", *source, "--max_steps", "4", "--record_sample_ids", "true",
-           "--output_dir", str(out), "--dataloader_num_workers", "0", *TINY]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "run_mae.py",
+        *source,
+        "--max_steps",
+        "4",
+        "--record_sample_ids",
+        "true",
+        "--output_dir",
+        str(out),
+        "--dataloader_num_workers",
+        "0",
+        *TINY,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]

@@ -6,7 +6,6 @@ import os
 
 import pytest
 import torch
-from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoModelForSemanticSegmentation, ViTConfig, ViTModel
 
 from hf_medmae.configuration import MedMAEConfig
@@ -65,8 +64,15 @@ def test_default_skip_layers_are_spread():
 def test_from_encoder_copies_mae_weights():
     torch.manual_seed(0)
     dims = dict(TINY_VIT, image_size=32, patch_size=4, num_channels=16, num_hidden_layers=2)
-    mae = MedMAEForPreTraining(MedMAEConfig(**dims, decoder_hidden_size=32, decoder_num_hidden_layers=1,
-                                            decoder_num_attention_heads=2, decoder_intermediate_size=64))
+    mae = MedMAEForPreTraining(
+        MedMAEConfig(
+            **dims,
+            decoder_hidden_size=32,
+            decoder_num_hidden_layers=1,
+            decoder_num_attention_heads=2,
+            decoder_intermediate_size=64,
+        )
+    )
     vit = ViTModel(ViTConfig(**dims), add_pooling_layer=False)
     vit.load_state_dict(mae.vit.state_dict(), strict=True)
     model = MedSegForSegmentation.from_encoder(vit, num_labels=4, feature_size=8)
@@ -226,8 +232,9 @@ def test_class_weights_change_the_loss():
     logits, labels = torch.randn(1, 3, 8, 8), torch.randint(0, 3, (1, 8, 8))
     plain = tiny_segmenter()
     weighted = tiny_segmenter(class_weights=[1.0, 5.0, 0.1])
-    assert not torch.allclose(segmentation_loss(logits, labels, plain.config),
-                              segmentation_loss(logits, labels, weighted.config))
+    assert not torch.allclose(
+        segmentation_loss(logits, labels, plain.config), segmentation_loss(logits, labels, weighted.config)
+    )
 
 
 def test_segmenter_fits_a_pixel_rule():

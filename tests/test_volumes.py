@@ -12,7 +12,14 @@ import torch
 
 from hf_medmae.data.volumes import (
     LazyVolumes,
-    VolumeAugment, VolumeDataset, VolumeSet, load_volumes, normalise_intensity, orthogonal_slices, read_volume, sliding_crops,
+    VolumeAugment,
+    VolumeDataset,
+    VolumeSet,
+    load_volumes,
+    normalise_intensity,
+    orthogonal_slices,
+    read_volume,
+    sliding_crops,
 )
 from hf_medmae.errors import ConfigError, DataError
 
@@ -38,6 +45,7 @@ def mni():
 
 
 # --- readers -----------------------------------------------------------------------------------------------------
+
 
 def test_nifti_depth_is_the_z_axis(tmp_path):
     volume = ramp()
@@ -159,6 +167,7 @@ def test_unknown_source_and_mixed_channels():
 
 # --- intensity ---------------------------------------------------------------------------------------------------
 
+
 def test_zscore_over_foreground():
     rng = np.random.default_rng(0)
     volume = np.zeros((2, 8, 8, 8), np.float32)
@@ -194,6 +203,7 @@ def test_ct_window_and_percentile():
 
 # --- augmentation and crops --------------------------------------------------------------------------------------
 
+
 def test_augment_keeps_image_and_label_aligned_and_is_seeded():
     image = torch.from_numpy(ramp(10, 12, 12))[None]
     label = (image[0] % 7 > 3).long()  # a label that is a function of the voxel value
@@ -219,7 +229,9 @@ def test_non_square_roi_keeps_its_shape():
 
 def test_small_volumes_are_padded_with_ignore_labels():
     image, label = torch.ones(1, 3, 10, 4), torch.ones(3, 10, 4, dtype=torch.long)
-    out_image, out_label = VolumeAugment((6, 8, 8), flips=False, rot90=False)(image, label, torch.Generator().manual_seed(0))
+    out_image, out_label = VolumeAugment((6, 8, 8), flips=False, rot90=False)(
+        image, label, torch.Generator().manual_seed(0)
+    )
     assert out_image.shape == (1, 6, 8, 8) and out_label.shape == (6, 8, 8)
     assert type(out_image) is torch.Tensor and type(out_label) is torch.Tensor  # no MONAI MetaTensor leaks out
     assert int((out_label == 255).sum()) == int((out_image == 0).sum()) > 0
@@ -241,7 +253,11 @@ def test_pos_fraction_one_always_hits_foreground():
 
 
 def test_sliding_crops_cover_every_voxel():
-    for shape, roi, overlap in [((10, 7, 9), (4, 4, 4), 0.0), ((5, 16, 16), (8, 8, 8), 0.5), ((3, 3, 3), (4, 4, 4), 0.0)]:
+    for shape, roi, overlap in [
+        ((10, 7, 9), (4, 4, 4), 0.0),
+        ((5, 16, 16), (8, 8, 8), 0.5),
+        ((3, 3, 3), (4, 4, 4), 0.0),
+    ]:
         covered = np.zeros(shape, int)
         for box in sliding_crops(shape, roi, overlap):
             covered[box] += 1
@@ -283,6 +299,7 @@ def test_orthogonal_slices():
 
 # --- embedded real data ------------------------------------------------------------------------------------------
 
+
 def test_embedded_nuclei3d(nuclei):
     assert nuclei.names == [f"nuclei3d_q{i}" for i in range(4)] and nuclei.channels == 1
     for volume, label in zip(nuclei.volumes, nuclei.labels):
@@ -305,7 +322,9 @@ def test_embedded_mni152_tissue_maps_align_with_t1(mni):
 
 def test_embedded_volumes_through_the_dataset(nuclei):
     normalised = VolumeSet([normalise_intensity(v) for v in nuclei.volumes], nuclei.labels, nuclei.names)
-    ds = VolumeDataset(normalised.subset([0]), (16, 32, 32), VolumeAugment((16, 32, 32), pos_fraction=1.0), samples_per_volume=2)
+    ds = VolumeDataset(
+        normalised.subset([0]), (16, 32, 32), VolumeAugment((16, 32, 32), pos_fraction=1.0), samples_per_volume=2
+    )
     item = ds[1]
     assert item["pixel_values"].shape == (1, 16, 32, 32) and item["labels"].sum() > 0
 
@@ -327,7 +346,9 @@ def test_lazy_pool_reads_files_only_when_used_and_keeps_a_few(tmp_path):
         pool.volumes[i]
     assert list(pool.volumes._cache) == [2, 0]  # keep=2: the least recently used was dropped
     normalised = pool.volumes.map(lambda v: v - v.mean())
-    assert abs(float(normalised[1].mean())) < 1e-3 and abs(float(pool.volumes[1].mean()) - 110) < 1  # map adds, never mutates
+    assert (
+        abs(float(normalised[1].mean())) < 1e-3 and abs(float(pool.volumes[1].mean()) - 110) < 1
+    )  # map adds, never mutates
 
 
 def test_lazy_and_in_memory_pools_give_identical_items(tmp_path):
@@ -347,7 +368,9 @@ def test_lazy_pool_checks_label_shape_when_read(tmp_path):
     pool = load_volumes(str(folder), lazy=True)  # no read yet, so no error yet
     dataset = VolumeDataset(pool, (8, 16, 16), VolumeAugment((8, 16, 16)))
     dataset[0]
-    with pytest.raises(DataError, match=r"v1.nii.gz: the volume is \[D, H, W\] \(12, 16, 16\) but its label is \(12, 16, 15\)"):
+    with pytest.raises(
+        DataError, match=r"v1.nii.gz: the volume is \[D, H, W\] \(12, 16, 16\) but its label is \(12, 16, 15\)"
+    ):
         dataset[1]
 
 

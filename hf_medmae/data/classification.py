@@ -69,7 +69,9 @@ def read_all(paths: list[Path], on_bad_file: str) -> tuple[list[np.ndarray], lis
     return images, kept
 
 
-def load_class_folders(folder: str | Path, class_names: list[str] | None = None, on_bad_file: str = "error") -> LabelledImages:
+def load_class_folders(
+    folder: str | Path, class_names: list[str] | None = None, on_bad_file: str = "error"
+) -> LabelledImages:
     """Images under `folder/<class>/...`: one sub-folder per class.
 
     Args:
@@ -84,14 +86,21 @@ def load_class_folders(folder: str | Path, class_names: list[str] | None = None,
     """
     root = Path(folder)
     if not root.is_dir():
-        raise DataError(f"image folder {root} does not exist.", "check data_dir (relative paths start at the working directory).")
+        raise DataError(
+            f"image folder {root} does not exist.", "check data_dir (relative paths start at the working directory)."
+        )
     found = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not found:
-        raise DataError(f"{root} has no class sub-folders.", "put each class's images in its own sub-folder, or give labels_csv.")
+        raise DataError(
+            f"{root} has no class sub-folders.", "put each class's images in its own sub-folder, or give labels_csv."
+        )
     names = list(class_names) if class_names else found
     unknown = [f for f in found if f not in names]
     if unknown:
-        raise DataError(f"sub-folders {unknown} of {root} are not in class_names {names}.", "add them to class_names or move them out.")
+        raise DataError(
+            f"sub-folders {unknown} of {root} are not in class_names {names}.",
+            "add them to class_names or move them out.",
+        )
     paths, labels = [], []
     for name in found:
         files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
@@ -115,7 +124,10 @@ def _read_csv(path: Path) -> list[dict]:
 def _check_columns(rows: list[dict], columns: list[str], path: Path) -> None:
     missing = [c for c in columns if c not in rows[0]]
     if missing:
-        raise DataError(f"{path} has no column(s) {missing}; its columns are {list(rows[0])}.", "set id_column / label_column(s) to those names.")
+        raise DataError(
+            f"{path} has no column(s) {missing}; its columns are {list(rows[0])}.",
+            "set id_column / label_column(s) to those names.",
+        )
 
 
 def resolve_file(folder: Path, image_id: str, template: str | None) -> Path:
@@ -135,7 +147,10 @@ def resolve_file(folder: Path, image_id: str, template: str | None) -> Path:
         try:
             return folder / template.format(id=value)
         except (ValueError, KeyError, IndexError) as err:
-            raise DataError(f"filename_template {template!r} cannot format id {image_id!r} ({err}).", "use {id} in the template, e.g. '{id:03d}.bmp'.") from None
+            raise DataError(
+                f"filename_template {template!r} cannot format id {image_id!r} ({err}).",
+                "use {id} in the template, e.g. '{id:03d}.bmp'.",
+            ) from None
     path = folder / image_id
     if path.suffix.lower() in IMAGE_SUFFIXES or path.is_file():
         return path
@@ -143,7 +158,9 @@ def resolve_file(folder: Path, image_id: str, template: str | None) -> Path:
     return matches[0] if matches else path
 
 
-def _name_labels(raw: list[str], class_names: list[str] | None, label_offset: int, label_map: dict | None) -> tuple[np.ndarray, list[str]]:
+def _name_labels(
+    raw: list[str], class_names: list[str] | None, label_offset: int, label_map: dict | None
+) -> tuple[np.ndarray, list[str]]:
     """Raw CSV label cells -> ([N] indices, class names); integers shift by `label_offset`, names look up `class_names`."""
     values = [label_map.get(v, v) if label_map else v for v in raw]
     values = [str(v).strip() for v in values]
@@ -161,7 +178,10 @@ def _name_labels(raw: list[str], class_names: list[str] | None, label_offset: in
     names = list(class_names) if class_names else sorted(set(values))
     unknown = sorted(set(values) - set(names))
     if unknown:
-        raise DataError(f"label names {unknown} are not in class_names {names}.", "add them to class_names, or fix the CSV (names are case-sensitive).")
+        raise DataError(
+            f"label names {unknown} are not in class_names {names}.",
+            "add them to class_names, or fix the CSV (names are case-sensitive).",
+        )
     return np.asarray([names.index(v) for v in values], dtype=np.int64), names
 
 
@@ -170,7 +190,10 @@ def _multi_hot(rows: list[dict], columns: list[str], path: Path) -> np.ndarray:
     table = [[row[c] for c in columns] for row in rows]
     bad = sorted({v for line in table for v in line if v not in {"0", "1", "0.0", "1.0"}})
     if bad:
-        raise DataError(f"multi-label columns {columns} of {path} hold values {bad[:10]} besides 0/1.", "write 0 or 1 in every label column.")
+        raise DataError(
+            f"multi-label columns {columns} of {path} hold values {bad[:10]} besides 0/1.",
+            "write 0 or 1 in every label column.",
+        )
     return np.asarray(table, dtype=float).astype(np.float32)
 
 
@@ -204,13 +227,19 @@ def read_labels_csv(
             "list the 0/1 columns in label_columns (one per label), or set multi_label: false.",
         )
     if not multi_label and len(columns) > 1:
-        raise DataError(f"label_columns lists {len(columns)} columns but multi_label is false.", "set multi_label: true, or give one label column.")
+        raise DataError(
+            f"label_columns lists {len(columns)} columns but multi_label is false.",
+            "set multi_label: true, or give one label column.",
+        )
     rows = _read_csv(path)
     _check_columns(rows, [id_column] + columns, path)
     paths = [resolve_file(folder, row[id_column], filename_template) for row in rows]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise DataError(f"{len(missing)} images listed in {path} are missing, e.g. {missing[:3]}.", "check data_dir and filename_template (e.g. '{id:03d}.bmp').")
+        raise DataError(
+            f"{len(missing)} images listed in {path} are missing, e.g. {missing[:3]}.",
+            "check data_dir and filename_template (e.g. '{id:03d}.bmp').",
+        )
     if multi_label:
         return paths, _multi_hot(rows, columns, path), columns
     labels, names = _name_labels([row[columns[0]] for row in rows], class_names, label_offset, label_map)
@@ -247,8 +276,17 @@ def load_csv_labels(
         >>> wbc = load_csv_labels("Dataset 1", "Class Labels of Dataset 1.csv", "image ID", ["class label"],
         ...     "{id:03d}.bmp", ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"], 1)  # doctest: +SKIP
     """
-    paths, labels, names = read_labels_csv(image_dir, labels_csv, id_column, label_columns, filename_template, class_names,
-                                           label_offset, label_map, multi_label)  # fmt: skip
+    paths, labels, names = read_labels_csv(
+        image_dir,
+        labels_csv,
+        id_column,
+        label_columns,
+        filename_template,
+        class_names,
+        label_offset,
+        label_map,
+        multi_label,
+    )
     images, kept = read_all(paths, on_bad_file)
     return LabelledImages(images, labels[kept], names, [paths[i].name for i in kept], multi_label)
 
@@ -274,8 +312,16 @@ class ClassificationDataset(Dataset):
         torch.Size([3, 64, 64])
     """
 
-    def __init__(self, images: list[np.ndarray], labels: np.ndarray, image_mean, image_std, image_size: int, augment: Augment | None = None,
-                 with_ids: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        images: list[np.ndarray],
+        labels: np.ndarray,
+        image_mean,
+        image_std,
+        image_size: int,
+        augment: Augment | None = None,
+        with_ids: bool = False,
+    ):
         if len(images) != len(labels):
             raise DataError(f"{len(images)} images but {len(labels)} labels.", "give one label per image.")
         self.images = [torch.from_numpy(np.ascontiguousarray(im)) for im in images]

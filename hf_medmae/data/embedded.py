@@ -94,13 +94,19 @@ def _nilearn_volume(kind: str, downsample: int) -> np.ndarray:
     import nibabel as nib
 
     try:  # read the files, never import nilearn itself: it pulls in pandas, sklearn, joblib
-        path = resources.files("nilearn") / "datasets" / "data" / f"mni_icbm152_{kind}_tal_nlin_sym_09a_converted.nii.gz"
+        path = (
+            resources.files("nilearn") / "datasets" / "data" / f"mni_icbm152_{kind}_tal_nlin_sym_09a_converted.nii.gz"
+        )
         array = nib.load(str(path)).get_fdata(dtype=np.float32).T  # (X, Y, Z) -> (Z, Y, X), as read_volume does
     except (ModuleNotFoundError, FileNotFoundError):
-        raise DataError("the embedded MNI152 template needs the nilearn package, which is not installed.",
-                        "pip install 'nilearn>=0.10' (it is a dependency of hf_medmae).") from None
+        raise DataError(
+            "the embedded MNI152 template needs the nilearn package, which is not installed.",
+            "pip install 'nilearn>=0.10' (it is a dependency of hf_medmae).",
+        ) from None
     d, h, w = (n // downsample * downsample for n in array.shape)
-    blocks = array[:d, :h, :w].reshape(d // downsample, downsample, h // downsample, downsample, w // downsample, downsample)
+    blocks = array[:d, :h, :w].reshape(
+        d // downsample, downsample, h // downsample, downsample, w // downsample, downsample
+    )
     return blocks.mean(axis=(1, 3, 5), dtype=np.float32)
 
 
@@ -126,7 +132,9 @@ def mni152(downsample: int = 2) -> tuple[list[np.ndarray], list[np.ndarray], lis
         ((1, 94, 58, 49), 'mni152_left_posterior')
     """
     if not isinstance(downsample, int) or downsample < 1:
-        raise ConfigError(f"mni152 downsample={downsample!r} must be a positive integer.", "use 1 (1 mm), 2 (2 mm, default) or 4.")
+        raise ConfigError(
+            f"mni152 downsample={downsample!r} must be a positive integer.", "use 1 (1 mm), 2 (2 mm, default) or 4."
+        )
     t1, gm, wm = (_nilearn_volume(kind, downsample) for kind in ("t1", "gm", "wm"))
     gm, wm = gm / 255.0, wm / 255.0  # the maps are stored as uint8 probabilities
     classes = np.argmax(np.stack([1.0 - gm - wm, gm, wm]), axis=0).astype(np.int64)

@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
 
 from ..errors import DataError
 
@@ -23,7 +23,10 @@ def _to_chw(array: np.ndarray, path: Path | str, channels_last: bool | None = No
     if array.ndim == 2:
         return array[None]
     if array.ndim != 3:
-        raise DataError(f"{path}: expected a 2-D or 3-D image, got shape {array.shape}.", "save one image per file as [C, H, W] or [H, W, C].")
+        raise DataError(
+            f"{path}: expected a 2-D or 3-D image, got shape {array.shape}.",
+            "save one image per file as [C, H, W] or [H, W, C].",
+        )
     if channels_last is None:
         channels_last = array.shape[-1] <= 4 and array.shape[0] > 4
     return np.moveaxis(array, -1, 0) if channels_last else array
@@ -66,7 +69,10 @@ def read_image(path: str | Path) -> np.ndarray:
 def check_finite(array: np.ndarray, name: str) -> None:
     if not np.isfinite(array).all():
         bad = int((~np.isfinite(array)).sum())
-        raise DataError(f"{name} has {bad} NaN/inf pixel values.", "fix or drop the image; NaN pixels would turn the loss into NaN.")
+        raise DataError(
+            f"{name} has {bad} NaN/inf pixel values.",
+            "fix or drop the image; NaN pixels would turn the loss into NaN.",
+        )
 
 
 def list_image_files(folder: str | Path, recursive: bool = True, pattern: str = "*") -> list[Path]:
@@ -74,7 +80,10 @@ def list_image_files(folder: str | Path, recursive: bool = True, pattern: str = 
     process and every run sees the same order."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise DataError(f"image folder {folder} does not exist.", "check the path in train_data (relative paths start at the working directory).")
+        raise DataError(
+            f"image folder {folder} does not exist.",
+            "check the path in train_data (relative paths start at the working directory).",
+        )
     glob = f"**/{pattern}" if recursive else pattern
     return sorted(p for p in folder.glob(glob) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
@@ -84,7 +93,9 @@ def progress(items, **kwargs):
     return tqdm(items, disable=None, **kwargs)
 
 
-def read_image_folder(folder: str | Path, on_bad_file: str = "error", max_images: int | None = None, pattern: str = "*") -> tuple[list[np.ndarray], list[str], list[str]]:
+def read_image_folder(
+    folder: str | Path, on_bad_file: str = "error", max_images: int | None = None, pattern: str = "*"
+) -> tuple[list[np.ndarray], list[str], list[str]]:
     """Read every image under `folder`.
 
     Args:
@@ -97,7 +108,9 @@ def read_image_folder(folder: str | Path, on_bad_file: str = "error", max_images
         (images, names, skipped): arrays [C, H, W], their file names, and the files that were skipped.
     """
     if on_bad_file not in {"error", "skip"}:
-        raise DataError(f"on_bad_file={on_bad_file!r} is not an option.", "use on_bad_file: error or on_bad_file: skip.")
+        raise DataError(
+            f"on_bad_file={on_bad_file!r} is not an option.", "use on_bad_file: error or on_bad_file: skip."
+        )
     files = list_image_files(folder, pattern=pattern)[:max_images]
     images, names, skipped = [], [], []
     for path in progress(files, desc=f"reading {Path(folder).name}", unit="image"):
@@ -120,16 +133,23 @@ def read_array_file(path: str | Path, key: str | None = None) -> np.ndarray:
             keys = list(data.keys())
             chosen = key or ("images" if "images" in keys else keys[0])
             if chosen not in keys:
-                raise DataError(f"{path} has no array {chosen!r} (it has {keys}).", "set array_key to one of those names.")
+                raise DataError(
+                    f"{path} has no array {chosen!r} (it has {keys}).", "set array_key to one of those names."
+                )
             data = data[chosen]
     except DataError:
         raise
     except (OSError, ValueError) as err:
-        raise DataError(f"cannot read array file {path} ({err}).", "save arrays with numpy.save/savez (no pickled objects).") from None
+        raise DataError(
+            f"cannot read array file {path} ({err}).", "save arrays with numpy.save/savez (no pickled objects)."
+        ) from None
     if data.ndim == 3:
         data = data[:, None]
     if data.ndim != 4:
-        raise DataError(f"{path} holds shape {data.shape}; expected (N, C, H, W).", "reshape the array to (N, C, H, W) before saving.")
+        raise DataError(
+            f"{path} holds shape {data.shape}; expected (N, C, H, W).",
+            "reshape the array to (N, C, H, W) before saving.",
+        )
     data = data.astype(np.float32, copy=False)
     check_finite(data, str(path))
     return data
@@ -137,17 +157,22 @@ def read_array_file(path: str | Path, key: str | None = None) -> np.ndarray:
 
 def item_to_chw(item, name: str) -> np.ndarray:
     """A `datasets` image cell as float32 [C, H, W]: PIL images are channels-last; arrays are guessed as `read_image` does."""
-    array = _to_chw(np.asarray(item), name, channels_last=not isinstance(item, (np.ndarray, list)) or None).astype(np.float32, copy=False)
+    array = _to_chw(np.asarray(item), name, channels_last=not isinstance(item, (np.ndarray, list)) or None).astype(
+        np.float32, copy=False
+    )
     check_finite(array, name)
     return array
 
 
-def read_hf_dataset(name_or_path: str, split: str = "train", image_column: str | None = None, max_images: int | None = None) -> list[np.ndarray]:
+def read_hf_dataset(
+    name_or_path: str, split: str = "train", image_column: str | None = None, max_images: int | None = None
+) -> list[np.ndarray]:
     """Every image of a `datasets` dataset (a local `save_to_disk` folder or a name `load_dataset` knows), in memory.
 
     Pre-training reads the same datasets lazily (`sources.HFSource`); this is that reader, read through.
     """
-    from .sources import HFSource, image_column as pick_column, open_hf_dataset  # sources builds on this module
+    from .sources import HFSource, open_hf_dataset  # sources builds on this module
+    from .sources import image_column as pick_column
 
     ds = open_hf_dataset(name_or_path, split)
     if max_images:

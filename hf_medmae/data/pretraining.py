@@ -16,8 +16,14 @@ from .sources import image_column as hf_image_column
 from .transforms import Augment, EpochSeeded, Normalize, resize
 
 
-def load_source(source: str, on_bad_file: str = "error", max_images: int | None = None, array_key: str | None = None,
-                pattern: str = "*", image_column: str | None = None) -> tuple[ImageSource, list[str]]:
+def load_source(
+    source: str,
+    on_bad_file: str = "error",
+    max_images: int | None = None,
+    array_key: str | None = None,
+    pattern: str = "*",
+    image_column: str | None = None,
+) -> tuple[ImageSource, list[str]]:
     """The images of a source string as a lazy `ImageSource` (read per item), and the files skipped while indexing.
 
     Args:
@@ -56,8 +62,10 @@ def item_labels(source: ImageSource, labels_by_file: dict[Path, int]) -> np.ndar
     root, index = base_items(source)
     files = getattr(root, "files", None)
     if files is None:
-        raise DataError("labels are matched to images by file name, but these images do not come from an image folder.",
-                        "pre-train with labels_csv on a folder of images (train_data: <folder>).")
+        raise DataError(
+            "labels are matched to images by file name, but these images do not come from an image folder.",
+            "pre-train with labels_csv on a folder of images (train_data: <folder>).",
+        )
     found = np.asarray([labels_by_file.get(Path(f).resolve(), -100) for f in files], dtype=np.int64)
     return found[index]
 
@@ -104,15 +112,28 @@ class PretrainingDataset(EpochSeeded, Dataset):
             flips and turn), so the model can turn each image's attention map along with its view.
     """
 
-    def __init__(self, images: list[np.ndarray], image_mean, image_std, image_size: int, augment: Augment | None = None,
-                 seed: int = 0, mask_noise_patches: int = 0, labels: np.ndarray | None = None, with_ids: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        images: list[np.ndarray],
+        image_mean,
+        image_std,
+        image_size: int,
+        augment: Augment | None = None,
+        seed: int = 0,
+        mask_noise_patches: int = 0,
+        labels: np.ndarray | None = None,
+        with_ids: bool = True,
+    ):
         self.images = images if isinstance(images, ImageSource) else ListSource(list(images))
         self.normalize = Normalize(image_mean, image_std)
         EpochSeeded.__init__(self, seed)
         self.image_size, self.augment = image_size, augment
         self.mask_noise_patches = mask_noise_patches
         if labels is not None and len(labels) != len(self.images):
-            raise DataError(f"{len(labels)} labels for {len(self.images)} images.", "give one label per item (-100 where unlabeled).")
+            raise DataError(
+                f"{len(labels)} labels for {len(self.images)} images.",
+                "give one label per item (-100 where unlabeled).",
+            )
         self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
         self.with_ids = with_ids
 
@@ -136,8 +157,16 @@ class PretrainingDataset(EpochSeeded, Dataset):
         return item
 
 
-def streaming_dataset(stream, column: str, image_mean, image_std, image_size: int, augment: Augment | None = None,
-                      tile_size: int | None = None, name: str = "stream"):
+def streaming_dataset(
+    stream,
+    column: str,
+    image_mean,
+    image_std,
+    image_size: int,
+    augment: Augment | None = None,
+    tile_size: int | None = None,
+    name: str = "stream",
+):
     """A `datasets.IterableDataset` of pre-training items from a stream of images (tiled on the fly).
 
     It stays a `datasets.IterableDataset`, so accelerate can give each process its own file shards
@@ -160,5 +189,9 @@ def streaming_dataset(stream, column: str, image_mean, image_std, image_size: in
         return out
 
     # numpy format: each image arrives as one array, not nested Python lists (which cost ~36 bytes per pixel in the shuffle buffer)
-    return stream.with_format("numpy").map(to_items, batched=True, batch_size=1,
-                                           remove_columns=[c for c in (stream.column_names or [column]) if c != "sample_ids"])
+    return stream.with_format("numpy").map(
+        to_items,
+        batched=True,
+        batch_size=1,
+        remove_columns=[c for c in (stream.column_names or [column]) if c != "sample_ids"],
+    )

@@ -18,9 +18,9 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError
-from .transforms import Normalize, PairAugment, resize_pair
 from .embedded import EMBEDDED, nuclei16
 from .io import list_image_files, read_image
+from .transforms import Normalize, PairAugment, resize_pair
 
 CROP_MODES = ("resize", "random_crop")
 
@@ -33,9 +33,10 @@ class SegmentationPairs:
     masks: list[np.ndarray]
     names: list[str]
 
-    def subset(self, indices) -> "SegmentationPairs":
-        return SegmentationPairs([self.images[i] for i in indices], [self.masks[i] for i in indices],
-                                 [self.names[i] for i in indices])
+    def subset(self, indices) -> SegmentationPairs:
+        return SegmentationPairs(
+            [self.images[i] for i in indices], [self.masks[i] for i in indices], [self.names[i] for i in indices]
+        )
 
 
 def read_mask(path: str | Path) -> np.ndarray:
@@ -43,8 +44,10 @@ def read_mask(path: str | Path) -> np.ndarray:
     array = read_image(path)  # float32 [C, H, W]
     if array.shape[0] > 1:
         if not all(np.array_equal(array[0], array[c]) for c in range(1, min(array.shape[0], 3))):
-            raise DataError(f"mask {path} is a colour image with different channels.",
-                            "save masks as single-channel (grey or palette) images of class values.")
+            raise DataError(
+                f"mask {path} is a colour image with different channels.",
+                "save masks as single-channel (grey or palette) images of class values.",
+            )
         array = array[:1]
     if not np.array_equal(array, np.round(array)):
         raise DataError(f"mask {path} holds non-integer values.", "save masks as integer label images (PNG, TIFF).")
@@ -59,14 +62,21 @@ def _folder_pairs(folder: Path, mask_dir: Path, image_glob: str, mask_pattern: s
     pairs = [(p, mask_of[p]) for p in candidates if p.resolve() not in masks]
     missing = [str(m) for _, m in pairs if not m.is_file()]
     if missing:
-        raise DataError(f"{len(missing)} image(s) have no mask, e.g. {missing[:3]} (mask_pattern {mask_pattern!r}).",
-                        "check mask_dir and mask_pattern ({stem} = image name without suffix), "
-                        "or narrow image_glob to the images that have masks.")
+        raise DataError(
+            f"{len(missing)} image(s) have no mask, e.g. {missing[:3]} (mask_pattern {mask_pattern!r}).",
+            "check mask_dir and mask_pattern ({stem} = image name without suffix), "
+            "or narrow image_glob to the images that have masks.",
+        )
     return pairs[:max_images]
 
 
-def load_pairs(source: str, mask_dir: str | None = None, image_glob: str = "*", mask_pattern: str = "{stem}.png",
-               max_images: int | None = None) -> SegmentationPairs:
+def load_pairs(
+    source: str,
+    mask_dir: str | None = None,
+    image_glob: str = "*",
+    mask_pattern: str = "{stem}.png",
+    max_images: int | None = None,
+) -> SegmentationPairs:
     """Images and raw masks from a folder, an `.npz` file (`images`, `masks`) or `embedded:nuclei16`.
 
     Args:
@@ -88,24 +98,36 @@ def load_pairs(source: str, mask_dir: str | None = None, image_glob: str = "*", 
     if source.startswith("embedded:"):
         name = source.split(":", 1)[1]
         if name not in EMBEDDED:
-            raise DataError(f"unknown embedded data set {name!r}.", f"use one of {sorted(EMBEDDED)} as embedded:<name>.")
+            raise DataError(
+                f"unknown embedded data set {name!r}.", f"use one of {sorted(EMBEDDED)} as embedded:<name>."
+            )
         images, masks = nuclei16()
-        pairs = SegmentationPairs(list(images), [m.astype(np.int64) for m in masks], [f"{name}_{i:02d}" for i in range(len(images))])
+        pairs = SegmentationPairs(
+            list(images), [m.astype(np.int64) for m in masks], [f"{name}_{i:02d}" for i in range(len(images))]
+        )
     elif Path(source).suffix.lower() == ".npz":
         pairs = _npz_pairs(Path(source))
     elif Path(source).is_dir():
         found = _folder_pairs(Path(source), Path(mask_dir or source), image_glob, mask_pattern, max_images)
-        pairs = SegmentationPairs([read_image(p) for p, _ in found], [read_mask(m) for _, m in found], [p.name for p, _ in found])
+        pairs = SegmentationPairs(
+            [read_image(p) for p, _ in found], [read_mask(m) for _, m in found], [p.name for p, _ in found]
+        )
     else:
-        raise DataError(f"segmentation source {source!r} is neither a folder, an .npz file nor embedded:<name>.",
-                        "point train_data at an image folder (with masks), an .npz with images/masks, or embedded:nuclei16.")
+        raise DataError(
+            f"segmentation source {source!r} is neither a folder, an .npz file nor embedded:<name>.",
+            "point train_data at an image folder (with masks), an .npz with images/masks, or embedded:nuclei16.",
+        )
     pairs = pairs.subset(range(min(len(pairs.images), max_images or len(pairs.images))))
     if not pairs.images:
-        raise DataError(f"no image/mask pairs found in {source} (image_glob {image_glob!r}).", "check train_data and image_glob.")
+        raise DataError(
+            f"no image/mask pairs found in {source} (image_glob {image_glob!r}).", "check train_data and image_glob."
+        )
     for image, mask, name in zip(pairs.images, pairs.masks, pairs.names):
         if tuple(image.shape[1:]) != tuple(mask.shape):
-            raise DataError(f"{name}: the image is {image.shape[1]}x{image.shape[2]} but its mask is {mask.shape[0]}x{mask.shape[1]}.",
-                            "give every mask the size of its image (masks are resized only together with images).")
+            raise DataError(
+                f"{name}: the image is {image.shape[1]}x{image.shape[2]} but its mask is {mask.shape[0]}x{mask.shape[1]}.",
+                "give every mask the size of its image (masks are resized only together with images).",
+            )
     return pairs
 
 
@@ -113,15 +135,19 @@ def _npz_pairs(path: Path) -> SegmentationPairs:
     try:
         with np.load(path, allow_pickle=False) as data:  # never unpickle user files
             if not {"images", "masks"} <= set(data.keys()):
-                raise DataError(f"{path} has arrays {list(data.keys())}; expected 'images' and 'masks'.",
-                                "save with numpy.savez(path, images=(N, C, H, W), masks=(N, H, W)).")
+                raise DataError(
+                    f"{path} has arrays {list(data.keys())}; expected 'images' and 'masks'.",
+                    "save with numpy.savez(path, images=(N, C, H, W), masks=(N, H, W)).",
+                )
             images, masks = data["images"].astype(np.float32), data["masks"]
     except (OSError, ValueError) as err:
         raise DataError(f"cannot read {path} ({err}).", "save arrays with numpy.savez (no pickled objects).") from None
     images = images[:, None] if images.ndim == 3 else images
     if images.ndim != 4 or masks.ndim != 3 or len(images) != len(masks):
-        raise DataError(f"{path}: images {images.shape} and masks {masks.shape} do not pair up.",
-                        "store images as (N, C, H, W) or (N, H, W) and masks as (N, H, W) with the same N.")
+        raise DataError(
+            f"{path}: images {images.shape} and masks {masks.shape} do not pair up.",
+            "store images as (N, C, H, W) or (N, H, W) and masks as (N, H, W) with the same N.",
+        )
     names = [f"{path.name}[{i}]" for i in range(len(images))]
     return SegmentationPairs(list(images), [m.astype(np.int64) for m in masks], names)
 
@@ -136,15 +162,21 @@ def parse_class_map(class_map: dict | None, ignore_index: int = 255) -> dict[int
         {0: 0, 128: 1, 255: 2}
     """
     if not class_map:
-        raise ConfigError("class_map is not set.", "map every raw mask value to a class id, e.g. class_map: {0: 0, 128: 1, 255: 2}.")
+        raise ConfigError(
+            "class_map is not set.", "map every raw mask value to a class id, e.g. class_map: {0: 0, 128: 1, 255: 2}."
+        )
     try:
         parsed = {int(k): int(v) for k, v in class_map.items()}
     except (TypeError, ValueError):
-        raise ConfigError(f"class_map {class_map} must map integers to integers.", "write it as {raw value: class id}.") from None
+        raise ConfigError(
+            f"class_map {class_map} must map integers to integers.", "write it as {raw value: class id}."
+        ) from None
     ids = sorted(set(parsed.values()) - {ignore_index})
     if ids != list(range(len(ids))) or not ids:
-        raise ConfigError(f"class_map {parsed} gives class ids {ids}; they must be 0..K-1 without gaps.",
-                          f"number the classes from 0; map unlabeled values to ignore_index {ignore_index}.")
+        raise ConfigError(
+            f"class_map {parsed} gives class ids {ids}; they must be 0..K-1 without gaps.",
+            f"number the classes from 0; map unlabeled values to ignore_index {ignore_index}.",
+        )
     return parsed
 
 
@@ -158,8 +190,10 @@ def map_mask(raw: np.ndarray, class_map: dict[int, int], name: str) -> np.ndarra
     values, inverse = np.unique(raw, return_inverse=True)
     unknown = [int(v) for v in values if int(v) not in class_map]
     if unknown:
-        raise DataError(f"{name}: mask values {unknown[:10]} are not in class_map (keys {sorted(class_map)}).",
-                        "add every raw value to class_map (map unlabeled values to ignore_index), or fix the mask.")
+        raise DataError(
+            f"{name}: mask values {unknown[:10]} are not in class_map (keys {sorted(class_map)}).",
+            "add every raw value to class_map (map unlabeled values to ignore_index), or fix the mask.",
+        )
     lookup = np.array([class_map[int(v)] for v in values], dtype=np.int64)
     return lookup[inverse].reshape(raw.shape)
 
@@ -176,7 +210,10 @@ def sparsify(masks: list[np.ndarray], fraction: float, ignore_index: int, seed: 
         10
     """
     if not 0.0 < fraction <= 1.0:
-        raise ConfigError(f"label_fraction_pixels={fraction} is outside (0, 1].", "use e.g. 0.02 for 2% of the pixels, 1.0 for dense.")
+        raise ConfigError(
+            f"label_fraction_pixels={fraction} is outside (0, 1].",
+            "use e.g. 0.02 for 2% of the pixels, 1.0 for dense.",
+        )
     if fraction == 1.0:
         return masks
     rng, out = np.random.default_rng(seed), []
@@ -202,8 +239,8 @@ def covering_tiles(pairs: SegmentationPairs, size: int) -> SegmentationPairs:
         lefts = np.unique(np.linspace(0, max(w - size, 0), max(1, math.ceil(w / size))).round().astype(int))
         for top in tops:
             for left in lefts:
-                images.append(image[:, top:top + size, left:left + size])
-                masks.append(mask[top:top + size, left:left + size])
+                images.append(image[:, top : top + size, left : left + size])
+                masks.append(mask[top : top + size, left : left + size])
                 names.append(f"{name}@{top},{left}")
     return SegmentationPairs(images, masks, names)
 
@@ -223,7 +260,9 @@ class SegmentationDataset(Dataset):
         (torch.Size([3, 64, 64]), torch.int64)
     """
 
-    def __init__(self, pairs: SegmentationPairs, image_mean, image_std, image_size: int, augment: PairAugment | None = None):
+    def __init__(
+        self, pairs: SegmentationPairs, image_mean, image_std, image_size: int, augment: PairAugment | None = None
+    ):
         self.images = [torch.from_numpy(np.ascontiguousarray(im, dtype=np.float32)) for im in pairs.images]
         self.masks = [torch.from_numpy(np.ascontiguousarray(m, dtype=np.int64)) for m in pairs.masks]
         self.names = list(pairs.names)
@@ -248,6 +287,14 @@ def labelled_fraction(masks: list[np.ndarray], ignore_index: int) -> float:
 
 
 __all__ = [
-    "CROP_MODES", "SegmentationPairs", "SegmentationDataset", "covering_tiles", "labelled_fraction",
-    "load_pairs", "map_mask", "parse_class_map", "read_mask", "sparsify",
+    "CROP_MODES",
+    "SegmentationPairs",
+    "SegmentationDataset",
+    "covering_tiles",
+    "labelled_fraction",
+    "load_pairs",
+    "map_mask",
+    "parse_class_map",
+    "read_mask",
+    "sparsify",
 ]

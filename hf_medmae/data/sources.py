@@ -50,7 +50,7 @@ class ImageSource:
         """A size x size window of image `index` (sources that can read a window alone override this)."""
         return self[index][:, top : top + size, left : left + size]
 
-    def subset(self, indices) -> "Subset":
+    def subset(self, indices) -> Subset:
         return Subset(self, np.asarray(indices, dtype=np.int64))
 
 
@@ -95,14 +95,18 @@ class ArraySource(ImageSource):
         self.path, self.key = Path(path), key
         self.array, self.mapping = _open_array(self.path, key)
         if self.array.ndim not in (3, 4):
-            raise DataError(f"{self.path} holds shape {self.array.shape}; expected (N, C, H, W).",
-                            "reshape the array to (N, C, H, W) before saving.")  # fmt: skip
+            raise DataError(
+                f"{self.path} holds shape {self.array.shape}; expected (N, C, H, W).",
+                "reshape the array to (N, C, H, W) before saving.",
+            )
         self.grey = self.array.ndim == 3
 
     def __len__(self) -> int:
         return self.array.shape[0]
 
-    def __getstate__(self) -> dict:  # a worker process re-opens the mapping instead of receiving a pickled copy of the pool
+    def __getstate__(
+        self,
+    ) -> dict:  # a worker process re-opens the mapping instead of receiving a pickled copy of the pool
         return {k: v for k, v in self.__dict__.items() if k not in ("array", "mapping")}
 
     def __setstate__(self, state: dict) -> None:
@@ -134,7 +138,9 @@ class ArraySource(ImageSource):
 
     def crop(self, index: int, top: int, left: int, size: int) -> np.ndarray:
         item = self.array[index]
-        window = item[top : top + size, left : left + size] if self.grey else item[:, top : top + size, left : left + size]
+        window = (
+            item[top : top + size, left : left + size] if self.grey else item[:, top : top + size, left : left + size]
+        )
         return self._checked(window, index)
 
 
@@ -144,19 +150,28 @@ def _open_array(path: Path, key: str | None) -> tuple[np.ndarray, mmap.mmap]:
         target = path if path.suffix.lower() == ".npy" else _npz_member_as_npy(path, key)
         with open(target, "rb") as handle:
             version = np.lib.format.read_magic(handle)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
             shape, fortran, dtype = read_header(handle)  # refuses object arrays: never unpickle user files
             if dtype.hasobject or fortran:
-                raise DataError(f"{path} holds an object or Fortran-ordered array.", "save a plain C-ordered numeric array with numpy.save.")
+                raise DataError(
+                    f"{path} holds an object or Fortran-ordered array.",
+                    "save a plain C-ordered numeric array with numpy.save.",
+                )
             offset = handle.tell()
             mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-            if hasattr(mmap, "MADV_RANDOM"):  # items are read in shuffled order: no read-ahead or fault-around of neighbours
+            if hasattr(
+                mmap, "MADV_RANDOM"
+            ):  # items are read in shuffled order: no read-ahead or fault-around of neighbours
                 mapping.madvise(mmap.MADV_RANDOM)
         return np.ndarray(shape, dtype=dtype, buffer=mapping, offset=offset), mapping
     except DataError:
         raise
     except (OSError, ValueError, zipfile.BadZipFile) as err:
-        raise DataError(f"cannot read array file {path} ({err}).", "save arrays with numpy.save/savez (no pickled objects).") from None
+        raise DataError(
+            f"cannot read array file {path} ({err}).", "save arrays with numpy.save/savez (no pickled objects)."
+        ) from None
 
 
 def _npz_member_as_npy(path: Path, key: str | None) -> Path:
@@ -165,20 +180,29 @@ def _npz_member_as_npy(path: Path, key: str | None) -> Path:
         names = [n[:-4] for n in archive.namelist() if n.endswith(".npy")]
         chosen = key or ("images" if "images" in names else names[0] if names else None)
         if chosen not in names:
-            raise DataError(f"{path} has no array {chosen!r} (it has {names}).", "set array_key to one of those names.")
+            raise DataError(
+                f"{path} has no array {chosen!r} (it has {names}).", "set array_key to one of those names."
+            )
         stat = path.stat()
         tag = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{chosen}".encode()).hexdigest()[:16]
-        cache = Path(os.environ.get("HF_DATASETS_CACHE", Path.home() / ".cache" / "huggingface" / "datasets")) / "hf_medmae_npz"
+        cache = (
+            Path(os.environ.get("HF_DATASETS_CACHE", Path.home() / ".cache" / "huggingface" / "datasets"))
+            / "hf_medmae_npz"
+        )
         target = cache / f"{path.stem}-{chosen}-{tag}.npy"
         if target.is_file():
             return target
         cache.mkdir(parents=True, exist_ok=True)
         with archive.open(f"{chosen}.npy") as member:
             version = np.lib.format.read_magic(member)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
             shape, fortran, dtype = read_header(member)
             if dtype.hasobject or fortran:
-                raise DataError(f"{path}[{chosen}] is an object or Fortran-ordered array.", "save a plain C-ordered numeric array.")
+                raise DataError(
+                    f"{path}[{chosen}] is an object or Fortran-ordered array.", "save a plain C-ordered numeric array."
+                )
             partial = target.with_suffix(".partial")
             out = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=shape)
             flat, step = out.reshape(-1), max(1, (64 << 20) // dtype.itemsize)
@@ -203,7 +227,9 @@ class FileSource(ImageSource):
 
     def __init__(self, files: list[Path], on_bad_file: str = "error", root: Path | None = None):
         if on_bad_file not in {"error", "skip"}:
-            raise DataError(f"on_bad_file={on_bad_file!r} is not an option.", "use on_bad_file: error or on_bad_file: skip.")
+            raise DataError(
+                f"on_bad_file={on_bad_file!r} is not an option.", "use on_bad_file: error or on_bad_file: skip."
+            )
         self.on_bad_file, self.files, self.shapes, self.skipped, self.skipped_at_read = on_bad_file, [], [], [], []
         for path in progress(files, desc=f"indexing {root.name if root else 'files'}", unit="file"):
             try:
@@ -231,8 +257,10 @@ class FileSource(ImageSource):
                     logger.warning("skipping %s: it could not be decoded (on_bad_file: skip)", path)
                 continue
             if tuple(image.shape) != self.shapes[j]:
-                raise DataError(f"{path} decoded to shape {image.shape}, its header said {self.shapes[j]}.",
-                                "re-save the file; it may have been changed while training.")  # fmt: skip
+                raise DataError(
+                    f"{path} decoded to shape {image.shape}, its header said {self.shapes[j]}.",
+                    "re-save the file; it may have been changed while training.",
+                )
             return image
         raise DataError("no file of the pool could be decoded.", "check the image folder.")
 
@@ -254,8 +282,10 @@ def header_shape(path: Path) -> tuple[int, int, int]:
                 return (1, *shape)
             if len(shape) == 3:
                 return tuple(_to_chw(np.empty(shape, np.uint8), path).shape)
-            raise DataError(f"{path}: expected a 2-D or 3-D image, got shape {shape} (axes {axes}).",
-                            "save one image per file as [C, H, W] or [H, W, C].")  # fmt: skip
+            raise DataError(
+                f"{path}: expected a 2-D or 3-D image, got shape {shape} (axes {axes}).",
+                "save one image per file as [C, H, W] or [H, W, C].",
+            )
         from PIL import Image
 
         with Image.open(path) as image:
@@ -263,8 +293,10 @@ def header_shape(path: Path) -> tuple[int, int, int]:
     except DataError:
         raise
     except Exception as err:  # PIL and tifffile raise many kinds for a broken header
-        raise DataError(f"cannot read image {path} ({type(err).__name__}: {err}).",
-                        "replace or delete the file, or set on_bad_file: skip to leave unreadable files out (they are counted).") from None
+        raise DataError(
+            f"cannot read image {path} ({type(err).__name__}: {err}).",
+            "replace or delete the file, or set on_bad_file: skip to leave unreadable files out (they are counted).",
+        ) from None
 
 
 class HFSource(ImageSource):
@@ -305,18 +337,26 @@ def open_hf_dataset(name_or_path: str, split: str = "train", streaming: bool = F
             ds = ds.add_column("sample_ids", np.arange(len(ds)))
         return ds.to_iterable_dataset(num_shards=max(1, min(64, len(ds)))) if streaming else ds
     if with_ids:
-        raise DataError(f"record_sample_ids needs a local dataset folder; {name_or_path} is not one.", "drop record_sample_ids for Hub streams.")
+        raise DataError(
+            f"record_sample_ids needs a local dataset folder; {name_or_path} is not one.",
+            "drop record_sample_ids for Hub streams.",
+        )
     return datasets.load_dataset(name_or_path, split=split, streaming=streaming)
 
 
 def image_column(column_names: list[str], name: str, column: str | None = None) -> str:
     found = column or next((c for c in ("image", "img", "pixel_values") if c in column_names), None)
     if found is None or found not in column_names:
-        raise DataError(f"dataset {name} has no image column (columns: {column_names}).", "set image_column to the column that holds the images.")
+        raise DataError(
+            f"dataset {name} has no image column (columns: {column_names}).",
+            "set image_column to the column that holds the images.",
+        )
     return found
 
 
-def folder_source(folder: str | Path, on_bad_file: str = "error", max_images: int | None = None, pattern: str = "*") -> FileSource:
+def folder_source(
+    folder: str | Path, on_bad_file: str = "error", max_images: int | None = None, pattern: str = "*"
+) -> FileSource:
     files = list_image_files(folder, pattern=pattern)[:max_images]
     return FileSource(files, on_bad_file, root=Path(folder))
 
@@ -336,7 +376,11 @@ class TiledSource(ImageSource):
             if h < tile_size or w < tile_size:
                 index.append((i, -1, -1))
             else:
-                index += [(i, top, left) for top in range(0, h - tile_size + 1, stride) for left in range(0, w - tile_size + 1, stride)]
+                index += [
+                    (i, top, left)
+                    for top in range(0, h - tile_size + 1, stride)
+                    for left in range(0, w - tile_size + 1, stride)
+                ]
         self.index = np.asarray(index, dtype=np.int64).reshape(-1, 3)
 
     def __len__(self) -> int:
@@ -366,7 +410,11 @@ def base_items(source: ImageSource) -> tuple[ImageSource, np.ndarray]:
 def sample_stats(source: ImageSource, sample_size: int | None, seed: int) -> tuple[list[float], list[float], int]:
     """Per-channel mean/std from a seeded sample of `sample_size` items (all when None or larger): (mean, std, n)."""
     n = len(source) if not sample_size or sample_size >= len(source) else sample_size
-    picks = np.sort(np.random.default_rng(seed).choice(len(source), size=n, replace=False)) if n < len(source) else range(len(source))
+    picks = (
+        np.sort(np.random.default_rng(seed).choice(len(source), size=n, replace=False))
+        if n < len(source)
+        else range(len(source))
+    )
     return channel_moments(source[int(i)] for i in progress(picks, desc="normalisation statistics", unit="image"))
 
 
@@ -375,9 +423,26 @@ def source_channels(source: ImageSource, where: str) -> int:
     # every item where shapes are cheap (headers, arrays); the first 100 where they need decoding (a varied hf: column)
     counts = sorted({source.shape(i)[0] for i in range(len(source) if source.cheap_shapes else min(100, len(source)))})
     if len(counts) > 1:
-        raise DataError(f"{where} mixes images with {counts} channels.", "convert all images to one channel count (e.g. all RGB) before training.")
+        raise DataError(
+            f"{where} mixes images with {counts} channels.",
+            "convert all images to one channel count (e.g. all RGB) before training.",
+        )
     return counts[0]
 
 
-__all__ = ["ArraySource", "FileSource", "HFSource", "ImageSource", "ListSource", "Subset", "TiledSource", "base_items", "folder_source",
-           "header_shape", "image_column", "open_hf_dataset", "sample_stats", "source_channels"]
+__all__ = [
+    "ArraySource",
+    "FileSource",
+    "HFSource",
+    "ImageSource",
+    "ListSource",
+    "Subset",
+    "TiledSource",
+    "base_items",
+    "folder_source",
+    "header_shape",
+    "image_column",
+    "open_hf_dataset",
+    "sample_stats",
+    "source_channels",
+]

@@ -21,14 +21,18 @@ logger = logging.getLogger(__name__)
 def split_indices(n: int, validation_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded shuffle split: (train indices, validation indices); at least one of each when n >= 2."""
     if n == 0:
-        raise DataError("the dataset is empty: no images were found.", "check train_data points at a folder or file with images.")
+        raise DataError(
+            "the dataset is empty: no images were found.", "check train_data points at a folder or file with images."
+        )
     order = np.random.default_rng(seed).permutation(n)
     n_val = int(round(n * validation_fraction))
     n_val = min(max(n_val, 1 if validation_fraction > 0 and n >= 2 else 0), n - 1)
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def split_three(n: int, validation_fraction: float, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def split_three(
+    n: int, validation_fraction: float, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Seeded (train, validation, test) image indices; validation and test get at least one image each.
 
     Example:
@@ -36,20 +40,26 @@ def split_three(n: int, validation_fraction: float, test_fraction: float, seed: 
         [6, 2, 2]
     """
     if n < 3:
-        raise DataError(f"{n} image/mask pairs cannot be split into train, validation and test.", "provide at least 3 pairs.")
+        raise DataError(
+            f"{n} image/mask pairs cannot be split into train, validation and test.", "provide at least 3 pairs."
+        )
     order = np.random.default_rng(seed).permutation(n)
     n_val = max(1, round(n * validation_fraction))
     n_test = max(1, round(n * test_fraction))
     if n_val + n_test >= n:
-        raise ConfigError(f"validation_fraction {validation_fraction} + test_fraction {test_fraction} leave no training images of {n}.",
-                          "lower the fractions.")
-    return np.sort(order[n_val + n_test:]), np.sort(order[:n_val]), np.sort(order[n_val:n_val + n_test])
+        raise ConfigError(
+            f"validation_fraction {validation_fraction} + test_fraction {test_fraction} leave no training images of {n}.",
+            "lower the fractions.",
+        )
+    return np.sort(order[n_val + n_test :]), np.sort(order[:n_val]), np.sort(order[n_val : n_val + n_test])
 
 
 def subsample(indices: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """A seeded `fraction` (at least one) of `indices`, sorted: the `train_fraction` over images."""
     if not 0.0 < fraction <= 1.0:
-        raise ConfigError(f"train_fraction={fraction} is outside (0, 1].", "use e.g. 0.1 for 10% of the training images.")
+        raise ConfigError(
+            f"train_fraction={fraction} is outside (0, 1].", "use e.g. 0.1 for 10% of the training images."
+        )
     count = max(1, round(fraction * len(indices)))
     return np.sort(np.random.default_rng([seed, 1]).permutation(indices)[:count])
 
@@ -64,7 +74,9 @@ class Split:
     train_only_classes: list[str] = field(default_factory=list)
 
 
-def _carve(pool: np.ndarray, labels: np.ndarray | None, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+def _carve(
+    pool: np.ndarray, labels: np.ndarray | None, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """Split `pool` into (rest, held out) stratified by `labels`; classes with < 2 members in the pool stay in rest."""
     if fraction <= 0 or len(pool) < 2:
         return pool, pool[:0], []
@@ -77,12 +89,17 @@ def _carve(pool: np.ndarray, labels: np.ndarray | None, fraction: float, seed: i
     rest_pool = pool[~np.isin(labels[pool], rare)]
     n_held = max(int(round(len(pool) * fraction)), len(np.unique(labels[rest_pool])))  # sklearn: >= 1 per class
     if n_held >= len(rest_pool):
-        raise DataError(f"{len(pool)} images are too few to hold out {fraction:.0%} stratified by class.", "lower validation_fraction / test_fraction or add images.")
+        raise DataError(
+            f"{len(pool)} images are too few to hold out {fraction:.0%} stratified by class.",
+            "lower validation_fraction / test_fraction or add images.",
+        )
     rest, held = train_test_split(rest_pool, test_size=n_held, stratify=labels[rest_pool], random_state=seed)
     return np.sort(np.concatenate([rest, keep])), np.sort(held), rare
 
 
-def stratified_split(labels: np.ndarray, class_names: list[str], validation_fraction: float, test_fraction: float, seed: int) -> Split:
+def stratified_split(
+    labels: np.ndarray, class_names: list[str], validation_fraction: float, test_fraction: float, seed: int
+) -> Split:
     """Seeded stratified train / validation / test split (scikit-learn), test first, then validation from the rest.
 
     A class with fewer than 2 examples left in the pool being split stays in train (so WBC's single
@@ -101,7 +118,10 @@ def stratified_split(labels: np.ndarray, class_names: list[str], validation_frac
         (9, 4, 4, ['c'])
     """
     if validation_fraction < 0 or test_fraction < 0 or validation_fraction + test_fraction >= 1:
-        raise DataError(f"validation_fraction {validation_fraction} + test_fraction {test_fraction} must lie in [0, 1).", "use e.g. 0.15 and 0.2.")
+        raise DataError(
+            f"validation_fraction {validation_fraction} + test_fraction {test_fraction} must lie in [0, 1).",
+            "use e.g. 0.15 and 0.2.",
+        )
     strat = labels if labels.ndim == 1 else None
     pool = np.arange(len(labels))
     rest, test, rare_test = _carve(pool, strat, test_fraction, seed)
@@ -111,8 +131,11 @@ def stratified_split(labels: np.ndarray, class_names: list[str], validation_frac
     rare = sorted(set(rare_test) | set(rare_val))
     split = Split(train, val, test, [class_names[c] for c in rare])
     if split.train_only_classes:
-        logger.warning("classes %s have too few examples to be stratified into validation/test: kept in train only "
-                       "(validation/test report them with support 0)", split.train_only_classes)
+        logger.warning(
+            "classes %s have too few examples to be stratified into validation/test: kept in train only "
+            "(validation/test report them with support 0)",
+            split.train_only_classes,
+        )
     return split
 
 
@@ -122,7 +145,9 @@ def class_counts(labels: np.ndarray, class_names: list[str]) -> dict[str, int]:
     return {name: int(n) for name, n in zip(class_names, counts)}
 
 
-def label_subset(labels: np.ndarray, class_names: list[str], fraction: float, seed: int, strict: bool = False) -> np.ndarray:
+def label_subset(
+    labels: np.ndarray, class_names: list[str], fraction: float, seed: int, strict: bool = False
+) -> np.ndarray:
     """Seeded stratified subset (positions into `labels`) keeping `fraction` of each class, at least one per class.
 
     Per class `max(1, floor(n_c * fraction + 0.5))` examples; with `strict`, a class whose share rounds
@@ -140,7 +165,9 @@ def label_subset(labels: np.ndarray, class_names: list[str], fraction: float, se
         3
     """
     if not 0 < fraction <= 1:
-        raise DataError(f"train_fraction={fraction} is outside (0, 1].", "use e.g. 0.1 for 10% of the training labels.")
+        raise DataError(
+            f"train_fraction={fraction} is outside (0, 1].", "use e.g. 0.1 for 10% of the training labels."
+        )
     rng = np.random.default_rng(seed)
     if labels.ndim == 2:
         n = max(1, int(np.floor(len(labels) * fraction + 0.5)))
@@ -156,8 +183,13 @@ def label_subset(labels: np.ndarray, class_names: list[str], fraction: float, se
             )
         chosen.append(rng.permutation(members)[: max(n, 1)])
     subset = np.sort(np.concatenate(chosen))
-    logger.info("train_fraction %.3g: %d of %d training examples, per class %s", fraction, subset.size, len(labels),
-                class_counts(labels[subset], class_names))
+    logger.info(
+        "train_fraction %.3g: %d of %d training examples, per class %s",
+        fraction,
+        subset.size,
+        len(labels),
+        class_counts(labels[subset], class_names),
+    )
     return subset
 
 

@@ -62,7 +62,9 @@ def channel_moments(images) -> tuple[list[float], list[float], int]:
         total_sq += (flat**2).sum(1)
         count, n = count + flat.shape[1], n + 1
     if total is None:
-        raise DataError("no images to compute normalisation statistics from.", "check that the training data is not empty.")
+        raise DataError(
+            "no images to compute normalisation statistics from.", "check that the training data is not empty."
+        )
     mean = total / count
     std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
     return mean.tolist(), np.where(std > 0, std, 1.0).tolist(), n
@@ -231,8 +233,8 @@ class PairAugment:
         if self.crop_mode == "random_crop" and min(h, w) >= self.image_size:
             top = int(torch.randint(0, h - self.image_size + 1, (1,), generator=gen))
             left = int(torch.randint(0, w - self.image_size + 1, (1,), generator=gen))
-            image = image[:, top:top + self.image_size, left:left + self.image_size]
-            mask = mask[top:top + self.image_size, left:left + self.image_size]
+            image = image[:, top : top + self.image_size, left : left + self.image_size]
+            mask = mask[top : top + self.image_size, left : left + self.image_size]
         image, mask = resize_pair(image, mask, (self.image_size, self.image_size))
         if self.hflip and torch.rand(1, generator=gen) < 0.5:
             image, mask = image.flip(-1), mask.flip(-1)
@@ -244,5 +246,17 @@ class PairAugment:
         return image.contiguous(), mask.contiguous()
 
 
-__all__ = ["Augment", "HFLIP", "Normalize", "PairAugment", "VFLIP", "apply_view", "center_crop", "channel_moments", "channel_stats",
-           "check_channels", "resize", "resize_pair"]
+__all__ = [
+    "Augment",
+    "HFLIP",
+    "Normalize",
+    "PairAugment",
+    "VFLIP",
+    "apply_view",
+    "center_crop",
+    "channel_moments",
+    "channel_stats",
+    "check_channels",
+    "resize",
+    "resize_pair",
+]

@@ -53,8 +53,10 @@ def _nifti(path: Path) -> np.ndarray:
     if array.ndim == 3:
         array = array[..., None]
     if array.ndim != 4:
-        raise DataError(f"{path}: NIfTI data of shape {array.shape} is not a volume (X, Y, Z) or (X, Y, Z, C).",
-                        "save one volume per file; a 2-D image needs a 2-D pipeline.")
+        raise DataError(
+            f"{path}: NIfTI data of shape {array.shape} is not a volume (X, Y, Z) or (X, Y, Z, C).",
+            "save one volume per file; a 2-D image needs a 2-D pipeline.",
+        )
     return array.transpose(3, 2, 1, 0)  # -> [C, D=Z, H=Y, W=X]
 
 
@@ -74,11 +76,15 @@ def _tiff(path: Path) -> np.ndarray:
     depth = axes.index("Z") if "Z" in axes else (pages.pop(0) if pages else None)
     channel = named_channel.pop(0) if named_channel else (pages.pop(0) if pages else None)  # [P, C, H, W]
     if depth is None:
-        raise DataError(f"{path} is a 2-D image (axes {axes}, shape {array.shape}), not a volume.",
-                        "give 3D runs multi-page TIFF z-stacks [D, H, W] or [D, C, H, W].")
+        raise DataError(
+            f"{path} is a 2-D image (axes {axes}, shape {array.shape}), not a volume.",
+            "give 3D runs multi-page TIFF z-stacks [D, H, W] or [D, C, H, W].",
+        )
     if named_channel or pages or len(axes) > 4:
-        raise DataError(f"{path} has axes {axes} (shape {array.shape}); a volume has one depth and one channel axis.",
-                        "save one time point per file as a z-stack [D, H, W] or an ImageJ hyperstack ZCYX.")
+        raise DataError(
+            f"{path} has axes {axes} (shape {array.shape}); a volume has one depth and one channel axis.",
+            "save one time point per file as a z-stack [D, H, W] or an ImageJ hyperstack ZCYX.",
+        )
     if channel is None:
         array, axes, channel, depth = array[None], "C" + axes, 0, depth + 1
     return array.transpose(channel, depth, axes.index("Y"), axes.index("X"))
@@ -89,8 +95,10 @@ def _npy(path: Path) -> np.ndarray:
     if array.ndim == 3:
         array = array[None]
     if array.ndim != 4:
-        raise DataError(f"{path} holds shape {array.shape}; a volume file is [C, D, H, W] or [D, H, W].",
-                        "save one volume per .npy, or a stack [N, C, D, H, W] as the whole source of load_volumes.")
+        raise DataError(
+            f"{path} holds shape {array.shape}; a volume file is [C, D, H, W] or [D, H, W].",
+            "save one volume per .npy, or a stack [N, C, D, H, W] as the whole source of load_volumes.",
+        )
     return array
 
 
@@ -115,23 +123,31 @@ def read_volume(path: str | Path, tiff_pages: str = "depth") -> np.ndarray:
     """
     if tiff_pages != "depth":
         known = tiff_pages in ("depth", "channels")
-        raise ConfigError(f"tiff_pages={tiff_pages!r} {'reads pages as channels, a 2D reading' if known else 'is unknown'}.",
-                          "3D runs need tiff_pages: depth (each page is one slice of the volume).")
+        raise ConfigError(
+            f"tiff_pages={tiff_pages!r} {'reads pages as channels, a 2D reading' if known else 'is unknown'}.",
+            "3D runs need tiff_pages: depth (each page is one slice of the volume).",
+        )
     path = Path(path)
     reader = READERS.get(volume_suffix(path))
     if reader is None:
-        raise DataError(f"{path} is not a volume file (extension {volume_suffix(path)!r}).",
-                        f"convert it to one of {', '.join(VOLUME_SUFFIXES)}.")
+        raise DataError(
+            f"{path} is not a volume file (extension {volume_suffix(path)!r}).",
+            f"convert it to one of {', '.join(VOLUME_SUFFIXES)}.",
+        )
     try:
         array = reader(path)
     except DataError:
         raise
     except (OSError, ValueError, EOFError, zlib.error, ImageFileError) as err:  # truncated gzip: EOFError / zlib.error
-        raise DataError(f"cannot read volume {path} ({type(err).__name__}: {err}).",
-                        "replace the file (re-export or re-download it) or move it out of the folder.") from None
+        raise DataError(
+            f"cannot read volume {path} ({type(err).__name__}: {err}).",
+            "replace the file (re-export or re-download it) or move it out of the folder.",
+        ) from None
     if array.shape[1] < 2:
-        raise DataError(f"{path} has a single slice (shape {array.shape}): a 2-D image, not a volume.",
-                        "use the 2D pipeline for 2-D images, or stack slices into one volume file.")
+        raise DataError(
+            f"{path} has a single slice (shape {array.shape}): a 2-D image, not a volume.",
+            "use the 2D pipeline for 2-D images, or stack slices into one volume file.",
+        )
     array = np.ascontiguousarray(array, dtype=np.float32)
     check_finite(array, str(path))
     return array
@@ -173,11 +189,11 @@ class LazyVolumes(Sequence):
             self._cache.popitem(last=False)
         return volume
 
-    def map(self, transform) -> "LazyVolumes":
+    def map(self, transform) -> LazyVolumes:
         """The same files with one more transform applied on reading."""
         return LazyVolumes(self.paths, self.read, (*self.transforms, transform), self.keep)
 
-    def subset(self, indices) -> "LazyVolumes":
+    def subset(self, indices) -> LazyVolumes:
         return LazyVolumes([self.paths[i] for i in indices], self.read, self.transforms, self.keep)
 
     def __getstate__(self):  # dataloader workers get the paths, not the cache
@@ -202,7 +218,7 @@ class VolumeSet:
     def __len__(self) -> int:
         return len(self.volumes)
 
-    def subset(self, indices) -> "VolumeSet":
+    def subset(self, indices) -> VolumeSet:
         indices = list(indices)
         labels = None if self.labels is None else _pick(self.labels, indices)
         return VolumeSet(_pick(self.volumes, indices), labels, [self.names[i] for i in indices])
@@ -216,8 +232,10 @@ class VolumeSet:
         """The channel count; a lazy set reads its first volume (the others are checked as they are read)."""
         counts = sorted({v.shape[0] for v in (self.volumes[:1] if self.lazy else self.volumes)})
         if len(counts) != 1:
-            raise DataError(f"the volumes have {counts or 'no'} channel counts; one model input needs one.",
-                            "give every volume the same channels (modalities) in the same order.")
+            raise DataError(
+                f"the volumes have {counts or 'no'} channel counts; one model input needs one.",
+                "give every volume the same channels (modalities) in the same order.",
+            )
         return counts[0]
 
 
@@ -225,9 +243,13 @@ def read_label(path: str | Path, tiff_pages: str = "depth") -> np.ndarray:
     """One label volume as int64 [D, H, W] class ids; it must have one channel and integer values."""
     array = read_volume(path, tiff_pages)
     if array.shape[0] != 1:
-        raise DataError(f"label {path} has {array.shape[0]} channels.", "save labels as one integer class id per voxel.")
+        raise DataError(
+            f"label {path} has {array.shape[0]} channels.", "save labels as one integer class id per voxel."
+        )
     if not np.array_equal(array, np.round(array)):
-        raise DataError(f"label {path} holds non-integer values.", "save labels as integer class ids (not probabilities).")
+        raise DataError(
+            f"label {path} holds non-integer values.", "save labels as integer class ids (not probabilities)."
+        )
     return array[0].astype(np.int64)
 
 
@@ -246,10 +268,12 @@ def _folder_volumes(folder: Path, label_dir: Path | None, pattern: str, max_volu
         return [(p, None) for p in images]
     missing = [label_of[p].name for p in images if not label_of[p].is_file()]
     if missing:
-        raise DataError(f"{len(missing)} volume(s) have no label in {label_dir or folder}, e.g. {missing[:5]} "
-                        f"(label_pattern {pattern!r}).",
-                        "add the labels, fix label_dir / label_pattern ({stem}{suffix} = the volume's file name), "
-                        "or move unlabelled volumes out of the folder.")
+        raise DataError(
+            f"{len(missing)} volume(s) have no label in {label_dir or folder}, e.g. {missing[:5]} "
+            f"(label_pattern {pattern!r}).",
+            "add the labels, fix label_dir / label_pattern ({stem}{suffix} = the volume's file name), "
+            "or move unlabelled volumes out of the folder.",
+        )
     return [(p, label_of[p]) for p in images]
 
 
@@ -259,7 +283,11 @@ def _files_set(found: list[tuple[Path, Path | None]], tiff_pages: str, lazy: boo
     read, read_labels = partial(read_volume, tiff_pages=tiff_pages), partial(read_label, tiff_pages=tiff_pages)
     has_labels = bool(found) and found[0][1] is not None
     if lazy:
-        return VolumeSet(LazyVolumes([p for p, _ in found], read), LazyVolumes([q for _, q in found], read_labels) if has_labels else None, names)
+        return VolumeSet(
+            LazyVolumes([p for p, _ in found], read),
+            LazyVolumes([q for _, q in found], read_labels) if has_labels else None,
+            names,
+        )
     return VolumeSet([read(p) for p, _ in found], [read_labels(q) for _, q in found] if has_labels else None, names)
 
 
@@ -281,9 +309,13 @@ def _npy_stack(path: Path, lazy: bool = False) -> VolumeSet:
         labels = np.load(label_file, allow_pickle=False, mmap_mode=mode) if label_file.is_file() else None
     except (OSError, ValueError, EOFError) as err:
         raise DataError(f"cannot read {path} ({err}).", "save arrays with numpy.save (no pickled objects).") from None
-    if labels is not None and (labels.ndim != 4 or len(labels) != len(images) or (not lazy and not np.array_equal(labels, np.round(labels)))):
-        raise DataError(f"{label_file}: labels {labels.shape} do not pair with volumes {images.shape}.",
-                        "save integer labels as [N, D, H, W] with the N of the volumes [N, C, D, H, W].")
+    if labels is not None and (
+        labels.ndim != 4 or len(labels) != len(images) or (not lazy and not np.array_equal(labels, np.round(labels)))
+    ):
+        raise DataError(
+            f"{label_file}: labels {labels.shape} do not pair with volumes {images.shape}.",
+            "save integer labels as [N, D, H, W] with the N of the volumes [N, C, D, H, W].",
+        )
     names = [f"{path.name}[{i}]" for i in range(len(images))]
     if lazy:
         return VolumeSet(list(images), None if labels is None else list(labels), names)
@@ -291,8 +323,14 @@ def _npy_stack(path: Path, lazy: bool = False) -> VolumeSet:
     return VolumeSet(list(images), None if labels is None else list(labels.astype(np.int64)), names)
 
 
-def load_volumes(source: str, label_dir: str | None = None, label_pattern: str = "{stem}_label{suffix}",
-                 tiff_pages: str = "depth", max_volumes: int | None = None, lazy: bool = False) -> VolumeSet:
+def load_volumes(
+    source: str,
+    label_dir: str | None = None,
+    label_pattern: str = "{stem}_label{suffix}",
+    tiff_pages: str = "depth",
+    max_volumes: int | None = None,
+    lazy: bool = False,
+) -> VolumeSet:
     """Volumes and optional labels from a folder, one file, a `.npy` stack, or `embedded:nuclei3d|mni152`.
 
     Args:
@@ -319,7 +357,9 @@ def load_volumes(source: str, label_dir: str | None = None, label_pattern: str =
     if source.startswith("embedded:"):
         name = source.split(":", 1)[1]
         if name not in EMBEDDED_VOLUMES:
-            raise DataError(f"unknown embedded volume set {name!r}.", f"use one of {sorted(EMBEDDED_VOLUMES)} as embedded:<name>.")
+            raise DataError(
+                f"unknown embedded volume set {name!r}.", f"use one of {sorted(EMBEDDED_VOLUMES)} as embedded:<name>."
+            )
         volumes = VolumeSet(*EMBEDDED_VOLUMES[name]())
     elif path.is_dir():
         found = _folder_volumes(path, Path(label_dir) if label_dir else None, label_pattern, max_volumes)
@@ -329,24 +369,37 @@ def load_volumes(source: str, label_dir: str | None = None, label_pattern: str =
     elif path.is_file():
         label = _label_path(path, Path(label_dir) if label_dir else path.parent, label_pattern)
         if label_dir and not label.is_file():
-            raise DataError(f"{path.name} has no label {label}.", "fix label_dir / label_pattern, or leave label_dir unset.")
+            raise DataError(
+                f"{path.name} has no label {label}.", "fix label_dir / label_pattern, or leave label_dir unset."
+            )
         volumes = _files_set([(path, label if label.is_file() else None)], tiff_pages, lazy)
     else:
-        raise DataError(f"volume source {source!r} is neither a folder, a volume file nor embedded:<name>.",
-                        f"point train_data at a folder of {'/'.join(VOLUME_SUFFIXES)} files, one such file, or embedded:nuclei3d.")
+        raise DataError(
+            f"volume source {source!r} is neither a folder, a volume file nor embedded:<name>.",
+            f"point train_data at a folder of {'/'.join(VOLUME_SUFFIXES)} files, one such file, or embedded:nuclei3d.",
+        )
     volumes = volumes.subset(range(min(len(volumes), max_volumes or len(volumes))))
     if not volumes.volumes:
-        raise DataError(f"no volumes found in {source}.", f"check the path; volume files end in {', '.join(VOLUME_SUFFIXES)}.")
+        raise DataError(
+            f"no volumes found in {source}.", f"check the path; volume files end in {', '.join(VOLUME_SUFFIXES)}."
+        )
     for i, name in enumerate([] if volumes.lazy else volumes.names):  # lazy: checked as each is read
         image_shape = tuple(volumes.volumes[i].shape[1:])
         if volumes.labels is not None and tuple(volumes.labels[i].shape) != image_shape:
-            raise DataError(f"{name}: the volume is [D, H, W] {image_shape} but its label is {tuple(volumes.labels[i].shape)}.",
-                            "give every label the voxel grid of its volume (resample both to one grid before training).")
+            raise DataError(
+                f"{name}: the volume is [D, H, W] {image_shape} but its label is {tuple(volumes.labels[i].shape)}.",
+                "give every label the voxel grid of its volume (resample both to one grid before training).",
+            )
     return volumes
 
 
-def normalise_intensity(volume: np.ndarray, mode: str = "zscore", window: tuple[float, float] | None = None,
-                        percentiles: tuple[float, float] = (0.5, 99.5), foreground_threshold: float | None = None) -> np.ndarray:
+def normalise_intensity(
+    volume: np.ndarray,
+    mode: str = "zscore",
+    window: tuple[float, float] | None = None,
+    percentiles: tuple[float, float] = (0.5, 99.5),
+    foreground_threshold: float | None = None,
+) -> np.ndarray:
     """Per-volume, per-channel intensity normalisation (nnU-Net style), applied once when loading.
 
     Args:
@@ -370,8 +423,10 @@ def normalise_intensity(volume: np.ndarray, mode: str = "zscore", window: tuple[
         return volume
     if mode == "ct_window":
         if window is None or len(window) != 2 or not float(window[0]) < float(window[1]):
-            raise ConfigError(f"ct_window normalisation needs window=(lo, hi) with lo < hi, got {window!r}.",
-                              "set window in HU, e.g. [-1000, 400] (lung) or [-160, 240] (abdomen).")
+            raise ConfigError(
+                f"ct_window normalisation needs window=(lo, hi) with lo < hi, got {window!r}.",
+                "set window in HU, e.g. [-1000, 400] (lung) or [-160, 240] (abdomen).",
+            )
         lo, hi = float(window[0]), float(window[1])
         return ((np.clip(volume, lo, hi) - lo) / (hi - lo)).astype(np.float32)
     if mode == "percentile" and not 0.0 <= percentiles[0] < percentiles[1] <= 100.0:
@@ -396,7 +451,9 @@ def pad_to(image: torch.Tensor, label: torch.Tensor | None, roi_size, ignore_ind
     # MONAI returns MetaTensors; plain tensors keep collation and the model free of metadata
     image = convert_to_tensor(SpatialPad(size, mode="constant", value=0)(image), track_meta=False)
     if label is not None:
-        label = convert_to_tensor(SpatialPad(size, mode="constant", value=ignore_index)(label[None]), track_meta=False)[0]
+        label = convert_to_tensor(
+            SpatialPad(size, mode="constant", value=ignore_index)(label[None]), track_meta=False
+        )[0]
     return image, label
 
 
@@ -427,11 +484,15 @@ class VolumeAugment:
 
     def __post_init__(self):
         if len(self.roi_size) != 3 or min(self.roi_size) < 1:
-            raise ConfigError(f"roi_size={self.roi_size!r} is not three positive sizes (D, H, W).",
-                              "use e.g. roi_size: [32, 64, 64].")
+            raise ConfigError(
+                f"roi_size={self.roi_size!r} is not three positive sizes (D, H, W).",
+                "use e.g. roi_size: [32, 64, 64].",
+            )
         if not 0.0 <= self.pos_fraction <= 1.0:
-            raise ConfigError(f"pos_fraction={self.pos_fraction} is outside [0, 1].",
-                              "use e.g. 0.5: half the crops centred on foreground.")
+            raise ConfigError(
+                f"pos_fraction={self.pos_fraction} is outside [0, 1].",
+                "use e.g. 0.5: half the crops centred on foreground.",
+            )
         self.roi_size = tuple(int(r) for r in self.roi_size)
 
     def crop_start(self, shape, label: torch.Tensor | None, gen: torch.Generator | None) -> list[int]:
@@ -500,12 +561,22 @@ class VolumeDataset(EpochSeeded, Dataset):
         (8, (1, 32, 64, 64), torch.int64)
     """
 
-    def __init__(self, volumes: VolumeSet, roi_size, augment: VolumeAugment | None = None, samples_per_volume: int = 1,
-                 seed: int = 0, ignore_index: int = 255, with_ids: bool = True):
+    def __init__(
+        self,
+        volumes: VolumeSet,
+        roi_size,
+        augment: VolumeAugment | None = None,
+        samples_per_volume: int = 1,
+        seed: int = 0,
+        ignore_index: int = 255,
+        with_ids: bool = True,
+    ):
         self.roi_size = tuple(int(r) for r in roi_size)
         if augment is not None and tuple(augment.roi_size) != self.roi_size:
-            raise ConfigError(f"the augmentation crops {augment.roi_size} but the dataset's roi_size is {self.roi_size}.",
-                              "build VolumeAugment with the dataset's roi_size.")
+            raise ConfigError(
+                f"the augmentation crops {augment.roi_size} but the dataset's roi_size is {self.roi_size}.",
+                "build VolumeAugment with the dataset's roi_size.",
+            )
         if samples_per_volume < 1:
             raise ConfigError(f"samples_per_volume={samples_per_volume} must be at least 1.", "use e.g. 1 to 4.")
         self.volumes, self.volume_labels = volumes.volumes, volumes.labels  # lists, or LazyVolumes read per item
@@ -514,8 +585,15 @@ class VolumeDataset(EpochSeeded, Dataset):
         EpochSeeded.__init__(self, seed)
         self.samples_per_volume, self.ignore_index = samples_per_volume, ignore_index
         self.with_ids = with_ids
-        self.windows = [] if augment is not None else [
-            (v, box) for v in range(len(self.volumes)) for box in sliding_crops(tuple(self.volumes[v].shape[1:]), self.roi_size)]
+        self.windows = (
+            []
+            if augment is not None
+            else [
+                (v, box)
+                for v in range(len(self.volumes))
+                for box in sliding_crops(tuple(self.volumes[v].shape[1:]), self.roi_size)
+            ]
+        )
 
     def _pair(self, v: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Volume v as float32 [C, D, H, W] and its int64 [D, H, W] label (None without labels)."""
@@ -524,8 +602,10 @@ class VolumeDataset(EpochSeeded, Dataset):
             return image, None
         label = torch.from_numpy(np.ascontiguousarray(self.volume_labels[v], dtype=np.int64))
         if tuple(label.shape) != tuple(image.shape[1:]):  # lazy sets are checked here, when read
-            raise DataError(f"{self.names[v]}: the volume is [D, H, W] {tuple(image.shape[1:])} but its label is {tuple(label.shape)}.",
-                            "give every label the voxel grid of its volume (resample both to one grid before training).")
+            raise DataError(
+                f"{self.names[v]}: the volume is [D, H, W] {tuple(image.shape[1:])} but its label is {tuple(label.shape)}.",
+                "give every label the voxel grid of its volume (resample both to one grid before training).",
+            )
         return image, label
 
     def __len__(self) -> int:
@@ -560,12 +640,26 @@ def orthogonal_slices(volume: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nd
     volume = np.asarray(volume)
     volume = volume[0] if volume.ndim == 4 else volume
     if volume.ndim != 3:
-        raise DataError(f"orthogonal_slices needs [D, H, W] or [C, D, H, W], got shape {volume.shape}.", "pass one volume.")
+        raise DataError(
+            f"orthogonal_slices needs [D, H, W] or [C, D, H, W], got shape {volume.shape}.", "pass one volume."
+        )
     d, h, w = volume.shape
     return volume[d // 2], volume[:, h // 2, :], volume[:, :, w // 2]
 
 
 __all__ = [
-    "LazyVolumes", "NORMALISE_MODES", "VOLUME_SUFFIXES", "VolumeAugment", "VolumeDataset", "VolumeSet", "load_volumes",
-    "normalise_intensity", "orthogonal_slices", "pad_to", "read_label", "read_volume", "sliding_crops", "volume_suffix",
+    "LazyVolumes",
+    "NORMALISE_MODES",
+    "VOLUME_SUFFIXES",
+    "VolumeAugment",
+    "VolumeDataset",
+    "VolumeSet",
+    "load_volumes",
+    "normalise_intensity",
+    "orthogonal_slices",
+    "pad_to",
+    "read_label",
+    "read_volume",
+    "sliding_crops",
+    "volume_suffix",
 ]

@@ -61,8 +61,11 @@ def default_skip_layers(num_hidden_layers: int, num_stages: int) -> list[int]:
         [2, 4]
     """
     # floor(x + 0.5), not round(): Python's round() sends 0.5 and 2.5 to the even neighbour.
-    return [min(num_hidden_layers, max(1, math.floor(j * num_hidden_layers / num_stages + 0.5)))
-            for j in range(1, num_stages)]
+    return [
+        min(num_hidden_layers, max(1, math.floor(j * num_hidden_layers / num_stages + 0.5)))
+        for j in range(1, num_stages)
+    ]
+
 
 @strict
 class SegmentationLossConfig(PreTrainedConfig):
@@ -96,6 +99,7 @@ class SegmentationLossConfig(PreTrainedConfig):
                 f"ignore_index={self.ignore_index} is a real class index (num_labels={self.num_labels}).",
                 "use a value outside [0, num_labels), e.g. 255, for unlabelled pixels.",
             )
+
 
 @strict
 class MedSegConfig(SegmentationLossConfig):
@@ -174,16 +178,22 @@ class MedSegConfig(SegmentationLossConfig):
                 "use patch_size 2, 4, 8 or 16: each UNETR stage upsamples by 2.",
             )
         if self.spatial_dims not in (2, 3):
-            raise ConfigError(f"spatial_dims={self.spatial_dims} is not supported.", "use 2 for images or 3 for volumes.")
+            raise ConfigError(
+                f"spatial_dims={self.spatial_dims} is not supported.", "use 2 for images or 3 for volumes."
+            )
         p = self.patch_size
         if self.spatial_dims == 3 and vit["tubelet_size"] != p:
-            raise ConfigError(f"the 3D encoder's patches are {vit['tubelet_size']}x{p}x{p} voxels; UNETR upsamples every "
-                              "axis by 2 per stage, so it needs cubic patches.",
-                              f"pre-train with tubelet_size: {p} (= patch_size), or resample the volumes to near-isotropic voxels.")  # fmt: skip
+            raise ConfigError(
+                f"the 3D encoder's patches are {vit['tubelet_size']}x{p}x{p} voxels; UNETR upsamples every "
+                "axis by 2 per stage, so it needs cubic patches.",
+                f"pre-train with tubelet_size: {p} (= patch_size), or resample the volumes to near-isotropic voxels.",
+            )
         if any(s % p for s in self.input_size):
             shown = "x".join(map(str, self.input_size))
-            raise ConfigError(f"input size {shown} is not divisible by patch_size {p}.",
-                              f"choose an image_size (and depth) that is a multiple of {p}.")
+            raise ConfigError(
+                f"input size {shown} is not divisible by patch_size {p}.",
+                f"choose an image_size (and depth) that is a multiple of {p}.",
+            )
         depth = vit["num_hidden_layers"]
         if len(self.skip_layers) != self.num_stages - 1 or not all(1 <= i <= depth for i in self.skip_layers):
             raise ConfigError(
@@ -192,8 +202,11 @@ class MedSegConfig(SegmentationLossConfig):
                 f"leave skip_layers unset for {default_skip_layers(depth, self.num_stages)}, or give that many.",
             )
         if self.decoder not in DECODERS or self.feature_size < 1:
-            raise ConfigError(f"decoder={self.decoder!r}, feature_size={self.feature_size} is not supported.",
-                              "use decoder: unetr with a positive feature_size such as 32.")
+            raise ConfigError(
+                f"decoder={self.decoder!r}, feature_size={self.feature_size} is not supported.",
+                "use decoder: unetr with a positive feature_size such as 32.",
+            )
+
 
 @strict
 class MedUNetConfig(SegmentationLossConfig):
@@ -214,12 +227,22 @@ class MedUNetConfig(SegmentationLossConfig):
     def check(self):
         super().check()
         if len(self.features) != 6 or self.in_channels < 1:
-            raise ConfigError(f"features={list(self.features)}, in_channels={self.in_channels} do not fit BasicUNet.",
-                              "give six positive channel counts, e.g. [32, 32, 64, 128, 256, 32].")
+            raise ConfigError(
+                f"features={list(self.features)}, in_channels={self.in_channels} do not fit BasicUNet.",
+                "give six positive channel counts, e.g. [32, 32, 64, 128, 256, 32].",
+            )
 
 
 AutoConfig.register(MedSegConfig.model_type, MedSegConfig, exist_ok=True)
 AutoConfig.register(MedUNetConfig.model_type, MedUNetConfig, exist_ok=True)
 
-__all__ = ["DECODERS", "LOSSES", "UNET_MULTIPLE", "MedSegConfig", "MedUNetConfig", "SegmentationLossConfig",
-           "default_skip_layers", "encoder_fields"]
+__all__ = [
+    "DECODERS",
+    "LOSSES",
+    "UNET_MULTIPLE",
+    "MedSegConfig",
+    "MedUNetConfig",
+    "SegmentationLossConfig",
+    "default_skip_layers",
+    "encoder_fields",
+]

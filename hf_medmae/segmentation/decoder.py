@@ -35,23 +35,49 @@ class UnetrDecoder(nn.Module):
         torch.Size([1, 4, 16, 16])
     """
 
-    def __init__(self, spatial_dims: int, in_channels: int, hidden_size: int, num_stages: int,
-                 feature_size: int, out_channels: int, norm_name: str = "instance", res_block: bool = True):
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        hidden_size: int,
+        num_stages: int,
+        feature_size: int,
+        out_channels: int,
+        norm_name: str = "instance",
+        res_block: bool = True,
+    ):
         super().__init__()
         dims, norm = spatial_dims, norm_name
-        self.input_block = UnetrBasicBlock(dims, in_channels, feature_size, kernel_size=3, stride=1,
-                                           norm_name=norm, res_block=res_block)
+        self.input_block = UnetrBasicBlock(
+            dims, in_channels, feature_size, kernel_size=3, stride=1, norm_name=norm, res_block=res_block
+        )
         # A PrUpBlock with num_layer=n upsamples by 2**(n+1): from H/patch up to level k's H/2**k.
         self.skip_blocks = nn.ModuleList(
-            UnetrPrUpBlock(dims, hidden_size, feature_size * 2**k, num_layer=num_stages - k - 1, kernel_size=3,
-                           stride=1, upsample_kernel_size=2, norm_name=norm, conv_block=True, res_block=res_block)
+            UnetrPrUpBlock(
+                dims,
+                hidden_size,
+                feature_size * 2**k,
+                num_layer=num_stages - k - 1,
+                kernel_size=3,
+                stride=1,
+                upsample_kernel_size=2,
+                norm_name=norm,
+                conv_block=True,
+                res_block=res_block,
+            )
             for k in range(1, num_stages)
         )
         # Deep to shallow: stage k takes level k+1 (the encoder output for the deepest) up to level k.
         self.up_blocks = nn.ModuleList(
-            UnetrUpBlock(dims, hidden_size if k == num_stages - 1 else feature_size * 2 ** (k + 1),
-                         feature_size * 2**k, kernel_size=3, upsample_kernel_size=2, norm_name=norm,
-                         res_block=res_block)
+            UnetrUpBlock(
+                dims,
+                hidden_size if k == num_stages - 1 else feature_size * 2 ** (k + 1),
+                feature_size * 2**k,
+                kernel_size=3,
+                upsample_kernel_size=2,
+                norm_name=norm,
+                res_block=res_block,
+            )
             for k in reversed(range(num_stages))
         )
         self.out_block = UnetOutBlock(dims, feature_size, out_channels)

@@ -27,8 +27,13 @@ INFERENCE_FILE = "inference_config.json"
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, roi_size: int | tuple[int, int], sw_batch_size: int = 4,
-            overlap: float = 0.25) -> torch.Tensor:
+def predict(
+    model: nn.Module,
+    images: torch.Tensor,
+    roi_size: int | tuple[int, int],
+    sw_batch_size: int = 4,
+    overlap: float = 0.25,
+) -> torch.Tensor:
     """Class map of images of any size with MONAI sliding-window inference over `roi_size` tiles.
 
     Args:
@@ -50,8 +55,13 @@ def predict(model: nn.Module, images: torch.Tensor, roi_size: int | tuple[int, i
     model.eval()
     try:
         logits = sliding_window_inference(
-            images, roi_size, sw_batch_size, lambda x: model(pixel_values=x).logits, overlap=overlap,
-            sw_device=next(model.parameters()).device, device=images.device,
+            images,
+            roi_size,
+            sw_batch_size,
+            lambda x: model(pixel_values=x).logits,
+            overlap=overlap,
+            sw_device=next(model.parameters()).device,
+            device=images.device,
         )
     finally:
         model.train(was_training)
@@ -72,15 +82,30 @@ def load_segmenter(folder: str | Path) -> tuple[nn.Module, dict, tuple[list[floa
     """A segmenter saved by `run_segmentation.py`, its inference config and its (mean, std), strictly loaded."""
     folder = Path(folder)
     if not (folder / INFERENCE_FILE).is_file():
-        raise ConfigError(f"{folder} has no {INFERENCE_FILE}, so it was not written by run_segmentation.py.",
-                          "pass --model_name_or_path OUTPUT_DIR_OF_A_RUN --predict_images FOLDER.")  # fmt: skip
+        raise ConfigError(
+            f"{folder} has no {INFERENCE_FILE}, so it was not written by run_segmentation.py.",
+            "pass --model_name_or_path OUTPUT_DIR_OF_A_RUN --predict_images FOLDER.",
+        )
     model = load_checkpoint(AutoModelForSemanticSegmentation, folder, model_types=("medmae_segmenter", "medmae_unet"))
     processor = json.loads((folder / "preprocessor_config.json").read_text())
-    return model.eval(), json.loads((folder / INFERENCE_FILE).read_text()), (processor["image_mean"], processor["image_std"])
+    return (
+        model.eval(),
+        json.loads((folder / INFERENCE_FILE).read_text()),
+        (processor["image_mean"], processor["image_std"]),
+    )
 
 
-def predict_files(model: nn.Module, source: str, output_dir: str, norm, image_size: int, scale: float = 1.0,
-                  sw_batch_size: int = 4, overlap: float = 0.25, pattern: str = "*") -> list[str]:
+def predict_files(
+    model: nn.Module,
+    source: str,
+    output_dir: str,
+    norm,
+    image_size: int,
+    scale: float = 1.0,
+    sw_batch_size: int = 4,
+    overlap: float = 0.25,
+    pattern: str = "*",
+) -> list[str]:
     """Segment every image of `source` (file or folder) by sliding window; write class-id PNGs.
 
     Images are rescaled by `scale` (the training scale), segmented in `image_size` tiles blended with
@@ -88,7 +113,10 @@ def predict_files(model: nn.Module, source: str, output_dir: str, norm, image_si
     """
     files = [Path(source)] if Path(source).is_file() else list_image_files(source, pattern=pattern)
     if not files:
-        raise DataError(f"no images found in {source} (pattern {pattern!r}).", "point predict_images at an image file or a folder of images.")
+        raise DataError(
+            f"no images found in {source} (pattern {pattern!r}).",
+            "point predict_images at an image file or a folder of images.",
+        )
     mean, std = (torch.tensor(v, dtype=torch.float32)[:, None, None] for v in norm)
     device = next(model.parameters()).device
     Path(output_dir).mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ from monai.losses import DiceCELoss, MaskedDiceLoss
 from torch import nn
 
 from ..errors import DataError
-from .configuration import MedSegConfig, SegmentationLossConfig
+from .configuration import SegmentationLossConfig
 
 
 def check_labels(labels: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -15,13 +15,18 @@ def check_labels(labels: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tens
     if labels.dim() == pixel_values.dim() and labels.shape[1] == 1:
         labels = labels[:, 0]
     if labels.is_floating_point():
-        raise DataError(f"labels have dtype {labels.dtype}; class indices must be integers.",
-                        "convert the masks with .long() after mapping them to class indices.")
+        raise DataError(
+            f"labels have dtype {labels.dtype}; class indices must be integers.",
+            "convert the masks with .long() after mapping them to class indices.",
+        )
     expected = (pixel_values.shape[0], *pixel_values.shape[2:])
     if tuple(labels.shape) != expected:
-        raise DataError(f"labels have shape {tuple(labels.shape)} but the inputs need {expected} ([B, (D,) H, W]).",
-                        "resize/crop masks with the same transform as their images (nearest interpolation).")
+        raise DataError(
+            f"labels have shape {tuple(labels.shape)} but the inputs need {expected} ([B, (D,) H, W]).",
+            "resize/crop masks with the same transform as their images (nearest interpolation).",
+        )
     return labels.long()
+
 
 def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, config: SegmentationLossConfig) -> torch.Tensor:
     """Loss of [B, K, H, W] logits against [B, H, W] class indices, as `config.loss` says.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from monai.networks.nets import BasicUNet
 from torch import nn
-from transformers import AutoModelForSemanticSegmentation, PreTrainedModel, ViTConfig, ViTModel
+from transformers import AutoModelForSemanticSegmentation, PreTrainedModel, ViTModel
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
 from ..errors import CheckpointError
@@ -53,8 +53,13 @@ class _SegmenterBase(CurrentKeyNamesMixin, PreTrainedModel):
         Returns:
             `SemanticSegmenterOutput` with `logits` [B, num_labels, (D,) H, W] and `loss` when labels are given.
         """
-        check_pixels(pixel_values, self.input_channels, self._source(), multiple=self.input_multiple,
-                     spatial_dims=self.config.spatial_dims)
+        check_pixels(
+            pixel_values,
+            self.input_channels,
+            self._source(),
+            multiple=self.input_multiple,
+            spatial_dims=self.config.spatial_dims,
+        )
         if labels is not None:
             labels = check_labels(labels, pixel_values)
         logits = self.segment(pixel_values)
@@ -81,9 +86,16 @@ class MedSegForSegmentation(_SegmenterBase):
         super().__init__(config)
         encoder = config.encoder_config
         self.vit = MedMAE3DModel(encoder) if config.spatial_dims == 3 else ViTModel(encoder, add_pooling_layer=False)
-        self.decoder = UnetrDecoder(config.spatial_dims, encoder.num_channels, encoder.hidden_size,
-                                    config.num_stages, config.feature_size, config.num_labels,
-                                    config.norm_name, config.res_block)
+        self.decoder = UnetrDecoder(
+            config.spatial_dims,
+            encoder.num_channels,
+            encoder.hidden_size,
+            config.num_stages,
+            config.feature_size,
+            config.num_labels,
+            config.norm_name,
+            config.res_block,
+        )
         self.post_init()
 
     def encoder_features(self, pixel_values: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -95,8 +107,11 @@ class MedSegForSegmentation(_SegmenterBase):
             out = self.vit(pixel_values, output_hidden_states=True)
             first = 0  # VideoMAE has no CLS token
         else:
-            out = self.vit(pixel_values, output_hidden_states=True,
-                           interpolate_pos_encoding=size != tuple(self.vit.embeddings.image_size))
+            out = self.vit(
+                pixel_values,
+                output_hidden_states=True,
+                interpolate_pos_encoding=size != tuple(self.vit.embeddings.image_size),
+            )
             first = 1
 
         def to_map(tokens: torch.Tensor) -> torch.Tensor:
@@ -121,7 +136,7 @@ class MedSegForSegmentation(_SegmenterBase):
         return self.decoder(pixel_values, skips, deepest)
 
     @classmethod
-    def from_encoder(cls, vit: nn.Module, num_labels: int, **cfg_kwargs) -> "MedSegForSegmentation":
+    def from_encoder(cls, vit: nn.Module, num_labels: int, **cfg_kwargs) -> MedSegForSegmentation:
         """Segmenter whose encoder weights are copied from `vit` (a `ViTModel`, or an MAE's `.vit`).
 
         Args:
@@ -137,7 +152,9 @@ class MedSegForSegmentation(_SegmenterBase):
             [1, 1]
         """
         dims = 3 if isinstance(vit, MedMAE3DModel) else 2
-        config = MedSegConfig(vit_config=encoder_fields(vit.config, dims), num_labels=num_labels, spatial_dims=dims, **cfg_kwargs)
+        config = MedSegConfig(
+            vit_config=encoder_fields(vit.config, dims), num_labels=num_labels, spatial_dims=dims, **cfg_kwargs
+        )
         model = cls(config)
         state = {k: v for k, v in vit.state_dict().items() if not k.startswith("pooler.")}
         missing, unexpected = model.vit.load_state_dict(state, strict=False)
@@ -179,8 +196,13 @@ class MedUNetForSegmentation(_SegmenterBase):
         return self.unet(pixel_values)
 
 
-def build_unet_baseline(in_channels: int, num_labels: int, spatial_dims: int = 2,
-                        features: tuple[int, ...] = (32, 32, 64, 128, 256, 32), **cfg_kwargs) -> MedUNetForSegmentation:
+def build_unet_baseline(
+    in_channels: int,
+    num_labels: int,
+    spatial_dims: int = 2,
+    features: tuple[int, ...] = (32, 32, 64, 128, 256, 32),
+    **cfg_kwargs,
+) -> MedUNetForSegmentation:
     """The supervised U-Net baseline (MONAI `BasicUNet`) with the segmenter's interface.
 
     Args:
@@ -194,8 +216,13 @@ def build_unet_baseline(in_channels: int, num_labels: int, spatial_dims: int = 2
         >>> build_unet_baseline(16, 10, features=(8, 8, 16, 32, 64, 8)).config.num_labels
         10
     """
-    config = MedUNetConfig(in_channels=in_channels, num_labels=num_labels, spatial_dims=spatial_dims,
-                           features=list(features), **cfg_kwargs)
+    config = MedUNetConfig(
+        in_channels=in_channels,
+        num_labels=num_labels,
+        spatial_dims=spatial_dims,
+        features=list(features),
+        **cfg_kwargs,
+    )
     return MedUNetForSegmentation(config)
 
 

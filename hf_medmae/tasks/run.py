@@ -27,7 +27,17 @@ from ..errors import ConfigError, DataError, MedMAEError
 from ..hub import push_checkpoint
 from ..loading import load_checkpoint
 from ..performance import apply_fast_defaults, choose_precision
-from ..training import CHOICES_FILE, ChoicesCallback, NonFiniteStepGuard, ProcessSeedCallback, SelectionEarlyStopping, check_writable, hardware_description, resolve_resume, write_run_info
+from ..training import (
+    CHOICES_FILE,
+    ChoicesCallback,
+    NonFiniteStepGuard,
+    ProcessSeedCallback,
+    SelectionEarlyStopping,
+    check_writable,
+    hardware_description,
+    resolve_resume,
+    write_run_info,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -97,16 +107,29 @@ def check_selection(args: MedTrainingArguments, default_metric: str, allowed: tu
         Whether a checkpoint will be selected on validation.
     """
     if args.eval_strategy == "no":
-        logger.warning("eval_strategy is 'no': the last model is kept, not the best on validation "
-                       "(set eval_strategy and save_strategy to epoch or steps to select one)")
+        logger.warning(
+            "eval_strategy is 'no': the last model is kept, not the best on validation "
+            "(set eval_strategy and save_strategy to epoch or steps to select one)"
+        )
         args.load_best_model_at_end = False
         return False
     if args.save_strategy != args.eval_strategy:
-        raise ConfigError(f"save_strategy {args.save_strategy} differs from eval_strategy {args.eval_strategy}.", "use the same value for both (e.g. epoch).")
-    if args.metric_for_best_model is None or (args.metric_for_best_model == "loss" and args.greater_is_better is False):
-        args.metric_for_best_model, args.greater_is_better = default_metric, True  # "loss" is only TrainingArguments' default
+        raise ConfigError(
+            f"save_strategy {args.save_strategy} differs from eval_strategy {args.eval_strategy}.",
+            "use the same value for both (e.g. epoch).",
+        )
+    if args.metric_for_best_model is None or (
+        args.metric_for_best_model == "loss" and args.greater_is_better is False
+    ):
+        args.metric_for_best_model, args.greater_is_better = (
+            default_metric,
+            True,
+        )  # "loss" is only TrainingArguments' default
     if allowed is not None and args.metric_for_best_model.removeprefix("eval_") not in allowed:
-        raise ConfigError(f"metric_for_best_model={args.metric_for_best_model!r} is not a validation metric.", f"use one of {', '.join(allowed)}.")
+        raise ConfigError(
+            f"metric_for_best_model={args.metric_for_best_model!r} is not a validation metric.",
+            f"use one of {', '.join(allowed)}.",
+        )
     if args.greater_is_better is None:
         args.greater_is_better = not args.metric_for_best_model.endswith("loss")
     args.load_best_model_at_end = False
@@ -117,8 +140,13 @@ def load_best_checkpoint(trainer: Trainer) -> None:
     """Put the best-on-validation weights into `trainer.model`, every key checked (`loading.load_checkpoint`)."""
     best = trainer.state.best_model_checkpoint
     if best is None:
-        raise ConfigError("no checkpoint was saved during training, so none can be selected.", "train for at least one eval/save step.")
-    logger.info("selected %s on validation (%s = %.4f)", best, trainer.args.metric_for_best_model, trainer.state.best_metric)
+        raise ConfigError(
+            "no checkpoint was saved during training, so none can be selected.",
+            "train for at least one eval/save step.",
+        )
+    logger.info(
+        "selected %s on validation (%s = %.4f)", best, trainer.args.metric_for_best_model, trainer.state.best_metric
+    )
     loaded = load_checkpoint(type(trainer.model), best)
     trainer.model.load_state_dict(loaded.state_dict(), strict=True)
 
@@ -128,8 +156,10 @@ def encoder_normalisation(encoder, init: str, train_images: list) -> tuple[list[
     mean, std = getattr(encoder, "image_mean", None), getattr(encoder, "image_std", None)
     if init == "mae" and mean is not None and std is not None:
         if len(mean) != train_images[0].shape[0]:
-            raise DataError(f"the checkpoint's image_mean has {len(mean)} entries for {train_images[0].shape[0]}-channel data.",
-                            "re-save the checkpoint's preprocessor_config.json with per-channel statistics of its data.")  # fmt: skip
+            raise DataError(
+                f"the checkpoint's image_mean has {len(mean)} entries for {train_images[0].shape[0]}-channel data.",
+                "re-save the checkpoint's preprocessor_config.json with per-channel statistics of its data.",
+            )
         return list(mean), list(std)
     if init == "mae" and encoder is not None:
         logger.warning("the checkpoint stores no image_mean/std: normalising with the training images' statistics")
@@ -153,7 +183,9 @@ def settle_precision(args: MedTrainingArguments, setup: TaskSetup, resume: str |
     if not args.measure_precision:
         return {"precision": "bf16" if args.bf16 else "fp32"}
     if hasattr(setup.train_dataset, "__len__"):
-        items = [setup.train_dataset[i] for i in range(min(args.per_device_train_batch_size, len(setup.train_dataset)))]
+        items = [
+            setup.train_dataset[i] for i in range(min(args.per_device_train_batch_size, len(setup.train_dataset)))
+        ]
     else:  # a stream: its first items
         items = list(itertools.islice(iter(setup.train_dataset), args.per_device_train_batch_size))
     batch = default_data_collator(items)
@@ -175,27 +207,50 @@ def run(task: Task, setup: TaskSetup, model_args, data_args, args: MedTrainingAr
     apply_fast_defaults(args)
     resume = resolve_resume(args)
     precision = settle_precision(args, setup, resume)
-    callbacks.append(ChoicesCallback({"precision": precision["precision"],
-                                      "attn_implementation": getattr(setup.model.config, "_attn_implementation", None)}))
-    trainer = Trainer(model=setup.model, args=args, train_dataset=setup.train_dataset, eval_dataset=setup.eval_dataset,
-                      processing_class=setup.processor, callbacks=callbacks,
-                      **setup.trainer_kwargs)  # fmt: skip
+    callbacks.append(
+        ChoicesCallback(
+            {
+                "precision": precision["precision"],
+                "attn_implementation": getattr(setup.model.config, "_attn_implementation", None),
+            }
+        )
+    )
+    trainer = Trainer(
+        model=setup.model,
+        args=args,
+        train_dataset=setup.train_dataset,
+        eval_dataset=setup.eval_dataset,
+        processing_class=setup.processor,
+        callbacks=callbacks,
+        **setup.trainer_kwargs,
+    )
     # callbacks that add to the logged values must run before the printing ones (stable: the rest keep their order)
     trainer.callback_handler.callbacks.sort(key=lambda cb: not getattr(cb, "logs_first", False))
     train_result = trainer.train(resume_from_checkpoint=resume)
     if selecting:
         load_best_checkpoint(trainer)
     is_main = trainer.is_world_process_zero()
-    metrics = {**train_result.metrics, **task.report(trainer, setup, model_args, data_args, is_main), **precision,
-               "hardware": hardware_description(), "global_step": trainer.state.global_step,
-               "skipped_nonfinite_steps": guard.skipped}  # fmt: skip
+    metrics = {
+        **train_result.metrics,
+        **task.report(trainer, setup, model_args, data_args, is_main),
+        **precision,
+        "hardware": hardware_description(),
+        "global_step": trainer.state.global_step,
+        "skipped_nonfinite_steps": guard.skipped,
+    }
     if is_main:
         trainer.save_metrics("all", metrics)
         write_run_info(args, setup.dataset_name, len(setup.train_dataset) if sized else None, metrics)
         if args.push_at_end:
             repo_id = args.hub_model_id or args.output_dir.rstrip("/").split("/")[-1]
-            push_checkpoint(args.output_dir, repo_id, private=bool(args.hub_private_repo), revision=args.hub_revision,
-                            token=args.hub_token, commit_message="hf_medmae: end of training")  # fmt: skip
+            push_checkpoint(
+                args.output_dir,
+                repo_id,
+                private=bool(args.hub_private_repo),
+                revision=args.hub_revision,
+                token=args.hub_token,
+                commit_message="hf_medmae: end of training",
+            )
     return metrics
 
 
@@ -211,11 +266,23 @@ def console(task: Task) -> None:
     except MedMAEError as err:
         if os.environ.get("HF_MEDMAE_TRACEBACK", "").strip() not in ("", "0"):
             raise
-        print(f"error: {err.problem}\n  fix: {err.fix}\n  (HF_MEDMAE_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
+        print(
+            f"error: {err.problem}\n  fix: {err.fix}\n  (HF_MEDMAE_TRACEBACK=1 shows where it was raised)",
+            file=sys.stderr,
+        )
         raise SystemExit(2) from None
     print(json.dumps(metrics, indent=2, default=str))
     if getattr(task, "output_dir", None) and int(os.environ.get("RANK", "0")) == 0:
         print("\n" + task.summary(metrics, task.output_dir))
 
 
-__all__ = ["Task", "TaskSetup", "console", "check_selection", "encoder_normalisation", "load_best_checkpoint", "run", "settle_precision"]
+__all__ = [
+    "Task",
+    "TaskSetup",
+    "console",
+    "check_selection",
+    "encoder_normalisation",
+    "load_best_checkpoint",
+    "run",
+    "settle_precision",
+]

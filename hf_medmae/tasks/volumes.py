@@ -47,41 +47,77 @@ logger = logging.getLogger(__name__)
 @dataclass
 class VolumeDataArguments:
     spatial_dims: int = field(default=3, metadata={"help": "3: volumes (this runner); 2-D configs leave it out"})
-    train_data: str = field(default="embedded:nuclei3d", metadata={"help": "folder of .nii(.gz)/.tif/.npy volumes, one file, a .npy "
-                                                                   "stack [N, C, D, H, W], embedded:nuclei3d or embedded:mni152"})
+    train_data: str = field(
+        default="embedded:nuclei3d",
+        metadata={
+            "help": "folder of .nii(.gz)/.tif/.npy volumes, one file, a .npy "
+            "stack [N, C, D, H, W], embedded:nuclei3d or embedded:mni152"
+        },
+    )
     label_dir: str | None = field(default=None, metadata={"help": "folder of the labels; default: beside the volumes"})
-    label_pattern: str = field(default="{stem}_label{suffix}", metadata={"help": "label file of a volume; {stem}, {suffix}, {name}"})
-    tiff_pages: Literal["depth", "channels"] = field(default="depth", metadata={"help": "multi-page TIFF pages are depth (3D runs)"})
-    volumes: list[str] | None = field(default=None, metadata={"help": "use only these volumes (names), e.g. a study's training volumes"})
+    label_pattern: str = field(
+        default="{stem}_label{suffix}", metadata={"help": "label file of a volume; {stem}, {suffix}, {name}"}
+    )
+    tiff_pages: Literal["depth", "channels"] = field(
+        default="depth", metadata={"help": "multi-page TIFF pages are depth (3D runs)"}
+    )
+    volumes: list[str] | None = field(
+        default=None, metadata={"help": "use only these volumes (names), e.g. a study's training volumes"}
+    )
     max_volumes: int | None = None
-    in_memory: bool = field(default=False, metadata={"help": "read every volume first (small pools); default: read each volume when used"})
-    intensity: str = field(default="percentile", metadata={"help": f"per-volume normalisation: {' | '.join(NORMALISE_MODES)}"})
-    window: list[float] | None = field(default=None, metadata={"help": "ct_window: [low, high] in HU, e.g. [-175, 250] for abdomen CT"})
+    in_memory: bool = field(
+        default=False, metadata={"help": "read every volume first (small pools); default: read each volume when used"}
+    )
+    intensity: str = field(
+        default="percentile", metadata={"help": f"per-volume normalisation: {' | '.join(NORMALISE_MODES)}"}
+    )
+    window: list[float] | None = field(
+        default=None, metadata={"help": "ct_window: [low, high] in HU, e.g. [-175, 250] for abdomen CT"}
+    )
     percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
-    foreground_threshold: float | None = field(default=None, metadata={"help": "zscore: statistics over voxels above it (e.g. 0 for MRI)"})
-    roi_size: list[int] = field(default_factory=lambda: [32, 64, 64], metadata={"help": "training crop (D, H, W): the model's input size"})
+    foreground_threshold: float | None = field(
+        default=None, metadata={"help": "zscore: statistics over voxels above it (e.g. 0 for MRI)"}
+    )
+    roi_size: list[int] = field(
+        default_factory=lambda: [32, 64, 64], metadata={"help": "training crop (D, H, W): the model's input size"}
+    )
     samples_per_volume: int = field(default=16, metadata={"help": "random crops per training volume and epoch"})
     flips: bool = True
     rot90: bool = True
-    pos_fraction: float = field(default=0.0, metadata={"help": "share of crops centred on a labelled foreground voxel"})
+    pos_fraction: float = field(
+        default=0.0, metadata={"help": "share of crops centred on a labelled foreground voxel"}
+    )
     validation_volumes: int = field(default=1, metadata={"help": "whole volumes held out for validation (seeded)"})
     test_volumes: int = field(default=1, metadata={"help": "segmentation: whole volumes held out for the test"})
     split_seed: int | None = field(default=None, metadata={"help": "seed of the volume split; default: seed"})
-    validation_names: list[str] | None = field(default=None, metadata={"help": "these volumes validate (instead of a seeded draw)"})
-    test_names: list[str] | None = field(default=None, metadata={"help": "these volumes are the test (instead of a seeded draw), e.g. "
-                                                                 "to keep a mirror image of a test volume out of training"})
+    validation_names: list[str] | None = field(
+        default=None, metadata={"help": "these volumes validate (instead of a seeded draw)"}
+    )
+    test_names: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "these volumes are the test (instead of a seeded draw), e.g. "
+            "to keep a mirror image of a test volume out of training"
+        },
+    )
     # segmentation only
-    class_map: dict | None = field(default=None, metadata={"help": "raw label value -> class id; default: labels are class ids"})
+    class_map: dict | None = field(
+        default=None, metadata={"help": "raw label value -> class id; default: labels are class ids"}
+    )
     class_names: list[str] | None = field(default=None, metadata={"help": "one name per class id"})
     ignore_index: int = 255
-    label_fraction_voxels: float = field(default=1.0, metadata={"help": "seeded share of labelled voxels kept per training volume (sparse labels)"})
+    label_fraction_voxels: float = field(
+        default=1.0, metadata={"help": "seeded share of labelled voxels kept per training volume (sparse labels)"}
+    )
 
 
 @dataclass
 class MAE3DModelArguments:
     model_name_or_path: str | None = field(default=None, metadata={"help": "continue from a 3D MAE checkpoint"})
     patch_size: int = field(default=8, metadata={"help": "in-plane patch side"})
-    tubelet_size: int = field(default=8, metadata={"help": "patch depth (= patch_size for cubic patches, which UNETR needs)"})
+    tubelet_size: int = field(
+        default=8, metadata={"help": "patch depth (= patch_size for cubic patches, which UNETR needs)"}
+    )
     hidden_size: int = 192
     num_hidden_layers: int = 6
     num_attention_heads: int = 6
@@ -102,12 +138,18 @@ class MAE3DModelArguments:
 
 @dataclass
 class Seg3DModelArguments:
-    model: Literal["unetr", "unet"] = field(default="unetr", metadata={"help": "unetr (3D MAE encoder + UNETR) | unet (MONAI BasicUNet 3D)"})
+    model: Literal["unetr", "unet"] = field(
+        default="unetr", metadata={"help": "unetr (3D MAE encoder + UNETR) | unet (MONAI BasicUNet 3D)"}
+    )
     init: Literal["mae", "scratch"] = "mae"
-    model_name_or_path: str | None = field(default=None, metadata={"help": "a 3D MAE checkpoint (its encoder; weights with init mae)"})
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "a 3D MAE checkpoint (its encoder; weights with init mae)"}
+    )
     feature_size: int = 16
     skip_layers: list[int] | None = None
-    loss: Literal["ce", "dice_ce"] = field(default="dice_ce", metadata={"help": "dice_ce (masked Dice with sparse labels) | ce"})
+    loss: Literal["ce", "dice_ce"] = field(
+        default="dice_ce", metadata={"help": "dice_ce (masked Dice with sparse labels) | ce"}
+    )
     class_weights: list[float] | None = None
     layer_decay: float | None = field(default=None, metadata={"help": "default 0.75 for init mae, 1.0 for scratch"})
     unet_features: list[int] = field(default_factory=lambda: [16, 16, 32, 64, 128, 16])
@@ -118,23 +160,44 @@ class Seg3DModelArguments:
 def prepare_volumes(data_args: VolumeDataArguments, labelled: bool) -> VolumeSet:
     """Read the volumes (and labels), keep `volumes` if named, normalise each volume's intensities."""
     if data_args.spatial_dims != 3:
-        raise ConfigError(f"spatial_dims={data_args.spatial_dims} reached the 3D runner.", "use spatial_dims: 3, or leave it out for 2D.")
+        raise ConfigError(
+            f"spatial_dims={data_args.spatial_dims} reached the 3D runner.",
+            "use spatial_dims: 3, or leave it out for 2D.",
+        )
     if data_args.tiff_pages != "depth":
         raise ConfigError("3D runs read multi-page TIFFs as depth.", "set tiff_pages: depth (or leave it out).")
     if len(data_args.roi_size) != 3 or min(data_args.roi_size) < 1:
-        raise ConfigError(f"roi_size={data_args.roi_size} is not a (D, H, W) crop.", "give three positive sides, e.g. [32, 64, 64].")
-    data = load_volumes(data_args.train_data, data_args.label_dir, data_args.label_pattern, data_args.tiff_pages, data_args.max_volumes,
-                        lazy=not data_args.in_memory)  # fmt: skip
+        raise ConfigError(
+            f"roi_size={data_args.roi_size} is not a (D, H, W) crop.", "give three positive sides, e.g. [32, 64, 64]."
+        )
+    data = load_volumes(
+        data_args.train_data,
+        data_args.label_dir,
+        data_args.label_pattern,
+        data_args.tiff_pages,
+        data_args.max_volumes,
+        lazy=not data_args.in_memory,
+    )
     if data_args.volumes:
         missing = sorted(set(data_args.volumes) - set(data.names))
         if missing:
-            raise ConfigError(f"volumes {missing} are not in {data_args.train_data}.", f"use names among {data.names[:8]}.")
+            raise ConfigError(
+                f"volumes {missing} are not in {data_args.train_data}.", f"use names among {data.names[:8]}."
+            )
         data = data.subset([data.names.index(n) for n in data_args.volumes])
     if labelled and data.labels is None:
-        raise DataError(f"{data_args.train_data} has no labels.", f"put a label file beside each volume ({data_args.label_pattern}) or set label_dir.")
+        raise DataError(
+            f"{data_args.train_data} has no labels.",
+            f"put a label file beside each volume ({data_args.label_pattern}) or set label_dir.",
+        )
     window = tuple(data_args.window) if data_args.window else None
-    normalise = partial(normalise_intensity, mode=data_args.intensity, window=window, percentiles=tuple(data_args.percentiles),
-                        foreground_threshold=data_args.foreground_threshold)  # fmt: skip
+    normalise = partial(
+        normalise_intensity,
+        mode=data_args.intensity,
+        window=window,
+        percentiles=tuple(data_args.percentiles),
+        foreground_threshold=data_args.foreground_threshold,
+    )
     data.volumes = data.volumes.map(normalise) if data.lazy else [normalise(v) for v in data.volumes]
     return data
 
@@ -142,28 +205,41 @@ def prepare_volumes(data_args: VolumeDataArguments, labelled: bool) -> VolumeSet
 def split_volumes(n: int, n_val: int, n_test: int, seed: int) -> tuple[list[int], list[int], list[int]]:
     """Seeded split of whole volumes into train / validation / test indices; at least one volume trains."""
     if n_val < 0 or n_test < 0 or n - n_val - n_test < 1:
-        raise ConfigError(f"{n} volumes cannot give {n_val} validation and {n_test} test volumes and still train on one.",
-                          "lower validation_volumes / test_volumes, or add volumes.")
+        raise ConfigError(
+            f"{n} volumes cannot give {n_val} validation and {n_test} test volumes and still train on one.",
+            "lower validation_volumes / test_volumes, or add volumes.",
+        )
     order = np.random.default_rng(seed).permutation(n).tolist()
-    return sorted(order[n_val + n_test:]), sorted(order[:n_val]), sorted(order[n_val:n_val + n_test])
+    return sorted(order[n_val + n_test :]), sorted(order[:n_val]), sorted(order[n_val : n_val + n_test])
 
 
-def split_for(data: VolumeSet, data_args: VolumeDataArguments, seed: int, n_test: int) -> tuple[list[int], list[int], list[int]]:
+def split_for(
+    data: VolumeSet, data_args: VolumeDataArguments, seed: int, n_test: int
+) -> tuple[list[int], list[int], list[int]]:
     """Named validation / test volumes when the config names them, else a seeded split of whole volumes."""
     if data_args.validation_names is None and data_args.test_names is None:
-        return split_volumes(len(data), data_args.validation_volumes, n_test, seed if data_args.split_seed is None else data_args.split_seed)
+        return split_volumes(
+            len(data),
+            data_args.validation_volumes,
+            n_test,
+            seed if data_args.split_seed is None else data_args.split_seed,
+        )
     val, test = list(data_args.validation_names or []), list(data_args.test_names or []) if n_test else []
     unknown = sorted(set(val + test) - set(data.names))
     if unknown or set(val) & set(test) or len(set(val + test)) >= len(data):
-        raise ConfigError(f"validation_names {val} / test_names {test} must be distinct volumes of {data.names} and leave one to train.",
-                          "name existing volumes, each in one list.")  # fmt: skip
+        raise ConfigError(
+            f"validation_names {val} / test_names {test} must be distinct volumes of {data.names} and leave one to train.",
+            "name existing volumes, each in one list.",
+        )
     index = data.names.index
     train = [i for i, n in enumerate(data.names) if n not in val + test]
     return train, [index(n) for n in val], [index(n) for n in test]
 
 
 def _augment(data_args: VolumeDataArguments, ignore_index: int = 255) -> VolumeAugment:
-    return VolumeAugment(tuple(data_args.roi_size), data_args.flips, data_args.rot90, data_args.pos_fraction, ignore_index)
+    return VolumeAugment(
+        tuple(data_args.roi_size), data_args.flips, data_args.rot90, data_args.pos_fraction, ignore_index
+    )
 
 
 class Pretrain3D(Task):
@@ -171,7 +247,9 @@ class Pretrain3D(Task):
 
     arguments = (MAE3DModelArguments, VolumeDataArguments, MedTrainingArguments)
 
-    def setup(self, model_args: MAE3DModelArguments, data_args: VolumeDataArguments, args: MedTrainingArguments) -> TaskSetup:
+    def setup(
+        self, model_args: MAE3DModelArguments, data_args: VolumeDataArguments, args: MedTrainingArguments
+    ) -> TaskSetup:
         data = prepare_volumes(data_args, labelled=False)
         data.labels = None  # labels, if any, play no part in self pre-training
         train_idx, val_idx, _ = split_for(data, data_args, args.seed, 0)
@@ -181,31 +259,55 @@ class Pretrain3D(Task):
             train = VolumeDataset(data.subset(train_idx), roi)
             callbacks = [AttentionRefreshCallback(train, every_epochs=model_args.attention_refresh_epochs)]
         else:
-            train = VolumeDataset(data.subset(train_idx), roi, _augment(data_args), data_args.samples_per_volume, args.seed)
+            train = VolumeDataset(
+                data.subset(train_idx), roi, _augment(data_args), data_args.samples_per_volume, args.seed
+            )
             callbacks = [EpochCallback(train)]
         # No sample ids on validation crops: the attention bank is keyed by training ids, which they would collide with.
         val = VolumeDataset(data.subset(val_idx), roi, with_ids=False) if val_idx else None
         args.remove_unused_columns = False  # keep sample_ids for the attention generator
         args.prediction_loss_only = True
         processor = _processor(data.channels)
-        logger.info("pre-training on %d crops of %d volumes %s, validating on %d crops of %s", len(train), len(train_idx),
-                    [data.names[i] for i in train_idx], len(val or []), [data.names[i] for i in val_idx])  # fmt: skip
-        return TaskSetup(model, train, val, processor, data_args.train_data, callbacks,
-                         state={"train_volumes": [data.names[i] for i in train_idx]})
+        logger.info(
+            "pre-training on %d crops of %d volumes %s, validating on %d crops of %s",
+            len(train),
+            len(train_idx),
+            [data.names[i] for i in train_idx],
+            len(val or []),
+            [data.names[i] for i in val_idx],
+        )
+        return TaskSetup(
+            model,
+            train,
+            val,
+            processor,
+            data_args.train_data,
+            callbacks,
+            state={"train_volumes": [data.names[i] for i in train_idx]},
+        )
 
-    def build_model(self, model_args: MAE3DModelArguments, data_args: VolumeDataArguments, channels: int) -> MedMAE3DForPreTraining:
+    def build_model(
+        self, model_args: MAE3DModelArguments, data_args: VolumeDataArguments, channels: int
+    ) -> MedMAE3DForPreTraining:
         if model_args.model_name_or_path:
             model = load_checkpoint(MedMAE3DForPreTraining, model_args.model_name_or_path, what="a 3D MAE")
             if model.config.num_channels != channels or list(model.config.volume_size) != list(data_args.roi_size):
-                raise DataError(f"the checkpoint takes {model.config.num_channels}-channel crops of {list(model.config.volume_size)}, "
-                                f"the data has {channels} channels and roi_size {data_args.roi_size}.",
-                                f"set roi_size: {list(model.config.volume_size)} and use {model.config.num_channels}-channel volumes.")
+                raise DataError(
+                    f"the checkpoint takes {model.config.num_channels}-channel crops of {list(model.config.volume_size)}, "
+                    f"the data has {channels} channels and roi_size {data_args.roi_size}.",
+                    f"set roi_size: {list(model.config.volume_size)} and use {model.config.num_channels}-channel volumes.",
+                )
             apply_recipe(model, model_args)
             return model
         keys = set(MedMAE3DConfig.__dataclass_fields__) & set(asdict(model_args)) - set(RECIPE_FIELDS)
         d, h, w = data_args.roi_size
-        config = MedMAE3DConfig(num_channels=channels, num_frames=d, image_size=[h, w], **{k: getattr(model_args, k) for k in keys},
-                                **fresh_masking(model_args))  # fmt: skip
+        config = MedMAE3DConfig(
+            num_channels=channels,
+            num_frames=d,
+            image_size=[h, w],
+            **{k: getattr(model_args, k) for k in keys},
+            **fresh_masking(model_args),
+        )
         return MedMAE3DForPreTraining(config)
 
     def report(self, trainer, setup: TaskSetup, model_args, data_args: VolumeDataArguments, is_main: bool) -> dict:
@@ -213,9 +315,15 @@ class Pretrain3D(Task):
         metrics = trainer.evaluate() if setup.eval_dataset is not None else {}
         shown = setup.eval_dataset or setup.train_dataset
         if setup.eval_dataset is not None:
-            metrics["eval_loss_mean_predictor"] = mean_predictor_loss_3d(setup.model, shown, trainer.args.per_device_eval_batch_size)
-        metrics.update(num_train_crops=len(setup.train_dataset), train_volumes=setup.state["train_volumes"],
-                       intensity=data_args.intensity, roi_size=list(data_args.roi_size))  # fmt: skip
+            metrics["eval_loss_mean_predictor"] = mean_predictor_loss_3d(
+                setup.model, shown, trainer.args.per_device_eval_batch_size
+            )
+        metrics.update(
+            num_train_crops=len(setup.train_dataset),
+            train_volumes=setup.state["train_volumes"],
+            intensity=data_args.intensity,
+            roi_size=list(data_args.roi_size),
+        )
         if is_main:
             save_reconstruction_3d(setup.model, shown, trainer.args.output_dir)
         return metrics
@@ -223,16 +331,22 @@ class Pretrain3D(Task):
     def summary(self, metrics: dict, output_dir: str) -> str:
         lines = []
         if "eval_loss_mean_predictor" in metrics:
-            lines.append(f"validation loss {metrics['eval_loss']:.4f}, against {metrics['eval_loss_mean_predictor']:.4f} for "
-                         "predicting the mean of every hidden patch")
-        lines += [f"outputs in {output_dir}: the 3D MAE (model.safetensors + config.json), reconstruction.png",
-                  f"next: python run_segmentation.py --config configs/nuclei3d_segmentation.yaml --model_name_or_path {output_dir}"]
+            lines.append(
+                f"validation loss {metrics['eval_loss']:.4f}, against {metrics['eval_loss_mean_predictor']:.4f} for "
+                "predicting the mean of every hidden patch"
+            )
+        lines += [
+            f"outputs in {output_dir}: the 3D MAE (model.safetensors + config.json), reconstruction.png",
+            f"next: python run_segmentation.py --config configs/nuclei3d_segmentation.yaml --model_name_or_path {output_dir}",
+        ]
         return "\n".join(lines)
 
 
 def _processor(channels: int) -> ViTImageProcessorPil:
     # Volumes are normalised one by one before cropping, so the model sees unit-scaled inputs: mean 0, std 1.
-    return ViTImageProcessorPil(do_resize=False, do_rescale=False, do_normalize=False, image_mean=[0.0] * channels, image_std=[1.0] * channels)
+    return ViTImageProcessorPil(
+        do_resize=False, do_rescale=False, do_normalize=False, image_mean=[0.0] * channels, image_std=[1.0] * channels
+    )
 
 
 @torch.no_grad()
@@ -243,7 +357,9 @@ def mean_predictor_loss_3d(model: MedMAE3DForPreTraining, dataset, batch_size: i
     model.eval()
     total = squares = count = 0.0
     for start in range(0, len(dataset), batch_size):
-        pixels = torch.stack([dataset[i]["pixel_values"] for i in range(start, min(start + batch_size, len(dataset)))]).to(model.device)
+        pixels = torch.stack(
+            [dataset[i]["pixel_values"] for i in range(start, min(start + batch_size, len(dataset)))]
+        ).to(model.device)
         target = model.targets(pixels)[model(pixels).mask == 1].double()
         total, squares, count = total + float(target.sum()), squares + float((target**2).sum()), count + target.numel()
     return squares / max(count, 1) - (total / max(count, 1)) ** 2  # the variance: MSE of the best constant
@@ -262,8 +378,13 @@ def save_reconstruction_3d(model: MedMAE3DForPreTraining, dataset, output_dir: s
         torch.manual_seed(0)
         out = model(pixels)
     recon = model.reconstruct(pixels, out.logits, out.mask)
-    return save_volume_reconstruction(pixels[0].cpu().numpy(), out.mask[0].cpu().numpy(), recon[0].cpu().numpy(),
-                                      model.config.patch_shape, f"{output_dir}/reconstruction.png")  # fmt: skip
+    return save_volume_reconstruction(
+        pixels[0].cpu().numpy(),
+        out.mask[0].cpu().numpy(),
+        recon[0].cpu().numpy(),
+        model.config.patch_shape,
+        f"{output_dir}/reconstruction.png",
+    )
 
 
 class Segment3D(Task):
@@ -271,56 +392,128 @@ class Segment3D(Task):
 
     arguments = (Seg3DModelArguments, VolumeDataArguments, MedTrainingArguments)
 
-    def setup(self, model_args: Seg3DModelArguments, data_args: VolumeDataArguments, args: MedTrainingArguments) -> TaskSetup:
+    def setup(
+        self, model_args: Seg3DModelArguments, data_args: VolumeDataArguments, args: MedTrainingArguments
+    ) -> TaskSetup:
         data = prepare_volumes(data_args, labelled=True)
         class_map, names = labels_to_classes(data, data_args)
         train_idx, val_idx, test_idx = split_for(data, data_args, args.seed, data_args.test_volumes)
         if not val_idx or not test_idx:
-            raise ConfigError("3D segmentation selects on validation volumes and scores on test volumes.", "set validation_volumes and test_volumes to at least 1.")
+            raise ConfigError(
+                "3D segmentation selects on validation volumes and scores on test volumes.",
+                "set validation_volumes and test_volumes to at least 1.",
+            )
         train, val, test = data.subset(train_idx), data.subset(val_idx), data.subset(test_idx)
         train.labels = sparsify(train.labels, data_args.label_fraction_voxels, data_args.ignore_index, args.seed)
         roi = tuple(data_args.roi_size)
         model = build_segmenter_3d(model_args, data.channels, roi, names, data_args.ignore_index)
-        train_ds = VolumeDataset(train, roi, _augment(data_args, data_args.ignore_index), data_args.samples_per_volume, args.seed,
-                                 data_args.ignore_index, with_ids=False)
+        train_ds = VolumeDataset(
+            train,
+            roi,
+            _augment(data_args, data_args.ignore_index),
+            data_args.samples_per_volume,
+            args.seed,
+            data_args.ignore_index,
+            with_ids=False,
+        )
         val_ds = VolumeDataset(val, roi, ignore_index=data_args.ignore_index, with_ids=False)
         fraction = labelled_fraction(train.labels, data_args.ignore_index)
-        logger.info("training %s (%s) on crops of %s (%.1f%% of voxels labelled), validating on %s, testing on %s",
-                    model_args.model, model_args.init, train.names, 100 * fraction, val.names, test.names)  # fmt: skip
-        trainer_kwargs = dict(compute_metrics=segmentation_compute_metrics_fn(names, data_args.ignore_index),
-                              preprocess_logits_for_metrics=segmentation_preprocess_logits,
-                              optimizer_cls_and_kwargs=optimizer_for(model, model_args, args))  # fmt: skip
-        state = dict(test=test, class_names=names, class_map=class_map, fraction=fraction, split=(train.names, val.names, test.names))
-        return TaskSetup(model, train_ds, val_ds, _processor(data.channels), data_args.train_data, [EpochCallback(train_ds)],
-                         trainer_kwargs=trainer_kwargs, select_on="mean_dice", state=state)  # fmt: skip
+        logger.info(
+            "training %s (%s) on crops of %s (%.1f%% of voxels labelled), validating on %s, testing on %s",
+            model_args.model,
+            model_args.init,
+            train.names,
+            100 * fraction,
+            val.names,
+            test.names,
+        )
+        trainer_kwargs = dict(
+            compute_metrics=segmentation_compute_metrics_fn(names, data_args.ignore_index),
+            preprocess_logits_for_metrics=segmentation_preprocess_logits,
+            optimizer_cls_and_kwargs=optimizer_for(model, model_args, args),
+        )
+        state = dict(
+            test=test,
+            class_names=names,
+            class_map=class_map,
+            fraction=fraction,
+            split=(train.names, val.names, test.names),
+        )
+        return TaskSetup(
+            model,
+            train_ds,
+            val_ds,
+            _processor(data.channels),
+            data_args.train_data,
+            [EpochCallback(train_ds)],
+            trainer_kwargs=trainer_kwargs,
+            select_on="mean_dice",
+            state=state,
+        )
 
-    def report(self, trainer, setup: TaskSetup, model_args: Seg3DModelArguments, data_args: VolumeDataArguments, is_main: bool) -> dict:
+    def report(
+        self, trainer, setup: TaskSetup, model_args: Seg3DModelArguments, data_args: VolumeDataArguments, is_main: bool
+    ) -> dict:
         trainer.save_model()
         state, out_dir, test = setup.state, trainer.args.output_dir, setup.state["test"]
         device = trainer.args.device
         images = [torch.from_numpy(np.ascontiguousarray(v))[None].to(device) for v in test.volumes]
-        preds = [predict(trainer.model, x, tuple(data_args.roi_size), model_args.sw_batch_size, model_args.sw_overlap)[0].cpu().numpy()
-                 for x in images]  # fmt: skip
+        preds = [
+            predict(trainer.model, x, tuple(data_args.roi_size), model_args.sw_batch_size, model_args.sw_overlap)[0]
+            .cpu()
+            .numpy()
+            for x in images
+        ]
         test_metrics = volume_metrics(preds, test.labels, state["class_names"], data_args.ignore_index)
-        metrics = {**trainer.evaluate(), **{f"test_{k}": v for k, v in test_metrics.items() if isinstance(v, (int, float)) or v is None},
-                   "best_checkpoint": trainer.state.best_model_checkpoint, "labelled_voxel_fraction": state["fraction"],
-                   "train_volumes": state["split"][0], "validation_volumes": state["split"][1], "test_volumes": state["split"][2]}  # fmt: skip
+        metrics = {
+            **trainer.evaluate(),
+            **{f"test_{k}": v for k, v in test_metrics.items() if isinstance(v, (int, float)) or v is None},
+            "best_checkpoint": trainer.state.best_model_checkpoint,
+            "labelled_voxel_fraction": state["fraction"],
+            "train_volumes": state["split"][0],
+            "validation_volumes": state["split"][1],
+            "test_volumes": state["split"][2],
+        }
         if is_main:
-            Path(out_dir, "test_metrics.json").write_text(json.dumps({**test_metrics, "test_volumes": test.names}, indent=2, default=str))
-            plot_confusion_matrix(np.asarray(test_metrics["confusion_matrix"]), state["class_names"], f"{out_dir}/confusion_matrix.png",
-                                  title="Test voxels")  # fmt: skip
-            plot_volume_overlays(test.volumes, test.labels, preds, f"{out_dir}/overlays.png", state["class_names"],
-                                 data_args.ignore_index, names=test.names)  # fmt: skip
-            save_inference_config(out_dir, model=model_args.model, spatial_dims=3, roi_size=list(data_args.roi_size),
-                                  intensity=data_args.intensity, window=data_args.window, percentiles=data_args.percentiles,
-                                  foreground_threshold=data_args.foreground_threshold, class_names=state["class_names"],
-                                  class_map={str(k): v for k, v in state["class_map"].items()}, ignore_index=data_args.ignore_index)  # fmt: skip
+            Path(out_dir, "test_metrics.json").write_text(
+                json.dumps({**test_metrics, "test_volumes": test.names}, indent=2, default=str)
+            )
+            plot_confusion_matrix(
+                np.asarray(test_metrics["confusion_matrix"]),
+                state["class_names"],
+                f"{out_dir}/confusion_matrix.png",
+                title="Test voxels",
+            )
+            plot_volume_overlays(
+                test.volumes,
+                test.labels,
+                preds,
+                f"{out_dir}/overlays.png",
+                state["class_names"],
+                data_args.ignore_index,
+                names=test.names,
+            )
+            save_inference_config(
+                out_dir,
+                model=model_args.model,
+                spatial_dims=3,
+                roi_size=list(data_args.roi_size),
+                intensity=data_args.intensity,
+                window=data_args.window,
+                percentiles=data_args.percentiles,
+                foreground_threshold=data_args.foreground_threshold,
+                class_names=state["class_names"],
+                class_map={str(k): v for k, v in state["class_map"].items()},
+                ignore_index=data_args.ignore_index,
+            )
         return metrics
 
     def summary(self, metrics: dict, output_dir: str) -> str:
         dice = metrics.get("test_mean_dice")
         lines = [f"test mean Dice {dice:.3f} (whole test volumes, sliding windows)"] if isinstance(dice, float) else []
-        return "\n".join(lines + [f"outputs in {output_dir}: the segmenter, test_metrics.json, confusion_matrix.png, overlays.png"])
+        return "\n".join(
+            lines + [f"outputs in {output_dir}: the segmenter, test_metrics.json, confusion_matrix.png, overlays.png"]
+        )
 
 
 def labels_to_classes(data: VolumeSet, data_args: VolumeDataArguments) -> tuple[dict[int, int], list[str]]:
@@ -329,8 +522,10 @@ def labels_to_classes(data: VolumeSet, data_args: VolumeDataArguments) -> tuple[
         values = sorted({int(v) for m in data.labels for v in np.unique(m)} - {data_args.ignore_index})
         k = len(data_args.class_names) if data_args.class_names else (max(values) + 1 if values else 0)
         if not values or values[0] < 0 or values[-1] >= k:
-            raise DataError(f"label values {values[:10]} are not class ids 0..{k - 1}.",
-                            "set class_map: {raw value: class id} (and class_names), or save labels as 0..K-1.")
+            raise DataError(
+                f"label values {values[:10]} are not class ids 0..{k - 1}.",
+                "set class_map: {raw value: class id} (and class_names), or save labels as 0..K-1.",
+            )
         class_map = {i: i for i in range(k)}
     else:
         class_map = parse_class_map(data_args.class_map, data_args.ignore_index)
@@ -352,24 +547,37 @@ def _map_labels(labels: np.ndarray, lookup: dict[int, int]) -> np.ndarray:
     return np.array([lookup[k] for k in keys], dtype=np.int64)[np.searchsorted(keys, labels)]
 
 
-def build_segmenter_3d(model_args: Seg3DModelArguments, channels: int, roi: tuple[int, int, int], names: list[str], ignore_index: int):
+def build_segmenter_3d(
+    model_args: Seg3DModelArguments, channels: int, roi: tuple[int, int, int], names: list[str], ignore_index: int
+):
     labels = dict(num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
     loss = dict(loss=model_args.loss, class_weights=model_args.class_weights, ignore_index=ignore_index)
     if model_args.model == "unet":
         if model_args.init == "mae" or any(s % UNET_MULTIPLE for s in roi):
-            raise ConfigError(f"the 3D U-Net trains from scratch on crops that are multiples of {UNET_MULTIPLE} (got {list(roi)}).",
-                              f"use init: scratch and a roi_size of multiples of {UNET_MULTIPLE}, e.g. [32, 64, 64].")
-        return build_unet_baseline(channels, spatial_dims=3, features=tuple(model_args.unet_features), **labels, **loss)
+            raise ConfigError(
+                f"the 3D U-Net trains from scratch on crops that are multiples of {UNET_MULTIPLE} (got {list(roi)}).",
+                f"use init: scratch and a roi_size of multiples of {UNET_MULTIPLE}, e.g. [32, 64, 64].",
+            )
+        return build_unet_baseline(
+            channels, spatial_dims=3, features=tuple(model_args.unet_features), **labels, **loss
+        )
     if not model_args.model_name_or_path:
-        raise ConfigError("model unetr needs model_name_or_path: the 3D MAE whose encoder it uses.",
-                          "pass the folder written by run_mae.py with a 3D config, e.g. outputs/nuclei3d-mae.")
+        raise ConfigError(
+            "model unetr needs model_name_or_path: the 3D MAE whose encoder it uses.",
+            "pass the folder written by run_mae.py with a 3D config, e.g. outputs/nuclei3d-mae.",
+        )
     encoder = load_encoder(model_args.model_name_or_path)
     if getattr(encoder.config, "num_frames", None) is None:
-        raise ConfigError(f"{model_args.model_name_or_path} is a 2D encoder.", "pre-train a 3D MAE (run_mae.py with spatial_dims: 3).")
+        raise ConfigError(
+            f"{model_args.model_name_or_path} is a 2D encoder.",
+            "pre-train a 3D MAE (run_mae.py with spatial_dims: 3).",
+        )
     if encoder.config.num_channels != channels or list(encoder.config.volume_size) != list(roi):
-        raise DataError(f"the encoder takes {encoder.config.num_channels}-channel crops of {list(encoder.config.volume_size)}; "
-                        f"the data has {channels} channels and roi_size {list(roi)}.",
-                        f"set roi_size: {list(encoder.config.volume_size)} (the 3D positions are made for it).")
+        raise DataError(
+            f"the encoder takes {encoder.config.num_channels}-channel crops of {list(encoder.config.volume_size)}; "
+            f"the data has {channels} channels and roi_size {list(roi)}.",
+            f"set roi_size: {list(encoder.config.volume_size)} (the 3D positions are made for it).",
+        )
     decoder = dict(feature_size=model_args.feature_size, skip_layers=model_args.skip_layers)
     if model_args.init == "mae":
         return MedSegForSegmentation.from_encoder(encoder, **labels, **loss, **decoder)
@@ -377,13 +585,26 @@ def build_segmenter_3d(model_args: Seg3DModelArguments, channels: int, roi: tupl
     return MedSegForSegmentation(config)  # the same architecture, random weights
 
 
-def volume_metrics(preds: list[np.ndarray], labels: list[np.ndarray], class_names: list[str], ignore_index: int) -> dict:
+def volume_metrics(
+    preds: list[np.ndarray], labels: list[np.ndarray], class_names: list[str], ignore_index: int
+) -> dict:
     """Dice / IoU pooled over every labelled test voxel; HD95 (voxels) per volume and class, averaged over volumes."""
-    pooled = segmentation_metrics(np.concatenate([p.ravel() for p in preds])[None, None],
-                                  np.concatenate([t.ravel() for t in labels])[None, None], class_names, ignore_index, hd95=False)  # fmt: skip
+    pooled = segmentation_metrics(
+        np.concatenate([p.ravel() for p in preds])[None, None],
+        np.concatenate([t.ravel() for t in labels])[None, None],
+        class_names,
+        ignore_index,
+        hd95=False,
+    )
     per_volume = [segmentation_metrics(p[None], t[None], class_names, ignore_index) for p, t in zip(preds, labels)]
-    hd = {name: [m["hd95_per_class"][name] for m in per_volume if m.get("hd95_per_class") and m["hd95_per_class"][name] is not None]
-          for name in class_names}  # fmt: skip
+    hd = {
+        name: [
+            m["hd95_per_class"][name]
+            for m in per_volume
+            if m.get("hd95_per_class") and m["hd95_per_class"][name] is not None
+        ]
+        for name in class_names
+    }
     pooled["hd95_per_class"] = {name: float(np.mean(v)) if v else None for name, v in hd.items()}
     values = [v for v in pooled["hd95_per_class"].values() if v is not None]
     pooled["hd95"] = float(np.mean(values)) if values else None
@@ -393,5 +614,16 @@ def volume_metrics(preds: list[np.ndarray], labels: list[np.ndarray], class_name
 
 PRETRAIN_3D, SEGMENT_3D = Pretrain3D(), Segment3D()
 
-__all__ = ["MAE3DModelArguments", "PRETRAIN_3D", "Pretrain3D", "SEGMENT_3D", "Seg3DModelArguments", "Segment3D",
-           "VolumeDataArguments", "prepare_volumes", "split_for", "split_volumes", "volume_metrics"]
+__all__ = [
+    "MAE3DModelArguments",
+    "PRETRAIN_3D",
+    "Pretrain3D",
+    "SEGMENT_3D",
+    "Seg3DModelArguments",
+    "Segment3D",
+    "VolumeDataArguments",
+    "prepare_volumes",
+    "split_for",
+    "split_volumes",
+    "volume_metrics",
+]
