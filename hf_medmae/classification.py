@@ -8,6 +8,7 @@ With `throw_ratio > 0` (MSMAE) training drops the least attended patch tokens be
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
@@ -384,4 +385,27 @@ def freeze(model: nn.Module, mode: str) -> int:
 AutoConfig.register(MedClsConfig.model_type, MedClsConfig)
 AutoModelForImageClassification.register(MedClsConfig, MedClsForImageClassification)
 
-__all__ = ["ClassificationLossMixin", "MedClsConfig", "MedClsForImageClassification", "check_head_fields", "freeze"]
+
+def class_weights(labels: np.ndarray, num_labels: int, how: str) -> list[float] | None:
+    """'balanced': n / (classes present x count), 1.0 for classes absent from training; 'none': None."""
+    if how == "none":
+        return None
+    if labels.ndim == 2:
+        raise ConfigError(
+            "class_weighting: balanced is for single-label data.", "use class_weighting: none with multi_label."
+        )
+    counts = np.bincount(labels, minlength=num_labels)
+    present = counts > 0
+    weights = np.ones(num_labels)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return weights.tolist()
+
+
+__all__ = [
+    "class_weights",
+    "ClassificationLossMixin",
+    "MedClsConfig",
+    "MedClsForImageClassification",
+    "check_head_fields",
+    "freeze",
+]

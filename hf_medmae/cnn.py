@@ -22,18 +22,14 @@ from .classification import SINGLE, ClassificationLossMixin, check_head_fields
 from .errors import ConfigError
 from .validation import check_pixels
 
+
+def _resnet(depth: int):
+    return lambda dims, cin, k: getattr(nets, f"resnet{depth}")(spatial_dims=dims, n_input_channels=cin, num_classes=k)
+
+
 # name -> MONAI constructor taking (spatial_dims, in_channels, num_classes)
 CNN_ARCHITECTURES = {
-    **{
-        f"resnet{d}": (
-            lambda d: (
-                lambda dims, cin, k: getattr(nets, f"resnet{d}")(
-                    spatial_dims=dims, n_input_channels=cin, num_classes=k
-                )
-            )
-        )(d)
-        for d in (10, 18, 34, 50)
-    },
+    **{f"resnet{d}": _resnet(d) for d in (10, 18, 34, 50)},
     "densenet121": lambda dims, cin, k: nets.DenseNet121(spatial_dims=dims, in_channels=cin, out_channels=k),
 }
 

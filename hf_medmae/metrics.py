@@ -350,13 +350,11 @@ def _overlap_scores(cm: np.ndarray, class_names: list[str]) -> dict[str, Any]:
         denom = tp[k] + fp[k] + fn[k]
         dice[name] = None if denom == 0 else float(2 * tp[k] / (denom + tp[k]))
         iou[name] = None if denom == 0 else float(tp[k] / denom)
-    mean = lambda d: (
-        float(np.mean([v for v in d.values() if v is not None]))
-        if any(  # noqa: E731
-            v is not None for v in d.values()
-        )
-        else None
-    )
+
+    def mean(d):
+        present = [v for v in d.values() if v is not None]
+        return float(np.mean(present)) if present else None
+
     return {"dice_per_class": dice, "mean_dice": mean(dice), "iou_per_class": iou, "mean_iou": mean(iou)}
 
 

@@ -9,6 +9,7 @@ cross-entropy term, so the CLS attention that the `attention` generator reads is
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,8 @@ from .errors import ConfigError, DataError
 from .loading import CurrentKeyNamesMixin
 from .masking import MASKED, VISIBLE, MaskGenerator, build_mask_generator, codes_to_noise
 from .validation import check_pixels
+
+logger = logging.getLogger(__name__)
 
 
 class MedMAEEmbeddings(ViTMAEEmbeddings):
@@ -381,4 +384,40 @@ class MedMAEForPreTraining(MaskingMixin, CurrentKeyNamesMixin, ViTMAEForPreTrain
 AutoConfig.register(MedMAEConfig.model_type, MedMAEConfig)
 AutoModelForPreTraining.register(MedMAEConfig, MedMAEForPreTraining)
 
-__all__ = ["MaskingMixin", "MedMAEForPreTraining", "MedMAEForPreTrainingOutput", "VISIBLE", "MASKED"]
+
+MASKING_DEFAULTS = dict(
+    norm_pix_loss=True, mask_ratio=0.75, mask_generator="random", mask_generator_kwargs=None, throw_ratio=0.0
+)
+
+
+def fresh_masking(model_args) -> dict:
+    """The masking fields of a new MAE: the arguments, with MASKING_DEFAULTS where unset."""
+    return {
+        k: MASKING_DEFAULTS[k] if getattr(model_args, k) is None else getattr(model_args, k) for k in RECIPE_FIELDS
+    }
+
+
+def apply_recipe(model, model_args) -> None:
+    """A continued pre-training keeps the checkpoint's masking except where this run's arguments set it (said in the log)."""
+    changed = model.set_masking(
+        **{k: getattr(model_args, k) for k in RECIPE_FIELDS if getattr(model_args, k) is not None}
+    )
+    if changed:
+        logger.warning(
+            "continuing from %s with this run's %s (the checkpoint was pre-trained with %s)",
+            model_args.model_name_or_path,
+            {k: new for k, (_, new) in changed.items()},
+            {k: old for k, (old, _) in changed.items()},
+        )
+
+
+__all__ = [
+    "MASKING_DEFAULTS",
+    "apply_recipe",
+    "fresh_masking",
+    "MaskingMixin",
+    "MedMAEForPreTraining",
+    "MedMAEForPreTrainingOutput",
+    "VISIBLE",
+    "MASKED",
+]

@@ -188,7 +188,18 @@ def add_drop_path(model: nn.Module, drop_path_rate: float) -> list[RemovableHand
     return handles
 
 
+def optimizer_for(model, model_args, args):
+    """AdamW over layer-decay groups for ViT segmenters (Trainer's default optimiser for the U-Net)."""
+    if model_args.model != "unetr":
+        return None
+    groups = param_groups_layer_decay(
+        model, args.learning_rate, args.weight_decay, default_layer_decay(model_args.layer_decay, model_args.init)
+    )
+    return torch.optim.AdamW, {"params": groups, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
+
+
 __all__ = [
+    "optimizer_for",
     "default_layer_decay",
     "param_groups_layer_decay",
     "layer_id",

@@ -193,4 +193,24 @@ def label_subset(
     return subset
 
 
-__all__ = ["Split", "class_counts", "label_subset", "split_indices", "split_three", "stratified_split", "subsample"]
+def split_volumes(n: int, n_val: int, n_test: int, seed: int) -> tuple[list[int], list[int], list[int]]:
+    """Seeded split of whole volumes into train / validation / test indices; at least one volume trains."""
+    if n_val < 0 or n_test < 0 or n - n_val - n_test < 1:
+        raise ConfigError(
+            f"{n} volumes cannot give {n_val} validation and {n_test} test volumes and still train on one.",
+            "lower validation_volumes / test_volumes, or add volumes.",
+        )
+    order = np.random.default_rng(seed).permutation(n).tolist()
+    return sorted(order[n_val + n_test :]), sorted(order[:n_val]), sorted(order[n_val : n_val + n_test])
+
+
+__all__ = [
+    "split_volumes",
+    "Split",
+    "class_counts",
+    "label_subset",
+    "split_indices",
+    "split_three",
+    "stratified_split",
+    "subsample",
+]

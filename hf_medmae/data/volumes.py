@@ -12,10 +12,11 @@ from __future__ import annotations
 import zlib
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from itertools import product
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from torch.utils.data import Dataset
 from ..errors import ConfigError, DataError
 from .embedded import EMBEDDED_VOLUMES
 from .io import check_finite
+from .splits import split_volumes
 from .transforms import EpochSeeded
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".tif", ".tiff", ".npy")
@@ -647,7 +649,152 @@ def orthogonal_slices(volume: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nd
     return volume[d // 2], volume[:, h // 2, :], volume[:, :, w // 2]
 
 
+@dataclass
+class VolumeDataArguments:
+    spatial_dims: int = field(default=3, metadata={"help": "3: volumes (this runner); 2-D configs leave it out"})
+    train_data: str = field(
+        default="embedded:nuclei3d",
+        metadata={
+            "help": "folder of .nii(.gz)/.tif/.npy volumes, one file, a .npy "
+            "stack [N, C, D, H, W], embedded:nuclei3d or embedded:mni152"
+        },
+    )
+    label_dir: str | None = field(default=None, metadata={"help": "folder of the labels; default: beside the volumes"})
+    label_pattern: str = field(
+        default="{stem}_label{suffix}", metadata={"help": "label file of a volume; {stem}, {suffix}, {name}"}
+    )
+    tiff_pages: Literal["depth", "channels"] = field(
+        default="depth", metadata={"help": "multi-page TIFF pages are depth (3D runs)"}
+    )
+    volumes: list[str] | None = field(
+        default=None, metadata={"help": "use only these volumes (names), e.g. a study's training volumes"}
+    )
+    max_volumes: int | None = None
+    in_memory: bool = field(
+        default=False, metadata={"help": "read every volume first (small pools); default: read each volume when used"}
+    )
+    intensity: str = field(
+        default="percentile", metadata={"help": f"per-volume normalisation: {' | '.join(NORMALISE_MODES)}"}
+    )
+    window: list[float] | None = field(
+        default=None, metadata={"help": "ct_window: [low, high] in HU, e.g. [-175, 250] for abdomen CT"}
+    )
+    percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
+    foreground_threshold: float | None = field(
+        default=None, metadata={"help": "zscore: statistics over voxels above it (e.g. 0 for MRI)"}
+    )
+    roi_size: list[int] = field(
+        default_factory=lambda: [32, 64, 64], metadata={"help": "training crop (D, H, W): the model's input size"}
+    )
+    samples_per_volume: int = field(default=16, metadata={"help": "random crops per training volume and epoch"})
+    flips: bool = True
+    rot90: bool = True
+    pos_fraction: float = field(
+        default=0.0, metadata={"help": "share of crops centred on a labelled foreground voxel"}
+    )
+    validation_volumes: int = field(default=1, metadata={"help": "whole volumes held out for validation (seeded)"})
+    test_volumes: int = field(default=1, metadata={"help": "segmentation: whole volumes held out for the test"})
+    split_seed: int | None = field(default=None, metadata={"help": "seed of the volume split; default: seed"})
+    validation_names: list[str] | None = field(
+        default=None, metadata={"help": "these volumes validate (instead of a seeded draw)"}
+    )
+    test_names: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "these volumes are the test (instead of a seeded draw), e.g. "
+            "to keep a mirror image of a test volume out of training"
+        },
+    )
+    # segmentation only
+    class_map: dict | None = field(
+        default=None, metadata={"help": "raw label value -> class id; default: labels are class ids"}
+    )
+    class_names: list[str] | None = field(default=None, metadata={"help": "one name per class id"})
+    ignore_index: int = 255
+    label_fraction_voxels: float = field(
+        default=1.0, metadata={"help": "seeded share of labelled voxels kept per training volume (sparse labels)"}
+    )
+
+
+def prepare_volumes(data_args: VolumeDataArguments, labelled: bool) -> VolumeSet:
+    """Read the volumes (and labels), keep `volumes` if named, normalise each volume's intensities."""
+    if data_args.spatial_dims != 3:
+        raise ConfigError(
+            f"spatial_dims={data_args.spatial_dims} reached the 3D runner.",
+            "use spatial_dims: 3, or leave it out for 2D.",
+        )
+    if data_args.tiff_pages != "depth":
+        raise ConfigError("3D runs read multi-page TIFFs as depth.", "set tiff_pages: depth (or leave it out).")
+    if len(data_args.roi_size) != 3 or min(data_args.roi_size) < 1:
+        raise ConfigError(
+            f"roi_size={data_args.roi_size} is not a (D, H, W) crop.", "give three positive sides, e.g. [32, 64, 64]."
+        )
+    data = load_volumes(
+        data_args.train_data,
+        data_args.label_dir,
+        data_args.label_pattern,
+        data_args.tiff_pages,
+        data_args.max_volumes,
+        lazy=not data_args.in_memory,
+    )
+    if data_args.volumes:
+        missing = sorted(set(data_args.volumes) - set(data.names))
+        if missing:
+            raise ConfigError(
+                f"volumes {missing} are not in {data_args.train_data}.", f"use names among {data.names[:8]}."
+            )
+        data = data.subset([data.names.index(n) for n in data_args.volumes])
+    if labelled and data.labels is None:
+        raise DataError(
+            f"{data_args.train_data} has no labels.",
+            f"put a label file beside each volume ({data_args.label_pattern}) or set label_dir.",
+        )
+    window = tuple(data_args.window) if data_args.window else None
+    normalise = partial(
+        normalise_intensity,
+        mode=data_args.intensity,
+        window=window,
+        percentiles=tuple(data_args.percentiles),
+        foreground_threshold=data_args.foreground_threshold,
+    )
+    data.volumes = data.volumes.map(normalise) if data.lazy else [normalise(v) for v in data.volumes]
+    return data
+
+
+def split_for(
+    data: VolumeSet, data_args: VolumeDataArguments, seed: int, n_test: int
+) -> tuple[list[int], list[int], list[int]]:
+    """Named validation / test volumes when the config names them, else a seeded split of whole volumes."""
+    if data_args.validation_names is None and data_args.test_names is None:
+        return split_volumes(
+            len(data),
+            data_args.validation_volumes,
+            n_test,
+            seed if data_args.split_seed is None else data_args.split_seed,
+        )
+    val, test = list(data_args.validation_names or []), list(data_args.test_names or []) if n_test else []
+    unknown = sorted(set(val + test) - set(data.names))
+    if unknown or set(val) & set(test) or len(set(val + test)) >= len(data):
+        raise ConfigError(
+            f"validation_names {val} / test_names {test} must be distinct volumes of {data.names} and leave one to train.",
+            "name existing volumes, each in one list.",
+        )
+    index = data.names.index
+    train = [i for i, n in enumerate(data.names) if n not in val + test]
+    return train, [index(n) for n in val], [index(n) for n in test]
+
+
+def volume_augment(data_args: VolumeDataArguments, ignore_index: int = 255) -> VolumeAugment:
+    return VolumeAugment(
+        tuple(data_args.roi_size), data_args.flips, data_args.rot90, data_args.pos_fraction, ignore_index
+    )
+
+
 __all__ = [
+    "VolumeDataArguments",
+    "prepare_volumes",
+    "split_for",
+    "volume_augment",
     "LazyVolumes",
     "NORMALISE_MODES",
     "VOLUME_SUFFIXES",

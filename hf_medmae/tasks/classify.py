@@ -24,7 +24,7 @@ from sklearn.metrics import f1_score, precision_recall_fscore_support
 from transformers import AutoModelForImageClassification, ViTConfig, ViTImageProcessorPil, ViTModel, set_seed
 
 from ..arguments import MedTrainingArguments
-from ..classification import MULTI, SINGLE, MedClsForImageClassification, freeze
+from ..classification import MULTI, SINGLE, MedClsForImageClassification, class_weights, freeze
 from ..cli import parse_config
 from ..cnn import MedCNNForImageClassification, build_cnn
 from ..data.classification import ClassificationDataset, LabelledImages, load_class_folders, load_csv_labels, read_all
@@ -245,21 +245,6 @@ def build_encoder(args: ModelArguments, channels: int) -> ViTModel:
         encoder = ViTModel(encoder.config, add_pooling_layer=False)
         encoder.image_mean = encoder.image_std = None
     return encoder
-
-
-def class_weights(labels: np.ndarray, num_labels: int, how: str) -> list[float] | None:
-    """'balanced': n / (classes present x count), 1.0 for classes absent from training; 'none': None."""
-    if how == "none":
-        return None
-    if labels.ndim == 2:
-        raise ConfigError(
-            "class_weighting: balanced is for single-label data.", "use class_weighting: none with multi_label."
-        )
-    counts = np.bincount(labels, minlength=num_labels)
-    present = counts > 0
-    weights = np.ones(num_labels)
-    weights[present] = counts.sum() / (present.sum() * counts[present])
-    return weights.tolist()
 
 
 def present_class_scores(probs: np.ndarray, labels: np.ndarray) -> dict:
@@ -860,7 +845,6 @@ __all__ = [
     "DataArguments",
     "ModelArguments",
     "build_encoder",
-    "class_weights",
     "cli",
     "evaluate_test",
     "load_classifier",

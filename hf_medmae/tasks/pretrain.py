@@ -17,6 +17,7 @@ import torch
 from transformers import ViTImageProcessorPil
 
 from ..arguments import MedTrainingArguments
+from ..classification import class_weights
 from ..cli import spatial_dims
 from ..configuration import MedMAEConfig
 from ..data.classification import read_labels_csv
@@ -37,10 +38,9 @@ from ..data.transforms import Augment, channel_moments
 from ..errors import ConfigError, DataError
 from ..loading import load_checkpoint
 from ..masking import RandomMaskGenerator
-from ..modeling_mae import RECIPE_FIELDS, MedMAEForPreTraining
+from ..modeling_mae import RECIPE_FIELDS, MedMAEForPreTraining, apply_recipe, fresh_masking
 from ..performance import choose_attention
 from ..training import AttentionRefreshCallback, EpochCallback, LossTermsCallback, SampleIdRecorder
-from .classify import class_weights
 from .run import Task, TaskSetup, console
 
 logger = logging.getLogger(__name__)
@@ -189,32 +189,6 @@ class ModelArguments:
         default="auto",
         metadata={"help": "auto (sdpa on GPU; on CPU the faster of sdpa/eager, measured) | sdpa | eager"},
     )
-
-
-MASKING_DEFAULTS = dict(
-    norm_pix_loss=True, mask_ratio=0.75, mask_generator="random", mask_generator_kwargs=None, throw_ratio=0.0
-)
-
-
-def fresh_masking(model_args) -> dict:
-    """The masking fields of a new MAE: the arguments, with MASKING_DEFAULTS where unset."""
-    return {
-        k: MASKING_DEFAULTS[k] if getattr(model_args, k) is None else getattr(model_args, k) for k in RECIPE_FIELDS
-    }
-
-
-def apply_recipe(model, model_args) -> None:
-    """A continued pre-training keeps the checkpoint's masking except where this run's arguments set it (said in the log)."""
-    changed = model.set_masking(
-        **{k: getattr(model_args, k) for k in RECIPE_FIELDS if getattr(model_args, k) is not None}
-    )
-    if changed:
-        logger.warning(
-            "continuing from %s with this run's %s (the checkpoint was pre-trained with %s)",
-            model_args.model_name_or_path,
-            {k: new for k, (_, new) in changed.items()},
-            {k: old for k, (old, _) in changed.items()},
-        )
 
 
 def mae_config(model_args: ModelArguments, num_channels: int, **extra) -> MedMAEConfig:

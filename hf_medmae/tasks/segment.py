@@ -40,7 +40,7 @@ from ..data.transforms import PairAugment, check_channels
 from ..encoder import load_encoder
 from ..errors import ConfigError, DataError
 from ..metrics import segmentation_compute_metrics_fn, segmentation_metrics, segmentation_preprocess_logits
-from ..optim import default_layer_decay, param_groups_layer_decay
+from ..optim import optimizer_for
 from ..plots import plot_confusion_matrix, plot_segmentation_overlays
 from ..segmentation import (
     UNET_MULTIPLE,
@@ -199,16 +199,6 @@ def build_model(model_args: ModelArguments, encoder, channels: int, class_names:
     return MedSegForSegmentation(
         MedSegConfig(vit_config=encoder_fields(encoder.config), **labels, **loss, **decoder)
     )  # random weights
-
-
-def optimizer_for(model, model_args: ModelArguments, args: MedTrainingArguments):
-    """AdamW over layer-decay groups for ViT segmenters (Trainer's default optimiser for the U-Net)."""
-    if model_args.model != "unetr":
-        return None
-    groups = param_groups_layer_decay(
-        model, args.learning_rate, args.weight_decay, default_layer_decay(model_args.layer_decay, model_args.init)
-    )
-    return torch.optim.AdamW, {"params": groups, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
 
 
 class Segment(Task):

@@ -25,90 +25,29 @@ from transformers import ViTImageProcessorPil
 
 from ..arguments import MedTrainingArguments
 from ..data.segmentation import labelled_fraction, parse_class_map, sparsify
-from ..data.volumes import NORMALISE_MODES, VolumeAugment, VolumeDataset, VolumeSet, load_volumes, normalise_intensity
+from ..data.volumes import (
+    VolumeDataArguments,
+    VolumeDataset,
+    VolumeSet,
+    prepare_volumes,
+    split_for,
+    volume_augment,
+)
 from ..encoder import load_encoder
 from ..errors import ConfigError, DataError
 from ..loading import load_checkpoint
 from ..metrics import segmentation_compute_metrics_fn, segmentation_metrics, segmentation_preprocess_logits
-from ..modeling_mae import RECIPE_FIELDS
+from ..modeling_mae import RECIPE_FIELDS, apply_recipe, fresh_masking
 from ..modeling_mae3d import MedMAE3DConfig, MedMAE3DForPreTraining
+from ..optim import optimizer_for
 from ..plots import plot_confusion_matrix, plot_volume_overlays, save_volume_reconstruction
 from ..segmentation import MedSegConfig, MedSegForSegmentation, build_unet_baseline, encoder_fields, predict
 from ..segmentation.configuration import UNET_MULTIPLE
 from ..segmentation.inference import save_inference_config
 from ..training import AttentionRefreshCallback, EpochCallback
-from .pretrain import apply_recipe, fresh_masking  # masking defaults and continued pre-training, as in 2D
 from .run import Task, TaskSetup
-from .segment import optimizer_for  # the same layer-decay AdamW as 2D UNETR
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class VolumeDataArguments:
-    spatial_dims: int = field(default=3, metadata={"help": "3: volumes (this runner); 2-D configs leave it out"})
-    train_data: str = field(
-        default="embedded:nuclei3d",
-        metadata={
-            "help": "folder of .nii(.gz)/.tif/.npy volumes, one file, a .npy "
-            "stack [N, C, D, H, W], embedded:nuclei3d or embedded:mni152"
-        },
-    )
-    label_dir: str | None = field(default=None, metadata={"help": "folder of the labels; default: beside the volumes"})
-    label_pattern: str = field(
-        default="{stem}_label{suffix}", metadata={"help": "label file of a volume; {stem}, {suffix}, {name}"}
-    )
-    tiff_pages: Literal["depth", "channels"] = field(
-        default="depth", metadata={"help": "multi-page TIFF pages are depth (3D runs)"}
-    )
-    volumes: list[str] | None = field(
-        default=None, metadata={"help": "use only these volumes (names), e.g. a study's training volumes"}
-    )
-    max_volumes: int | None = None
-    in_memory: bool = field(
-        default=False, metadata={"help": "read every volume first (small pools); default: read each volume when used"}
-    )
-    intensity: str = field(
-        default="percentile", metadata={"help": f"per-volume normalisation: {' | '.join(NORMALISE_MODES)}"}
-    )
-    window: list[float] | None = field(
-        default=None, metadata={"help": "ct_window: [low, high] in HU, e.g. [-175, 250] for abdomen CT"}
-    )
-    percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
-    foreground_threshold: float | None = field(
-        default=None, metadata={"help": "zscore: statistics over voxels above it (e.g. 0 for MRI)"}
-    )
-    roi_size: list[int] = field(
-        default_factory=lambda: [32, 64, 64], metadata={"help": "training crop (D, H, W): the model's input size"}
-    )
-    samples_per_volume: int = field(default=16, metadata={"help": "random crops per training volume and epoch"})
-    flips: bool = True
-    rot90: bool = True
-    pos_fraction: float = field(
-        default=0.0, metadata={"help": "share of crops centred on a labelled foreground voxel"}
-    )
-    validation_volumes: int = field(default=1, metadata={"help": "whole volumes held out for validation (seeded)"})
-    test_volumes: int = field(default=1, metadata={"help": "segmentation: whole volumes held out for the test"})
-    split_seed: int | None = field(default=None, metadata={"help": "seed of the volume split; default: seed"})
-    validation_names: list[str] | None = field(
-        default=None, metadata={"help": "these volumes validate (instead of a seeded draw)"}
-    )
-    test_names: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "these volumes are the test (instead of a seeded draw), e.g. "
-            "to keep a mirror image of a test volume out of training"
-        },
-    )
-    # segmentation only
-    class_map: dict | None = field(
-        default=None, metadata={"help": "raw label value -> class id; default: labels are class ids"}
-    )
-    class_names: list[str] | None = field(default=None, metadata={"help": "one name per class id"})
-    ignore_index: int = 255
-    label_fraction_voxels: float = field(
-        default=1.0, metadata={"help": "seeded share of labelled voxels kept per training volume (sparse labels)"}
-    )
 
 
 @dataclass
@@ -157,91 +96,6 @@ class Seg3DModelArguments:
     sw_overlap: float = 0.25
 
 
-def prepare_volumes(data_args: VolumeDataArguments, labelled: bool) -> VolumeSet:
-    """Read the volumes (and labels), keep `volumes` if named, normalise each volume's intensities."""
-    if data_args.spatial_dims != 3:
-        raise ConfigError(
-            f"spatial_dims={data_args.spatial_dims} reached the 3D runner.",
-            "use spatial_dims: 3, or leave it out for 2D.",
-        )
-    if data_args.tiff_pages != "depth":
-        raise ConfigError("3D runs read multi-page TIFFs as depth.", "set tiff_pages: depth (or leave it out).")
-    if len(data_args.roi_size) != 3 or min(data_args.roi_size) < 1:
-        raise ConfigError(
-            f"roi_size={data_args.roi_size} is not a (D, H, W) crop.", "give three positive sides, e.g. [32, 64, 64]."
-        )
-    data = load_volumes(
-        data_args.train_data,
-        data_args.label_dir,
-        data_args.label_pattern,
-        data_args.tiff_pages,
-        data_args.max_volumes,
-        lazy=not data_args.in_memory,
-    )
-    if data_args.volumes:
-        missing = sorted(set(data_args.volumes) - set(data.names))
-        if missing:
-            raise ConfigError(
-                f"volumes {missing} are not in {data_args.train_data}.", f"use names among {data.names[:8]}."
-            )
-        data = data.subset([data.names.index(n) for n in data_args.volumes])
-    if labelled and data.labels is None:
-        raise DataError(
-            f"{data_args.train_data} has no labels.",
-            f"put a label file beside each volume ({data_args.label_pattern}) or set label_dir.",
-        )
-    window = tuple(data_args.window) if data_args.window else None
-    normalise = partial(
-        normalise_intensity,
-        mode=data_args.intensity,
-        window=window,
-        percentiles=tuple(data_args.percentiles),
-        foreground_threshold=data_args.foreground_threshold,
-    )
-    data.volumes = data.volumes.map(normalise) if data.lazy else [normalise(v) for v in data.volumes]
-    return data
-
-
-def split_volumes(n: int, n_val: int, n_test: int, seed: int) -> tuple[list[int], list[int], list[int]]:
-    """Seeded split of whole volumes into train / validation / test indices; at least one volume trains."""
-    if n_val < 0 or n_test < 0 or n - n_val - n_test < 1:
-        raise ConfigError(
-            f"{n} volumes cannot give {n_val} validation and {n_test} test volumes and still train on one.",
-            "lower validation_volumes / test_volumes, or add volumes.",
-        )
-    order = np.random.default_rng(seed).permutation(n).tolist()
-    return sorted(order[n_val + n_test :]), sorted(order[:n_val]), sorted(order[n_val : n_val + n_test])
-
-
-def split_for(
-    data: VolumeSet, data_args: VolumeDataArguments, seed: int, n_test: int
-) -> tuple[list[int], list[int], list[int]]:
-    """Named validation / test volumes when the config names them, else a seeded split of whole volumes."""
-    if data_args.validation_names is None and data_args.test_names is None:
-        return split_volumes(
-            len(data),
-            data_args.validation_volumes,
-            n_test,
-            seed if data_args.split_seed is None else data_args.split_seed,
-        )
-    val, test = list(data_args.validation_names or []), list(data_args.test_names or []) if n_test else []
-    unknown = sorted(set(val + test) - set(data.names))
-    if unknown or set(val) & set(test) or len(set(val + test)) >= len(data):
-        raise ConfigError(
-            f"validation_names {val} / test_names {test} must be distinct volumes of {data.names} and leave one to train.",
-            "name existing volumes, each in one list.",
-        )
-    index = data.names.index
-    train = [i for i, n in enumerate(data.names) if n not in val + test]
-    return train, [index(n) for n in val], [index(n) for n in test]
-
-
-def _augment(data_args: VolumeDataArguments, ignore_index: int = 255) -> VolumeAugment:
-    return VolumeAugment(
-        tuple(data_args.roi_size), data_args.flips, data_args.rot90, data_args.pos_fraction, ignore_index
-    )
-
-
 class Pretrain3D(Task):
     """Self pre-training of the 3D MAE on random crops of the training volumes (SelfMedMAE)."""
 
@@ -260,7 +114,7 @@ class Pretrain3D(Task):
             callbacks = [AttentionRefreshCallback(train, every_epochs=model_args.attention_refresh_epochs)]
         else:
             train = VolumeDataset(
-                data.subset(train_idx), roi, _augment(data_args), data_args.samples_per_volume, args.seed
+                data.subset(train_idx), roi, volume_augment(data_args), data_args.samples_per_volume, args.seed
             )
             callbacks = [EpochCallback(train)]
         # No sample ids on validation crops: the attention bank is keyed by training ids, which they would collide with.
@@ -410,7 +264,7 @@ class Segment3D(Task):
         train_ds = VolumeDataset(
             train,
             roi,
-            _augment(data_args, data_args.ignore_index),
+            volume_augment(data_args, data_args.ignore_index),
             data_args.samples_per_volume,
             args.seed,
             data_args.ignore_index,
@@ -624,6 +478,5 @@ __all__ = [
     "VolumeDataArguments",
     "prepare_volumes",
     "split_for",
-    "split_volumes",
     "volume_metrics",
 ]
