@@ -213,7 +213,7 @@ def parse_config(dataclass_types: tuple, argv: list[str] | None = None) -> tuple
 def spatial_dims(argv: list[str] | None = None) -> int:
     """`spatial_dims` of a command line: from `--spatial_dims N`, else its `--config` file, else 2.
 
-    The entry scripts read it first to pick their 2D or 3D task (`tasks.volumes`), each with its own arguments.
+    `Task.main` reads it first to pick the task's 2D (image) or 3D (volume) argument dataclasses.
     """
     argv = sys.argv[1:] if argv is None else argv
     value = None

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedModel, Trainer, ViTImageProcessorPil, default_data_collator, set_seed
 
 from ..arguments import MedTrainingArguments
-from ..cli import parse_config
+from ..cli import parse_config, spatial_dims
 from ..data.transforms import channel_stats
 from ..errors import ConfigError, DataError, MedMAEError
 from ..hub import push_checkpoint
@@ -69,6 +69,10 @@ class Task:
 
     arguments: tuple = ()
 
+    def arguments_for(self, spatial_dims: int) -> tuple:
+        """The argument dataclasses for 2D images or 3D volumes; a task that takes both overrides this."""
+        return self.arguments
+
     def setup(self, model_args, data_args, args: MedTrainingArguments) -> TaskSetup:
         raise NotImplementedError
 
@@ -84,7 +88,7 @@ class Task:
         raise ConfigError(f"{type(self).__name__} has no predict_only mode.", "drop --predict_only.")
 
     def main(self, argv: list[str] | None = None) -> dict:
-        model_args, data_args, args = parse_config(self.arguments, argv)
+        model_args, data_args, args = parse_config(self.arguments_for(spatial_dims(argv)), argv)
         self.output_dir = args.output_dir
         logging.basicConfig(level=logging.INFO if args.process_index == 0 else logging.WARNING)
         check_writable(args.output_dir)
