@@ -55,7 +55,7 @@ KIND_TASKS = {
     "segmenter": ("image-segmentation", "image-segmentation", "image-segmentation"),
 }
 BASE_TAGS = ["medical-imaging", "masked-autoencoder", "vit-mae", "hf_medmae"]
-# model_type -> base tags where BASE_TAGS would be wrong: the U-Net and CNN baselines have neither a ViT nor MAE pre-training.
+# model_type -> base tags where BASE_TAGS would be wrong: the U-Net and CNN baselines have no ViT or MAE pre-training.
 MODEL_TYPE_BASE_TAGS = {
     "medmae_unet": ["medical-imaging", "unet", "hf_medmae"],
     "medmae_cnn": ["medical-imaging", "cnn", "hf_medmae"],

@@ -52,7 +52,8 @@ def check_pixels(
     shown = "x".join(map(str, sides))
     if channels != num_channels:
         raise DataError(
-            f"the {'images' if spatial_dims == 2 else 'volumes'} have {channels} channels but {source} expects {num_channels}.",
+            f"the {'images' if spatial_dims == 2 else 'volumes'} have {channels} channels "
+            f"but {source} expects {num_channels}.",
             channel_fix
             or f"convert the data to {num_channels} channels, or use a model pre-trained "
             f"with num_channels: {channels} for this data.",
@@ -66,7 +67,8 @@ def check_pixels(
     if multiple and any(s % multiple for s in sides):
         raise DataError(
             f"input size {shown} is not divisible by {multiple} (the patch size / network stride).",
-            f"crop or pad the input to a multiple of {multiple} on every side, e.g. {max(multiple, sides[-1] // multiple * multiple)}.",
+            f"crop or pad the input to a multiple of {multiple} on every side, "
+            f"e.g. {max(multiple, sides[-1] // multiple * multiple)}.",
         )
 
 

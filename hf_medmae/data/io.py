@@ -156,7 +156,10 @@ def read_array_file(path: str | Path, key: str | None = None) -> np.ndarray:
 
 
 def item_to_chw(item, name: str) -> np.ndarray:
-    """A `datasets` image cell as float32 [C, H, W]: PIL images are channels-last; arrays are guessed as `read_image` does."""
+    """A `datasets` image cell as float32 [C, H, W].
+
+    PIL images are channels-last; arrays are guessed as `read_image` does.
+    """
     array = _to_chw(np.asarray(item), name, channels_last=not isinstance(item, (np.ndarray, list)) or None).astype(
         np.float32, copy=False
     )

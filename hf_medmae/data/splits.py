@@ -48,7 +48,8 @@ def split_three(
     n_test = max(1, round(n * test_fraction))
     if n_val + n_test >= n:
         raise ConfigError(
-            f"validation_fraction {validation_fraction} + test_fraction {test_fraction} leave no training images of {n}.",
+            f"validation_fraction {validation_fraction} + test_fraction {test_fraction} "
+            f"leave no training images of {n}.",
             "lower the fractions.",
         )
     return np.sort(order[n_val + n_test :]), np.sort(order[:n_val]), np.sort(order[n_val : n_val + n_test])
@@ -178,8 +179,10 @@ def label_subset(
         n = int(np.floor(len(members) * fraction + 0.5))
         if n == 0 and strict:
             raise DataError(
-                f"train_fraction={fraction} leaves class {class_names[c]!r} ({len(members)} training examples) with none.",
-                f"raise train_fraction to at least {0.5 / len(members):.3g}, or set strict_fraction: false to keep one example of it.",
+                f"train_fraction={fraction} leaves class {class_names[c]!r} "
+                f"({len(members)} training examples) with none.",
+                f"raise train_fraction to at least {0.5 / len(members):.3g}, "
+                "or set strict_fraction: false to keep one example of it.",
             )
         chosen.append(rng.permutation(members)[: max(n, 1)])
     subset = np.sort(np.concatenate(chosen))

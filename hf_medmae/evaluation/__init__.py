@@ -1,1 +1,4 @@
-"""Evaluation protocols shared by the tasks and the studies: metrics on predictions, frozen-feature probes, reconstruction checks."""
+"""Evaluation protocols shared by the tasks and the studies.
+
+Metrics on predictions, frozen-feature probes, reconstruction checks, study results.
+"""
