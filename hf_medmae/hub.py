@@ -33,7 +33,6 @@ from huggingface_hub.errors import (
 )
 
 from .errors import CheckpointError
-from .loading import PICKLE_PATTERNS, check_safetensors
 
 # The repo's top-level `model_cards/` folder, installed as this package (pyproject.toml `package-dir`), so wheels
 # and editable installs both find the templates; a path beside the package only exists in a source checkout.
@@ -118,6 +117,27 @@ RUN_ROWS = [
     ("training images", "num_images"),
     ("seed", "seed"),
 ]
+
+PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt"]
+
+
+def check_safetensors(folder: Path, where: str | None = None) -> None:
+    """Raise unless `folder` holds `*.safetensors` weights; pickled weights are refused by name, never opened."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for pattern in PICKLE_PATTERNS for p in folder.glob(pattern))
+    where = where or str(folder)
+    if pickles:
+        raise CheckpointError(
+            f"{where} has only pickled weights ({', '.join(pickles)}); refusing pickled weights: pickled weights are "
+            "refused because unpickling can run arbitrary code.",
+            "load the model where it was trained and re-save it with save_pretrained(..., safe_serialization=True) "
+            "(the default), which writes model.safetensors.",
+        )
+    raise CheckpointError(
+        f"{where} has no model.safetensors (nor any *.safetensors weights); pickled weights are never loaded.",
+        "save the model with `model.save_pretrained(dir)` and point to that folder.",
+    )
 
 
 def _read_json(path: Path, required: bool = False) -> dict:

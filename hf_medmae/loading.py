@@ -19,8 +19,7 @@ from transformers import PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from .errors import CheckpointError
-
-PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt"]
+from .hub import check_safetensors, pull_checkpoint
 
 
 class CurrentKeyNamesMixin:
@@ -64,33 +63,12 @@ def resolve_checkpoint(
             "pass the folder written by save_pretrained (holding config.json and model.safetensors) "
             "or a Hub repo id such as 'user/medmae-wbc'.",
         )
-    from .hub import pull_checkpoint  # the one Hub download path (JSON + safetensors only)
-
     if local_files_only is None:  # read now: huggingface_hub reads HF_HUB_OFFLINE once, at import
         local_files_only = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
     return Path(
         pull_checkpoint(
             str(name_or_path), revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only
         )
-    )
-
-
-def check_safetensors(folder: Path, where: str | None = None) -> None:
-    """Raise unless `folder` holds `*.safetensors` weights; pickled weights are refused by name, never opened."""
-    if any(folder.glob("*.safetensors")):
-        return
-    pickles = sorted(p.name for pattern in PICKLE_PATTERNS for p in folder.glob(pattern))
-    where = where or str(folder)
-    if pickles:
-        raise CheckpointError(
-            f"{where} has only pickled weights ({', '.join(pickles)}); refusing pickled weights: pickled weights are "
-            "refused because unpickling can run arbitrary code.",
-            "load the model where it was trained and re-save it with save_pretrained(..., safe_serialization=True) "
-            "(the default), which writes model.safetensors.",
-        )
-    raise CheckpointError(
-        f"{where} has no model.safetensors (nor any *.safetensors weights); pickled weights are never loaded.",
-        "save the model with `model.save_pretrained(dir)` and point to that folder.",
     )
 
 
