@@ -26,10 +26,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import torch
 
-from hf_medmae.performance import cpu_has_native_bf16  # noqa: E402
-from hf_medmae.training import hardware_description  # noqa: E402
+from hf_medmae.performance import cpu_has_native_bf16
+from hf_medmae.training import hardware_description
 
 ROOT = Path(__file__).resolve().parents[1]
 

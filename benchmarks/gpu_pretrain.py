@@ -31,11 +31,19 @@ import torch
 import transformers
 from torch.utils.flop_counter import FlopCounterMode
 
-HERE = Path(__file__).resolve().parent
-from pretrain_throughput import MODELS  # noqa: E402  (seed 001 Model 1)
+from hf_medmae import MedMAEConfig, MedMAEForPreTraining
+from hf_medmae.training import hardware_description
 
-from hf_medmae import MedMAEConfig, MedMAEForPreTraining  # noqa: E402
-from hf_medmae.training import hardware_description  # noqa: E402
+SEED001_MODEL1 = dict(  # symmetric 192-d, 6 + 6 layers (configs/seed001_model1_p8.yaml)
+    hidden_size=192,
+    intermediate_size=768,
+    num_hidden_layers=6,
+    num_attention_heads=6,
+    decoder_hidden_size=192,
+    decoder_intermediate_size=768,
+    decoder_num_hidden_layers=6,
+    decoder_num_attention_heads=6,
+)
 
 VIT_B16 = dict(
     num_channels=3,
@@ -51,13 +59,14 @@ VIT_B16 = dict(
     decoder_intermediate_size=2048,
     mask_ratio=0.75,
 )
-MODEL1 = dict(num_channels=16, image_size=64, mask_ratio=0.5, **MODELS[1])
+MODEL1 = dict(num_channels=16, image_size=64, mask_ratio=0.5, **SEED001_MODEL1)
 CONFIGS = {
     "vit_b16": (VIT_B16, 256),
     "model1_p8": (dict(MODEL1, patch_size=8), 512),
     "model1_p4": (dict(MODEL1, patch_size=4), 512),
 }
-SMOKE_VIT = dict(VIT_B16, image_size=64, **MODELS[1])  # vit_b16's 3 ch / patch 16 / mask 0.75 at 64 px, Model-1 width
+# vit_b16's 3 ch / patch 16 / mask 0.75 at 64 px, Model-1 width
+SMOKE_VIT = dict(VIT_B16, image_size=64, **SEED001_MODEL1)
 VARIANTS = {  # name: (attention, tf32, bf16 autocast, torch.compile, peak it is measured against)
     "fp32": ("eager", False, False, False, "fp32"),
     "tf32": ("eager", True, False, False, "tf32"),

@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 from transformers import ViTMAEForPreTraining
 
-from hf_medmae import MASK_GENERATORS, MedMAEConfig, MedMAEForPreTraining  # noqa: E402
-from hf_medmae.performance import choose_attention  # noqa: E402
-from hf_medmae.training import hardware_description  # noqa: E402
+from hf_medmae import MASK_GENERATORS, MedMAEConfig, MedMAEForPreTraining
+from hf_medmae.performance import choose_attention
+from hf_medmae.training import hardware_description
 
 MODELS = {  # seed 001, tables 2 and 3
     1: dict(

@@ -13,16 +13,16 @@ Arms: `mae` at mask ratios 0.125 / 0.5 / 0.75 (SelfMedMAE: low ratios win for se
 (the same UNETR, random weights), `unet` (MONAI BasicUNet 3D). Every run is written to the JSON as it
 finishes and skipped when present:
 
-    python benchmarks/study_3d.py                      # all arms, dense and sparse, seeds 0-4, the configs' 400 steps
-    python benchmarks/study_3d.py --report             # table (Markdown), CSV and PNG from the JSON
-    python benchmarks/study_3d.py --labels dense --seeds 0 --seg-extra "--max_steps 800" --run-suffix _800 \
-        --output benchmarks/results/study_3d_800steps.json   # convergence: does twice the training beat it?
-    python benchmarks/study_3d.py --compare benchmarks/results/study_3d_200steps.json \
-        benchmarks/results/study_3d_mae1000steps.json benchmarks/results/study_3d_800steps.json   # segmenter lengths
-    python benchmarks/study_3d.py --compare benchmarks/results/study_3d_mae1000steps.json benchmarks/results/study_3d.json \
+    python studies/study_3d.py                      # all arms, dense and sparse, seeds 0-4, the configs' 400 steps
+    python studies/study_3d.py --report             # table (Markdown), CSV and PNG from the JSON
+    python studies/study_3d.py --labels dense --seeds 0 --seg-extra "--max_steps 800" --run-suffix _800 \
+        --output studies/results/study_3d_800steps.json   # convergence: does twice the training beat it?
+    python studies/study_3d.py --compare studies/results/study_3d_200steps.json \
+        studies/results/study_3d_mae1000steps.json studies/results/study_3d_800steps.json   # segmenter lengths
+    python studies/study_3d.py --compare studies/results/study_3d_mae1000steps.json studies/results/study_3d.json \
         --arms mae0.125 mae0.5 mae0.75                 # MAE pre-training of 1,000 vs 3,000 steps, run by run
-    python benchmarks/study_3d.py --arms mae0.75 --labels dense --seeds 0 1 2 --mae-extra "--max_steps 6000" \
-        --work-dir outputs/study_3d_mae6000 --output benchmarks/results/study_3d_mae6000.json   # and 6,000
+    python studies/study_3d.py --arms mae0.75 --labels dense --seeds 0 1 2 --mae-extra "--max_steps 6000" \
+        --work-dir outputs/study_3d_mae6000 --output studies/results/study_3d_mae6000.json   # and 6,000
 
 Earlier versions: `study_3d_200steps.json` (segmenters trained 200 steps, too few) and `study_3d_mae1000steps.json`
 (MAEs pre-trained 1,000 steps: the 75% ones had not left the loss plateau and reconstructed flat grey). A reused
@@ -42,15 +42,15 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-import yaml  # noqa: E402
-from results_io import paired_ci95, record, write_json  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
+import yaml
 
-from hf_medmae.data.splits import split_volumes  # noqa: E402
-from hf_medmae.data.volumes import load_volumes  # noqa: E402
-from hf_medmae.tasks import pretrain, segment  # noqa: E402
-from hf_medmae.training import hardware_description  # noqa: E402
+from hf_medmae.data.splits import split_volumes
+from hf_medmae.data.volumes import load_volumes
+from hf_medmae.evaluation.results import paired_ci95, record, write_json
+from hf_medmae.tasks import pretrain, segment
+from hf_medmae.training import hardware_description
 
 ROOT = Path(__file__).resolve().parents[1]
 MAE_CONFIG, SEG_CONFIG = ROOT / "configs" / "nuclei3d_mae.yaml", ROOT / "configs" / "nuclei3d_segmentation.yaml"
@@ -76,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="added to every segmentation run's folder (a variant reusing the MAEs, "
         "e.g. '_800' with --seg-extra '--max_steps 800' and its own --output)",
     )
-    p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "study_3d.json"))
+    p.add_argument("--output", default=str(ROOT / "studies" / "results" / "study_3d.json"))
     p.add_argument("--report", action="store_true", help="only summarise the JSON")
     p.add_argument(
         "--compare",

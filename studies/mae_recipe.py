@@ -14,8 +14,8 @@ on each seed's training images only.
 Results are written after each recipe and recipes already in the JSON are skipped, so the search can
 be run in parts:
 
-    python benchmarks/mae_recipe.py                                  # every recipe, ~5 min each on 1 CPU thread
-    python benchmarks/mae_recipe.py --recipes base norm_pix mask50
+    python studies/mae_recipe.py                                  # every recipe, ~5 min each on 1 CPU thread
+    python studies/mae_recipe.py --recipes base norm_pix mask50
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from frozen_probe import features, probe, wbc
-from results_io import record
 from transformers import ViTModel
 
 from hf_medmae import load_encoder
 from hf_medmae.data.io import read_image
 from hf_medmae.data.transforms import resize
+from hf_medmae.evaluation.results import record
 from hf_medmae.tasks import pretrain as pretrain_task
 from hf_medmae.training import hardware_description
 
@@ -185,7 +185,7 @@ def main() -> None:
     p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     p.add_argument("--splits", type=int, default=5)
     p.add_argument("--work-dir", default=str(ROOT / "outputs" / "mae_recipe"))
-    p.add_argument("--output", default="benchmarks/results/mae_recipe.json")
+    p.add_argument("--output", default="studies/results/mae_recipe.json")
     p.add_argument(
         "--table", default=None, help="only print the README table, differences paired against this recipe (e.g. base)"
     )
