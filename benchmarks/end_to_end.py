@@ -133,7 +133,8 @@ def main() -> None:
                 )
                 r = rows[-1]
                 print(
-                    f"{r['config']:>22} workers {workers}  attn {r['attn']:>5}  end-to-end {r['end_to_end_img_s']:>6} img/s  "
+                    f"{r['config']:>22} workers {workers}  attn {r['attn']:>5}  end-to-end {r['end_to_end_img_s']:>6} "
+                    "img/s  "
                     f"raw step {r['raw_img_s']:>6} img/s  ratio {r['ratio']:.3f}",
                     flush=True,
                 )

@@ -197,7 +197,10 @@ def hardware(device: torch.device) -> str:
     return hardware_description()
 
 
-HEADER = f"{'config':<10} {'variant':<13} {'batch':>5} {'img/s':>9} {'TFLOP/s':>8} {'MFU %':>6} {'vs':>4} {'MFU bf16 %':>10} {'peak GiB':>8}"
+HEADER = (
+    f"{'config':<10} {'variant':<13} {'batch':>5} {'img/s':>9} {'TFLOP/s':>8} {'MFU %':>6} {'vs':>4} "
+    f"{'MFU bf16 %':>10} {'peak GiB':>8}"
+)
 
 
 def format_row(r: dict) -> str:
@@ -272,11 +275,15 @@ def main() -> None:
         spec, default_batch = CONFIGS[name]
         spec = SMOKE_VIT if args.smoke and name == "vit_b16" else spec
         requested = args.batch_size or default_batch
-        flops = with_oom_retry(lambda s: flops_per_image(spec, s, device), requested, f"{name} flop count")[1]
+        flops = with_oom_retry(lambda s, spec=spec: flops_per_image(spec, s, device), requested, f"{name} flop count")[
+            1
+        ]
         result["gflop_per_image"][name] = flops / 1e9
         for variant in variants:
             size, timed = with_oom_retry(
-                lambda s: time_row(spec, variant, s, args, device), requested, f"{name} {variant}"
+                lambda s, spec=spec, variant=variant: time_row(spec, variant, s, args, device),
+                requested,
+                f"{name} {variant}",
             )
             peak_name = VARIANTS[variant][4]
             flop_s = timed["img_s"] * flops

@@ -64,7 +64,8 @@ RECIPES = {
     "size96": {"image_size": 96},
     # the two single levers that helped at both fractions, together
     "norm_pix_foreground": {"norm_pix_loss": True, "mask_generator": "foreground"},
-    # levers on top of the best single one (foreground): longer (the small-data literature's hundreds of epochs), sparser
+    # levers on top of the best single one (foreground): longer (the small-data literature's hundreds of epochs),
+    # sparser
     "foreground_steps3200": {"mask_generator": "foreground", "steps": 3200},
     "foreground_mask90": {"mask_generator": "foreground", "mask_ratio": 0.9},
     # the same recipe, another pre-training seed: how far apart two runs of one recipe land (the ranking's noise floor)
@@ -77,7 +78,8 @@ RECIPES = {
 
 
 def bccd_cells(side: int) -> list[np.ndarray]:
-    """Every box labelled WBC in the BCCD smears (another lab, another stain), squared with a margin, [3, side, side]."""
+    """Every box labelled WBC in the BCCD smears (another lab, another stain), squared with a margin: [3, side, side]
+    each."""
     cells = []
     for xml in sorted((BCCD / "Annotations").glob("*.xml")):
         image = None
@@ -241,14 +243,16 @@ def main() -> None:
     for r in results["rows"]:
         loss = f"{r['train_loss']:.3f}" if r["train_loss"] is not None else "-"
         print(
-            f"{r['recipe']:>12} {r['f1_10']['mean']:>7.3f} ± {r['f1_10']['std']:.3f} {r['f1_100']['mean']:>7.3f} ± {r['f1_100']['std']:.3f} "
+            f"{r['recipe']:>12} {r['f1_10']['mean']:>7.3f} ± {r['f1_10']['std']:.3f} {r['f1_100']['mean']:>7.3f} ± "
+            f"{r['f1_100']['std']:.3f} "
             f"{loss:>7} {r['minutes']:>5}"
         )
     print(f"hardware: {results['hardware']}; wrote {out}")
 
 
 def print_table(results: dict, reference: str) -> None:
-    """Markdown rows: macro-F1 mean ± std over the splits, and the mean per-split difference to `reference` ± its standard error."""
+    """Markdown rows: macro-F1 mean ± std over the splits, and the mean per-split difference to `reference` ± its
+    standard error."""
     rows = {r["recipe"]: r for r in results["rows"]}
 
     def versus(row, key):
@@ -261,8 +265,10 @@ def print_table(results: dict, reference: str) -> None:
     print("|---|---|---|---|---|---|---|")
     for row in results["rows"]:
         print(
-            f"| {row['recipe']} | {row['steps'] if row['recipe'] != 'random' else 0} | {row['f1_10']['mean']:.3f} ± {row['f1_10']['std']:.3f} "
-            f"| {versus(row, 'f1_10')} | {row['f1_100']['mean']:.3f} ± {row['f1_100']['std']:.3f} | {versus(row, 'f1_100')} | {row['minutes']} |"
+            f"| {row['recipe']} | {row['steps'] if row['recipe'] != 'random' else 0} | {row['f1_10']['mean']:.3f} ± "
+            f"{row['f1_10']['std']:.3f} "
+            f"| {versus(row, 'f1_10')} | {row['f1_100']['mean']:.3f} ± {row['f1_100']['std']:.3f} | "
+            f"{versus(row, 'f1_100')} | {row['minutes']} |"
         )
 
 

@@ -101,9 +101,9 @@ def wbc_image_stack(path: Path, bccd_images: int) -> Path:
     for p in sorted(BCCD.glob("*.jpg"))[:bccd_images]:
         smear = np.asarray(Image.open(p).convert("RGB"))
         images += [
-            smear[t : t + 120, l : l + 120]
+            smear[t : t + 120, left : left + 120]
             for t in range(0, smear.shape[0] - 119, 120)
-            for l in range(0, smear.shape[1] - 119, 120)
+            for left in range(0, smear.shape[1] - 119, 120)
         ]
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path, np.stack(images).transpose(0, 3, 1, 2))  # [N, H, W, 3] -> [N, 3, H, W]
@@ -211,7 +211,10 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def markdown(summary: list[dict]) -> str:
-    head = "| model | labelled pixels | seeds | mean Dice | F1 background | F1 cytoplasm | F1 nucleus |\n|---|---|---|---|---|---|---|"
+    head = (
+        "| model | labelled pixels | seeds | mean Dice | F1 background | F1 cytoplasm | F1 nucleus |\n"
+        "|---|---|---|---|---|---|---|"
+    )
     cell = lambda e, k: f"{e[k]:.3f} ± {e[k + '_std']:.3f}"  # noqa: E731
     lines = [
         f"| {e['arm']} | {e['label_fraction']:.1%} | {e['seeds']} | {cell(e, 'mean_dice')} | "

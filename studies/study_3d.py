@@ -84,7 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=Path,
         default=None,
         metavar="JSON",
-        help="only print, run by run (of --arms), nucleus Dice and HD95 across these result files (e.g. 200 / 400 / 800 steps)",
+        help="only print, run by run (of --arms), nucleus Dice and HD95 across these result files "
+        "(e.g. 200 / 400 / 800 steps)",
     )
     args = p.parse_args(argv)
     args.mae_extra, args.seg_extra = shlex.split(args.mae_extra), shlex.split(args.seg_extra)
@@ -103,7 +104,8 @@ def seed_mae(args, seed: int, ratio: float, work: Path) -> Path:
         steps, wanted = json.loads((out / "all_results.json").read_text())["global_step"], mae_steps(args)
         if steps != wanted:  # an MAE of another length would silently change the protocol
             raise SystemExit(
-                f"{out} was pre-trained {steps} steps, this study asks for {wanted}: move it away or pass another --work-dir."
+                f"{out} was pre-trained {steps} steps, this study asks for {wanted}: move it away or pass another "
+                "--work-dir."
             )
     else:
         train, _, _ = seed_split(seed)
@@ -217,14 +219,14 @@ def arm_name(arm: str) -> str:
 
 
 def format_table(table: list[dict]) -> str:
-    fmt = lambda r, m, d: (
-        "-"
-        if r[f"{m}_mean"] is None
-        else f"{r[f'{m}_mean']:.{d}f}"  # noqa: E731
-        + (f" ± {r[f'{m}_std']:.{d}f}" if r[f"{m}_mean"] is not None and r["seeds"] > 1 else "")
-    )
+    def fmt(r: dict, m: str, d: int) -> str:
+        if r[f"{m}_mean"] is None:
+            return "-"
+        return f"{r[f'{m}_mean']:.{d}f}" + (f" ± {r[f'{m}_std']:.{d}f}" if r["seeds"] > 1 else "")
+
     lines = [
-        "| labels | arm | seeds | nucleus Dice | nucleus HD95 (voxels) | mean Dice | nucleus Dice − scratch, same seed | its 95% interval |",
+        "| labels | arm | seeds | nucleus Dice | nucleus HD95 (voxels) | mean Dice | nucleus Dice − scratch, same "
+        "seed | its 95% interval |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in table:
@@ -241,7 +243,8 @@ def format_table(table: list[dict]) -> str:
         )
         ci = "-" if r.get("vs_scratch_ci95") is None else "[{:+.3f}, {:+.3f}]".format(*r["vs_scratch_ci95"])
         lines.append(
-            f"| {label} | {name} | {r['seeds']} | {fmt(r, 'dice_nucleus', 3)} | {fmt(r, 'hd95_nucleus', 1)} | {fmt(r, 'mean_dice', 3)} | {paired} | {ci} |"
+            f"| {label} | {name} | {r['seeds']} | {fmt(r, 'dice_nucleus', 3)} | {fmt(r, 'hd95_nucleus', 1)} | "
+            f"{fmt(r, 'mean_dice', 3)} | {paired} | {ci} |"
         )
     return "\n".join(lines)
 
@@ -367,7 +370,8 @@ def main(argv=None) -> None:
                     run = run_arm(args, arm, labels, seed, work)
                     results = record(output, results, run, key=lambda r: (r["arm"], r["labels"], r["seed"]))
                     print(
-                        f"{arm} {labels} seed {seed}: nucleus Dice {run['dice_nucleus']:.3f}, HD95 {run['hd95_nucleus']}, "
+                        f"{arm} {labels} seed {seed}: nucleus Dice {run['dice_nucleus']:.3f}, HD95 "
+                        f"{run['hd95_nucleus']}, "
                         f"{run['minutes']} min",
                         flush=True,
                     )
