@@ -26,10 +26,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import torch
 
-from hf_medmae.performance import cpu_has_native_bf16  # noqa: E402
-from hf_medmae.training import hardware_description  # noqa: E402
+from hf_medmae.performance import cpu_has_native_bf16
+from hf_medmae.training import hardware_description
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,7 +135,8 @@ def main() -> None:
             f"{p:>9} {rate[p]:>7.1f} {finals[p]:>10.4f} {evals[p] if evals[p] is None else round(evals[p], 4)!s:>10}"
         )
     print(
-        f"bf16 speed-up {result['speedup_bf16']}x; loss curves differ by {result['loss_curve_mean_relative_difference']:.2%} on average "
+        f"bf16 speed-up {result['speedup_bf16']}x; loss curves differ by "
+        f"{result['loss_curve_mean_relative_difference']:.2%} on average "
         f"(max {result['loss_curve_max_relative_difference']:.2%}); precision: auto chose {auto['precision']}"
     )
     print(f"hardware: {result['hardware']}\nwrote {args.output} and {figure}")

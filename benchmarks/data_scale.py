@@ -11,7 +11,7 @@ Kinds: `npy` (memory-mapped .npy), `tiff` (a folder of 16-channel TIFFs, read pe
 `in_memory` (the .npy read whole into RAM first: the old behaviour, for comparison), plus `npy_tiled`:
 16 x 256 x 256 images tiled on the fly into 64 x 64 tiles.
 
-    python benchmarks/data_scale.py                       # 1k, 4k, 16k images; ~15 min and ~7 GiB of disk on 2 CPU cores
+    python benchmarks/data_scale.py       # 1k, 4k, 16k images; ~15 min and ~7 GiB of disk on 2 CPU cores
     python benchmarks/data_scale.py --sizes 1024 --kinds npy in_memory
 """
 
@@ -213,7 +213,8 @@ def main() -> None:
     print("\n| kind | images | pool (uint16) | peak RSS | train img/s |\n|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['kind']} | {r['images']} | {r['pool_gib']:.2f} GiB | {r['peak_rss_mib']} MiB | {r['train_img_per_s']} |"
+            f"| {r['kind']} | {r['images']} | {r['pool_gib']:.2f} GiB | {r['peak_rss_mib']} MiB | "
+            f"{r['train_img_per_s']} |"
         )
     print(f"hardware: {info['hardware']}; wrote {args.output}")
 

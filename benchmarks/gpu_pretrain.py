@@ -31,11 +31,19 @@ import torch
 import transformers
 from torch.utils.flop_counter import FlopCounterMode
 
-HERE = Path(__file__).resolve().parent
-from pretrain_throughput import MODELS  # noqa: E402  (seed 001 Model 1)
+from hf_medmae import MedMAEConfig, MedMAEForPreTraining
+from hf_medmae.training import hardware_description
 
-from hf_medmae import MedMAEConfig, MedMAEForPreTraining  # noqa: E402
-from hf_medmae.training import hardware_description  # noqa: E402
+SEED001_MODEL1 = dict(  # symmetric 192-d, 6 + 6 layers (configs/seed001_model1_p8.yaml)
+    hidden_size=192,
+    intermediate_size=768,
+    num_hidden_layers=6,
+    num_attention_heads=6,
+    decoder_hidden_size=192,
+    decoder_intermediate_size=768,
+    decoder_num_hidden_layers=6,
+    decoder_num_attention_heads=6,
+)
 
 VIT_B16 = dict(
     num_channels=3,
@@ -51,13 +59,14 @@ VIT_B16 = dict(
     decoder_intermediate_size=2048,
     mask_ratio=0.75,
 )
-MODEL1 = dict(num_channels=16, image_size=64, mask_ratio=0.5, **MODELS[1])
+MODEL1 = dict(num_channels=16, image_size=64, mask_ratio=0.5, **SEED001_MODEL1)
 CONFIGS = {
     "vit_b16": (VIT_B16, 256),
     "model1_p8": (dict(MODEL1, patch_size=8), 512),
     "model1_p4": (dict(MODEL1, patch_size=4), 512),
 }
-SMOKE_VIT = dict(VIT_B16, image_size=64, **MODELS[1])  # vit_b16's 3 ch / patch 16 / mask 0.75 at 64 px, Model-1 width
+# vit_b16's 3 ch / patch 16 / mask 0.75 at 64 px, Model-1 width
+SMOKE_VIT = dict(VIT_B16, image_size=64, **SEED001_MODEL1)
 VARIANTS = {  # name: (attention, tf32, bf16 autocast, torch.compile, peak it is measured against)
     "fp32": ("eager", False, False, False, "fp32"),
     "tf32": ("eager", True, False, False, "tf32"),
@@ -188,7 +197,10 @@ def hardware(device: torch.device) -> str:
     return hardware_description()
 
 
-HEADER = f"{'config':<10} {'variant':<13} {'batch':>5} {'img/s':>9} {'TFLOP/s':>8} {'MFU %':>6} {'vs':>4} {'MFU bf16 %':>10} {'peak GiB':>8}"
+HEADER = (
+    f"{'config':<10} {'variant':<13} {'batch':>5} {'img/s':>9} {'TFLOP/s':>8} {'MFU %':>6} {'vs':>4} "
+    f"{'MFU bf16 %':>10} {'peak GiB':>8}"
+)
 
 
 def format_row(r: dict) -> str:
@@ -263,11 +275,15 @@ def main() -> None:
         spec, default_batch = CONFIGS[name]
         spec = SMOKE_VIT if args.smoke and name == "vit_b16" else spec
         requested = args.batch_size or default_batch
-        flops = with_oom_retry(lambda s: flops_per_image(spec, s, device), requested, f"{name} flop count")[1]
+        flops = with_oom_retry(lambda s, spec=spec: flops_per_image(spec, s, device), requested, f"{name} flop count")[
+            1
+        ]
         result["gflop_per_image"][name] = flops / 1e9
         for variant in variants:
             size, timed = with_oom_retry(
-                lambda s: time_row(spec, variant, s, args, device), requested, f"{name} {variant}"
+                lambda s, spec=spec, variant=variant: time_row(spec, variant, s, args, device),
+                requested,
+                f"{name} {variant}",
             )
             peak_name = VARIANTS[variant][4]
             flop_s = timed["img_s"] * flops

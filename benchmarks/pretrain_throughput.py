@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 from transformers import ViTMAEForPreTraining
 
-from hf_medmae import MASK_GENERATORS, MedMAEConfig, MedMAEForPreTraining  # noqa: E402
-from hf_medmae.performance import choose_attention  # noqa: E402
-from hf_medmae.training import hardware_description  # noqa: E402
+from hf_medmae import MASK_GENERATORS, MedMAEConfig, MedMAEForPreTraining
+from hf_medmae.performance import choose_attention
+from hf_medmae.training import hardware_description
 
 MODELS = {  # seed 001, tables 2 and 3
     1: dict(
@@ -266,10 +266,12 @@ def summarise(rows: list[dict], args, final: bool = True) -> None:
     band = max(abs(x - 1) for x in same)
     if final:
         print(
-            f"\nhardware: {hardware}; torch {torch.__version__}; {args.precision}; median of {args.repeats} repeats x >= {args.steps} steps"
+            f"\nhardware: {hardware}; torch {torch.__version__}; {args.precision}; median of {args.repeats} repeats x "
+            f">= {args.steps} steps"
         )
         print(
-            f"default ours/stock: worst {worst:.3f}, median {statistics.median(r['default_ratio'] for r in rows):.3f}; "
+            f"default ours/stock: worst {worst:.3f}, median "
+            f"{statistics.median(r['default_ratio'] for r in rows):.3f}; "
             f"same-kernel ratios: median {statistics.median(same):.3f}, all within {100 * band:.1f}% of 1.0"
         )
     result = dict(
@@ -291,15 +293,18 @@ def summarise(rows: list[dict], args, final: bool = True) -> None:
 def print_row(row: dict) -> None:
     if not hasattr(print_row, "header"):
         print(
-            f"{'config':>15} {'patch':>5} {'mask':>5} {'bs':>3} | {'stock sdpa':>10} {'stock eager':>11} {'ours sdpa':>9} {'ours eager':>10} | "
+            f"{'config':>15} {'patch':>5} {'mask':>5} {'bs':>3} | {'stock sdpa':>10} {'stock eager':>11} "
+            f"{'ours sdpa':>9} {'ours eager':>10} | "
             f"{'same-kernel':>11} {'auto':>5} {'ours/stock':>12} | {'act MB':>7}  generator cost (% of step)"
         )
         print_row.header = True
     costs = " ".join(f"{k}={v:.1f}" for k, v in row.get("generator_cost_pct", {}).items())
     r = {k: "-" if v is None else v for k, v in row.items()}
     print(
-        f"{r['config']:>15} {r['patch']:>5} {r['mask_ratio']:>5} {r['batch']:>3} | {r['stock_sdpa']:>10} {r['stock_eager']:>11} "
-        f"{r['ours_sdpa']:>9} {r['ours_eager']:>10} | {r['same_kernel_sdpa']:>5}/{r['same_kernel_eager']:<5} {r['auto_choice']:>5} "
+        f"{r['config']:>15} {r['patch']:>5} {r['mask_ratio']:>5} {r['batch']:>3} | {r['stock_sdpa']:>10} "
+        f"{r['stock_eager']:>11} "
+        f"{r['ours_sdpa']:>9} {r['ours_eager']:>10} | {r['same_kernel_sdpa']:>5}/{r['same_kernel_eager']:<5} "
+        f"{r['auto_choice']:>5} "
         f"{r['default_ratio']:>6}±{r['default_noise']:<5} | {r['activation_mb']['ours_sdpa']:>7}  {costs}",
         flush=True,
     )

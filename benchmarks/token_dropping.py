@@ -134,7 +134,8 @@ def main() -> None:
         )
     base = rows[0]
     print(
-        f"{'variant':<28}{'tokens':>7}{'img/s':>9}{'speed-up':>10}{'best img/s':>12}{'speed-up':>10}{'GFLOPs/img':>12}{'FLOPs':>8}"
+        f"{'variant':<28}{'tokens':>7}{'img/s':>9}{'speed-up':>10}{'best img/s':>12}{'speed-up':>10}"
+        f"{'GFLOPs/img':>12}{'FLOPs':>8}"
     )
     for row in rows:
         row["speedup"], row["speedup_best"] = (

@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 from transformers import ViTConfig, ViTModel
 
-from hf_medmae.classification import MedClsForImageClassification, freeze  # noqa: E402
-from hf_medmae.segmentation import MedSegForSegmentation, build_unet_baseline  # noqa: E402
-from hf_medmae.training import hardware_description  # noqa: E402
+from hf_medmae.classification import MedClsForImageClassification, freeze
+from hf_medmae.segmentation import MedSegForSegmentation, build_unet_baseline
+from hf_medmae.training import hardware_description
 
 IMAGE_SIZE = 64
 ENCODER = dict(hidden_size=192, num_hidden_layers=6, num_attention_heads=6, intermediate_size=768, layer_norm_eps=1e-6)

@@ -1,10 +1,9 @@
 """Fast-path choices made by measurement or by what the hardware supports, not by assumption.
 
-On a CPU the faster attention kernel depends on the sequence length and the machine (on one 2-core
-AMD machine eager beat sdpa by 26% at patch 8 and lost by 34% at patch 4; on a 2-core Xeon they tie at
-patch 8), so `attn_implementation: auto` times both on the real model and batch shape before training. On a GPU
+On a CPU the faster attention kernel depends on the sequence length and the machine, so
+`attn_implementation: auto` times both on the real model and batch shape before training. On a GPU
 sdpa (flash / memory-efficient kernels) always wins, and bf16, TF32 and fused AdamW are the defaults.
-`benchmarks/pretrain_throughput.py` and `benchmarks/gpu_pretrain.py` hold the measurements.
+The measurements are on the documentation's Performance page (`docs/performance.md`).
 """
 
 from __future__ import annotations
@@ -150,8 +149,8 @@ def choose_precision(
 def apply_fast_defaults(args: TrainingArguments) -> None:
     """Fast settings the user did not choose otherwise: TF32 matmuls on Ampere+ GPUs.
 
-    Precision and pinned memory are settled by `MedTrainingArguments`; fused AdamW is already the Trainer's default optimizer.
-    On a CPU-only run, dataloader workers take cores from the training step itself: that is warned
+    Precision and pinned memory are settled by `MedTrainingArguments`; fused AdamW is already the Trainer's default
+    optimizer. On a CPU-only run, dataloader workers take cores from the training step itself: that is warned
     about, not overridden, since heavy augmentation can still make workers worth it.
     """
     if torch.cuda.is_available() and not args.use_cpu:
@@ -164,8 +163,8 @@ def apply_fast_defaults(args: TrainingArguments) -> None:
         if args.dataloader_num_workers and 2 * args.dataloader_num_workers >= cores:
             logger.warning(
                 "dataloader_num_workers=%d on a CPU-only run with %d cores: the workers compete with the training "
-                "step for cores (on a 2-core machine 2 workers gave 73%% of the raw step rate, 0 workers 95%%). "
-                "Set dataloader_num_workers: 0 unless benchmarks/end_to_end.py shows augmentation is the bottleneck.",
+                "step for cores. Set dataloader_num_workers: 0 unless a short run with workers shows a higher "
+                "train_samples_per_second in its all_results.json (see the Performance page of the documentation).",
                 args.dataloader_num_workers,
                 cores,
             )

@@ -1,13 +1,13 @@
-"""The studies' helpers (benchmarks/results_io.py): several processes fill one file without losing runs; the paired interval."""
+"""The studies' result files (hf_medmae.evaluation.results): several processes fill one file without losing runs;
+the paired interval."""
 
 import json
-import sys
+import multiprocessing
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from results_io import paired_ci95, record  # noqa: E402
+from hf_medmae.evaluation.results import paired_ci95, record
 
 KEY = lambda r: (r["arm"], r["seed"])  # noqa: E731
 
@@ -47,8 +47,6 @@ def _record_many(path: str, arm: str) -> None:
 
 
 def test_processes_writing_at_the_same_moment_lose_no_run(tmp_path):
-    import multiprocessing
-
     path = tmp_path / "study.json"
     ctx = multiprocessing.get_context("fork")
     workers = [ctx.Process(target=_record_many, args=(str(path), arm)) for arm in "abcdef"]

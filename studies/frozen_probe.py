@@ -8,8 +8,8 @@ balanced class weights) is fitted on a stratified 70% split, or a stratified 10%
 the other 30% (macro-F1 over the classes present; the single basophil is left out). Compared on the
 same splits: the MAE encoder, the same ViT with random weights, and raw pixels. Mean ± std over splits.
 
-    python benchmarks/frozen_probe.py                      # ~10 min on 2 CPU cores
-    python benchmarks/frozen_probe.py --pretrain-steps 3000 --mae-checkpoint outputs/frozen_probe/mae
+    python studies/frozen_probe.py                      # ~10 min on 2 CPU cores
+    python studies/frozen_probe.py --pretrain-steps 3000 --mae-checkpoint outputs/frozen_probe/mae
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def main() -> None:
     p.add_argument("--splits", type=int, default=5)
     p.add_argument("--mae-checkpoint", default=None, help="skip pre-training: probe this MAE")
     p.add_argument("--work-dir", default=str(ROOT / "outputs" / "frozen_probe"))
-    p.add_argument("--output", default="benchmarks/results/frozen_probe.json")
+    p.add_argument("--output", default="studies/results/frozen_probe.json")
     args = p.parse_args()
     start, work = time.time(), Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)

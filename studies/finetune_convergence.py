@@ -6,9 +6,9 @@ each seed draws its own stratified split. A schedule has converged when a clearl
 beat it beyond the seed-to-seed noise. Results are written after every run, and runs already in the
 JSON are skipped, so the study can be completed over several sessions.
 
-    python benchmarks/finetune_convergence.py                         # arms 'floor1000_es20' and 'floor2000', seeds 0 1 2
-    python benchmarks/finetune_convergence.py --arms floor2000_ld1 --seeds 0 1 2 --output benchmarks/results/finetune_convergence_longer.json
-    python benchmarks/finetune_convergence.py --arms floor4000_ld1 --seeds 0 1 2 --output benchmarks/results/finetune_convergence_floor4000.json
+    python studies/finetune_convergence.py                         # arms 'floor1000_es20' and 'floor2000', seeds 0 1 2
+    python studies/finetune_convergence.py --arms floor2000_ld1 --seeds 0 1 2 --output studies/results/finetune_convergence_longer.json
+    python studies/finetune_convergence.py --arms floor4000_ld1 --seeds 0 1 2 --output studies/results/finetune_convergence_floor4000.json
 
 Since the shipped config sets `min_train_steps: 2000` and leaves `layer_decay` to its default (1.0 from
 scratch), the arm `shipped` now equals `floor2000_ld1`; the older arms pin what they measured then.
@@ -43,7 +43,7 @@ def main() -> None:
     p.add_argument("--arms", nargs="+", default=["floor1000_es20", "floor2000"], choices=list(ARMS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--work-dir", default=str(ROOT / "outputs" / "finetune_convergence"))
-    p.add_argument("--output", default="benchmarks/results/finetune_convergence.json")
+    p.add_argument("--output", default="studies/results/finetune_convergence.json")
     args = p.parse_args()
     out = Path(args.output)
     results = json.loads(out.read_text()) if out.is_file() else {"hardware": hardware_description(), "runs": []}

@@ -14,8 +14,8 @@ on each seed's training images only.
 Results are written after each recipe and recipes already in the JSON are skipped, so the search can
 be run in parts:
 
-    python benchmarks/mae_recipe.py                                  # every recipe, ~5 min each on 1 CPU thread
-    python benchmarks/mae_recipe.py --recipes base norm_pix mask50
+    python studies/mae_recipe.py                                  # every recipe, ~5 min each on 1 CPU thread
+    python studies/mae_recipe.py --recipes base norm_pix mask50
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from frozen_probe import features, probe, wbc
-from results_io import record
 from transformers import ViTModel
 
 from hf_medmae import load_encoder
 from hf_medmae.data.io import read_image
 from hf_medmae.data.transforms import resize
+from hf_medmae.evaluation.results import record
 from hf_medmae.tasks import pretrain as pretrain_task
 from hf_medmae.training import hardware_description
 
@@ -64,7 +64,8 @@ RECIPES = {
     "size96": {"image_size": 96},
     # the two single levers that helped at both fractions, together
     "norm_pix_foreground": {"norm_pix_loss": True, "mask_generator": "foreground"},
-    # levers on top of the best single one (foreground): longer (the small-data literature's hundreds of epochs), sparser
+    # levers on top of the best single one (foreground): longer (the small-data literature's hundreds of epochs),
+    # sparser
     "foreground_steps3200": {"mask_generator": "foreground", "steps": 3200},
     "foreground_mask90": {"mask_generator": "foreground", "mask_ratio": 0.9},
     # the same recipe, another pre-training seed: how far apart two runs of one recipe land (the ranking's noise floor)
@@ -77,7 +78,8 @@ RECIPES = {
 
 
 def bccd_cells(side: int) -> list[np.ndarray]:
-    """Every box labelled WBC in the BCCD smears (another lab, another stain), squared with a margin, [3, side, side]."""
+    """Every box labelled WBC in the BCCD smears (another lab, another stain), squared with a margin: [3, side, side]
+    each."""
     cells = []
     for xml in sorted((BCCD / "Annotations").glob("*.xml")):
         image = None
@@ -185,7 +187,7 @@ def main() -> None:
     p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     p.add_argument("--splits", type=int, default=5)
     p.add_argument("--work-dir", default=str(ROOT / "outputs" / "mae_recipe"))
-    p.add_argument("--output", default="benchmarks/results/mae_recipe.json")
+    p.add_argument("--output", default="studies/results/mae_recipe.json")
     p.add_argument(
         "--table", default=None, help="only print the README table, differences paired against this recipe (e.g. base)"
     )
@@ -241,14 +243,16 @@ def main() -> None:
     for r in results["rows"]:
         loss = f"{r['train_loss']:.3f}" if r["train_loss"] is not None else "-"
         print(
-            f"{r['recipe']:>12} {r['f1_10']['mean']:>7.3f} ± {r['f1_10']['std']:.3f} {r['f1_100']['mean']:>7.3f} ± {r['f1_100']['std']:.3f} "
+            f"{r['recipe']:>12} {r['f1_10']['mean']:>7.3f} ± {r['f1_10']['std']:.3f} {r['f1_100']['mean']:>7.3f} ± "
+            f"{r['f1_100']['std']:.3f} "
             f"{loss:>7} {r['minutes']:>5}"
         )
     print(f"hardware: {results['hardware']}; wrote {out}")
 
 
 def print_table(results: dict, reference: str) -> None:
-    """Markdown rows: macro-F1 mean ± std over the splits, and the mean per-split difference to `reference` ± its standard error."""
+    """Markdown rows: macro-F1 mean ± std over the splits, and the mean per-split difference to `reference` ± its
+    standard error."""
     rows = {r["recipe"]: r for r in results["rows"]}
 
     def versus(row, key):
@@ -261,8 +265,10 @@ def print_table(results: dict, reference: str) -> None:
     print("|---|---|---|---|---|---|---|")
     for row in results["rows"]:
         print(
-            f"| {row['recipe']} | {row['steps'] if row['recipe'] != 'random' else 0} | {row['f1_10']['mean']:.3f} ± {row['f1_10']['std']:.3f} "
-            f"| {versus(row, 'f1_10')} | {row['f1_100']['mean']:.3f} ± {row['f1_100']['std']:.3f} | {versus(row, 'f1_100')} | {row['minutes']} |"
+            f"| {row['recipe']} | {row['steps'] if row['recipe'] != 'random' else 0} | {row['f1_10']['mean']:.3f} ± "
+            f"{row['f1_10']['std']:.3f} "
+            f"| {versus(row, 'f1_10')} | {row['f1_100']['mean']:.3f} ± {row['f1_100']['std']:.3f} | "
+            f"{versus(row, 'f1_100')} | {row['minutes']} |"
         )
 
 

@@ -24,9 +24,9 @@ written once under the work dir from `../shared/data/bccd`).
 Every result is written as it finishes and runs already in the JSON are skipped, so the study completes
 over several sessions:
 
-    python benchmarks/msmae_study.py                               # everything: 2 sets x 3 seeds x 2 fractions x 4 arms
-    python benchmarks/msmae_study.py --datasets wbc --seeds 0      # a part
-    python benchmarks/msmae_study.py --report                      # table + figure from the JSON
+    python studies/msmae_study.py                               # everything: 2 sets x 3 seeds x 2 fractions x 4 arms
+    python studies/msmae_study.py --datasets wbc --seeds 0      # a part
+    python studies/msmae_study.py --report                      # table + figure from the JSON
 
 Per fine-tuning run the JSON keeps test accuracy and macro-F1 (classes present), the Trainer's measured
 training img/s, and the FLOPs per training image (torch's `FlopCounterMode`, forward + backward, eager
@@ -53,10 +53,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from results_io import paired_ci95, record
 from torch.utils.flop_counter import FlopCounterMode
 
 from hf_medmae.data.splits import label_subset, stratified_split
+from hf_medmae.evaluation.results import paired_ci95, record
 from hf_medmae.masking import build_mask_generator
 from hf_medmae.tasks import classify
 from hf_medmae.tasks import pretrain as pretrain_task
@@ -707,7 +707,7 @@ def main(argv: list[str] | None = None) -> None:
         "--pretrain-extra", default="", help="flags added to every run_mae call (--pretrain-extra='--max_steps 10')"
     )
     p.add_argument("--work-dir", default=str(ROOT / "outputs" / "msmae_study"))
-    p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "msmae_study.json"))
+    p.add_argument("--output", default=str(ROOT / "studies" / "results" / "msmae_study.json"))
     p.add_argument("--report", action="store_true", help="only print the table from the JSON")
     p.add_argument(
         "--figure",

@@ -16,9 +16,9 @@ it never sees a validation or test image.
 Every run's result is written to the JSON as it finishes and runs already there are skipped, so the
 study can be completed over several sessions:
 
-    python benchmarks/label_efficiency.py                                   # all arms, fractions, seeds 0-4
-    python benchmarks/label_efficiency.py --arms mae_frozen cnn --seeds 0 1  # a part
-    python benchmarks/label_efficiency.py --report                          # table, curve and confidence from the JSON
+    python studies/label_efficiency.py                                   # all arms, fractions, seeds 0-4
+    python studies/label_efficiency.py --arms mae_frozen cnn --seeds 0 1  # a part
+    python studies/label_efficiency.py --report                          # table, curve and confidence from the JSON
 
 Macro precision / recall / F1 are over the classes present in the test split: WBC's single basophil
 stays in train (too rare to stratify).
@@ -37,10 +37,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from mae_recipe import BASE, RECIPES, bccd_cells, pretrain
-from results_io import record, write_json
 
 from hf_medmae.data.splits import stratified_split
 from hf_medmae.data.transforms import resize
+from hf_medmae.evaluation.results import record, write_json
 from hf_medmae.plots import plot_label_efficiency
 from hf_medmae.tasks import classify
 from hf_medmae.training import hardware_description
@@ -75,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--pretrain-steps", type=int, default=None, help="override the recipe's steps (smoke runs)")
     p.add_argument("--work-dir", default=str(ROOT / "outputs" / "label_efficiency"))
-    p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "label_efficiency.json"))
+    p.add_argument("--output", default=str(ROOT / "studies" / "results" / "label_efficiency.json"))
     p.add_argument("--report", action="store_true", help="only summarise the JSON")
     args = p.parse_args(argv)
     args.extra = shlex.split(args.extra)

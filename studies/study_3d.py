@@ -13,16 +13,16 @@ Arms: `mae` at mask ratios 0.125 / 0.5 / 0.75 (SelfMedMAE: low ratios win for se
 (the same UNETR, random weights), `unet` (MONAI BasicUNet 3D). Every run is written to the JSON as it
 finishes and skipped when present:
 
-    python benchmarks/study_3d.py                      # all arms, dense and sparse, seeds 0-4, the configs' 400 steps
-    python benchmarks/study_3d.py --report             # table (Markdown), CSV and PNG from the JSON
-    python benchmarks/study_3d.py --labels dense --seeds 0 --seg-extra "--max_steps 800" --run-suffix _800 \
-        --output benchmarks/results/study_3d_800steps.json   # convergence: does twice the training beat it?
-    python benchmarks/study_3d.py --compare benchmarks/results/study_3d_200steps.json \
-        benchmarks/results/study_3d_mae1000steps.json benchmarks/results/study_3d_800steps.json   # segmenter lengths
-    python benchmarks/study_3d.py --compare benchmarks/results/study_3d_mae1000steps.json benchmarks/results/study_3d.json \
+    python studies/study_3d.py                      # all arms, dense and sparse, seeds 0-4, the configs' 400 steps
+    python studies/study_3d.py --report             # table (Markdown), CSV and PNG from the JSON
+    python studies/study_3d.py --labels dense --seeds 0 --seg-extra "--max_steps 800" --run-suffix _800 \
+        --output studies/results/study_3d_800steps.json   # convergence: does twice the training beat it?
+    python studies/study_3d.py --compare studies/results/study_3d_200steps.json \
+        studies/results/study_3d_mae1000steps.json studies/results/study_3d_800steps.json   # segmenter lengths
+    python studies/study_3d.py --compare studies/results/study_3d_mae1000steps.json studies/results/study_3d.json \
         --arms mae0.125 mae0.5 mae0.75                 # MAE pre-training of 1,000 vs 3,000 steps, run by run
-    python benchmarks/study_3d.py --arms mae0.75 --labels dense --seeds 0 1 2 --mae-extra "--max_steps 6000" \
-        --work-dir outputs/study_3d_mae6000 --output benchmarks/results/study_3d_mae6000.json   # and 6,000
+    python studies/study_3d.py --arms mae0.75 --labels dense --seeds 0 1 2 --mae-extra "--max_steps 6000" \
+        --work-dir outputs/study_3d_mae6000 --output studies/results/study_3d_mae6000.json   # and 6,000
 
 Earlier versions: `study_3d_200steps.json` (segmenters trained 200 steps, too few) and `study_3d_mae1000steps.json`
 (MAEs pre-trained 1,000 steps: the 75% ones had not left the loss plateau and reconstructed flat grey). A reused
@@ -42,15 +42,15 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-import yaml  # noqa: E402
-from results_io import paired_ci95, record, write_json  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
+import yaml
 
-from hf_medmae.data.splits import split_volumes  # noqa: E402
-from hf_medmae.data.volumes import load_volumes  # noqa: E402
-from hf_medmae.tasks import pretrain, segment  # noqa: E402
-from hf_medmae.training import hardware_description  # noqa: E402
+from hf_medmae.data.splits import split_volumes
+from hf_medmae.data.volumes import load_volumes
+from hf_medmae.evaluation.results import paired_ci95, record, write_json
+from hf_medmae.tasks import pretrain, segment
+from hf_medmae.training import hardware_description
 
 ROOT = Path(__file__).resolve().parents[1]
 MAE_CONFIG, SEG_CONFIG = ROOT / "configs" / "nuclei3d_mae.yaml", ROOT / "configs" / "nuclei3d_segmentation.yaml"
@@ -76,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="added to every segmentation run's folder (a variant reusing the MAEs, "
         "e.g. '_800' with --seg-extra '--max_steps 800' and its own --output)",
     )
-    p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "study_3d.json"))
+    p.add_argument("--output", default=str(ROOT / "studies" / "results" / "study_3d.json"))
     p.add_argument("--report", action="store_true", help="only summarise the JSON")
     p.add_argument(
         "--compare",
@@ -84,7 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=Path,
         default=None,
         metavar="JSON",
-        help="only print, run by run (of --arms), nucleus Dice and HD95 across these result files (e.g. 200 / 400 / 800 steps)",
+        help="only print, run by run (of --arms), nucleus Dice and HD95 across these result files "
+        "(e.g. 200 / 400 / 800 steps)",
     )
     args = p.parse_args(argv)
     args.mae_extra, args.seg_extra = shlex.split(args.mae_extra), shlex.split(args.seg_extra)
@@ -103,7 +104,8 @@ def seed_mae(args, seed: int, ratio: float, work: Path) -> Path:
         steps, wanted = json.loads((out / "all_results.json").read_text())["global_step"], mae_steps(args)
         if steps != wanted:  # an MAE of another length would silently change the protocol
             raise SystemExit(
-                f"{out} was pre-trained {steps} steps, this study asks for {wanted}: move it away or pass another --work-dir."
+                f"{out} was pre-trained {steps} steps, this study asks for {wanted}: move it away or pass another "
+                "--work-dir."
             )
     else:
         train, _, _ = seed_split(seed)
@@ -217,14 +219,14 @@ def arm_name(arm: str) -> str:
 
 
 def format_table(table: list[dict]) -> str:
-    fmt = lambda r, m, d: (
-        "-"
-        if r[f"{m}_mean"] is None
-        else f"{r[f'{m}_mean']:.{d}f}"  # noqa: E731
-        + (f" ± {r[f'{m}_std']:.{d}f}" if r[f"{m}_mean"] is not None and r["seeds"] > 1 else "")
-    )
+    def fmt(r: dict, m: str, d: int) -> str:
+        if r[f"{m}_mean"] is None:
+            return "-"
+        return f"{r[f'{m}_mean']:.{d}f}" + (f" ± {r[f'{m}_std']:.{d}f}" if r["seeds"] > 1 else "")
+
     lines = [
-        "| labels | arm | seeds | nucleus Dice | nucleus HD95 (voxels) | mean Dice | nucleus Dice − scratch, same seed | its 95% interval |",
+        "| labels | arm | seeds | nucleus Dice | nucleus HD95 (voxels) | mean Dice | nucleus Dice − scratch, same "
+        "seed | its 95% interval |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in table:
@@ -241,7 +243,8 @@ def format_table(table: list[dict]) -> str:
         )
         ci = "-" if r.get("vs_scratch_ci95") is None else "[{:+.3f}, {:+.3f}]".format(*r["vs_scratch_ci95"])
         lines.append(
-            f"| {label} | {name} | {r['seeds']} | {fmt(r, 'dice_nucleus', 3)} | {fmt(r, 'hd95_nucleus', 1)} | {fmt(r, 'mean_dice', 3)} | {paired} | {ci} |"
+            f"| {label} | {name} | {r['seeds']} | {fmt(r, 'dice_nucleus', 3)} | {fmt(r, 'hd95_nucleus', 1)} | "
+            f"{fmt(r, 'mean_dice', 3)} | {paired} | {ci} |"
         )
     return "\n".join(lines)
 
@@ -367,7 +370,8 @@ def main(argv=None) -> None:
                     run = run_arm(args, arm, labels, seed, work)
                     results = record(output, results, run, key=lambda r: (r["arm"], r["labels"], r["seed"]))
                     print(
-                        f"{arm} {labels} seed {seed}: nucleus Dice {run['dice_nucleus']:.3f}, HD95 {run['hd95_nucleus']}, "
+                        f"{arm} {labels} seed {seed}: nucleus Dice {run['dice_nucleus']:.3f}, HD95 "
+                        f"{run['hd95_nucleus']}, "
                         f"{run['minutes']} min",
                         flush=True,
                     )

@@ -6,11 +6,11 @@ plus 120 px tiles of BCCD smears) and reused by every run. Each (model, labels, 
 segmentation-task call: the seed sets the train/validation/test split (70/15/15), the sparse pixels
 and the initialisation; the model is selected on validation mean Dice and scored on the dense test masks.
 
-    OMP_NUM_THREADS=1 python benchmarks/segmentation_study.py   # 3 seeds x dense/2% x 3 models, ~1.5 h (see below)
-    OMP_NUM_THREADS=1 python benchmarks/segmentation_study.py --quick   # tiny smoke run, ~30 s
-    python benchmarks/segmentation_study.py --seeds 0 1 2 3 4 --label-fractions 1.0 0.02 0.005
+    OMP_NUM_THREADS=1 python studies/segmentation_study.py   # 3 seeds x dense/2% x 3 models, ~1.5 h (see below)
+    OMP_NUM_THREADS=1 python studies/segmentation_study.py --quick   # tiny smoke run, ~30 s
+    python studies/segmentation_study.py --seeds 0 1 2 3 4 --label-fractions 1.0 0.02 0.005
 
-Writes benchmarks/results/segmentation_study[_quick].{csv,json}; checkpoints go to outputs/ (git-ignored).
+Writes studies/results/segmentation_study[_quick].{csv,json}; checkpoints go to outputs/ (git-ignored).
 Cost measured with one thread on the shared 2-core CPU: MAE step (bs 64) 0.65 s -> 2000 steps ~22 min;
 UNETR / U-Net step (bs 16, 64 px) ~0.55 s -> 18 runs x 400 steps ~67 min. On a shared 2-core machine use
 OMP_NUM_THREADS=1: two contending OpenMP threads made small steps up to 20x slower here.
@@ -30,10 +30,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from hf_medmae.tasks import pretrain as pretrain_task
+from hf_medmae.tasks import segment as segment_task
+from hf_medmae.training import hardware_description
+
 ROOT = Path(__file__).resolve().parents[1]
-from hf_medmae.tasks import pretrain as pretrain_task  # noqa: E402
-from hf_medmae.tasks import segment as segment_task  # noqa: E402
-from hf_medmae.training import hardware_description  # noqa: E402
 
 WBC = ROOT.parent / "shared" / "data" / "wbc_zheng2018" / "Dataset 1"
 BCCD = ROOT.parent / "shared" / "data" / "bccd" / "BCCD" / "JPEGImages"
@@ -100,9 +101,9 @@ def wbc_image_stack(path: Path, bccd_images: int) -> Path:
     for p in sorted(BCCD.glob("*.jpg"))[:bccd_images]:
         smear = np.asarray(Image.open(p).convert("RGB"))
         images += [
-            smear[t : t + 120, l : l + 120]
+            smear[t : t + 120, left : left + 120]
             for t in range(0, smear.shape[0] - 119, 120)
-            for l in range(0, smear.shape[1] - 119, 120)
+            for left in range(0, smear.shape[1] - 119, 120)
         ]
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path, np.stack(images).transpose(0, 3, 1, 2))  # [N, H, W, 3] -> [N, 3, H, W]
@@ -210,7 +211,10 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def markdown(summary: list[dict]) -> str:
-    head = "| model | labelled pixels | seeds | mean Dice | F1 background | F1 cytoplasm | F1 nucleus |\n|---|---|---|---|---|---|---|"
+    head = (
+        "| model | labelled pixels | seeds | mean Dice | F1 background | F1 cytoplasm | F1 nucleus |\n"
+        "|---|---|---|---|---|---|---|"
+    )
     cell = lambda e, k: f"{e[k]:.3f} ± {e[k + '_std']:.3f}"  # noqa: E731
     lines = [
         f"| {e['arm']} | {e['label_fraction']:.1%} | {e['seeds']} | {cell(e, 'mean_dice')} | "
@@ -270,7 +274,7 @@ def main() -> None:
                 print(json.dumps(rows[-1]))
     summary = summarise(rows)
     total = time.perf_counter() - start
-    results = ROOT / "benchmarks" / "results"
+    results = ROOT / "studies" / "results"
     results.mkdir(parents=True, exist_ok=True)
     with open(results / f"segmentation_study{tag}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
