@@ -31,6 +31,7 @@ from pretrain_throughput import time_steps  # noqa: E402
 
 from hf_medmae import MedMAEForPreTraining  # noqa: E402
 from hf_medmae.cli import parse_config  # noqa: E402
+from hf_medmae.pretraining import mae_config  # noqa: E402
 from hf_medmae.tasks import pretrain  # noqa: E402
 from hf_medmae.training import hardware_description  # noqa: E402
 
@@ -63,7 +64,7 @@ def raw_stepper(config: str, batch_size: int, attn: str):
     channels = model_args.num_channels or 16
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = (
-        MedMAEForPreTraining._from_config(pretrain.mae_config(model_args, channels), attn_implementation=attn)
+        MedMAEForPreTraining._from_config(mae_config(model_args, channels), attn_implementation=attn)
         .train()
         .to(device)
     )

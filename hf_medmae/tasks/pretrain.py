@@ -402,10 +402,9 @@ class Pretrain(Task):
             )
         return metrics
 
-    def next_step(self, output_dir: str) -> list[str]:
-        """The fine-tuning that fits this run's data: segmentation for volumes, classification for a pool with
+    def next_step(self, data: DataArguments | VolumeDataArguments | None, output_dir: str) -> list[str]:
+        """The fine-tuning that fits the run's data: segmentation for volumes, classification for a pool with
         labels_csv, segmentation for the embedded nuclei, and a template of either for other images."""
-        data = getattr(self, "data_args", None)
         tail = f"--model_name_or_path {output_dir}"
         if isinstance(data, VolumeDataArguments):
             name = "mni152" if "mni152" in data.train_data else "nuclei3d"
@@ -445,7 +444,7 @@ class Pretrain(Task):
             f"outputs in {output_dir}: model.safetensors + config.json (the MAE), reconstruction.png, "
             "all_results.json",
             f"next: the encoder in Python, hf_medmae.load_encoder({output_dir!r}); or fine-tune it with",
-            *self.next_step(output_dir),
+            *self.next_step(getattr(self, "data_args", None), output_dir),
         ]
         return "\n".join(lines)
 
