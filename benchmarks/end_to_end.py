@@ -29,6 +29,7 @@ import torch
 
 from hf_medmae import MedMAEForPreTraining
 from hf_medmae.cli import parse_config
+from hf_medmae.pretraining import mae_config
 from hf_medmae.tasks import pretrain
 from hf_medmae.training import hardware_description
 
@@ -77,7 +78,7 @@ def raw_stepper(config: str, batch_size: int, attn: str):
     channels = model_args.num_channels or 16
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = (
-        MedMAEForPreTraining._from_config(pretrain.mae_config(model_args, channels), attn_implementation=attn)
+        MedMAEForPreTraining._from_config(mae_config(model_args, channels), attn_implementation=attn)
         .train()
         .to(device)
     )

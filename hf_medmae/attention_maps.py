@@ -38,7 +38,17 @@ def last_block_cls_attention(layers: nn.ModuleList, hidden: torch.Tensor) -> tor
     b, n, _ = hidden.shape
     q = attn.q_proj(hidden[:, :1]).view(b, 1, -1, attn.head_dim).transpose(1, 2)  # [B, h, 1, d]
     k = attn.k_proj(hidden[:, 1:]).view(b, n - 1, -1, attn.head_dim).transpose(1, 2)  # [B, h, L, d]
-    weights = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * attn.scaling, dim=-1)[:, :, 0]  # [B, h, L]
+    return attention_received(q, k, attn.scaling)
+
+
+def attention_received(queries: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The attention map both MAEs bank (MSMAE's recipe): [B, h, Q, d] queries, [B, h, L, d] keys -> [B, L].
+
+    The softmax attention over the L keys, averaged over the queries (one query: the CLS token's map), each
+    head min-max normalised, then the heads averaged. In float32, whatever the model's precision.
+    """
+    weights = torch.softmax((queries.float() @ keys.float().transpose(-1, -2)) * scaling, dim=-1)  # [B, h, Q, L]
+    weights = weights.mean(dim=2)  # [B, h, L]
     lo, hi = weights.amin(-1, keepdim=True), weights.amax(-1, keepdim=True)
     return ((weights - lo) / (hi - lo + 1e-12)).mean(dim=1)
 
@@ -123,4 +133,11 @@ class TokenDropper:
         return torch.cat([output[:, :1], patches], dim=1)  # [B, 1 + K, D]
 
 
-__all__ = ["TokenDropper", "align_to_views", "bank_scores", "kept_patches", "last_block_cls_attention"]
+__all__ = [
+    "TokenDropper",
+    "align_to_views",
+    "attention_received",
+    "bank_scores",
+    "kept_patches",
+    "last_block_cls_attention",
+]

@@ -75,6 +75,51 @@ def sincos_position_embedding(grid_size: tuple[int, int], dim: int) -> torch.Ten
     return torch.cat([pos[..., half:], pos[..., :half]], dim=-1)[None]
 
 
+def patch_moments(patches: torch.Tensor, eps: float = 1.0e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each patch's mean and standard deviation (unbiased variance + eps, as the MAE): [B, L, P] -> two [B, L, 1]."""
+    return patches.mean(dim=-1, keepdim=True), (patches.var(dim=-1, keepdim=True) + eps) ** 0.5
+
+
+def mae_targets(patches: torch.Tensor, norm_pix_loss: bool) -> torch.Tensor:
+    """The MAE's target per patch, for 2D and 3D: the pixels, or with `norm_pix_loss` each patch normalised by its
+    own mean and standard deviation. [B, L, P] -> [B, L, P].
+
+    Example:
+        >>> mae_targets(torch.tensor([[[1.0, 3.0]]]), norm_pix_loss=True).round(decimals=3)
+        tensor([[[-0.7070,  0.7070]]])
+    """
+    if not norm_pix_loss:
+        return patches
+    mean, std = patch_moments(patches)
+    return (patches - mean) / std
+
+
+def targets_to_pixels(predictions: torch.Tensor, patches: torch.Tensor, norm_pix_loss: bool) -> torch.Tensor:
+    """The inverse of `mae_targets`: predictions [B, L, P] in pixel units, with the moments of `patches` (the same
+    [B, L, P] patches the targets were made of)."""
+    if not norm_pix_loss:
+        return predictions
+    mean, std = patch_moments(patches)
+    return predictions * std + mean
+
+
+def mae_loss(predictions: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The MAE's loss, for 2D and 3D: the per-patch mean squared error, averaged over the patches with weight 1.
+
+    Args:
+        predictions, targets: [B, L, P].
+        weight: [B, L], 1 where a patch counts (the masked ones); None: every patch counts.
+
+    Example:
+        >>> mae_loss(torch.zeros(1, 2, 4), torch.ones(1, 2, 4), torch.tensor([[1.0, 0.0]]))
+        tensor(1.)
+    """
+    per_patch = ((predictions - targets) ** 2).mean(dim=-1)  # [B, L]
+    if weight is None:
+        return per_patch.mean()
+    return (per_patch * weight).sum() / weight.sum().clamp_min(1.0)
+
+
 @dataclass
 class MedMAEForPreTrainingOutput(ViTMAEForPreTrainingOutput):
     r"""
@@ -342,28 +387,24 @@ class MedMAEForPreTraining(MaskingMixin, CurrentKeyNamesMixin, ViTMAEForPreTrain
         counted = weights[labels.clamp_min(0)] * labelled  # [B]: w_y, 0 where unlabeled
         return per_image.sum() / counted.sum().clamp_min(1e-12)
 
+    def targets(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """What the decoder predicts per patch: [B, C, H, W] -> [B, L, p*p*C] (`mae_targets`)."""
+        return mae_targets(self.patchify(pixel_values), self.config.norm_pix_loss)
+
     def reconstruction_loss(
         self, pixel_values: torch.Tensor, logits: torch.Tensor, weight: torch.Tensor
     ) -> torch.Tensor:
-        """MSE over the patches with weight 1 (per-patch normalised target if `norm_pix_loss`)."""
-        target = self.patchify(pixel_values)  # [B, L, p*p*C]
-        if self.config.norm_pix_loss:
-            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1.0e-6) ** 0.5
-        per_patch = ((logits - target) ** 2).mean(dim=-1)  # [B, L]
-        return (per_patch * weight).sum() / weight.sum().clamp_min(1.0)
+        """`mae_loss` of `logits` [B, L, p*p*C] against the images' targets, over the patches with weight 1."""
+        return mae_loss(logits, self.targets(pixel_values), weight)
 
     def reconstruct(self, pixel_values: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Images with the predicted patches in masked places and the original visible patches pasted back.
 
         Undoes `norm_pix_loss` with each target patch's own mean and variance, as the MAE paper's figures do.
         """
-        target = self.patchify(pixel_values)
-        pred = logits
-        if self.config.norm_pix_loss:
-            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
-            pred = pred * (var + 1.0e-6) ** 0.5 + mean
-        mixed = torch.where(mask[..., None].bool(), pred, target)  # [B, L, p*p*C]
+        patches = self.patchify(pixel_values)
+        pred = targets_to_pixels(logits, patches, self.config.norm_pix_loss)
+        mixed = torch.where(mask[..., None].bool(), pred, patches)  # [B, L, p*p*C]
         return self.unpatchify(mixed, tuple(pixel_values.shape[2:]))
 
     @torch.no_grad()
@@ -398,7 +439,7 @@ def fresh_masking(model_args) -> dict:
 
 
 def apply_recipe(model, model_args) -> None:
-    """A continued pre-training keeps the checkpoint's masking except where this run's arguments set it (said in the log)."""
+    """A continued pre-training keeps the checkpoint's masking except where this run's arguments set it (logged)."""
     changed = model.set_masking(
         **{k: getattr(model_args, k) for k in RECIPE_FIELDS if getattr(model_args, k) is not None}
     )
@@ -413,6 +454,10 @@ def apply_recipe(model, model_args) -> None:
 
 __all__ = [
     "MASKING_DEFAULTS",
+    "mae_loss",
+    "mae_targets",
+    "patch_moments",
+    "targets_to_pixels",
     "apply_recipe",
     "fresh_masking",
     "MaskingMixin",

@@ -20,11 +20,12 @@ from transformers import AutoConfig, AutoModelForPreTraining, VideoMAEConfig, Vi
 from transformers import initialization as init
 from transformers.models.videomae.modeling_videomae import VideoMAEForPreTrainingOutput
 
+from .attention_maps import attention_received
 from .configuration import check_masking
 from .errors import ConfigError, DataError
 from .loading import CurrentKeyNamesMixin
 from .masking import MASKED, VISIBLE
-from .modeling_mae import MaskingMixin
+from .modeling_mae import MaskingMixin, mae_loss, mae_targets, targets_to_pixels
 from .validation import as_pair, check_pixels
 
 # The encoder's architecture fields, the ones a 3D segmenter copies from an MAE checkpoint.
@@ -277,7 +278,7 @@ class MedMAE3DForPreTraining(MaskingMixin, CurrentKeyNamesMixin, VideoMAEForPreT
         tokens = torch.cat([hidden + visible_pos, self.mask_token + masked_pos], dim=1)
         logits = self.decoder(tokens, masked_pos.shape[1]).logits  # [B, L_masked, t*p*p*C]
         target = self.targets(pixel_values)[masked].reshape(batch, masked_pos.shape[1], -1)
-        loss = torch.nn.functional.mse_loss(logits.float(), target.float())
+        loss = mae_loss(logits.float(), target.float())  # every gathered patch is a masked one
         return MedMAE3DOutput(loss=loss, logits=logits, mask=mask_codes)
 
     def _check_codes(self, codes: torch.Tensor, batch: int) -> None:
@@ -297,11 +298,7 @@ class MedMAE3DForPreTraining(MaskingMixin, CurrentKeyNamesMixin, VideoMAEForPreT
 
     def targets(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """What the decoder predicts per patch: [B, L, t*p*p*C], normalised per patch if `norm_pix_loss`."""
-        target = patchify_3d(pixel_values, self.config.patch_shape)
-        if self.config.norm_pix_loss:
-            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1.0e-6) ** 0.5
-        return target
+        return mae_targets(patchify_3d(pixel_values, self.config.patch_shape), self.config.norm_pix_loss)
 
     @torch.no_grad()
     def reconstruct(self, pixel_values: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -311,9 +308,7 @@ class MedMAE3DForPreTraining(MaskingMixin, CurrentKeyNamesMixin, VideoMAEForPreT
         """
         patches = patchify_3d(pixel_values, self.config.patch_shape)
         pred = logits.to(patches.dtype)
-        if self.config.norm_pix_loss:
-            masked = patches[mask == MASKED].reshape(pred.shape)
-            pred = pred * (masked.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5 + masked.mean(dim=-1, keepdim=True)
+        pred = targets_to_pixels(pred, patches[mask == MASKED].reshape(pred.shape), self.config.norm_pix_loss)
         mixed = torch.where((mask == VISIBLE)[..., None], patches, torch.zeros_like(patches))
         mixed[mask == MASKED] = pred.reshape(-1, pred.shape[-1])
         return unpatchify_3d(mixed, self.config.patch_shape, tuple(pixel_values.shape[2:]))
@@ -337,9 +332,7 @@ class MedMAE3DForPreTraining(MaskingMixin, CurrentKeyNamesMixin, VideoMAEForPreT
         b, n, _ = hidden.shape
         q = attn.query(hidden).view(b, n, -1, attn.attention_head_size).transpose(1, 2)  # [B, h, L, d]
         k = attn.key(hidden).view(b, n, -1, attn.attention_head_size).transpose(1, 2)
-        weights = torch.softmax((q @ k.transpose(-1, -2)) * attn.scaling, dim=-1).mean(dim=2)  # [B, h, L] received
-        lo, hi = weights.amin(-1, keepdim=True), weights.amax(-1, keepdim=True)
-        return ((weights - lo) / (hi - lo + 1e-12)).mean(dim=1)
+        return attention_received(q, k, attn.scaling)  # every patch a query: no CLS token
 
 
 AutoConfig.register(MedMAE3DConfig.model_type, MedMAE3DConfig)

@@ -1,6 +1,6 @@
 """Figures for evaluation reports: confusion matrix, confidence, reliability, label efficiency,
-segmentation overlays and MAE reconstructions, for volumes as orthogonal slices. Matplotlib ``Agg`` backend; every function writes a
-PNG and returns its path.
+segmentation overlays and MAE reconstructions (volumes as orthogonal slices). Matplotlib ``Agg`` backend; every
+function writes a PNG and returns its path.
 
     >>> plot_confusion_matrix(np.array([[5, 1], [0, 4]]), ["a", "b"], "cm.png")
     'cm.png'
@@ -34,7 +34,6 @@ __all__ = [
     "save_reconstruction_grid",
     "plot_attention_masks",
     "plot_volume_overlays",
-    "save_volume_reconstruction",
 ]
 
 
@@ -329,45 +328,64 @@ def plot_segmentation_overlays(
     return _save(fig, path)
 
 
-def _patch_mask_to_pixels(mask: np.ndarray, height: int, width: int, patch_size: int) -> np.ndarray:
-    """[L] 0/1 patch mask (row-major patches, as ViTMAE) -> [H, W] boolean pixel mask."""
-    grid = (height // patch_size, width // patch_size)
-    if mask.size != grid[0] * grid[1]:
+def _patch_mask_to_pixels(mask: np.ndarray, shape: tuple[int, ...], patch: tuple[int, ...]) -> np.ndarray:
+    """[L] patch mask or codes (row-major / depth-major patches, as both MAEs) -> boolean pixel (voxel) mask of
+    `shape`, True where the patch was hidden."""
+    grid = tuple(s // p for s, p in zip(shape, patch))
+    if mask.size != int(np.prod(grid)):
         raise DataError(
-            f"Mask has {mask.size} patches but a {height}x{width} image with patch {patch_size} "
-            f"has {grid[0] * grid[1]}.",
+            f"Mask has {mask.size} patches but a {'x'.join(map(str, shape))} image with patch "
+            f"{'x'.join(map(str, patch))} has {int(np.prod(grid))}.",
             "Pass the patch mask returned with these images.",
         )
-    # [h, w] -> [h*p, w*p]: each patch value repeated over its p x p pixels
-    return np.kron(mask.reshape(grid), np.ones((patch_size, patch_size))).astype(bool)
+    hidden = mask.reshape(grid) != 0
+    for axis, p in enumerate(patch):  # each patch value repeated over its pixels, axis by axis
+        hidden = np.repeat(hidden, p, axis=axis)
+    return hidden
+
+
+def _reconstruction_rows(original: np.ndarray, hidden: np.ndarray, recons: dict, chosen: list[int]) -> list[tuple]:
+    """The rows of one image (one row) or one volume (a row per orthogonal view through its centre): (title suffix,
+    [C, h, w] original, [h, w] hidden, {name: [C, h, w]}), all stretched with the whole original's 1-99 percentiles."""
+    lo_hi = robust_range(original, chosen)
+    if original.ndim == 3:
+        return [("", original, hidden, recons, lo_hi)]
+    centre = tuple(s // 2 for s in original.shape[1:])
+    views = zip(VIEWS, _views(original, centre), _views(hidden, centre))
+    return [
+        (f", {view}", image, mask, {k: _views(r, centre)[i] for k, r in recons.items()}, lo_hi)
+        for i, (view, image, mask) in enumerate(views)
+    ]
 
 
 def save_reconstruction_grid(
     original: np.ndarray,
     masked_pixels: np.ndarray,
     reconstruction: np.ndarray | dict[str, np.ndarray],
-    patch_size: int,
+    patch_size: int | Sequence[int],
     path: str | Path,
     channels: int | Sequence[int] | None = None,
     max_images: int = 4,
 ) -> str:
-    """One row per image: original, masked input (masked patches grey), reconstruction (hidden patches outlined).
+    """An MAE's reconstructions, images or volumes: columns original, masked input (masked patches grey),
+    reconstruction (hidden patches outlined); one row per image, or one per orthogonal view of each volume.
 
     The 1-99 percentile stretch is computed on the original and applied to all panels, so
     brightness differences in the reconstruction are real.
 
     Args:
-        original: [N, C, H, W] images in normalised units.
-        masked_pixels: [N, L] patch mask, 1 = masked (ViTMAE's ``mask`` output).
-        reconstruction: [N, C, H, W] unpatchified prediction (the caller pastes visible patches back
+        original: [N, C, H, W] images or [N, C, D, H, W] volumes, in normalised units.
+        masked_pixels: [N, L] patch mask, 1 = masked (ViTMAE's ``mask`` output), or the 3D MAE's codes (non-zero
+            = hidden), patches in row-major (depth-major) order.
+        reconstruction: unpatchified prediction of `original`'s shape (the caller pastes visible patches back
             if wanted), or {model name: that} to compare several models on the same masks, one column each.
-        patch_size: patch side in pixels.
+        patch_size: patch side in pixels, or (t, p, p) voxels for volumes.
         path: PNG path.
         channels: see :func:`resolve_channels`.
-        max_images: at most this many rows.
+        max_images: at most this many images (volumes).
 
     Example:
-        >>> save_reconstruction_grid(x, out.mask, model.unpatchify(out.logits), 4, "out/recon.png")
+        >>> save_reconstruction_grid(x, out.mask, model.unpatchify(out.logits), 4, "out/recon.png")  # doctest: +SKIP
     """
     original = np.asarray(original, dtype=float)
     named = (
@@ -378,25 +396,35 @@ def save_reconstruction_grid(
     recons = {name: np.asarray(r, dtype=float) for name, r in named.items()}
     masked_pixels = np.asarray(masked_pixels)
     for name, recon in recons.items():
-        if original.ndim != 4 or recon.shape != original.shape or len(masked_pixels) != len(original):
+        if original.ndim not in (4, 5) or recon.shape != original.shape or len(masked_pixels) != len(original):
             raise DataError(
                 f"original {original.shape}, reconstruction {name!r} {recon.shape}, mask {masked_pixels.shape} "
                 "do not fit.",
-                "Pass original and reconstruction as [N, C, H, W] and the mask as [N, L].",
+                "Pass original and reconstruction as [N, C, H, W] (volumes: [N, C, D, H, W]) and the mask as [N, L].",
             )
+    spatial = original.shape[2:]
+    patch = tuple(patch_size) if isinstance(patch_size, (list, tuple)) else (int(patch_size),) * len(spatial)
     chosen = resolve_channels(channels, original.shape[1])
-    n, (h, w) = min(len(original), max_images), original.shape[2:]
-    fig, axes = plt.subplots(n, 2 + len(recons), figsize=(2.5 * (2 + len(recons)), 2.5 * n), squeeze=False)
-    for i, row in enumerate(axes):
-        lo_hi = robust_range(original[i], chosen)
-        disp = to_display(original[i], chosen, lo_hi)
-        hidden = _patch_mask_to_pixels(masked_pixels[i], h, w, patch_size)
+    rows = [
+        row
+        for i in range(min(len(original), max_images))
+        for row in _reconstruction_rows(
+            original[i],
+            _patch_mask_to_pixels(masked_pixels[i], spatial, patch),
+            {k: r[i] for k, r in recons.items()},
+            chosen,
+        )
+    ]
+    cols = 2 + len(recons)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(2.5 * cols, 2.5 * len(rows)), squeeze=False)
+    for axs, (suffix, image, hidden, recon, lo_hi) in zip(axes, rows):
+        disp = to_display(image, chosen, lo_hi)
         masked = disp.copy()
         masked[hidden] = 0.5  # grey, in both [H, W] and [H, W, 3] layouts
-        _show(row[0], disp, "original")
-        _show(row[1], masked, f"masked ({hidden.mean():.0%})")
-        for ax, (name, recon) in zip(row[2:], recons.items()):
-            _show(ax, to_display(recon[i], chosen, lo_hi), name)
+        _show(axs[0], disp, f"original{suffix}")
+        _show(axs[1], masked, f"masked ({hidden.mean():.0%})")
+        for ax, (name, rec) in zip(axs[2:], recon.items()):
+            _show(ax, to_display(rec, chosen, lo_hi), name)
             # Outline the predicted (hidden) patches: what inside them is the model's, not a copy of the input.
             ax.contour(hidden.astype(float), levels=[0.5], colors="#ffd400", linewidths=0.7)
     if isinstance(reconstruction, dict):
@@ -516,51 +544,4 @@ def plot_volume_overlays(
                 )
     handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(c)) for c in range(k)]
     fig.legend(handles, class_names, loc="lower center", ncol=min(k, 6), fontsize=8)
-    return _save(fig, path)
-
-
-def save_volume_reconstruction(
-    original: np.ndarray,
-    codes: np.ndarray,
-    reconstruction: np.ndarray,
-    patch_shape: tuple[int, int, int],
-    path: str | Path,
-) -> str:
-    """A 3D MAE's reconstruction as orthogonal slices: rows = views; columns = original, masked input, reconstruction.
-
-    Args:
-        original: [C, D, H, W] crop in normalised units (channel 0 shown).
-        codes: [L] patch codes on the (D/t, H/p, W/p) grid, depth-major (0 visible, 1 masked, 2 thrown).
-        reconstruction: [C, D, H, W] with visible patches pasted back (`MedMAE3DForPreTraining.reconstruct`).
-        patch_shape: (t, p, p) voxels per patch.
-        path: PNG path.
-
-    Example:
-        >>> save_volume_reconstruction(x, out.mask[0], recon, (8, 8, 8), "out/reconstructions.png")  # doctest: +SKIP
-    """
-    original, recon = np.asarray(original, dtype=float)[0], np.asarray(reconstruction, dtype=float)[0]
-    grid = tuple(s // p for s, p in zip(original.shape, patch_shape))
-    if int(np.prod(grid)) != np.asarray(codes).size or recon.shape != original.shape:
-        raise DataError(
-            f"codes ({np.asarray(codes).size}) or reconstruction {recon.shape} do not fit the crop {original.shape} "
-            f"with patches {patch_shape}.",
-            "pass one crop, its codes and its reconstruction.",
-        )
-    hidden = np.asarray(codes).reshape(grid) != 0
-    for axis, p in enumerate(patch_shape):  # [gd, gh, gw] -> [D, H, W]: each code over its patch's voxels
-        hidden = np.repeat(hidden, p, axis=axis)
-    lo, hi = np.percentile(original, [1, 99])
-    show = lambda x: np.clip((x - lo) / max(hi - lo, 1e-8), 0, 1)  # noqa: E731  one stretch for all panels
-    centre = tuple(s // 2 for s in original.shape)
-    fig, axes = plt.subplots(3, 3, figsize=(9, 8.5), squeeze=False)
-    for row, img, mask, rec, view in zip(
-        axes, _views(original, centre), _views(hidden, centre), _views(recon, centre), VIEWS
-    ):
-        masked = show(img).copy()
-        masked[mask] = 0.5
-        for ax, panel, title in zip(
-            row, (show(img), masked, show(rec)), ("original", f"masked ({mask.mean():.0%} here)", "reconstruction")
-        ):
-            _show(ax, panel, f"{title}, {view}")
-        row[2].contour(mask.astype(float), levels=[0.5], colors="#ffd400", linewidths=0.7)
     return _save(fig, path)

@@ -8,6 +8,7 @@ import pytest
 from conftest import ROOT
 
 from hf_medmae.cli import parse_config, read_config_file
+from hf_medmae.pretraining import mae_config
 from hf_medmae.tasks import pretrain
 
 CONFIGS_3D = sorted(p for p in (ROOT / "configs").glob("*.yaml") if read_config_file(p).get("spatial_dims") == 3)
@@ -21,7 +22,7 @@ MAE_CONFIGS = sorted(
 @pytest.mark.parametrize("path", MAE_CONFIGS, ids=lambda p: Path(p).name)
 def test_shipped_mae_configs_parse(path):
     model_args, data_args, training_args = parse_config(pretrain.Pretrain.arguments, ["--config", str(path)])
-    config = pretrain.mae_config(model_args, model_args.num_channels or 3)
+    config = mae_config(model_args, model_args.num_channels or 3)
     assert config.image_size % config.patch_size == 0 and training_args.output_dir.startswith("outputs/")
 
 
@@ -32,10 +33,10 @@ def test_shipped_3d_configs_parse_into_the_3d_tasks(path):
     from hf_medmae.tasks import volumes
 
     assert spatial_dims(["--config", str(path)]) == 3
-    task = volumes.SEGMENT_3D if "segmentation" in path.name else volumes.PRETRAIN_3D
-    model_args, data_args, training_args = parse_config(task.arguments, ["--config", str(path)])
+    task = volumes.SEGMENT_3D if "segmentation" in path.name else pretrain.TASK
+    model_args, data_args, training_args = parse_config(task.arguments_for(3), ["--config", str(path)])
     assert len(data_args.roi_size) == 3 and training_args.output_dir.startswith("outputs/")
-    if task is volumes.PRETRAIN_3D:  # the MAE it describes is valid for its crop size
+    if task is pretrain.TASK:  # the MAE it describes is valid for its crop size
         d, h, w = data_args.roi_size
         MedMAE3DConfig(
             num_frames=d,

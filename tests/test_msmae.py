@@ -102,7 +102,7 @@ def test_thrown_patches_reach_neither_the_encoder_nor_the_loss():
 
 
 def test_reconstruction_figure_of_a_throwing_model_hides_every_patch_it_does_not_show(tmp_path):
-    from hf_medmae.tasks.pretrain import save_reconstructions
+    from hf_medmae.evaluation.reconstruction import save_reconstructions
 
     model = MedMAEForPreTraining(supervised_config())
     seen = []

@@ -16,6 +16,7 @@ from PIL import Image
 
 from hf_medmae import MedMAEForPreTraining
 from hf_medmae.errors import ConfigError, DataError
+from hf_medmae.pretraining import mae_config
 from hf_medmae.tasks import pretrain
 
 TINY = dict(
@@ -222,7 +223,7 @@ def test_continued_pretraining_keeps_the_checkpoints_masking_unless_the_run_sets
     assert (codes == 1).float().mean().item() == 0.5  # the grid generator at the run's 0.5
     with pytest.raises(ConfigError, match="throw_ratio"):  # the new settings are checked like a fresh config's
         model.set_masking(throw_ratio=0.6)
-    fresh = pretrain.mae_config(pretrain.ModelArguments(), 3)  # a new MAE: the MAE defaults
+    fresh = mae_config(pretrain.ModelArguments(), 3)  # a new MAE: the MAE defaults
     assert (fresh.mask_ratio, fresh.mask_generator, fresh.norm_pix_loss, fresh.throw_ratio) == (
         0.75,
         "random",
@@ -278,11 +279,14 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path):
     # weights agree to float rounding; a lost optimizer state or a re-drawn mask would move them ~1e-3.
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst < 1e-5, worst
-    losses = lambda d: [
-        h["loss"]
-        for h in json.loads((d / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
-        if "loss" in h
-    ]
+
+    def losses(d):
+        return [
+            h["loss"]
+            for h in json.loads((d / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
+            if "loss" in h
+        ]
+
     assert losses(resumed)[-3:] == pytest.approx(losses(full)[-3:], rel=1e-5)
     # precision and attention kernel are measured once (auto): the resumed run takes them from checkpoint-3
     # rather than measuring again on a machine that may be busier now
@@ -292,3 +296,17 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path):
         "checkpoint-3/measured_choices.json"
     )
     assert results["attn_implementation"] == choices["attn_implementation"]
+
+
+def test_one_model_arguments_with_a_view_per_dimension(tmp_path):
+    """Volume-only keys are unknown in a 2D run (image-only ones in a 3D run: tests/test_3d.py); 3D runs get
+    their own decoder defaults, whose widths 3D sin-cos positions can divide by 6."""
+    with pytest.raises(ConfigError, match="unknown config key.*'tubelet_size'"):
+        pretrain.main(["--tubelet_size", "4", "--output_dir", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+    task = pretrain.Pretrain()
+    images, volumes = task.arguments_for(2)[0](), task.arguments_for(3)[0]()
+    assert (images.decoder_hidden_size, images.decoder_intermediate_size) == (128, 512)
+    assert (volumes.decoder_hidden_size, volumes.decoder_intermediate_size, volumes.tubelet_size) == (96, 384, None)
+    assert not hasattr(volumes, "image_size") and not hasattr(images, "tubelet_size")
+    assert mae_config(volumes, 1, volume_size=(16, 32, 32)).patch_shape == (8, 8, 8)  # tubelet_size: patch_size

@@ -1,19 +1,44 @@
-"""The pre-training data: a source string -> images -> tiles -> normalised, augmented tensors (with per-image mask noise)."""
+"""The pre-training data: a source string -> images -> tiles -> normalised, augmented tensors (with per-image mask
+noise); the labels of a supervised (MSMAE) pre-training; a stream; the crops of a pool of volumes.
+
+The functions that take `data_args` / `model_args` read the fields of `run_mae.py`'s `DataArguments` (volumes:
+`data.volumes.VolumeDataArguments`) and `ModelArguments`; any object with those fields will do.
+"""
 
 from __future__ import annotations
 
+import itertools
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from transformers import ViTImageProcessorPil
 
-from ..errors import DataError
+from ..classification import class_weights
+from ..errors import ConfigError, DataError
+from .classification import read_labels_csv
 from .embedded import load_embedded
-from .io import ARRAY_SUFFIXES, item_to_chw
-from .sources import ArraySource, HFSource, ImageSource, ListSource, base_items, folder_source, open_hf_dataset
+from .io import ARRAY_SUFFIXES, item_to_chw, progress
+from .sources import (
+    ArraySource,
+    HFSource,
+    ImageSource,
+    ListSource,
+    TiledSource,
+    base_items,
+    folder_source,
+    open_hf_dataset,
+    source_channels,
+)
 from .sources import image_column as hf_image_column
-from .transforms import Augment, EpochSeeded, Normalize, resize
+from .splits import label_subset, split_indices
+from .transforms import Augment, EpochSeeded, Normalize, channel_moments, resize
+from .volumes import VolumeDataArguments, VolumeDataset, VolumeSet, prepare_volumes, split_for, volume_augment
+
+logger = logging.getLogger(__name__)
 
 
 def load_source(
@@ -188,10 +213,225 @@ def streaming_dataset(
                     out["sample_ids"].append(int(batch["sample_ids"][k]))
         return out
 
-    # numpy format: each image arrives as one array, not nested Python lists (which cost ~36 bytes per pixel in the shuffle buffer)
+    # numpy format: each image arrives as one array, not nested Python lists (far larger in the shuffle buffer)
     return stream.with_format("numpy").map(
         to_items,
         batched=True,
         batch_size=1,
         remove_columns=[c for c in (stream.column_names or [column]) if c != "sample_ids"],
     )
+
+
+def load_images(data_args, seed: int) -> tuple[ImageSource, ImageSource, list[str]]:
+    """(train, validation, skipped files) as lazy sources: whole images split before tiling, so no tile of a
+    validation image is trained on; tiles are an index into the images, not copies."""
+    images, skipped = load_source(
+        data_args.train_data,
+        data_args.on_bad_file,
+        data_args.max_images,
+        pattern=data_args.file_pattern,
+        image_column=data_args.image_column,
+    )
+    if not len(images):
+        raise DataError(
+            f"no images found in {data_args.train_data}.",
+            "check train_data; supported: PNG/JPEG/BMP/TIFF folders, .npy/.npz, hf:, embedded:.",
+        )
+    if data_args.in_memory:
+        files = getattr(images, "files", None)
+        images = ListSource(
+            [images[i] for i in progress(range(len(images)), desc="reading into memory", unit="image")]
+        )
+        images.files = files  # labels_csv matches its rows to these file names
+    if data_args.validation_data:
+        val, more = load_source(
+            data_args.validation_data,
+            data_args.on_bad_file,
+            pattern=data_args.file_pattern,
+            image_column=data_args.image_column,
+        )
+        train, skipped = images, skipped + more
+    else:
+        train_idx, val_idx = split_indices(len(images), data_args.validation_fraction, seed)
+        train, val = images.subset(train_idx), images.subset(val_idx)
+    if data_args.tile_size:
+        train, val = TiledSource(train, data_args.tile_size), TiledSource(val, data_args.tile_size)
+    return train, val, skipped
+
+
+def pretraining_augment(image_size: int, data_args, crop: bool = True) -> Augment:
+    """The training views: a random resized crop (`crop_scale`) unless `crop` is False, and the flips and turns."""
+    scale = {"scale": tuple(data_args.crop_scale)} if crop else {"crop": False}
+    return Augment(image_size, **scale, hflip=data_args.hflip, vflip=data_args.vflip, rot90=data_args.rot90)
+
+
+@dataclass
+class Supervision:
+    """The labels of a supervised (MSMAE) pre-training: per item of the train and validation sources (-100: none)."""
+
+    class_names: list[str]
+    train: np.ndarray
+    val: np.ndarray
+    class_weights: list[float] | None = None
+
+    def config_fields(self) -> dict:
+        return dict(id2label=dict(enumerate(self.class_names)), class_weights=self.class_weights)
+
+
+def read_supervision(data_args, model_args, train: ImageSource, val: ImageSource, seed: int = 0) -> Supervision | None:
+    """The labels `labels_csv` gives the training (and validation) images, matched by file, checked for use."""
+    if data_args.labels_csv is None:
+        if model_args.supervised_loss_weight > 0:
+            raise ConfigError(
+                f"supervised_loss_weight={model_args.supervised_loss_weight} needs labels for the supervised head.",
+                "give labels_csv (labels for all or part of train_data), or set supervised_loss_weight: 0.",
+            )
+        return None
+    if model_args.supervised_loss_weight <= 0 and not model_args.model_name_or_path:
+        raise ConfigError(
+            "labels_csv is given but supervised_loss_weight is 0, so no label would be used.",
+            "set supervised_loss_weight > 0 (MSMAE: 0.1) for the supervised head, or drop labels_csv.",
+        )
+    paths, labels, names = read_labels_csv(
+        data_args.train_data,
+        data_args.labels_csv,
+        data_args.id_column,
+        [data_args.label_column],
+        data_args.filename_template,
+        data_args.class_names,
+        data_args.label_offset,
+        data_args.label_map,
+    )
+    if data_args.label_fraction < 1:  # labels for part of the pool: the other rows are dropped, their images unlabeled
+        kept = label_subset(np.asarray(labels), names, data_args.label_fraction, seed)
+        paths, labels = [paths[i] for i in kept], [labels[i] for i in kept]
+    by_file = {path.resolve(): int(label) for path, label in zip(paths, labels)}
+    from_files = getattr(base_items(val)[0], "files", None) is not None  # a separate validation_data may be an array
+    supervision = Supervision(
+        names, item_labels(train, by_file), item_labels(val, by_file) if from_files else np.full(len(val), -100)
+    )
+    labelled = supervision.train[supervision.train >= 0]
+    if not len(labelled):
+        raise DataError(
+            f"no training image of {data_args.train_data} has a row in {data_args.labels_csv}.",
+            "check id_column and filename_template: they must name files of train_data.",
+        )
+    supervision.class_weights = class_weights(labelled, len(names), model_args.class_weighting)
+    logger.info(
+        "supervised head: %d of %d training items labelled, %s",
+        len(labelled),
+        len(supervision.train),
+        {name: int((labelled == i).sum()) for i, name in enumerate(names)},
+    )
+    return supervision
+
+
+@dataclass
+class Stream:
+    """A shuffled `datasets.IterableDataset` of images, its image column, and the statistics of its first images."""
+
+    dataset: object
+    column: str
+    name: str
+    image_mean: list[float]
+    image_std: list[float]
+    stats_images: int
+
+
+def open_stream(data_args, model_args, max_steps: int, seed: int) -> Stream:
+    """`streaming: true`: the hf: pool as a seeded, shuffled stream, after checking the run can be streamed."""
+    if not data_args.train_data.startswith("hf:"):
+        raise ConfigError(
+            f"streaming needs an hf: source; train_data is {data_args.train_data!r}.",
+            "use train_data: hf:<dataset or save_to_disk folder>, or streaming: false "
+            "(folders and .npy are read lazily anyway).",
+        )
+    if max_steps <= 0:
+        raise ConfigError(
+            "a stream has no length, so num_train_epochs cannot set the schedule.", "set max_steps (optimizer steps)."
+        )
+    if data_args.validation_data is None and data_args.validation_fraction > 0:
+        raise ConfigError(
+            "a stream cannot be split into train and validation without reading it first.",
+            "give validation_data (e.g. hf:<name>::validation or a small folder), or set validation_fraction: 0.",
+        )
+    if model_args.mask_generator == "attention":
+        raise ConfigError(
+            "the attention mask generator keeps a map per image, which a stream has no index for.",
+            "use mask_generator: random, block, grid or foreground with streaming.",
+        )
+    if data_args.labels_csv or model_args.supervised_loss_weight > 0:
+        raise ConfigError(
+            "the supervised head matches labels_csv rows to image files, which a stream has no index for.",
+            "pre-train a folder source with labels_csv (streaming: false), or drop labels_csv.",
+        )
+    name, _, split = data_args.train_data[3:].partition("::")
+    stream = open_hf_dataset(name, split or "train", streaming=True, with_ids=data_args.record_sample_ids)
+    column = data_args.image_column or hf_image_column(stream.column_names or list(next(iter(stream)).keys()), name)
+    if data_args.max_images:
+        stream = stream.take(data_args.max_images)
+    stream = stream.shuffle(seed=seed, buffer_size=data_args.shuffle_buffer)
+    first = itertools.islice(stream, data_args.stats_sample_size or 1000)
+    mean, std, stats_images = channel_moments(item_to_chw(item[column], name) for item in first)  # a seeded sample
+    return Stream(stream, column, name, mean, std, stats_images)
+
+
+def validation_images(data_args) -> tuple[ImageSource | None, list[str]]:
+    """The separate `validation_data` (tiled as the training images), and the files skipped reading it."""
+    if not data_args.validation_data:
+        return None, []
+    images, skipped = load_source(
+        data_args.validation_data,
+        data_args.on_bad_file,
+        pattern=data_args.file_pattern,
+        image_column=data_args.image_column,
+    )
+    return (TiledSource(images, data_args.tile_size) if data_args.tile_size else images), skipped
+
+
+def volume_pool(data_args: VolumeDataArguments, seed: int) -> tuple[VolumeSet, VolumeSet | None]:
+    """The volumes of a 3D pre-training, normalised and split whole into training and validation (no crop of a
+    held-out volume is trained on; None: no validation volume). Labels, if any, play no part in self pre-training."""
+    data = prepare_volumes(data_args, labelled=False)
+    data.labels = None
+    train_idx, val_idx, _ = split_for(data, data_args, seed, 0)
+    return data.subset(train_idx), (data.subset(val_idx) if val_idx else None)
+
+
+def volume_crops(
+    train: VolumeSet, val: VolumeSet | None, data_args: VolumeDataArguments, seed: int, fixed: bool = False
+) -> tuple[VolumeDataset, VolumeDataset | None]:
+    """The crops a 3D MAE trains and validates on: random training crops (`samples_per_volume` per volume and
+    epoch), or with `fixed` the covering crops (the attention generator's maps must line up with the voxels they
+    mask); fixed validation crops, without sample ids (the attention bank is keyed by training ids)."""
+    roi = tuple(data_args.roi_size)
+    if fixed:
+        train_crops = VolumeDataset(train, roi)
+    else:
+        train_crops = VolumeDataset(train, roi, volume_augment(data_args), data_args.samples_per_volume, seed)
+    return train_crops, (VolumeDataset(val, roi, with_ids=False) if val is not None else None)
+
+
+def image_channels(train: ImageSource, val: ImageSource, data_args) -> int:
+    """The one channel count of the training and validation images."""
+    channels = source_channels(train, data_args.train_data)
+    if len(val) and source_channels(val, data_args.validation_data or data_args.train_data) != channels:
+        raise DataError(
+            f"the validation images have {source_channels(val, '')} channels, the training images {channels}.",
+            "use validation data with the training data's channel count.",
+        )
+    return channels
+
+
+def pretraining_processor(channels: int, image_mean=None, image_std=None) -> ViTImageProcessorPil:
+    """The image processor saved with an MAE: normalisation by the training images' statistics; for volumes (None),
+    which are normalised one by one before cropping, an identity that records the unit scale (mean 0, std 1)."""
+    if image_mean is None:
+        return ViTImageProcessorPil(
+            do_resize=False,
+            do_rescale=False,
+            do_normalize=False,
+            image_mean=[0.0] * channels,
+            image_std=[1.0] * channels,
+        )
+    return ViTImageProcessorPil(do_resize=False, do_rescale=False, image_mean=image_mean, image_std=image_std)

@@ -430,6 +430,18 @@ def source_channels(source: ImageSource, where: str) -> int:
     return counts[0]
 
 
+def read_time_skips(source: ImageSource) -> list[str]:
+    """Files a lazy folder source could index but not decode during training (this process's count)."""
+    while not hasattr(source, "skipped_at_read") and hasattr(source, "source"):
+        source = source.source
+    return list(getattr(source, "skipped_at_read", []))
+
+
+def skipped_files(indexed: list[str], sources: tuple[ImageSource, ...]) -> list[str]:
+    """Every file skipped so far, once: those skipped while indexing, then those `sources` could not decode."""
+    return list(dict.fromkeys(indexed + [f for source in sources for f in read_time_skips(source)]))
+
+
 __all__ = [
     "ArraySource",
     "FileSource",
@@ -443,6 +455,8 @@ __all__ = [
     "header_shape",
     "image_column",
     "open_hf_dataset",
+    "read_time_skips",
     "sample_stats",
+    "skipped_files",
     "source_channels",
 ]
