@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny model configs and the real data beside the repo (../shared/data)."""
+"""Shared fixtures: tiny model configs, the local test Hub, and the real data beside the repo (../shared/data)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
+# `hub_server` / `hub_endpoint` (tests/hub_server.py) are fixtures for every test file, requested by name.
+pytest_plugins = ["hub_server"]
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("HF_MEDMAE_SHARED_DATA", ROOT.parent / "shared" / "data"))

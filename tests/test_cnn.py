@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import WBC, require
-from hub_server import hub_server  # noqa: F401  (pytest fixture)
 
 from hf_medmae.cnn import CNN_ARCHITECTURES, MedCNNForImageClassification, build_cnn
 from hf_medmae.errors import ConfigError, DataError
@@ -127,7 +126,7 @@ def test_one_key_trains_a_cnn_with_the_vit_runs_outputs(cnn_run):
     assert isinstance(load_checkpoint(MedCNNForImageClassification, out), MedCNNForImageClassification)
 
 
-def test_predict_only_and_the_hub_card_work_for_a_cnn(cnn_run, hub_server, tmp_path):  # noqa: F811
+def test_predict_only_and_the_hub_card_work_for_a_cnn(cnn_run, hub_server, tmp_path):
     from hf_medmae import pull_checkpoint, push_checkpoint
 
     out, _ = cnn_run

@@ -17,7 +17,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from hub_server import hub_server  # noqa: F401  (pytest fixture)
 from huggingface_hub import HfApi, ModelCard, hf_hub_download
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,7 +162,7 @@ def test_wheel_ships_every_module_the_templates_and_the_scripts(installed):
         assert f"from {module} import cli" in text, text
 
 
-def test_installed_wheel_pushes_a_rendered_card_per_kind(installed, hub_server, tmp_path):  # noqa: F811
+def test_installed_wheel_pushes_a_rendered_card_per_kind(installed, hub_server, tmp_path):
     _, _, site = installed
     site = site.resolve()
     work, result, script = tmp_path / "checkpoints", tmp_path / "result.json", tmp_path / "push.py"
