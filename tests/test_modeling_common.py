@@ -245,7 +245,13 @@ TESTERS = {
     ),
     "classifier": ModelTester(
         MedClsForImageClassification,
-        lambda c: MedClsConfig(vit_config=tiny_vit(c), num_labels=LABELS, drop_path_rate=0.1, label_smoothing=0.1),
+        lambda c: MedClsConfig(
+            vit_config=tiny_vit(c),
+            num_labels=LABELS,
+            drop_path_rate=0.1,
+            label_smoothing=0.1,
+            class_weights=[1.0, 1.0, 4.0],
+        ),
         lambda config, batch: {
             "pixel_values": images(config.vit_config["num_channels"], batch),
             "labels": class_labels(batch),
@@ -260,6 +266,7 @@ TESTERS = {
             vit_config=tiny_vit(c),
             num_labels=LABELS,
             pooling="cls",
+            drop_path_rate=0.2,
             problem_type="multi_label_classification",
             throw_ratio=0.25,
         ),
