@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from conftest import assert_panel_grid
 from PIL import Image
 
 from hf_medmae.errors import DataError
@@ -25,30 +26,6 @@ def _open(path):
     img = Image.open(path)
     img.load()
     return img.size  # (width, height)
-
-
-def _runs(flags: np.ndarray, min_len: int) -> list[int]:
-    """Lengths of the runs of True in a 1-D array that are at least `min_len` long."""
-    edges = np.flatnonzero(np.diff(np.r_[0, flags.astype(int), 0]))
-    return [int(n) for n in edges[1::2] - edges[::2] if n >= min_len]
-
-
-def _panels(path) -> tuple[list[int], list[int]]:
-    """Heights of the rows and widths of the columns of image panels in a grid figure, read from the PNG's ink:
-    panels are separated by white margins; titles and legends are thinner than the 40-pixel minimum."""
-    ink = (np.asarray(Image.open(path).convert("RGB")) < 250).any(-1)  # [H, W]: any non-white pixel
-    heights = _runs(ink.any(1), 40)
-    edges = np.flatnonzero(np.diff(np.r_[0, ink.any(1).astype(int), 0]))  # start, stop, start, stop, ...
-    start = next(a for a, b in zip(edges[::2], edges[1::2]) if b - a >= 40)
-    band = ink[start + heights[0] // 4 : start + 3 * heights[0] // 4]  # the middle of the first panel row
-    return heights, _runs(band.any(0), 40)
-
-
-def _assert_grid(path, rows: int, cols: int) -> None:
-    heights, widths = _panels(path)
-    assert (len(heights), len(widths)) == (rows, cols)
-    sizes = heights + widths  # square images shown square, every panel the same size (edges antialiased)
-    assert max(sizes) - min(sizes) <= 4
 
 
 def _probs_labels(n=40):
@@ -106,7 +83,7 @@ def test_segmentation_overlays(tmp_path):
     )
     w, h = _open(path)
     assert 1.0 < w / h < 2.2  # 3 columns x 2 rows plus a legend
-    _assert_grid(path, rows=2, cols=3)  # image, truth, prediction per image
+    assert_panel_grid(path, rows=2, cols=3)  # image, truth, prediction per image
 
 
 @pytest.mark.parametrize("c, channels", [(1, None), (3, None), (16, None), (16, 5), (16, [3, 7, 11])])
@@ -116,7 +93,7 @@ def test_reconstruction_grid(tmp_path, c, channels):
     path = save_reconstruction_grid(x, mask, x + 0.1, 4, tmp_path / "rec.png", channels=channels, max_images=2)
     w, h = _open(path)
     assert 1.1 < w / h < 2.0
-    _assert_grid(path, rows=2, cols=3)  # max_images rows; original, masked, reconstruction
+    assert_panel_grid(path, rows=2, cols=3)  # max_images rows; original, masked, reconstruction
 
 
 def test_reconstruction_grid_compares_models_one_column_each(tmp_path):
@@ -125,7 +102,7 @@ def test_reconstruction_grid_compares_models_one_column_each(tmp_path):
     path = save_reconstruction_grid(x, mask, {"MAE": x + 0.1, "MSMAE": x - 0.1, "other": x}, 4, tmp_path / "cmp.png")
     w, h = _open(path)
     assert 2.0 < w / h < 3.0
-    _assert_grid(path, rows=2, cols=5)  # original, masked, one column per model
+    assert_panel_grid(path, rows=2, cols=5)  # original, masked, one column per model
     with pytest.raises(DataError, match="'MSMAE'"):
         save_reconstruction_grid(x, mask, {"MAE": x, "MSMAE": x[:1]}, 4, tmp_path / "bad.png")
 
@@ -168,4 +145,4 @@ def test_attention_masks_one_row_per_image_two_columns_per_model(tmp_path):
     path = plot_attention_masks(images, ["a", "b", "c"], maps, codes, tmp_path / "attn.png")
     w, h = _open(path)
     assert 1.3 < w / h < 2.0
-    _assert_grid(path, rows=3, cols=5)  # the image, then map and mask per model
+    assert_panel_grid(path, rows=3, cols=5)  # the image, then map and mask per model
