@@ -54,6 +54,7 @@ def test_default_skip_layers_are_spread():
     layers = default_skip_layers(6, 3)  # depth 6, patch 8
     assert len(layers) == 2 and layers == sorted(set(layers))
     assert 1 <= layers[0] and layers[-1] < 6  # the deepest stage takes the final output, not a skip
+    assert layers == [round(j * 6 / 3) for j in (1, 2)]  # skip j takes block round(j * depth / stages)
     assert default_skip_layers(12, 4) == [3, 6, 9]  # MONAI UNETR's hs[3, 6, 9] spacing
     assert default_skip_layers(6, 1) == []  # patch 2: only the input and the final output
     assert tiny_segmenter(patch=8, layers=6).config.skip_layers == layers
