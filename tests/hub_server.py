@@ -13,8 +13,9 @@ Only the routes that `create_repo`, `create_branch`, `upload_folder`/`create_com
     HEAD/GET /{ns}/{name}/resolve/{rev}/{path}       -> bytes + X-Repo-Commit, ETag, Content-Length
 
 Repo ids must be `namespace/name`. Errors carry the `X-Error-Code` header (`RepoNotFound`,
-`RevisionNotFound`, `EntryNotFound`) that `huggingface_hub.utils.hf_raise_for_status` maps to its exceptions. Anything else is a 404 without
-a code and is recorded in `HubServer.unhandled`, so a test can see a client route we do not serve.
+`RevisionNotFound`, `EntryNotFound`) that `huggingface_hub.utils.hf_raise_for_status` maps to its exceptions.
+Anything else is a 404 without a code and is recorded in `HubServer.unhandled`, so a test can see a client route
+we do not serve.
 Repositories live on disk: `<root>/<ns>/<name>/refs/<branch>` holds a commit sha and
 `<root>/<ns>/<name>/commits/<sha>/` the full file tree of that commit.
 """
@@ -184,7 +185,7 @@ class HubHandler(BaseHTTPRequestHandler):
             try:
                 meta = yaml.safe_load(content.split("---", 2)[1])
             except yaml.YAMLError as err:
-                raise HubError(400, None, f"invalid YAML: {err}")
+                raise HubError(400, None, f"invalid YAML: {err}") from err
             if meta is not None and not isinstance(meta, dict):
                 raise HubError(400, None, "YAML metadata must be a mapping")
         self._json({"errors": [], "warnings": []})

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import WBC, require
-from hub_server import hub_server  # noqa: F401  (pytest fixture)
+from PIL import Image
+from safetensors.torch import load_file
 
 from hf_medmae.cnn import CNN_ARCHITECTURES, MedCNNForImageClassification, build_cnn
 from hf_medmae.errors import ConfigError, DataError
@@ -101,14 +102,10 @@ def cnn_run(tmp_path_factory):
 
 def test_one_key_trains_a_cnn_with_the_vit_runs_outputs(cnn_run):
     out, metrics = cnn_run
-    for name in (
-        "test_metrics.json",
-        "model.safetensors",
-        "preprocessor_config.json",
-        "confusion_matrix.png",
-        "splits.json",
-    ):
-        assert (out / name).stat().st_size > 0, name
+    for name in ("test_metrics.json", "preprocessor_config.json", "splits.json"):
+        assert json.loads((out / name).read_text()), name  # valid JSON, not empty
+    with Image.open(out / "confusion_matrix.png") as png:
+        png.verify()
     config = json.loads((out / "config.json").read_text())
     assert (
         config["model_type"] == "medmae_cnn"
@@ -124,10 +121,14 @@ def test_one_key_trains_a_cnn_with_the_vit_runs_outputs(cnn_run):
     losses = [log["loss"] for log in state["log_history"] if "loss" in log]
     assert np.mean(losses[-2:]) < losses[0]  # it learns
     assert metrics["test_accuracy"] == pytest.approx(report["accuracy"])
-    assert isinstance(load_checkpoint(MedCNNForImageClassification, out), MedCNNForImageClassification)
+    loaded = load_checkpoint(MedCNNForImageClassification, out)
+    assert type(loaded) is MedCNNForImageClassification and loaded.config.architecture == "resnet10"
+    saved = load_file(out / "model.safetensors")
+    assert saved.keys() == loaded.state_dict().keys()
+    assert all(torch.equal(saved[k], v) for k, v in loaded.state_dict().items())
 
 
-def test_predict_only_and_the_hub_card_work_for_a_cnn(cnn_run, hub_server, tmp_path):  # noqa: F811
+def test_predict_only_and_the_hub_card_work_for_a_cnn(cnn_run, hub_server, tmp_path):
     from hf_medmae import pull_checkpoint, push_checkpoint
 
     out, _ = cnn_run

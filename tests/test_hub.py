@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hub_server import hub_endpoint, hub_server  # noqa: F401  (pytest fixtures)
 from huggingface_hub import HfApi, ModelCard, ModelCardData, constants
 from transformers import AutoImageProcessor, BertConfig, ViTImageProcessor
 

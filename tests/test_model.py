@@ -1,11 +1,11 @@
-"""MedMAEForPreTraining: any channels and patch size, exact save/load, masking through `noise`, errors."""
+"""MedMAEForPreTraining: any channels and patch size, masking through `noise`, errors (save/load: common tester)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from conftest import tiny_config
-from transformers import AutoConfig, AutoModelForPreTraining, ViTMAEForPreTraining
+from transformers import ViTMAEForPreTraining
 
 from hf_medmae import MedMAEConfig, MedMAEForPreTraining
 from hf_medmae.errors import ConfigError, DataError
@@ -22,26 +22,7 @@ def test_shapes_for_channels_and_patches(channels, patch, size):
     assert out.mask.sum(1).tolist() == [num_patches - int(num_patches * 0.25)] * 2
     assert torch.isfinite(out.loss)
     out.loss.backward()
-    assert model.vit.embeddings.patch_embeddings.projection.weight.grad is not None
-
-
-@pytest.mark.parametrize("generator", ["random", "block", "grid", "foreground", "attention"])
-def test_save_load_round_trip_is_exact(tmp_path, generator):
-    config = tiny_config(
-        num_channels=16,
-        mask_generator=generator,
-        mask_generator_kwargs={"mix": 0.3} if generator == "foreground" else None,
-    )
-    model = MedMAEForPreTraining(config).eval()
-    model.save_pretrained(tmp_path)
-    assert (tmp_path / "model.safetensors").exists()
-    loaded = AutoModelForPreTraining.from_pretrained(tmp_path).eval()
-    assert isinstance(loaded, MedMAEForPreTraining)
-    assert loaded.config.mask_generator == generator and loaded.mask_generator.name == generator
-    assert loaded.config.mask_generator_kwargs == config.mask_generator_kwargs
-    x, noise = torch.randn(2, 16, 32, 32), torch.rand(2, 64)
-    assert torch.equal(model(x, noise=noise).logits, loaded(x, noise=noise).logits)
-    assert AutoConfig.from_pretrained(tmp_path).model_type == "medmae"
+    assert model.vit.embeddings.patch_embeddings.projection.weight.grad.abs().sum() > 0
 
 
 def test_matches_stock_vitmae_with_same_weights_and_noise():
@@ -131,24 +112,6 @@ def test_named_errors():
         MedMAEConfig(image_size=30, patch_size=4)
     with pytest.raises(ConfigError, match="mask_ratio=0.0 is outside"):
         MedMAEConfig(mask_ratio=0.0)
-
-
-@pytest.mark.parametrize("build", ["mae", "classifier", "segmenter"])
-def test_checkpoints_use_current_key_names_so_trainer_restores_every_weight(tmp_path, build):
-    """The Trainer's resume/best-model reload is a non-strict load_state_dict without renaming."""
-    from safetensors.torch import load_file
-
-    from hf_medmae import MedClsForImageClassification, MedSegForSegmentation
-
-    mae = MedMAEForPreTraining(tiny_config())
-    model = {
-        "mae": lambda: mae,
-        "classifier": lambda: MedClsForImageClassification.from_encoder(mae.vit, num_labels=3),
-        "segmenter": lambda: MedSegForSegmentation.from_encoder(mae.vit, num_labels=3),
-    }[build]()
-    model.save_pretrained(tmp_path)
-    result = model.load_state_dict(load_file(tmp_path / "model.safetensors"), strict=False)
-    assert not result.missing_keys and not result.unexpected_keys
 
 
 def test_fixed_sincos_position_embeddings_are_set_in_encoder_and_decoder():

@@ -19,12 +19,25 @@ def tiny_model() -> MedMAEForPreTraining:
     return MedMAEForPreTraining._from_config(tiny_config(), attn_implementation="sdpa")
 
 
-def test_choosing_attention_leaves_weights_grads_and_rng_untouched():
+def measured_choice(caplog) -> tuple[str, int, float, float]:
+    """(choice, batch, sdpa s/step, eager s/step) from choose_attention's log record, unrounded."""
+    (record,) = [r for r in caplog.records if r.name == "hf_medmae.performance" and r.msg.startswith("attention:")]
+    return record.args
+
+
+def faster(sdpa: float, eager: float, margin: float = 0.15) -> str:
+    return "eager" if eager * (1 + margin) < sdpa else "sdpa"
+
+
+def test_choosing_attention_leaves_weights_grads_and_rng_untouched(caplog):
     model = tiny_model()
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
-    choice = choose_attention(model, batch_size=4, steps=1)
-    assert choice in {"sdpa", "eager"}
+    with caplog.at_level(logging.INFO, logger="hf_medmae.performance"):
+        choice = choose_attention(model, batch_size=4, steps=1)
+    logged, batch, sdpa, eager = measured_choice(caplog)
+    assert sdpa > 0 and eager > 0 and batch == 4
+    assert choice == logged == faster(sdpa, eager)  # the faster of its two timings, by the default margin
     assert model.config._attn_implementation == choice  # the model now runs the chosen kernel
     assert torch.equal(rng, torch.get_rng_state())  # the training run's masks and dropout are unchanged
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
@@ -49,7 +62,13 @@ def test_the_chosen_kernel_computes_the_same_loss():
 
 
 def test_hardware_checks_and_cpu_defaults(tmp_path, caplog):
-    assert isinstance(cpu_has_native_bf16(), bool)
+    flags = set()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = {f for line in cpuinfo if line.startswith("flags") for f in line.split(":", 1)[1].split()}
+        assert cpu_has_native_bf16() == bool(flags & {"avx512_bf16", "amx_tile"})  # what the CPU says it has
+    else:
+        assert isinstance(cpu_has_native_bf16(), bool)
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
     with caplog.at_level(logging.WARNING, logger="hf_medmae.performance"):
         apply_fast_defaults(args)
@@ -80,7 +99,7 @@ def test_usable_cores_follow_the_process_affinity_not_the_machine_total():
         os.sched_setaffinity(0, allowed)
 
 
-def test_run_mae_reports_the_attention_it_chose(tmp_path):
+def test_run_mae_reports_the_attention_it_chose(tmp_path, caplog):
     from hf_medmae.tasks import pretrain
 
     common = [
@@ -119,8 +138,10 @@ def test_run_mae_reports_the_attention_it_chose(tmp_path):
         "--disable_tqdm",
         "true",
     ]
-    pretrain.main([*common, "--output_dir", str(tmp_path / "run")])  # attn_implementation defaults to auto
+    with caplog.at_level(logging.INFO, logger="hf_medmae.performance"):
+        pretrain.main([*common, "--output_dir", str(tmp_path / "run")])  # attn_implementation defaults to auto
     results = json.loads((tmp_path / "run" / "all_results.json").read_text())
-    assert results["attn_implementation"] in {"sdpa", "eager"}
+    logged, _, sdpa, eager = measured_choice(caplog)
+    assert results["attn_implementation"] == logged == faster(sdpa, eager)  # the kernel measured faster
     with pytest.raises(ConfigError, match="(?s)attn_implementation='flash'.*auto, sdpa, eager"):
         pretrain.main([*common, "--output_dir", str(tmp_path / "bad"), "--attn_implementation", "flash"])

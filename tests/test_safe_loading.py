@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, tiny_config
-from hub_server import hub_server  # noqa: F401  (pytest fixture, requested by the Hub test)
 from PIL import Image
 from transformers import ViTImageProcessorPil
 

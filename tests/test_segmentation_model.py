@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from transformers import AutoModelForSemanticSegmentation, ViTConfig, ViTModel
+from transformers import ViTConfig, ViTModel
 
 from hf_medmae.configuration import MedMAEConfig
 from hf_medmae.errors import CheckpointError, ConfigError, DataError
@@ -56,6 +54,7 @@ def test_default_skip_layers_are_spread():
     layers = default_skip_layers(6, 3)  # depth 6, patch 8
     assert len(layers) == 2 and layers == sorted(set(layers))
     assert 1 <= layers[0] and layers[-1] < 6  # the deepest stage takes the final output, not a skip
+    assert layers == [round(j * 6 / 3) for j in (1, 2)]  # skip j takes block round(j * depth / stages)
     assert default_skip_layers(12, 4) == [3, 6, 9]  # MONAI UNETR's hs[3, 6, 9] spacing
     assert default_skip_layers(6, 1) == []  # patch 2: only the input and the final output
     assert tiny_segmenter(patch=8, layers=6).config.skip_layers == layers
@@ -90,18 +89,6 @@ def test_from_encoder_rejects_extra_weights():
     vit = ViTModel(ViTConfig(**TINY_VIT, image_size=32, patch_size=4, num_hidden_layers=2), use_mask_token=True)
     with pytest.raises(CheckpointError, match="mask_token"):
         MedSegForSegmentation.from_encoder(vit, num_labels=2)
-
-
-def test_save_and_reload_give_identical_logits(tmp_path):
-    torch.manual_seed(0)
-    model = tiny_segmenter(patch=8, layers=3).eval()
-    model.save_pretrained(tmp_path)
-    assert "model.safetensors" in os.listdir(tmp_path)
-    reloaded = AutoModelForSemanticSegmentation.from_pretrained(tmp_path).eval()
-    assert isinstance(reloaded, MedSegForSegmentation)
-    assert reloaded.config.skip_layers == model.config.skip_layers
-    x = torch.randn(2, 3, 32, 32)
-    assert torch.equal(model(x).logits, reloaded(x).logits)
 
 
 def test_sparse_labels_are_ignored():
@@ -211,7 +198,8 @@ def test_predict_tiles_larger_images():
     assert torch.equal(predict(model, x, roi_size=32), model.eval()(x).logits.argmax(1))
 
 
-def test_unet_baseline_forward_loss_and_reload(tmp_path):
+def test_unet_baseline_forward_loss_and_named_size_error():
+    """Its save/load round trip is in test_modeling_common."""
     torch.manual_seed(0)
     unet = build_unet_baseline(16, 5, features=TINY_UNET)
     labels = torch.randint(0, 5, (2, 32, 32))
@@ -219,13 +207,9 @@ def test_unet_baseline_forward_loss_and_reload(tmp_path):
     out = unet(torch.randn(2, 16, 32, 32), labels=labels)
     assert out.logits.shape == (2, 5, 32, 32) and out.loss.ndim == 0
     out.loss.backward()
-    assert unet.unet.final_conv.weight.grad is not None
+    assert unet.unet.final_conv.weight.grad.abs().sum() > 0
     with pytest.raises(DataError, match="divisible by 16"):
         unet(torch.randn(1, 16, 40, 40))
-    unet.eval().save_pretrained(tmp_path)
-    x = torch.randn(1, 16, 32, 32)
-    reloaded = AutoModelForSemanticSegmentation.from_pretrained(tmp_path).eval()
-    assert torch.equal(unet(x).logits, reloaded(x).logits)
 
 
 def test_class_weights_change_the_loss():
