@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT
-from hub_server import hub_endpoint, hub_server  # noqa: F401  (pytest fixtures)
 from huggingface_hub import ModelCard, ModelCardData
 from PIL import Image
 from safetensors.torch import load_file

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import tiny_config
-from hub_server import hub_server  # noqa: F401  (pytest fixture, requested by the Hub case only)
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import BertConfig, BertModel, ViTImageProcessorPil

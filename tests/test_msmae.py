@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, WBC, require, tiny_config
-from hub_server import hub_server  # noqa: F401  (pytest fixture)
 from transformers import ViTConfig, ViTImageProcessorPil, ViTModel, default_data_collator
 
 from hf_medmae import MedClsForImageClassification, MedMAEConfig, MedMAEForPreTraining, load_encoder

@@ -12,7 +12,6 @@ import sys
 import numpy as np
 import pytest
 from conftest import ROOT, WBC, require
-from hub_server import hub_server  # noqa: F401  (pytest fixture)
 from PIL import Image
 
 from hf_medmae.errors import DataError
