@@ -24,10 +24,12 @@ from monai.transforms import SpatialPad
 from monai.utils import convert_to_tensor
 from nibabel.filebasedimages import ImageFileError
 from torch.utils.data import Dataset
+from transformers import ViTImageProcessorPil
 
 from ..errors import ConfigError, DataError
 from .embedded import EMBEDDED_VOLUMES
 from .io import check_finite
+from .segmentation import class_mapping, map_labels, read_label
 from .splits import split_volumes
 from .transforms import EpochSeeded
 
@@ -160,7 +162,7 @@ class LazyVolumes(Sequence):
 
     Args:
         paths: one file per volume.
-        read: `read_volume` or `read_label` (with its options bound).
+        read: `read_volume`, or `data.segmentation.read_label` with `read_volume` (options bound).
         transforms: applied in order after reading (e.g. intensity normalisation).
         keep: volumes kept decoded; a training item draws a crop from one volume, so a few suffice.
 
@@ -241,20 +243,6 @@ class VolumeSet:
         return counts[0]
 
 
-def read_label(path: str | Path, tiff_pages: str = "depth") -> np.ndarray:
-    """One label volume as int64 [D, H, W] class ids; it must have one channel and integer values."""
-    array = read_volume(path, tiff_pages)
-    if array.shape[0] != 1:
-        raise DataError(
-            f"label {path} has {array.shape[0]} channels.", "save labels as one integer class id per voxel."
-        )
-    if not np.array_equal(array, np.round(array)):
-        raise DataError(
-            f"label {path} holds non-integer values.", "save labels as integer class ids (not probabilities)."
-        )
-    return array[0].astype(np.int64)
-
-
 def _label_path(image: Path, label_dir: Path, pattern: str) -> Path:
     suffix = volume_suffix(image)
     return label_dir / pattern.format(stem=image.name[: -len(suffix)], suffix=suffix, name=image.name)
@@ -282,7 +270,8 @@ def _folder_volumes(folder: Path, label_dir: Path | None, pattern: str, max_volu
 def _files_set(found: list[tuple[Path, Path | None]], tiff_pages: str, lazy: bool) -> VolumeSet:
     """(volume file, label file or None) pairs -> a VolumeSet, read now or when used."""
     names = [p.name for p, _ in found]
-    read, read_labels = partial(read_volume, tiff_pages=tiff_pages), partial(read_label, tiff_pages=tiff_pages)
+    read = partial(read_volume, tiff_pages=tiff_pages)
+    read_labels = partial(read_label, read=read)
     has_labels = bool(found) and found[0][1] is not None
     if lazy:
         return VolumeSet(
@@ -302,7 +291,7 @@ def _npy_ndim(path: Path) -> int | None:
 
 
 def _npy_stack(path: Path, lazy: bool = False) -> VolumeSet:
-    """A [N, C, D, H, W] (or [N, D, H, W] labels) `.npy` stack and its optional `<name>_labels.npy`; lazy: memory-mapped."""
+    """A [N, C, D, H, W] `.npy` stack and its optional `<name>_labels.npy` [N, D, H, W]; lazy: memory-mapped."""
     mode = "r" if lazy else None
     try:
         images = np.load(path, allow_pickle=False, mmap_mode=mode)
@@ -473,7 +462,8 @@ class VolumeAugment:
 
     Example:
         >>> aug = VolumeAugment((8, 16, 16))
-        >>> image, label = aug(torch.rand(1, 10, 20, 20), torch.zeros(10, 20, 20, dtype=torch.long), torch.Generator().manual_seed(0))
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> image, label = aug(torch.rand(1, 10, 20, 20), torch.zeros(10, 20, 20, dtype=torch.long), gen)
         >>> tuple(image.shape), tuple(label.shape)
         ((1, 8, 16, 16), (8, 16, 16))
     """
@@ -551,7 +541,8 @@ class VolumeDataset(EpochSeeded, Dataset):
         volumes: normalised volumes (see `normalise_intensity`) and optional labels.
         roi_size: crop (D, H, W).
         augment: training: item i is a random crop of volume i // samples_per_volume, drawn from its own
-            generator seeded by (seed, epoch, i) (`EpochSeeded`); None (evaluation): the fixed `sliding_crops` of every volume.
+            generator seeded by (seed, epoch, i) (`EpochSeeded`); None (evaluation): the fixed `sliding_crops` of
+            every volume.
         samples_per_volume: training crops per volume and epoch.
         seed: base seed of the crops.
         ignore_index: label of padded voxels (it replaces the augment's own).
@@ -605,7 +596,8 @@ class VolumeDataset(EpochSeeded, Dataset):
         label = torch.from_numpy(np.ascontiguousarray(self.volume_labels[v], dtype=np.int64))
         if tuple(label.shape) != tuple(image.shape[1:]):  # lazy sets are checked here, when read
             raise DataError(
-                f"{self.names[v]}: the volume is [D, H, W] {tuple(image.shape[1:])} but its label is {tuple(label.shape)}.",
+                f"{self.names[v]}: the volume is [D, H, W] {tuple(image.shape[1:])} "
+                f"but its label is {tuple(label.shape)}.",
                 "give every label the voxel grid of its volume (resample both to one grid before training).",
             )
         return image, label
@@ -761,6 +753,37 @@ def prepare_volumes(data_args: VolumeDataArguments, labelled: bool) -> VolumeSet
     return data
 
 
+def volume_processor(channels: int) -> ViTImageProcessorPil:
+    """The image processor saved with a volume model: volumes are normalised one by one before cropping
+    (`normalise_intensity`), so the model's inputs need no further scaling (mean 0, std 1)."""
+    return ViTImageProcessorPil(
+        do_resize=False, do_rescale=False, do_normalize=False, image_mean=[0.0] * channels, image_std=[1.0] * channels
+    )
+
+
+def volume_classes(data: VolumeSet, data_args: VolumeDataArguments) -> tuple[dict[int, int], list[str]]:
+    """Map `data`'s raw labels to class ids in place (`class_map`; default: they already are ids 0..K-1).
+
+    Voxels already at `ignore_index` stay unlabeled unless `class_map` names that value.
+
+    Returns:
+        The class map and the class names.
+    """
+    class_map, names = class_mapping(
+        data_args.class_map,
+        data_args.class_names,
+        data_args.ignore_index,
+        None if data_args.class_map else data.labels,
+    )
+    if data_args.class_map is not None:
+        to_ids = partial(map_labels, class_map={data_args.ignore_index: data_args.ignore_index, **class_map})
+        if data.lazy:
+            data.labels = data.labels.map(to_ids)
+        else:
+            data.labels = [to_ids(m, name=n) for m, n in zip(data.labels, data.names)]
+    return class_map, names
+
+
 def split_for(
     data: VolumeSet, data_args: VolumeDataArguments, seed: int, n_test: int
 ) -> tuple[list[int], list[int], list[int]]:
@@ -776,7 +799,8 @@ def split_for(
     unknown = sorted(set(val + test) - set(data.names))
     if unknown or set(val) & set(test) or len(set(val + test)) >= len(data):
         raise ConfigError(
-            f"validation_names {val} / test_names {test} must be distinct volumes of {data.names} and leave one to train.",
+            f"validation_names {val} / test_names {test} must be distinct volumes of {data.names} "
+            "and leave one to train.",
             "name existing volumes, each in one list.",
         )
     index = data.names.index
@@ -795,6 +819,8 @@ __all__ = [
     "prepare_volumes",
     "split_for",
     "volume_augment",
+    "volume_classes",
+    "volume_processor",
     "LazyVolumes",
     "NORMALISE_MODES",
     "VOLUME_SUFFIXES",
@@ -805,7 +831,6 @@ __all__ = [
     "normalise_intensity",
     "orthogonal_slices",
     "pad_to",
-    "read_label",
     "read_volume",
     "sliding_crops",
     "volume_suffix",

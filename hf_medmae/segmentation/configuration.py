@@ -13,6 +13,7 @@ from transformers import AutoConfig, PreTrainedConfig, ViTConfig
 
 from ..encoder import vit_config_dict, vit_config_from
 from ..errors import ConfigError
+from ..modeling_mae3d import ENCODER_FIELDS, MedMAE3DConfig
 from ..validation import as_pair
 
 LOSSES = ("ce", "dice_ce")
@@ -35,8 +36,6 @@ def encoder_fields(config: PreTrainedConfig | dict, spatial_dims: int = 2) -> di
     """
     if spatial_dims == 2:
         return vit_config_dict(vit_config_from(config))
-    from ..modeling_mae3d import ENCODER_FIELDS, MedMAE3DConfig
-
     values = config if isinstance(config, dict) else config.to_dict()
     if isinstance(values.get("vit_config"), dict):
         values = values["vit_config"]
