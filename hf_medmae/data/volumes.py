@@ -20,7 +20,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from monai.transforms import SpatialPad
+from monai.transforms import Compose, OneOf, RandCropByPosNegLabeld, RandSpatialCropd, SpatialPad
 from monai.utils import convert_to_tensor
 from nibabel.filebasedimages import ImageFileError
 from torch.utils.data import Dataset
@@ -31,7 +31,7 @@ from .embedded import EMBEDDED_VOLUMES
 from .io import check_finite
 from .segmentation import class_mapping, map_labels, read_label
 from .splits import split_volumes
-from .transforms import EpochSeeded
+from .transforms import EpochSeeded, labelled_geometry, run_seeded
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".tif", ".tiff", ".npy")
 NORMALISE_MODES = ("zscore", "percentile", "ct_window", "none")
@@ -450,14 +450,16 @@ def pad_to(image: torch.Tensor, label: torch.Tensor | None, roi_size, ignore_ind
 
 @dataclass
 class VolumeAugment:
-    """Seeded ROI crop, flips and in-plane 90-degree rotations for a volume and its label alike.
+    """Seeded ROI crop, flips and in-plane 90-degree rotations for a volume and its label alike, as MONAI dict
+    transforms (`RandCropByPosNegLabeld` / `RandSpatialCropd`, `RandFlipd`, `RandRotate90d`) seeded from the item's
+    generator.
 
     Args:
         roi_size: crop (D, H, W); smaller volumes are padded (image 0, label ignore_index).
         flips: flip each of D, H, W with probability 0.5.
         rot90: rotate by k * 90 degrees over (H, W); k is 0 or 2 when the ROI is not square in-plane.
         pos_fraction: with labels, the probability that a crop is centred on a foreground voxel (label
-            not 0 and not ignore_index), as MONAI's RandCropByPosNegLabel; 0: uniform crops.
+            not 0 and not ignore_index); otherwise the crop is uniform.
         ignore_index: label of padded voxels.
 
     Example:
@@ -486,31 +488,27 @@ class VolumeAugment:
                 "use e.g. 0.5: half the crops centred on foreground.",
             )
         self.roi_size = tuple(int(r) for r in self.roi_size)
+        self._labelled, self._unlabelled = self._pipeline(["image", "label"]), self._pipeline(["image"])
 
-    def crop_start(self, shape, label: torch.Tensor | None, gen: torch.Generator | None) -> list[int]:
-        """Corner of the crop in a volume of `shape` (D, H, W) that is at least roi_size."""
-        if label is not None and self.pos_fraction > 0 and float(torch.rand(1, generator=gen)) < self.pos_fraction:
-            foreground = torch.nonzero((label != 0) & (label != self.ignore_index))
-            if len(foreground):
-                centre = foreground[int(torch.randint(0, len(foreground), (1,), generator=gen))].tolist()
-                return [min(max(c - r // 2, 0), s - r) for c, r, s in zip(centre, self.roi_size, shape)]
-        return [int(torch.randint(0, s - r + 1, (1,), generator=gen)) for s, r in zip(shape, self.roi_size)]
+    def _pipeline(self, keys: list[str]) -> Compose:
+        roi = self.roi_size
+        crop = RandSpatialCropd(keys, roi, random_size=False)
+        if len(keys) > 1 and self.pos_fraction > 0:
+            # "fg": the labelled foreground (not 0, not ignore_index); without any, MONAI centres on other voxels
+            on_foreground = RandCropByPosNegLabeld(keys, "fg", roi, pos=1.0, neg=0.0)
+            crop = OneOf([on_foreground, crop], weights=[self.pos_fraction, 1.0 - self.pos_fraction])
+        axes = (0, 1, 2) if self.flips else ()
+        return Compose([crop, *labelled_geometry(keys, 3, axes, self.rot90, square=roi[1] == roi[2])])
 
     def __call__(self, image: torch.Tensor, label: torch.Tensor | None = None, gen: torch.Generator | None = None):
         image, label = pad_to(image, label, self.roi_size, self.ignore_index)
-        start = self.crop_start(image.shape[1:], label, gen)
-        box = tuple(slice(s, s + r) for s, r in zip(start, self.roi_size))
-        image, label = image[(slice(None), *box)], None if label is None else label[box]
-        if self.flips:
-            for axis in (-3, -2, -1):
-                if float(torch.rand(1, generator=gen)) < 0.5:
-                    image, label = image.flip(axis), None if label is None else label.flip(axis)
-        if self.rot90:
-            k = int(torch.randint(0, 4, (1,), generator=gen))
-            k = k if self.roi_size[1] == self.roi_size[2] else 2 * (k % 2)  # a 90-degree turn would swap H and W
-            image = torch.rot90(image, k, dims=(-2, -1))
-            label = None if label is None else torch.rot90(label, k, dims=(-2, -1))
-        return image.contiguous(), None if label is None else label.contiguous()
+        if label is None:
+            return run_seeded(self._unlabelled, {"image": image}, gen, keys=("image",))["image"], None
+        data = {"image": image, "label": label[None]}
+        if self.pos_fraction > 0:
+            data["fg"] = ((label != 0) & (label != self.ignore_index))[None]
+        out = run_seeded(self._labelled, data, gen, keys=("image", "label"))
+        return out["image"], out["label"][0]
 
 
 def sliding_crops(shape: tuple[int, int, int], roi_size, overlap: float = 0.0) -> list[tuple[slice, slice, slice]]:
