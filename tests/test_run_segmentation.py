@@ -448,3 +448,20 @@ def test_shipped_configs_parse(name):
     )
     assert training_args.load_best_model_at_end and training_args.metric_for_best_model == "mean_dice"
     assert len(data_args.class_names) == len(set(data_args.class_map.values()))
+
+
+def test_one_segment_task_takes_images_and_volumes():
+    from hf_medmae.data.volumes import VolumeDataArguments
+
+    (model_2d, data_2d, _), (model_3d, data_3d, _) = segment.TASK.arguments_for(2), segment.TASK.arguments_for(3)
+    assert model_2d is model_3d is segment.ModelArguments
+    assert data_2d is segment.DataArguments and data_3d is VolumeDataArguments
+    images, volumes = segment.ModelArguments().for_dims(2), segment.ModelArguments().for_dims(3)
+    assert (images.image_size, images.loss, images.sw_batch_size, images.unet_features[0]) == (64, "ce", 4, 32)
+    assert (volumes.image_size, volumes.loss, volumes.sw_batch_size, volumes.unet_features[0]) == (
+        None,
+        "dice_ce",
+        2,
+        16,
+    )
+    assert segment.ModelArguments(loss="ce").for_dims(3).loss == "ce"  # a set value is kept

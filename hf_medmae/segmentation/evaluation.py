@@ -50,6 +50,7 @@ def write_test_report(
     display_channels: list[int] | None = None,
     names: Sequence[str] | None = None,
     extra: dict | None = None,
+    metrics: dict | None = None,
 ) -> dict:
     """`test_metrics.json` (with `extra` added), `confusion_matrix.png` and `overlays.png` of label maps.
 
@@ -64,11 +65,12 @@ def write_test_report(
         display_channels: channels shown for images (1 or 3).
         names: one title per volume.
         extra: more values for `test_metrics.json`.
+        metrics: `score_label_maps` of these label maps when already computed.
 
     Returns:
         The metrics (without `extra`).
     """
-    metrics = score_label_maps(preds, truths, class_names, ignore_index)
+    metrics = metrics or score_label_maps(preds, truths, class_names, ignore_index)
     Path(output_dir, "test_metrics.json").write_text(json.dumps({**metrics, **(extra or {})}, indent=2, default=str))
     plot_confusion_matrix(
         np.asarray(metrics["confusion_matrix"]), class_names, f"{output_dir}/confusion_matrix.png", title=title

@@ -50,6 +50,7 @@ from ..segmentation import (
     prediction_sets,
     save_inference_config,
     save_overlays,
+    score_label_maps,
     segment_sets,
     training_scale,
     write_test_report,
@@ -168,10 +169,6 @@ class ModelArguments:
         return replace(self, **unset)
 
 
-def _dims(data_args: DataArguments | VolumeDataArguments) -> int:
-    return 3 if isinstance(data_args, VolumeDataArguments) else 2
-
-
 class Segment(Task):
     """UNETR on an MAE's encoder (or from scratch), or MONAI's BasicUNet, on 2D images or 3D volumes."""
 
@@ -180,8 +177,13 @@ class Segment(Task):
     def arguments_for(self, spatial_dims: int) -> tuple:
         return (ModelArguments, VolumeDataArguments, MedTrainingArguments) if spatial_dims == 3 else self.arguments
 
+    @staticmethod
+    def spatial_dims(data_args: DataArguments | VolumeDataArguments) -> int:
+        """3 for volume data arguments, 2 for images."""
+        return 3 if isinstance(data_args, VolumeDataArguments) else 2
+
     def predict(self, model_args: ModelArguments, data_args: DataArguments, args: MedTrainingArguments) -> dict:
-        model_args = model_args.for_dims(_dims(data_args))
+        model_args = model_args.for_dims(self.spatial_dims(data_args))
         return segment_sets(
             model_args.model_name_or_path,
             data_args.predict_images,
@@ -198,7 +200,7 @@ class Segment(Task):
     def setup(
         self, model_args: ModelArguments, data_args: DataArguments | VolumeDataArguments, args: MedTrainingArguments
     ) -> TaskSetup:
-        dims = _dims(data_args)
+        dims = self.spatial_dims(data_args)
         model_args = model_args.for_dims(dims)
         size = tuple(data_args.roi_size) if dims == 3 else (model_args.image_size,) * 2
         check_segmenter_choice(model_args.model, model_args.init, model_args.model_name_or_path, size)
@@ -348,22 +350,24 @@ class Segment(Task):
             class_names=names,
             ignore_index=ignore,
         )
-        if _dims(data_args) == 3:
+        if self.spatial_dims(data_args) == 3:
             test = state["test"]
             roi = tuple(data_args.roi_size)
             preds = predict_volumes(trainer.model, test.volumes, roi, model_args.sw_batch_size, model_args.sw_overlap)
-            test_metrics = write_test_report(
-                out_dir if is_main else None,
-                preds,
-                test.labels,
-                test.volumes,
-                names,
-                ignore,
-                title="Test voxels",
-                names=test.names,
-                extra={"test_volumes": test.names},
-            )
+            test_metrics = score_label_maps(preds, test.labels, names, ignore)
             if is_main:
+                write_test_report(
+                    out_dir,
+                    preds,
+                    test.labels,
+                    test.volumes,
+                    names,
+                    ignore,
+                    title="Test voxels",
+                    names=test.names,
+                    extra={"test_volumes": test.names},
+                    metrics=test_metrics,
+                )
                 save_inference_config(
                     out_dir,
                     **inference,
