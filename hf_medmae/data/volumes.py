@@ -20,7 +20,15 @@ from typing import Literal
 
 import numpy as np
 import torch
-from monai.transforms import Compose, OneOf, RandCropByPosNegLabeld, RandSpatialCropd, SpatialPad
+from monai.transforms import (
+    Compose,
+    OneOf,
+    RandCropByPosNegLabeld,
+    RandSpatialCropd,
+    ScaleIntensityRange,
+    ScaleIntensityRangePercentiles,
+    SpatialPad,
+)
 from monai.utils import convert_to_tensor
 from nibabel.filebasedimages import ImageFileError
 from torch.utils.data import Dataset
@@ -391,7 +399,8 @@ def normalise_intensity(
     percentiles: tuple[float, float] = (0.5, 99.5),
     foreground_threshold: float | None = None,
 ) -> np.ndarray:
-    """Per-volume, per-channel intensity normalisation (nnU-Net style), applied once when loading.
+    """Per-volume, per-channel intensity normalisation (nnU-Net style), applied once when loading; the window and
+    percentile modes are MONAI's `ScaleIntensityRange` and `ScaleIntensityRangePercentiles`.
 
     Args:
         volume: [C, D, H, W].
@@ -419,18 +428,24 @@ def normalise_intensity(
                 "set window in HU, e.g. [-1000, 400] (lung) or [-160, 240] (abdomen).",
             )
         lo, hi = float(window[0]), float(window[1])
-        return ((np.clip(volume, lo, hi) - lo) / (hi - lo)).astype(np.float32)
-    if mode == "percentile" and not 0.0 <= percentiles[0] < percentiles[1] <= 100.0:
-        raise ConfigError(f"percentiles={percentiles!r} must satisfy 0 <= low < high <= 100.", "use e.g. (0.5, 99.5).")
+        window_scale = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True, dtype=np.float32)
+        return np.asarray(window_scale(volume), dtype=np.float32)
+    if mode == "percentile":
+        if not 0.0 <= percentiles[0] < percentiles[1] <= 100.0:
+            raise ConfigError(
+                f"percentiles={percentiles!r} must satisfy 0 <= low < high <= 100.", "use e.g. (0.5, 99.5)."
+            )
+        scale = ScaleIntensityRangePercentiles(
+            *percentiles, b_min=0.0, b_max=1.0, clip=True, channel_wise=True, dtype=np.float32
+        )
+        return np.asarray(scale(volume), dtype=np.float32)
+    # Our own z-score: MONAI's NormalizeIntensity(nonzero=True) would also leave the voxels below the threshold as
+    # they are; here every voxel is normalised with the statistics of the foreground.
     out = np.empty_like(volume)
     for c, channel in enumerate(volume):
-        if mode == "percentile":
-            lo, hi = np.percentile(channel, percentiles)
-            out[c] = (np.clip(channel, lo, hi) - lo) / max(hi - lo, 1e-6)
-        else:
-            voxels = channel[channel > foreground_threshold] if foreground_threshold is not None else channel
-            voxels = voxels if voxels.size else channel
-            out[c] = (channel - voxels.mean(dtype=np.float64)) / max(float(voxels.std(dtype=np.float64)), 1e-6)
+        voxels = channel[channel > foreground_threshold] if foreground_threshold is not None else channel
+        voxels = voxels if voxels.size else channel
+        out[c] = (channel - voxels.mean(dtype=np.float64)) / max(float(voxels.std(dtype=np.float64)), 1e-6)
     return out
 
 
