@@ -149,8 +149,6 @@ class MedSegConfig(SegmentationLossConfig):
     def encoder_config(self) -> PreTrainedConfig:
         """A `ViTConfig` (2D) or an encoder-only `MedMAE3DConfig` (3D)."""
         if self.spatial_dims == 3:
-            from ..modeling_mae3d import MedMAE3DConfig
-
             return MedMAE3DConfig(**{k: v for k, v in self.vit_config.items() if k not in ("image_mean", "image_std")})
         return ViTConfig(**self.vit_config)
 
