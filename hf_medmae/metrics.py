@@ -40,6 +40,7 @@ __all__ = [
     "classification_metrics",
     "compute_metrics_fn",
     "segmentation_metrics",
+    "pooled_segmentation_metrics",
     "segmentation_compute_metrics_fn",
     "segmentation_preprocess_logits",
 ]
@@ -442,6 +443,44 @@ def segmentation_metrics(
     if hd95:
         out.update(_hd95(pred.astype(int), target.astype(int), class_names, ignore_index))
     return _plain(out)
+
+
+def pooled_segmentation_metrics(
+    preds: list[np.ndarray], labels: list[np.ndarray], class_names: list[str], ignore_index: int = 255
+) -> dict:
+    """`segmentation_metrics` over items of different sizes (whole test volumes, images of a new site).
+
+    Dice / IoU / the confusion matrix pool every labelled pixel or voxel; HD95 is computed per item and class and
+    averaged over the items where it is defined; `dice_per_volume` lists each item's mean Dice.
+
+    Args:
+        preds: predicted class ids, one [H, W] or [D, H, W] array per item.
+        labels: true class ids of the same shapes, `ignore_index` for unlabeled pixels.
+        class_names: K class names.
+        ignore_index: label value of unlabeled pixels.
+
+    Example:
+        >>> a, b = np.zeros((4, 4), int), np.ones((2, 3), int)
+        >>> pooled_segmentation_metrics([a, b], [a, b], ["bg", "cell"])["mean_dice"]
+        1.0
+    """
+    pooled = segmentation_metrics(
+        np.concatenate([p.ravel() for p in preds])[None, None],
+        np.concatenate([t.ravel() for t in labels])[None, None],
+        class_names,
+        ignore_index,
+        hd95=False,
+    )
+    per_item = [segmentation_metrics(p[None], t[None], class_names, ignore_index) for p, t in zip(preds, labels)]
+    hd = {
+        name: [m["hd95_per_class"][name] for m in per_item if (m.get("hd95_per_class") or {}).get(name) is not None]
+        for name in class_names
+    }
+    pooled["hd95_per_class"] = {name: float(np.mean(v)) if v else None for name, v in hd.items()}
+    values = [v for v in pooled["hd95_per_class"].values() if v is not None]
+    pooled["hd95"] = float(np.mean(values)) if values else None
+    pooled["dice_per_volume"] = [m["mean_dice"] for m in per_item]
+    return pooled
 
 
 def segmentation_preprocess_logits(logits: Any, labels: Any) -> torch.Tensor:

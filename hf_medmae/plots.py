@@ -1,6 +1,6 @@
 """Figures for evaluation reports: confusion matrix, confidence, reliability, label efficiency,
-segmentation overlays and MAE reconstructions (volumes as orthogonal slices). Matplotlib ``Agg`` backend; every
-function writes a PNG and returns its path.
+segmentation overlays and MAE reconstructions, for volumes as orthogonal slices. Matplotlib ``Agg`` backend;
+every function writes a PNG and returns its path.
 
     >>> plot_confusion_matrix(np.array([[5, 1], [0, 4]]), ["a", "b"], "cm.png")
     'cm.png'
@@ -286,21 +286,26 @@ def plot_segmentation_overlays(
     class_names: list[str],
     ignore_index: int = 255,
     channels: int | Sequence[int] | None = None,
+    names: Sequence[str] | None = None,
 ) -> str:
     """Rows = images; columns = image, truth overlay, prediction overlay (unlabeled pixels transparent).
+    Volumes (truth items [D, H, W]) go to :func:`plot_volume_overlays`.
 
     Args:
-        images: [N, C, H, W] images (any units; stretched per image to 1-99 percentiles).
-        truth: [N, H, W] class indices, ``ignore_index`` for unlabeled pixels.
-        pred: [N, H, W] predicted class indices.
+        images: [N, C, H, W] images (any units; stretched per image to 1-99 percentiles), or [C, D, H, W] volumes.
+        truth: [N, H, W] class indices, ``ignore_index`` for unlabeled pixels (or one [D, H, W] per volume).
+        pred: [N, H, W] predicted class indices (or one [D, H, W] per volume).
         path: PNG path.
         class_names: K names (legend and colours).
         ignore_index: label value drawn transparent.
-        channels: see :func:`resolve_channels`.
+        channels: see :func:`resolve_channels` (images).
+        names: one title per volume (volumes).
 
     Example:
         >>> plot_segmentation_overlays(x[:4], y[:4], p[:4], "out/seg.png", ["bg", "cytoplasm", "nucleus"])
     """
+    if len(truth) and np.ndim(truth[0]) == 3:
+        return plot_volume_overlays(images, truth, pred, path, class_names, ignore_index, names)
     images, truth, pred = np.asarray(images), np.asarray(truth), np.asarray(pred)
     if images.ndim != 4 or truth.shape != pred.shape or truth.shape != images[:, 0].shape:
         raise DataError(
@@ -488,7 +493,7 @@ def _views(volume: np.ndarray, centre: tuple[int, int, int]) -> list[np.ndarray]
 
 
 def _foreground_centre(labels: np.ndarray, ignore_index: int) -> tuple[int, int, int]:
-    """Slices through the labelled foreground's centre of mass (the middle when there is none): where a reader looks."""
+    """Slices through the labelled foreground's centre of mass (the middle when there is none): where one looks."""
     fg = np.argwhere((labels > 0) & (labels != ignore_index))
     return tuple(int(v) for v in (fg.mean(axis=0) if len(fg) else np.array(labels.shape) / 2))
 

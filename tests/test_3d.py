@@ -909,3 +909,11 @@ def test_2d_only_key_in_a_3d_config_file_prints_the_fix_without_traceback(tmp_pa
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "unknown config key(s): 'tile_size'" in err and "fix:" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flags, key", [(["--image_size", "64"], "image_size"), (["--predict_only"], "predict_only")])
+def test_2d_model_keys_in_a_3d_segmentation_are_named_config_errors(tmp_path, flags, key):
+    config = str(ROOT / "configs" / "nuclei3d_segmentation.yaml")
+    with pytest.raises(ConfigError, match=f"{key} is a key of 2D runs") as err:
+        segment.main(["--config", config, *flags, "--output_dir", str(tmp_path / "o")])
+    assert "roi_size" in err.value.fix

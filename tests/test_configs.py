@@ -30,10 +30,10 @@ def test_shipped_mae_configs_parse(path):
 def test_shipped_3d_configs_parse_into_the_3d_tasks(path):
     from hf_medmae.cli import spatial_dims
     from hf_medmae.modeling_mae3d import MedMAE3DConfig
-    from hf_medmae.tasks import volumes
+    from hf_medmae.tasks import segment
 
     assert spatial_dims(["--config", str(path)]) == 3
-    task = volumes.SEGMENT_3D if "segmentation" in path.name else pretrain.TASK
+    task = segment.TASK if "segmentation" in path.name else pretrain.TASK
     model_args, data_args, training_args = parse_config(task.arguments_for(3), ["--config", str(path)])
     assert len(data_args.roi_size) == 3 and training_args.output_dir.startswith("outputs/")
     if task is pretrain.TASK:  # the MAE it describes is valid for its crop size

@@ -1,4 +1,5 @@
-"""run_segmentation.py and its data pipeline: learning on real WBC masks, sparse labels, paired geometry, named errors."""
+"""run_segmentation.py and its data pipeline: learning on real WBC masks, sparse labels, paired geometry, named
+errors."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from transformers import AutoModelForSemanticSegmentation, ViTImageProcessorPil
 
 from hf_medmae import MedMAEForPreTraining
 from hf_medmae.cli import parse_config
-from hf_medmae.data.segmentation import load_pairs, map_mask, sparsify
+from hf_medmae.data.segmentation import load_labelled, load_pairs, map_labels, sparsify, split_pairs
 from hf_medmae.data.splits import split_three
 from hf_medmae.data.transforms import PairAugment
 from hf_medmae.errors import ConfigError, DataError
@@ -68,15 +69,11 @@ def mosaic(wbc_dir, stems):
     pairs = [
         (np.asarray(Image.open(wbc_dir / f"{s}.bmp")), np.asarray(Image.open(wbc_dir / f"{s}.png"))) for s in stems
     ]
-    grid = lambda k: np.concatenate(
-        [
-            np.concatenate([pairs[0][k], pairs[1][k]], 1),  # noqa: E731
-            np.concatenate([pairs[2][k], pairs[3][k]], 1),
-        ],
-        0,
+    image, mask = (
+        np.concatenate([np.concatenate([pairs[0][k], pairs[1][k]], 1), np.concatenate([pairs[2][k], pairs[3][k]], 1)])
+        for k in (0, 1)
     )
-    image, mask = grid(0), grid(1)
-    return image, map_mask(mask.astype(np.int64), WBC_MAP, "mosaic")
+    return image, map_labels(mask.astype(np.int64), WBC_MAP, "mosaic")
 
 
 def nucleus_dice(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -230,7 +227,7 @@ def test_wbc_end_to_end_learns_nuclei_and_predicts_large_images(tmp_path, wbc_di
 
 def test_sparse_labels_keep_the_requested_fraction(wbc_dir):
     pairs = load_pairs(str(wbc_dir), image_glob="*.bmp", max_images=20)
-    masks = [map_mask(m, WBC_MAP, n) for m, n in zip(pairs.masks, pairs.names)]
+    masks = [map_labels(m, WBC_MAP, n) for m, n in zip(pairs.masks, pairs.names)]
     sparse = sparsify(masks, 0.023, 255, seed=1)
     for dense, kept in zip(masks, sparse):
         labelled = kept != 255
@@ -254,8 +251,22 @@ def test_sparse_option_reaches_only_training_masks(tmp_path, wbc_dir):
             ),
         ],
     )
-    pairs, _, names, channels = segment.load_labelled(data_args)
-    train, val, test = segment.split_pairs(pairs, data_args, training_args.seed)
+    pairs, _, names, channels = load_labelled(
+        data_args.train_data,
+        data_args.class_map,
+        data_args.class_names,
+        data_args.ignore_index,
+        image_glob=data_args.image_glob,
+        max_images=data_args.max_images,
+    )
+    train, val, test = split_pairs(
+        pairs,
+        data_args.validation_fraction,
+        data_args.test_fraction,
+        training_args.seed,
+        label_fraction=data_args.label_fraction_pixels,
+        ignore_index=data_args.ignore_index,
+    )
     assert (len(train.images), len(val.images), len(test.images)) == (28, 6, 6) and channels == 3
     train_fraction = np.mean([(m != 255).mean() for m in train.masks])
     assert abs(train_fraction - 0.02) < 0.001
@@ -437,3 +448,20 @@ def test_shipped_configs_parse(name):
     )
     assert training_args.load_best_model_at_end and training_args.metric_for_best_model == "mean_dice"
     assert len(data_args.class_names) == len(set(data_args.class_map.values()))
+
+
+def test_one_segment_task_takes_images_and_volumes():
+    from hf_medmae.data.volumes import VolumeDataArguments
+
+    (model_2d, data_2d, _), (model_3d, data_3d, _) = segment.TASK.arguments_for(2), segment.TASK.arguments_for(3)
+    assert model_2d is model_3d is segment.ModelArguments
+    assert data_2d is segment.DataArguments and data_3d is VolumeDataArguments
+    images, volumes = segment.ModelArguments().for_dims(2), segment.ModelArguments().for_dims(3)
+    assert (images.image_size, images.loss, images.sw_batch_size, images.unet_features[0]) == (64, "ce", 4, 32)
+    assert (volumes.image_size, volumes.loss, volumes.sw_batch_size, volumes.unet_features[0]) == (
+        None,
+        "dice_ce",
+        2,
+        16,
+    )
+    assert segment.ModelArguments(loss="ce").for_dims(3).loss == "ce"  # a set value is kept

@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from PIL import Image
 
+from hf_medmae.data.segmentation import read_label
 from hf_medmae.data.volumes import (
     LazyVolumes,
     VolumeAugment,
+    VolumeDataArguments,
     VolumeDataset,
     VolumeSet,
     load_volumes,
@@ -20,6 +23,7 @@ from hf_medmae.data.volumes import (
     orthogonal_slices,
     read_volume,
     sliding_crops,
+    volume_classes,
 )
 from hf_medmae.errors import ConfigError, DataError
 
@@ -162,7 +166,7 @@ def test_unknown_source_and_mixed_channels():
         load_volumes("/no/such/place")
     mixed = VolumeSet([np.zeros((1, 2, 2, 2)), np.zeros((2, 2, 2, 2))], None, ["a", "b"])
     with pytest.raises(DataError, match="channel counts"):
-        mixed.channels
+        _ = mixed.channels
 
 
 # --- intensity ---------------------------------------------------------------------------------------------------
@@ -379,3 +383,43 @@ def test_lazy_npy_stack_is_memory_mapped(tmp_path):
     np.save(tmp_path / "pool.npy", stack)
     pool = load_volumes(str(tmp_path / "pool.npy"), lazy=True)
     assert isinstance(pool.volumes[0], np.memmap) and np.array_equal(np.asarray(pool.volumes[2]), stack[2])
+
+
+# --- labels: one reader and one mapper for masks and label volumes ----------------------------------------------
+
+
+def test_class_map_that_names_the_ignore_value_maps_it_like_any_other_value():
+    """A class_map entry for the ignore_index value wins over the pass-through of unlabeled voxels."""
+    raw = np.zeros((4, 4, 4), np.int64)
+    raw[0] = 255
+    raw[1] = 7
+    data = VolumeSet([np.zeros((1, 4, 4, 4), np.float32)], [raw.copy()], ["v"])
+    class_map, names = volume_classes(data, VolumeDataArguments(class_map={0: 0, 7: 1, 255: 2}))
+    assert names == ["class_0", "class_1", "class_2"] and class_map[255] == 2
+    assert set(np.unique(data.labels[0][0]).tolist()) == {2}  # was left at 255 (ignored) before
+    unnamed = VolumeSet([np.zeros((1, 4, 4, 4), np.float32)], [raw.copy()], ["v"])
+    volume_classes(unnamed, VolumeDataArguments(class_map={0: 0, 7: 1}))
+    assert set(np.unique(unnamed.labels[0]).tolist()) == {0, 1, 255}  # not named: stays unlabeled
+    with pytest.raises(DataError, match=r"v: label values \[7\]"):
+        volume_classes(VolumeSet(data.volumes, [raw.copy()], ["v"]), VolumeDataArguments(class_map={0: 0, 255: 1}))
+
+
+def test_one_label_reader_for_masks_and_label_volumes(tmp_path):
+    grey = np.zeros((6, 5), np.uint8)
+    grey[2:4] = 128
+    Image.fromarray(np.stack([grey] * 3, -1)).save(tmp_path / "rgb.png")
+    assert (
+        np.array_equal(read_label(tmp_path / "rgb.png"), grey) and read_label(tmp_path / "rgb.png").dtype == np.int64
+    )
+    colour = np.stack([grey, grey, 255 - grey], -1)
+    Image.fromarray(colour).save(tmp_path / "colour.png")
+    with pytest.raises(DataError, match="channels that differ"):
+        read_label(tmp_path / "colour.png")
+    volume = np.zeros((3, 4, 4), np.float32)
+    volume[1] = 2
+    save_nifti(tmp_path / "label.nii.gz", volume)
+    label = read_label(tmp_path / "label.nii.gz", read=read_volume)
+    assert label.shape == (3, 4, 4) and label.dtype == np.int64 and set(np.unique(label).tolist()) == {0, 2}
+    save_nifti(tmp_path / "soft.nii.gz", volume / 3)
+    with pytest.raises(DataError, match="non-integer"):
+        read_label(tmp_path / "soft.nii.gz", read=read_volume)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,8 @@ from torch.utils.data import Dataset
 from ..errors import ConfigError, DataError
 from .embedded import EMBEDDED, nuclei16
 from .io import list_image_files, read_image
-from .transforms import Normalize, PairAugment, resize_pair
+from .splits import split_three, subsample
+from .transforms import Normalize, PairAugment, check_channels, resize_pair
 
 CROP_MODES = ("resize", "random_crop")
 
@@ -39,18 +41,32 @@ class SegmentationPairs:
         )
 
 
-def read_mask(path: str | Path) -> np.ndarray:
-    """One mask file as an int64 [H, W] array of raw values (grey, palette, or RGB with equal channels)."""
-    array = read_image(path)  # float32 [C, H, W]
-    if array.shape[0] > 1:
-        if not all(np.array_equal(array[0], array[c]) for c in range(1, min(array.shape[0], 3))):
-            raise DataError(
-                f"mask {path} is a colour image with different channels.",
-                "save masks as single-channel (grey or palette) images of class values.",
-            )
-        array = array[:1]
-    if not np.array_equal(array, np.round(array)):
-        raise DataError(f"mask {path} holds non-integer values.", "save masks as integer label images (PNG, TIFF).")
+def read_label(path: str | Path, read: Callable[[Path], np.ndarray] = read_image) -> np.ndarray:
+    """One label file as int64 class values: [H, W] from a mask image, [D, H, W] from a label volume.
+
+    Args:
+        path: the label file.
+        read: the reader giving float32 [C, ...]: `read_image` for masks (grey, palette, or RGB with equal
+            channels), `data.volumes.read_volume` for label volumes.
+
+    Raises:
+        DataError: channels that differ (a colour image), or non-integer values.
+
+    Example:
+        >>> read_label("masks/001.png").shape  # doctest: +SKIP
+        (120, 120)
+    """
+    array = read(Path(path))
+    if array.shape[0] > 1 and not all(np.array_equal(array[0], array[c]) for c in range(1, min(array.shape[0], 3))):
+        raise DataError(
+            f"label {path} has {array.shape[0]} channels that differ (a colour image).",
+            "save labels as one integer class id per pixel or voxel (grey or palette images, one-channel volumes).",
+        )
+    if not np.array_equal(array[0], np.round(array[0])):
+        raise DataError(
+            f"label {path} holds non-integer values.",
+            "save labels as integer class ids (PNG, TIFF, NIfTI), not probabilities.",
+        )
     return array[0].astype(np.int64)
 
 
@@ -110,7 +126,7 @@ def load_pairs(
     elif Path(source).is_dir():
         found = _folder_pairs(Path(source), Path(mask_dir or source), image_glob, mask_pattern, max_images)
         pairs = SegmentationPairs(
-            [read_image(p) for p, _ in found], [read_mask(m) for _, m in found], [p.name for p, _ in found]
+            [read_image(p) for p, _ in found], [read_label(m) for _, m in found], [p.name for p, _ in found]
         )
     else:
         raise DataError(
@@ -125,7 +141,8 @@ def load_pairs(
     for image, mask, name in zip(pairs.images, pairs.masks, pairs.names):
         if tuple(image.shape[1:]) != tuple(mask.shape):
             raise DataError(
-                f"{name}: the image is {image.shape[1]}x{image.shape[2]} but its mask is {mask.shape[0]}x{mask.shape[1]}.",
+                f"{name}: the image is {image.shape[1]}x{image.shape[2]} "
+                f"but its mask is {mask.shape[0]}x{mask.shape[1]}.",
                 "give every mask the size of its image (masks are resized only together with images).",
             )
     return pairs
@@ -180,22 +197,117 @@ def parse_class_map(class_map: dict | None, ignore_index: int = 255) -> dict[int
     return parsed
 
 
-def map_mask(raw: np.ndarray, class_map: dict[int, int], name: str) -> np.ndarray:
-    """Raw mask values -> class ids (int64 [H, W]); a value missing from `class_map` is a `DataError`.
+def map_labels(raw: np.ndarray, class_map: dict[int, int], name: str = "a label") -> np.ndarray:
+    """Raw label values -> class ids (int64, same shape: a mask or a label volume); a value missing from
+    `class_map` is a `DataError` naming `name`.
 
     Example:
-        >>> map_mask(np.array([[0, 128], [255, 0]]), {0: 0, 128: 1, 255: 2}, "001.png").tolist()
+        >>> map_labels(np.array([[0, 128], [255, 0]]), {0: 0, 128: 1, 255: 2}, "001.png").tolist()
         [[0, 1], [2, 0]]
     """
     values, inverse = np.unique(raw, return_inverse=True)
     unknown = [int(v) for v in values if int(v) not in class_map]
     if unknown:
         raise DataError(
-            f"{name}: mask values {unknown[:10]} are not in class_map (keys {sorted(class_map)}).",
-            "add every raw value to class_map (map unlabeled values to ignore_index), or fix the mask.",
+            f"{name}: label values {unknown[:10]} are not in class_map (keys {sorted(class_map)}).",
+            "add every raw value to class_map (map unlabeled values to ignore_index), or fix the labels.",
         )
     lookup = np.array([class_map[int(v)] for v in values], dtype=np.int64)
     return lookup[inverse].reshape(raw.shape)
+
+
+def class_mapping(
+    class_map: dict | None,
+    class_names: list[str] | None,
+    ignore_index: int = 255,
+    labels: Iterable[np.ndarray] | None = None,
+) -> tuple[dict[int, int], list[str]]:
+    """The checked {raw value: class id} map and one name per class, for masks and label volumes alike.
+
+    Args:
+        class_map: raw value -> class id (see `parse_class_map`); None: the labels already are class ids
+            0..K-1, which needs `labels` to check (without them a class map must be given).
+        class_names: one name per class id; default `class_<id>`.
+        ignore_index: label of unlabeled pixels; it is never a class.
+        labels: raw labels, read only when `class_map` is None.
+
+    Raises:
+        ConfigError: a bad class map, or class names that do not match its classes.
+        DataError: without a class map, label values that are not class ids.
+
+    Example:
+        >>> class_mapping({0: 0, 128: 1, 255: 2}, None)
+        ({0: 0, 128: 1, 255: 2}, ['class_0', 'class_1', 'class_2'])
+    """
+    if class_map is None and labels is not None:
+        values = sorted({int(v) for m in labels for v in np.unique(m)} - {ignore_index})
+        k = len(class_names) if class_names else (max(values) + 1 if values else 0)
+        if not values or values[0] < 0 or values[-1] >= k:
+            raise DataError(
+                f"label values {values[:10]} are not class ids 0..{k - 1}.",
+                "set class_map: {raw value: class id} (and class_names), or save labels as 0..K-1.",
+            )
+        parsed = {i: i for i in range(k)}
+    else:
+        parsed = parse_class_map(class_map, ignore_index)
+    k = len(set(parsed.values()) - {ignore_index})
+    names = list(class_names or [f"class_{i}" for i in range(k)])
+    if len(names) != k:
+        raise ConfigError(
+            f"class_names has {len(names)} entries but class_map defines {k} classes.", "give one name per class id."
+        )
+    return parsed, names
+
+
+def load_labelled(
+    source: str,
+    class_map: dict | None,
+    class_names: list[str] | None = None,
+    ignore_index: int = 255,
+    mask_dir: str | None = None,
+    image_glob: str = "*",
+    mask_pattern: str = "{stem}.png",
+    max_images: int | None = None,
+) -> tuple[SegmentationPairs, dict[int, int], list[str], int]:
+    """`load_pairs` with the masks mapped to class ids (an explicit `class_map`: no convention is safe).
+
+    Returns:
+        The pairs (masks as class ids), the class map, the class names and the images' channel count.
+
+    Example:
+        >>> pairs, _, names, channels = load_labelled("embedded:nuclei16", {0: 0, 1: 1}, ["bg", "nucleus"])
+        >>> len(pairs.images), names, channels
+        (12, ['bg', 'nucleus'], 16)
+    """
+    class_map, names = class_mapping(class_map, class_names, ignore_index)
+    pairs = load_pairs(source, mask_dir, image_glob, mask_pattern, max_images)
+    pairs.masks = [map_labels(m, class_map, name) for m, name in zip(pairs.masks, pairs.names)]
+    return pairs, class_map, names, check_channels(pairs.images, source)
+
+
+def split_pairs(
+    pairs: SegmentationPairs,
+    validation_fraction: float,
+    test_fraction: float,
+    seed: int,
+    split_seed: int | None = None,
+    train_fraction: float = 1.0,
+    label_fraction: float = 1.0,
+    ignore_index: int = 255,
+) -> tuple[SegmentationPairs, SegmentationPairs, SegmentationPairs]:
+    """Seeded train / validation / test split of whole images; `train_fraction` and sparse labels
+    (`label_fraction` of each mask's labelled pixels) thin the training images only.
+
+    Args:
+        seed: the run's seed (the subsample and the sparse labels); `split_seed` (default `seed`) draws the split.
+    """
+    train_idx, val_idx, test_idx = split_three(
+        len(pairs.images), validation_fraction, test_fraction, seed if split_seed is None else split_seed
+    )
+    train = pairs.subset(subsample(train_idx, train_fraction, seed))
+    # Validation and test stay dense, so scores compare across label budgets.
+    train.masks = sparsify(train.masks, label_fraction, ignore_index, seed)
+    return train, pairs.subset(val_idx), pairs.subset(test_idx)
 
 
 def sparsify(masks: list[np.ndarray], fraction: float, ignore_index: int, seed: int) -> list[np.ndarray]:
@@ -292,9 +404,12 @@ __all__ = [
     "SegmentationDataset",
     "covering_tiles",
     "labelled_fraction",
+    "class_mapping",
+    "load_labelled",
     "load_pairs",
-    "map_mask",
+    "map_labels",
     "parse_class_map",
-    "read_mask",
+    "read_label",
     "sparsify",
+    "split_pairs",
 ]

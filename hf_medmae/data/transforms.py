@@ -3,17 +3,22 @@
 `Augment` (single images: random resized crop, flips, 90-degree rotations) and `PairAugment` (image +
 mask, each draw applied to both) take a `torch.Generator`, so an item's augmentation depends only on
 its (seed, epoch, index) and not on what drew random numbers before; `EpochSeeded` gives datasets that generator.
+Labelled geometry (images and volumes alike) runs as MONAI dict transforms seeded from that generator
+(`labelled_geometry`, `run_seeded`).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.transforms import Compose, RandFlipd, RandRotate90d
+from monai.utils import convert_to_tensor
 
 from ..errors import DataError
 
@@ -211,6 +216,48 @@ def resize_pair(image: torch.Tensor, mask: torch.Tensor, size: tuple[int, int]) 
     return image, mask
 
 
+def labelled_geometry(keys: Sequence[str], spatial_dims: int, flip_axes: Sequence[int], rot90: bool, square: bool):
+    """MONAI dict transforms flipping each of `flip_axes` (spatial axes) with probability 0.5, then turning the
+    last two spatial axes by k * 90 degrees, k uniform in 0..3 (0 or 180 degrees when they differ in size).
+
+    Args:
+        keys: the channel-first tensors moved alike (image and label).
+        spatial_dims: 2 for images [C, H, W], 3 for volumes [C, D, H, W].
+        flip_axes: spatial axes to flip, in order (e.g. (1, 0) for a horizontal then a vertical flip of an image).
+        rot90: add the in-plane turns.
+        square: whether the last two spatial sizes are equal (a 90-degree turn would swap them otherwise).
+
+    Example:
+        >>> steps = labelled_geometry(["image", "label"], 2, (1, 0), rot90=True, square=True)
+        >>> [type(s).__name__ for s in steps]
+        ['RandFlipd', 'RandFlipd', 'RandRotate90d']
+    """
+    steps = [RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in flip_axes]
+    if rot90:
+        plane = (spatial_dims - 2, spatial_dims - 1)
+        # prob 0.75 of k in 1..3: k uniform in 0..3; two flips of the plane are the 180-degree turn
+        steps.append(
+            RandRotate90d(keys, prob=0.75, max_k=3, spatial_axes=plane)
+            if square
+            else RandFlipd(keys, prob=0.5, spatial_axis=plane)
+        )
+    return steps
+
+
+def run_seeded(
+    transform: Compose, data: dict, gen: torch.Generator | None, keys: Sequence[str] = ("image", "label")
+) -> dict:
+    """Apply MONAI `transform` seeded from `gen` (one draw), so the result depends on the item's generator only.
+
+    Returns:
+        `keys` of the result as plain contiguous tensors (no MONAI MetaTensor reaches collation or the model).
+    """
+    transform.set_random_state(seed=int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    out = transform(data)
+    out = out[0] if isinstance(out, list) else out  # croppers that sample several windows return a list
+    return {k: convert_to_tensor(out[k], track_meta=False).contiguous() for k in keys}
+
+
 @dataclass
 class PairAugment:
     """Geometry for image + mask pairs; every random draw is applied to both alike.
@@ -228,6 +275,10 @@ class PairAugment:
     vflip: bool = True
     rot90: bool = True
 
+    def __post_init__(self):
+        flips = [axis for axis, on in ((1, self.hflip), (0, self.vflip)) if on]
+        self._geometry = Compose(labelled_geometry(["image", "label"], 2, flips, self.rot90, square=True))
+
     def __call__(self, image: torch.Tensor, mask: torch.Tensor, gen: torch.Generator | None = None):
         _, h, w = image.shape
         if self.crop_mode == "random_crop" and min(h, w) >= self.image_size:
@@ -236,14 +287,8 @@ class PairAugment:
             image = image[:, top : top + self.image_size, left : left + self.image_size]
             mask = mask[top : top + self.image_size, left : left + self.image_size]
         image, mask = resize_pair(image, mask, (self.image_size, self.image_size))
-        if self.hflip and torch.rand(1, generator=gen) < 0.5:
-            image, mask = image.flip(-1), mask.flip(-1)
-        if self.vflip and torch.rand(1, generator=gen) < 0.5:
-            image, mask = image.flip(-2), mask.flip(-2)
-        if self.rot90:
-            k = int(torch.randint(0, 4, (1,), generator=gen))
-            image, mask = torch.rot90(image, k, dims=(-2, -1)), torch.rot90(mask, k, dims=(-2, -1))
-        return image.contiguous(), mask.contiguous()
+        out = run_seeded(self._geometry, {"image": image, "label": mask[None]}, gen)
+        return out["image"], out["label"][0]
 
 
 __all__ = [
@@ -257,6 +302,8 @@ __all__ = [
     "channel_moments",
     "channel_stats",
     "check_channels",
+    "labelled_geometry",
+    "run_seeded",
     "resize",
     "resize_pair",
 ]

@@ -20,16 +20,26 @@ from typing import Literal
 
 import numpy as np
 import torch
-from monai.transforms import SpatialPad
+from monai.transforms import (
+    Compose,
+    OneOf,
+    RandCropByPosNegLabeld,
+    RandSpatialCropd,
+    ScaleIntensityRange,
+    ScaleIntensityRangePercentiles,
+    SpatialPad,
+)
 from monai.utils import convert_to_tensor
 from nibabel.filebasedimages import ImageFileError
 from torch.utils.data import Dataset
+from transformers import ViTImageProcessorPil
 
 from ..errors import ConfigError, DataError
 from .embedded import EMBEDDED_VOLUMES
 from .io import check_finite
+from .segmentation import class_mapping, map_labels, read_label
 from .splits import split_volumes
-from .transforms import EpochSeeded
+from .transforms import EpochSeeded, labelled_geometry, run_seeded
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".tif", ".tiff", ".npy")
 NORMALISE_MODES = ("zscore", "percentile", "ct_window", "none")
@@ -160,7 +170,7 @@ class LazyVolumes(Sequence):
 
     Args:
         paths: one file per volume.
-        read: `read_volume` or `read_label` (with its options bound).
+        read: `read_volume`, or `data.segmentation.read_label` with `read_volume` (options bound).
         transforms: applied in order after reading (e.g. intensity normalisation).
         keep: volumes kept decoded; a training item draws a crop from one volume, so a few suffice.
 
@@ -241,20 +251,6 @@ class VolumeSet:
         return counts[0]
 
 
-def read_label(path: str | Path, tiff_pages: str = "depth") -> np.ndarray:
-    """One label volume as int64 [D, H, W] class ids; it must have one channel and integer values."""
-    array = read_volume(path, tiff_pages)
-    if array.shape[0] != 1:
-        raise DataError(
-            f"label {path} has {array.shape[0]} channels.", "save labels as one integer class id per voxel."
-        )
-    if not np.array_equal(array, np.round(array)):
-        raise DataError(
-            f"label {path} holds non-integer values.", "save labels as integer class ids (not probabilities)."
-        )
-    return array[0].astype(np.int64)
-
-
 def _label_path(image: Path, label_dir: Path, pattern: str) -> Path:
     suffix = volume_suffix(image)
     return label_dir / pattern.format(stem=image.name[: -len(suffix)], suffix=suffix, name=image.name)
@@ -282,7 +278,8 @@ def _folder_volumes(folder: Path, label_dir: Path | None, pattern: str, max_volu
 def _files_set(found: list[tuple[Path, Path | None]], tiff_pages: str, lazy: bool) -> VolumeSet:
     """(volume file, label file or None) pairs -> a VolumeSet, read now or when used."""
     names = [p.name for p, _ in found]
-    read, read_labels = partial(read_volume, tiff_pages=tiff_pages), partial(read_label, tiff_pages=tiff_pages)
+    read = partial(read_volume, tiff_pages=tiff_pages)
+    read_labels = partial(read_label, read=read)
     has_labels = bool(found) and found[0][1] is not None
     if lazy:
         return VolumeSet(
@@ -302,7 +299,7 @@ def _npy_ndim(path: Path) -> int | None:
 
 
 def _npy_stack(path: Path, lazy: bool = False) -> VolumeSet:
-    """A [N, C, D, H, W] (or [N, D, H, W] labels) `.npy` stack and its optional `<name>_labels.npy`; lazy: memory-mapped."""
+    """A [N, C, D, H, W] `.npy` stack and its optional `<name>_labels.npy` [N, D, H, W]; lazy: memory-mapped."""
     mode = "r" if lazy else None
     try:
         images = np.load(path, allow_pickle=False, mmap_mode=mode)
@@ -402,7 +399,8 @@ def normalise_intensity(
     percentiles: tuple[float, float] = (0.5, 99.5),
     foreground_threshold: float | None = None,
 ) -> np.ndarray:
-    """Per-volume, per-channel intensity normalisation (nnU-Net style), applied once when loading.
+    """Per-volume, per-channel intensity normalisation (nnU-Net style), applied once when loading; the window and
+    percentile modes are MONAI's `ScaleIntensityRange` and `ScaleIntensityRangePercentiles`.
 
     Args:
         volume: [C, D, H, W].
@@ -430,18 +428,24 @@ def normalise_intensity(
                 "set window in HU, e.g. [-1000, 400] (lung) or [-160, 240] (abdomen).",
             )
         lo, hi = float(window[0]), float(window[1])
-        return ((np.clip(volume, lo, hi) - lo) / (hi - lo)).astype(np.float32)
-    if mode == "percentile" and not 0.0 <= percentiles[0] < percentiles[1] <= 100.0:
-        raise ConfigError(f"percentiles={percentiles!r} must satisfy 0 <= low < high <= 100.", "use e.g. (0.5, 99.5).")
+        window_scale = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True, dtype=np.float32)
+        return np.asarray(window_scale(volume), dtype=np.float32)
+    if mode == "percentile":
+        if not 0.0 <= percentiles[0] < percentiles[1] <= 100.0:
+            raise ConfigError(
+                f"percentiles={percentiles!r} must satisfy 0 <= low < high <= 100.", "use e.g. (0.5, 99.5)."
+            )
+        scale = ScaleIntensityRangePercentiles(
+            *percentiles, b_min=0.0, b_max=1.0, clip=True, channel_wise=True, dtype=np.float32
+        )
+        return np.asarray(scale(volume), dtype=np.float32)
+    # Our own z-score: MONAI's NormalizeIntensity(nonzero=True) would also leave the voxels below the threshold as
+    # they are; here every voxel is normalised with the statistics of the foreground.
     out = np.empty_like(volume)
     for c, channel in enumerate(volume):
-        if mode == "percentile":
-            lo, hi = np.percentile(channel, percentiles)
-            out[c] = (np.clip(channel, lo, hi) - lo) / max(hi - lo, 1e-6)
-        else:
-            voxels = channel[channel > foreground_threshold] if foreground_threshold is not None else channel
-            voxels = voxels if voxels.size else channel
-            out[c] = (channel - voxels.mean(dtype=np.float64)) / max(float(voxels.std(dtype=np.float64)), 1e-6)
+        voxels = channel[channel > foreground_threshold] if foreground_threshold is not None else channel
+        voxels = voxels if voxels.size else channel
+        out[c] = (channel - voxels.mean(dtype=np.float64)) / max(float(voxels.std(dtype=np.float64)), 1e-6)
     return out
 
 
@@ -461,19 +465,22 @@ def pad_to(image: torch.Tensor, label: torch.Tensor | None, roi_size, ignore_ind
 
 @dataclass
 class VolumeAugment:
-    """Seeded ROI crop, flips and in-plane 90-degree rotations for a volume and its label alike.
+    """Seeded ROI crop, flips and in-plane 90-degree rotations for a volume and its label alike, as MONAI dict
+    transforms (`RandCropByPosNegLabeld` / `RandSpatialCropd`, `RandFlipd`, `RandRotate90d`) seeded from the item's
+    generator.
 
     Args:
         roi_size: crop (D, H, W); smaller volumes are padded (image 0, label ignore_index).
         flips: flip each of D, H, W with probability 0.5.
         rot90: rotate by k * 90 degrees over (H, W); k is 0 or 2 when the ROI is not square in-plane.
         pos_fraction: with labels, the probability that a crop is centred on a foreground voxel (label
-            not 0 and not ignore_index), as MONAI's RandCropByPosNegLabel; 0: uniform crops.
+            not 0 and not ignore_index); otherwise the crop is uniform.
         ignore_index: label of padded voxels.
 
     Example:
         >>> aug = VolumeAugment((8, 16, 16))
-        >>> image, label = aug(torch.rand(1, 10, 20, 20), torch.zeros(10, 20, 20, dtype=torch.long), torch.Generator().manual_seed(0))
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> image, label = aug(torch.rand(1, 10, 20, 20), torch.zeros(10, 20, 20, dtype=torch.long), gen)
         >>> tuple(image.shape), tuple(label.shape)
         ((1, 8, 16, 16), (8, 16, 16))
     """
@@ -496,31 +503,27 @@ class VolumeAugment:
                 "use e.g. 0.5: half the crops centred on foreground.",
             )
         self.roi_size = tuple(int(r) for r in self.roi_size)
+        self._labelled, self._unlabelled = self._pipeline(["image", "label"]), self._pipeline(["image"])
 
-    def crop_start(self, shape, label: torch.Tensor | None, gen: torch.Generator | None) -> list[int]:
-        """Corner of the crop in a volume of `shape` (D, H, W) that is at least roi_size."""
-        if label is not None and self.pos_fraction > 0 and float(torch.rand(1, generator=gen)) < self.pos_fraction:
-            foreground = torch.nonzero((label != 0) & (label != self.ignore_index))
-            if len(foreground):
-                centre = foreground[int(torch.randint(0, len(foreground), (1,), generator=gen))].tolist()
-                return [min(max(c - r // 2, 0), s - r) for c, r, s in zip(centre, self.roi_size, shape)]
-        return [int(torch.randint(0, s - r + 1, (1,), generator=gen)) for s, r in zip(shape, self.roi_size)]
+    def _pipeline(self, keys: list[str]) -> Compose:
+        roi = self.roi_size
+        crop = RandSpatialCropd(keys, roi, random_size=False)
+        if len(keys) > 1 and self.pos_fraction > 0:
+            # "fg": the labelled foreground (not 0, not ignore_index); without any, MONAI centres on other voxels
+            on_foreground = RandCropByPosNegLabeld(keys, "fg", roi, pos=1.0, neg=0.0)
+            crop = OneOf([on_foreground, crop], weights=[self.pos_fraction, 1.0 - self.pos_fraction])
+        axes = (0, 1, 2) if self.flips else ()
+        return Compose([crop, *labelled_geometry(keys, 3, axes, self.rot90, square=roi[1] == roi[2])])
 
     def __call__(self, image: torch.Tensor, label: torch.Tensor | None = None, gen: torch.Generator | None = None):
         image, label = pad_to(image, label, self.roi_size, self.ignore_index)
-        start = self.crop_start(image.shape[1:], label, gen)
-        box = tuple(slice(s, s + r) for s, r in zip(start, self.roi_size))
-        image, label = image[(slice(None), *box)], None if label is None else label[box]
-        if self.flips:
-            for axis in (-3, -2, -1):
-                if float(torch.rand(1, generator=gen)) < 0.5:
-                    image, label = image.flip(axis), None if label is None else label.flip(axis)
-        if self.rot90:
-            k = int(torch.randint(0, 4, (1,), generator=gen))
-            k = k if self.roi_size[1] == self.roi_size[2] else 2 * (k % 2)  # a 90-degree turn would swap H and W
-            image = torch.rot90(image, k, dims=(-2, -1))
-            label = None if label is None else torch.rot90(label, k, dims=(-2, -1))
-        return image.contiguous(), None if label is None else label.contiguous()
+        if label is None:
+            return run_seeded(self._unlabelled, {"image": image}, gen, keys=("image",))["image"], None
+        data = {"image": image, "label": label[None]}
+        if self.pos_fraction > 0:
+            data["fg"] = ((label != 0) & (label != self.ignore_index))[None]
+        out = run_seeded(self._labelled, data, gen, keys=("image", "label"))
+        return out["image"], out["label"][0]
 
 
 def sliding_crops(shape: tuple[int, int, int], roi_size, overlap: float = 0.0) -> list[tuple[slice, slice, slice]]:
@@ -551,7 +554,8 @@ class VolumeDataset(EpochSeeded, Dataset):
         volumes: normalised volumes (see `normalise_intensity`) and optional labels.
         roi_size: crop (D, H, W).
         augment: training: item i is a random crop of volume i // samples_per_volume, drawn from its own
-            generator seeded by (seed, epoch, i) (`EpochSeeded`); None (evaluation): the fixed `sliding_crops` of every volume.
+            generator seeded by (seed, epoch, i) (`EpochSeeded`); None (evaluation): the fixed `sliding_crops` of
+            every volume.
         samples_per_volume: training crops per volume and epoch.
         seed: base seed of the crops.
         ignore_index: label of padded voxels (it replaces the augment's own).
@@ -605,7 +609,8 @@ class VolumeDataset(EpochSeeded, Dataset):
         label = torch.from_numpy(np.ascontiguousarray(self.volume_labels[v], dtype=np.int64))
         if tuple(label.shape) != tuple(image.shape[1:]):  # lazy sets are checked here, when read
             raise DataError(
-                f"{self.names[v]}: the volume is [D, H, W] {tuple(image.shape[1:])} but its label is {tuple(label.shape)}.",
+                f"{self.names[v]}: the volume is [D, H, W] {tuple(image.shape[1:])} "
+                f"but its label is {tuple(label.shape)}.",
                 "give every label the voxel grid of its volume (resample both to one grid before training).",
             )
         return image, label
@@ -761,6 +766,37 @@ def prepare_volumes(data_args: VolumeDataArguments, labelled: bool) -> VolumeSet
     return data
 
 
+def volume_processor(channels: int) -> ViTImageProcessorPil:
+    """The image processor saved with a volume model: volumes are normalised one by one before cropping
+    (`normalise_intensity`), so the model's inputs need no further scaling (mean 0, std 1)."""
+    return ViTImageProcessorPil(
+        do_resize=False, do_rescale=False, do_normalize=False, image_mean=[0.0] * channels, image_std=[1.0] * channels
+    )
+
+
+def volume_classes(data: VolumeSet, data_args: VolumeDataArguments) -> tuple[dict[int, int], list[str]]:
+    """Map `data`'s raw labels to class ids in place (`class_map`; default: they already are ids 0..K-1).
+
+    Voxels already at `ignore_index` stay unlabeled unless `class_map` names that value.
+
+    Returns:
+        The class map and the class names.
+    """
+    class_map, names = class_mapping(
+        data_args.class_map,
+        data_args.class_names,
+        data_args.ignore_index,
+        None if data_args.class_map else data.labels,
+    )
+    if data_args.class_map is not None:
+        to_ids = partial(map_labels, class_map={data_args.ignore_index: data_args.ignore_index, **class_map})
+        if data.lazy:
+            data.labels = data.labels.map(to_ids)
+        else:
+            data.labels = [to_ids(m, name=n) for m, n in zip(data.labels, data.names)]
+    return class_map, names
+
+
 def split_for(
     data: VolumeSet, data_args: VolumeDataArguments, seed: int, n_test: int
 ) -> tuple[list[int], list[int], list[int]]:
@@ -776,7 +812,8 @@ def split_for(
     unknown = sorted(set(val + test) - set(data.names))
     if unknown or set(val) & set(test) or len(set(val + test)) >= len(data):
         raise ConfigError(
-            f"validation_names {val} / test_names {test} must be distinct volumes of {data.names} and leave one to train.",
+            f"validation_names {val} / test_names {test} must be distinct volumes of {data.names} "
+            "and leave one to train.",
             "name existing volumes, each in one list.",
         )
     index = data.names.index
@@ -795,6 +832,8 @@ __all__ = [
     "prepare_volumes",
     "split_for",
     "volume_augment",
+    "volume_classes",
+    "volume_processor",
     "LazyVolumes",
     "NORMALISE_MODES",
     "VOLUME_SUFFIXES",
@@ -805,7 +844,6 @@ __all__ = [
     "normalise_intensity",
     "orthogonal_slices",
     "pad_to",
-    "read_label",
     "read_volume",
     "sliding_crops",
     "volume_suffix",

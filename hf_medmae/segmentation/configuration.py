@@ -13,6 +13,7 @@ from transformers import AutoConfig, PreTrainedConfig, ViTConfig
 
 from ..encoder import vit_config_dict, vit_config_from
 from ..errors import ConfigError
+from ..modeling_mae3d import ENCODER_FIELDS, MedMAE3DConfig
 from ..validation import as_pair
 
 LOSSES = ("ce", "dice_ce")
@@ -35,8 +36,6 @@ def encoder_fields(config: PreTrainedConfig | dict, spatial_dims: int = 2) -> di
     """
     if spatial_dims == 2:
         return vit_config_dict(vit_config_from(config))
-    from ..modeling_mae3d import ENCODER_FIELDS, MedMAE3DConfig
-
     values = config if isinstance(config, dict) else config.to_dict()
     if isinstance(values.get("vit_config"), dict):
         values = values["vit_config"]
@@ -150,8 +149,6 @@ class MedSegConfig(SegmentationLossConfig):
     def encoder_config(self) -> PreTrainedConfig:
         """A `ViTConfig` (2D) or an encoder-only `MedMAE3DConfig` (3D)."""
         if self.spatial_dims == 3:
-            from ..modeling_mae3d import MedMAE3DConfig
-
             return MedMAE3DConfig(**{k: v for k, v in self.vit_config.items() if k not in ("image_mean", "image_std")})
         return ViTConfig(**self.vit_config)
 

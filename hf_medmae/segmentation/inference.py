@@ -1,4 +1,5 @@
-"""Segmenting images of any size: MONAI sliding-window inference, and whole folders of files to label PNGs.
+"""Segmenting images and volumes of any size: MONAI sliding-window inference, whole folders of files to label PNGs,
+and the `--predict_only` path (several sets, scored where they have masks).
 
 A trained run saves `inference_config.json` (training scale, tile size, classes) beside its weights, so
 `predict_files` can segment new images the way the model saw its training images.
@@ -6,8 +7,10 @@ A trained run saves `inference_config.json` (training scale, tile size, classes)
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +21,11 @@ from torch import nn
 from transformers import AutoModelForSemanticSegmentation
 
 from ..data.io import list_image_files, progress, read_image
+from ..data.segmentation import load_pairs, map_labels
 from ..data.transforms import resize_pair
 from ..errors import ConfigError, DataError
 from ..loading import load_checkpoint
+from .evaluation import write_test_report
 
 logger = logging.getLogger(__name__)
 INFERENCE_FILE = "inference_config.json"
@@ -30,7 +35,7 @@ INFERENCE_FILE = "inference_config.json"
 def predict(
     model: nn.Module,
     images: torch.Tensor,
-    roi_size: int | tuple[int, int],
+    roi_size: int | Sequence[int],
     sw_batch_size: int = 4,
     overlap: float = 0.25,
 ) -> torch.Tensor:
@@ -39,7 +44,7 @@ def predict(
     Args:
         model: a segmenter whose `forward(pixel_values)` returns `.logits` [B, K, h, w].
         images: [B, C, H, W]; tiles are `roi_size` (the training size), blended with `overlap`.
-        roi_size: tile size, a multiple of the model's patch size.
+        roi_size: tile size (H, W), or (D, H, W) for volumes [B, C, D, H, W]; the model's input size.
         sw_batch_size: tiles per forward pass.
         overlap: fraction of overlap between neighbouring tiles.
 
@@ -135,4 +140,147 @@ def predict_files(
     return written
 
 
-__all__ = ["INFERENCE_FILE", "load_segmenter", "predict", "predict_files", "save_inference_config", "training_scale"]
+def predict_volumes(
+    model: nn.Module,
+    volumes: Sequence[np.ndarray],
+    roi_size: Sequence[int],
+    sw_batch_size: int = 2,
+    overlap: float = 0.25,
+) -> list[np.ndarray]:
+    """Class ids [D, H, W] of each whole (normalised) volume [C, D, H, W], by sliding `roi_size` windows."""
+    device = next(model.parameters()).device
+    return [
+        predict(
+            model, torch.from_numpy(np.ascontiguousarray(v))[None].to(device), tuple(roi_size), sw_batch_size, overlap
+        )[0]
+        .cpu()
+        .numpy()
+        for v in volumes
+    ]
+
+
+def prediction_sets(sources: list[str] | None, output_dir: str) -> list[tuple[str, str]]:
+    """(set, folder its label maps go to): `output_dir` itself for one set, `output_dir/<set name>` for several.
+
+    Example:
+        >>> prediction_sets(["a/site1", "b/site2"], "out")
+        [('a/site1', 'out/site1'), ('b/site2', 'out/site2')]
+    """
+    sources = sources or []
+    return [(src, output_dir if len(sources) == 1 else str(Path(output_dir, Path(src).stem))) for src in sources]
+
+
+def segment_sets(
+    model_folder: str,
+    sources: list[str] | None,
+    output_dir: str,
+    mask_dirs: list[str] | None = None,
+    image_glob: str = "*",
+    mask_pattern: str = "{stem}.png",
+    sw_batch_size: int = 4,
+    overlap: float = 0.25,
+    num_overlays: int = 4,
+    display_channels: list[int] | None = None,
+) -> dict:
+    """Segment each image set with a model saved by `run_segmentation.py` (no training); score the sets that have
+    masks and list them in `external_metrics.csv`.
+
+    Args:
+        model_folder: a run's output folder (weights, `preprocessor_config.json`, `inference_config.json`).
+        sources: image files or folders, one set each; several sets write one sub-folder each.
+        output_dir: where the label maps (and scores) go.
+        mask_dirs: one mask folder per set ('' for none): that set is scored with the model's class map.
+        image_glob, mask_pattern: which files are images, and each image's mask file name.
+        sw_batch_size, overlap: sliding-window settings.
+        num_overlays, display_channels: the overlays of scored sets.
+
+    Returns:
+        {"num_predictions", "class_names", "sets": one row of scores per scored set}.
+    """
+    if not sources or not model_folder:
+        raise ConfigError(
+            "predict_only needs predict_images and a model_name_or_path written by run_segmentation.py.",
+            "pass --model_name_or_path OUTPUT_DIR_OF_A_RUN --predict_images FOLDER [FOLDER ...].",
+        )
+    masks = mask_dirs or [""] * len(sources)
+    if len(masks) != len(sources):
+        raise ConfigError(
+            f"{len(masks)} predict_mask_dirs for {len(sources)} predict_images sets.",
+            "give one mask folder per set, in the same order ('' for a set without masks).",
+        )
+    model, info, norm = load_segmenter(model_folder)
+    written, rows = 0, []
+    for (source, target), mask_dir in zip(prediction_sets(sources, output_dir), masks):
+        written += len(
+            predict_files(
+                model, source, target, norm, info["image_size"], info["scale"], sw_batch_size, overlap, image_glob
+            )
+        )
+        if mask_dir:  # a labelled set from elsewhere: score the label maps against its masks
+            scores = score_predictions(
+                source, mask_dir, target, info, image_glob, mask_pattern, num_overlays, display_channels
+            )
+            rows.append({"set": Path(source).stem, **scores})
+    if rows:
+        with Path(output_dir, "external_metrics.csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return {"num_predictions": written, "class_names": info["class_names"], "sets": rows}
+
+
+def score_predictions(
+    source: str,
+    mask_dir: str,
+    output_dir: str,
+    info: dict,
+    image_glob: str = "*",
+    mask_pattern: str = "{stem}.png",
+    num_overlays: int = 4,
+    display_channels: list[int] | None = None,
+) -> dict:
+    """test_metrics.json, confusion matrix and overlays of `predict_files`' label maps against the set's own masks,
+    mapped with the class map the model was trained with (`info`; so the raw mask values must mean the same).
+
+    Returns:
+        One table row: images, mean Dice, pixel accuracy and the Dice of each class.
+    """
+    pairs = load_pairs(source, mask_dir, image_glob, mask_pattern)
+    class_map, names = {int(k): v for k, v in info["class_map"].items()}, info["class_names"]
+    truth = [map_labels(m, class_map, name) for m, name in zip(pairs.masks, pairs.names)]
+    preds = [
+        np.asarray(Image.open(Path(output_dir, f"{Path(name).stem}_labels.png")), dtype=np.int64)
+        for name in pairs.names
+    ]
+    metrics = write_test_report(
+        output_dir,
+        preds,
+        truth,
+        pairs.images,
+        names,
+        info["ignore_index"],
+        title="Predicted pixels",
+        num_overlays=num_overlays,
+        display_channels=display_channels,
+        extra=dict(data=source, masks=mask_dir, num_images=len(truth)),
+    )
+    return {
+        "images": len(truth),
+        "mean_dice": metrics["mean_dice"],
+        "pixel_accuracy": metrics["pixel_accuracy"],
+        **{f"dice_{name}": metrics["dice_per_class"][name] for name in names},
+    }
+
+
+__all__ = [
+    "INFERENCE_FILE",
+    "load_segmenter",
+    "predict",
+    "predict_files",
+    "predict_volumes",
+    "prediction_sets",
+    "save_inference_config",
+    "score_predictions",
+    "segment_sets",
+    "training_scale",
+]

@@ -1,4 +1,5 @@
-"""Segmentation loss: cross-entropy that skips unlabelled pixels (sparse labels), or MONAI's DiceCE (masked Dice when sparse)."""
+"""Segmentation loss: cross-entropy that skips unlabelled pixels (sparse labels), or MONAI's DiceCE (masked Dice
+when sparse)."""
 
 from __future__ import annotations
 
