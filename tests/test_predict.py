@@ -16,6 +16,7 @@ from hub_server import hub_server  # noqa: F401  (pytest fixture)
 from PIL import Image
 
 from hf_medmae.errors import DataError
+from hf_medmae.evaluation.probe import pooled_features
 from hf_medmae.tasks import classify
 
 NAMES = ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"]
@@ -311,7 +312,7 @@ def test_frozen_features_of_the_last_k_blocks():
     ).eval()
     images = [np.random.default_rng(i).uniform(0, 255, (3, 16, 16)).astype(np.float32) for i in range(5)]
     data = ClassificationDataset(images, np.zeros(5, dtype=int), [128.0] * 3, [64.0] * 3, 16)
-    one, three = classify.pooled_features(encoder, data, 2), classify.pooled_features(encoder, data, 2, blocks=3)
+    one, three = pooled_features(encoder, data, 2), pooled_features(encoder, data, 2, blocks=3)
     with torch.no_grad():
         x = torch.stack([data[i]["pixel_values"] for i in range(5)])
         out = encoder(x, output_hidden_states=True)
@@ -322,7 +323,7 @@ def test_frozen_features_of_the_last_k_blocks():
     np.testing.assert_allclose(three[:, 16:], expected_last, atol=1e-5)  # the last block comes last
     np.testing.assert_allclose(three[:, :8], expected_first, atol=1e-5)
     with pytest.raises(ConfigError, match="frozen_blocks=4"):
-        classify.pooled_features(encoder, data, 2, blocks=4)
+        pooled_features(encoder, data, 2, blocks=4)
 
 
 def test_early_stopping_ends_a_run_that_stopped_improving(tmp_path):

@@ -1,1 +1,1 @@
-"""Evaluation protocols shared by the tasks and the studies: metrics on predictions, frozen-feature probes, reconstruction checks."""
+"""Evaluation protocols shared by the tasks and the studies: scores of predictions, frozen-feature probes."""
