@@ -48,6 +48,12 @@ def wbc(size: int) -> tuple[np.ndarray, np.ndarray]:
     return images.astype(np.float32), np.array([label for _, label in keep])
 
 
+def features(encoder: ViTModel, images: np.ndarray, mean, std) -> np.ndarray:
+    """Mean-pooled patch tokens [N, D] of `images` [N, C, S, S] (the library's `pooled_features`)."""
+    dataset = ClassificationDataset(list(images), np.zeros(len(images), int), mean, std, images.shape[-1])
+    return pooled_features(encoder, dataset)
+
+
 def probe(x: np.ndarray, y: np.ndarray, fraction: float, seed: int) -> float:
     """The library's logistic-regression probe (C=0.1) on a stratified 70% (or `fraction` of it), macro-F1 on 30%."""
     train, test = train_test_split(np.arange(len(y)), test_size=0.3, stratify=y, random_state=seed)
@@ -150,10 +156,9 @@ def main() -> None:
         encoder.image_mean or channel_stats(list(images))[0],
         encoder.image_std or channel_stats(list(images))[1],
     )
-    dataset = ClassificationDataset(list(images), labels, mean, std, args.image_size)
     feats = {
-        "MAE encoder": pooled_features(encoder, dataset),
-        "same ViT, random weights": pooled_features(random, dataset),
+        "MAE encoder": features(encoder, images, mean, std),
+        "same ViT, random weights": features(random, images, mean, std),
         "raw pixels": images.reshape(len(images), -1),
     }
     rows = []
