@@ -5,7 +5,9 @@
     medmae-classify --config configs/wbc_classification.yaml --init scratch   # one flag apart
 
 The checkpoint is selected on the validation split (`metric_for_best_model`, default macro_f1);
-the test split is used once, at the end, for `test_metrics.json` and the plots.
+the test split is used once, at the end, for `test_metrics.json` and the plots. The modes of the shared
+run sequence (`tasks/run.py`): train (fine-tuning), probe (`mode: frozen_features`, `evaluation/probe.py`)
+and predict (`--predict_only`, `inference/classification.py`).
 """
 
 from __future__ import annotations
@@ -141,12 +143,13 @@ class ModelArguments:
     mode: str = field(
         default="full",
         metadata={
-            "help": "full | linear_probe | last_k:<k> | frozen_features (scikit-learn on the "
-            "frozen encoder's mean-pooled features; no Trainer)"
+            "help": "full | linear_probe | last_k:<k> | frozen_features (scikit-learn on the frozen encoder's "
+            "mean-pooled features, no Trainer; a logistic regression is saved as the classifier's linear head)"
         },
     )
     frozen_classifier: Literal["logistic", "knn"] = field(
-        default="logistic", metadata={"help": "mode frozen_features: logistic regression or k-NN"}
+        default="logistic",
+        metadata={"help": "mode frozen_features: logistic regression (saved as a classifier) or k-NN (scores only)"},
     )
     frozen_blocks: int = field(
         default=1, metadata={"help": "mode frozen_features: concatenate the mean-pooled tokens of the last k blocks"}
@@ -154,8 +157,8 @@ class ModelArguments:
     layer_decay: float | None = field(
         default=None,
         metadata={
-            "help": "encoder lr factor per block (MAE fine-tuning); default 0.75 for init mae, 1.0 for scratch, whose every "
-            "layer learns from nothing (measured on WBC: 0.75 from scratch cost accuracy)"
+            "help": "encoder lr factor per block (MAE fine-tuning); default 0.75 for init mae, 1.0 for scratch, "
+            "whose every layer learns from nothing (measured on WBC: 0.75 from scratch cost accuracy)"
         },
     )
     drop_path_rate: float = 0.1
@@ -167,8 +170,8 @@ class ModelArguments:
     throw_ratio: float = field(
         default=0.0,
         metadata={
-            "help": "ViT only (MSMAE): drop this share of each training image's least attended patch tokens before the encoder "
-            "blocks (random before the first attention refresh); evaluation uses all tokens. Turns the random resized "
+            "help": "ViT only (MSMAE): drop this share of each training image's least attended patch tokens before "
+            "the encoder blocks (random before the first attention refresh); evaluation uses all tokens. Turns the random resized "
             "crop off (flips and rotations stay): the maps must line up with the training views"
         },
     )
