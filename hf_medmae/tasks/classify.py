@@ -171,8 +171,8 @@ class ModelArguments:
         default=0.0,
         metadata={
             "help": "ViT only (MSMAE): drop this share of each training image's least attended patch tokens before "
-            "the encoder blocks (random before the first attention refresh); evaluation uses all tokens. Turns the random resized "
-            "crop off (flips and rotations stay): the maps must line up with the training views"
+            "the encoder blocks (random before the first attention refresh); evaluation uses all tokens. Turns the "
+            "random resized crop off (flips and rotations stay): the maps must line up with the training views"
         },
     )
     attention_refresh_epochs: float = field(
