@@ -288,6 +288,10 @@ def test_frozen_features_mode_is_fast_and_scores_like_fine_tuning(tmp_path, clas
         assert (tmp_path / png).is_file()
     splits = json.loads((tmp_path / "splits.json").read_text())  # which images it was scored on, as fine-tuning writes
     assert len(splits["test"]) == 60 and not set(splits["test"]) & set(splits["train"])
+    # the shared run sequence's files; the logistic regression is saved as a classifier, k-NN (no linear head) is not
+    assert json.loads((tmp_path / "all_results.json").read_text())["classifier"] == metrics["classifier"]
+    assert json.loads((tmp_path / "run_info.json").read_text())["steps"] == 0
+    assert (tmp_path / "model.safetensors").is_file() == (classifier_kind == "logistic") == metrics["saved_classifier"]
 
 
 def test_frozen_features_of_the_last_k_blocks():
