@@ -57,6 +57,8 @@ class TaskSetup:
         select_on: for transfer tasks, the validation metric that picks the checkpoint by default
             (`metric_for_best_model` overrides it); None for pre-training (the last model is kept).
         selection_metrics: the metrics `metric_for_best_model` may name (None: any).
+        mode: "train" (the Trainer trains `model`, `Task.report` reports) or "probe" (`Task.probe` fits `model`
+            without the Trainer, saves it and reports).
     """
 
     model: PreTrainedModel
