@@ -196,7 +196,7 @@ class Classify(Task):
         )
 
     def setup(self, model_args: ModelArguments, data_args: DataArguments, args: MedTrainingArguments) -> TaskSetup:
-        check_model_arguments(model_args)
+        self.check(model_args)
         data = load_labelled(data_args)
         if model_args.mode == "frozen_features" and data.multi_label:
             raise ConfigError(
@@ -256,6 +256,20 @@ class Classify(Task):
             return TaskSetup(
                 model, sets["train"], sets["val"], processor, str(data_args.data_dir), state=state, mode="probe"
             )
+        return self.train_setup(model_args, data_args, args, processor, state, parts, encoder)
+
+    def train_setup(
+        self,
+        model_args: ModelArguments,
+        data_args: DataArguments,
+        args: MedTrainingArguments,
+        processor: ViTImageProcessorPil,
+        state: dict,
+        parts: dict,
+        encoder: ViTModel | None,
+    ) -> TaskSetup:
+        """Mode train: the augmented training set, the model (ViT or CNN), its optimiser and validation metrics."""
+        data, mean, std = state["data"], state["mean"], state["std"]
         dropping = model_args.throw_ratio > 0
         # The maps that choose the dropped tokens are computed once per refresh on the un-augmented images (a map
         # per augmented batch would cost an extra all-token forward pass every step, more than dropping saves).
@@ -336,6 +350,39 @@ class Classify(Task):
             selection_metrics=SELECTION_METRICS,
             state=state,
         )
+
+    @staticmethod
+    def check(model_args: ModelArguments) -> None:
+        """The combinations of architecture, mode and throw_ratio that cannot run, named with their fix."""
+        if model_args.architecture != "vit":
+            if model_args.mode == "frozen_features":
+                raise ConfigError(
+                    "mode: frozen_features evaluates a pre-trained ViT encoder; architecture "
+                    f"{model_args.architecture} is a CNN baseline trained from scratch.",
+                    "use mode: full with a CNN, or architecture: vit for frozen features.",
+                )
+            if model_args.mode != "full":
+                raise ConfigError(
+                    f"mode: {model_args.mode} freezes parts of a pre-trained ViT; the {model_args.architecture} "
+                    "baseline trains from random weights.",
+                    "use mode: full with a CNN (or architecture: vit).",
+                )
+            if model_args.init == "mae" or model_args.model_name_or_path:
+                logger.warning(
+                    "architecture %s trains from random weights: init and model_name_or_path are not used",
+                    model_args.architecture,
+                )
+            if model_args.throw_ratio > 0:
+                raise ConfigError(
+                    f"throw_ratio={model_args.throw_ratio} drops ViT patch tokens; the {model_args.architecture} "
+                    "baseline has none.",
+                    "set throw_ratio: 0 with a CNN, or architecture: vit.",
+                )
+        if model_args.mode == "frozen_features" and model_args.throw_ratio > 0:
+            raise ConfigError(
+                "throw_ratio drops tokens while fine-tuning; mode: frozen_features does not fine-tune the encoder.",
+                "set throw_ratio: 0, or use mode: full / linear_probe.",
+            )
 
     def summary(self, metrics: dict, output_dir: str) -> str:
         if "sets" in metrics:  # predict_only
@@ -495,39 +542,6 @@ class Classify(Task):
         return metrics
 
 
-def check_model_arguments(model_args: ModelArguments) -> None:
-    """The combinations of architecture, mode and throw_ratio that cannot run, named with their fix."""
-    if model_args.architecture != "vit":
-        if model_args.mode == "frozen_features":
-            raise ConfigError(
-                f"mode: frozen_features evaluates a pre-trained ViT encoder; architecture {model_args.architecture} "
-                "is a CNN baseline trained from scratch.",
-                "use mode: full with a CNN, or architecture: vit for frozen features.",
-            )
-        if model_args.mode != "full":
-            raise ConfigError(
-                f"mode: {model_args.mode} freezes parts of a pre-trained ViT; the {model_args.architecture} "
-                "baseline trains from random weights.",
-                "use mode: full with a CNN (or architecture: vit).",
-            )
-        if model_args.init == "mae" or model_args.model_name_or_path:
-            logger.warning(
-                "architecture %s trains from random weights: init and model_name_or_path are not used",
-                model_args.architecture,
-            )
-        if model_args.throw_ratio > 0:
-            raise ConfigError(
-                f"throw_ratio={model_args.throw_ratio} drops ViT patch tokens; the {model_args.architecture} "
-                "baseline has none.",
-                "set throw_ratio: 0 with a CNN, or architecture: vit.",
-            )
-    if model_args.mode == "frozen_features" and model_args.throw_ratio > 0:
-        raise ConfigError(
-            "throw_ratio drops tokens while fine-tuning; mode: frozen_features does not fine-tune the encoder.",
-            "set throw_ratio: 0, or use mode: full / linear_probe.",
-        )
-
-
 TASK = Classify()
 main = TASK.main
 
@@ -537,4 +551,4 @@ def cli() -> None:
     console(TASK)
 
 
-__all__ = ["Classify", "DataArguments", "ModelArguments", "check_model_arguments", "cli", "main"]
+__all__ = ["Classify", "DataArguments", "ModelArguments", "cli", "main"]
