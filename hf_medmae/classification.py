@@ -108,7 +108,10 @@ class MedClsConfig(PreTrainedConfig):
             The encoder's `ViTConfig` fields (see `hf_medmae.encoder.vit_config_dict`); ViT-B/16
             defaults when omitted.
         pooling (`str`, defaults to `"mean"`):
-            `"mean"` over patch tokens followed by `fc_norm` (MAE fine-tuning) or `"cls"`.
+            `"mean"` over patch tokens followed by `fc_norm` (MAE fine-tuning), `"cls"`, or `"features"`: the
+            frozen-feature probe's features (`block_features`, no `fc_norm`), under the head it fitted.
+        feature_blocks (`int`, defaults to 1):
+            `pooling="features"`: how many last blocks' mean patch tokens are concatenated.
         drop_path_rate (`float`, defaults to 0.1):
             Stochastic depth of the last block (linear from 0 over depth), training only.
         head_dropout (`float`, defaults to 0.0): Dropout before the linear head.
@@ -139,6 +142,7 @@ class MedClsConfig(PreTrainedConfig):
 
     vit_config: dict | None = None
     pooling: str = "mean"
+    feature_blocks: int = 1
     drop_path_rate: float = 0.1
     head_dropout: float = 0.0
     label_smoothing: float = 0.0
@@ -156,8 +160,10 @@ class MedClsConfig(PreTrainedConfig):
 
     def check(self) -> None:
         """Raise ConfigError naming the fix (run at construction, so also on from_pretrained)."""
-        if self.pooling not in ("mean", "cls"):
-            raise ConfigError(f"pooling={self.pooling!r} is unknown.", "use 'mean' (MAE fine-tuning) or 'cls'.")
+        if self.pooling not in ("mean", "cls", "features"):
+            raise ConfigError(
+                f"pooling={self.pooling!r} is unknown.", "use 'mean' (MAE fine-tuning), 'cls' or 'features'."
+            )
         check_head_fields(self, ("drop_path_rate", "head_dropout", "label_smoothing"))
         try:
             vit = ViTConfig(**self.vit_config)
@@ -171,6 +177,11 @@ class MedClsConfig(PreTrainedConfig):
                 f"vit_config: image_size {h}x{w} / patch_size {ph}x{pw} / hidden_size {vit.hidden_size} / "
                 f"{vit.num_attention_heads} heads do not divide.",
                 "image_size must be a multiple of patch_size and hidden_size of num_attention_heads.",
+            )
+        if not 1 <= self.feature_blocks <= vit.num_hidden_layers:
+            raise ConfigError(
+                f"frozen_blocks={self.feature_blocks} but the encoder has {vit.num_hidden_layers} blocks.",
+                f"use 1..{vit.num_hidden_layers}.",
             )
         num_patches = (h // ph) * (w // pw)
         if not 0.0 <= self.throw_ratio < 1.0 or round(self.throw_ratio * num_patches) >= num_patches:
@@ -216,7 +227,8 @@ class MedClsForImageClassification(ClassificationLossMixin, CurrentKeyNamesMixin
         mean_pool = config.pooling == "mean"
         self.fc_norm = nn.LayerNorm(hidden, eps=vit_config.layer_norm_eps) if mean_pool else nn.Identity()
         self.head_drop = nn.Dropout(config.head_dropout)
-        self.head = nn.Linear(hidden, config.num_labels)
+        features = hidden * (config.feature_blocks if config.pooling == "features" else 1)
+        self.head = nn.Linear(features, config.num_labels)
         self._drop_path_handles = add_drop_path(self.vit, config.drop_path_rate) if config.drop_path_rate else []
         # MSMAE token dropping: per-sample maps (AttentionRefreshCallback fills them) and the hook that applies it.
         self.attention_bank: dict[int, torch.Tensor] = {}
@@ -299,11 +311,18 @@ class MedClsForImageClassification(ClassificationLossMixin, CurrentKeyNamesMixin
         if dropping:  # the encoder's blocks see CLS + the kept patches (TokenDropper on the embeddings' output)
             self.token_dropper.keep[pixel_values.device] = self.kept_patches(pixel_values, sample_ids, view_ids)
         try:
+            if self.config.pooling == "features":  # the probe's features read the blocks' outputs
+                kwargs["output_hidden_states"] = True
             outputs = self.vit(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
         finally:
             self.token_dropper.keep.pop(pixel_values.device, None)
         tokens = outputs.last_hidden_state  # [B, 1 + L (- thrown in training), D]
-        pooled = self.fc_norm(tokens[:, 1:].mean(dim=1)) if self.config.pooling == "mean" else tokens[:, 0]
+        if self.config.pooling == "features":
+            pooled = block_features(self.vit, outputs.hidden_states, self.config.feature_blocks)
+        elif self.config.pooling == "mean":
+            pooled = self.fc_norm(tokens[:, 1:].mean(dim=1))
+        else:
+            pooled = tokens[:, 0]
         logits = self.head(self.head_drop(pooled))  # [B, K]
         loss = self.classification_loss(logits, labels) if labels is not None else None
         return ImageClassifierOutput(
@@ -343,6 +362,18 @@ class MedClsForImageClassification(ClassificationLossMixin, CurrentKeyNamesMixin
             return last_block_cls_attention(self.vit.layers, self.vit.embeddings(pixel_values.to(dtype)))
         finally:
             self.train(was_training)
+
+
+def block_features(vit: ViTModel, hidden_states: tuple[torch.Tensor, ...] | None, blocks: int = 1) -> torch.Tensor:
+    """[B, blocks x D] mean patch tokens of the encoder's last `blocks` blocks, each through its final LayerNorm
+    (the frozen-feature probe's features; an MAE never trains its CLS token).
+
+    Args:
+        vit: The encoder whose `layernorm` normalises each block's tokens.
+        hidden_states: The encoder's `hidden_states` (embeddings, then one per block).
+        blocks: How many last blocks, the last one concatenated last.
+    """
+    return torch.cat([vit.layernorm(h)[:, 1:].mean(1) for h in hidden_states[-blocks:]], dim=-1)
 
 
 def freeze(model: nn.Module, mode: str) -> int:
@@ -404,6 +435,7 @@ def class_weights(labels: np.ndarray, num_labels: int, how: str) -> list[float] 
 __all__ = [
     "class_weights",
     "ClassificationLossMixin",
+    "block_features",
     "MedClsConfig",
     "MedClsForImageClassification",
     "check_head_fields",

@@ -13,11 +13,13 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import PreTrainedConfig, ViTConfig, ViTModel
 
-from .errors import CheckpointError, ConfigError
+from .data.transforms import channel_stats
+from .errors import CheckpointError, ConfigError, DataError
 from .loading import load_checkpoint, read_config, resolve_checkpoint
 from .validation import as_pair
 
@@ -281,7 +283,82 @@ def load_encoder(
     return model
 
 
+def build_encoder(
+    model_name_or_path: str | None,
+    init: str,
+    channels: int,
+    image_size: int,
+    patch_size: int | None = None,
+    **architecture,
+) -> ViTModel:
+    """The encoder of a transfer run: the checkpoint's weights (`init="mae"`), or its architecture randomly
+    initialised (`init="scratch"`), or without a checkpoint a fresh ViT of `architecture`.
+
+    Args:
+        model_name_or_path: An MAE/ViT checkpoint folder or Hub id; None with `init="scratch"` builds a new ViT.
+        init: "mae" (the checkpoint's weights) or "scratch" (same architecture, random weights).
+        channels: The data's channel count, checked against the checkpoint's.
+        image_size: Input size; the checkpoint's position embeddings are interpolated to it.
+        patch_size: Must match the checkpoint's when set; default 8 for a new ViT.
+        **architecture: `ViTConfig` fields of a new ViT (hidden_size, num_hidden_layers, ...).
+
+    Example:
+        >>> encoder = build_encoder("runs/mae", "mae", channels=3, image_size=64)  # doctest: +SKIP
+    """
+    if model_name_or_path is None:
+        if init == "mae":
+            raise ConfigError(
+                "init: mae needs model_name_or_path.",
+                "point model_name_or_path at an MAE checkpoint, or use init: scratch.",
+            )
+        config = ViTConfig(image_size=image_size, patch_size=patch_size or 8, num_channels=channels, **architecture)
+        return ViTModel(config, add_pooling_layer=False)
+    encoder = load_encoder(model_name_or_path, image_size=image_size)
+    found = encoder.config
+    if patch_size is not None and patch_size != found.patch_size:
+        raise CheckpointError(
+            f"the checkpoint has patch size {found.patch_size}, the config asks for {patch_size}.",
+            f"set patch_size: {found.patch_size} (or remove it), or use a checkpoint pre-trained with patch "
+            f"{patch_size}.",
+        )
+    if found.num_channels != channels:
+        raise DataError(
+            f"the checkpoint expects {found.num_channels}-channel images, the data has {channels} channels.",
+            f"use images with {found.num_channels} channels, or pre-train an MAE on {channels}-channel images.",
+        )
+    if init == "scratch":  # same architecture, fresh weights: the comparison is one flag apart
+        encoder = ViTModel(encoder.config, add_pooling_layer=False)
+        encoder.image_mean = encoder.image_std = None
+    return encoder
+
+
+def encoder_normalisation(
+    encoder: nn.Module | None, init: str, train_images: list[np.ndarray]
+) -> tuple[list[float], list[float]]:
+    """The checkpoint's image_mean/std when fine-tuning its weights (its inputs were scaled so), else the
+    training images' per-channel statistics.
+
+    Args:
+        encoder: The encoder (`load_encoder` attaches `image_mean` / `image_std`), or None for a CNN.
+        init: "mae" uses the checkpoint's statistics when it has them; "scratch" the images'.
+        train_images: The training images, [C, H, W] arrays.
+    """
+    mean, std = getattr(encoder, "image_mean", None), getattr(encoder, "image_std", None)
+    if init == "mae" and mean is not None and std is not None:
+        if len(mean) != train_images[0].shape[0]:
+            raise DataError(
+                f"the checkpoint's image_mean has {len(mean)} entries for {train_images[0].shape[0]}-channel data.",
+                "re-save the checkpoint's preprocessor_config.json with per-channel statistics of its data.",
+            )
+        return list(mean), list(std)
+    if init == "mae" and encoder is not None:
+        logger.warning("the checkpoint stores no image_mean/std: normalising with the training images' statistics")
+    return channel_stats(train_images)
+
+
 __all__ = [
+    "build_encoder",
+    "encoder_normalisation",
     "load_encoder",
     "vit_config_from",
     "vit_config_dict",

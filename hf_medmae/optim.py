@@ -188,18 +188,29 @@ def add_drop_path(model: nn.Module, drop_path_rate: float) -> list[RemovableHand
     return handles
 
 
+def layer_decay_adamw(model: nn.Module, args, layer_decay: float) -> tuple[type, dict]:
+    """AdamW over layer-decay groups, with the run's lr, weight decay, betas and epsilon, for `Trainer`'s
+    `optimizer_cls_and_kwargs` (a fresh dict per call: `Trainer.create_optimizer` pops "params").
+
+    Args:
+        model: A model with a `.vit` encoder, or the encoder itself.
+        args: The run's `TrainingArguments` (learning_rate, weight_decay, adam_beta1/2, adam_epsilon).
+        layer_decay: Per-layer lr factor (see `param_groups_layer_decay`).
+    """
+    groups = param_groups_layer_decay(model, args.learning_rate, args.weight_decay, layer_decay)
+    return torch.optim.AdamW, {"params": groups, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
+
+
 def optimizer_for(model, model_args, args):
     """AdamW over layer-decay groups for ViT segmenters (Trainer's default optimiser for the U-Net)."""
     if model_args.model != "unetr":
         return None
-    groups = param_groups_layer_decay(
-        model, args.learning_rate, args.weight_decay, default_layer_decay(model_args.layer_decay, model_args.init)
-    )
-    return torch.optim.AdamW, {"params": groups, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
+    return layer_decay_adamw(model, args, default_layer_decay(model_args.layer_decay, model_args.init))
 
 
 __all__ = [
     "optimizer_for",
+    "layer_decay_adamw",
     "default_layer_decay",
     "param_groups_layer_decay",
     "layer_id",

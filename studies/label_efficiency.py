@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from mae_recipe import BASE, RECIPES, bccd_cells, pretrain
 
+from hf_medmae.data.classification import load_labelled
 from hf_medmae.data.splits import stratified_split
 from hf_medmae.data.transforms import resize
 from hf_medmae.evaluation.results import record, write_json
@@ -105,7 +106,7 @@ def seed_mae(args: argparse.Namespace, seed: int, work: Path) -> Path:
         label_offset=1,
         class_names=["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"],
     )
-    data = classify.load_data(data_args)
+    data = load_labelled(data_args)
     split = stratified_split(
         data.labels, data.class_names, 0.15, 0.2, seed
     )  # as the config's validation/test fractions

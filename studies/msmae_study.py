@@ -55,8 +55,10 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from hf_medmae.data.classification import load_labelled
 from hf_medmae.data.splits import label_subset, stratified_split
 from hf_medmae.evaluation.results import paired_ci95, record
+from hf_medmae.inference.classification import load_classifier
 from hf_medmae.masking import build_mask_generator
 from hf_medmae.tasks import classify
 from hf_medmae.tasks import pretrain as pretrain_task
@@ -256,7 +258,7 @@ def split_of(spec: dict, seed: int, fraction: float):
         label_offset=spec["label_offset"],
         class_names=spec["class_names"],
     )
-    data = classify.load_data(data_args)
+    data = load_labelled(data_args)
     split = stratified_split(
         data.labels, data.class_names, 0.15, 0.2, seed
     )  # the config's validation / test fractions
@@ -318,7 +320,7 @@ def run_pretraining(kind: str, name: str, spec: dict, seed: int, fraction: float
 
 def flops_per_image(run_dir: Path, throw_ratio: float) -> float:
     """Forward + backward FLOPs of one training image through the fine-tuned model with its throw ratio (eager attention)."""
-    model, _ = classify.load_classifier(str(run_dir))
+    model, _ = load_classifier(str(run_dir))
     model.config.throw_ratio = throw_ratio
     model.train()
     model.vit.set_attn_implementation("eager")

@@ -86,3 +86,13 @@ def test_flags_keep_text_where_text_is_wanted(tmp_path):
     assert args.eval_strategy == "no"
     (cfg := tmp_path / "c.yaml").write_text("output_dir: o\nsave_strategy: no\n")
     assert parse_config((TrainingArguments,), ["--config", str(cfg)])[0].save_strategy == "no"
+
+
+def test_one_run_sequence_for_every_mode():
+    """Classification's train, frozen-feature probe and predict modes all go through the shared `Task.main`."""
+    from hf_medmae.tasks import classify
+    from hf_medmae.tasks.run import Task
+
+    assert "main" not in vars(classify.Classify) and classify.main == classify.TASK.main
+    assert {"setup", "report", "probe", "predict"} <= set(vars(classify.Classify))
+    assert classify.Classify.main is Task.main

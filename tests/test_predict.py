@@ -15,6 +15,7 @@ from conftest import ROOT, WBC, require
 from PIL import Image
 
 from hf_medmae.errors import DataError
+from hf_medmae.evaluation.probe import pooled_features
 from hf_medmae.tasks import classify
 
 NAMES = ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"]
@@ -286,6 +287,10 @@ def test_frozen_features_mode_is_fast_and_scores_like_fine_tuning(tmp_path, clas
         assert (tmp_path / png).is_file()
     splits = json.loads((tmp_path / "splits.json").read_text())  # which images it was scored on, as fine-tuning writes
     assert len(splits["test"]) == 60 and not set(splits["test"]) & set(splits["train"])
+    # the shared run sequence's files; the logistic regression is saved as a classifier, k-NN (no linear head) is not
+    assert json.loads((tmp_path / "all_results.json").read_text())["classifier"] == metrics["classifier"]
+    assert json.loads((tmp_path / "run_info.json").read_text())["steps"] == 0
+    assert (tmp_path / "model.safetensors").is_file() == (classifier_kind == "logistic") == metrics["saved_classifier"]
 
 
 def test_frozen_features_of_the_last_k_blocks():
@@ -310,7 +315,7 @@ def test_frozen_features_of_the_last_k_blocks():
     ).eval()
     images = [np.random.default_rng(i).uniform(0, 255, (3, 16, 16)).astype(np.float32) for i in range(5)]
     data = ClassificationDataset(images, np.zeros(5, dtype=int), [128.0] * 3, [64.0] * 3, 16)
-    one, three = classify.pooled_features(encoder, data, 2), classify.pooled_features(encoder, data, 2, blocks=3)
+    one, three = pooled_features(encoder, data, 2), pooled_features(encoder, data, 2, blocks=3)
     with torch.no_grad():
         x = torch.stack([data[i]["pixel_values"] for i in range(5)])
         out = encoder(x, output_hidden_states=True)
@@ -321,7 +326,7 @@ def test_frozen_features_of_the_last_k_blocks():
     np.testing.assert_allclose(three[:, 16:], expected_last, atol=1e-5)  # the last block comes last
     np.testing.assert_allclose(three[:, :8], expected_first, atol=1e-5)
     with pytest.raises(ConfigError, match="frozen_blocks=4"):
-        classify.pooled_features(encoder, data, 2, blocks=4)
+        pooled_features(encoder, data, 2, blocks=4)
 
 
 def test_early_stopping_ends_a_run_that_stopped_improving(tmp_path):
@@ -465,3 +470,157 @@ def test_min_train_steps_thins_out_per_epoch_evaluation(tmp_path):
     large = args()
     large.ensure_min_steps(195 * 32 * 3)  # a set whose 30 epochs already exceed the floor: nothing changes
     assert large.eval_strategy == "epoch" and large.num_train_epochs == 30
+
+
+# ----------------------------------------------------------------------------- frozen features as a classifier
+
+
+def test_frozen_probe_head_gives_the_probes_probabilities(tmp_path):
+    """The logistic regression, folded into the classifier's head and saved, gives scikit-learn's probabilities."""
+    import torch
+    from transformers import ViTConfig, ViTImageProcessorPil, ViTModel
+
+    from hf_medmae.classification import MedClsForImageClassification
+    from hf_medmae.data.classification import ClassificationDataset
+    from hf_medmae.evaluation.probe import fit_probe, set_linear_head
+    from hf_medmae.inference.classification import load_classifier, predict_probs
+
+    torch.manual_seed(0)
+    vit = ViTConfig(
+        image_size=16, patch_size=4, hidden_size=8, num_hidden_layers=2, num_attention_heads=2, intermediate_size=16
+    )
+    encoder = ViTModel(vit, add_pooling_layer=False).eval()
+    rng = np.random.default_rng(0)
+    images = [rng.uniform(0, 255, (3, 16, 16)).astype(np.float32) for _ in range(40)]
+    for num_classes, present in ((4, [0, 1, 3]), (2, [0, 1])):  # class 2 never trained on; a two-class fit
+        labels = np.asarray([present[i % len(present)] for i in range(40)])
+        data = ClassificationDataset(images, labels, [128.0] * 3, [64.0] * 3, 16)
+        feats = pooled_features(encoder, data, 8, blocks=2)
+        probe = fit_probe({"train": feats}, {"train": labels}, num_classes, grid=(1.0,))
+        names = {i: f"class{i}" for i in range(num_classes)}
+        model = MedClsForImageClassification.from_encoder(
+            encoder, num_classes, id2label=names, pooling="features", feature_blocks=2, drop_path_rate=0.0
+        )
+        set_linear_head(model, probe).save_pretrained(tmp_path / str(num_classes))
+        ViTImageProcessorPil(
+            do_resize=False, do_rescale=False, image_mean=[128.0] * 3, image_std=[64.0] * 3
+        ).save_pretrained(tmp_path / str(num_classes))
+        loaded, _ = load_classifier(str(tmp_path / str(num_classes)))
+        np.testing.assert_allclose(predict_probs(loaded, data, 8), probe.proba(feats), atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def frozen_run(tmp_path_factory):
+    """mode frozen_features with a logistic regression on a random 120 px encoder (native size: no resizing)."""
+    require(WBC)
+    out = tmp_path_factory.mktemp("frozen") / "run"
+    metrics = classify.main(
+        [
+            *WBC_ARGS,
+            "--init",
+            "scratch",
+            "--mode",
+            "frozen_features",
+            "--frozen_blocks",
+            "2",
+            "--image_size",
+            "120",
+            "--patch_size",
+            "12",
+            "--hidden_size",
+            "32",
+            "--num_hidden_layers",
+            "2",
+            "--num_attention_heads",
+            "2",
+            "--intermediate_size",
+            "64",
+            "--report_to",
+            "none",
+            "--output_dir",
+            str(out),
+        ]
+    )
+    return out, metrics
+
+
+def test_frozen_features_saves_a_classifier_that_predict_only_and_pipeline_load(frozen_run, tmp_path):
+    from transformers import pipeline
+
+    out, metrics = frozen_run
+    for name in ("model.safetensors", "config.json", "preprocessor_config.json", "all_results.json", "run_info.json"):
+        assert (out / name).stat().st_size > 0, name
+    assert json.loads((out / "all_results.json").read_text())["test_macro_f1"] == pytest.approx(
+        metrics["test_macro_f1"]
+    )
+    report = json.loads((out / "test_metrics.json").read_text())
+    # predict_only on the run's own test images reproduces its test scores, so its probabilities
+    test_ids = [int(f.removesuffix(".bmp")) for f in json.loads((out / "splits.json").read_text())["test"]]
+    folder = wbc_subset(tmp_path / "test_split", test_ids, labels_csv=tmp_path / "test.csv")
+    classify.main(
+        [
+            "--predict_only",
+            "--model_name_or_path",
+            str(out),
+            "--predict_data",
+            str(folder),
+            "--predict_labels_csv",
+            str(tmp_path / "test.csv"),
+            *WBC_ARGS[4:],
+            "--output_dir",
+            str(tmp_path / "o"),
+        ]
+    )
+    again = json.loads((tmp_path / "o" / "test_split" / "test_metrics.json").read_text())
+    assert again["predicted_counts"] == report["predicted_counts"] and again["true_counts"] == report["true_counts"]
+    for key in ("accuracy", "macro_f1", "ece", "roc_auc"):
+        assert again[key] == pytest.approx(report[key], abs=1e-4), key
+    # pipeline() loads the folder and labels the images as predict_only does (those at the model's 120 px: the
+    # pipeline's PIL resize and ours differ slightly)
+    rows = list(csv.DictReader((tmp_path / "o" / "test_split" / "predictions.csv").open()))
+    native = [(r, Image.open(folder / r["file"])) for r in rows]
+    native = [(r, image) for r, image in native if image.size == (120, 120)]
+    assert len(native) >= 10
+    piped = pipeline("image-classification", model=str(out), top_k=None)([image for _, image in native])
+    for scores, (row, _) in zip(piped, native):
+        assert scores[0]["label"] == row["predicted"]
+        assert {s["label"]: s["score"] for s in scores} == pytest.approx(
+            {n: float(row[f"p_{n}"]) for n in NAMES}, abs=1e-4
+        )
+
+
+# ----------------------------------------------------------------------------- class folders and case
+
+
+def test_class_folders_match_the_models_classes_ignoring_case(classifier, tmp_path, caplog):
+    for name, ids in (("Neutrophil", (1, 2)), ("LYMPHOCYTE", (3,))):
+        wbc_subset(tmp_path / "site" / name, ids)
+    with caplog.at_level("INFO"):
+        result = classify.main(
+            [
+                "--predict_only",
+                "--model_name_or_path",
+                str(classifier),
+                "--predict_data",
+                str(tmp_path / "site"),
+                "--output_dir",
+                str(tmp_path / "o"),
+            ]
+        )
+    assert result["sets"][0]["images"] == 3
+    metrics = json.loads((tmp_path / "o" / "site" / "test_metrics.json").read_text())
+    assert metrics["true_counts"]["neutrophil"] == 2 and metrics["true_counts"]["lymphocyte"] == 1
+    assert "Neutrophil matched class 'neutrophil' ignoring case" in caplog.text
+
+
+def test_class_folders_equal_ignoring_case_stay_an_error(tmp_path):
+    from hf_medmae.data.classification import load_class_folders
+
+    for name in ("Neutrophil", "neutrophil"):
+        (tmp_path / name).mkdir()
+        Image.fromarray(np.full((8, 8, 3), 100, np.uint8)).save(tmp_path / name / "a.png")
+    with pytest.raises(DataError, match="differ only in case"):
+        load_class_folders(tmp_path, ["neutrophil", "lymphocyte"])
+    with pytest.raises(DataError, match="not in class_names"):  # neither spelling of the class is unambiguous
+        load_class_folders(tmp_path, ["NEUTROPHIL", "Neutrophil"])
+    assert load_class_folders(tmp_path).class_names == ["Neutrophil", "neutrophil"]  # two classes when asked for none

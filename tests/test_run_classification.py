@@ -344,3 +344,51 @@ def test_checkpoint_mismatches_are_named(tmp_path, one_thread):
         classify.main(
             base + ["--model_name_or_path", str(rgb), "--train_fraction", "0.1", "--strict_fraction", "true"]
         )
+
+
+# ----------------------------------------------------------------------------- run settings reach the optimiser
+
+
+def test_vit_classifier_optimiser_takes_the_runs_adam_betas_and_epsilon(tmp_path):
+    """adam_beta1/2 and adam_epsilon reach the ViT classifier's AdamW (its layer-decay groups), as segmentation's."""
+    from hf_medmae.cli import parse_config
+    from hf_medmae.tasks import classify
+
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(
+                tmp_path / "data" / name / f"{i}.png"
+            )
+    argv = [
+        "--data_dir",
+        str(tmp_path / "data"),
+        "--init",
+        "scratch",
+        "--image_size",
+        "16",
+        "--patch_size",
+        "4",
+        "--hidden_size",
+        "8",
+        "--num_hidden_layers",
+        "1",
+        "--num_attention_heads",
+        "2",
+        "--intermediate_size",
+        "16",
+        "--adam_beta1",
+        "0.8",
+        "--adam_beta2",
+        "0.95",
+        "--adam_epsilon",
+        "1e-6",
+        "--output_dir",
+        str(tmp_path / "out"),
+    ]
+    setup = classify.TASK.setup(*parse_config(classify.Classify.arguments, argv))
+    optimizer, kwargs = setup.trainer_kwargs["optimizer_cls_and_kwargs"]
+    assert optimizer is torch.optim.AdamW
+    assert kwargs["betas"] == (0.8, 0.95) and kwargs["eps"] == 1e-6
+    assert {group["layer_id"] for group in kwargs["params"]} == {0, 1, 2}  # embeddings, the block, the head

@@ -26,13 +26,15 @@ import csv
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import DataError
-from .io import IMAGE_SUFFIXES, progress, read_image
+from ..errors import ConfigError, DataError
+from .io import IMAGE_SUFFIXES, list_image_files, progress, read_image
+from .splits import class_counts, label_subset, stratified_split
 from .transforms import Augment, Normalize, resize
 
 logger = logging.getLogger(__name__)
@@ -95,20 +97,52 @@ def load_class_folders(
             f"{root} has no class sub-folders.", "put each class's images in its own sub-folder, or give labels_csv."
         )
     names = list(class_names) if class_names else found
-    unknown = [f for f in found if f not in names]
+    classes = match_class_folders(found, names, root)
+    paths, labels = [], []
+    for name in found:
+        files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        paths += files
+        labels += [names.index(classes[name])] * len(files)
+    images, kept = read_all(paths, on_bad_file)
+    files = [str(paths[i].relative_to(root)) for i in kept]
+    return LabelledImages(images, np.asarray(labels, dtype=np.int64)[kept], names, files)
+
+
+def match_class_folders(found: list[str], names: list[str], root: Path) -> dict[str, str]:
+    """{sub-folder: class name}: exact names first, then ignoring case (logged), each class from one folder.
+
+    Raises:
+        DataError: a folder that matches no class, or two folders that land on the same class (e.g.
+            `Neutrophil` and `neutrophil` when the classes are exact-case matches of neither or one of them).
+    """
+    by_case = {}
+    for name in names:
+        by_case.setdefault(name.casefold(), []).append(name)
+    classes, unknown = {}, []
+    for folder in found:
+        if folder in names:
+            classes[folder] = folder
+        elif len(by_case.get(folder.casefold(), [])) == 1:
+            classes[folder] = by_case[folder.casefold()][0]
+            logger.info("class folder %s matched class %r ignoring case", root / folder, classes[folder])
+        else:
+            unknown.append(folder)
     if unknown:
         raise DataError(
             f"sub-folders {unknown} of {root} are not in class_names {names}.",
             "add them to class_names or move them out.",
         )
-    paths, labels = [], []
-    for name in found:
-        files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        paths += files
-        labels += [names.index(name)] * len(files)
-    images, kept = read_all(paths, on_bad_file)
-    files = [str(paths[i].relative_to(root)) for i in kept]
-    return LabelledImages(images, np.asarray(labels, dtype=np.int64)[kept], names, files)
+    taken = {}
+    for folder, name in classes.items():
+        taken.setdefault(name, []).append(folder)
+    clashes = [folders for folders in taken.values() if len(folders) > 1]
+    if clashes:
+        raise DataError(
+            f"sub-folders {clashes[0]} of {root} differ only in case and would both be class "
+            f"{classes[clashes[0][0]]!r}.",
+            "merge them into one folder, or rename one to a class of its own.",
+        )
+    return classes
 
 
 def _read_csv(path: Path) -> list[dict]:
@@ -291,6 +325,122 @@ def load_csv_labels(
     return LabelledImages(images, labels[kept], names, [paths[i].name for i in kept], multi_label)
 
 
+class LabelLayout(Protocol):
+    """How labelled images are laid out (the fields of `run_classification.py`'s data arguments)."""
+
+    data_dir: str | None
+    labels_csv: str | None
+    id_column: str
+    label_column: str
+    label_columns: list[str] | None
+    filename_template: str | None
+    class_names: list[str] | None
+    label_offset: int
+    label_map: dict | None
+    multi_label: bool
+    on_bad_file: str
+
+
+def _csv_labelled(folder: str | Path, labels_csv: str, layout: LabelLayout, class_names: list[str] | None):
+    return load_csv_labels(
+        folder,
+        labels_csv,
+        layout.id_column,
+        layout.label_columns or [layout.label_column],
+        layout.filename_template,
+        class_names,
+        layout.label_offset,
+        layout.label_map,
+        layout.multi_label,
+        layout.on_bad_file,
+    )
+
+
+def load_labelled(layout: LabelLayout) -> LabelledImages:
+    """The training images of either layout: `data_dir` with class sub-folders, or `data_dir` + `labels_csv`.
+
+    Args:
+        layout: The data arguments (see `LabelLayout`).
+
+    Example:
+        >>> data = load_labelled(classify.DataArguments(data_dir="cells/"))  # doctest: +SKIP
+    """
+    if layout.data_dir is None:
+        raise ConfigError(
+            "data_dir is not set, so there are no images to train on.",
+            "set data_dir (a folder of class sub-folders, or the images labels_csv names), or use --predict_only.",
+        )
+    if layout.labels_csv is not None:
+        return _csv_labelled(layout.data_dir, layout.labels_csv, layout, layout.class_names)
+    if layout.multi_label:
+        raise DataError(
+            "multi-label config with single-label data: class sub-folders give one label per image.",
+            "give a labels_csv with one 0/1 column per label, or set multi_label: false.",
+        )
+    return load_class_folders(layout.data_dir, layout.class_names, layout.on_bad_file)
+
+
+def read_prediction_set(
+    source: str, labels_csv: str | None, layout: LabelLayout, class_names: list[str], pattern: str = "*"
+) -> LabelledImages:
+    """Images to classify: a CSV-labelled folder, a folder of class sub-folders (labelled), or plain images
+    (labels -1).
+
+    Args:
+        source: A folder or one image file.
+        labels_csv: The folder's labels CSV (columns as in `layout`), or None.
+        layout: The data arguments (see `LabelLayout`).
+        class_names: The classifier's classes, in its order.
+        pattern: Which files of a plain folder are images, e.g. "*.bmp".
+    """
+    path = Path(source)
+    if labels_csv:
+        return _csv_labelled(path, labels_csv, layout, class_names)
+    if path.is_dir() and any(p.is_dir() for p in path.iterdir()):
+        return load_class_folders(path, class_names, layout.on_bad_file)
+    files = [path] if path.is_file() else list_image_files(path, pattern=pattern)
+    if not files:
+        raise DataError(
+            f"no images found in {source} (pattern {pattern!r}).", "point predict_data at an image folder or file."
+        )
+    images, kept = read_all(files, layout.on_bad_file)
+    return LabelledImages(images, np.full(len(kept), -1), class_names, [files[i].name for i in kept])
+
+
+def split_labelled(
+    data: LabelledImages,
+    validation_fraction: float,
+    test_fraction: float,
+    train_fraction: float,
+    seed: int,
+    strict_fraction: bool = False,
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Split indices {"train" (the label subset), "val", "test"} and the classes kept in train only.
+
+    Args:
+        data: The labelled images.
+        validation_fraction: Share of the images for validation (must leave it non-empty).
+        test_fraction: Share of the images for test.
+        train_fraction: Share of the TRAIN split's labels used (`splits.label_subset`).
+        seed: Seed of the split and the label subset.
+        strict_fraction: Error instead of keeping one example of a class the fraction empties.
+    """
+    split = stratified_split(data.labels, data.class_names, validation_fraction, test_fraction, seed)
+    subset = label_subset(data.labels[split.train], data.class_names, train_fraction, seed, strict_fraction)
+    if len(split.val) == 0:
+        raise DataError(
+            "the validation split is empty, so no checkpoint can be selected.",
+            "set validation_fraction > 0 (e.g. 0.15).",
+        )
+    parts = {"train": split.train[subset], "val": split.val, "test": split.test}
+    logger.info(
+        "per-class counts %s; train-only classes %s",
+        {name: class_counts(data.labels[idx], data.class_names) for name, idx in parts.items()},
+        split.train_only_classes,
+    )
+    return parts, split.train_only_classes
+
+
 # ----------------------------------------------------------------------------- tensors
 
 
@@ -348,8 +498,13 @@ class ClassificationDataset(Dataset):
 
 
 __all__ = [
+    "LabelLayout",
     "LabelledImages",
     "load_class_folders",
+    "load_labelled",
+    "match_class_folders",
+    "read_prediction_set",
+    "split_labelled",
     "load_csv_labels",
     "read_labels_csv",
     "resolve_file",

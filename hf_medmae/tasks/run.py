@@ -1,10 +1,17 @@
 """The run sequence all three tasks share, around transformers' `Trainer`.
 
-parse (`--config` + flags) -> check the output folder -> seed -> the task builds data and model
-(`Task.setup`) -> precision settled -> `Trainer` (the image processor as `processing_class`, so every
-`checkpoint-N` carries its normalisation) -> train, resuming from the last complete checkpoint -> the
-task reports (`Task.report`: reload of the best checkpoint, test metrics, plots) -> metrics, run_info.json
-and the Hub push, once, on the main process. A new task is a `Task` subclass with `setup` and `report`.
+parse (`--config` + flags) -> check the output folder -> one of three modes:
+
+* **train**: seed -> the task builds data and model (`Task.setup`) -> precision settled -> `Trainer` (the
+  image processor as `processing_class`, so every `checkpoint-N` carries its normalisation) -> train,
+  resuming from the last complete checkpoint -> the task reports (`Task.report`: reload of the best
+  checkpoint, test metrics, plots, the saved model);
+* **probe** (`TaskSetup.mode == "probe"`, e.g. classification's `mode: frozen_features`): seed -> `Task.setup`
+  -> the task fits and saves the model without the Trainer and reports (`Task.probe`);
+* **predict** (`--predict_only`): a trained model classifies new data (`Task.predict`), nothing is trained;
+
+then, for train and probe, all_results.json, run_info.json and the Hub push, once, on the main process.
+A new task is a `Task` subclass with `setup` and `report`.
 """
 
 from __future__ import annotations
@@ -22,8 +29,8 @@ from transformers import PreTrainedModel, Trainer, ViTImageProcessorPil, default
 
 from ..arguments import MedTrainingArguments
 from ..cli import parse_config, spatial_dims
-from ..data.transforms import channel_stats
-from ..errors import ConfigError, DataError, MedMAEError
+from ..encoder import encoder_normalisation
+from ..errors import ConfigError, MedMAEError
 from ..hub import push_checkpoint
 from ..loading import load_checkpoint
 from ..performance import apply_fast_defaults, choose_precision
@@ -50,6 +57,8 @@ class TaskSetup:
         select_on: for transfer tasks, the validation metric that picks the checkpoint by default
             (`metric_for_best_model` overrides it); None for pre-training (the last model is kept).
         selection_metrics: the metrics `metric_for_best_model` may name (None: any).
+        mode: "train" (the Trainer trains `model`, `Task.report` reports) or "probe" (`Task.probe` fits `model`
+            without the Trainer, saves it and reports).
     """
 
     model: PreTrainedModel
@@ -62,6 +71,7 @@ class TaskSetup:
     select_on: str | None = None
     selection_metrics: tuple[str, ...] | None = None
     state: dict = field(default_factory=dict)  # task-specific values `report` needs again
+    mode: str = "train"  # "train" (the Trainer) | "probe" (`Task.probe` fits the model without the Trainer)
 
 
 class Task:
@@ -78,6 +88,10 @@ class Task:
 
     def report(self, trainer: Trainer, setup: TaskSetup, model_args, data_args, is_main: bool) -> dict:
         raise NotImplementedError
+
+    def probe(self, setup: TaskSetup, model_args, data_args, args: MedTrainingArguments, is_main: bool) -> dict:
+        """Mode probe: fit `setup.model` without the Trainer, save it and report, for tasks that have that mode."""
+        raise ConfigError(f"{type(self).__name__} has no probe mode.", "train the model instead.")
 
     def summary(self, metrics: dict, output_dir: str) -> str:
         """A few lines for the person at the terminal: how it went, where the outputs are, what to try next."""
@@ -155,21 +169,6 @@ def load_best_checkpoint(trainer: Trainer) -> None:
     trainer.model.load_state_dict(loaded.state_dict(), strict=True)
 
 
-def encoder_normalisation(encoder, init: str, train_images: list) -> tuple[list[float], list[float]]:
-    """The checkpoint's image_mean/std when fine-tuning its weights (its inputs were scaled so), else the train images'."""
-    mean, std = getattr(encoder, "image_mean", None), getattr(encoder, "image_std", None)
-    if init == "mae" and mean is not None and std is not None:
-        if len(mean) != train_images[0].shape[0]:
-            raise DataError(
-                f"the checkpoint's image_mean has {len(mean)} entries for {train_images[0].shape[0]}-channel data.",
-                "re-save the checkpoint's preprocessor_config.json with per-channel statistics of its data.",
-            )
-        return list(mean), list(std)
-    if init == "mae" and encoder is not None:
-        logger.warning("the checkpoint stores no image_mean/std: normalising with the training images' statistics")
-    return channel_stats(train_images)
-
-
 def settle_precision(args: MedTrainingArguments, setup: TaskSetup, resume: str | None = None) -> dict:
     """`precision: auto` on a CPU with native bf16: measure fp32 vs bf16 on the real model and batch, then decide.
 
@@ -199,7 +198,30 @@ def settle_precision(args: MedTrainingArguments, setup: TaskSetup, resume: str |
 
 
 def run(task: Task, setup: TaskSetup, model_args, data_args, args: MedTrainingArguments) -> dict:
-    """Train `setup` with the Trainer, let the task report, then save metrics and run info and push (see module doc)."""
+    """Fit `setup` (train with the Trainer, or the task's probe), then save metrics and run info and push."""
+    if setup.mode == "probe":
+        is_main = args.process_index == 0
+        metrics = {
+            **task.probe(setup, model_args, data_args, args, is_main),
+            "hardware": hardware_description(),
+            "global_step": 0,
+            "epoch": 0.0,
+        }
+    elif setup.mode == "train":
+        metrics, is_main = train(task, setup, model_args, data_args, args)
+    else:
+        raise ConfigError(f"TaskSetup.mode {setup.mode!r} is unknown.", "use 'train' or 'probe'.")
+    if is_main:
+        finish(args, setup, metrics)
+    return metrics
+
+
+def train(task: Task, setup: TaskSetup, model_args, data_args, args: MedTrainingArguments) -> tuple[dict, bool]:
+    """Mode train: the Trainer trains `setup.model`, the best checkpoint is reloaded, the task reports.
+
+    Returns:
+        The metrics and whether this is the main process.
+    """
     selecting = setup.select_on is not None and check_selection(args, setup.select_on, setup.selection_metrics)
     sized = hasattr(setup.train_dataset, "__len__")  # a stream has no length: max_steps is its schedule
     if sized:
@@ -242,20 +264,24 @@ def run(task: Task, setup: TaskSetup, model_args, data_args, args: MedTrainingAr
         "global_step": trainer.state.global_step,
         "skipped_nonfinite_steps": guard.skipped,
     }
-    if is_main:
-        trainer.save_metrics("all", metrics)
-        write_run_info(args, setup.dataset_name, len(setup.train_dataset) if sized else None, metrics)
-        if args.push_at_end:
-            repo_id = args.hub_model_id or args.output_dir.rstrip("/").split("/")[-1]
-            push_checkpoint(
-                args.output_dir,
-                repo_id,
-                private=bool(args.hub_private_repo),
-                revision=args.hub_revision,
-                token=args.hub_token,
-                commit_message="hf_medmae: end of training",
-            )
-    return metrics
+    return metrics, is_main
+
+
+def finish(args: MedTrainingArguments, setup: TaskSetup, metrics: dict) -> None:
+    """The end of every run that made a model: all_results.json, run_info.json, and the Hub push when asked."""
+    Path(args.output_dir, "all_results.json").write_text(json.dumps(metrics, indent=4, sort_keys=True, default=str))
+    sized = hasattr(setup.train_dataset, "__len__")
+    write_run_info(args, setup.dataset_name, len(setup.train_dataset) if sized else None, metrics)
+    if args.push_at_end:
+        repo_id = args.hub_model_id or args.output_dir.rstrip("/").split("/")[-1]
+        push_checkpoint(
+            args.output_dir,
+            repo_id,
+            private=bool(args.hub_private_repo),
+            revision=args.hub_revision,
+            token=args.hub_token,
+            commit_message="hf_medmae: end of training",
+        )
 
 
 def console(task: Task) -> None:
@@ -286,7 +312,9 @@ __all__ = [
     "console",
     "check_selection",
     "encoder_normalisation",
+    "finish",
     "load_best_checkpoint",
     "run",
+    "train",
     "settle_precision",
 ]
