@@ -6,6 +6,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import ViTMAEConfig
 
 from .errors import ConfigError
+from .masking import MASK_GENERATORS
 from .validation import as_pair
 
 
@@ -21,8 +22,6 @@ def check_masking(config) -> None:
             f"throw_ratio={config.throw_ratio} must lie in [0, mask_ratio={config.mask_ratio}).",
             "throw_ratio is the part of the masked patches that is not reconstructed; lower it.",
         )
-    from .masking import MASK_GENERATORS  # late import: masking imports nothing from here
-
     if config.mask_generator not in MASK_GENERATORS:
         raise ConfigError(
             f"unknown mask_generator {config.mask_generator!r}.",

@@ -21,6 +21,7 @@ from transformers import PreTrainedConfig, ViTConfig, ViTModel
 from .data.transforms import channel_stats
 from .errors import CheckpointError, ConfigError, DataError
 from .loading import load_checkpoint, read_config, resolve_checkpoint
+from .modeling_mae3d import ENCODER_FIELDS, MedMAE3DConfig, MedMAE3DModel
 from .validation import as_pair
 
 logger = logging.getLogger(__name__)
@@ -181,9 +182,6 @@ def _resize(model: ViTModel, image_size: int | tuple[int, int]) -> ViTModel:
 
 def _load_encoder_3d(folder: Path, config: dict, image_size) -> nn.Module:
     """The 3D MAE's encoder (`MedMAE3DModel`) from a medmae3d or 3D segmenter checkpoint, strictly loaded."""
-    from .modeling_mae3d import MedMAE3DConfig, MedMAE3DModel
-    from .segmentation.configuration import encoder_fields
-
     if image_size is not None:
         raise ConfigError(
             "image_size cannot be changed for a 3D encoder: its fixed 3D positions are made for its crop size.",
@@ -356,7 +354,31 @@ def encoder_normalisation(
     return channel_stats(train_images)
 
 
+def encoder_fields(config: PreTrainedConfig | dict, spatial_dims: int = 2) -> dict:
+    """The encoder fields of any ViT-like config (`ViTConfig`, `ViTMAEConfig`, `MedMAEConfig`, dict), or with
+    `spatial_dims=3` of a 3D MAE config (`MedMAE3DConfig`: VideoMAE's fields, incl. `num_frames`, `tubelet_size`).
+
+    Args:
+        config: a config object or a dict; only the encoder's architecture (and normalisation) is kept.
+        spatial_dims: 2 for a ViT encoder, 3 for the 3D MAE's.
+
+    Example:
+        >>> encoder_fields({"hidden_size": 32, "num_attention_heads": 2, "mask_ratio": 0.75})["hidden_size"]
+        32
+    """
+    if spatial_dims == 2:
+        return vit_config_dict(vit_config_from(config))
+    values = config if isinstance(config, dict) else config.to_dict()
+    if isinstance(values.get("vit_config"), dict):
+        values = values["vit_config"]
+    defaults = MedMAE3DConfig(**{k: values[k] for k in ENCODER_FIELDS if values.get(k) is not None})
+    encoder = {k: getattr(defaults, k) for k in ENCODER_FIELDS}
+    encoder.update({k: list(values[k]) for k in ("image_mean", "image_std") if values.get(k) is not None})
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in encoder.items()}
+
+
 __all__ = [
+    "encoder_fields",
     "build_encoder",
     "encoder_normalisation",
     "load_encoder",

@@ -9,8 +9,9 @@ import torch
 from PIL import Image
 
 from hf_medmae.data.embedded import nuclei16
-from hf_medmae.data.io import read_array_file, read_hf_dataset, read_image, read_image_folder
+from hf_medmae.data.io import read_array_file, read_image, read_image_folder
 from hf_medmae.data.pretraining import PretrainingDataset, load_source, tile_image
+from hf_medmae.data.sources import read_hf_dataset
 from hf_medmae.data.splits import split_indices
 from hf_medmae.data.transforms import Augment, channel_stats, resize
 from hf_medmae.errors import DataError

@@ -165,20 +165,3 @@ def item_to_chw(item, name: str) -> np.ndarray:
     )
     check_finite(array, name)
     return array
-
-
-def read_hf_dataset(
-    name_or_path: str, split: str = "train", image_column: str | None = None, max_images: int | None = None
-) -> list[np.ndarray]:
-    """Every image of a `datasets` dataset (a local `save_to_disk` folder or a name `load_dataset` knows), in memory.
-
-    Pre-training reads the same datasets lazily (`sources.HFSource`); this is that reader, read through.
-    """
-    from .sources import HFSource, open_hf_dataset  # sources builds on this module
-    from .sources import image_column as pick_column
-
-    ds = open_hf_dataset(name_or_path, split)
-    if max_images:
-        ds = ds.select(range(min(max_images, len(ds))))
-    source = HFSource(ds, pick_column(ds.column_names, name_or_path, image_column), name_or_path)
-    return [source[i] for i in range(len(source))]

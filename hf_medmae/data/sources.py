@@ -442,7 +442,22 @@ def skipped_files(indexed: list[str], sources: tuple[ImageSource, ...]) -> list[
     return list(dict.fromkeys(indexed + [f for source in sources for f in read_time_skips(source)]))
 
 
+def read_hf_dataset(
+    name_or_path: str, split: str = "train", column: str | None = None, max_images: int | None = None
+) -> list[np.ndarray]:
+    """Every image of a `datasets` dataset (a local `save_to_disk` folder or a name `load_dataset` knows), in memory.
+
+    Pre-training reads the same datasets lazily (`HFSource`); this is that reader, read through.
+    """
+    ds = open_hf_dataset(name_or_path, split)
+    if max_images:
+        ds = ds.select(range(min(max_images, len(ds))))
+    source = HFSource(ds, image_column(ds.column_names, name_or_path, column), name_or_path)
+    return [source[i] for i in range(len(source))]
+
+
 __all__ = [
+    "read_hf_dataset",
     "ArraySource",
     "FileSource",
     "HFSource",

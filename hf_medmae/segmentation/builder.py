@@ -8,9 +8,9 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from ..encoder import load_encoder
+from ..encoder import encoder_fields, load_encoder
 from ..errors import ConfigError, DataError
-from .configuration import UNET_MULTIPLE, MedSegConfig, encoder_fields
+from .configuration import UNET_MULTIPLE, MedSegConfig
 from .modeling import MedSegForSegmentation, MedUNetForSegmentation, build_unet_baseline
 
 MODELS = ("unetr", "unet")

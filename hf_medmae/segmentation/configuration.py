@@ -11,38 +11,15 @@ import math
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig, ViTConfig
 
-from ..encoder import vit_config_dict, vit_config_from
+from ..encoder import encoder_fields
 from ..errors import ConfigError
-from ..modeling_mae3d import ENCODER_FIELDS, MedMAE3DConfig
+from ..modeling_mae3d import MedMAE3DConfig
 from ..validation import as_pair
 
 LOSSES = ("ce", "dice_ce")
 DECODERS = ("unetr",)
 # BasicUNet halves the resolution four times and instance-normalises the bottleneck: it needs >= 2x2 there.
 UNET_MULTIPLE = 16
-
-
-def encoder_fields(config: PreTrainedConfig | dict, spatial_dims: int = 2) -> dict:
-    """The encoder fields of any ViT-like config (`ViTConfig`, `ViTMAEConfig`, `MedMAEConfig`, dict), or with
-    `spatial_dims=3` of a 3D MAE config (`MedMAE3DConfig`: VideoMAE's fields, incl. `num_frames`, `tubelet_size`).
-
-    Args:
-        config: a config object or a dict; only the encoder's architecture (and normalisation) is kept.
-        spatial_dims: 2 for a ViT encoder, 3 for the 3D MAE's.
-
-    Example:
-        >>> encoder_fields({"hidden_size": 32, "num_attention_heads": 2, "mask_ratio": 0.75})["hidden_size"]
-        32
-    """
-    if spatial_dims == 2:
-        return vit_config_dict(vit_config_from(config))
-    values = config if isinstance(config, dict) else config.to_dict()
-    if isinstance(values.get("vit_config"), dict):
-        values = values["vit_config"]
-    defaults = MedMAE3DConfig(**{k: values[k] for k in ENCODER_FIELDS if values.get(k) is not None})
-    encoder = {k: getattr(defaults, k) for k in ENCODER_FIELDS}
-    encoder.update({k: list(values[k]) for k in ("image_mean", "image_std") if values.get(k) is not None})
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in encoder.items()}
 
 
 def default_skip_layers(num_hidden_layers: int, num_stages: int) -> list[int]:
@@ -241,5 +218,4 @@ __all__ = [
     "MedUNetConfig",
     "SegmentationLossConfig",
     "default_skip_layers",
-    "encoder_fields",
 ]

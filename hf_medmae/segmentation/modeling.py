@@ -12,11 +12,12 @@ from torch import nn
 from transformers import AutoModelForSemanticSegmentation, PreTrainedModel, ViTModel
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
+from ..encoder import encoder_fields
 from ..errors import CheckpointError
 from ..loading import CurrentKeyNamesMixin
 from ..modeling_mae3d import MedMAE3DModel
 from ..validation import check_pixels
-from .configuration import UNET_MULTIPLE, MedSegConfig, MedUNetConfig, encoder_fields
+from .configuration import UNET_MULTIPLE, MedSegConfig, MedUNetConfig
 from .decoder import UnetrDecoder
 from .losses import check_labels, segmentation_loss
 
