@@ -10,6 +10,7 @@ answered with the closest known one: silently ignored keys cost researchers whol
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import difflib
 import json
@@ -175,11 +176,20 @@ class MedArgumentParser(HfArgumentParser):
 
     def _unknown(self, keys: list[str]) -> None:
         if keys:
+            other = {k: d for cls in self.dataclass_types for k, d in getattr(cls, "other_dimension_keys", {}).items()}
             hints = {k: difflib.get_close_matches(k, list(self.fields), n=1) for k in keys}
-            said = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
-            raise ConfigError(
-                f"unknown config key(s): {said}.", "fix the spelling or remove the key; `--help` lists every key."
+            said = ", ".join(
+                f"{k!r}"
+                + (f" ({k} is a key of {other[k]}D runs, and this is a {5 - other[k]}D run)" if k in other else "")
+                + (f" (did you mean {h[0]!r}?)" if h and k not in other else "")
+                for k, h in hints.items()
             )
+            fix = "fix the spelling or remove the key; `--help` lists every key."
+            if any(other.get(k) == 2 for k in keys):
+                fix += " Volumes are cropped to roi_size: leave the 2D keys out."
+            elif any(other.get(k) == 3 for k in keys):
+                fix += " For volumes, set spatial_dims: 3."
+            raise ConfigError(f"unknown config key(s): {said}.", fix)
 
     @staticmethod
     def _build(cls, values: dict):
@@ -205,6 +215,47 @@ class MedArgumentParser(HfArgumentParser):
             ) from None
 
 
+def dimension_view(
+    cls: type, spatial_dims: int, only: dict[int, tuple[str, ...]], defaults: dict[int, dict] | None = None
+) -> type:
+    """`cls` as the arguments of `spatial_dims`-D runs: one dataclass for 2D and 3D, one view per dimension.
+
+    The view drops the fields that only the other dimension takes, so the parser names them as that dimension's
+    keys instead of letting them pass unused, and carries this dimension's own defaults (shown by `--help`).
+
+    Args:
+        cls: the argument dataclass shared by both dimensions.
+        spatial_dims: 2 (images) or 3 (volumes).
+        only: dimension -> the fields only runs of that dimension take.
+        defaults: dimension -> {field: default} where that dimension's default differs from `cls`'s.
+
+    Example:
+        >>> @dataclasses.dataclass
+        ... class Args:
+        ...     image_size: int = 64
+        ...     loss: str = "ce"
+        >>> View = dimension_view(Args, 3, {2: ("image_size",)}, {3: {"loss": "dice_ce"}})
+        >>> View(), View.other_dimension_keys
+        (Args3D(loss='dice_ce'), {'image_size': 2})
+    """
+    dropped = {name: dims for dims, names in only.items() if dims != spatial_dims for name in names}
+    own = (defaults or {}).get(spatial_dims, {})
+
+    def spec(f: dataclasses.Field):
+        if f.name not in own:
+            return dataclasses.field(default=f.default, default_factory=f.default_factory, metadata=f.metadata)
+        value = own[f.name]  # a fresh copy per instance for lists and dicts, as default_factory gives
+        if isinstance(value, (list, dict)):
+            return dataclasses.field(default_factory=lambda: copy.deepcopy(value), metadata=f.metadata)
+        return dataclasses.field(default=value, metadata=f.metadata)
+
+    kept = [(f.name, f.type, spec(f)) for f in dataclasses.fields(cls) if f.name not in dropped]
+    view = dataclasses.make_dataclass(f"{cls.__name__}{spatial_dims}D", kept)
+    view.__module__, view.__doc__ = cls.__module__, cls.__doc__  # its annotations resolve in cls's module
+    view.other_dimension_keys = dropped
+    return view
+
+
 def parse_config(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:
     """`MedArgumentParser(dataclass_types).parse(argv)`: the dataclasses from `--config FILE` and flags."""
     return MedArgumentParser(dataclass_types).parse(argv)
@@ -227,4 +278,4 @@ def spatial_dims(argv: list[str] | None = None) -> int:
     return int(value) if isinstance(value, int) else 2
 
 
-__all__ = ["MedArgumentParser", "coerce", "parse_config", "read_config_file", "spatial_dims"]
+__all__ = ["MedArgumentParser", "coerce", "dimension_view", "parse_config", "read_config_file", "spatial_dims"]

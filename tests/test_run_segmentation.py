@@ -454,14 +454,10 @@ def test_one_segment_task_takes_images_and_volumes():
     from hf_medmae.data.volumes import VolumeDataArguments
 
     (model_2d, data_2d, _), (model_3d, data_3d, _) = segment.TASK.arguments_for(2), segment.TASK.arguments_for(3)
-    assert model_2d is model_3d is segment.ModelArguments
     assert data_2d is segment.DataArguments and data_3d is VolumeDataArguments
-    images, volumes = segment.ModelArguments().for_dims(2), segment.ModelArguments().for_dims(3)
+    images, volumes = model_2d(), model_3d()
     assert (images.image_size, images.loss, images.sw_batch_size, images.unet_features[0]) == (64, "ce", 4, 32)
-    assert (volumes.image_size, volumes.loss, volumes.sw_batch_size, volumes.unet_features[0]) == (
-        None,
-        "dice_ce",
-        2,
-        16,
-    )
-    assert segment.ModelArguments(loss="ce").for_dims(3).loss == "ce"  # a set value is kept
+    assert not hasattr(volumes, "image_size")  # volumes are cropped to roi_size
+    assert (volumes.loss, volumes.sw_batch_size, volumes.unet_features[0]) == ("dice_ce", 2, 16)
+    assert model_3d(loss="ce").loss == "ce"  # a set value is kept
+    assert model_3d().unet_features is not volumes.unet_features  # each run its own list

@@ -11,10 +11,11 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from dataclasses import dataclass, field, fields, make_dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from ..arguments import MedTrainingArguments
+from ..cli import dimension_view
 from ..data.pretraining import (
     PretrainingDataset,
     image_channels,
@@ -39,10 +40,12 @@ from .run import Task, TaskSetup, console
 
 logger = logging.getLogger(__name__)
 
-# ModelArguments fields of one dimension's runs only, and the 3D runs' own defaults (`ModelArguments.for_dims`)
-IMAGE_ONLY = ("image_size", "num_channels", "supervised_loss_weight", "class_weighting", "attn_implementation")
-VOLUME_ONLY = ("tubelet_size",)
-VOLUME_DEFAULTS = {"decoder_hidden_size": 96, "decoder_intermediate_size": 384}
+# ModelArguments fields of one dimension's runs only, and the 3D runs' own defaults (`cli.dimension_view`)
+ONLY = {
+    2: ("image_size", "num_channels", "supervised_loss_weight", "class_weighting", "attn_implementation"),
+    3: ("tubelet_size",),
+}
+DEFAULTS = {3: {"decoder_hidden_size": 96, "decoder_intermediate_size": 384}}
 
 
 @dataclass
@@ -154,8 +157,7 @@ class DataArguments:
 
 @dataclass
 class ModelArguments:
-    """The MAE of a 2D or a 3D run. The fields in `IMAGE_ONLY` / `VOLUME_ONLY` exist only in runs of that dimension
-    (`for_dims`), so that e.g. `image_size` in a 3D run is an unknown key; `VOLUME_DEFAULTS` are the 3D defaults."""
+    """The MAE of a 2D or a 3D run; `ONLY` names the fields of one dimension, `DEFAULTS` the 3D defaults."""
 
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "continue from an MAE checkpoint (dir or Hub id; a 3D MAE for volumes)"}
@@ -202,32 +204,8 @@ class ModelArguments:
         metadata={"help": "auto (sdpa on GPU; on CPU the faster of sdpa/eager, measured) | sdpa | eager"},
     )
 
-    @classmethod
-    def for_dims(cls, dims: int) -> type:
-        """These arguments for runs of `dims` (2: images, 3: volumes): the fields of that dimension, its defaults."""
-        other = VOLUME_ONLY if dims == 2 else IMAGE_ONLY
-        defaults = VOLUME_DEFAULTS if dims == 3 else {}
-        kept = [f for f in fields(cls) if f.name not in other]
-        view = make_dataclass(
-            f"{cls.__name__}{dims}D",
-            [
-                (
-                    f.name,
-                    f.type,
-                    field(
-                        default=defaults.get(f.name, f.default),
-                        default_factory=f.default_factory,
-                        metadata=f.metadata,
-                    ),
-                )
-                for f in kept
-            ],
-        )
-        view.__module__, view.__doc__ = cls.__module__, cls.__doc__  # its annotations resolve in this module
-        return view
 
-
-IMAGE_MODEL_ARGUMENTS, VOLUME_MODEL_ARGUMENTS = ModelArguments.for_dims(2), ModelArguments.for_dims(3)
+IMAGE_MODEL_ARGUMENTS, VOLUME_MODEL_ARGUMENTS = (dimension_view(ModelArguments, d, ONLY, DEFAULTS) for d in (2, 3))
 
 
 class Pretrain(Task):

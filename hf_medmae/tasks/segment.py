@@ -14,12 +14,13 @@ whole, trained on random ROI crops, validated on fixed crops, and the test volum
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal
 
 from transformers import ViTImageProcessorPil
 
 from ..arguments import MedTrainingArguments
+from ..cli import dimension_view
 from ..data.segmentation import (
     SegmentationDataset,
     covering_tiles,
@@ -60,11 +61,9 @@ from .run import Task, TaskSetup, console, encoder_normalisation
 
 logger = logging.getLogger(__name__)
 
-# Defaults of the ModelArguments left unset, per spatial_dims (images | volumes).
-DEFAULTS = {
-    2: dict(image_size=64, loss="ce", unet_features=[32, 32, 64, 128, 256, 32], sw_batch_size=4),
-    3: dict(loss="dice_ce", unet_features=[16, 16, 32, 64, 128, 16], sw_batch_size=2),
-}
+# ModelArguments fields of 2D runs only, and the 3D runs' own defaults (`cli.dimension_view`)
+ONLY = {2: ("image_size", "predict_only")}
+DEFAULTS = {3: dict(loss="dice_ce", unet_features=[16, 16, 32, 64, 128, 16], sw_batch_size=2)}
 
 
 @dataclass
@@ -131,51 +130,41 @@ class ModelArguments:
             "help": "MAE/ViT checkpoint (dir or Hub id; a 3D MAE for volumes); with predict_only a run's output"
         },
     )
-    image_size: int | None = field(
-        default=None, metadata={"help": "images: the model's input side (default 64); volumes use roi_size"}
-    )
+    image_size: int = field(default=64, metadata={"help": "the model's input side (volumes: roi_size)"})
     feature_size: int = 16
     skip_layers: list[int] | None = None
-    loss: Literal["ce", "dice_ce"] | None = field(
-        default=None,
-        metadata={
-            "help": "ce (sparse labels ok) | dice_ce (masked Dice with sparse labels); default ce, volumes dice_ce"
-        },
+    loss: Literal["ce", "dice_ce"] = field(
+        default="ce",
+        metadata={"help": "ce (sparse labels ok) | dice_ce (masked Dice with sparse labels); volumes: dice_ce"},
     )
     class_weights: list[float] | None = None
     layer_decay: float | None = field(
         default=None, metadata={"help": "encoder lr decay per block; default 0.75 for init mae, 1.0 for scratch"}
     )
-    unet_features: list[int] | None = field(
-        default=None, metadata={"help": "BasicUNet's six widths; default [32, 32, 64, 128, 256, 32], volumes half"}
+    unet_features: list[int] = field(
+        default_factory=lambda: [32, 32, 64, 128, 256, 32], metadata={"help": "BasicUNet's six widths; volumes: half"}
     )
-    sw_batch_size: int | None = field(
-        default=None, metadata={"help": "sliding windows per pass; default 4, volumes 2"}
-    )
+    sw_batch_size: int = field(default=4, metadata={"help": "sliding windows per pass; volumes: 2"})
     sw_overlap: float = 0.25
     predict_only: bool = field(
         default=False, metadata={"help": "skip training: segment predict_images with model_name_or_path"}
     )
 
-    def for_dims(self, spatial_dims: int) -> ModelArguments:
-        """A copy with the unset fields at their defaults for images (2) or volumes (3)."""
-        if spatial_dims == 3 and (self.image_size is not None or self.predict_only):
-            key = "image_size" if self.image_size is not None else "predict_only"
-            raise ConfigError(
-                f"{key} is a key of 2D runs, and this is a 3D run (spatial_dims: 3).",
-                "leave it out: volumes are cropped to roi_size and segmented whole at the end of the run.",
-            )
-        unset = {k: v for k, v in DEFAULTS[spatial_dims].items() if getattr(self, k) is None}
-        return replace(self, **unset)
+
+IMAGE_MODEL_ARGUMENTS, VOLUME_MODEL_ARGUMENTS = (dimension_view(ModelArguments, d, ONLY, DEFAULTS) for d in (2, 3))
 
 
 class Segment(Task):
     """UNETR on an MAE's encoder (or from scratch), or MONAI's BasicUNet, on 2D images or 3D volumes."""
 
-    arguments = (ModelArguments, DataArguments, MedTrainingArguments)
+    arguments = (IMAGE_MODEL_ARGUMENTS, DataArguments, MedTrainingArguments)
 
     def arguments_for(self, spatial_dims: int) -> tuple:
-        return (ModelArguments, VolumeDataArguments, MedTrainingArguments) if spatial_dims == 3 else self.arguments
+        return (
+            (VOLUME_MODEL_ARGUMENTS, VolumeDataArguments, MedTrainingArguments)
+            if spatial_dims == 3
+            else self.arguments
+        )
 
     @staticmethod
     def spatial_dims(data_args: DataArguments | VolumeDataArguments) -> int:
@@ -183,7 +172,6 @@ class Segment(Task):
         return 3 if isinstance(data_args, VolumeDataArguments) else 2
 
     def predict(self, model_args: ModelArguments, data_args: DataArguments, args: MedTrainingArguments) -> dict:
-        model_args = model_args.for_dims(self.spatial_dims(data_args))
         return segment_sets(
             model_args.model_name_or_path,
             data_args.predict_images,
@@ -201,7 +189,6 @@ class Segment(Task):
         self, model_args: ModelArguments, data_args: DataArguments | VolumeDataArguments, args: MedTrainingArguments
     ) -> TaskSetup:
         dims = self.spatial_dims(data_args)
-        model_args = model_args.for_dims(dims)
         size = tuple(data_args.roi_size) if dims == 3 else (model_args.image_size,) * 2
         check_segmenter_choice(model_args.model, model_args.init, model_args.model_name_or_path, size)
         data = (self.volume_data if dims == 3 else self.image_data)(model_args, data_args, args)
