@@ -38,8 +38,8 @@ class MedTrainingArguments(TrainingArguments):
     precision: Literal["auto", "bf16", "fp32"] = field(
         default="auto",
         metadata={
-            "help": "auto: bf16 on GPUs that support it; on CPUs with native bf16 (AVX512-BF16/AMX) bf16 when a start-up "
-            "measurement shows it faster; else fp32 | bf16 | fp32"
+            "help": "auto: bf16 on GPUs that support it; on CPUs with native bf16 (AVX512-BF16/AMX) bf16 when a "
+            "start-up measurement shows it faster; else fp32 | bf16 | fp32"
         },
     )
     base_learning_rate: float | None = field(
@@ -48,24 +48,26 @@ class MedTrainingArguments(TrainingArguments):
     min_train_steps: int = field(
         default=0,
         metadata={
-            "help": "train at least this many optimizer steps: num_train_epochs is raised to reach it (a small data set needs "
-            "many epochs; the step count, not the epoch count, is what converges). Ignored when max_steps is set"
+            "help": "train at least this many optimizer steps: num_train_epochs is raised to reach it (a small data "
+            "set needs many epochs; the step count, not the epoch count, is what converges). Ignored when max_steps "
+            "is set"
         },
     )
     gpu_dataloader: bool = field(
         default=True,
         metadata={
-            "help": "on GPU machines, when dataloader_num_workers is 0: min(8, CPU cores per process) workers, kept alive across "
-            "epochs, 4 batches prefetched each, pinned memory, so reading and augmenting overlap the step; false keeps the "
-            "Trainer's settings. CPU runs are never changed (workers would take the step's cores)"
+            "help": "on GPU machines, when dataloader_num_workers is 0: min(8, CPU cores per process) workers, kept "
+            "alive across epochs, 4 batches prefetched each, pinned memory, so reading and augmenting overlap the "
+            "step; false keeps the Trainer's settings. CPU runs are never changed (workers would take the step's "
+            "cores)"
         },
     )
     max_evaluations: int = field(
         default=50,
         metadata={
-            "help": "when min_train_steps raises the epochs, evaluate (and save) every k epochs so that a run has at most this "
-            "many evaluations: 5 images at batch 32 are one step per epoch, and 2,000 evaluations and checkpoints "
-            "would cost more than the training. 0 keeps one per epoch"
+            "help": "when min_train_steps raises the epochs, evaluate (and save) every k epochs so that a run has at "
+            "most this many evaluations: 5 images at batch 32 are one step per epoch, and 2,000 evaluations and "
+            "checkpoints would cost more than the training. 0 keeps one per epoch"
         },
     )
     early_stopping_patience: int | None = field(
@@ -116,7 +118,7 @@ class MedTrainingArguments(TrainingArguments):
         self.num_train_epochs = math.ceil(self.min_train_steps / steps_per_epoch)
         every = math.ceil(self.num_train_epochs / self.max_evaluations) if self.max_evaluations else 1
         if every > 1 and self.eval_strategy == IntervalStrategy.EPOCH:
-            # The same cadence in steps, on epoch boundaries; saving follows it (best-model selection needs both alike).
+            # Same cadence in steps, on epoch boundaries; saving follows it (best-model selection needs both alike).
             self.eval_strategy, self.eval_steps = IntervalStrategy.STEPS, every * steps_per_epoch
             if self.save_strategy == SaveStrategy.EPOCH:
                 self.save_strategy, self.save_steps = SaveStrategy.STEPS, every * steps_per_epoch

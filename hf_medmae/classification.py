@@ -47,7 +47,8 @@ def check_head_fields(config: PreTrainedConfig, rates: tuple[str, ...]) -> None:
     weights = config.class_weights
     if weights is not None and (len(weights) != config.num_labels or min(weights) <= 0):
         raise ConfigError(
-            f"class_weights has {len(weights)} entries but there are {config.num_labels} labels (all weights must be > 0).",
+            f"class_weights has {len(weights)} entries but there are {config.num_labels} labels "
+            "(all weights must be > 0).",
             "give one positive weight per label (e.g. inverse class frequency), or leave class_weights unset.",
         )
 
@@ -186,7 +187,8 @@ class MedClsConfig(PreTrainedConfig):
         num_patches = (h // ph) * (w // pw)
         if not 0.0 <= self.throw_ratio < 1.0 or round(self.throw_ratio * num_patches) >= num_patches:
             raise ConfigError(
-                f"throw_ratio={self.throw_ratio} must lie in [0, 1) and keep at least one of the {num_patches} patches.",
+                f"throw_ratio={self.throw_ratio} must lie in [0, 1) and keep at least one of the "
+                f"{num_patches} patches.",
                 "use e.g. 0.3 (MSMAE), or 0 to train on every token.",
             )
         if self.attention_refresh_epochs <= 0:

@@ -39,7 +39,8 @@ class MedCNNConfig(PreTrainedConfig):
     r"""Configuration of [`MedCNNForImageClassification`].
 
     Args:
-        architecture (`str`, defaults to `"resnet18"`): one of `CNN_ARCHITECTURES` (MONAI ResNet-10/18/34/50, DenseNet-121).
+        architecture (`str`, defaults to `"resnet18"`): one of `CNN_ARCHITECTURES`
+            (MONAI ResNet-10/18/34/50, DenseNet-121).
         num_channels (`int`, defaults to 3): image channels.
         image_size (`int`, defaults to 64): the training size (the network itself takes any size).
         label_smoothing, class_weights, problem_type: as in `MedClsConfig`.

@@ -7,8 +7,10 @@ beat it beyond the seed-to-seed noise. Results are written after every run, and 
 JSON are skipped, so the study can be completed over several sessions.
 
     python studies/finetune_convergence.py                         # arms 'floor1000_es20' and 'floor2000', seeds 0 1 2
-    python studies/finetune_convergence.py --arms floor2000_ld1 --seeds 0 1 2 --output studies/results/finetune_convergence_longer.json
-    python studies/finetune_convergence.py --arms floor4000_ld1 --seeds 0 1 2 --output studies/results/finetune_convergence_floor4000.json
+    python studies/finetune_convergence.py --arms floor2000_ld1 --seeds 0 1 2 \
+        --output studies/results/finetune_convergence_longer.json
+    python studies/finetune_convergence.py --arms floor4000_ld1 --seeds 0 1 2 \
+        --output studies/results/finetune_convergence_floor4000.json
 
 Since the shipped config sets `min_train_steps: 2000` and leaves `layer_decay` to its default (1.0 from
 scratch), the arm `shipped` now equals `floor2000_ld1`; the older arms pin what they measured then.
@@ -32,7 +34,7 @@ ARMS = {
     "floor1000_es20": ["--min_train_steps", "1000", "--early_stopping_patience", "20", "--layer_decay", "0.75"],
     "floor2000": ["--min_train_steps", "2000", "--layer_decay", "0.75"],
     "floor4000": ["--min_train_steps", "4000", "--layer_decay", "0.75"],
-    # layer-wise lr decay is a recipe for pre-trained weights; from scratch it gives the patch embedding 0.75^7 = 13% of the lr
+    # layer-wise lr decay suits pre-trained weights; from scratch it gives the patch embedding 0.75^7 = 13% of the lr
     "floor2000_ld1": ["--min_train_steps", "2000", "--layer_decay", "1.0"],
     "floor4000_ld1": ["--min_train_steps", "4000", "--layer_decay", "1.0"],
 }
@@ -99,7 +101,8 @@ def main() -> None:
             steps = [r["steps"] for r in runs]
             print(
                 f"{arm:>16} {len(runs):>5} {stat['test_accuracy'][0]:>8.3f} ± {stat['test_accuracy'][1]:.3f} "
-                f"{stat['test_macro_f1_present'][0]:>8.3f} ± {stat['test_macro_f1_present'][1]:.3f} {min(steps):>5}-{max(steps)}"
+                f"{stat['test_macro_f1_present'][0]:>8.3f} ± {stat['test_macro_f1_present'][1]:.3f} "
+                f"{min(steps):>5}-{max(steps)}"
             )
     print(f"hardware: {results['hardware']}; wrote {out}")
 

@@ -175,7 +175,8 @@ def main() -> None:
                 )
             )
             print(
-                f"{name:>26}  {fraction:>4.0%} of labels  macro-F1 {rows[-1]['macro_f1_mean']:.3f} ± {rows[-1]['macro_f1_std']:.3f}",
+                f"{name:>26}  {fraction:>4.0%} of labels  "
+                f"macro-F1 {rows[-1]['macro_f1_mean']:.3f} ± {rows[-1]['macro_f1_std']:.3f}",
                 flush=True,
             )
     info = dict(

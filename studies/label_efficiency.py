@@ -299,14 +299,20 @@ def report(results: dict, output: Path) -> None:
                     + ", ".join(f"{x:+.0f}" for x in d["per_seed"])
                 )
     print("\nconfidence (mean probability of the predicted class), right / wrong test predictions, pooled over seeds:")
+
+    def fmt(c: dict, k: str) -> str:
+        return f"{c[k]['mean']:.2f}" if c[k]["mean"] is not None else "-"
+
     for r in table:
         parts = []
         for name, c in r["confidence"].items():
-            fmt = lambda k: f"{c[k]['mean']:.2f}" if c[k]["mean"] is not None else "-"  # noqa: E731
-            parts.append(f"{name} {fmt('correct')}/{fmt('wrong')} (n={c['correct']['count']}/{c['wrong']['count']})")
+            parts.append(
+                f"{name} {fmt(c, 'correct')}/{fmt(c, 'wrong')} (n={c['correct']['count']}/{c['wrong']['count']})"
+            )
         print(f"  {r['fraction']:>5.0%} {r['arm']:>13}: " + "; ".join(parts))
     print(
-        f"hardware: {results['hardware']}; {len(results['runs'])} runs; wrote {output} and {output.with_suffix('.png')}"
+        f"hardware: {results['hardware']}; {len(results['runs'])} runs; "
+        f"wrote {output} and {output.with_suffix('.png')}"
     )
 
 
@@ -350,7 +356,8 @@ def main(argv: list[str] | None = None) -> None:
                 run = run_arm(args, arm, fraction, seed, work)
                 results = record(output, results, run, key=lambda r: (r["arm"], r["fraction"], r["seed"]))
                 print(
-                    f"{arm} {fraction:.0%} seed {seed}: accuracy {run['accuracy']:.3f}, macro-F1 {run['macro_f1_present']:.3f}, "
+                    f"{arm} {fraction:.0%} seed {seed}: accuracy {run['accuracy']:.3f}, "
+                    f"macro-F1 {run['macro_f1_present']:.3f}, "
                     f"{run['steps']} steps, {run['minutes']} min",
                     flush=True,
                 )

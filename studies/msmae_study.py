@@ -248,7 +248,10 @@ def data_flags(spec: dict) -> list[str]:
 
 
 def split_of(spec: dict, seed: int, fraction: float):
-    """The fine-tuning split: (data, `Split`, labelled subset of its training indices) exactly as `run_classification.py` draws them."""
+    """The fine-tuning split: (data, `Split`, labelled subset of its training indices).
+
+    Drawn exactly as `run_classification.py` draws them.
+    """
     data_args = classify.DataArguments(
         data_dir=str(spec["data_dir"]),
         labels_csv=str(spec["labels_csv"]),
@@ -319,7 +322,10 @@ def run_pretraining(kind: str, name: str, spec: dict, seed: int, fraction: float
 
 
 def flops_per_image(run_dir: Path, throw_ratio: float) -> float:
-    """Forward + backward FLOPs of one training image through the fine-tuned model with its throw ratio (eager attention)."""
+    """Forward + backward FLOPs of one training image through the fine-tuned model with its throw ratio.
+
+    Counted with eager attention.
+    """
     model, _ = load_classifier(str(run_dir))
     model.config.throw_ratio = throw_ratio
     model.train()
@@ -402,7 +408,10 @@ def load_pretraining(folder: Path):
 
 
 def shared_masks(count: int, model, seed: int) -> torch.Tensor:
-    """Random 75% masks (codes, 1 = masked, nothing thrown) drawn from `seed` alone: the same for every model of a grid."""
+    """Random 75% masks (codes, 1 = masked, nothing thrown) drawn from `seed` alone.
+
+    They are the same for every model of a grid.
+    """
     patches = (model.config.image_size // model.config.patch_size) ** 2
     order = torch.rand(count, patches, generator=torch.Generator().manual_seed(seed)).argsort(dim=1)
     return torch.zeros(count, patches, dtype=torch.uint8).scatter_(1, order[:, : int(0.75 * patches)], 1)
@@ -454,7 +463,8 @@ def record_pretrainings(output: Path, results: dict, name: str, spec: dict, seed
         )
         results = record(output, results, item, key=pretraining_key, field="pretrainings")
         print(
-            f"{name} {kind}{'' if fraction is None else f' {fraction:.0%} labels'} seed {seed}: held-out reconstruction "
+            f"{name} {kind}{'' if fraction is None else f' {fraction:.0%} labels'} seed {seed}: "
+            "held-out reconstruction "
             f"{item['test_reconstruction_loss']:.3f} (predicting the mean: {item['mean_predictor_loss']:.3f})",
             flush=True,
         )
@@ -515,7 +525,8 @@ def mean_sd(mean: float, sd: float, spec: str, seeds: int) -> str:
 
 def report(results: dict, figure_path: Path | None = None) -> None:
     print(
-        "| data | labels | pre-training, use | seeds | accuracy | macro-F1 | macro-F1 − MAE's, same seed (points) | its 95% interval "
+        "| data | labels | pre-training, use | seeds | accuracy | macro-F1 "
+        "| macro-F1 − MAE's, same seed (points) | its 95% interval "
         "| train img/s | GFLOPs / image |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -524,11 +535,13 @@ def report(results: dict, figure_path: Path | None = None) -> None:
         vs = mean_sd(100 * row["vs_mae"][0], 100 * row["vs_mae"][1], "+.1f", row["seeds"]) if row["vs_mae"] else "—"
         ci = "[{:+.1f}, {:+.1f}]".format(*(100 * v for v in row["vs_mae_ci95"])) if row["vs_mae_ci95"] else "—"
         print(
-            f"| {row['dataset']} | {row['fraction']:.0%} | {arm_label(row['arm'])} | {row['seeds']} | {mean_sd(*row['accuracy'], '.3f', row['seeds'])} "
+            f"| {row['dataset']} | {row['fraction']:.0%} | {arm_label(row['arm'])} | {row['seeds']} "
+            f"| {mean_sd(*row['accuracy'], '.3f', row['seeds'])} "
             f"| {mean_sd(*row['macro_f1'], '.3f', row['seeds'])} | {vs} | {ci} | {speed} |"
         )
     print(
-        "(± is the standard deviation over seeds; the MAE reference is fine-tuned with all tokens, or frozen for the frozen arms)"
+        "(± is the standard deviation over seeds; the MAE reference is fine-tuned with all tokens, "
+        "or frozen for the frozen arms)"
     )
     if results.get("pretrainings"):
         print("\n| data | pre-training | labels | seed | steps | held-out reconstruction loss | predicting the mean |")
@@ -582,8 +595,11 @@ def machines(results: dict) -> dict[str, dict[str, str]]:
 
 
 def plot_results(runs: list[dict], path: Path) -> None:
-    """Test macro-F1 per arm, one panel per data set and label fraction: a dot per seed (grey lines join one seed's
-    runs: same split, same pre-trainings), a bar at the mean. The y axis is zoomed, not from zero, to at least 10 points."""
+    """Test macro-F1 per arm, one panel per data set and label fraction.
+
+    A dot per seed (grey lines join one seed's runs: same split, same pre-trainings), a bar at the mean.
+    The y axis is zoomed, not from zero, to at least 10 points.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -655,7 +671,10 @@ def figure_models(work: Path, seed: int, count: int = 4):
 
 
 def figure(work: Path, output: Path, seed: int = 0) -> None:
-    """Attention maps of the seed's WBC MAE and MSMAEs (100% and 10% labels) on test images of each class, and the masks they draw."""
+    """Attention maps of the seed's WBC MAE and MSMAEs (100% and 10% labels) on test images of each class.
+
+    The masks they draw are shown alongside.
+    """
     from hf_medmae.plots import plot_attention_masks
 
     raw, titles, models = figure_models(work, seed)
@@ -677,7 +696,10 @@ def figure(work: Path, output: Path, seed: int = 0) -> None:
 
 @torch.no_grad()
 def reconstruction_figure(work: Path, output: Path, seed: int = 0) -> None:
-    """The seed's WBC MAE and MSMAEs reconstructing the same test images under the same random 75% masks (nothing thrown)."""
+    """The seed's WBC MAE and MSMAEs reconstructing the same test images under the same random 75% masks.
+
+    Nothing is thrown.
+    """
     from hf_medmae.plots import save_reconstruction_grid
 
     raw, _, models = figure_models(work, seed)
@@ -750,7 +772,8 @@ def main(argv: list[str] | None = None) -> None:
                     run = run_arm(args, name, spec, arm, fraction, seed, work)
                     results = record(output, results, run, key=run_key)
                     print(
-                        f"{name} {arm} {fraction:.0%} seed {seed}: accuracy {run['accuracy']:.3f}, macro-F1 {run['macro_f1_present']:.3f}, "
+                        f"{name} {arm} {fraction:.0%} seed {seed}: accuracy {run['accuracy']:.3f}, "
+                        f"macro-F1 {run['macro_f1_present']:.3f}, "
                         + (
                             ""
                             if run["flops_per_image"] is None

@@ -294,7 +294,10 @@ def test_frozen_features_mode_is_fast_and_scores_like_fine_tuning(tmp_path, clas
 
 
 def test_frozen_features_of_the_last_k_blocks():
-    """blocks=1 is the mean-pooled last_hidden_state; blocks=k concatenates k blocks, each through the final LayerNorm."""
+    """blocks=1 is the mean-pooled last_hidden_state.
+
+    blocks=k concatenates k blocks, each through the final LayerNorm.
+    """
     import torch
     from transformers import ViTConfig, ViTModel
 

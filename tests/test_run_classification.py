@@ -1,4 +1,6 @@
-"""Classification transfer on the real WBC data: data rules, run_classification.py end to end, and MAE vs random features.
+"""Classification transfer on the real WBC data.
+
+Covers the data rules, run_classification.py end to end, and MAE vs random features.
 
 The module pre-trains one tiny MAE on the WBC images (about a minute of one CPU thread) and shares it
 between the linear-probe comparison and the end-to-end run.
@@ -148,7 +150,7 @@ def test_class_folders_and_dataset_items(tmp_path, data):
 
 @pytest.fixture(scope="module")
 def mae(data, tmp_path_factory):
-    """A tiny MAE (32 px, patch 4, hidden 32, 2 layers) self-pre-trained on the 300 WBC images, and its initial weights.
+    """A tiny MAE (32 px, patch 4, hidden 32, 2 layers) self-pre-trained on the 300 WBC images, and its init weights.
 
     The pre-training sees every image without labels (seed 002's self pre-training); labels are used
     only by the probe below. 1000 steps x 64 images take ~50 s on one thread of this CPU.

@@ -165,7 +165,9 @@ def _check_columns(rows: list[dict], columns: list[str], path: Path) -> None:
 
 
 def resolve_file(folder: Path, image_id: str, template: str | None) -> Path:
-    """The image file of a CSV id: `template.format(id=...)` (ints for numeric ids), the id itself, or id + any image suffix.
+    """The image file of a CSV id: `template.format(id=...)`, the id itself, or id + any image suffix.
+
+    Numeric ids are passed to the template as ints.
 
     Args:
         folder: image folder.
@@ -195,7 +197,10 @@ def resolve_file(folder: Path, image_id: str, template: str | None) -> Path:
 def _name_labels(
     raw: list[str], class_names: list[str] | None, label_offset: int, label_map: dict | None
 ) -> tuple[np.ndarray, list[str]]:
-    """Raw CSV label cells -> ([N] indices, class names); integers shift by `label_offset`, names look up `class_names`."""
+    """Raw CSV label cells -> ([N] indices, class names).
+
+    Integers shift by `label_offset`, names look up `class_names`.
+    """
     values = [label_map.get(v, v) if label_map else v for v in raw]
     values = [str(v).strip() for v in values]
     if all(v.lstrip("-").isdigit() for v in values):
@@ -204,9 +209,10 @@ def _name_labels(
         bad = sorted({int(v) for v, i in zip(values, idx) if not 0 <= i < len(names)})
         if bad:
             raise DataError(
-                f"labels {bad} are out of range: with label_offset={label_offset} they map outside 0..{len(names) - 1} "
-                f"({len(names)} classes {names}).",
-                "set label_offset so the smallest label maps to 0 (e.g. 1 for labels 1..K), or list every class in class_names.",
+                f"labels {bad} are out of range: with label_offset={label_offset} they map outside "
+                f"0..{len(names) - 1} ({len(names)} classes {names}).",
+                "set label_offset so the smallest label maps to 0 (e.g. 1 for labels 1..K), "
+                "or list every class in class_names.",
             )
         return idx, names
     names = list(class_names) if class_names else sorted(set(values))
@@ -257,7 +263,8 @@ def read_labels_csv(
     columns = list(label_columns or ["label"])
     if multi_label and len(columns) < 2:
         raise DataError(
-            f"multi-label config with single-label data: multi_label is true but only the label column {columns} is given.",
+            "multi-label config with single-label data: multi_label is true but only the label column "
+            f"{columns} is given.",
             "list the 0/1 columns in label_columns (one per label), or set multi_label: false.",
         )
     if not multi_label and len(columns) > 1:
@@ -307,8 +314,9 @@ def load_csv_labels(
         on_bad_file: "error" or "skip" unreadable images.
 
     Example:
+        >>> classes = ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"]  # doctest: +SKIP
         >>> wbc = load_csv_labels("Dataset 1", "Class Labels of Dataset 1.csv", "image ID", ["class label"],
-        ...     "{id:03d}.bmp", ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"], 1)  # doctest: +SKIP
+        ...     "{id:03d}.bmp", classes, 1)  # doctest: +SKIP
     """
     paths, labels, names = read_labels_csv(
         image_dir,
@@ -457,7 +465,8 @@ class ClassificationDataset(Dataset):
             rotation drawn, `Augment.with_view`): what the classifier's token dropping reads its maps by.
 
     Example:
-        >>> ds = ClassificationDataset(data.images, data.labels, mean, std, 64, Augment(64, (0.5, 1), rot90=True))  # doctest: +SKIP
+        >>> augment = Augment(64, (0.5, 1), rot90=True)  # doctest: +SKIP
+        >>> ds = ClassificationDataset(data.images, data.labels, mean, std, 64, augment)  # doctest: +SKIP
         >>> ds[0]["pixel_values"].shape  # doctest: +SKIP
         torch.Size([3, 64, 64])
     """
