@@ -209,7 +209,8 @@ def map_labels(raw: np.ndarray, class_map: dict[int, int], name: str = "a label"
     unknown = [int(v) for v in values if int(v) not in class_map]
     if unknown:
         raise DataError(
-            f"{name}: label values {unknown[:10]} are not in class_map (keys {sorted(class_map)}).",
+            f"{name}: {'mask' if raw.ndim == 2 else 'label'} values {unknown[:10]} are not in class_map "
+            f"(keys {sorted(class_map)}).",
             "add every raw value to class_map (map unlabeled values to ignore_index), or fix the labels.",
         )
     lookup = np.array([class_map[int(v)] for v in values], dtype=np.int64)
