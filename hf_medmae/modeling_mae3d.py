@@ -2,7 +2,7 @@
 
 A volume [B, C, D, H, W] is a clip of D frames: VideoMAE's tubelet is the patch depth, its Conv3d is the
 3D patch embedding, and its `bool_masked_pos` takes any mask, so the 2D registry's generators drive it on
-the (D/t, H/p, W/p) patch grid. Two things change (ARCHITECTURE.md, "The 3D MAE's foundation"):
+the (D/t, H/p, W/p) patch grid. Two things change (docs/design.md says why):
 positions are MONAI's separable 3D sin-cos instead of VideoMAE's 1-D table over the flattened grid, and
 the loss is ours (any channel count, `norm_pix_loss` on or off, thrown patches left out), computed on
 the tubelet layout VideoMAE's decoder head predicts.
