@@ -33,6 +33,7 @@ __all__ = [
     "plot_segmentation_overlays",
     "save_reconstruction_grid",
     "plot_attention_masks",
+    "orthogonal_slices",
     "plot_volume_overlays",
 ]
 
@@ -356,9 +357,9 @@ def _reconstruction_rows(original: np.ndarray, hidden: np.ndarray, recons: dict,
     if original.ndim == 3:
         return [("", original, hidden, recons, lo_hi)]
     centre = tuple(s // 2 for s in original.shape[1:])
-    views = zip(VIEWS, _views(original, centre), _views(hidden, centre))
+    views = zip(VIEWS, orthogonal_slices(original, centre), orthogonal_slices(hidden, centre))
     return [
-        (f", {view}", image, mask, {k: _views(r, centre)[i] for k, r in recons.items()}, lo_hi)
+        (f", {view}", image, mask, {k: orthogonal_slices(r, centre)[i] for k, r in recons.items()}, lo_hi)
         for i, (view, image, mask) in enumerate(views)
     ]
 
@@ -486,9 +487,15 @@ def plot_attention_masks(
 VIEWS = ("axial", "coronal", "sagittal")  # H x W, D x W, D x H
 
 
-def _views(volume: np.ndarray, centre: tuple[int, int, int]) -> list[np.ndarray]:
-    """The three orthogonal slices of a [..., D, H, W] array through `centre` (d, h, w)."""
-    d, h, w = centre
+def orthogonal_slices(volume: np.ndarray, centre: tuple[int, int, int] | None = None) -> list[np.ndarray]:
+    """The axial (H x W), coronal (D x W) and sagittal (D x H) slices of a [..., D, H, W] array through `centre`
+    (d, h, w; default the middle).
+
+    Example:
+        >>> [s.shape for s in orthogonal_slices(np.zeros((4, 5, 6)))]
+        [(5, 6), (4, 6), (4, 5)]
+    """
+    d, h, w = centre if centre is not None else (n // 2 for n in volume.shape[-3:])
     return [volume[..., d, :, :], volume[..., :, h, :], volume[..., :, :, w]]
 
 
@@ -535,7 +542,9 @@ def plot_volume_overlays(
         image = np.asarray(volume[0], dtype=float)
         lo, hi = np.percentile(image, [1, 99])
         for r, (mask, what) in enumerate(((t, "truth"), (p, "prediction"))):
-            for c, (img, m, view) in enumerate(zip(_views(image, centre), _views(mask, centre), VIEWS)):
+            for c, (img, m, view) in enumerate(
+                zip(orthogonal_slices(image, centre), orthogonal_slices(mask, centre), VIEWS)
+            ):
                 ax = axes[2 * i + r, c]
                 prefix = f"{names[i]}: " if names and c == 0 else ""
                 _show(ax, np.clip((img - lo) / max(hi - lo, 1e-8), 0, 1), f"{prefix}{what}, {view}")

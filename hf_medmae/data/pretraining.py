@@ -1,5 +1,5 @@
 """The pre-training data: a source string -> images -> tiles -> normalised, augmented tensors (with per-image mask
-noise); the labels of a supervised (MSMAE) pre-training; a stream; the crops of a pool of volumes.
+noise); the labels of a supervised (MSMAE) pre-training; a stream; a pool of volumes.
 
 The functions that take `data_args` / `model_args` read the fields of `run_mae.py`'s `DataArguments` (volumes:
 `data.volumes.VolumeDataArguments`) and `ModelArguments`; any object with those fields will do.
@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from transformers import ViTImageProcessorPil
 
 from ..classification import class_weights
 from ..errors import ConfigError, DataError
@@ -36,7 +35,7 @@ from .sources import (
 from .sources import image_column as hf_image_column
 from .splits import label_subset, split_indices
 from .transforms import Augment, EpochSeeded, Normalize, channel_moments, resize
-from .volumes import VolumeDataArguments, VolumeDataset, VolumeSet, prepare_volumes, split_for, volume_augment
+from .volumes import VolumeDataArguments, VolumeSet, prepare_volumes, split_for
 
 logger = logging.getLogger(__name__)
 
@@ -398,20 +397,6 @@ def volume_pool(data_args: VolumeDataArguments, seed: int) -> tuple[VolumeSet, V
     return data.subset(train_idx), (data.subset(val_idx) if val_idx else None)
 
 
-def volume_crops(
-    train: VolumeSet, val: VolumeSet | None, data_args: VolumeDataArguments, seed: int, fixed: bool = False
-) -> tuple[VolumeDataset, VolumeDataset | None]:
-    """The crops a 3D MAE trains and validates on: random training crops (`samples_per_volume` per volume and
-    epoch), or with `fixed` the covering crops (the attention generator's maps must line up with the voxels they
-    mask); fixed validation crops, without sample ids (the attention bank is keyed by training ids)."""
-    roi = tuple(data_args.roi_size)
-    if fixed:
-        train_crops = VolumeDataset(train, roi)
-    else:
-        train_crops = VolumeDataset(train, roi, volume_augment(data_args), data_args.samples_per_volume, seed)
-    return train_crops, (VolumeDataset(val, roi, with_ids=False) if val is not None else None)
-
-
 def image_channels(train: ImageSource, val: ImageSource, data_args) -> int:
     """The one channel count of the training and validation images."""
     channels = source_channels(train, data_args.train_data)
@@ -421,17 +406,3 @@ def image_channels(train: ImageSource, val: ImageSource, data_args) -> int:
             "use validation data with the training data's channel count.",
         )
     return channels
-
-
-def pretraining_processor(channels: int, image_mean=None, image_std=None) -> ViTImageProcessorPil:
-    """The image processor saved with an MAE: normalisation by the training images' statistics; for volumes (None),
-    which are normalised one by one before cropping, an identity that records the unit scale (mean 0, std 1)."""
-    if image_mean is None:
-        return ViTImageProcessorPil(
-            do_resize=False,
-            do_rescale=False,
-            do_normalize=False,
-            image_mean=[0.0] * channels,
-            image_std=[1.0] * channels,
-        )
-    return ViTImageProcessorPil(do_resize=False, do_rescale=False, image_mean=image_mean, image_std=image_std)
