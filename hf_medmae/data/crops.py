@@ -1,9 +1,10 @@
 """Seeded ROI crops of channel-first arrays of any spatial dimension: images [C, H, W] and volumes [C, D, H, W]
 alike, with optional labels [*spatial].
 
-`spatial_dims` is `len(roi_size)`, as MONAI's `ensure_tuple_rep` makes it: one padder (`pad_to`), one covering
-tiler (`sliding_crops`), one seeded crop + flip + turn augmenter (`CropAugment`, MONAI dict transforms seeded from
-the item's generator) and one dataset of crops (`CropDataset`) serve images and volumes.
+`spatial_dims` is `len(roi_size)`, as MONAI's `ensure_tuple_rep` makes it: one padder (`pad_to`), one tiler
+(`sliding_crops`: the tiles of a 2D pool, the covering tiles of 2D evaluation, the crops of volumes), one seeded
+crop + flip + turn augmenter (`CropAugment`, MONAI dict transforms seeded from the item's generator) and one dataset
+of crops (`CropDataset`).
 """
 
 from __future__ import annotations
@@ -42,16 +43,25 @@ def pad_to(image: torch.Tensor, label: torch.Tensor | None, roi_size: Sequence[i
     return image, label
 
 
-def sliding_crops(shape: Sequence[int], roi_size: Sequence[int], overlap: float = 0.0) -> list[tuple[slice, ...]]:
-    """Deterministic windows covering every pixel or voxel of `shape` (any length); the last one per axis ends flush.
+def sliding_crops(
+    shape: Sequence[int], roi_size: Sequence[int], overlap: float = 0.0, cover: bool = True
+) -> list[tuple[slice, ...]]:
+    """Deterministic windows over `shape` (any number of axes), in row-major order.
+
+    Args:
+        shape: the spatial shape, e.g. (H, W) or (D, H, W).
+        roi_size: the window, one size per axis.
+        overlap: share of a window that its neighbour overlaps, in [0, 1).
+        cover: True: every pixel or voxel is covered, the last window per axis ending flush (evaluation crops);
+            False: only windows that fit from the origin, the remainder at the far border dropped (pool tiles).
 
     Along an axis shorter than the ROI the window is the whole axis (the caller pads it).
 
     Example:
         >>> [(box[0].start, box[0].stop) for box in sliding_crops((10, 4, 4), (4, 4, 4))]
         [(0, 4), (4, 8), (6, 10)]
-        >>> len(sliding_crops((8, 12), (4, 4)))
-        6
+        >>> len(sliding_crops((8, 12), (4, 4))), len(sliding_crops((10, 10), (4, 4), cover=False))
+        (6, 4)
     """
     if not 0.0 <= overlap < 1.0:
         raise ConfigError(f"overlap={overlap} is outside [0, 1).", "use e.g. 0.0 (no overlap) or 0.5.")
@@ -59,7 +69,7 @@ def sliding_crops(shape: Sequence[int], roi_size: Sequence[int], overlap: float 
     for size, roi in zip(shape, roi_size):
         stride = max(1, int(roi * (1.0 - overlap)))
         starts = list(range(0, max(size - roi, 0) + 1, stride))
-        if starts[-1] < size - roi:
+        if cover and starts[-1] < size - roi:
             starts.append(size - roi)
         per_axis.append([slice(s, min(s + roi, size)) for s in starts])
     return list(product(*per_axis))

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from ..classification import class_weights
 from ..errors import ConfigError, DataError
 from .classification import read_labels_csv
+from .crops import sliding_crops
 from .embedded import load_embedded
 from .io import ARRAY_SUFFIXES, item_to_chw, progress
 from .sources import (
@@ -94,20 +95,14 @@ def item_labels(source: ImageSource, labels_by_file: dict[Path, int]) -> np.ndar
     return found[index]
 
 
-def tile_image(image: np.ndarray, tile_size: int, stride: int | None = None) -> list[np.ndarray]:
-    """Cut [C, H, W] into tile_size x tile_size tiles (e.g. 16x256x256 -> 16 tiles of 16x64x64).
+def tile_image(image: np.ndarray, tile_size: int) -> list[np.ndarray]:
+    """Cut [C, H, W] into tile_size x tile_size tiles (e.g. 16x256x256 -> 16 tiles of 16x64x64), as `TiledSource`.
 
     Tiles that would run past the border are dropped; an image smaller than one tile is returned whole.
     """
-    stride = stride or tile_size
-    _, h, w = image.shape
-    if h < tile_size or w < tile_size:
+    if min(image.shape[1:]) < tile_size:
         return [image]
-    return [
-        image[:, top : top + tile_size, left : left + tile_size]
-        for top in range(0, h - tile_size + 1, stride)
-        for left in range(0, w - tile_size + 1, stride)
-    ]
+    return [image[(slice(None), *box)] for box in sliding_crops(image.shape[1:], (tile_size,) * 2, cover=False)]
 
 
 class PretrainingDataset(EpochSeeded, Dataset):
