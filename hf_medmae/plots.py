@@ -33,7 +33,7 @@ __all__ = [
     "plot_segmentation_overlays",
     "save_reconstruction_grid",
     "plot_attention_masks",
-    "plot_volume_overlays",
+    "orthogonal_slices",
 ]
 
 
@@ -279,17 +279,17 @@ def _overlay(mask: np.ndarray, k: int, ignore_index: int) -> np.ma.MaskedArray:
 
 
 def plot_segmentation_overlays(
-    images: np.ndarray,
-    truth: np.ndarray,
-    pred: np.ndarray,
+    images: np.ndarray | Sequence[np.ndarray],
+    truth: np.ndarray | Sequence[np.ndarray],
+    pred: np.ndarray | Sequence[np.ndarray],
     path: str | Path,
     class_names: list[str],
     ignore_index: int = 255,
     channels: int | Sequence[int] | None = None,
     names: Sequence[str] | None = None,
 ) -> str:
-    """Rows = images; columns = image, truth overlay, prediction overlay (unlabeled pixels transparent).
-    Volumes (truth items [D, H, W]) go to :func:`plot_volume_overlays`.
+    """Rows = images; columns = image, truth overlay, prediction overlay (unlabeled pixels transparent). A volume
+    gives three rows: its axial, coronal and sagittal slices through the labelled foreground's centre.
 
     Args:
         images: [N, C, H, W] images (any units; stretched per image to 1-99 percentiles), or [C, D, H, W] volumes.
@@ -298,30 +298,36 @@ def plot_segmentation_overlays(
         path: PNG path.
         class_names: K names (legend and colours).
         ignore_index: label value drawn transparent.
-        channels: see :func:`resolve_channels` (images).
-        names: one title per volume (volumes).
+        channels: see :func:`resolve_channels`.
+        names: one title per image or volume.
 
     Example:
         >>> plot_segmentation_overlays(x[:4], y[:4], p[:4], "out/seg.png", ["bg", "cytoplasm", "nucleus"])
     """
-    if len(truth) and np.ndim(truth[0]) == 3:
-        return plot_volume_overlays(images, truth, pred, path, class_names, ignore_index, names)
-    images, truth, pred = np.asarray(images), np.asarray(truth), np.asarray(pred)
-    if images.ndim != 4 or truth.shape != pred.shape or truth.shape != images[:, 0].shape:
+    if (
+        len(truth) != len(images)
+        or len(pred) != len(images)
+        or any(np.shape(t) != np.shape(p) or np.shape(t) != np.shape(im)[1:] for im, t, p in zip(images, truth, pred))
+    ):
         raise DataError(
-            f"Shapes images {images.shape}, truth {truth.shape}, pred {pred.shape} do not match.",
-            "Pass images [N, C, H, W] and truth/pred [N, H, W] of the same N, H, W.",
+            f"{len(images)} images, {len(truth)} truth and {len(pred)} pred maps do not match in number or size.",
+            "Pass images [N, C, H, W] (or volumes [C, D, H, W]) with truth/pred [N, H, W] (or [D, H, W]) of the same "
+            "sizes.",
         )
+    names = list(names) if names else [""] * len(images)
+    if len(truth) and np.ndim(truth[0]) == 3:
+        images, truth, pred, names = _view_rows(images, truth, pred, ignore_index, names)
     k = len(class_names)
     cmap = ListedColormap(plt.get_cmap("tab20" if k > 10 else "tab10").colors[:k])
     fig, axes = plt.subplots(len(images), 3, figsize=(7.5, 2.5 * len(images)), squeeze=False)
     for i, row in enumerate(axes):
         disp = to_display(images[i], channels)
-        for ax, mask, title in zip(row, (None, truth[i], pred[i]), ("image", "truth", "prediction")):
+        titles = (f"{names[i]}: image" if names[i] else "image", "truth", "prediction")
+        for ax, mask, title in zip(row, (None, truth[i], pred[i]), titles):
             _show(ax, disp, title)
             if mask is not None:
                 ax.imshow(
-                    _overlay(mask, k, ignore_index),
+                    _overlay(np.asarray(mask), k, ignore_index),
                     cmap=cmap,
                     vmin=-0.5,
                     vmax=k - 0.5,
@@ -331,6 +337,18 @@ def plot_segmentation_overlays(
     handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(c)) for c in range(k)]
     fig.legend(handles, class_names, loc="lower center", ncol=min(k, 6), fontsize=8)
     return _save(fig, path)
+
+
+def _view_rows(volumes, truth, pred, ignore_index: int, names: list[str]) -> tuple[list, list, list, list[str]]:
+    """Each volume's three orthogonal slices through its labelled foreground's centre, as overlay rows."""
+    rows = [], [], [], []
+    for volume, t, p, name in zip(volumes, truth, pred, names):
+        centre = _foreground_centre(np.asarray(t), ignore_index)
+        views = zip(*(orthogonal_slices(np.asarray(a), centre) for a in (volume, t, p)), VIEWS)
+        for image, t_view, p_view, view in views:
+            for column, value in zip(rows, (image, t_view, p_view, f"{name}, {view}" if name else view)):
+                column.append(value)
+    return rows
 
 
 def _patch_mask_to_pixels(mask: np.ndarray, shape: tuple[int, ...], patch: tuple[int, ...]) -> np.ndarray:
@@ -356,9 +374,9 @@ def _reconstruction_rows(original: np.ndarray, hidden: np.ndarray, recons: dict,
     if original.ndim == 3:
         return [("", original, hidden, recons, lo_hi)]
     centre = tuple(s // 2 for s in original.shape[1:])
-    views = zip(VIEWS, _views(original, centre), _views(hidden, centre))
+    views = zip(VIEWS, orthogonal_slices(original, centre), orthogonal_slices(hidden, centre))
     return [
-        (f", {view}", image, mask, {k: _views(r, centre)[i] for k, r in recons.items()}, lo_hi)
+        (f", {view}", image, mask, {k: orthogonal_slices(r, centre)[i] for k, r in recons.items()}, lo_hi)
         for i, (view, image, mask) in enumerate(views)
     ]
 
@@ -486,9 +504,15 @@ def plot_attention_masks(
 VIEWS = ("axial", "coronal", "sagittal")  # H x W, D x W, D x H
 
 
-def _views(volume: np.ndarray, centre: tuple[int, int, int]) -> list[np.ndarray]:
-    """The three orthogonal slices of a [..., D, H, W] array through `centre` (d, h, w)."""
-    d, h, w = centre
+def orthogonal_slices(volume: np.ndarray, centre: tuple[int, int, int] | None = None) -> list[np.ndarray]:
+    """The axial (H x W), coronal (D x W) and sagittal (D x H) slices of a [..., D, H, W] array through `centre`
+    (d, h, w; default the middle).
+
+    Example:
+        >>> [s.shape for s in orthogonal_slices(np.zeros((4, 5, 6)))]
+        [(5, 6), (4, 6), (4, 5)]
+    """
+    d, h, w = centre if centre is not None else (n // 2 for n in volume.shape[-3:])
     return [volume[..., d, :, :], volume[..., :, h, :], volume[..., :, :, w]]
 
 
@@ -496,57 +520,3 @@ def _foreground_centre(labels: np.ndarray, ignore_index: int) -> tuple[int, int,
     """Slices through the labelled foreground's centre of mass (the middle when there is none): where one looks."""
     fg = np.argwhere((labels > 0) & (labels != ignore_index))
     return tuple(int(v) for v in (fg.mean(axis=0) if len(fg) else np.array(labels.shape) / 2))
-
-
-def plot_volume_overlays(
-    volumes: Sequence[np.ndarray],
-    truth: Sequence[np.ndarray],
-    pred: Sequence[np.ndarray],
-    path: str | Path,
-    class_names: list[str],
-    ignore_index: int = 255,
-    names: Sequence[str] | None = None,
-) -> str:
-    """Two rows per volume (truth, prediction) and one column per orthogonal view, through the foreground's centre.
-
-    Args:
-        volumes: [C, D, H, W] volumes (channel 0 shown, 1-99 percentile stretch per volume).
-        truth: [D, H, W] class ids each, ``ignore_index`` unlabelled (drawn transparent).
-        pred: [D, H, W] predicted class ids each.
-        path: PNG path.
-        class_names: K names (legend and colours).
-        names: one title per volume.
-
-    Example:
-        >>> plot_volume_overlays([x], [y], [p], "out/overlays.png", ["background", "nucleus"])  # doctest: +SKIP
-    """
-    if not (len(volumes) == len(truth) == len(pred)) or any(
-        t.shape != p.shape or t.shape != v.shape[1:] for v, t, p in zip(volumes, truth, pred)
-    ):
-        raise DataError(
-            "volumes, truth and pred do not fit together.",
-            "pass [C, D, H, W] volumes with [D, H, W] truth and pred each.",
-        )
-    k = len(class_names)
-    cmap = ListedColormap(plt.get_cmap("tab20" if k > 10 else "tab10").colors[:k])
-    fig, axes = plt.subplots(2 * len(volumes), 3, figsize=(10, 2.8 * 2 * len(volumes)), squeeze=False)
-    for i, (volume, t, p) in enumerate(zip(volumes, truth, pred)):
-        centre = _foreground_centre(t, ignore_index)
-        image = np.asarray(volume[0], dtype=float)
-        lo, hi = np.percentile(image, [1, 99])
-        for r, (mask, what) in enumerate(((t, "truth"), (p, "prediction"))):
-            for c, (img, m, view) in enumerate(zip(_views(image, centre), _views(mask, centre), VIEWS)):
-                ax = axes[2 * i + r, c]
-                prefix = f"{names[i]}: " if names and c == 0 else ""
-                _show(ax, np.clip((img - lo) / max(hi - lo, 1e-8), 0, 1), f"{prefix}{what}, {view}")
-                ax.imshow(
-                    _overlay(m, k, ignore_index),
-                    cmap=cmap,
-                    vmin=-0.5,
-                    vmax=k - 0.5,
-                    alpha=0.45,
-                    interpolation="nearest",
-                )
-    handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(c)) for c in range(k)]
-    fig.legend(handles, class_names, loc="lower center", ncol=min(k, 6), fontsize=8)
-    return _save(fig, path)

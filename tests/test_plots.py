@@ -7,6 +7,7 @@ from PIL import Image
 
 from hf_medmae.errors import DataError
 from hf_medmae.plots import (
+    orthogonal_slices,
     plot_attention_masks,
     plot_confidence,
     plot_confusion_matrix,
@@ -84,6 +85,20 @@ def test_segmentation_overlays(tmp_path):
     w, h = _open(path)
     assert 1.0 < w / h < 2.2  # 3 columns x 2 rows plus a legend
     assert_panel_grid(path, rows=2, cols=3)  # image, truth, prediction per image
+
+
+def test_volume_overlays_are_the_image_overlays_of_three_views(tmp_path):
+    volumes = [RNG.normal(size=(1, 8, 8, 8)), RNG.normal(size=(2, 8, 8, 8))]
+    truth = [np.where(v[0] > 0, 1, 0) for v in volumes]
+    truth[0][:, :2] = 255
+    path = plot_segmentation_overlays(volumes, truth, truth, tmp_path / "vol.png", ["bg", "fg"], names=["a", "b"])
+    assert_panel_grid(path, rows=6, cols=3)  # axial, coronal, sagittal rows per volume
+    flat = [RNG.normal(size=(1, 4, 8, 10))]  # views of different shapes
+    _open(plot_segmentation_overlays(flat, [flat[0][0] > 0], [flat[0][0] > 1], tmp_path / "flat.png", ["bg", "fg"]))
+    with pytest.raises(DataError, match="do not match"):
+        plot_segmentation_overlays(volumes, truth[:1], truth[:1], tmp_path / "bad.png", ["bg", "fg"])
+    axial, coronal, sagittal = orthogonal_slices(np.arange(4 * 5 * 6).reshape(4, 5, 6), (1, 2, 3))
+    assert axial[0, 0] == 30 and coronal[0, 0] == 12 and sagittal[0, 0] == 3
 
 
 @pytest.mark.parametrize("c, channels", [(1, None), (3, None), (16, None), (16, 5), (16, [3, 7, 11])])

@@ -11,21 +11,19 @@ import tifffile
 import torch
 from PIL import Image
 
+from hf_medmae.data.crops import CropAugment, CropDataset, sliding_crops
 from hf_medmae.data.segmentation import read_label
+from hf_medmae.data.transforms import normalise_intensity
 from hf_medmae.data.volumes import (
     LazyVolumes,
-    VolumeAugment,
     VolumeDataArguments,
-    VolumeDataset,
     VolumeSet,
     load_volumes,
-    normalise_intensity,
-    orthogonal_slices,
     read_volume,
-    sliding_crops,
     volume_classes,
 )
 from hf_medmae.errors import ConfigError, DataError
+from hf_medmae.plots import orthogonal_slices
 
 
 def ramp(d=6, h=7, w=8) -> np.ndarray:
@@ -211,7 +209,7 @@ def test_ct_window_and_percentile():
 def test_augment_keeps_image_and_label_aligned_and_is_seeded():
     image = torch.from_numpy(ramp(10, 12, 12))[None]
     label = (image[0] % 7 > 3).long()  # a label that is a function of the voxel value
-    aug = VolumeAugment((6, 8, 8))
+    aug = CropAugment((6, 8, 8))
     seen = set()
     for seed in range(20):
         out_image, out_label = aug(image, label, torch.Generator().manual_seed(seed))
@@ -225,7 +223,7 @@ def test_augment_keeps_image_and_label_aligned_and_is_seeded():
 
 
 def test_non_square_roi_keeps_its_shape():
-    aug = VolumeAugment((4, 6, 8))
+    aug = CropAugment((4, 6, 8))
     for seed in range(8):
         image, _ = aug(torch.rand(1, 8, 10, 10), None, torch.Generator().manual_seed(seed))
         assert image.shape == (1, 4, 6, 8)
@@ -233,7 +231,7 @@ def test_non_square_roi_keeps_its_shape():
 
 def test_small_volumes_are_padded_with_ignore_labels():
     image, label = torch.ones(1, 3, 10, 4), torch.ones(3, 10, 4, dtype=torch.long)
-    out_image, out_label = VolumeAugment((6, 8, 8), flips=False, rot90=False)(
+    out_image, out_label = CropAugment((6, 8, 8), flips=False, rot90=False)(
         image, label, torch.Generator().manual_seed(0)
     )
     assert out_image.shape == (1, 6, 8, 8) and out_label.shape == (6, 8, 8)
@@ -247,11 +245,11 @@ def test_pos_fraction_one_always_hits_foreground():
     label[15:17, 30:33, 2:4] = 2  # one small object in a corner
     label[0:2, 0:2, 0:2] = 255  # ignored voxels are not foreground
     image = label[None].float()
-    aug = VolumeAugment((4, 8, 8), pos_fraction=1.0)
+    aug = CropAugment((4, 8, 8), pos_fraction=1.0)
     for seed in range(30):
         _, out = aug(image, label, torch.Generator().manual_seed(seed))
         assert (out == 2).any()
-    uniform = VolumeAugment((4, 8, 8))
+    uniform = CropAugment((4, 8, 8))
     hits = sum(bool((uniform(image, label, torch.Generator().manual_seed(s))[1] == 2).any()) for s in range(30))
     assert hits < 15
 
@@ -276,7 +274,7 @@ def test_volume_dataset_train_and_eval():
     rng = np.random.default_rng(0)
     volumes = [rng.random((2, 9, 10, 12), dtype=np.float32), rng.random((2, 5, 16, 16), dtype=np.float32)]
     vs = VolumeSet(volumes, [(v[0] > 0.5).astype(np.int64) for v in volumes], ["a", "b"])
-    train = VolumeDataset(vs, (4, 8, 8), VolumeAugment((4, 8, 8)), samples_per_volume=3, seed=1)
+    train = CropDataset(vs.volumes, vs.labels, (4, 8, 8), CropAugment((4, 8, 8)), samples_per_item=3, seed=1)
     assert len(train) == 6
     item = train[4]
     assert item["pixel_values"].shape == (2, 4, 8, 8) and item["pixel_values"].dtype == torch.float32
@@ -285,19 +283,20 @@ def test_volume_dataset_train_and_eval():
     assert torch.equal(train[4]["pixel_values"], item["pixel_values"])  # same epoch, same crop
     train.set_epoch(1)
     assert not torch.equal(train[4]["pixel_values"], item["pixel_values"])
-    evaluation = VolumeDataset(vs, (4, 8, 8))
+    evaluation = CropDataset(vs.volumes, vs.labels, (4, 8, 8))
     assert len(evaluation) == 3 * 2 * 2 + 2 * 2 * 2
     for i in range(len(evaluation)):
         assert evaluation[i]["pixel_values"].shape == (2, 4, 8, 8) and evaluation[i]["labels"].shape == (4, 8, 8)
-    unlabelled = VolumeDataset(VolumeSet(volumes, None, ["a", "b"]), (4, 8, 8), VolumeAugment((4, 8, 8)))
+    unlabelled = CropDataset(volumes, None, (4, 8, 8), CropAugment((4, 8, 8)))
     assert set(unlabelled[0]) == {"pixel_values", "sample_ids"}
     with pytest.raises(ConfigError, match="roi_size"):
-        VolumeDataset(vs, (4, 8, 8), VolumeAugment((4, 4, 4)))
+        CropDataset(vs.volumes, vs.labels, (4, 8, 8), CropAugment((4, 4, 4)))
 
 
 def test_orthogonal_slices():
-    axial, coronal, sagittal = orthogonal_slices(ramp()[None])
+    axial, coronal, sagittal = orthogonal_slices(ramp())
     assert axial.shape == (7, 8) and coronal.shape == (6, 8) and sagittal.shape == (6, 7)
+    assert axial[2, 3] == 100 * 3 + 10 * 2 + 3 and coronal[1, 2] == 100 + 10 * 3 + 2 and sagittal[1, 2] == 124
     assert axial[0, 0] == 300 and coronal[0, 0] == 30 and sagittal[0, 0] == 4
 
 
@@ -326,9 +325,8 @@ def test_embedded_mni152_tissue_maps_align_with_t1(mni):
 
 def test_embedded_volumes_through_the_dataset(nuclei):
     normalised = VolumeSet([normalise_intensity(v) for v in nuclei.volumes], nuclei.labels, nuclei.names)
-    ds = VolumeDataset(
-        normalised.subset([0]), (16, 32, 32), VolumeAugment((16, 32, 32), pos_fraction=1.0), samples_per_volume=2
-    )
+    first = normalised.subset([0])
+    ds = CropDataset(first.volumes, first.labels, (16, 32, 32), CropAugment((16, 32, 32), pos_fraction=1.0), 2)
     item = ds[1]
     assert item["pixel_values"].shape == (1, 16, 32, 32) and item["labels"].sum() > 0
 
@@ -358,8 +356,8 @@ def test_lazy_pool_reads_files_only_when_used_and_keeps_a_few(tmp_path):
 def test_lazy_and_in_memory_pools_give_identical_items(tmp_path):
     folder = str(_folder_pool(tmp_path))
     kinds = [load_volumes(folder, lazy=lazy) for lazy in (False, True)]
-    for augment in (VolumeAugment((8, 16, 16)), None):
-        eager, lazy = (VolumeDataset(k, (8, 16, 16), augment, samples_per_volume=2, seed=3) for k in kinds)
+    for augment in (CropAugment((8, 16, 16)), None):
+        eager, lazy = (CropDataset(k.volumes, k.labels, (8, 16, 16), augment, 2, seed=3) for k in kinds)
         assert len(eager) == len(lazy)
         for i in range(len(eager)):
             a, b = eager[i], lazy[i]
@@ -370,7 +368,7 @@ def test_lazy_pool_checks_label_shape_when_read(tmp_path):
     folder = _folder_pool(tmp_path, n=2)
     save_nifti(folder / "v1_label.nii.gz", np.zeros((12, 16, 15), np.float32))
     pool = load_volumes(str(folder), lazy=True)  # no read yet, so no error yet
-    dataset = VolumeDataset(pool, (8, 16, 16), VolumeAugment((8, 16, 16)))
+    dataset = CropDataset(pool.volumes, pool.labels, (8, 16, 16), CropAugment((8, 16, 16)), names=pool.names)
     dataset[0]
     with pytest.raises(
         DataError, match=r"v1.nii.gz: the volume is \[D, H, W\] \(12, 16, 16\) but its label is \(12, 16, 15\)"

@@ -1,5 +1,5 @@
 """The pre-training data: a source string -> images -> tiles -> normalised, augmented tensors (with per-image mask
-noise); the labels of a supervised (MSMAE) pre-training; a stream; the crops of a pool of volumes.
+noise); the labels of a supervised (MSMAE) pre-training; a stream; a pool of volumes.
 
 The functions that take `data_args` / `model_args` read the fields of `run_mae.py`'s `DataArguments` (volumes:
 `data.volumes.VolumeDataArguments`) and `ModelArguments`; any object with those fields will do.
@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from transformers import ViTImageProcessorPil
 
 from ..classification import class_weights
 from ..errors import ConfigError, DataError
 from .classification import read_labels_csv
+from .crops import sliding_crops
 from .embedded import load_embedded
 from .io import ARRAY_SUFFIXES, item_to_chw, progress
 from .sources import (
@@ -36,7 +36,7 @@ from .sources import (
 from .sources import image_column as hf_image_column
 from .splits import label_subset, split_indices
 from .transforms import Augment, EpochSeeded, Normalize, channel_moments, resize
-from .volumes import VolumeDataArguments, VolumeDataset, VolumeSet, prepare_volumes, split_for, volume_augment
+from .volumes import VolumeDataArguments, VolumeSet, prepare_volumes, split_for
 
 logger = logging.getLogger(__name__)
 
@@ -95,20 +95,14 @@ def item_labels(source: ImageSource, labels_by_file: dict[Path, int]) -> np.ndar
     return found[index]
 
 
-def tile_image(image: np.ndarray, tile_size: int, stride: int | None = None) -> list[np.ndarray]:
-    """Cut [C, H, W] into tile_size x tile_size tiles (e.g. 16x256x256 -> 16 tiles of 16x64x64).
+def tile_image(image: np.ndarray, tile_size: int) -> list[np.ndarray]:
+    """Cut [C, H, W] into tile_size x tile_size tiles (e.g. 16x256x256 -> 16 tiles of 16x64x64), as `TiledSource`.
 
     Tiles that would run past the border are dropped; an image smaller than one tile is returned whole.
     """
-    stride = stride or tile_size
-    _, h, w = image.shape
-    if h < tile_size or w < tile_size:
+    if min(image.shape[1:]) < tile_size:
         return [image]
-    return [
-        image[:, top : top + tile_size, left : left + tile_size]
-        for top in range(0, h - tile_size + 1, stride)
-        for left in range(0, w - tile_size + 1, stride)
-    ]
+    return [image[(slice(None), *box)] for box in sliding_crops(image.shape[1:], (tile_size,) * 2, cover=False)]
 
 
 class PretrainingDataset(EpochSeeded, Dataset):
@@ -398,20 +392,6 @@ def volume_pool(data_args: VolumeDataArguments, seed: int) -> tuple[VolumeSet, V
     return data.subset(train_idx), (data.subset(val_idx) if val_idx else None)
 
 
-def volume_crops(
-    train: VolumeSet, val: VolumeSet | None, data_args: VolumeDataArguments, seed: int, fixed: bool = False
-) -> tuple[VolumeDataset, VolumeDataset | None]:
-    """The crops a 3D MAE trains and validates on: random training crops (`samples_per_volume` per volume and
-    epoch), or with `fixed` the covering crops (the attention generator's maps must line up with the voxels they
-    mask); fixed validation crops, without sample ids (the attention bank is keyed by training ids)."""
-    roi = tuple(data_args.roi_size)
-    if fixed:
-        train_crops = VolumeDataset(train, roi)
-    else:
-        train_crops = VolumeDataset(train, roi, volume_augment(data_args), data_args.samples_per_volume, seed)
-    return train_crops, (VolumeDataset(val, roi, with_ids=False) if val is not None else None)
-
-
 def image_channels(train: ImageSource, val: ImageSource, data_args) -> int:
     """The one channel count of the training and validation images."""
     channels = source_channels(train, data_args.train_data)
@@ -421,17 +401,3 @@ def image_channels(train: ImageSource, val: ImageSource, data_args) -> int:
             "use validation data with the training data's channel count.",
         )
     return channels
-
-
-def pretraining_processor(channels: int, image_mean=None, image_std=None) -> ViTImageProcessorPil:
-    """The image processor saved with an MAE: normalisation by the training images' statistics; for volumes (None),
-    which are normalised one by one before cropping, an identity that records the unit scale (mean 0, std 1)."""
-    if image_mean is None:
-        return ViTImageProcessorPil(
-            do_resize=False,
-            do_rescale=False,
-            do_normalize=False,
-            image_mean=[0.0] * channels,
-            image_std=[1.0] * channels,
-        )
-    return ViTImageProcessorPil(do_resize=False, do_rescale=False, image_mean=image_mean, image_std=image_std)

@@ -9,7 +9,6 @@ while many tools use 255 for "unlabeled".
 from __future__ import annotations
 
 import fnmatch
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError
+from .crops import sliding_crops
 from .embedded import EMBEDDED, nuclei16
 from .io import list_image_files, read_image
 from .splits import split_three, subsample
@@ -340,21 +340,18 @@ def sparsify(masks: list[np.ndarray], fraction: float, ignore_index: int, seed: 
 
 
 def covering_tiles(pairs: SegmentationPairs, size: int) -> SegmentationPairs:
-    """Cut each pair into size x size tiles that cover every pixel (the last row/column overlaps).
+    """Cut each pair into size x size tiles that cover every pixel (`crops.sliding_crops`: the last row/column
+    overlaps).
 
     Used for evaluation with `crop_mode: random_crop`, so a model trained on crops is scored on
     (nearly) every pixel at its training scale. Images smaller than `size` stay whole.
     """
     images, masks, names = [], [], []
     for image, mask, name in zip(pairs.images, pairs.masks, pairs.names):
-        _, h, w = image.shape
-        tops = np.unique(np.linspace(0, max(h - size, 0), max(1, math.ceil(h / size))).round().astype(int))
-        lefts = np.unique(np.linspace(0, max(w - size, 0), max(1, math.ceil(w / size))).round().astype(int))
-        for top in tops:
-            for left in lefts:
-                images.append(image[:, top : top + size, left : left + size])
-                masks.append(mask[top : top + size, left : left + size])
-                names.append(f"{name}@{top},{left}")
+        for box in sliding_crops(mask.shape, (size, size)):
+            images.append(image[(slice(None), *box)])
+            masks.append(mask[box])
+            names.append(f"{name}@{box[0].start},{box[1].start}")
     return SegmentationPairs(images, masks, names)
 
 

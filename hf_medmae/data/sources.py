@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
+from .crops import sliding_crops
 from .io import _to_chw, check_finite, item_to_chw, list_image_files, progress, read_image
 from .transforms import channel_moments
 
@@ -362,14 +363,14 @@ def folder_source(
 
 
 class TiledSource(ImageSource):
-    """Tiles of side `tile_size` of every image, as an index (image, top, left): nothing is copied.
+    """Tiles of side `tile_size` of every image (`crops.sliding_crops` without the flush border tile), as an index
+    (image, top, left): nothing is copied.
 
     Tiles that would run past the border are dropped; an image smaller than one tile is one item, whole.
     """
 
-    def __init__(self, source: ImageSource, tile_size: int, stride: int | None = None):
+    def __init__(self, source: ImageSource, tile_size: int):
         self.source, self.tile_size, self.cheap_shapes = source, tile_size, source.cheap_shapes
-        stride = stride or tile_size
         index = []
         for i in range(len(source)):
             _, h, w = source.shape(i)
@@ -377,9 +378,7 @@ class TiledSource(ImageSource):
                 index.append((i, -1, -1))
             else:
                 index += [
-                    (i, top, left)
-                    for top in range(0, h - tile_size + 1, stride)
-                    for left in range(0, w - tile_size + 1, stride)
+                    (i, top.start, left.start) for top, left in sliding_crops((h, w), (tile_size,) * 2, cover=False)
                 ]
         self.index = np.asarray(index, dtype=np.int64).reshape(-1, 3)
 

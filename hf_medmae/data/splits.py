@@ -1,8 +1,9 @@
 """Seeded splits of a data set: train / validation (/ test) by image, and label-budget subsets of train.
 
 Every split in the package comes from here, each seeded, so a run and its rerun hold out the same images:
-`split_indices` (pre-training), `split_three` + `subsample` (segmentation, by image), `stratified_split`
-+ `label_subset` (classification, stratified by class with scikit-learn).
+`split_counts` (whole items by count: images or volumes) under `split_indices` (pre-training), `split_three` +
+`subsample` (segmentation, by image) and `split_named` (named or counted items, e.g. volumes), and
+`stratified_split` + `label_subset` (classification, stratified by class with scikit-learn).
 """
 
 from __future__ import annotations
@@ -18,16 +19,62 @@ from ..errors import ConfigError, DataError
 logger = logging.getLogger(__name__)
 
 
+def split_counts(n: int, n_val: int, n_test: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Seeded split of n whole items (images or volumes) into sorted train / validation / test indices by counts.
+
+    The one seeded shuffle behind `split_indices`, `split_three` and `split_named`: validation is the first
+    `n_val` of a permutation, test the next `n_test`, train the rest.
+
+    Example:
+        >>> [s.tolist() for s in split_counts(5, 1, 1, seed=0)]
+        [[0, 1, 3], [2], [4]]
+    """
+    if n_val < 0 or n_test < 0 or n - n_val - n_test < 1:
+        raise ConfigError(
+            f"{n} items cannot give {n_val} validation and {n_test} test items and still train on one.",
+            "hold out fewer (validation_volumes / test_volumes, or the fractions), or add data.",
+        )
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[n_val + n_test :]), np.sort(order[:n_val]), np.sort(order[n_val : n_val + n_test])
+
+
+def split_named(
+    names: list[str],
+    n_val: int,
+    n_test: int,
+    seed: int,
+    validation_names: list[str] | None = None,
+    test_names: list[str] | None = None,
+) -> tuple[list[int], list[int], list[int]]:
+    """Train / validation / test indices of named items: the named ones when any list is given (test only when
+    `n_test` > 0), else `split_counts` of whole items.
+
+    Example:
+        >>> split_named(["a", "b", "c"], 1, 1, seed=0, validation_names=["c"])
+        ([0, 1], [2], [])
+    """
+    if validation_names is None and test_names is None:
+        return tuple(part.tolist() for part in split_counts(len(names), n_val, n_test, seed))
+    val, test = list(validation_names or []), list(test_names or []) if n_test else []
+    unknown = sorted(set(val + test) - set(names))
+    if unknown or set(val) & set(test) or len(set(val + test)) >= len(names):
+        raise ConfigError(
+            f"validation_names {val} / test_names {test} must be distinct items of {names} and leave one to train.",
+            "name existing items, each in one list.",
+        )
+    train = [i for i, n in enumerate(names) if n not in val + test]
+    return train, [names.index(n) for n in val], [names.index(n) for n in test]
+
+
 def split_indices(n: int, validation_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded shuffle split: (train indices, validation indices); at least one of each when n >= 2."""
     if n == 0:
         raise DataError(
             "the dataset is empty: no images were found.", "check train_data points at a folder or file with images."
         )
-    order = np.random.default_rng(seed).permutation(n)
     n_val = int(round(n * validation_fraction))
     n_val = min(max(n_val, 1 if validation_fraction > 0 and n >= 2 else 0), n - 1)
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
+    return split_counts(n, n_val, 0, seed)[:2]
 
 
 def split_three(
@@ -43,7 +90,6 @@ def split_three(
         raise DataError(
             f"{n} image/mask pairs cannot be split into train, validation and test.", "provide at least 3 pairs."
         )
-    order = np.random.default_rng(seed).permutation(n)
     n_val = max(1, round(n * validation_fraction))
     n_test = max(1, round(n * test_fraction))
     if n_val + n_test >= n:
@@ -52,7 +98,7 @@ def split_three(
             f"leave no training images of {n}.",
             "lower the fractions.",
         )
-    return np.sort(order[n_val + n_test :]), np.sort(order[:n_val]), np.sort(order[n_val : n_val + n_test])
+    return split_counts(n, n_val, n_test, seed)
 
 
 def subsample(indices: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -196,23 +242,13 @@ def label_subset(
     return subset
 
 
-def split_volumes(n: int, n_val: int, n_test: int, seed: int) -> tuple[list[int], list[int], list[int]]:
-    """Seeded split of whole volumes into train / validation / test indices; at least one volume trains."""
-    if n_val < 0 or n_test < 0 or n - n_val - n_test < 1:
-        raise ConfigError(
-            f"{n} volumes cannot give {n_val} validation and {n_test} test volumes and still train on one.",
-            "lower validation_volumes / test_volumes, or add volumes.",
-        )
-    order = np.random.default_rng(seed).permutation(n).tolist()
-    return sorted(order[n_val + n_test :]), sorted(order[:n_val]), sorted(order[n_val : n_val + n_test])
-
-
 __all__ = [
-    "split_volumes",
     "Split",
     "class_counts",
     "label_subset",
+    "split_counts",
     "split_indices",
+    "split_named",
     "split_three",
     "stratified_split",
     "subsample",

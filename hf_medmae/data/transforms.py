@@ -1,4 +1,5 @@
-"""Image transforms for any channel count: normalisation statistics, resizing, and seeded augmentation.
+"""Image transforms for any channel count: normalisation statistics, per-item intensity normalisation (images and
+volumes alike), resizing, and seeded augmentation.
 
 `Augment` (single images: random resized crop, flips, 90-degree rotations) and `PairAugment` (image +
 mask, each draw applied to both) take a `torch.Generator`, so an item's augmentation depends only on
@@ -17,10 +18,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.transforms import Compose, RandFlipd, RandRotate90d
+from monai.transforms import (
+    Compose,
+    RandFlipd,
+    RandRotate90d,
+    ScaleIntensityRange,
+    ScaleIntensityRangePercentiles,
+)
 from monai.utils import convert_to_tensor
+from transformers import ViTImageProcessorPil
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 
 
 class EpochSeeded:
@@ -73,6 +81,67 @@ def channel_moments(images) -> tuple[list[float], list[float], int]:
     mean = total / count
     std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
     return mean.tolist(), np.where(std > 0, std, 1.0).tolist(), n
+
+
+NORMALISE_MODES = ("zscore", "percentile", "ct_window", "none")
+
+
+def normalise_intensity(
+    image: np.ndarray,
+    mode: str = "zscore",
+    window: tuple[float, float] | None = None,
+    percentiles: tuple[float, float] = (0.5, 99.5),
+    foreground_threshold: float | None = None,
+) -> np.ndarray:
+    """Per-item, per-channel intensity normalisation (nnU-Net style) of an image [C, H, W] or a volume [C, D, H, W]
+    (any spatial dimension), applied once when loading; the window and percentile modes are MONAI's
+    `ScaleIntensityRange` and `ScaleIntensityRangePercentiles`.
+
+    Args:
+        image: [C, *spatial].
+        mode: "zscore" (mean 0, std 1 over the foreground), "percentile" (clip each channel to its
+            `percentiles`, scale to [0, 1]), "ct_window" (clip to `window` = (lo, hi) HU, scale to [0, 1]),
+            or "none".
+        window: the HU window of "ct_window", e.g. (-1000, 400) for lung.
+        percentiles: the clipping percentiles of "percentile".
+        foreground_threshold: "zscore" statistics come from voxels above it (e.g. 0 for skull-stripped
+            MRI); None: all voxels. A channel with no voxel above it falls back to all voxels.
+
+    Example:
+        >>> normalise_intensity(np.array([[[[-2000.0, 0.0, 400.0]]]]), "ct_window", window=(-1000, 400)).tolist()
+        [[[[0.0, 0.7142857313156128, 1.0]]]]
+    """
+    image = np.asarray(image, dtype=np.float32)
+    if mode not in NORMALISE_MODES:
+        raise ConfigError(f"unknown intensity normalisation {mode!r}.", f"use one of {list(NORMALISE_MODES)}.")
+    if mode == "none":
+        return image
+    if mode == "ct_window":
+        if window is None or len(window) != 2 or not float(window[0]) < float(window[1]):
+            raise ConfigError(
+                f"ct_window normalisation needs window=(lo, hi) with lo < hi, got {window!r}.",
+                "set window in HU, e.g. [-1000, 400] (lung) or [-160, 240] (abdomen).",
+            )
+        lo, hi = float(window[0]), float(window[1])
+        window_scale = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True, dtype=np.float32)
+        return np.asarray(window_scale(image), dtype=np.float32)
+    if mode == "percentile":
+        if not 0.0 <= percentiles[0] < percentiles[1] <= 100.0:
+            raise ConfigError(
+                f"percentiles={percentiles!r} must satisfy 0 <= low < high <= 100.", "use e.g. (0.5, 99.5)."
+            )
+        scale = ScaleIntensityRangePercentiles(
+            *percentiles, b_min=0.0, b_max=1.0, clip=True, channel_wise=True, dtype=np.float32
+        )
+        return np.asarray(scale(image), dtype=np.float32)
+    # Our own z-score: MONAI's NormalizeIntensity(nonzero=True) would also leave the voxels below the threshold as
+    # they are; here every voxel is normalised with the statistics of the foreground.
+    out = np.empty_like(image)
+    for c, channel in enumerate(image):
+        voxels = channel[channel > foreground_threshold] if foreground_threshold is not None else channel
+        voxels = voxels if voxels.size else channel
+        out[c] = (channel - voxels.mean(dtype=np.float64)) / max(float(voxels.std(dtype=np.float64)), 1e-6)
+    return out
 
 
 @dataclass
@@ -185,6 +254,25 @@ def center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
     return image[:, top : top + size, left : left + size]
 
 
+def image_processor(channels: int, image_mean=None, image_std=None) -> ViTImageProcessorPil:
+    """The image processor saved with a model: normalisation by the training images' statistics; without them
+    (volumes, normalised one by one when read: `normalise_intensity`), an identity that records the unit scale.
+
+    Example:
+        >>> image_processor(2).image_std, image_processor(1, [0.5], [0.2]).do_normalize
+        ((1.0, 1.0), True)
+    """
+    if image_mean is None:
+        return ViTImageProcessorPil(
+            do_resize=False,
+            do_rescale=False,
+            do_normalize=False,
+            image_mean=[0.0] * channels,
+            image_std=[1.0] * channels,
+        )
+    return ViTImageProcessorPil(do_resize=False, do_rescale=False, image_mean=image_mean, image_std=image_std)
+
+
 class Normalize:
     """Per-channel `(x - mean) / std` for [C, H, W] tensors, with the statistics saved beside a checkpoint."""
 
@@ -294,6 +382,7 @@ class PairAugment:
 __all__ = [
     "Augment",
     "HFLIP",
+    "NORMALISE_MODES",
     "Normalize",
     "PairAugment",
     "VFLIP",
@@ -301,8 +390,10 @@ __all__ = [
     "center_crop",
     "channel_moments",
     "channel_stats",
+    "image_processor",
     "check_channels",
     "labelled_geometry",
+    "normalise_intensity",
     "run_seeded",
     "resize",
     "resize_pair",

@@ -1,10 +1,11 @@
-"""The 3D data layer: volumes [C, D, H, W] with labels [D, H, W] -> intensity normalisation -> seeded ROI crops.
+"""The 3D data layer: volumes [C, D, H, W] with labels [D, H, W], read and prepared for the crops of `data.crops`.
 
 Sources: NIfTI (`.nii`, `.nii.gz`), multi-page or ImageJ TIFF, `.npy`, folders of those (labels matched
 by a file-name pattern), a `.npy` stack [N, C, D, H, W], or `embedded:nuclei3d` / `embedded:mni152`.
 Depth D is always the slice axis: NIfTI's Z, a TIFF's pages (or its ImageJ Z axis). Files are read in
 their stored voxel order, never reoriented, so an image and its label written on one voxel grid line up.
-Every random draw of `VolumeAugment` comes from the torch.Generator of its item, as in `transforms`.
+Intensity normalisation (`transforms.normalise_intensity`), crops (`crops`) and splits (`splits`) are the ones
+images use, with the dimension as a parameter.
 """
 
 from __future__ import annotations
@@ -12,37 +13,23 @@ from __future__ import annotations
 import zlib
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
-from itertools import product
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import torch
-from monai.transforms import (
-    Compose,
-    OneOf,
-    RandCropByPosNegLabeld,
-    RandSpatialCropd,
-    ScaleIntensityRange,
-    ScaleIntensityRangePercentiles,
-    SpatialPad,
-)
-from monai.utils import convert_to_tensor
 from nibabel.filebasedimages import ImageFileError
-from torch.utils.data import Dataset
-from transformers import ViTImageProcessorPil
 
 from ..errors import ConfigError, DataError
+from .crops import CropAugment, CropDataset
 from .embedded import EMBEDDED_VOLUMES
 from .io import check_finite
 from .segmentation import class_mapping, map_labels, read_label
-from .splits import split_volumes
-from .transforms import EpochSeeded, labelled_geometry, run_seeded
+from .splits import split_named
+from .transforms import NORMALISE_MODES, normalise_intensity
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".tif", ".tiff", ".npy")
-NORMALISE_MODES = ("zscore", "percentile", "ct_window", "none")
 
 
 def volume_suffix(path: str | Path) -> str:
@@ -392,268 +379,6 @@ def load_volumes(
     return volumes
 
 
-def normalise_intensity(
-    volume: np.ndarray,
-    mode: str = "zscore",
-    window: tuple[float, float] | None = None,
-    percentiles: tuple[float, float] = (0.5, 99.5),
-    foreground_threshold: float | None = None,
-) -> np.ndarray:
-    """Per-volume, per-channel intensity normalisation (nnU-Net style), applied once when loading; the window and
-    percentile modes are MONAI's `ScaleIntensityRange` and `ScaleIntensityRangePercentiles`.
-
-    Args:
-        volume: [C, D, H, W].
-        mode: "zscore" (mean 0, std 1 over the foreground), "percentile" (clip each channel to its
-            `percentiles`, scale to [0, 1]), "ct_window" (clip to `window` = (lo, hi) HU, scale to [0, 1]),
-            or "none".
-        window: the HU window of "ct_window", e.g. (-1000, 400) for lung.
-        percentiles: the clipping percentiles of "percentile".
-        foreground_threshold: "zscore" statistics come from voxels above it (e.g. 0 for skull-stripped
-            MRI); None: all voxels. A channel with no voxel above it falls back to all voxels.
-
-    Example:
-        >>> normalise_intensity(np.array([[[[-2000.0, 0.0, 400.0]]]]), "ct_window", window=(-1000, 400)).tolist()
-        [[[[0.0, 0.7142857313156128, 1.0]]]]
-    """
-    volume = np.asarray(volume, dtype=np.float32)
-    if mode not in NORMALISE_MODES:
-        raise ConfigError(f"unknown intensity normalisation {mode!r}.", f"use one of {list(NORMALISE_MODES)}.")
-    if mode == "none":
-        return volume
-    if mode == "ct_window":
-        if window is None or len(window) != 2 or not float(window[0]) < float(window[1]):
-            raise ConfigError(
-                f"ct_window normalisation needs window=(lo, hi) with lo < hi, got {window!r}.",
-                "set window in HU, e.g. [-1000, 400] (lung) or [-160, 240] (abdomen).",
-            )
-        lo, hi = float(window[0]), float(window[1])
-        window_scale = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True, dtype=np.float32)
-        return np.asarray(window_scale(volume), dtype=np.float32)
-    if mode == "percentile":
-        if not 0.0 <= percentiles[0] < percentiles[1] <= 100.0:
-            raise ConfigError(
-                f"percentiles={percentiles!r} must satisfy 0 <= low < high <= 100.", "use e.g. (0.5, 99.5)."
-            )
-        scale = ScaleIntensityRangePercentiles(
-            *percentiles, b_min=0.0, b_max=1.0, clip=True, channel_wise=True, dtype=np.float32
-        )
-        return np.asarray(scale(volume), dtype=np.float32)
-    # Our own z-score: MONAI's NormalizeIntensity(nonzero=True) would also leave the voxels below the threshold as
-    # they are; here every voxel is normalised with the statistics of the foreground.
-    out = np.empty_like(volume)
-    for c, channel in enumerate(volume):
-        voxels = channel[channel > foreground_threshold] if foreground_threshold is not None else channel
-        voxels = voxels if voxels.size else channel
-        out[c] = (channel - voxels.mean(dtype=np.float64)) / max(float(voxels.std(dtype=np.float64)), 1e-6)
-    return out
-
-
-def pad_to(image: torch.Tensor, label: torch.Tensor | None, roi_size, ignore_index: int = 255):
-    """Pad [C, D, H, W] (with 0) and [D, H, W] (with ignore_index) symmetrically up to roi_size where smaller."""
-    size = [max(s, r) for s, r in zip(image.shape[1:], roi_size)]
-    if list(image.shape[1:]) == size:
-        return image, label
-    # MONAI returns MetaTensors; plain tensors keep collation and the model free of metadata
-    image = convert_to_tensor(SpatialPad(size, mode="constant", value=0)(image), track_meta=False)
-    if label is not None:
-        label = convert_to_tensor(
-            SpatialPad(size, mode="constant", value=ignore_index)(label[None]), track_meta=False
-        )[0]
-    return image, label
-
-
-@dataclass
-class VolumeAugment:
-    """Seeded ROI crop, flips and in-plane 90-degree rotations for a volume and its label alike, as MONAI dict
-    transforms (`RandCropByPosNegLabeld` / `RandSpatialCropd`, `RandFlipd`, `RandRotate90d`) seeded from the item's
-    generator.
-
-    Args:
-        roi_size: crop (D, H, W); smaller volumes are padded (image 0, label ignore_index).
-        flips: flip each of D, H, W with probability 0.5.
-        rot90: rotate by k * 90 degrees over (H, W); k is 0 or 2 when the ROI is not square in-plane.
-        pos_fraction: with labels, the probability that a crop is centred on a foreground voxel (label
-            not 0 and not ignore_index); otherwise the crop is uniform.
-        ignore_index: label of padded voxels.
-
-    Example:
-        >>> aug = VolumeAugment((8, 16, 16))
-        >>> gen = torch.Generator().manual_seed(0)
-        >>> image, label = aug(torch.rand(1, 10, 20, 20), torch.zeros(10, 20, 20, dtype=torch.long), gen)
-        >>> tuple(image.shape), tuple(label.shape)
-        ((1, 8, 16, 16), (8, 16, 16))
-    """
-
-    roi_size: tuple[int, int, int]
-    flips: bool = True
-    rot90: bool = True
-    pos_fraction: float = 0.0
-    ignore_index: int = 255
-
-    def __post_init__(self):
-        if len(self.roi_size) != 3 or min(self.roi_size) < 1:
-            raise ConfigError(
-                f"roi_size={self.roi_size!r} is not three positive sizes (D, H, W).",
-                "use e.g. roi_size: [32, 64, 64].",
-            )
-        if not 0.0 <= self.pos_fraction <= 1.0:
-            raise ConfigError(
-                f"pos_fraction={self.pos_fraction} is outside [0, 1].",
-                "use e.g. 0.5: half the crops centred on foreground.",
-            )
-        self.roi_size = tuple(int(r) for r in self.roi_size)
-        self._labelled, self._unlabelled = self._pipeline(["image", "label"]), self._pipeline(["image"])
-
-    def _pipeline(self, keys: list[str]) -> Compose:
-        roi = self.roi_size
-        crop = RandSpatialCropd(keys, roi, random_size=False)
-        if len(keys) > 1 and self.pos_fraction > 0:
-            # "fg": the labelled foreground (not 0, not ignore_index); without any, MONAI centres on other voxels
-            on_foreground = RandCropByPosNegLabeld(keys, "fg", roi, pos=1.0, neg=0.0)
-            crop = OneOf([on_foreground, crop], weights=[self.pos_fraction, 1.0 - self.pos_fraction])
-        axes = (0, 1, 2) if self.flips else ()
-        return Compose([crop, *labelled_geometry(keys, 3, axes, self.rot90, square=roi[1] == roi[2])])
-
-    def __call__(self, image: torch.Tensor, label: torch.Tensor | None = None, gen: torch.Generator | None = None):
-        image, label = pad_to(image, label, self.roi_size, self.ignore_index)
-        if label is None:
-            return run_seeded(self._unlabelled, {"image": image}, gen, keys=("image",))["image"], None
-        data = {"image": image, "label": label[None]}
-        if self.pos_fraction > 0:
-            data["fg"] = ((label != 0) & (label != self.ignore_index))[None]
-        out = run_seeded(self._labelled, data, gen, keys=("image", "label"))
-        return out["image"], out["label"][0]
-
-
-def sliding_crops(shape: tuple[int, int, int], roi_size, overlap: float = 0.0) -> list[tuple[slice, slice, slice]]:
-    """Deterministic windows covering every voxel of a [D, H, W] volume; the last one per axis ends flush.
-
-    Along an axis shorter than the ROI the window is the whole axis (the caller pads it).
-
-    Example:
-        >>> [(box[0].start, box[0].stop) for box in sliding_crops((10, 4, 4), (4, 4, 4))]
-        [(0, 4), (4, 8), (6, 10)]
-    """
-    if not 0.0 <= overlap < 1.0:
-        raise ConfigError(f"overlap={overlap} is outside [0, 1).", "use e.g. 0.0 (no overlap) or 0.5.")
-    per_axis = []
-    for size, roi in zip(shape, roi_size):
-        stride = max(1, int(roi * (1.0 - overlap)))
-        starts = list(range(0, max(size - roi, 0) + 1, stride))
-        if starts[-1] < size - roi:
-            starts.append(size - roi)
-        per_axis.append([slice(s, min(s + roi, size)) for s in starts])
-    return list(product(*per_axis))
-
-
-class VolumeDataset(EpochSeeded, Dataset):
-    """ROI crops of volumes; items are {"pixel_values": [C, *roi] float32, "labels": [*roi] int64, "sample_ids"}.
-
-    Args:
-        volumes: normalised volumes (see `normalise_intensity`) and optional labels.
-        roi_size: crop (D, H, W).
-        augment: training: item i is a random crop of volume i // samples_per_volume, drawn from its own
-            generator seeded by (seed, epoch, i) (`EpochSeeded`); None (evaluation): the fixed `sliding_crops` of
-            every volume.
-        samples_per_volume: training crops per volume and epoch.
-        seed: base seed of the crops.
-        ignore_index: label of padded voxels (it replaces the augment's own).
-        with_ids: add "sample_ids" (the pre-training model's attention generator reads them; segmenters take none).
-
-    Example:
-        >>> ds = VolumeDataset(load_volumes("embedded:nuclei3d"), (32, 64, 64), VolumeAugment((32, 64, 64)), 2)
-        >>> len(ds), tuple(ds[0]["pixel_values"].shape), ds[0]["labels"].dtype
-        (8, (1, 32, 64, 64), torch.int64)
-    """
-
-    def __init__(
-        self,
-        volumes: VolumeSet,
-        roi_size,
-        augment: VolumeAugment | None = None,
-        samples_per_volume: int = 1,
-        seed: int = 0,
-        ignore_index: int = 255,
-        with_ids: bool = True,
-    ):
-        self.roi_size = tuple(int(r) for r in roi_size)
-        if augment is not None and tuple(augment.roi_size) != self.roi_size:
-            raise ConfigError(
-                f"the augmentation crops {augment.roi_size} but the dataset's roi_size is {self.roi_size}.",
-                "build VolumeAugment with the dataset's roi_size.",
-            )
-        if samples_per_volume < 1:
-            raise ConfigError(f"samples_per_volume={samples_per_volume} must be at least 1.", "use e.g. 1 to 4.")
-        self.volumes, self.volume_labels = volumes.volumes, volumes.labels  # lists, or LazyVolumes read per item
-        self.names = list(volumes.names)
-        self.augment = None if augment is None else replace(augment, ignore_index=ignore_index)
-        EpochSeeded.__init__(self, seed)
-        self.samples_per_volume, self.ignore_index = samples_per_volume, ignore_index
-        self.with_ids = with_ids
-        self.windows = (
-            []
-            if augment is not None
-            else [
-                (v, box)
-                for v in range(len(self.volumes))
-                for box in sliding_crops(tuple(self.volumes[v].shape[1:]), self.roi_size)
-            ]
-        )
-
-    def _pair(self, v: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Volume v as float32 [C, D, H, W] and its int64 [D, H, W] label (None without labels)."""
-        image = torch.from_numpy(np.ascontiguousarray(self.volumes[v], dtype=np.float32))
-        if self.volume_labels is None:
-            return image, None
-        label = torch.from_numpy(np.ascontiguousarray(self.volume_labels[v], dtype=np.int64))
-        if tuple(label.shape) != tuple(image.shape[1:]):  # lazy sets are checked here, when read
-            raise DataError(
-                f"{self.names[v]}: the volume is [D, H, W] {tuple(image.shape[1:])} "
-                f"but its label is {tuple(label.shape)}.",
-                "give every label the voxel grid of its volume (resample both to one grid before training).",
-            )
-        return image, label
-
-    def __len__(self) -> int:
-        return len(self.volumes) * self.samples_per_volume if self.augment is not None else len(self.windows)
-
-    def __getitem__(self, index: int) -> dict:
-        if self.augment is not None:
-            v = index // self.samples_per_volume
-            gen = self.item_generator(index)
-            image, label = self.augment(*self._pair(v), gen)
-        else:
-            v, box = self.windows[index]
-            image, label = self._pair(v)
-            label = None if label is None else label[box]
-            image, label = pad_to(image[(slice(None), *box)], label, self.roi_size, self.ignore_index)
-            image, label = image.contiguous(), None if label is None else label.contiguous()
-        item = {"pixel_values": image}
-        if self.with_ids:
-            item["sample_ids"] = torch.tensor(index, dtype=torch.int64)
-        if label is not None:
-            item["labels"] = label
-        return item
-
-
-def orthogonal_slices(volume: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Central axial (H x W), coronal (D x W) and sagittal (D x H) slices of [D, H, W] or [C, D, H, W] (channel 0).
-
-    Example:
-        >>> [s.shape for s in orthogonal_slices(np.zeros((1, 4, 5, 6)))]
-        [(5, 6), (4, 6), (4, 5)]
-    """
-    volume = np.asarray(volume)
-    volume = volume[0] if volume.ndim == 4 else volume
-    if volume.ndim != 3:
-        raise DataError(
-            f"orthogonal_slices needs [D, H, W] or [C, D, H, W], got shape {volume.shape}.", "pass one volume."
-        )
-    d, h, w = volume.shape
-    return volume[d // 2], volume[:, h // 2, :], volume[:, :, w // 2]
-
-
 @dataclass
 class VolumeDataArguments:
     spatial_dims: int = field(default=3, metadata={"help": "3: volumes (this runner); 2-D configs leave it out"})
@@ -766,14 +491,6 @@ def prepare_volumes(data_args: VolumeDataArguments, labelled: bool) -> VolumeSet
     return data
 
 
-def volume_processor(channels: int) -> ViTImageProcessorPil:
-    """The image processor saved with a volume model: volumes are normalised one by one before cropping
-    (`normalise_intensity`), so the model's inputs need no further scaling (mean 0, std 1)."""
-    return ViTImageProcessorPil(
-        do_resize=False, do_rescale=False, do_normalize=False, image_mean=[0.0] * channels, image_std=[1.0] * channels
-    )
-
-
 def volume_classes(data: VolumeSet, data_args: VolumeDataArguments) -> tuple[dict[int, int], list[str]]:
     """Map `data`'s raw labels to class ids in place (`class_map`; default: they already are ids 0..K-1).
 
@@ -801,30 +518,47 @@ def split_for(
     data: VolumeSet, data_args: VolumeDataArguments, seed: int, n_test: int
 ) -> tuple[list[int], list[int], list[int]]:
     """Named validation / test volumes when the config names them, else a seeded split of whole volumes."""
-    if data_args.validation_names is None and data_args.test_names is None:
-        return split_volumes(
-            len(data),
-            data_args.validation_volumes,
-            n_test,
-            seed if data_args.split_seed is None else data_args.split_seed,
-        )
-    val, test = list(data_args.validation_names or []), list(data_args.test_names or []) if n_test else []
-    unknown = sorted(set(val + test) - set(data.names))
-    if unknown or set(val) & set(test) or len(set(val + test)) >= len(data):
-        raise ConfigError(
-            f"validation_names {val} / test_names {test} must be distinct volumes of {data.names} "
-            "and leave one to train.",
-            "name existing volumes, each in one list.",
-        )
-    index = data.names.index
-    train = [i for i, n in enumerate(data.names) if n not in val + test]
-    return train, [index(n) for n in val], [index(n) for n in test]
+    split_seed = seed if data_args.split_seed is None else data_args.split_seed
+    return split_named(
+        data.names, data_args.validation_volumes, n_test, split_seed, data_args.validation_names, data_args.test_names
+    )
 
 
-def volume_augment(data_args: VolumeDataArguments, ignore_index: int = 255) -> VolumeAugment:
-    return VolumeAugment(
+def volume_augment(data_args: VolumeDataArguments, ignore_index: int = 255) -> CropAugment:
+    return CropAugment(
         tuple(data_args.roi_size), data_args.flips, data_args.rot90, data_args.pos_fraction, ignore_index
     )
+
+
+def volume_crops(
+    train: VolumeSet,
+    val: VolumeSet | None,
+    data_args: VolumeDataArguments,
+    seed: int,
+    fixed: bool = False,
+    ignore_index: int = 255,
+    with_ids: bool = True,
+) -> tuple[CropDataset, CropDataset | None]:
+    """The crops a 3D model trains and validates on (with the volumes' labels, if any).
+
+    Args:
+        train, val: the training and validation volumes (val None: no validation crops).
+        data_args: `roi_size`, `samples_per_volume` and the augmentation fields.
+        seed: base seed of the random training crops.
+        fixed: train on the covering crops instead (the MAE's attention generator: its maps must line up with
+            the voxels they mask).
+        ignore_index: label of padded voxels.
+        with_ids: training items carry "sample_ids"; validation items never do (the attention bank is keyed by
+            training ids).
+    """
+    roi = tuple(data_args.roi_size)
+    augment, samples = (None, 1) if fixed else (volume_augment(data_args), data_args.samples_per_volume)
+    train_crops = CropDataset(
+        train.volumes, train.labels, roi, augment, samples, seed, ignore_index, with_ids, names=train.names
+    )
+    if val is None:
+        return train_crops, None
+    return train_crops, CropDataset(val.volumes, val.labels, roi, None, 1, seed, ignore_index, False, val.names)
 
 
 __all__ = [
@@ -832,19 +566,12 @@ __all__ = [
     "prepare_volumes",
     "split_for",
     "volume_augment",
+    "volume_crops",
     "volume_classes",
-    "volume_processor",
     "LazyVolumes",
-    "NORMALISE_MODES",
     "VOLUME_SUFFIXES",
-    "VolumeAugment",
-    "VolumeDataset",
     "VolumeSet",
     "load_volumes",
-    "normalise_intensity",
-    "orthogonal_slices",
-    "pad_to",
     "read_volume",
-    "sliding_crops",
     "volume_suffix",
 ]

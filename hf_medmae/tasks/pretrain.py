@@ -22,16 +22,14 @@ from ..data.pretraining import (
     load_images,
     open_stream,
     pretraining_augment,
-    pretraining_processor,
     read_supervision,
     streaming_dataset,
     validation_images,
-    volume_crops,
     volume_pool,
 )
 from ..data.sources import sample_stats, skipped_files
-from ..data.transforms import Augment
-from ..data.volumes import VolumeDataArguments
+from ..data.transforms import Augment, image_processor
+from ..data.volumes import VolumeDataArguments, volume_crops
 from ..evaluation.reconstruction import reconstruction_metrics, save_reconstructions
 from ..performance import choose_attention
 from ..pretraining import build_mae
@@ -287,7 +285,7 @@ class Pretrain(Task):
             "labelled_train_images": int((supervision.train >= 0).sum()) if supervision else None,
         }
         state = {"skipped": skipped, "sources": (train_images, val_images), "facts": facts}
-        processor = pretraining_processor(channels, mean, std)
+        processor = image_processor(channels, mean, std)
         return TaskSetup(model, train, val, processor, data_args.train_data, callbacks, state=state)
 
     def setup_stream(self, model_args, data_args: DataArguments, args: MedTrainingArguments) -> TaskSetup:
@@ -325,7 +323,7 @@ class Pretrain(Task):
             "sources": (val_images,) if val_images is not None else (),
             "facts": {"num_train_images": None, "normalisation_sample_images": stream.stats_images},
         }
-        processor = pretraining_processor(len(mean), mean, std)
+        processor = image_processor(len(mean), mean, std)
         return TaskSetup(model, train, val, processor, data_args.train_data, callbacks, state=state)
 
     def setup_volumes(self, model_args, data_args: VolumeDataArguments, args: MedTrainingArguments) -> TaskSetup:
@@ -352,7 +350,7 @@ class Pretrain(Task):
             "intensity": data_args.intensity,
             "roi_size": list(data_args.roi_size),
         }
-        processor = pretraining_processor(train_volumes.channels)
+        processor = image_processor(train_volumes.channels)
         return TaskSetup(model, train, val, processor, data_args.train_data, callbacks, state={"facts": facts})
 
     def report(self, trainer, setup: TaskSetup, model_args, data_args, is_main: bool) -> dict:

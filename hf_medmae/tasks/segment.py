@@ -29,16 +29,8 @@ from ..data.segmentation import (
     sparsify,
     split_pairs,
 )
-from ..data.transforms import PairAugment
-from ..data.volumes import (
-    VolumeDataArguments,
-    VolumeDataset,
-    prepare_volumes,
-    split_for,
-    volume_augment,
-    volume_classes,
-    volume_processor,
-)
+from ..data.transforms import PairAugment, image_processor
+from ..data.volumes import VolumeDataArguments, prepare_volumes, split_for, volume_classes, volume_crops
 from ..errors import ConfigError
 from ..metrics import segmentation_compute_metrics_fn, segmentation_preprocess_logits
 from ..optim import optimizer_for
@@ -306,17 +298,17 @@ class Segment(Task):
             encoder = load_segmentation_encoder(
                 model_args.model_name_or_path, roi, data.channels, data_args.train_data
             )
-        augment = volume_augment(data_args, ignore)
+        train_crops, val_crops = volume_crops(train, val, data_args, args.seed, ignore_index=ignore, with_ids=False)
         return dict(
             encoder=encoder,
             channels=data.channels,
-            train=VolumeDataset(train, roi, augment, data_args.samples_per_volume, args.seed, ignore, with_ids=False),
-            validation=VolumeDataset(val, roi, ignore_index=ignore, with_ids=False),
+            train=train_crops,
+            validation=val_crops,
             test=test,
             class_names=class_names,
             class_map=class_map,
             fraction=labelled_fraction(train.labels, ignore),
-            processor=volume_processor(data.channels),
+            processor=image_processor(data.channels),
             split=(train.names, val.names, test.names),
         )
 
