@@ -178,6 +178,11 @@ def settle(
 ) -> tuple[MedTrainingArguments, dict]:
     """The one step between the parsed arguments and the Trainer: what the task declared and the machine decided.
 
+    Args:
+        args: the parsed arguments.
+        setup: the task's setup: its training set, selection metric and needs (`keep_columns`, ...).
+        resume: the checkpoint the run resumes from, whose recorded precision is kept (None: a new run).
+
     Returns:
         The settled copy of `args` (`MedTrainingArguments.settle`; `args` itself is unchanged) and the
         precision facts for `all_results.json` (`settle_precision`).
