@@ -117,7 +117,7 @@ class SelectionEarlyStopping(EarlyStoppingCallback):
     """
 
     def on_train_begin(self, args, state, control, **kwargs):
-        pass  # `tasks.run.check_selection` has already required metric_for_best_model and an evaluation schedule
+        pass  # `MedTrainingArguments.settle` has already required metric_for_best_model and an evaluation schedule
 
     def on_evaluate(self, args, state, control, metrics, **kwargs):
         super().on_evaluate(args, state, control, metrics, **kwargs)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 import pytest
+import yaml
 from transformers import TrainingArguments
 
 from hf_medmae.cli import parse_config
 from hf_medmae.errors import ConfigError
+from hf_medmae.tasks.run import settle
 
 
 @dataclass
@@ -96,3 +99,65 @@ def test_one_run_sequence_for_every_mode():
     assert "main" not in vars(classify.Classify) and classify.main == classify.TASK.main
     assert {"setup", "report", "probe", "predict"} <= set(vars(classify.Classify))
     assert classify.Classify.main is Task.main
+
+
+SETTLE_CASES = {
+    # the MAE keeps sample ids and labels, evaluates the loss only, and trains at least 50 steps
+    "pretrain": (
+        dict(
+            train_data="embedded:nuclei16",
+            image_size=32,
+            patch_size=4,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            decoder_hidden_size=32,
+            decoder_num_hidden_layers=1,
+            decoder_num_attention_heads=2,
+            decoder_intermediate_size=64,
+            attn_implementation="sdpa",
+        ),
+        {"remove_unused_columns", "prediction_loss_only", "num_train_epochs"},
+    ),
+    # a segmenter selects its checkpoint on validation Dice by default
+    "segment": (
+        dict(
+            train_data="embedded:nuclei16",
+            class_map={0: 0, 1: 1},
+            model="unet",
+            init="scratch",
+            unet_features=[4, 4, 8, 8, 16, 4],
+            image_size=32,
+            eval_strategy="epoch",
+            save_strategy="epoch",
+        ),
+        {"metric_for_best_model", "greater_is_better", "num_train_epochs"},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SETTLE_CASES))
+def test_setup_leaves_the_parsed_arguments_alone_and_settle_returns_a_copy(tmp_path, name):
+    """After parsing, the arguments change only in the copy `settle` makes for the Trainer."""
+    task = importlib.import_module(f"hf_medmae.tasks.{name}").TASK
+    values, expected = SETTLE_CASES[name]
+    common = dict(
+        output_dir=str(tmp_path / "o"),
+        report_to="none",
+        use_cpu=True,
+        precision="fp32",
+        per_device_train_batch_size=2,
+        min_train_steps=50,
+        seed=0,
+    )
+    (cfg := tmp_path / "c.yaml").write_text(yaml.safe_dump({**common, **values}))
+    model_args, data_args, args = parse_config(task.arguments_for(2), ["--config", str(cfg)])
+    parsed = args.to_dict()
+    setup = task.setup(model_args, data_args, args)
+    assert args.to_dict() == parsed  # the task declared its needs on the setup instead of assigning to args
+    settled, precision = settle(args, setup)
+    assert args.to_dict() == parsed and settled is not args
+    after = settled.to_dict()
+    assert {key for key in parsed if after[key] != parsed[key]} == expected
+    assert precision["precision"] == "fp32" and settled.mixed_precision == "no"

@@ -9,7 +9,7 @@ from transformers import Trainer
 
 from hf_medmae import MedMAEForPreTraining, MedTrainingArguments
 from hf_medmae.performance import cpu_has_native_bf16
-from hf_medmae.tasks.run import TaskSetup, settle_precision
+from hf_medmae.tasks.run import TaskSetup, settle
 
 
 class Images(torch.utils.data.Dataset):
@@ -65,15 +65,15 @@ def test_auto_measures_only_on_cpus_with_native_bf16(tmp_path):
     args = args_for(tmp_path, "auto")
     assert args.measure_precision == cpu_has_native_bf16() and args.bf16 is False
     setup = TaskSetup(MedMAEForPreTraining(tiny_config()), Images(), None, None, "generated")
-    chosen = settle_precision(args, setup)
+    settled, chosen = settle(args, setup)
     if cpu_has_native_bf16():  # measured: bf16 only where it was more than the 15% margin faster
         seconds = chosen["precision_step_runtime"]
         assert seconds["fp32"] > 0 and seconds["bf16"] > 0
         assert chosen["precision"] == ("bf16" if seconds["bf16"] * 1.15 < seconds["fp32"] else "fp32")
     else:  # emulated bf16 is slower: fp32 without measuring
         assert chosen == {"precision": "fp32"}
-    assert args.bf16 == (chosen["precision"] == "bf16")
-    assert args.mixed_precision == ("bf16" if args.bf16 else "no")  # what the Trainer's accelerator will read
+    assert settled.bf16 == (chosen["precision"] == "bf16")
+    assert settled.mixed_precision == ("bf16" if settled.bf16 else "no")  # what the Trainer's accelerator will read
 
 
 def test_lr_rule_and_push_are_settled_before_the_trainer(tmp_path):

@@ -435,9 +435,9 @@ def test_min_train_steps_raises_the_epochs_of_a_small_training_set(tmp_path):
         per_device_train_batch_size=32,
         min_train_steps=1000,
     )
-    args.ensure_min_steps(195)  # 7 steps per epoch: 30 epochs would be 210 steps
+    args = args.settle(num_train_samples=195)  # 7 steps per epoch: 30 epochs would be 210 steps
     assert args.num_train_epochs == 143
-    args.ensure_min_steps(10_000)  # already long enough: unchanged
+    args = args.settle(num_train_samples=10_000)  # already long enough: unchanged
     assert args.num_train_epochs == 143
 
 
@@ -458,8 +458,7 @@ def test_min_train_steps_thins_out_per_epoch_evaluation(tmp_path):
             **kw,
         )
 
-    thinned = args()
-    thinned.ensure_min_steps(5)
+    thinned = args().settle(num_train_samples=5)
     assert thinned.num_train_epochs == 2000
     assert (
         thinned.eval_strategy == "steps"
@@ -467,11 +466,10 @@ def test_min_train_steps_thins_out_per_epoch_evaluation(tmp_path):
         and thinned.eval_steps == thinned.save_steps == 40
     )
     assert thinned.num_train_epochs / thinned.eval_steps <= thinned.max_evaluations
-    every_epoch = args(max_evaluations=0)
-    every_epoch.ensure_min_steps(5)
+    every_epoch = args(max_evaluations=0).settle(num_train_samples=5)
     assert every_epoch.eval_strategy == "epoch" and every_epoch.num_train_epochs == 2000
-    large = args()
-    large.ensure_min_steps(195 * 32 * 3)  # a set whose 30 epochs already exceed the floor: nothing changes
+    # a set whose 30 epochs already exceed the floor: nothing changes
+    large = args().settle(num_train_samples=195 * 32 * 3)
     assert large.eval_strategy == "epoch" and large.num_train_epochs == 30
 
 

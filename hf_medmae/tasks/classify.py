@@ -180,6 +180,31 @@ class ModelArguments:
     )
 
 
+@dataclass
+class ClassifyState:
+    """What `Classify.report` and `Classify.probe` need again from the setup.
+
+    Args:
+        data: the labelled images (class names, whether multi-label).
+        counts: images per class in each split ("train", "val", "test").
+        train_only: the classes only the training split has.
+        mean: the per-channel normalisation mean the model was given.
+        std: the per-channel normalisation standard deviation.
+        files: the files of each split, for `splits.json`.
+        test: the test set (None without a test split).
+        sets: every split as a dataset (mode probe: the features are extracted from each).
+    """
+
+    data: LabelledImages
+    counts: dict[str, dict[str, int]]
+    train_only: list[str]
+    mean: list[float]
+    std: list[float]
+    files: dict[str, list[str]]
+    test: ClassificationDataset | None = None
+    sets: dict[str, ClassificationDataset] = field(default_factory=dict)
+
+
 class Classify(Task):
     arguments = (ModelArguments, DataArguments, MedTrainingArguments)
 
@@ -195,7 +220,9 @@ class Classify(Task):
             args.per_device_eval_batch_size,
         )
 
-    def setup(self, model_args: ModelArguments, data_args: DataArguments, args: MedTrainingArguments) -> TaskSetup:
+    def setup(
+        self, model_args: ModelArguments, data_args: DataArguments, args: MedTrainingArguments
+    ) -> TaskSetup[ClassifyState]:
         self.check(model_args)
         data = load_labelled(data_args)
         if model_args.mode == "frozen_features" and data.multi_label:
@@ -235,7 +262,7 @@ class Classify(Task):
             image_mean=mean,
             image_std=std,
         )
-        state = dict(
+        state = ClassifyState(
             data=data,
             counts={name: class_counts(data.labels[idx], data.class_names) for name, idx in parts.items()},
             train_only=train_only,
@@ -252,9 +279,9 @@ class Classify(Task):
                 if len(idx)
             }
             model = self.build_model(encoder, data, model_args, None, mean, std)
-            state.update(sets=sets, test=sets.get("test"))
+            state.sets, state.test = sets, sets.get("test")
             return TaskSetup(
-                model, sets["train"], sets["val"], processor, str(data_args.data_dir), state=state, mode="probe"
+                model, sets["train"], sets["val"], processor, str(data_args.data_dir), extras=state, mode="probe"
             )
         return self.train_setup(model_args, data_args, args, processor, state, parts, encoder)
 
@@ -264,12 +291,12 @@ class Classify(Task):
         data_args: DataArguments,
         args: MedTrainingArguments,
         processor: ViTImageProcessorPil,
-        state: dict,
+        state: ClassifyState,
         parts: dict,
         encoder: ViTModel | None,
-    ) -> TaskSetup:
+    ) -> TaskSetup[ClassifyState]:
         """Mode train: the augmented training set, the model (ViT or CNN), its optimiser and validation metrics."""
-        data, mean, std = state["data"], state["mean"], state["std"]
+        data, mean, std = state.data, state.mean, state.std
         dropping = model_args.throw_ratio > 0
         # The maps that choose the dropped tokens are computed once per refresh on the un-augmented images (a map
         # per augmented batch would cost an extra all-token forward pass every step, more than dropping saves).
@@ -319,7 +346,6 @@ class Classify(Task):
                 )
             )
         weights = class_weights(data.labels[parts["train"]], len(data.class_names), model_args.class_weighting)
-        args.remove_unused_columns = False
         if encoder is None:  # a CNN baseline: the Trainer's own AdamW (no weight decay on biases and norms)
             model = build_cnn(
                 model_args.architecture,
@@ -337,7 +363,7 @@ class Classify(Task):
             layer_decay = default_layer_decay(model_args.layer_decay, model_args.init)
             optimizer = {"optimizer_cls_and_kwargs": layer_decay_adamw(model, args, layer_decay)}
         trainer_kwargs = dict(compute_metrics=compute_metrics_fn(data.class_names, data.multi_label), **optimizer)
-        state["test"] = sets.get("test")
+        state.test = sets.get("test")
         return TaskSetup(
             model,
             sets["train"],
@@ -348,7 +374,8 @@ class Classify(Task):
             trainer_kwargs=trainer_kwargs,
             select_on="macro_f1",
             selection_metrics=SELECTION_METRICS,
-            state=state,
+            keep_columns=True,  # every column the datasets give reaches the model (sample ids when dropping tokens)
+            extras=state,
         )
 
     @staticmethod
@@ -447,7 +474,7 @@ class Classify(Task):
 
     def probe(
         self,
-        setup: TaskSetup,
+        setup: TaskSetup[ClassifyState],
         model_args: ModelArguments,
         data_args: DataArguments,
         args: MedTrainingArguments,
@@ -455,8 +482,8 @@ class Classify(Task):
     ) -> dict:
         """`mode: frozen_features`: the frozen encoder's features, extracted once, and scikit-learn on top, chosen
         on validation (`evaluation.probe`); a logistic regression becomes the saved classifier's linear head."""
-        state, data = setup.state, setup.state["data"]
-        sets, names = state["sets"], data.class_names
+        state = setup.extras
+        sets, names = state.sets, state.data.class_names
         feats = {
             name: pooled_features(setup.model.vit, dataset, args.per_device_eval_batch_size, model_args.frozen_blocks)
             for name, dataset in sets.items()
@@ -477,16 +504,16 @@ class Classify(Task):
             "frozen_blocks": model_args.frozen_blocks,
             "init": model_args.init,
             "train_fraction": data_args.train_fraction,
-            "train_only_classes": state["train_only"],
-            "class_counts": state["counts"],
-            "image_mean": state["mean"],
-            "image_std": state["std"],
+            "train_only_classes": state.train_only,
+            "class_counts": state.counts,
+            "image_mean": state.mean,
+            "image_std": state.std,
         }
         if is_main:
             if saved:
                 setup.model.save_pretrained(args.output_dir)
                 setup.processor.save_pretrained(args.output_dir)
-            Path(args.output_dir, "splits.json").write_text(json.dumps(state["files"], indent=1))
+            Path(args.output_dir, "splits.json").write_text(json.dumps(state.files, indent=1))
             Path(args.output_dir, "test_metrics.json").write_text(
                 json.dumps({**report, "hardware": hardware_description()}, indent=2, default=str)
             )
@@ -500,9 +527,14 @@ class Classify(Task):
         return metrics
 
     def report(
-        self, trainer, setup: TaskSetup, model_args: ModelArguments, data_args: DataArguments, is_main: bool
+        self,
+        trainer,
+        setup: TaskSetup[ClassifyState],
+        model_args: ModelArguments,
+        data_args: DataArguments,
+        is_main: bool,
     ) -> dict:
-        args, state, data = trainer.args, setup.state, setup.state["data"]
+        args, state, data = trainer.args, setup.extras, setup.extras.data
         selection = {
             "selected_on": "validation" if args.eval_strategy != "no" else "last",
             "metric_for_best_model": args.metric_for_best_model,
@@ -511,16 +543,16 @@ class Classify(Task):
         }
         output = args.output_dir if is_main else None
         test = (
-            evaluate_test(trainer, state["test"], data.class_names, data.multi_label, output)
-            if state["test"] is not None
+            evaluate_test(trainer, state.test, data.class_names, data.multi_label, output)
+            if state.test is not None
             else {}
         )
         report = {
             **test,
             **selection,
-            "train_class_counts": state["counts"]["train"],
-            "class_counts": state["counts"],
-            "train_only_classes": state["train_only"],
+            "train_class_counts": state.counts["train"],
+            "class_counts": state.counts,
+            "train_only_classes": state.train_only,
             "architecture": model_args.architecture,
             "init": model_args.init if model_args.architecture == "vit" else "scratch",
             "mode": model_args.mode,
@@ -528,14 +560,14 @@ class Classify(Task):
             if model_args.architecture == "vit"
             else None,
             "train_fraction": data_args.train_fraction,
-            "image_mean": state["mean"],
-            "image_std": state["std"],
+            "image_mean": state.mean,
+            "image_std": state.std,
         }
         metrics = {**trainer.evaluate(metric_key_prefix="eval"), **selection}
         metrics.update({f"test_{k}": v for k, v in test.items() if isinstance(v, (int, float))})
         trainer.save_model()  # the selected (best-on-validation) model, as safetensors, with its processor
         if is_main:
-            Path(args.output_dir, "splits.json").write_text(json.dumps(state["files"], indent=1))
+            Path(args.output_dir, "splits.json").write_text(json.dumps(state.files, indent=1))
             Path(args.output_dir, "test_metrics.json").write_text(
                 json.dumps({**report, "hardware": hardware_description()}, indent=2, default=str)
             )
@@ -551,4 +583,4 @@ def cli() -> None:
     console(TASK)
 
 
-__all__ = ["Classify", "DataArguments", "ModelArguments", "cli", "main"]
+__all__ = ["Classify", "ClassifyState", "DataArguments", "ModelArguments", "cli", "main"]

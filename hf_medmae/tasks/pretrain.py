@@ -8,6 +8,7 @@ accelerate launch run_mae.py --config configs/seed001_model1_p4.yaml   # many GP
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -27,7 +28,7 @@ from ..data.pretraining import (
     validation_images,
     volume_pool,
 )
-from ..data.sources import sample_stats, skipped_files
+from ..data.sources import ImageSource, sample_stats, skipped_files
 from ..data.transforms import Augment, image_processor
 from ..data.volumes import VolumeDataArguments, volume_crops
 from ..evaluation.reconstruction import reconstruction_metrics, save_reconstructions
@@ -206,6 +207,21 @@ class ModelArguments:
 IMAGE_MODEL_ARGUMENTS, VOLUME_MODEL_ARGUMENTS = (dimension_view(ModelArguments, d, ONLY, DEFAULTS) for d in (2, 3))
 
 
+@dataclass
+class PretrainState:
+    """What `Pretrain.report` needs again from the setup.
+
+    Args:
+        facts: values reported as they are (training images or crops, the normalisation sample, volumes).
+        skipped: the files left out while indexing the pool.
+        sources: the image pools whose files skipped at read time are reported too (None: volumes).
+    """
+
+    facts: dict
+    skipped: list[str] = field(default_factory=list)
+    sources: tuple[ImageSource, ...] | None = None
+
+
 class Pretrain(Task):
     """Self pre-training of an MAE: the 2D MAE on images (`DataArguments`), or the 3D MAE on random crops of the
     training volumes (`VolumeDataArguments`, chosen by `spatial_dims: 3`)."""
@@ -219,17 +235,20 @@ class Pretrain(Task):
 
     def setup(
         self, model_args, data_args: DataArguments | VolumeDataArguments, args: MedTrainingArguments
-    ) -> TaskSetup:
+    ) -> TaskSetup[PretrainState]:
         self.data_args = data_args  # the closing hint suggests the next step for this data
-        args.remove_unused_columns = False  # keep sample_ids for the attention generator, labels for the head
-        args.prediction_loss_only = True  # evaluation needs the loss, not every reconstruction
         if isinstance(data_args, VolumeDataArguments):
-            return self.setup_volumes(model_args, data_args, args)
-        if data_args.streaming:
-            return self.setup_stream(model_args, data_args, args)
-        return self.setup_images(model_args, data_args, args)
+            setup = self.setup_volumes(model_args, data_args, args)
+        elif data_args.streaming:
+            setup = self.setup_stream(model_args, data_args, args)
+        else:
+            setup = self.setup_images(model_args, data_args, args)
+        # keep sample_ids for the attention generator and labels for the head; evaluation needs only the loss
+        return dataclasses.replace(setup, keep_columns=True, loss_only_eval=True)
 
-    def setup_images(self, model_args, data_args: DataArguments, args: MedTrainingArguments) -> TaskSetup:
+    def setup_images(
+        self, model_args, data_args: DataArguments, args: MedTrainingArguments
+    ) -> TaskSetup[PretrainState]:
         train_images, val_images, skipped = load_images(data_args, args.seed)
         channels = image_channels(train_images, val_images, data_args)
         supervision = read_supervision(data_args, model_args, train_images, val_images, args.seed)
@@ -284,11 +303,13 @@ class Pretrain(Task):
             "normalisation_sample_images": stats_images,
             "labelled_train_images": int((supervision.train >= 0).sum()) if supervision else None,
         }
-        state = {"skipped": skipped, "sources": (train_images, val_images), "facts": facts}
+        state = PretrainState(facts, skipped, (train_images, val_images))
         processor = image_processor(channels, mean, std)
-        return TaskSetup(model, train, val, processor, data_args.train_data, callbacks, state=state)
+        return TaskSetup(model, train, val, processor, data_args.train_data, callbacks, extras=state)
 
-    def setup_stream(self, model_args, data_args: DataArguments, args: MedTrainingArguments) -> TaskSetup:
+    def setup_stream(
+        self, model_args, data_args: DataArguments, args: MedTrainingArguments
+    ) -> TaskSetup[PretrainState]:
         """`streaming: true`: a shuffled `datasets.IterableDataset`, sharded across processes by accelerate."""
         stream = open_stream(data_args, model_args, args.max_steps, args.seed)
         mean, std, size = stream.image_mean, stream.image_std, model_args.image_size
@@ -299,9 +320,7 @@ class Pretrain(Task):
         )
         val_images, skipped = validation_images(data_args)
         val = PretrainingDataset(val_images, mean, std, size) if val_images is not None and len(val_images) else None
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if args.accelerator_config.dispatch_batches is None and train.n_shards >= world:
-            args.accelerator_config.dispatch_batches = False  # each process reads its own file shards
+        own_shards = train.n_shards >= int(os.environ.get("WORLD_SIZE", "1"))  # each process reads its own shards
         if model_args.attn_implementation == "auto":
             choose_attention(model.to(args.device), args.per_device_train_batch_size)
         logger.info(
@@ -318,15 +337,26 @@ class Pretrain(Task):
                 "so the run is not bit-identical to an uninterrupted one"
             )
         callbacks = [SampleIdRecorder()] if data_args.record_sample_ids else []
-        state = {
-            "skipped": skipped,
-            "sources": (val_images,) if val_images is not None else (),
-            "facts": {"num_train_images": None, "normalisation_sample_images": stream.stats_images},
-        }
+        state = PretrainState(
+            {"num_train_images": None, "normalisation_sample_images": stream.stats_images},
+            skipped,
+            (val_images,) if val_images is not None else (),
+        )
         processor = image_processor(len(mean), mean, std)
-        return TaskSetup(model, train, val, processor, data_args.train_data, callbacks, state=state)
+        return TaskSetup(
+            model,
+            train,
+            val,
+            processor,
+            data_args.train_data,
+            callbacks,
+            dispatch_batches=False if own_shards else None,
+            extras=state,
+        )
 
-    def setup_volumes(self, model_args, data_args: VolumeDataArguments, args: MedTrainingArguments) -> TaskSetup:
+    def setup_volumes(
+        self, model_args, data_args: VolumeDataArguments, args: MedTrainingArguments
+    ) -> TaskSetup[PretrainState]:
         train_volumes, val_volumes = volume_pool(data_args, args.seed)
         model = build_mae(model_args, train_volumes.channels, tuple(data_args.roi_size))
         attention = model.config.mask_generator == "attention"  # maps must line up with the voxels: fixed crops
@@ -351,16 +381,17 @@ class Pretrain(Task):
             "roi_size": list(data_args.roi_size),
         }
         processor = image_processor(train_volumes.channels)
-        return TaskSetup(model, train, val, processor, data_args.train_data, callbacks, state={"facts": facts})
+        return TaskSetup(model, train, val, processor, data_args.train_data, callbacks, extras=PretrainState(facts))
 
-    def report(self, trainer, setup: TaskSetup, model_args, data_args, is_main: bool) -> dict:
+    def report(self, trainer, setup: TaskSetup[PretrainState], model_args, data_args, is_main: bool) -> dict:
         trainer.save_model()
         args, model = trainer.args, setup.model
         metrics = trainer.evaluate() if setup.eval_dataset is not None else {}
         if setup.eval_dataset is not None:
             metrics.update(reconstruction_metrics(model, setup.eval_dataset, args.per_device_eval_batch_size))
-        metrics.update(setup.state["facts"], attn_implementation=model.config._attn_implementation)
-        skipped = skipped_files(setup.state["skipped"], setup.state["sources"]) if "sources" in setup.state else None
+        state = setup.extras
+        metrics.update(state.facts, attn_implementation=model.config._attn_implementation)
+        skipped = skipped_files(state.skipped, state.sources) if state.sources is not None else None
         if skipped is not None:
             metrics["num_skipped_files"] = len(skipped)
         if is_main:
@@ -439,6 +470,7 @@ __all__ = [
     "IMAGE_MODEL_ARGUMENTS",
     "ModelArguments",
     "Pretrain",
+    "PretrainState",
     "TASK",
     "VOLUME_MODEL_ARGUMENTS",
     "cli",

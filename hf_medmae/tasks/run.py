@@ -2,7 +2,8 @@
 
 parse (`--config` + flags) -> check the output folder -> one of three modes:
 
-* **train**: seed -> the task builds data and model (`Task.setup`) -> precision settled -> `Trainer` (the
+* **train**: seed -> the task builds data and model (`Task.setup`) -> the arguments settled (`settle`: the
+  precision, the epochs, the selection metric, in one copy made by `MedTrainingArguments.settle`) -> `Trainer` (the
   image processor as `processing_class`, so every `checkpoint-N` carries its normalisation) -> train,
   resuming from the last complete checkpoint -> the task reports (`Task.report`: reload of the best
   checkpoint, test metrics, plots, the saved model);
@@ -11,7 +12,8 @@ parse (`--config` + flags) -> check the output folder -> one of three modes:
 * **predict** (`--predict_only`): a trained model classifies new data (`Task.predict`), nothing is trained;
 
 then, for train and probe, all_results.json, run_info.json and the Hub push, once, on the main process.
-A new task is a `Task` subclass with `setup` and `report`.
+A new task is a `Task` subclass with `setup` and `report`; its setup declares what the Trainer's arguments must
+allow (`TaskSetup.keep_columns`, `loss_only_eval`, `select_on`), it never assigns to them.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Generic, TypeVar
 
 from torch.utils.data import Dataset
 from transformers import PreTrainedModel, Trainer, ViTImageProcessorPil, default_data_collator, set_seed
@@ -48,15 +51,23 @@ from ..training import (
 
 logger = logging.getLogger(__name__)
 
+StateT = TypeVar("StateT")
+
 
 @dataclass
-class TaskSetup:
+class TaskSetup(Generic[StateT]):
     """What a task hands the shared sequence: model, data, processor and the Trainer's task-specific pieces.
 
     Args:
         select_on: for transfer tasks, the validation metric that picks the checkpoint by default
             (`metric_for_best_model` overrides it); None for pre-training (the last model is kept).
         selection_metrics: the metrics `metric_for_best_model` may name (None: any).
+        keep_columns: the model reads inputs beyond what its `forward` names first (sample ids, labels), so the
+            Trainer keeps every column (`remove_unused_columns: false`).
+        loss_only_eval: evaluation needs the loss only, not every prediction (`prediction_loss_only: true`).
+        dispatch_batches: accelerate's `dispatch_batches` unless the config sets it (a stream read per process).
+        extras: the task's own values that `report` / `probe` need again, as the task's dataclass
+            (e.g. `ClassifyState`).
         mode: "train" (the Trainer trains `model`, `Task.report` reports) or "probe" (`Task.probe` fits `model`
             without the Trainer, saves it and reports).
     """
@@ -70,7 +81,10 @@ class TaskSetup:
     trainer_kwargs: dict = field(default_factory=dict)
     select_on: str | None = None
     selection_metrics: tuple[str, ...] | None = None
-    state: dict = field(default_factory=dict)  # task-specific values `report` needs again
+    keep_columns: bool = False
+    loss_only_eval: bool = False
+    dispatch_batches: bool | None = None
+    extras: StateT | None = None
     mode: str = "train"  # "train" (the Trainer) | "probe" (`Task.probe` fits the model without the Trainer)
 
 
@@ -113,47 +127,6 @@ class Task:
         return run(self, setup, model_args, data_args, args)
 
 
-def check_selection(args: MedTrainingArguments, default_metric: str, allowed: tuple[str, ...] | None) -> bool:
-    """One best-model policy for the transfer tasks: evaluate and save on one schedule, pick on validation.
-
-    The Trainer records the best checkpoint (`metric_for_best_model`) and keeps it through
-    `save_total_limit`; `load_best_checkpoint` reloads it strictly after training, so the Trainer's own
-    non-strict `load_best_model_at_end` is switched off — and a config that omits it still gets the best model.
-    Without evaluation (`eval_strategy: no`) nothing can be selected: the last model is kept, and said so.
-
-    Returns:
-        Whether a checkpoint will be selected on validation.
-    """
-    if args.eval_strategy == "no":
-        logger.warning(
-            "eval_strategy is 'no': the last model is kept, not the best on validation "
-            "(set eval_strategy and save_strategy to epoch or steps to select one)"
-        )
-        args.load_best_model_at_end = False
-        return False
-    if args.save_strategy != args.eval_strategy:
-        raise ConfigError(
-            f"save_strategy {args.save_strategy} differs from eval_strategy {args.eval_strategy}.",
-            "use the same value for both (e.g. epoch).",
-        )
-    if args.metric_for_best_model is None or (
-        args.metric_for_best_model == "loss" and args.greater_is_better is False
-    ):
-        args.metric_for_best_model, args.greater_is_better = (
-            default_metric,
-            True,
-        )  # "loss" is only TrainingArguments' default
-    if allowed is not None and args.metric_for_best_model.removeprefix("eval_") not in allowed:
-        raise ConfigError(
-            f"metric_for_best_model={args.metric_for_best_model!r} is not a validation metric.",
-            f"use one of {', '.join(allowed)}.",
-        )
-    if args.greater_is_better is None:
-        args.greater_is_better = not args.metric_for_best_model.endswith("loss")
-    args.load_best_model_at_end = False
-    return True
-
-
 def load_best_checkpoint(trainer: Trainer) -> None:
     """Put the best-on-validation weights into `trainer.model`, every key checked (`loading.load_checkpoint`)."""
     best = trainer.state.best_model_checkpoint
@@ -173,16 +146,20 @@ def settle_precision(args: MedTrainingArguments, setup: TaskSetup, resume: str |
     """`precision: auto` on a CPU with native bf16: measure fp32 vs bf16 on the real model and batch, then decide.
 
     A resumed run takes the choices its checkpoint recorded (precision and attention kernel) instead of
-    measuring again: a busy machine could otherwise switch them halfway through a run.
+    measuring again: a busy machine could otherwise switch them halfway through a run. `args` is only read:
+    `settle` passes the decision to `MedTrainingArguments.settle`.
+
+    Returns:
+        "precision" ("bf16" or "fp32") and where it came from ("precision_from") or what was measured
+        ("precision_step_runtime").
     """
     saved = Path(resume, CHOICES_FILE) if resume else None
     if saved is not None and saved.is_file():
         choices = json.loads(saved.read_text())
-        if args.precision == "auto":
-            args.use_bf16(choices.get("precision") == "bf16")
+        bf16 = choices.get("precision") == "bf16" if args.precision == "auto" else args.bf16
         if choices.get("attn_implementation") and hasattr(setup.model, "set_attn_implementation"):
             setup.model.set_attn_implementation(choices["attn_implementation"])
-        return {"precision": "bf16" if args.bf16 else "fp32", "precision_from": str(saved)}
+        return {"precision": "bf16" if bf16 else "fp32", "precision_from": str(saved)}
     if not args.measure_precision:
         return {"precision": "bf16" if args.bf16 else "fp32"}
     if hasattr(setup.train_dataset, "__len__"):
@@ -193,8 +170,35 @@ def settle_precision(args: MedTrainingArguments, setup: TaskSetup, resume: str |
         items = list(itertools.islice(iter(setup.train_dataset), args.per_device_train_batch_size))
     batch = default_data_collator(items)
     use, seconds = choose_precision(setup.model.to(args.device), batch)
-    args.use_bf16(use)
     return {"precision": "bf16" if use else "fp32", "precision_step_runtime": seconds}
+
+
+def settle(
+    args: MedTrainingArguments, setup: TaskSetup, resume: str | None = None
+) -> tuple[MedTrainingArguments, dict]:
+    """The one step between the parsed arguments and the Trainer: what the task declared and the machine decided.
+
+    Args:
+        args: the parsed arguments.
+        setup: the task's setup: its training set, selection metric and needs (`keep_columns`, ...).
+        resume: the checkpoint the run resumes from, whose recorded precision is kept (None: a new run).
+
+    Returns:
+        The settled copy of `args` (`MedTrainingArguments.settle`; `args` itself is unchanged) and the
+        precision facts for `all_results.json` (`settle_precision`).
+    """
+    precision = settle_precision(args, setup, resume)
+    settled = args.settle(
+        num_train_samples=len(setup.train_dataset) if hasattr(setup.train_dataset, "__len__") else None,
+        select_on=setup.select_on,
+        selection_metrics=setup.selection_metrics,
+        keep_columns=setup.keep_columns,
+        loss_only_eval=setup.loss_only_eval,
+        bf16=precision["precision"] == "bf16",
+        dispatch_batches=setup.dispatch_batches,
+    )
+    apply_fast_defaults(settled)
+    return settled, precision
 
 
 def run(task: Task, setup: TaskSetup, model_args, data_args, args: MedTrainingArguments) -> dict:
@@ -208,7 +212,7 @@ def run(task: Task, setup: TaskSetup, model_args, data_args, args: MedTrainingAr
             "epoch": 0.0,
         }
     elif setup.mode == "train":
-        metrics, is_main = train(task, setup, model_args, data_args, args)
+        metrics, is_main, args = train(task, setup, model_args, data_args, args)
     else:
         raise ConfigError(f"TaskSetup.mode {setup.mode!r} is unknown.", "use 'train' or 'probe'.")
     if is_main:
@@ -216,23 +220,22 @@ def run(task: Task, setup: TaskSetup, model_args, data_args, args: MedTrainingAr
     return metrics
 
 
-def train(task: Task, setup: TaskSetup, model_args, data_args, args: MedTrainingArguments) -> tuple[dict, bool]:
+def train(
+    task: Task, setup: TaskSetup, model_args, data_args, args: MedTrainingArguments
+) -> tuple[dict, bool, MedTrainingArguments]:
     """Mode train: the Trainer trains `setup.model`, the best checkpoint is reloaded, the task reports.
 
     Returns:
-        The metrics and whether this is the main process.
+        The metrics, whether this is the main process, and the settled arguments the Trainer ran with.
     """
-    selecting = setup.select_on is not None and check_selection(args, setup.select_on, setup.selection_metrics)
-    sized = hasattr(setup.train_dataset, "__len__")  # a stream has no length: max_steps is its schedule
-    if sized:
-        args.ensure_min_steps(len(setup.train_dataset))
+    resume = resolve_resume(args)
+    args, precision = settle(args, setup, resume)
+    # a transfer task selects on validation; without evaluation the last model is kept (`settle` warned)
+    selecting = setup.select_on is not None and args.eval_strategy != "no"
     guard = NonFiniteStepGuard()
     callbacks = [ProcessSeedCallback(), guard, *setup.callbacks]
     if selecting and args.early_stopping_patience:
         callbacks.append(SelectionEarlyStopping(early_stopping_patience=args.early_stopping_patience))
-    apply_fast_defaults(args)
-    resume = resolve_resume(args)
-    precision = settle_precision(args, setup, resume)
     callbacks.append(
         ChoicesCallback(
             {
@@ -264,7 +267,7 @@ def train(task: Task, setup: TaskSetup, model_args, data_args, args: MedTraining
         "global_step": trainer.state.global_step,
         "skipped_nonfinite_steps": guard.skipped,
     }
-    return metrics, is_main
+    return metrics, is_main, args
 
 
 def finish(args: MedTrainingArguments, setup: TaskSetup, metrics: dict) -> None:
@@ -310,11 +313,11 @@ __all__ = [
     "Task",
     "TaskSetup",
     "console",
-    "check_selection",
     "encoder_normalisation",
     "finish",
     "load_best_checkpoint",
     "run",
-    "train",
+    "settle",
     "settle_precision",
+    "train",
 ]

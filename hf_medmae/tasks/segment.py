@@ -30,7 +30,14 @@ from ..data.segmentation import (
     split_pairs,
 )
 from ..data.transforms import PairAugment, image_processor
-from ..data.volumes import VolumeDataArguments, prepare_volumes, split_for, volume_classes, volume_crops
+from ..data.volumes import (
+    VolumeDataArguments,
+    VolumeSet,
+    prepare_volumes,
+    split_for,
+    volume_classes,
+    volume_crops,
+)
 from ..errors import ConfigError
 from ..metrics import segmentation_compute_metrics_fn, segmentation_preprocess_logits
 from ..optim import optimizer_for
@@ -146,6 +153,29 @@ class ModelArguments:
 IMAGE_MODEL_ARGUMENTS, VOLUME_MODEL_ARGUMENTS = (dimension_view(ModelArguments, d, ONLY, DEFAULTS) for d in (2, 3))
 
 
+@dataclass
+class SegmentState:
+    """What `Segment.report` needs again from the setup.
+
+    Args:
+        test: the test set: images as a `SegmentationDataset` (2D), the whole labelled volumes (3D).
+        class_names: one name per class id.
+        class_map: raw mask value -> class id.
+        fraction: the share of training pixels (voxels) that are labelled.
+        scale: 2D: the pixel scale the model was trained at (`training_scale`), for predicting new images.
+        norm: 2D: the normalisation (mean, std), for predicting new images.
+        split: 3D: the names of the training, validation and test volumes.
+    """
+
+    test: SegmentationDataset | VolumeSet
+    class_names: list[str]
+    class_map: dict[int, int]
+    fraction: float
+    scale: float | None = None
+    norm: tuple[list[float], list[float]] | None = None
+    split: tuple[list[str], list[str], list[str]] | None = None
+
+
 class Segment(Task):
     """UNETR on an MAE's encoder (or from scratch), or MONAI's BasicUNet, on 2D images or 3D volumes."""
 
@@ -179,7 +209,7 @@ class Segment(Task):
 
     def setup(
         self, model_args: ModelArguments, data_args: DataArguments | VolumeDataArguments, args: MedTrainingArguments
-    ) -> TaskSetup:
+    ) -> TaskSetup[SegmentState]:
         dims = self.spatial_dims(data_args)
         size = tuple(data_args.roi_size) if dims == 3 else (model_args.image_size,) * 2
         check_segmenter_choice(model_args.model, model_args.init, model_args.model_name_or_path, size)
@@ -223,7 +253,15 @@ class Segment(Task):
             [EpochCallback(train)] if dims == 3 else [],
             trainer_kwargs=trainer_kwargs,
             select_on="mean_dice",
-            state={**data, "model_args": model_args},
+            extras=SegmentState(
+                data["test"],
+                data["class_names"],
+                data["class_map"],
+                data["fraction"],
+                scale=data.get("scale"),
+                norm=data.get("norm"),
+                split=data.get("split"),
+            ),
         )
 
     def image_data(self, model_args: ModelArguments, data_args: DataArguments, args: MedTrainingArguments) -> dict:
@@ -315,22 +353,22 @@ class Segment(Task):
     def report(
         self,
         trainer,
-        setup: TaskSetup,
+        setup: TaskSetup[SegmentState],
         model_args: ModelArguments,
         data_args: DataArguments | VolumeDataArguments,
         is_main: bool,
     ) -> dict:
         trainer.save_model()  # the selected (best-on-validation) model
-        state, out_dir = setup.state, trainer.args.output_dir
-        model_args, names, ignore = state["model_args"], state["class_names"], data_args.ignore_index
+        state, out_dir = setup.extras, trainer.args.output_dir
+        names, ignore = state.class_names, data_args.ignore_index
         inference = dict(
             model=model_args.model,
-            class_map={str(k): v for k, v in state["class_map"].items()},
+            class_map={str(k): v for k, v in state.class_map.items()},
             class_names=names,
             ignore_index=ignore,
         )
         if self.spatial_dims(data_args) == 3:
-            test = state["test"]
+            test = state.test
             roi = tuple(data_args.roi_size)
             preds = predict_volumes(trainer.model, test.volumes, roi, model_args.sw_batch_size, model_args.sw_overlap)
             test_metrics = score_label_maps(preds, test.labels, names, ignore)
@@ -361,16 +399,16 @@ class Segment(Task):
                 **trainer.evaluate(),
                 **{f"test_{k}": v for k, v in test_metrics.items() if isinstance(v, (int, float)) or v is None},
                 "best_checkpoint": trainer.state.best_model_checkpoint,
-                "labelled_voxel_fraction": state["fraction"],
-                "train_volumes": state["split"][0],
-                "validation_volumes": state["split"][1],
-                "test_volumes": state["split"][2],
+                "labelled_voxel_fraction": state.fraction,
+                "train_volumes": state.split[0],
+                "validation_volumes": state.split[1],
+                "test_volumes": state.split[2],
             }
         val_out = trainer.predict(setup.eval_dataset, metric_key_prefix="eval")
-        test_out = trainer.predict(state["test"], metric_key_prefix="test")
+        test_out = trainer.predict(state.test, metric_key_prefix="test")
         if is_main:
             shown = {}
-            for key, ds in (("test", state["test"]), ("validation", setup.eval_dataset)):
+            for key, ds in (("test", state.test), ("validation", setup.eval_dataset)):
                 shown[key] = [ds[i]["pixel_values"].numpy() for i in range(min(data_args.num_overlays, len(ds)))]
             write_test_report(
                 out_dir,
@@ -396,7 +434,7 @@ class Segment(Task):
                 out_dir,
                 **inference,
                 image_size=model_args.image_size,
-                scale=state["scale"],
+                scale=state.scale,
                 crop_mode=data_args.crop_mode,
             )
             for source, target in prediction_sets(
@@ -406,9 +444,9 @@ class Segment(Task):
                     trainer.model,
                     source,
                     target,
-                    state["norm"],
+                    state.norm,
                     model_args.image_size,
-                    state["scale"],
+                    state.scale,
                     model_args.sw_batch_size,
                     model_args.sw_overlap,
                 )
@@ -418,7 +456,7 @@ class Segment(Task):
             "best_checkpoint": trainer.state.best_model_checkpoint,
             "best_validation_metric": trainer.state.best_metric,
             "num_train_images": len(setup.train_dataset),
-            "labelled_pixel_fraction": state["fraction"],
+            "labelled_pixel_fraction": state.fraction,
         }
 
     def summary(self, metrics: dict, output_dir: str) -> str:
@@ -450,4 +488,4 @@ def cli() -> None:
     console(TASK)
 
 
-__all__ = ["DEFAULTS", "DataArguments", "ModelArguments", "Segment", "TASK", "cli", "main"]
+__all__ = ["DEFAULTS", "DataArguments", "ModelArguments", "Segment", "SegmentState", "TASK", "cli", "main"]
