@@ -309,7 +309,7 @@ CASES = {
             ]
         ),
         DataError,
-        "3.bmp.*32x32 but its mask is 20x20",
+        r"3.bmp: the image is \[H, W\] \(32, 32\) but its mask is \(20, 20\)",
     ),
     "seg-mask-value-not-in-class-map": Case(
         "seg",

@@ -10,9 +10,10 @@ from PIL import Image
 
 from hf_medmae.data.crops import CropAugment, CropDataset, pad_to, sliding_crops
 from hf_medmae.data.embedded import nuclei16
+from hf_medmae.data.image_set import ImageSet
 from hf_medmae.data.io import read_array_file, read_image, read_image_folder
 from hf_medmae.data.pretraining import PretrainingDataset, load_source, tile_image
-from hf_medmae.data.segmentation import SegmentationPairs, covering_tiles
+from hf_medmae.data.segmentation import covering_tiles
 from hf_medmae.data.sources import read_hf_dataset
 from hf_medmae.data.splits import split_counts, split_indices, split_named, split_three
 from hf_medmae.data.transforms import Augment, channel_stats, normalise_intensity, resize
@@ -183,10 +184,10 @@ def test_one_tiler_for_pool_tiles_covering_tiles_and_crops():
     ]  # pool tiles: the remainder at the far border is dropped
     image = np.arange(2 * 10 * 9, dtype=np.float32).reshape(2, 10, 9)
     assert [t.shape for t in tile_image(image, 4)] == [(2, 4, 4)] * 4 and tile_image(image, 16)[0] is image
-    pairs = covering_tiles(SegmentationPairs([image], [(image[0] % 3).astype(np.int64)], ["a"]), 4)
+    pairs = covering_tiles(ImageSet([image], [(image[0] % 3).astype(np.int64)], ["a"]), 4)
     assert pairs.names == ["a@0,0", "a@0,4", "a@0,5", "a@4,0", "a@4,4", "a@4,5", "a@6,0", "a@6,4", "a@6,5"]
     covered = np.zeros((10, 9), int)
-    for name, tile, mask in zip(pairs.names, pairs.images, pairs.masks):
+    for name, tile, mask in zip(pairs.names, pairs.images, pairs.labels):
         top, left = (int(v) for v in name.split("@")[1].split(","))
         covered[top : top + 4, left : left + 4] += 1
         assert np.array_equal(tile, image[:, top : top + 4, left : left + 4]) and np.array_equal(mask, tile[0] % 3)
@@ -215,7 +216,7 @@ def test_crops_of_images_with_masks_are_seeded_and_aligned():
     assert len(evaluation) == 3 * 2 and set(evaluation[5]) == {"pixel_values", "labels"}
     with pytest.raises(ConfigError, match="two .H, W. or three"):
         CropAugment((8,))
-    with pytest.raises(DataError, match=r"x: the image is \[H, W\] \(20, 24\) but its label is \(20, 23\)"):
+    with pytest.raises(DataError, match=r"x: the image is \[H, W\] \(20, 24\) but its mask is \(20, 23\)"):
         CropDataset(images, [labels[0][:, :23]], (8, 12), names=["x"])[0]
 
 

@@ -12,12 +12,11 @@ import torch
 from PIL import Image
 
 from hf_medmae.data.crops import CropAugment, CropDataset, sliding_crops
+from hf_medmae.data.image_set import ImageSet, LazyFiles
 from hf_medmae.data.segmentation import read_label
 from hf_medmae.data.transforms import normalise_intensity
 from hf_medmae.data.volumes import (
-    LazyVolumes,
     VolumeDataArguments,
-    VolumeSet,
     load_volumes,
     read_volume,
     volume_classes,
@@ -94,7 +93,7 @@ def test_npy_volume_and_5d_stack_with_labels(tmp_path):
     np.save(tmp_path / "set_labels.npy", (stack[:, 0] > 0.5).astype(np.uint8))
     vs = load_volumes(str(tmp_path / "set.npy"))
     assert len(vs) == 3 and vs.channels == 2 and vs.names[1] == "set.npy[1]"
-    assert vs.volumes[0].shape == (2, 4, 5, 6) and vs.labels[2].dtype == np.int64
+    assert vs.images[0].shape == (2, 4, 5, 6) and vs.labels[2].dtype == np.int64
     np.testing.assert_array_equal(vs.labels[1], stack[1, 0] > 0.5)
 
 
@@ -162,7 +161,7 @@ def test_unknown_source_and_mixed_channels():
         load_volumes("embedded:nope")
     with pytest.raises(DataError, match="neither a folder"):
         load_volumes("/no/such/place")
-    mixed = VolumeSet([np.zeros((1, 2, 2, 2)), np.zeros((2, 2, 2, 2))], None, ["a", "b"])
+    mixed = ImageSet([np.zeros((1, 2, 2, 2)), np.zeros((2, 2, 2, 2))], None, ["a", "b"])
     with pytest.raises(DataError, match="channel counts"):
         _ = mixed.channels
 
@@ -273,8 +272,8 @@ def test_sliding_crops_cover_every_voxel():
 def test_volume_dataset_train_and_eval():
     rng = np.random.default_rng(0)
     volumes = [rng.random((2, 9, 10, 12), dtype=np.float32), rng.random((2, 5, 16, 16), dtype=np.float32)]
-    vs = VolumeSet(volumes, [(v[0] > 0.5).astype(np.int64) for v in volumes], ["a", "b"])
-    train = CropDataset(vs.volumes, vs.labels, (4, 8, 8), CropAugment((4, 8, 8)), samples_per_item=3, seed=1)
+    vs = ImageSet(volumes, [(v[0] > 0.5).astype(np.int64) for v in volumes], ["a", "b"])
+    train = CropDataset(vs.images, vs.labels, (4, 8, 8), CropAugment((4, 8, 8)), samples_per_item=3, seed=1)
     assert len(train) == 6
     item = train[4]
     assert item["pixel_values"].shape == (2, 4, 8, 8) and item["pixel_values"].dtype == torch.float32
@@ -283,14 +282,14 @@ def test_volume_dataset_train_and_eval():
     assert torch.equal(train[4]["pixel_values"], item["pixel_values"])  # same epoch, same crop
     train.set_epoch(1)
     assert not torch.equal(train[4]["pixel_values"], item["pixel_values"])
-    evaluation = CropDataset(vs.volumes, vs.labels, (4, 8, 8))
+    evaluation = CropDataset(vs.images, vs.labels, (4, 8, 8))
     assert len(evaluation) == 3 * 2 * 2 + 2 * 2 * 2
     for i in range(len(evaluation)):
         assert evaluation[i]["pixel_values"].shape == (2, 4, 8, 8) and evaluation[i]["labels"].shape == (4, 8, 8)
     unlabelled = CropDataset(volumes, None, (4, 8, 8), CropAugment((4, 8, 8)))
     assert set(unlabelled[0]) == {"pixel_values", "sample_ids"}
     with pytest.raises(ConfigError, match="roi_size"):
-        CropDataset(vs.volumes, vs.labels, (4, 8, 8), CropAugment((4, 4, 4)))
+        CropDataset(vs.images, vs.labels, (4, 8, 8), CropAugment((4, 4, 4)))
 
 
 def test_orthogonal_slices():
@@ -305,7 +304,7 @@ def test_orthogonal_slices():
 
 def test_embedded_nuclei3d(nuclei):
     assert nuclei.names == [f"nuclei3d_q{i}" for i in range(4)] and nuclei.channels == 1
-    for volume, label in zip(nuclei.volumes, nuclei.labels):
+    for volume, label in zip(nuclei.images, nuclei.labels):
         assert volume.shape == (1, 60, 128, 128) and volume.dtype == np.float32
         assert set(np.unique(label).tolist()) == {0, 1}
         assert 0.001 < label.mean() < 0.9
@@ -316,17 +315,17 @@ def test_embedded_mni152_tissue_maps_align_with_t1(mni):
     assert len(mni) == 4 and len(set(mni.names)) == 4 and all(n.startswith("mni152_") for n in mni.names)
     labels = np.concatenate([m.ravel() for m in mni.labels])
     assert set(np.unique(labels).tolist()) == {0, 1, 2}
-    t1 = np.concatenate([v[0].ravel() for v in mni.volumes])
+    t1 = np.concatenate([v[0].ravel() for v in mni.images])
     grey, white, background = (t1[labels == k].mean() for k in (1, 2, 0))
     assert white > grey > background  # T1: white matter brighter than grey matter, both above background
-    for volume, label in zip(mni.volumes, mni.labels):
+    for volume, label in zip(mni.images, mni.labels):
         assert volume.shape[1:] == label.shape and set(np.unique(label).tolist()) == {0, 1, 2}
 
 
 def test_embedded_volumes_through_the_dataset(nuclei):
-    normalised = VolumeSet([normalise_intensity(v) for v in nuclei.volumes], nuclei.labels, nuclei.names)
+    normalised = ImageSet([normalise_intensity(v) for v in nuclei.images], nuclei.labels, nuclei.names)
     first = normalised.subset([0])
-    ds = CropDataset(first.volumes, first.labels, (16, 32, 32), CropAugment((16, 32, 32), pos_fraction=1.0), 2)
+    ds = CropDataset(first.images, first.labels, (16, 32, 32), CropAugment((16, 32, 32), pos_fraction=1.0), 2)
     item = ds[1]
     assert item["pixel_values"].shape == (1, 16, 32, 32) and item["labels"].sum() > 0
 
@@ -342,14 +341,14 @@ def _folder_pool(tmp_path, n=3, shape=(12, 16, 16)):
 
 def test_lazy_pool_reads_files_only_when_used_and_keeps_a_few(tmp_path):
     pool = load_volumes(str(_folder_pool(tmp_path)), lazy=True)
-    assert pool.lazy and isinstance(pool.volumes, LazyVolumes) and pool.volumes._cache == {}  # nothing read yet
+    assert pool.lazy and isinstance(pool.images, LazyFiles) and pool.images._cache == {}  # nothing read yet
     assert pool.channels == 1
     for i in (1, 2, 0):
-        pool.volumes[i]
-    assert list(pool.volumes._cache) == [2, 0]  # keep=2: the least recently used was dropped
-    normalised = pool.volumes.map(lambda v: v - v.mean())
+        pool.images[i]
+    assert list(pool.images._cache) == [2, 0]  # keep=2: the least recently used was dropped
+    normalised = pool.images.map(lambda v: v - v.mean())
     assert (
-        abs(float(normalised[1].mean())) < 1e-3 and abs(float(pool.volumes[1].mean()) - 110) < 1
+        abs(float(normalised[1].mean())) < 1e-3 and abs(float(pool.images[1].mean()) - 110) < 1
     )  # map adds, never mutates
 
 
@@ -357,7 +356,7 @@ def test_lazy_and_in_memory_pools_give_identical_items(tmp_path):
     folder = str(_folder_pool(tmp_path))
     kinds = [load_volumes(folder, lazy=lazy) for lazy in (False, True)]
     for augment in (CropAugment((8, 16, 16)), None):
-        eager, lazy = (CropDataset(k.volumes, k.labels, (8, 16, 16), augment, 2, seed=3) for k in kinds)
+        eager, lazy = (CropDataset(k.images, k.labels, (8, 16, 16), augment, 2, seed=3) for k in kinds)
         assert len(eager) == len(lazy)
         for i in range(len(eager)):
             a, b = eager[i], lazy[i]
@@ -368,7 +367,7 @@ def test_lazy_pool_checks_label_shape_when_read(tmp_path):
     folder = _folder_pool(tmp_path, n=2)
     save_nifti(folder / "v1_label.nii.gz", np.zeros((12, 16, 15), np.float32))
     pool = load_volumes(str(folder), lazy=True)  # no read yet, so no error yet
-    dataset = CropDataset(pool.volumes, pool.labels, (8, 16, 16), CropAugment((8, 16, 16)), names=pool.names)
+    dataset = CropDataset(pool.images, pool.labels, (8, 16, 16), CropAugment((8, 16, 16)), names=pool.names)
     dataset[0]
     with pytest.raises(
         DataError, match=r"v1.nii.gz: the volume is \[D, H, W\] \(12, 16, 16\) but its label is \(12, 16, 15\)"
@@ -380,7 +379,7 @@ def test_lazy_npy_stack_is_memory_mapped(tmp_path):
     stack = np.random.default_rng(1).normal(size=(3, 1, 8, 8, 8)).astype(np.float32)
     np.save(tmp_path / "pool.npy", stack)
     pool = load_volumes(str(tmp_path / "pool.npy"), lazy=True)
-    assert isinstance(pool.volumes[0], np.memmap) and np.array_equal(np.asarray(pool.volumes[2]), stack[2])
+    assert isinstance(pool.images[0], np.memmap) and np.array_equal(np.asarray(pool.images[2]), stack[2])
 
 
 # --- labels: one reader and one mapper for masks and label volumes ----------------------------------------------
@@ -391,15 +390,15 @@ def test_class_map_that_names_the_ignore_value_maps_it_like_any_other_value():
     raw = np.zeros((4, 4, 4), np.int64)
     raw[0] = 255
     raw[1] = 7
-    data = VolumeSet([np.zeros((1, 4, 4, 4), np.float32)], [raw.copy()], ["v"])
+    data = ImageSet([np.zeros((1, 4, 4, 4), np.float32)], [raw.copy()], ["v"])
     class_map, names = volume_classes(data, VolumeDataArguments(class_map={0: 0, 7: 1, 255: 2}))
     assert names == ["class_0", "class_1", "class_2"] and class_map[255] == 2
     assert set(np.unique(data.labels[0][0]).tolist()) == {2}  # was left at 255 (ignored) before
-    unnamed = VolumeSet([np.zeros((1, 4, 4, 4), np.float32)], [raw.copy()], ["v"])
+    unnamed = ImageSet([np.zeros((1, 4, 4, 4), np.float32)], [raw.copy()], ["v"])
     volume_classes(unnamed, VolumeDataArguments(class_map={0: 0, 7: 1}))
     assert set(np.unique(unnamed.labels[0]).tolist()) == {0, 1, 255}  # not named: stays unlabeled
     with pytest.raises(DataError, match=r"v: label values \[7\]"):
-        volume_classes(VolumeSet(data.volumes, [raw.copy()], ["v"]), VolumeDataArguments(class_map={0: 0, 255: 1}))
+        volume_classes(ImageSet(data.images, [raw.copy()], ["v"]), VolumeDataArguments(class_map={0: 0, 255: 1}))
 
 
 def test_one_label_reader_for_masks_and_label_volumes(tmp_path):

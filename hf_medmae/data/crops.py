@@ -19,7 +19,8 @@ from monai.transforms import Compose, OneOf, RandCropByPosNegLabeld, RandSpatial
 from monai.utils import convert_to_tensor
 from torch.utils.data import Dataset
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError
+from .image_set import check_geometry
 from .transforms import EpochSeeded, labelled_geometry, run_seeded
 
 
@@ -205,13 +206,7 @@ class CropDataset(EpochSeeded, Dataset):
         if self.labels is None:
             return image, None
         label = torch.from_numpy(np.ascontiguousarray(self.labels[i], dtype=np.int64))
-        if tuple(label.shape) != tuple(image.shape[1:]):  # lazy sets are checked here, when read
-            kind, axes = ("volume", "[D, H, W]") if label.ndim == 3 else ("image", "[H, W]")
-            raise DataError(
-                f"{self.names[i]}: the {kind} is {axes} {tuple(image.shape[1:])} "
-                f"but its label is {tuple(label.shape)}.",
-                f"give every label the grid of its {kind} (resample both to one grid before training).",
-            )
+        check_geometry(image.shape, label.shape, self.names[i])  # lazy sets are checked here, when read
         return image, label
 
     def __len__(self) -> int:

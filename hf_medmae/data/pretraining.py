@@ -21,6 +21,7 @@ from ..errors import ConfigError, DataError
 from .classification import read_labels_csv
 from .crops import sliding_crops
 from .embedded import load_embedded
+from .image_set import ImageSet
 from .io import ARRAY_SUFFIXES, item_to_chw, progress
 from .sources import (
     ArraySource,
@@ -36,7 +37,7 @@ from .sources import (
 from .sources import image_column as hf_image_column
 from .splits import label_subset, split_indices
 from .transforms import Augment, EpochSeeded, Normalize, channel_moments, resize
-from .volumes import VolumeDataArguments, VolumeSet, prepare_volumes, split_for
+from .volumes import VolumeDataArguments, prepare_volumes, split_for
 
 logger = logging.getLogger(__name__)
 
@@ -383,7 +384,7 @@ def validation_images(data_args) -> tuple[ImageSource | None, list[str]]:
     return (TiledSource(images, data_args.tile_size) if data_args.tile_size else images), skipped
 
 
-def volume_pool(data_args: VolumeDataArguments, seed: int) -> tuple[VolumeSet, VolumeSet | None]:
+def volume_pool(data_args: VolumeDataArguments, seed: int) -> tuple[ImageSet, ImageSet | None]:
     """The volumes of a 3D pre-training, normalised and split whole into training and validation (no crop of a
     held-out volume is trained on; None: no validation volume). Labels, if any, play no part in self pre-training."""
     data = prepare_volumes(data_args, labelled=False)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,25 +19,12 @@ from torch.utils.data import Dataset
 from ..errors import ConfigError, DataError
 from .crops import sliding_crops
 from .embedded import EMBEDDED, nuclei16
+from .image_set import ImageSet
 from .io import list_image_files, read_image
 from .splits import split_three, subsample
 from .transforms import Normalize, PairAugment, check_channels, resize_pair
 
 CROP_MODES = ("resize", "random_crop")
-
-
-@dataclass
-class SegmentationPairs:
-    """Images [C, H, W] float32 with masks [H, W] int64 (raw values or class ids) and their names."""
-
-    images: list[np.ndarray]
-    masks: list[np.ndarray]
-    names: list[str]
-
-    def subset(self, indices) -> SegmentationPairs:
-        return SegmentationPairs(
-            [self.images[i] for i in indices], [self.masks[i] for i in indices], [self.names[i] for i in indices]
-        )
 
 
 def read_label(path: str | Path, read: Callable[[Path], np.ndarray] = read_image) -> np.ndarray:
@@ -92,7 +78,7 @@ def load_pairs(
     image_glob: str = "*",
     mask_pattern: str = "{stem}.png",
     max_images: int | None = None,
-) -> SegmentationPairs:
+) -> ImageSet:
     """Images and raw masks from a folder, an `.npz` file (`images`, `masks`) or `embedded:nuclei16`.
 
     Args:
@@ -108,7 +94,7 @@ def load_pairs(
 
     Example:
         >>> pairs = load_pairs("../shared/data/wbc_zheng2018/Dataset 1", image_glob="*.bmp")  # doctest: +SKIP
-        >>> pairs.images[0].shape, pairs.masks[0].shape
+        >>> pairs.images[0].shape, pairs.labels[0].shape
         ((3, 120, 120), (120, 120))
     """
     if source.startswith("embedded:"):
@@ -118,14 +104,14 @@ def load_pairs(
                 f"unknown embedded data set {name!r}.", f"use one of {sorted(EMBEDDED)} as embedded:<name>."
             )
         images, masks = nuclei16()
-        pairs = SegmentationPairs(
+        pairs = ImageSet(
             list(images), [m.astype(np.int64) for m in masks], [f"{name}_{i:02d}" for i in range(len(images))]
         )
     elif Path(source).suffix.lower() == ".npz":
         pairs = _npz_pairs(Path(source))
     elif Path(source).is_dir():
         found = _folder_pairs(Path(source), Path(mask_dir or source), image_glob, mask_pattern, max_images)
-        pairs = SegmentationPairs(
+        pairs = ImageSet(
             [read_image(p) for p, _ in found], [read_label(m) for _, m in found], [p.name for p, _ in found]
         )
     else:
@@ -133,22 +119,16 @@ def load_pairs(
             f"segmentation source {source!r} is neither a folder, an .npz file nor embedded:<name>.",
             "point train_data at an image folder (with masks), an .npz with images/masks, or embedded:nuclei16.",
         )
-    pairs = pairs.subset(range(min(len(pairs.images), max_images or len(pairs.images))))
-    if not pairs.images:
+    pairs = pairs.subset(range(min(len(pairs), max_images or len(pairs))))
+    if not len(pairs):
         raise DataError(
             f"no image/mask pairs found in {source} (image_glob {image_glob!r}).", "check train_data and image_glob."
         )
-    for image, mask, name in zip(pairs.images, pairs.masks, pairs.names):
-        if tuple(image.shape[1:]) != tuple(mask.shape):
-            raise DataError(
-                f"{name}: the image is {image.shape[1]}x{image.shape[2]} "
-                f"but its mask is {mask.shape[0]}x{mask.shape[1]}.",
-                "give every mask the size of its image (masks are resized only together with images).",
-            )
+    pairs.check_geometry()
     return pairs
 
 
-def _npz_pairs(path: Path) -> SegmentationPairs:
+def _npz_pairs(path: Path) -> ImageSet:
     try:
         with np.load(path, allow_pickle=False) as data:  # never unpickle user files
             if not {"images", "masks"} <= set(data.keys()):
@@ -166,7 +146,7 @@ def _npz_pairs(path: Path) -> SegmentationPairs:
             "store images as (N, C, H, W) or (N, H, W) and masks as (N, H, W) with the same N.",
         )
     names = [f"{path.name}[{i}]" for i in range(len(images))]
-    return SegmentationPairs(list(images), [m.astype(np.int64) for m in masks], names)
+    return ImageSet(list(images), [m.astype(np.int64) for m in masks], names)
 
 
 def parse_class_map(class_map: dict | None, ignore_index: int = 255) -> dict[int, int]:
@@ -269,7 +249,7 @@ def load_labelled(
     image_glob: str = "*",
     mask_pattern: str = "{stem}.png",
     max_images: int | None = None,
-) -> tuple[SegmentationPairs, dict[int, int], list[str], int]:
+) -> tuple[ImageSet, dict[int, int], list[str], int]:
     """`load_pairs` with the masks mapped to class ids (an explicit `class_map`: no convention is safe).
 
     Returns:
@@ -282,12 +262,12 @@ def load_labelled(
     """
     class_map, names = class_mapping(class_map, class_names, ignore_index)
     pairs = load_pairs(source, mask_dir, image_glob, mask_pattern, max_images)
-    pairs.masks = [map_labels(m, class_map, name) for m, name in zip(pairs.masks, pairs.names)]
+    pairs.labels = [map_labels(m, class_map, name) for m, name in zip(pairs.labels, pairs.names)]
     return pairs, class_map, names, check_channels(pairs.images, source)
 
 
 def split_pairs(
-    pairs: SegmentationPairs,
+    pairs: ImageSet,
     validation_fraction: float,
     test_fraction: float,
     seed: int,
@@ -295,7 +275,7 @@ def split_pairs(
     train_fraction: float = 1.0,
     label_fraction: float = 1.0,
     ignore_index: int = 255,
-) -> tuple[SegmentationPairs, SegmentationPairs, SegmentationPairs]:
+) -> tuple[ImageSet, ImageSet, ImageSet]:
     """Seeded train / validation / test split of whole images; `train_fraction` and sparse labels
     (`label_fraction` of each mask's labelled pixels) thin the training images only.
 
@@ -303,11 +283,11 @@ def split_pairs(
         seed: the run's seed (the subsample and the sparse labels); `split_seed` (default `seed`) draws the split.
     """
     train_idx, val_idx, test_idx = split_three(
-        len(pairs.images), validation_fraction, test_fraction, seed if split_seed is None else split_seed
+        len(pairs), validation_fraction, test_fraction, seed if split_seed is None else split_seed
     )
     train = pairs.subset(subsample(train_idx, train_fraction, seed))
     # Validation and test stay dense, so scores compare across label budgets.
-    train.masks = sparsify(train.masks, label_fraction, ignore_index, seed)
+    train.labels = sparsify(train.labels, label_fraction, ignore_index, seed)
     return train, pairs.subset(val_idx), pairs.subset(test_idx)
 
 
@@ -339,7 +319,7 @@ def sparsify(masks: list[np.ndarray], fraction: float, ignore_index: int, seed: 
     return out
 
 
-def covering_tiles(pairs: SegmentationPairs, size: int) -> SegmentationPairs:
+def covering_tiles(pairs: ImageSet, size: int) -> ImageSet:
     """Cut each pair into size x size tiles that cover every pixel (`crops.sliding_crops`: the last row/column
     overlaps).
 
@@ -347,12 +327,12 @@ def covering_tiles(pairs: SegmentationPairs, size: int) -> SegmentationPairs:
     (nearly) every pixel at its training scale. Images smaller than `size` stay whole.
     """
     images, masks, names = [], [], []
-    for image, mask, name in zip(pairs.images, pairs.masks, pairs.names):
+    for image, mask, name in zip(pairs.images, pairs.labels, pairs.names):
         for box in sliding_crops(mask.shape, (size, size)):
             images.append(image[(slice(None), *box)])
             masks.append(mask[box])
             names.append(f"{name}@{box[0].start},{box[1].start}")
-    return SegmentationPairs(images, masks, names)
+    return ImageSet(images, masks, names)
 
 
 class SegmentationDataset(Dataset):
@@ -370,11 +350,9 @@ class SegmentationDataset(Dataset):
         (torch.Size([3, 64, 64]), torch.int64)
     """
 
-    def __init__(
-        self, pairs: SegmentationPairs, image_mean, image_std, image_size: int, augment: PairAugment | None = None
-    ):
+    def __init__(self, pairs: ImageSet, image_mean, image_std, image_size: int, augment: PairAugment | None = None):
         self.images = [torch.from_numpy(np.ascontiguousarray(im, dtype=np.float32)) for im in pairs.images]
-        self.masks = [torch.from_numpy(np.ascontiguousarray(m, dtype=np.int64)) for m in pairs.masks]
+        self.masks = [torch.from_numpy(np.ascontiguousarray(m, dtype=np.int64)) for m in pairs.labels]
         self.names = list(pairs.names)
         self.normalize = Normalize(image_mean, image_std)
         self.image_size, self.augment = image_size, augment
@@ -398,7 +376,6 @@ def labelled_fraction(masks: list[np.ndarray], ignore_index: int) -> float:
 
 __all__ = [
     "CROP_MODES",
-    "SegmentationPairs",
     "SegmentationDataset",
     "covering_tiles",
     "labelled_fraction",

@@ -4,15 +4,13 @@ Sources: NIfTI (`.nii`, `.nii.gz`), multi-page or ImageJ TIFF, `.npy`, folders o
 by a file-name pattern), a `.npy` stack [N, C, D, H, W], or `embedded:nuclei3d` / `embedded:mni152`.
 Depth D is always the slice axis: NIfTI's Z, a TIFF's pages (or its ImageJ Z axis). Files are read in
 their stored voxel order, never reoriented, so an image and its label written on one voxel grid line up.
-Intensity normalisation (`transforms.normalise_intensity`), crops (`crops`) and splits (`splits`) are the ones
-images use, with the dimension as a parameter.
+A volume set is an `image_set.ImageSet`; intensity normalisation (`transforms.normalise_intensity`), crops
+(`crops`) and splits (`splits`) are the ones images use, with the dimension as a parameter.
 """
 
 from __future__ import annotations
 
 import zlib
-from collections import OrderedDict
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -24,6 +22,7 @@ from nibabel.filebasedimages import ImageFileError
 from ..errors import ConfigError, DataError
 from .crops import CropAugment, CropDataset
 from .embedded import EMBEDDED_VOLUMES
+from .image_set import ImageSet, LazyFiles
 from .io import check_finite
 from .segmentation import class_mapping, map_labels, read_label
 from .splits import split_named
@@ -152,92 +151,6 @@ def read_volume(path: str | Path, tiff_pages: str = "depth") -> np.ndarray:
     return array
 
 
-class LazyVolumes(Sequence):
-    """Volumes read when used (and transformed then), the most recent few kept: pools larger than memory.
-
-    Args:
-        paths: one file per volume.
-        read: `read_volume`, or `data.segmentation.read_label` with `read_volume` (options bound).
-        transforms: applied in order after reading (e.g. intensity normalisation).
-        keep: volumes kept decoded; a training item draws a crop from one volume, so a few suffice.
-
-    Example:
-        >>> lazy = LazyVolumes(["a.nii.gz", "b.nii.gz"], read_volume)  # doctest: +SKIP
-        >>> lazy[1].shape  # read now, not before  # doctest: +SKIP
-        (1, 60, 128, 128)
-    """
-
-    def __init__(self, paths, read, transforms: tuple = (), keep: int = 2):
-        self.paths, self.read, self.transforms, self.keep = [Path(p) for p in paths], read, tuple(transforms), keep
-        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return LazyVolumes(self.paths[index], self.read, self.transforms, self.keep)
-        if index in self._cache:
-            self._cache.move_to_end(index)
-            return self._cache[index]
-        volume = self.read(self.paths[index])
-        for transform in self.transforms:
-            volume = transform(volume)
-        self._cache[index] = volume
-        while len(self._cache) > self.keep:
-            self._cache.popitem(last=False)
-        return volume
-
-    def map(self, transform) -> LazyVolumes:
-        """The same files with one more transform applied on reading."""
-        return LazyVolumes(self.paths, self.read, (*self.transforms, transform), self.keep)
-
-    def subset(self, indices) -> LazyVolumes:
-        return LazyVolumes([self.paths[i] for i in indices], self.read, self.transforms, self.keep)
-
-    def __getstate__(self):  # dataloader workers get the paths, not the cache
-        return {**self.__dict__, "_cache": OrderedDict()}
-
-
-def _pick(items, indices: list[int]):
-    return items.subset(indices) if isinstance(items, LazyVolumes) else [items[i] for i in indices]
-
-
-@dataclass
-class VolumeSet:
-    """Volumes [C, D, H, W] float32, optional labels [D, H, W] int64 (class ids) and their names.
-
-    `volumes` and `labels` are lists, or `LazyVolumes` read when used (`load_volumes(..., lazy=True)`).
-    """
-
-    volumes: list[np.ndarray] | LazyVolumes
-    labels: list[np.ndarray] | LazyVolumes | None
-    names: list[str]
-
-    def __len__(self) -> int:
-        return len(self.volumes)
-
-    def subset(self, indices) -> VolumeSet:
-        indices = list(indices)
-        labels = None if self.labels is None else _pick(self.labels, indices)
-        return VolumeSet(_pick(self.volumes, indices), labels, [self.names[i] for i in indices])
-
-    @property
-    def lazy(self) -> bool:
-        return isinstance(self.volumes, LazyVolumes)
-
-    @property
-    def channels(self) -> int:
-        """The channel count; a lazy set reads its first volume (the others are checked as they are read)."""
-        counts = sorted({v.shape[0] for v in (self.volumes[:1] if self.lazy else self.volumes)})
-        if len(counts) != 1:
-            raise DataError(
-                f"the volumes have {counts or 'no'} channel counts; one model input needs one.",
-                "give every volume the same channels (modalities) in the same order.",
-            )
-        return counts[0]
-
-
 def _label_path(image: Path, label_dir: Path, pattern: str) -> Path:
     suffix = volume_suffix(image)
     return label_dir / pattern.format(stem=image.name[: -len(suffix)], suffix=suffix, name=image.name)
@@ -262,19 +175,19 @@ def _folder_volumes(folder: Path, label_dir: Path | None, pattern: str, max_volu
     return [(p, label_of[p]) for p in images]
 
 
-def _files_set(found: list[tuple[Path, Path | None]], tiff_pages: str, lazy: bool) -> VolumeSet:
-    """(volume file, label file or None) pairs -> a VolumeSet, read now or when used."""
+def _files_set(found: list[tuple[Path, Path | None]], tiff_pages: str, lazy: bool) -> ImageSet:
+    """(volume file, label file or None) pairs -> an ImageSet, read now or when used."""
     names = [p.name for p, _ in found]
     read = partial(read_volume, tiff_pages=tiff_pages)
     read_labels = partial(read_label, read=read)
     has_labels = bool(found) and found[0][1] is not None
     if lazy:
-        return VolumeSet(
-            LazyVolumes([p for p, _ in found], read),
-            LazyVolumes([q for _, q in found], read_labels) if has_labels else None,
+        return ImageSet(
+            LazyFiles([p for p, _ in found], read),
+            LazyFiles([q for _, q in found], read_labels) if has_labels else None,
             names,
         )
-    return VolumeSet([read(p) for p, _ in found], [read_labels(q) for _, q in found] if has_labels else None, names)
+    return ImageSet([read(p) for p, _ in found], [read_labels(q) for _, q in found] if has_labels else None, names)
 
 
 def _npy_ndim(path: Path) -> int | None:
@@ -285,7 +198,7 @@ def _npy_ndim(path: Path) -> int | None:
         return None
 
 
-def _npy_stack(path: Path, lazy: bool = False) -> VolumeSet:
+def _npy_stack(path: Path, lazy: bool = False) -> ImageSet:
     """A [N, C, D, H, W] `.npy` stack and its optional `<name>_labels.npy` [N, D, H, W]; lazy: memory-mapped."""
     mode = "r" if lazy else None
     try:
@@ -304,9 +217,9 @@ def _npy_stack(path: Path, lazy: bool = False) -> VolumeSet:
         )
     names = [f"{path.name}[{i}]" for i in range(len(images))]
     if lazy:
-        return VolumeSet(list(images), None if labels is None else list(labels), names)
+        return ImageSet(list(images), None if labels is None else list(labels), names)
     check_finite(images, str(path))
-    return VolumeSet(list(images), None if labels is None else list(labels.astype(np.int64)), names)
+    return ImageSet(list(images), None if labels is None else list(labels.astype(np.int64)), names)
 
 
 def load_volumes(
@@ -316,7 +229,7 @@ def load_volumes(
     tiff_pages: str = "depth",
     max_volumes: int | None = None,
     lazy: bool = False,
-) -> VolumeSet:
+) -> ImageSet:
     """Volumes and optional labels from a folder, one file, a `.npy` stack, or `embedded:nuclei3d|mni152`.
 
     Args:
@@ -328,7 +241,7 @@ def load_volumes(
             `{suffix}` that extension, `{name}` the full name. Files that are labels are never volumes.
         tiff_pages: see `read_volume` ("depth" for 3D).
         max_volumes: read at most this many volumes (sorted order).
-        lazy: read each file when it is used (`LazyVolumes`; a `.npy` stack is memory-mapped), so a pool
+        lazy: read each file when it is used (`LazyFiles`; a `.npy` stack is memory-mapped), so a pool
             larger than memory trains; a label's shape is then checked when it is read.
 
     Raises:
@@ -336,7 +249,7 @@ def load_volumes(
 
     Example:
         >>> vs = load_volumes("embedded:nuclei3d")
-        >>> len(vs), vs.volumes[0].shape, vs.labels[0].shape
+        >>> len(vs), vs.images[0].shape, vs.labels[0].shape
         (4, (1, 60, 128, 128), (60, 128, 128))
     """
     path = Path(source)
@@ -346,7 +259,7 @@ def load_volumes(
             raise DataError(
                 f"unknown embedded volume set {name!r}.", f"use one of {sorted(EMBEDDED_VOLUMES)} as embedded:<name>."
             )
-        volumes = VolumeSet(*EMBEDDED_VOLUMES[name]())
+        volumes = ImageSet(*EMBEDDED_VOLUMES[name]())
     elif path.is_dir():
         found = _folder_volumes(path, Path(label_dir) if label_dir else None, label_pattern, max_volumes)
         volumes = _files_set(found, tiff_pages, lazy)
@@ -365,17 +278,11 @@ def load_volumes(
             f"point train_data at a folder of {'/'.join(VOLUME_SUFFIXES)} files, one such file, or embedded:nuclei3d.",
         )
     volumes = volumes.subset(range(min(len(volumes), max_volumes or len(volumes))))
-    if not volumes.volumes:
+    if not len(volumes):
         raise DataError(
             f"no volumes found in {source}.", f"check the path; volume files end in {', '.join(VOLUME_SUFFIXES)}."
         )
-    for i, name in enumerate([] if volumes.lazy else volumes.names):  # lazy: checked as each is read
-        image_shape = tuple(volumes.volumes[i].shape[1:])
-        if volumes.labels is not None and tuple(volumes.labels[i].shape) != image_shape:
-            raise DataError(
-                f"{name}: the volume is [D, H, W] {image_shape} but its label is {tuple(volumes.labels[i].shape)}.",
-                "give every label the voxel grid of its volume (resample both to one grid before training).",
-            )
+    volumes.check_geometry()
     return volumes
 
 
@@ -446,7 +353,7 @@ class VolumeDataArguments:
     )
 
 
-def prepare_volumes(data_args: VolumeDataArguments, labelled: bool) -> VolumeSet:
+def prepare_volumes(data_args: VolumeDataArguments, labelled: bool) -> ImageSet:
     """Read the volumes (and labels), keep `volumes` if named, normalise each volume's intensities."""
     if data_args.spatial_dims != 3:
         raise ConfigError(
@@ -487,11 +394,10 @@ def prepare_volumes(data_args: VolumeDataArguments, labelled: bool) -> VolumeSet
         percentiles=tuple(data_args.percentiles),
         foreground_threshold=data_args.foreground_threshold,
     )
-    data.volumes = data.volumes.map(normalise) if data.lazy else [normalise(v) for v in data.volumes]
-    return data
+    return data.map(images=normalise)
 
 
-def volume_classes(data: VolumeSet, data_args: VolumeDataArguments) -> tuple[dict[int, int], list[str]]:
+def volume_classes(data: ImageSet, data_args: VolumeDataArguments) -> tuple[dict[int, int], list[str]]:
     """Map `data`'s raw labels to class ids in place (`class_map`; default: they already are ids 0..K-1).
 
     Voxels already at `ignore_index` stay unlabeled unless `class_map` names that value.
@@ -515,7 +421,7 @@ def volume_classes(data: VolumeSet, data_args: VolumeDataArguments) -> tuple[dic
 
 
 def split_for(
-    data: VolumeSet, data_args: VolumeDataArguments, seed: int, n_test: int
+    data: ImageSet, data_args: VolumeDataArguments, seed: int, n_test: int
 ) -> tuple[list[int], list[int], list[int]]:
     """Named validation / test volumes when the config names them, else a seeded split of whole volumes."""
     split_seed = seed if data_args.split_seed is None else data_args.split_seed
@@ -531,8 +437,8 @@ def volume_augment(data_args: VolumeDataArguments, ignore_index: int = 255) -> C
 
 
 def volume_crops(
-    train: VolumeSet,
-    val: VolumeSet | None,
+    train: ImageSet,
+    val: ImageSet | None,
     data_args: VolumeDataArguments,
     seed: int,
     fixed: bool = False,
@@ -554,11 +460,11 @@ def volume_crops(
     roi = tuple(data_args.roi_size)
     augment, samples = (None, 1) if fixed else (volume_augment(data_args), data_args.samples_per_volume)
     train_crops = CropDataset(
-        train.volumes, train.labels, roi, augment, samples, seed, ignore_index, with_ids, names=train.names
+        train.images, train.labels, roi, augment, samples, seed, ignore_index, with_ids, names=train.names
     )
     if val is None:
         return train_crops, None
-    return train_crops, CropDataset(val.volumes, val.labels, roi, None, 1, seed, ignore_index, False, val.names)
+    return train_crops, CropDataset(val.images, val.labels, roi, None, 1, seed, ignore_index, False, val.names)
 
 
 __all__ = [
@@ -568,9 +474,7 @@ __all__ = [
     "volume_augment",
     "volume_crops",
     "volume_classes",
-    "LazyVolumes",
     "VOLUME_SUFFIXES",
-    "VolumeSet",
     "load_volumes",
     "read_volume",
     "volume_suffix",

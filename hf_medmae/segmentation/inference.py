@@ -247,7 +247,7 @@ def score_predictions(
     """
     pairs = load_pairs(source, mask_dir, image_glob, mask_pattern)
     class_map, names = {int(k): v for k, v in info["class_map"].items()}, info["class_names"]
-    truth = [map_labels(m, class_map, name) for m, name in zip(pairs.masks, pairs.names)]
+    truth = [map_labels(m, class_map, name) for m, name in zip(pairs.labels, pairs.names)]
     preds = [
         np.asarray(Image.open(Path(output_dir, f"{Path(name).stem}_labels.png")), dtype=np.int64)
         for name in pairs.names

@@ -21,6 +21,7 @@ from transformers import ViTImageProcessorPil
 
 from ..arguments import MedTrainingArguments
 from ..cli import dimension_view
+from ..data.image_set import ImageSet
 from ..data.segmentation import (
     SegmentationDataset,
     covering_tiles,
@@ -32,7 +33,6 @@ from ..data.segmentation import (
 from ..data.transforms import PairAugment, image_processor
 from ..data.volumes import (
     VolumeDataArguments,
-    VolumeSet,
     prepare_volumes,
     split_for,
     volume_classes,
@@ -167,7 +167,7 @@ class SegmentState:
         split: 3D: the names of the training, validation and test volumes.
     """
 
-    test: SegmentationDataset | VolumeSet
+    test: SegmentationDataset | ImageSet
     class_names: list[str]
     class_map: dict[int, int]
     fraction: float
@@ -308,7 +308,7 @@ class Segment(Task):
             test=test_ds,
             class_names=class_names,
             class_map=class_map,
-            fraction=labelled_fraction(train.masks, data_args.ignore_index),
+            fraction=labelled_fraction(train.labels, data_args.ignore_index),
             processor=ViTImageProcessorPil(do_resize=False, do_rescale=False, image_mean=mean, image_std=std),
             scale=training_scale(
                 [max(im.shape[1:]) for im in train.images], model_args.image_size, data_args.crop_mode
@@ -370,14 +370,14 @@ class Segment(Task):
         if self.spatial_dims(data_args) == 3:
             test = state.test
             roi = tuple(data_args.roi_size)
-            preds = predict_volumes(trainer.model, test.volumes, roi, model_args.sw_batch_size, model_args.sw_overlap)
+            preds = predict_volumes(trainer.model, test.images, roi, model_args.sw_batch_size, model_args.sw_overlap)
             test_metrics = score_label_maps(preds, test.labels, names, ignore)
             if is_main:
                 write_test_report(
                     out_dir,
                     preds,
                     test.labels,
-                    test.volumes,
+                    test.images,
                     names,
                     ignore,
                     title="Test voxels",
