@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from huggingface_hub.dataclasses import strict
 from transformers import ViTMAEConfig
 
@@ -34,8 +36,41 @@ def check_masking(config) -> None:
         )
 
 
+class PatchGridMixin:
+    """The patch grid of a 2D or 3D MAE config, from its `input_size` and `patch_shape` (one side per axis)."""
+
+    input_size: tuple[int, ...]
+    patch_shape: tuple[int, ...]
+
+    @property
+    def grid_size(self) -> tuple[int, ...]:
+        return tuple(s // p for s, p in zip(self.input_size, self.patch_shape))
+
+    @property
+    def num_patches(self) -> int:
+        return math.prod(self.grid_size)
+
+    def check_architecture(self, size_name: str, patch_name: str, fields: str = "") -> None:
+        """Fail at construction and on load, naming the fix: the grid, the attention heads, the masking."""
+        size, patch = self.input_size, self.patch_shape
+        if any(s % p for s, p in zip(size, patch)):
+            fit = [max(p, s // p * p) for s, p in zip(size, patch)]
+            shown, sides, patches = ("x".join(map(str, t)) for t in (fit, size, patch))
+            raise ConfigError(
+                f"{size_name} {sides} is not divisible by {patch_name} {patches}{fields}.",
+                f"choose a size that is a multiple of the patch along every axis (e.g. {shown}), "
+                "or crop/resize the inputs to it.",
+            )
+        if self.hidden_size % self.num_attention_heads or self.decoder_hidden_size % self.decoder_num_attention_heads:
+            raise ConfigError(
+                "hidden_size / decoder_hidden_size must be divisible by their number of attention heads.",
+                "e.g. hidden_size 192 with 6 heads, decoder_hidden_size 96 with 2 heads.",
+            )
+        check_masking(self)
+
+
 @strict
-class MedMAEConfig(ViTMAEConfig):
+class MedMAEConfig(PatchGridMixin, ViTMAEConfig):
     r"""Configuration of [`MedMAEForPreTraining`]: every `ViTMAEConfig` field plus the masking strategy.
 
     Args:
@@ -75,35 +110,17 @@ class MedMAEConfig(ViTMAEConfig):
     class_weights: list[float] | None = None
 
     @property
-    def grid_size(self) -> tuple[int, int]:
-        (h, w), (ph, pw) = as_pair(self.image_size), as_pair(self.patch_size)
-        return h // ph, w // pw
+    def input_size(self) -> tuple[int, int]:
+        return as_pair(self.image_size)
 
     @property
-    def num_patches(self) -> int:
-        gh, gw = self.grid_size
-        return gh * gw
+    def patch_shape(self) -> tuple[int, int]:
+        return as_pair(self.patch_size)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        self.check()
-
-    def check(self):
-        """Run at construction and on load (in `__post_init__`, so users see our `ConfigError` directly
-        rather than wrapped by `@strict`'s validators): fail early with the fix spelled out."""
-        (h, w), (ph, pw) = as_pair(self.image_size), as_pair(self.patch_size)
-        if h % ph or w % pw:
-            raise ConfigError(
-                f"image_size {h}x{w} is not divisible by patch_size {ph}x{pw}.",
-                f"choose an image_size that is a multiple of {ph} (e.g. {max(ph, h // ph * ph)}), "
-                "or crop/resize the images to it.",
-            )
-        if self.hidden_size % self.num_attention_heads or self.decoder_hidden_size % self.decoder_num_attention_heads:
-            raise ConfigError(
-                "hidden_size / decoder_hidden_size must be divisible by their number of attention heads.",
-                "e.g. hidden_size 192 with 6 heads, decoder_hidden_size 128 with 2 or 4 heads.",
-            )
-        check_masking(self)
+        # Here rather than in `@strict`'s validators, so users see our `ConfigError` directly.
+        self.check_architecture("image_size", "patch_size")
         check_supervision(self)
 
 

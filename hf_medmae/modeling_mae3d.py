@@ -21,7 +21,7 @@ from transformers import initialization as init
 from transformers.models.videomae.modeling_videomae import VideoMAEForPreTrainingOutput
 
 from .attention_maps import attention_received
-from .configuration import check_masking
+from .configuration import PatchGridMixin
 from .errors import ConfigError, DataError
 from .loading import CurrentKeyNamesMixin
 from .masking import MASKED, VISIBLE
@@ -50,7 +50,7 @@ ENCODER_FIELDS = (
 
 
 @strict
-class MedMAE3DConfig(VideoMAEConfig):
+class MedMAE3DConfig(PatchGridMixin, VideoMAEConfig):
     r"""Configuration of [`MedMAE3DForPreTraining`]: every `VideoMAEConfig` field plus the 2D MAE's masking fields.
 
     Volumes are `num_frames` (depth) x `image_size` (height, width); patches are `tubelet_size` (depth) x
@@ -84,36 +84,18 @@ class MedMAE3DConfig(VideoMAEConfig):
     def volume_size(self) -> tuple[int, int, int]:
         return (self.num_frames, *as_pair(self.image_size))
 
+    input_size = volume_size
+
     @property
     def patch_shape(self) -> tuple[int, int, int]:
         return (self.tubelet_size, self.patch_size, self.patch_size)
 
-    @property
-    def grid_size(self) -> tuple[int, int, int]:
-        return tuple(s // p for s, p in zip(self.volume_size, self.patch_shape))
-
-    @property
-    def num_patches(self) -> int:
-        gd, gh, gw = self.grid_size
-        return gd * gh * gw
-
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        self.check()
-
-    def check(self):
-        """Fail at construction and on load, naming the fix."""
         if not isinstance(self.patch_size, int):
             raise ConfigError(
                 f"patch_size={self.patch_size}: the 3D MAE takes one in-plane patch side.",
                 "give patch_size as an int and the depth of a patch as tubelet_size.",
-            )
-        size, patch = self.volume_size, self.patch_shape
-        if any(s % p for s, p in zip(size, patch)):
-            raise ConfigError(
-                f"volume {size[0]}x{size[1]}x{size[2]} (num_frames x image_size) is not divisible by the patch "
-                f"{patch[0]}x{patch[1]}x{patch[2]} (tubelet_size x patch_size^2).",
-                "choose a crop size that is a multiple of the patch along every axis.",
             )
         for name in ("hidden_size", "decoder_hidden_size"):
             if getattr(self, name) % 6:  # 3D sin-cos: a sin and a cos per axis
@@ -121,12 +103,7 @@ class MedMAE3DConfig(VideoMAEConfig):
                     f"{name}={getattr(self, name)} is not divisible by 6.",
                     "3D sin-cos positions need widths divisible by 6, e.g. 96, 192, 384 or 768.",
                 )
-        if self.hidden_size % self.num_attention_heads or self.decoder_hidden_size % self.decoder_num_attention_heads:
-            raise ConfigError(
-                "hidden_size / decoder_hidden_size must be divisible by their number of attention heads.",
-                "e.g. hidden_size 192 with 6 heads, decoder_hidden_size 96 with 2 heads.",
-            )
-        check_masking(self)
+        self.check_architecture("volume", "the patch", " (num_frames x image_size over tubelet_size x patch_size^2)")
 
 
 def sincos_3d(grid_size: tuple[int, int, int], dim: int) -> torch.Tensor:
