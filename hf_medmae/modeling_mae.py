@@ -169,6 +169,25 @@ class MaskingMixin:
             self.build_masking(self.config)
         return changed
 
+    def eval_generator(self, batch: int) -> torch.Generator | None:
+        """Validation masks come from a generator seeded by the batch size, so eval losses are comparable."""
+        return None if self.training else torch.Generator().manual_seed(1234 + int(batch))
+
+    def check_codes(self, codes: torch.Tensor, batch: int) -> None:
+        """Explicit codes must be [B, L] with the same number of visible and of masked patches in every row:
+        the encoder and decoder gather them into [B, n, D] tensors, so unequal rows would mix images."""
+        if tuple(codes.shape) != (batch, self.config.num_patches):
+            raise DataError(
+                f"mask_codes has shape {tuple(codes.shape)}; the model needs [{batch}, {self.config.num_patches}].",
+                "give one code per patch of the patch grid ((D/t,) H/p, W/p), for every image.",
+            )
+        counts = torch.stack([(codes == VISIBLE).sum(1), (codes == MASKED).sum(1)])
+        if bool((counts != counts[:, :1]).any()):
+            raise DataError(
+                "mask_codes rows have different numbers of visible or masked patches.",
+                "give every image of a batch the same counts (as every mask generator does).",
+            )
+
     def generate_codes(
         self,
         pixel_values: torch.Tensor,
@@ -339,9 +358,9 @@ class MedMAEForPreTraining(MaskingMixin, CurrentKeyNamesMixin, ViTMAEForPreTrain
         """The `noise` transformers argsorts, and the generator's codes (None for stock uniform masking)."""
         if noise is not None:
             return noise, None
-        generator = None
-        if not self.training:
-            generator = torch.Generator().manual_seed(1234 + int(pixel_values.shape[0]))
+        generator = self.eval_generator(pixel_values.shape[0])
+        if mask_codes is not None:
+            self.check_codes(mask_codes, pixel_values.shape[0])
         if mask_codes is None and self.mask_generator.name == "random":
             # Uniform masking is what transformers already does with plain uniform noise: no codes and
             # no extra sort on top of stock's. In training, `noise=None` lets transformers draw it from

@@ -29,23 +29,10 @@ from .modeling_mae import MaskingMixin, mae_loss, mae_targets, targets_to_pixels
 from .validation import as_pair, check_pixels
 
 # The encoder's architecture fields, the ones a 3D segmenter copies from an MAE checkpoint.
-ENCODER_FIELDS = (
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "intermediate_size",
-    "hidden_act",
-    "hidden_dropout_prob",
-    "attention_probs_dropout_prob",
-    "initializer_range",
-    "layer_norm_eps",
-    "image_size",
-    "patch_size",
-    "num_channels",
-    "num_frames",
-    "tubelet_size",
-    "qv_bias",
-    "use_mean_pooling",
+ENCODER_FIELDS = tuple(
+    "hidden_size num_hidden_layers num_attention_heads intermediate_size hidden_act hidden_dropout_prob "
+    "attention_probs_dropout_prob initializer_range layer_norm_eps image_size patch_size num_channels num_frames "
+    "tubelet_size qv_bias use_mean_pooling".split()
 )
 
 
@@ -239,11 +226,9 @@ class MedMAE3DForPreTraining(MaskingMixin, CurrentKeyNamesMixin, VideoMAEForPreT
         """
         self._check_input(pixel_values)
         if mask_codes is None:
-            # Validation masks come from a generator seeded by the batch, so eval losses are comparable.
-            generator = None if self.training else torch.Generator().manual_seed(1234 + int(pixel_values.shape[0]))
-            mask_codes = self.generate_codes(pixel_values, sample_ids, generator)
+            mask_codes = self.generate_codes(pixel_values, sample_ids, self.eval_generator(pixel_values.shape[0]))
         else:
-            self._check_codes(mask_codes, pixel_values.shape[0])
+            self.check_codes(mask_codes, pixel_values.shape[0])
         hidden = self.videomae(pixel_values, bool_masked_pos=mask_codes != VISIBLE, **kwargs).last_hidden_state
         hidden = self.encoder_to_decoder(hidden)  # [B, L_visible, Dd]
         batch, _, width = hidden.shape
@@ -257,21 +242,6 @@ class MedMAE3DForPreTraining(MaskingMixin, CurrentKeyNamesMixin, VideoMAEForPreT
         target = self.targets(pixel_values)[masked].reshape(batch, masked_pos.shape[1], -1)
         loss = mae_loss(logits.float(), target.float())  # every gathered patch is a masked one
         return MedMAE3DOutput(loss=loss, logits=logits, mask=mask_codes)
-
-    def _check_codes(self, codes: torch.Tensor, batch: int) -> None:
-        """Explicit codes must be [B, L] with the same number of visible and of masked patches in every row:
-        the encoder and decoder gather them into [B, n, D] tensors, so unequal rows would mix volumes."""
-        if tuple(codes.shape) != (batch, self.config.num_patches):
-            raise DataError(
-                f"mask_codes has shape {tuple(codes.shape)}; the model needs [{batch}, {self.config.num_patches}].",
-                "give one code per patch of the (D/t, H/p, W/p) grid, depth-major, for every volume.",
-            )
-        counts = torch.stack([(codes == VISIBLE).sum(1), (codes == MASKED).sum(1)])
-        if bool((counts != counts[:, :1]).any()):
-            raise DataError(
-                "mask_codes rows have different numbers of visible or masked patches.",
-                "give every volume of a batch the same counts (as every mask generator does).",
-            )
 
     def targets(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """What the decoder predicts per patch: [B, L, t*p*p*C], normalised per patch if `norm_pix_loss`."""

@@ -64,15 +64,11 @@ def test_nifti_4d_channels(tmp_path):
     np.testing.assert_array_equal(read_volume(tmp_path / "b.nii"), two)
 
 
-def test_tiff_pages_are_depth_and_channels_option_is_refused(tmp_path):
+def test_tiff_pages_are_depth(tmp_path):
     tifffile.imwrite(tmp_path / "z.tif", ramp().astype(np.uint16))
     read = read_volume(tmp_path / "z.tif")
     assert read.shape == (1, 6, 7, 8)
     np.testing.assert_array_equal(read[0], ramp())
-    with pytest.raises(ConfigError, match="tiff_pages: depth"):
-        read_volume(tmp_path / "z.tif", tiff_pages="channels")
-    with pytest.raises(ConfigError, match="unknown"):
-        read_volume(tmp_path / "z.tif", tiff_pages="slices")
 
 
 def test_tiff_4d_and_imagej_hyperstack(tmp_path):

@@ -14,7 +14,6 @@ import zlib
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
@@ -103,28 +102,20 @@ def _npy(path: Path) -> np.ndarray:
 READERS = {".nii.gz": _nifti, ".nii": _nifti, ".tif": _tiff, ".tiff": _tiff, ".npy": _npy}
 
 
-def read_volume(path: str | Path, tiff_pages: str = "depth") -> np.ndarray:
+def read_volume(path: str | Path) -> np.ndarray:
     """Read one volume file as float32 [C, D, H, W] (raw intensities, stored voxel order).
 
     Args:
         path: `.nii`/`.nii.gz` (X, Y, Z[, C] -> C, Z, Y, X), `.tif`/`.tiff` (pages or the ImageJ Z axis
             are depth, the C axis channels) or `.npy` ([C, D, H, W] or [D, H, W]).
-        tiff_pages: how TIFF pages are read; 3D runs need "depth" ("channels" is the 2D reading).
 
     Raises:
         DataError: unknown extension, unreadable or corrupt file, a 2-D image, NaN/inf voxels.
-        ConfigError: `tiff_pages` is not "depth".
 
     Example:
         >>> read_volume("ct/case_01.nii.gz").shape  # doctest: +SKIP
         (1, 120, 512, 512)
     """
-    if tiff_pages != "depth":
-        known = tiff_pages in ("depth", "channels")
-        raise ConfigError(
-            f"tiff_pages={tiff_pages!r} {'reads pages as channels, a 2D reading' if known else 'is unknown'}.",
-            "3D runs need tiff_pages: depth (each page is one slice of the volume).",
-        )
     path = Path(path)
     reader = READERS.get(volume_suffix(path))
     if reader is None:
@@ -175,11 +166,10 @@ def _folder_volumes(folder: Path, label_dir: Path | None, pattern: str, max_volu
     return [(p, label_of[p]) for p in images]
 
 
-def _files_set(found: list[tuple[Path, Path | None]], tiff_pages: str, lazy: bool) -> ImageSet:
+def _files_set(found: list[tuple[Path, Path | None]], lazy: bool) -> ImageSet:
     """(volume file, label file or None) pairs -> an ImageSet, read now or when used."""
     names = [p.name for p, _ in found]
-    read = partial(read_volume, tiff_pages=tiff_pages)
-    read_labels = partial(read_label, read=read)
+    read, read_labels = read_volume, partial(read_label, read=read_volume)
     has_labels = bool(found) and found[0][1] is not None
     if lazy:
         return ImageSet(
@@ -226,7 +216,6 @@ def load_volumes(
     source: str,
     label_dir: str | None = None,
     label_pattern: str = "{stem}_label{suffix}",
-    tiff_pages: str = "depth",
     max_volumes: int | None = None,
     lazy: bool = False,
 ) -> ImageSet:
@@ -239,7 +228,6 @@ def load_volumes(
             not given, labels are read when any volume of the folder has one (and then all need one).
         label_pattern: label file name of a volume; `{stem}` is its name without `.nii.gz`/`.tif`/...,
             `{suffix}` that extension, `{name}` the full name. Files that are labels are never volumes.
-        tiff_pages: see `read_volume` ("depth" for 3D).
         max_volumes: read at most this many volumes (sorted order).
         lazy: read each file when it is used (`LazyFiles`; a `.npy` stack is memory-mapped), so a pool
             larger than memory trains; a label's shape is then checked when it is read.
@@ -262,7 +250,7 @@ def load_volumes(
         volumes = ImageSet(*EMBEDDED_VOLUMES[name]())
     elif path.is_dir():
         found = _folder_volumes(path, Path(label_dir) if label_dir else None, label_pattern, max_volumes)
-        volumes = _files_set(found, tiff_pages, lazy)
+        volumes = _files_set(found, lazy)
     elif path.is_file() and volume_suffix(path) == ".npy" and _npy_ndim(path) == 5:
         volumes = _npy_stack(path, lazy)
     elif path.is_file():
@@ -271,7 +259,7 @@ def load_volumes(
             raise DataError(
                 f"{path.name} has no label {label}.", "fix label_dir / label_pattern, or leave label_dir unset."
             )
-        volumes = _files_set([(path, label if label.is_file() else None)], tiff_pages, lazy)
+        volumes = _files_set([(path, label if label.is_file() else None)], lazy)
     else:
         raise DataError(
             f"volume source {source!r} is neither a folder, a volume file nor embedded:<name>.",
@@ -288,7 +276,7 @@ def load_volumes(
 
 @dataclass
 class VolumeDataArguments:
-    spatial_dims: int = field(default=3, metadata={"help": "3: volumes (this runner); 2-D configs leave it out"})
+    spatial_dims: int = field(default=3, metadata={"help": "3: volumes; 2D configs leave it out"})
     train_data: str = field(
         default="embedded:nuclei3d",
         metadata={
@@ -299,9 +287,6 @@ class VolumeDataArguments:
     label_dir: str | None = field(default=None, metadata={"help": "folder of the labels; default: beside the volumes"})
     label_pattern: str = field(
         default="{stem}_label{suffix}", metadata={"help": "label file of a volume; {stem}, {suffix}, {name}"}
-    )
-    tiff_pages: Literal["depth", "channels"] = field(
-        default="depth", metadata={"help": "multi-page TIFF pages are depth (3D runs)"}
     )
     volumes: list[str] | None = field(
         default=None, metadata={"help": "use only these volumes (names), e.g. a study's training volumes"}
@@ -355,13 +340,6 @@ class VolumeDataArguments:
 
 def prepare_volumes(data_args: VolumeDataArguments, labelled: bool) -> ImageSet:
     """Read the volumes (and labels), keep `volumes` if named, normalise each volume's intensities."""
-    if data_args.spatial_dims != 3:
-        raise ConfigError(
-            f"spatial_dims={data_args.spatial_dims} reached the 3D runner.",
-            "use spatial_dims: 3, or leave it out for 2D.",
-        )
-    if data_args.tiff_pages != "depth":
-        raise ConfigError("3D runs read multi-page TIFFs as depth.", "set tiff_pages: depth (or leave it out).")
     if len(data_args.roi_size) != 3 or min(data_args.roi_size) < 1:
         raise ConfigError(
             f"roi_size={data_args.roi_size} is not a (D, H, W) crop.", "give three positive sides, e.g. [32, 64, 64]."
@@ -370,7 +348,6 @@ def prepare_volumes(data_args: VolumeDataArguments, labelled: bool) -> ImageSet:
         data_args.train_data,
         data_args.label_dir,
         data_args.label_pattern,
-        data_args.tiff_pages,
         data_args.max_volumes,
         lazy=not data_args.in_memory,
     )
@@ -430,12 +407,6 @@ def split_for(
     )
 
 
-def volume_augment(data_args: VolumeDataArguments, ignore_index: int = 255) -> CropAugment:
-    return CropAugment(
-        tuple(data_args.roi_size), data_args.flips, data_args.rot90, data_args.pos_fraction, ignore_index
-    )
-
-
 def volume_crops(
     train: ImageSet,
     val: ImageSet | None,
@@ -458,7 +429,8 @@ def volume_crops(
             training ids).
     """
     roi = tuple(data_args.roi_size)
-    augment, samples = (None, 1) if fixed else (volume_augment(data_args), data_args.samples_per_volume)
+    augment = CropAugment(roi, data_args.flips, data_args.rot90, data_args.pos_fraction)
+    augment, samples = (None, 1) if fixed else (augment, data_args.samples_per_volume)
     train_crops = CropDataset(
         train.images, train.labels, roi, augment, samples, seed, ignore_index, with_ids, names=train.names
     )
@@ -471,7 +443,6 @@ __all__ = [
     "VolumeDataArguments",
     "prepare_volumes",
     "split_for",
-    "volume_augment",
     "volume_crops",
     "volume_classes",
     "VOLUME_SUFFIXES",
