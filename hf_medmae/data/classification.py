@@ -492,12 +492,11 @@ class ClassificationDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> dict:
-        image = self.normalize(self.images[index])
         # evaluation resizes the whole image: a central crop could cut off the cell being classified
         if self.augment is None:
-            image, view = resize(image, self.image_size), None
+            image, view = resize(self.normalize(self.images[index]), self.image_size), None
         else:
-            image, view = self.augment.with_view(image)
+            image, view = self.augment.view(self.images[index], self.normalize)
         item = {"pixel_values": image, "labels": self.labels[index]}
         if self.with_ids:
             item["sample_ids"] = index

@@ -36,7 +36,7 @@ from .sources import (
 )
 from .sources import image_column as hf_image_column
 from .splits import label_subset, split_indices
-from .transforms import Augment, EpochSeeded, Normalize, channel_moments, resize
+from .transforms import Augment, EpochSeeded, Normalize, Photometric, channel_moments, resize
 from .volumes import VolumeDataArguments, prepare_volumes, split_for
 
 logger = logging.getLogger(__name__)
@@ -161,12 +161,12 @@ class PretrainingDataset(EpochSeeded, Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> dict:
-        image = self.normalize(torch.from_numpy(np.ascontiguousarray(self.images[index])))
+        raw = torch.from_numpy(np.ascontiguousarray(self.images[index]))
         gen = self.item_generator(index)
         if self.augment is None:
-            image, view = resize(image, self.image_size), None
+            image, view = resize(self.normalize(raw), self.image_size), None
         else:
-            image, view = self.augment.with_view(image, gen)
+            image, view = self.augment.view(raw, self.normalize, gen)
         item = {"pixel_values": image, "sample_ids": index} if self.with_ids else {"pixel_values": image}
         if self.with_ids and view is not None and not self.augment.crop:  # a view that permutes whole patches
             item["view_ids"] = view
@@ -202,8 +202,9 @@ def streaming_dataset(
         for k, item in enumerate(batch[column]):
             array = item_to_chw(item, name)
             for tile in tile_image(array, tile_size) if tile_size else [array]:
-                image = normalize(torch.from_numpy(np.ascontiguousarray(tile)))
-                out["pixel_values"].append(resize(image, image_size) if augment is None else augment(image))
+                raw = torch.from_numpy(np.ascontiguousarray(tile))
+                image = resize(normalize(raw), image_size) if augment is None else augment.view(raw, normalize)[0]
+                out["pixel_values"].append(image)
                 if ids:
                     out["sample_ids"].append(int(batch["sample_ids"][k]))
         return out
@@ -254,10 +255,18 @@ def load_images(data_args, seed: int) -> tuple[ImageSource, ImageSource, list[st
     return train, val, skipped
 
 
-def pretraining_augment(image_size: int, data_args, crop: bool = True) -> Augment:
-    """The training views: a random resized crop (`crop_scale`) unless `crop` is False, and the flips and turns."""
+def pretraining_augment(image_size: int, data_args, channels: int, crop: bool = True) -> Augment:
+    """The training views: photometric jitter, a random resized crop (`crop_scale`) unless `crop` is False, and the
+    flips and turns."""
     scale = {"scale": tuple(data_args.crop_scale)} if crop else {"crop": False}
-    return Augment(image_size, **scale, hflip=data_args.hflip, vflip=data_args.vflip, rot90=data_args.rot90)
+    return Augment(
+        image_size,
+        **scale,
+        hflip=data_args.hflip,
+        vflip=data_args.vflip,
+        rot90=data_args.rot90,
+        photometric=Photometric.from_args(data_args, channels),
+    )
 
 
 @dataclass

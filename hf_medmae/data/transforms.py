@@ -13,11 +13,12 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.networks.layers import GaussianFilter
 from monai.transforms import (
     Compose,
     RandFlipd,
@@ -29,6 +30,7 @@ from monai.utils import convert_to_tensor
 from transformers import ViTImageProcessorPil
 
 from ..errors import ConfigError, DataError
+from .stain import hed_jitter
 
 
 class EpochSeeded:
@@ -144,17 +146,151 @@ def normalise_intensity(
     return out
 
 
+LUMA = torch.tensor([0.299, 0.587, 0.114])  # ITU-R 601 grey, as torchvision's rgb_to_grayscale
+
+
+def _uniform(low: float, high: float, gen: torch.Generator | None, n: int = 1) -> torch.Tensor:
+    return torch.empty(n).uniform_(low, high, generator=gen)
+
+
+@dataclass
+class PhotometricArguments:
+    """Colour, stain, intensity and blur jitter of the training views (pre-training and classification alike)."""
+
+    colour_jitter: list[float] | None = field(
+        default=None,
+        metadata={"help": "RGB: [brightness, contrast, saturation, hue] strengths, e.g. [0.2, 0.2, 0.2, 0.05]"},
+    )
+    stain_jitter: float = field(
+        default=0.0, metadata={"help": "RGB brightfield: HED stain jitter (Tellez et al. 2019), e.g. 0.05"}
+    )
+    intensity_jitter: list[float] | None = field(
+        default=None,
+        metadata={"help": "any channels: [scale, shift] per channel (shift in channel stds), e.g. [0.1, 0.1]"},
+    )
+    gamma: list[float] | None = field(default=None, metadata={"help": "per-channel gamma range, e.g. [0.8, 1.25]"})
+    blur_sigma: list[float] | None = field(
+        default=None, metadata={"help": "Gaussian blur sigma range in pixels, on half the views, e.g. [0.1, 1.5]"}
+    )
+
+
+@dataclass
+class Photometric:
+    """Colour, stain, intensity and blur jitter of raw intensities [C, H, W], drawn from a generator.
+
+    Applied before normalisation, to the image as read. Hue, saturation and stain need RGB; brightness, contrast,
+    per-channel scale/shift, gamma and blur serve any channel count. Options left at None / 0 draw nothing, so a
+    view without them is bit-identical to one from before they existed.
+
+    Args:
+        colour_jitter: (brightness, contrast, saturation, hue): factors drawn from [1 - s, 1 + s] (hue: a rotation
+            of +-hue turns in YIQ space), as torchvision's `ColorJitter`.
+        stain_jitter: sigma of the HED jitter (`stain.hed_jitter`): each stain's density scaled by U(1 - sigma,
+            1 + sigma) and shifted by U(-sigma, sigma) (Tellez et al. 2019, "HED-light" is 0.05).
+        intensity_jitter: (scale, shift): each channel times U(1 - scale, 1 + scale) plus U(-shift, shift) of its std.
+        gamma: (low, high): each channel, rescaled to [0, 1] by its range, raised to U(low, high).
+        blur_sigma: (low, high): a Gaussian blur (MONAI's `GaussianFilter`) of sigma U(low, high) on half the views.
+        white: the intensity of an empty (white) pixel of brightfield RGB, for optical densities and clipping.
+
+    Example:
+        >>> jitter = Photometric(colour_jitter=(0.2, 0.2, 0.2, 0.05), stain_jitter=0.05)
+        >>> image = torch.full((3, 8, 8), 128.0)
+        >>> out = jitter(image, torch.Generator().manual_seed(0))
+        >>> out.shape, bool((out >= 0).all() and (out <= 255).all())
+        (torch.Size([3, 8, 8]), True)
+    """
+
+    colour_jitter: tuple[float, float, float, float] | None = None
+    stain_jitter: float = 0.0
+    intensity_jitter: tuple[float, float] | None = None
+    gamma: tuple[float, float] | None = None
+    blur_sigma: tuple[float, float] | None = None
+    white: float = 255.0
+
+    @classmethod
+    def from_args(cls, args: PhotometricArguments, channels: int) -> Photometric | None:
+        """The jitter a run's keys ask for (None when none), checked against its channel count."""
+        fields = {
+            "colour_jitter": args.colour_jitter,
+            "stain_jitter": args.stain_jitter,
+            "intensity_jitter": args.intensity_jitter,
+            "gamma": args.gamma,
+            "blur_sigma": args.blur_sigma,
+        }
+        sizes = {"colour_jitter": 4, "intensity_jitter": 2, "gamma": 2, "blur_sigma": 2}
+        for key, n in sizes.items():
+            if fields[key] is not None and len(fields[key]) != n:
+                raise ConfigError(f"{key}={fields[key]} needs {n} values.", f"see `--help` for {key}'s form.")
+        if channels != 3 and (args.colour_jitter or args.stain_jitter):
+            raise ConfigError(
+                f"colour_jitter and stain_jitter are for RGB images; these have {channels} channels.",
+                "use intensity_jitter ([scale, shift] per channel) and gamma instead.",
+            )
+        if not any(fields.values()):
+            return None
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+    def __call__(self, image: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+        image = image.float()
+        if self.stain_jitter:
+            image = self._stain(image, gen)
+        if self.colour_jitter:
+            image = self._colour(image, gen)
+        if self.intensity_jitter:
+            scale, shift = self.intensity_jitter
+            c = image.shape[0]
+            std = image.reshape(c, -1).std(1).clamp_min(1e-6)
+            factor, offset = _uniform(1 - scale, 1 + scale, gen, c), _uniform(-shift, shift, gen, c) * std
+            image = image * factor[:, None, None] + offset[:, None, None]
+        if self.gamma:
+            flat = image.reshape(image.shape[0], -1)
+            low, high = flat.amin(1)[:, None, None], flat.amax(1)[:, None, None]
+            span = (high - low).clamp_min(1e-6)
+            power = _uniform(*self.gamma, gen, image.shape[0])[:, None, None]
+            image = low + span * ((image - low) / span).clamp(0, 1) ** power
+        if self.blur_sigma and float(torch.rand(1, generator=gen)) < 0.5:
+            sigma = float(_uniform(*self.blur_sigma, gen))
+            image = GaussianFilter(2, sigma)(image[:, None])[:, 0]
+        return image
+
+    def _colour(self, image: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        brightness, contrast, saturation, hue = self.colour_jitter
+        b, c, s = (float(_uniform(max(0.0, 1 - x), 1 + x, gen)) for x in (brightness, contrast, saturation))
+        turn = float(_uniform(-hue, hue, gen)) * 2 * math.pi
+        image = image * b
+        grey = torch.einsum("c,chw->hw", LUMA, image)
+        image = (image - grey.mean()) * c + grey.mean()
+        grey = torch.einsum("c,chw->hw", LUMA, image)
+        image = (image - grey) * s + grey
+        if turn:  # a rotation of the chroma plane (I, Q) of YIQ keeps luma
+            to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+            rotate = torch.tensor(
+                [[1, 0, 0], [0, math.cos(turn), -math.sin(turn)], [0, math.sin(turn), math.cos(turn)]]
+            )
+            image = torch.einsum("dc,chw->dhw", torch.linalg.inv(to_yiq) @ rotate @ to_yiq, image)
+        return image.clamp(0, self.white)
+
+    def _stain(self, image: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        sigma, white = self.stain_jitter, self.white
+        alpha, beta = _uniform(1 - sigma, 1 + sigma, gen, 3).numpy(), _uniform(-sigma, sigma, gen, 3).numpy()
+        jittered = hed_jitter(image.clamp(0, white).numpy() * (255.0 / white), alpha, beta)
+        return torch.from_numpy(jittered) * (white / 255.0)
+
+
 @dataclass
 class Augment:
     """Flips, 90-degree rotations and a random resized crop for [C, H, W] tensors of any channel count.
 
     Args:
         image_size: output side length.
-        scale: area range of the random resized crop relative to the input (MAE uses (0.2, 1)).
+        scale: area range of the random resized crop relative to the input (MAE uses (0.2, 1)); above 1 zooms
+            out: the crop reaches past the image into reflected context, so the object is smaller in the frame.
         ratio: aspect-ratio range of the crop.
         hflip, vflip, rot90: cells and tissue have no preferred orientation, so all default to on.
         crop: False resizes the whole image instead (as evaluation does), so the output's patches are a
             fixed grid of the input, permuted only by the flips and rotations (`with_view`, `apply_view`).
+        photometric: colour, stain, intensity and blur jitter (`Photometric`), applied by the datasets to the
+            raw image before normalisation (`Photometric.__call__`); None: none.
     """
 
     image_size: int
@@ -164,30 +300,52 @@ class Augment:
     vflip: bool = True
     rot90: bool = False
     crop: bool = True
+    photometric: Photometric | None = None
 
-    def crop_box(self, h: int, w: int, gen: torch.Generator | None) -> tuple[int, int, int, int]:
+    def __post_init__(self):
+        if not 0.0 < self.scale[0] <= self.scale[1] <= 4.0:
+            raise ConfigError(
+                f"crop_scale={list(self.scale)} is not a range within (0, 4].",
+                "use e.g. [0.5, 1.0], or [0.5, 2.0] to also zoom out (objects smaller in the frame).",
+            )
+
+    def crop_box(
+        self, h: int, w: int, gen: torch.Generator | None, bounds: tuple[int, int] | None = None
+    ) -> tuple[int, int, int, int]:
+        """A box of `scale` times the h x w area inside `bounds` (default h x w; larger when zooming out)."""
+        bh, bw = bounds or (h, w)
         for _ in range(10):
             area = h * w * float(torch.empty(1).uniform_(*self.scale, generator=gen))
             log_r = torch.empty(1).uniform_(math.log(self.ratio[0]), math.log(self.ratio[1]), generator=gen)
             aspect = math.exp(float(log_r))
             ch, cw = round(math.sqrt(area / aspect)), round(math.sqrt(area * aspect))
-            if 0 < ch <= h and 0 < cw <= w:
-                top = int(torch.randint(0, h - ch + 1, (1,), generator=gen))
-                left = int(torch.randint(0, w - cw + 1, (1,), generator=gen))
+            if 0 < ch <= bh and 0 < cw <= bw:
+                top = int(torch.randint(0, bh - ch + 1, (1,), generator=gen))
+                left = int(torch.randint(0, bw - cw + 1, (1,), generator=gen))
                 return top, left, ch, cw
         side = min(h, w)  # fallback: central square, as torchvision does
-        return (h - side) // 2, (w - side) // 2, side, side
+        return (bh - side) // 2, (bw - side) // 2, side, side
 
     def __call__(self, image: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
         return self.with_view(image, gen)[0]
+
+    def view(self, raw: torch.Tensor, normalize, gen: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
+        """The training view of a raw image: photometric jitter (on intensities as read), `normalize`, geometry."""
+        if self.photometric is not None:
+            raw = self.photometric(raw, gen)
+        return self.with_view(normalize(raw), gen)
 
     def with_view(self, image: torch.Tensor, gen: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
         """The augmented image and its view code (flips and rotation, see `apply_view`)."""
         _, h, w = image.shape
         if not self.crop:
             image = resize(image, self.image_size)
-        elif self.scale[0] < 1.0 or (h, w) != (self.image_size, self.image_size):
-            top, left, ch, cw = self.crop_box(h, w, gen)
+        elif self.scale[0] < 1.0 or self.scale[1] > 1.0 or (h, w) != (self.image_size, self.image_size):
+            if self.scale[1] > 1.0:  # zoom out: reflected context around the image for the larger boxes
+                grow = (math.sqrt(self.scale[1]) - 1) / 2
+                mh, mw = (min(math.ceil(grow * n), n - 1) for n in (h, w))
+                image = F.pad(image[None], (mw, mw, mh, mh), mode="reflect")[0]
+            top, left, ch, cw = self.crop_box(h, w, gen, tuple(image.shape[1:]))
             image = resize(image[:, top : top + ch, left : left + cw], self.image_size)
         # Flips and rotations as numpy views, then one copy: each torch flip/rot90 would copy the image.
         view, code = image.numpy(), 0
@@ -381,6 +539,8 @@ class PairAugment:
 
 __all__ = [
     "Augment",
+    "Photometric",
+    "PhotometricArguments",
     "HFLIP",
     "NORMALISE_MODES",
     "Normalize",

@@ -25,7 +25,7 @@ from ..classification import MULTI, SINGLE, MedClsForImageClassification, class_
 from ..cnn import build_cnn
 from ..data.classification import ClassificationDataset, LabelledImages, load_labelled, split_labelled
 from ..data.splits import class_counts
-from ..data.transforms import Augment, check_channels
+from ..data.transforms import Augment, Photometric, PhotometricArguments, check_channels
 from ..encoder import build_encoder, encoder_normalisation
 from ..errors import ConfigError
 from ..evaluation.classification import evaluate_test, score
@@ -53,7 +53,7 @@ SELECTION_METRICS = (
 
 
 @dataclass
-class DataArguments:
+class DataArguments(PhotometricArguments):
     data_dir: str | None = field(
         default=None,
         metadata={"help": "image folder: one sub-folder per class, or the images a labels_csv names (training)"},
@@ -310,6 +310,7 @@ class Classify(Task):
             vflip=data_args.vflip,
             rot90=data_args.rot90,
             crop=not dropping,
+            photometric=Photometric.from_args(data_args, data.images[0].shape[0]),
         )
         if dropping:
             logger.info(

@@ -29,7 +29,7 @@ from ..data.pretraining import (
     volume_pool,
 )
 from ..data.sources import ImageSource, sample_stats, skipped_files
-from ..data.transforms import Augment, image_processor
+from ..data.transforms import Augment, PhotometricArguments, image_processor
 from ..data.volumes import VolumeDataArguments, volume_crops
 from ..evaluation.reconstruction import reconstruction_metrics, save_reconstructions
 from ..performance import choose_attention
@@ -48,7 +48,7 @@ DEFAULTS = {3: {"decoder_hidden_size": 96, "decoder_intermediate_size": 384}}
 
 
 @dataclass
-class DataArguments:
+class DataArguments(PhotometricArguments):
     train_data: str = field(
         default="embedded:nuclei16",
         metadata={"help": "folder, .npy/.npz, hf:<dataset>[::split], or embedded:nuclei16"},
@@ -267,7 +267,7 @@ class Pretrain(Task):
             mean,
             std,
             size,
-            pretraining_augment(size, data_args, crop=not attention),
+            pretraining_augment(size, data_args, channels, crop=not attention),
             seed=args.seed,
             # per-image masks: the same whatever the process count
             mask_noise_patches=config.num_patches if config.mask_generator == "random" else 0,
@@ -314,7 +314,7 @@ class Pretrain(Task):
         stream = open_stream(data_args, model_args, args.max_steps, args.seed)
         mean, std, size = stream.image_mean, stream.image_std, model_args.image_size
         model = build_mae(model_args, len(mean))
-        augment = pretraining_augment(size, data_args)
+        augment = pretraining_augment(size, data_args, len(mean))
         train = streaming_dataset(
             stream.dataset, stream.column, mean, std, size, augment, data_args.tile_size, stream.name
         )
