@@ -71,6 +71,17 @@ def stain_reference(images: list[np.ndarray], max_images: int = 64, seed: int = 
     return {"method": "reinhard", "lab_mean": lab.mean(0).tolist(), "lab_std": lab.std(0).tolist()}
 
 
+def stain_reference_of(images: list[np.ndarray], seed: int = 0) -> dict | None:
+    """`stain_reference` of 8-bit RGB images; None for other channel counts or intensity ranges (no stain)."""
+    if (
+        not images
+        or any(np.ndim(x) != 3 or x.shape[0] != 3 for x in images[:1])
+        or max(float(x.max()) for x in images) > WHITE
+    ):
+        return None
+    return stain_reference(images, seed=seed)
+
+
 def stain_normalise(image: np.ndarray, reference: dict) -> np.ndarray:
     """An RGB image [3, H, W] (0-255) with its CIELAB channel statistics matched to `reference`'s, float32.
 
@@ -89,4 +100,4 @@ def stain_normalise(image: np.ndarray, reference: dict) -> np.ndarray:
         return _chw(lab2rgb(lab))
 
 
-__all__ = ["STAIN_NORMALISATIONS", "hed_jitter", "stain_normalise", "stain_reference"]
+__all__ = ["STAIN_NORMALISATIONS", "hed_jitter", "stain_normalise", "stain_reference", "stain_reference_of"]

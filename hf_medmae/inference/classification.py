@@ -16,6 +16,7 @@ from ..classification import MULTI, MedClsForImageClassification
 from ..cnn import MedCNNForImageClassification
 from ..data.classification import ClassificationDataset, LabelLayout, read_prediction_set
 from ..data.io import progress
+from ..data.stain import STAIN_NORMALISATIONS, stain_normalise
 from ..data.transforms import channel_stats, check_channels
 from ..errors import CheckpointError, ConfigError, DataError
 from ..evaluation.classification import score
@@ -62,6 +63,8 @@ def predict_probs(model: Classifier, dataset: ClassificationDataset, batch_size:
         model: The classifier.
         dataset: Items with normalised "pixel_values".
         batch_size: Images per forward pass.
+        stain_normalisation: "reinhard": each RGB image's colours are first mapped onto the training images'
+            (`data.stain.stain_normalise`, with the reference the classifier saved); "none": as read.
     """
     multi = model.config.problem_type == MULTI
     out = []
@@ -89,6 +92,7 @@ def classify_sets(
     pattern: str = "*",
     renormalise: bool = False,
     batch_size: int = 64,
+    stain_normalisation: str = "none",
 ) -> dict:
     """Classify each set with a trained classifier: `<set>/predictions.csv`, and for labelled sets
     `<set>/test_metrics.json` with the training run's plots; one row per set in `external_metrics.csv`.
@@ -102,6 +106,8 @@ def classify_sets(
         pattern: Which files of a plain folder are images.
         renormalise: Normalise each set with its own per-channel statistics instead of the checkpoint's.
         batch_size: Images per forward pass.
+        stain_normalisation: "reinhard": each RGB image's colours are first mapped onto the training images'
+            (`data.stain.stain_normalise`, with the reference the classifier saved); "none": as read.
 
     Returns:
         {"sets": one row per set (images, normalisation, and for labelled sets the scores)}.
@@ -118,6 +124,17 @@ def classify_sets(
             "give one labels CSV per set, in the same order.",
         )
     model, processor = load_classifier(model_name_or_path)
+    if stain_normalisation not in STAIN_NORMALISATIONS:
+        raise ConfigError(
+            f"unknown stain_normalisation {stain_normalisation!r}.", f"use one of {STAIN_NORMALISATIONS}."
+        )
+    reference = processor.get("stain_reference")
+    if stain_normalisation != "none" and reference is None:
+        raise CheckpointError(
+            f"{model_name_or_path} carries no stain reference (its training images were not 8-bit RGB, or it was "
+            "trained before references were saved).",
+            "retrain the classifier on RGB images with this version, or leave stain_normalisation at none.",
+        )
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     inputs = getattr(model.config, "vit_config", None) or model.config.to_dict()  # ViT: its encoder's; CNN: its own
     size = processor.get("size", {}).get("height") or as_pair(inputs["image_size"])[0]
@@ -130,6 +147,8 @@ def classify_sets(
                 f"{source} has {found}-channel images but the classifier expects {channels}.",
                 f"convert the images to {channels} channels, as the training images were.",
             )
+        if stain_normalisation == "reinhard":
+            data.images = [stain_normalise(im, reference) for im in progress(data.images, desc="stain", unit="image")]
         mean, std = channel_stats(data.images) if renormalise else (processor["image_mean"], processor["image_std"])
         dataset = ClassificationDataset(data.images, np.zeros(len(data.images)), mean, std, size)
         probs = predict_probs(model, dataset, batch_size)
@@ -137,7 +156,12 @@ def classify_sets(
         target = Path(output_dir, name)
         target.mkdir(parents=True, exist_ok=True)
         _write_predictions(target / "predictions.csv", data.files, probs, names, data.multi_label)
-        row = {"set": name, "images": len(data.files), "normalisation": "target set" if renormalise else "checkpoint"}
+        row = {
+            "set": name,
+            "images": len(data.files),
+            "normalisation": "target set" if renormalise else "checkpoint",
+            "stain_normalisation": stain_normalisation,
+        }
         if labels_csv or (data.labels.ndim == 1 and (data.labels >= 0).all()) or data.multi_label:
             metrics = score(probs, data.labels, names, data.multi_label, str(target))
             info = {"data": source, "model": model_name_or_path, "image_mean": list(mean), "image_std": list(std)}

@@ -25,6 +25,7 @@ from ..classification import MULTI, SINGLE, MedClsForImageClassification, class_
 from ..cnn import build_cnn
 from ..data.classification import ClassificationDataset, LabelledImages, load_labelled, split_labelled
 from ..data.splits import class_counts
+from ..data.stain import stain_reference_of
 from ..data.transforms import Augment, Photometric, PhotometricArguments, check_channels
 from ..encoder import build_encoder, encoder_normalisation
 from ..errors import ConfigError
@@ -109,6 +110,13 @@ class DataArguments(PhotometricArguments):
         metadata={
             "help": "predict_only: normalise each set with its own per-channel statistics "
             "(another scanner or stain) instead of the checkpoint's; recorded in the outputs"
+        },
+    )
+    stain_normalisation: Literal["none", "reinhard"] = field(
+        default="none",
+        metadata={
+            "help": "predict_only, RGB: map each image's colours onto the training images' (Reinhard, CIELAB "
+            "statistics saved with the classifier) before classifying; recorded in the outputs"
         },
     )
 
@@ -218,6 +226,7 @@ class Classify(Task):
             data_args.predict_pattern,
             data_args.renormalise,
             args.per_device_eval_batch_size,
+            data_args.stain_normalisation,
         )
 
     def setup(
@@ -261,6 +270,8 @@ class Classify(Task):
             do_rescale=False,
             image_mean=mean,
             image_std=std,
+            # the training images' colours, for `stain_normalisation: reinhard` when the classifier meets another site
+            stain_reference=stain_reference_of([data.images[i] for i in parts["train"]], args.seed),
         )
         state = ClassifyState(
             data=data,

@@ -1,0 +1,332 @@
+#!/usr/bin/env python
+"""Cross-site white-cell classification: train on one lab's cells, score another site's.
+
+Source: WBC Zheng 2018 Dataset 1 (300 cells, 120 px frames, one scanner and stain), labels at 100% or 10%.
+Target: the white cells of the BCCD smears (another microscope, stain and magnification): the WBC box of each smear
+with one such box (`hf_medmae.data.boxes.box_crops`), labelled by `bccd/wbc_subtypes.csv`, scored with the
+classification task's `--predict_only` (as a user would), as read and with Reinhard stain normalisation to the
+training images (`--stain_normalisation reinhard`). Macro-F1 over the classes present at the target.
+
+Arms (the classification task on `configs/wbc_classification.yaml`): `cnn` (MONAI ResNet-10), `vit_scratch`,
+`mae_finetune`, `mae_frozen` (frozen features + logistic regression). Factors: augmentation off / on (`AUGMENT`:
+colour, HED stain, blur and zoom-out, for the MAE and the classifier alike) and, for the MAE arms, the MAE's pool:
+the seed's source training images, or those plus the target's cells without labels (self pre-training on the
+target site). Each seed draws its own source split; its MAEs (`configs/wbc_mae.yaml`) never see a source
+validation or test image.
+
+Every run is merged into the JSON as it finishes (`evaluation.results.record`) and runs already there are skipped:
+
+    python studies/cross_site.py                                     # the full study: hours on a 2-core CPU
+    python studies/cross_site.py --protocol pilot --seeds 0          # shortened schedules, to see the shape
+    python studies/cross_site.py --report                            # table, paired differences, figure
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from hf_medmae.data.boxes import box_crops
+from hf_medmae.data.classification import load_labelled
+from hf_medmae.data.io import read_image
+from hf_medmae.data.splits import stratified_split
+from hf_medmae.data.transforms import resize
+from hf_medmae.evaluation.results import paired_ci95, record, write_json
+from hf_medmae.tasks import classify, pretrain
+from hf_medmae.training import hardware_description
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+WBC = SHARED / "wbc_zheng2018"
+BCCD = SHARED / "bccd"
+CLASSES = ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"]
+ARMS = ("cnn", "vit_scratch", "mae_finetune", "mae_frozen")
+# The augmentation under test: colours and stains of another lab, its focus, a smaller or larger cell in the frame.
+AUGMENT = [
+    "--colour_jitter",
+    "0.3",
+    "0.3",
+    "0.3",
+    "0.05",
+    "--stain_jitter",
+    "0.05",
+    "--blur_sigma",
+    "0.1",
+    "1.5",
+    "--crop_scale",
+    "0.4",
+    "2.0",
+]
+# Schedules: "full" is the shipped recipes' (converged, studies/finetune_convergence.py); "pilot" is short, to see
+# the shape of the result on a 2-core CPU within an hour. Results of the two never mix (the protocol is the key).
+PROTOCOLS = {
+    "full": {"mae_steps": 6400, "finetune": []},
+    "pilot": {"mae_steps": 800, "finetune": ["--min_train_steps", "400", "--num_train_epochs", "1"]},
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    p.add_argument("--augment", nargs="+", default=["off", "on"], choices=["off", "on"])
+    p.add_argument("--pools", nargs="+", default=["source", "source+target"], choices=["source", "source+target"])
+    p.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.1])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--protocol", default="full", choices=list(PROTOCOLS))
+    p.add_argument("--work-dir", default=str(ROOT / "outputs" / "cross_site"))
+    p.add_argument("--output", default=None, help="default: studies/results/cross_site_<protocol>.json")
+    p.add_argument("--report", action="store_true", help="only summarise the JSON")
+    args = p.parse_args(argv)
+    args.output = Path(args.output or ROOT / "studies" / "results" / f"cross_site_{args.protocol}.json")
+    return args
+
+
+def source_flags() -> list[str]:
+    return ["--data_dir", str(WBC / "Dataset 1"), "--labels_csv", str(WBC / "Class Labels of Dataset 1.csv")]
+
+
+def target_set(work: Path) -> Path:
+    """The BCCD white cells with a subtype, written once in the source's layout (`NNN.bmp`, the same CSV columns)."""
+    out = work / "bccd_wbc"
+    if (out / "labels.csv").is_file():
+        return out
+    subtype = {r["image"]: r["subtype"] for r in csv.DictReader((BCCD / "wbc_subtypes.csv").open())}
+    crops = box_crops(BCCD / "BCCD" / "JPEGImages", BCCD / "BCCD" / "Annotations", "WBC", only_single=True)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, (stem, crop) in enumerate(sorted((s, c) for s, c in crops.items() if s in subtype), start=1):
+        Image.fromarray(crop.transpose(1, 2, 0).astype(np.uint8)).save(out / f"{i:03d}.bmp")
+        rows.append({"image ID": i, "class label": CLASSES.index(subtype[stem]) + 1, "smear": stem})
+    with (out / "labels.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["image ID", "class label", "smear"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return out
+
+
+def seed_mae(args: argparse.Namespace, seed: int, augment: str, pool: str, work: Path) -> Path:
+    """The seed's MAE on its source training images (and the target's cells, unlabeled), reused if present."""
+    out = work / f"mae_{args.protocol}_{pool.replace('+', '_')}_aug{augment}_s{seed}"
+    if (out / "model.safetensors").is_file():
+        return out
+    data = load_labelled(
+        classify.DataArguments(
+            data_dir=str(WBC / "Dataset 1"),
+            labels_csv=str(WBC / "Class Labels of Dataset 1.csv"),
+            id_column="image ID",
+            label_column="class label",
+            filename_template="{id:03d}.bmp",
+            label_offset=1,
+            class_names=CLASSES,
+        )
+    )
+    split = stratified_split(data.labels, data.class_names, 0.15, 0.2, seed)  # the config's fractions
+    images = [data.images[i] for i in split.train]
+    if pool == "source+target":
+        images += [read_image(p) for p in sorted(target_set(work).glob("*.bmp"))]
+    stack = np.stack([resize(torch.from_numpy(np.ascontiguousarray(x)), 64).numpy() for x in images])
+    work.mkdir(parents=True, exist_ok=True)
+    np.save(work / f"{out.name}_pool.npy", stack.astype(np.float32))
+    pretrain.main(
+        [
+            "--config",
+            str(ROOT / "configs" / "wbc_mae.yaml"),
+            "--train_data",
+            str(work / f"{out.name}_pool.npy"),
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            str(PROTOCOLS[args.protocol]["mae_steps"]),
+            "--save_strategy",
+            "no",
+            "--eval_strategy",
+            "no",
+            "--disable_tqdm",
+            "true",
+            "--seed",
+            str(seed),
+            *(AUGMENT if augment == "on" else []),
+        ]
+    )
+    (out / "pool.json").write_text(json.dumps({"source_train": [data.files[i] for i in split.train], "pool": pool}))
+    return out
+
+
+def run(args: argparse.Namespace, arm: str, augment: str, pool: str, fraction: float, seed: int, work: Path) -> dict:
+    out = work / f"{arm}_{args.protocol}_{pool.replace('+', '_')}_aug{augment}_f{fraction}_s{seed}"
+    flags = {
+        "cnn": ["--architecture", "resnet10"],
+        "vit_scratch": ["--init", "scratch", "--model_name_or_path", "null"],
+        "mae_finetune": ["--init", "mae"],
+        "mae_frozen": ["--init", "mae", "--mode", "frozen_features"],
+    }[arm]
+    if arm.startswith("mae"):
+        flags += ["--model_name_or_path", str(seed_mae(args, seed, augment, pool, work))]
+    start = time.time()
+    classify.main(
+        [
+            "--config",
+            str(ROOT / "configs" / "wbc_classification.yaml"),
+            *source_flags(),
+            "--train_fraction",
+            str(fraction),
+            "--seed",
+            str(seed),
+            "--output_dir",
+            str(out),
+            "--disable_tqdm",
+            "true",
+            *flags,
+            *(AUGMENT if augment == "on" else []),
+            *PROTOCOLS[args.protocol]["finetune"],
+        ]
+    )
+    own = json.loads((out / "test_metrics.json").read_text())
+    row = dict(arm=arm, augment=augment, pool=pool if arm.startswith("mae") else "-", fraction=fraction, seed=seed)
+    row.update(own_accuracy=own["accuracy"], own_macro_f1=own["macro_f1_present"])
+    target = target_set(work)
+    for stain in ("none", "reinhard"):
+        predicted = out / f"target_{stain}"
+        classify.main(
+            [
+                "--config",
+                str(ROOT / "configs" / "wbc_classification.yaml"),
+                "--predict_only",
+                "true",
+                "--model_name_or_path",
+                str(out),
+                "--predict_data",
+                str(target),
+                "--predict_labels_csv",
+                str(target / "labels.csv"),
+                "--stain_normalisation",
+                stain,
+                "--output_dir",
+                str(predicted),
+            ]
+        )
+        scores = json.loads((predicted / target.name / "test_metrics.json").read_text())
+        row[f"target_{stain}_accuracy"] = scores["accuracy"]
+        row[f"target_{stain}_macro_f1"] = scores["macro_f1_present"]
+        row[f"target_{stain}_predicted"] = scores.get("predicted_counts")
+        row[f"target_{stain}_confusion"] = scores.get("confusion_matrix")
+    row["minutes"] = round((time.time() - start) / 60, 2)
+    return row
+
+
+def key(r: dict) -> tuple:
+    return r["arm"], r["augment"], r["pool"], r["fraction"], r["seed"]
+
+
+def cells(runs: list[dict]) -> list[tuple]:
+    return sorted({key(r)[:4] for r in runs}, key=lambda c: (-c[3], ARMS.index(c[0]), c[1], c[2]))
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    """Mean ± std per cell, and each cell's target macro-F1 minus today's shipped recipe (the MAE fine-tuned without
+    augmentation on the source pool), paired by seed, with a 95% interval."""
+    table = []
+    for arm, augment, pool, fraction in cells(runs):
+        cell = [r for r in runs if key(r)[:4] == (arm, augment, pool, fraction)]
+        row = {"arm": arm, "augment": augment, "pool": pool, "fraction": fraction, "seeds": len(cell)}
+        for m in ("own_accuracy", "target_none_macro_f1", "target_reinhard_macro_f1", "target_none_accuracy"):
+            values = [r[m] for r in cell]
+            row[m] = (statistics.mean(values), statistics.pstdev(values))
+        base = {r["seed"]: r for r in runs if key(r)[:4] == ("mae_finetune", "off", "source", fraction)}
+        deltas = [
+            100 * (r["target_none_macro_f1"] - base[r["seed"]]["target_none_macro_f1"])
+            for r in cell
+            if r["seed"] in base
+        ]
+        row["vs_shipped"] = {"mean": statistics.mean(deltas), "ci95": paired_ci95(deltas)} if deltas else None
+        table.append(row)
+    return table
+
+
+def format_table(table: list[dict]) -> str:
+    lines = [
+        "| labels | arm | augmentation | MAE pool | seeds | own test acc | target macro-F1 | with Reinhard | "
+        "vs shipped MAE, points (95% CI) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    fmt = lambda v: f"{v[0]:.3f} ± {v[1]:.3f}"  # noqa: E731
+    for r in table:
+        d = r["vs_shipped"]
+        interval = f" [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]" if d and d["ci95"] else ""
+        gain = "-" if not d else f"{d['mean']:+.1f}{interval}"
+        lines.append(
+            f"| {r['fraction']:.0%} | {r['arm']} | {r['augment']} | {r['pool']} | {r['seeds']} "
+            f"| {fmt(r['own_accuracy'])} | {fmt(r['target_none_macro_f1'])} | {fmt(r['target_reinhard_macro_f1'])} "
+            f"| {gain} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(table: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in table if r["fraction"] == max(t["fraction"] for t in table)]
+    names = [f"{r['arm']}\naug {r['augment']}" + (f"\n{r['pool']}" if r["pool"] != "-" else "") for r in rows]
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 4.2))
+    for offset, (field, label) in enumerate(
+        [
+            ("own_accuracy", "own test accuracy"),
+            ("target_none_macro_f1", "BCCD macro-F1"),
+            ("target_reinhard_macro_f1", "BCCD macro-F1, Reinhard"),
+        ]
+    ):
+        means, stds = [r[field][0] for r in rows], [r[field][1] for r in rows]
+        ax.bar(x + (offset - 1) * 0.27, means, 0.27, yerr=stds, label=label, capsize=2)
+    ax.set_xticks(x, names, fontsize=7)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("score (mean ± std over seeds)")
+    ax.set_title(f"Trained on WBC Zheng 2018 ({rows[0]['fraction']:.0%} labels), scored on its test split and on BCCD")
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(output: Path) -> None:
+    results = json.loads(output.read_text())
+    results["summary"] = summarise(results["runs"])
+    write_json(output, results)
+    plot(results["summary"], output.with_suffix(".png"))
+    print(format_table(results["summary"]))
+    print(f"protocol {results['protocol']}; hardware: {results['hardware']}; {len(results['runs'])} runs; {output}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.report:
+        return report(args.output)
+    work = Path(args.work_dir)
+    header = {"protocol": args.protocol, "hardware": hardware_description(), "augment": AUGMENT}
+    done = {key(r) for r in json.loads(args.output.read_text()).get("runs", [])} if args.output.is_file() else set()
+    for seed in args.seeds:
+        for fraction in args.fractions:
+            for augment in args.augment:
+                for arm in args.arms:
+                    for pool in args.pools if arm.startswith("mae") else ["-"]:
+                        if (arm, augment, pool, fraction, seed) in done:
+                            continue
+                        row = run(args, arm, augment, pool, fraction, seed, work)
+                        record(args.output, header, row, key)
+                        print(json.dumps({k: v for k, v in row.items() if "confusion" not in k}), flush=True)
+    report(args.output)
+
+
+if __name__ == "__main__":
+    main()
