@@ -114,6 +114,7 @@ RUN_ROWS = [
     ("epochs", "epochs"),
     ("optimizer steps", "steps"),
     ("dataset", "dataset"),
+    ("data the weights saw, in order (earlier checkpoints first)", "lineage"),
     ("training images", "num_images"),
     ("seed", "seed"),
 ]
@@ -322,7 +323,7 @@ def render_model_card(
         architecture=(config.get("architectures") or ["MedMAEForPreTraining"])[0],
         encoder_attribute="videomae" if config["model_type"] == "medmae3d" else "vit",
         setup_rows=_table_rows(setup_values(config), CONFIG_ROWS),
-        run_rows=_table_rows(run_info, RUN_ROWS),
+        run_rows=_table_rows({**run_info, "lineage": " → ".join(run_info.get("datasets") or []) or None}, RUN_ROWS),
         run_info=run_info,
         image_mean=preprocessor.get("image_mean"),
         image_std=preprocessor.get("image_std"),

@@ -91,8 +91,14 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def write_run_info(args: TrainingArguments, dataset: str, num_images: int | None, metrics: dict) -> None:
-    """`run_info.json` beside the checkpoint: what the model card reports about how it was trained."""
+def write_run_info(
+    args: TrainingArguments, dataset: str, num_images: int | None, metrics: dict, parent: str | None = None
+) -> None:
+    """`run_info.json` beside the checkpoint: what the model card reports about how it was trained.
+
+    `datasets` is the data lineage: the data of `parent` (the checkpoint the weights started from, as its own
+    `run_info.json` lists it) and then this run's, so a model continued on a new site's images records both sites.
+    """
     import sys
 
     info = dict(
@@ -100,12 +106,24 @@ def write_run_info(args: TrainingArguments, dataset: str, num_images: int | None
         epochs=float(metrics.get("epoch", args.num_train_epochs)),
         steps=int(metrics.get("global_step", args.max_steps if args.max_steps > 0 else 0)),
         dataset=dataset,
+        datasets=[*parent_datasets(parent), dataset],
         seed=int(args.seed),
         command=" ".join(["python", *sys.argv]),
     )
     if num_images is not None:  # a stream has no count
         info["num_images"] = int(num_images)
     (Path(args.output_dir) / "run_info.json").write_text(json.dumps(info, indent=2))
+
+
+def parent_datasets(parent: str | None) -> list[str]:
+    """The data lineage of a local checkpoint (its `run_info.json`), or its name when it has none (e.g. a Hub id)."""
+    if not parent:
+        return []
+    info = Path(parent) / "run_info.json"
+    if info.is_file():
+        previous = json.loads(info.read_text())
+        return list(previous.get("datasets") or [previous.get("dataset", parent)])
+    return [f"the checkpoint {parent}"]
 
 
 class SelectionEarlyStopping(EarlyStoppingCallback):

@@ -244,3 +244,19 @@ def test_one_seeded_split_of_whole_items():
         split_named(names, 2, 3, 5, validation_names=["v0"], test_names=["v0"])
     with pytest.raises(ConfigError, match="still train on one"):
         split_counts(3, 2, 1, seed=0)
+
+
+def test_box_crops_cut_one_object_per_image_from_voc_annotations():
+    from conftest import BCCD, require
+
+    from hf_medmae.data.boxes import box_crops, voc_boxes
+
+    annotations = require(BCCD.parent / "Annotations")
+    first = sorted(annotations.glob("*.xml"))[0]
+    boxes = voc_boxes(first, ("WBC",))
+    assert boxes and all(name == "WBC" and b[0] < b[2] and b[1] < b[3] for name, b in boxes)
+    crops = box_crops(BCCD, annotations, "WBC", only_single=True)
+    assert len(crops) > 300 and first.stem in crops
+    x0, y0, x1, y1 = boxes[0][1]
+    crop = crops[first.stem]
+    assert crop.shape[0] == 3 and crop.shape[1] == crop.shape[2] >= max(x1 - x0, y1 - y0)

@@ -625,3 +625,42 @@ def test_class_folders_equal_ignoring_case_stay_an_error(tmp_path):
     with pytest.raises(DataError, match="not in class_names"):  # neither spelling of the class is unambiguous
         load_class_folders(tmp_path, ["NEUTROPHIL", "Neutrophil"])
     assert load_class_folders(tmp_path).class_names == ["Neutrophil", "neutrophil"]  # two classes when asked for none
+
+
+def test_stain_normalisation_maps_another_sites_colours_onto_the_training_images(classifier, tmp_path):
+    """The classifier carries its training images' colour statistics; --stain_normalisation reinhard uses them."""
+    from skimage.color import rgb2lab
+
+    from hf_medmae.data.io import read_image
+    from hf_medmae.data.stain import stain_normalise, stain_reference
+
+    reference = json.loads((classifier / "preprocessor_config.json").read_text())["stain_reference"]
+    assert reference["method"] == "reinhard" and len(reference["lab_mean"]) == 3
+    site = wbc_subset(tmp_path / "purple_site", range(251, 261))
+    for path in site.iterdir():  # another stain: red and blue swapped, less green
+        rgb = np.asarray(Image.open(path)).astype(np.float32)
+        Image.fromarray(np.stack([rgb[..., 2], rgb[..., 1] * 0.8, rgb[..., 0]], -1).astype(np.uint8)).save(path)
+    lab_mean = lambda image: rgb2lab(image.transpose(1, 2, 0) / 255).reshape(-1, 3).mean(0)  # noqa: E731
+    goal = np.asarray(reference["lab_mean"])
+    for path in sorted(site.iterdir()):
+        image = read_image(path)
+        before, after = (np.abs(lab_mean(x) - goal).sum() for x in (image, stain_normalise(image, reference)))
+        assert after < 0.1 * before, (path.name, before, after)  # onto the training images' colours (sRGB clips a little)
+    common = ["--predict_only", "--model_name_or_path", str(classifier), "--predict_data", str(site)]
+    classify.main([*common, "--stain_normalisation", "reinhard", "--output_dir", str(tmp_path / "stain")])
+    row = next(csv.DictReader((tmp_path / "stain" / "external_metrics.csv").open()))
+    assert row["stain_normalisation"] == "reinhard"
+    # one image of the reference set against a reference of itself comes back unchanged
+    cell = read_image(WBC / "001.bmp")
+    assert float(np.abs(stain_normalise(cell, stain_reference([cell])) - cell).max()) < 1.0
+
+
+def test_run_info_records_the_data_lineage_of_continued_and_fine_tuned_models(classifier, tmp_path):
+    from hf_medmae.training import parent_datasets
+
+    info = json.loads((classifier / "run_info.json").read_text())
+    assert info["datasets"] == [info["dataset"]] == [str(WBC)]
+    (tmp_path / "mae").mkdir()
+    (tmp_path / "mae" / "run_info.json").write_text(json.dumps({"dataset": "site_a", "datasets": ["a", "b"]}))
+    assert parent_datasets(str(tmp_path / "mae")) == ["a", "b"]
+    assert parent_datasets("someone/mae-on-hub") == ["the checkpoint someone/mae-on-hub"]

@@ -423,6 +423,10 @@ class Classify(Task):
                 "set throw_ratio: 0, or use mode: full / linear_probe.",
             )
 
+    def weights_from(self, model_args) -> str | None:
+        vit_from_mae = model_args.architecture == "vit" and model_args.init == "mae"
+        return model_args.model_name_or_path if vit_from_mae else None
+
     def summary(self, metrics: dict, output_dir: str) -> str:
         if "sets" in metrics:  # predict_only
             return "\n".join(

@@ -432,6 +432,9 @@ class Pretrain(Task):
             f"masks> {tail}",
         ]
 
+    def weights_from(self, model_args) -> str | None:
+        return model_args.model_name_or_path  # set: this run continues that MAE
+
     def summary(self, metrics: dict, output_dir: str) -> str:
         lines = []
         if "eval_loss" in metrics and "eval_loss_mean_predictor" in metrics:

@@ -107,6 +107,11 @@ class Task:
         """Mode probe: fit `setup.model` without the Trainer, save it and report, for tasks that have that mode."""
         raise ConfigError(f"{type(self).__name__} has no probe mode.", "train the model instead.")
 
+    def weights_from(self, model_args) -> str | None:
+        """The checkpoint the model's weights start from (an MAE to fine-tune or continue), for the data lineage
+        `run_info.json` and the model card record; None from scratch."""
+        return None
+
     def summary(self, metrics: dict, output_dir: str) -> str:
         """A few lines for the person at the terminal: how it went, where the outputs are, what to try next."""
         return f"outputs in {output_dir}"
@@ -216,7 +221,7 @@ def run(task: Task, setup: TaskSetup, model_args, data_args, args: MedTrainingAr
     else:
         raise ConfigError(f"TaskSetup.mode {setup.mode!r} is unknown.", "use 'train' or 'probe'.")
     if is_main:
-        finish(args, setup, metrics)
+        finish(args, setup, metrics, task.weights_from(model_args))
     return metrics
 
 
@@ -270,11 +275,12 @@ def train(
     return metrics, is_main, args
 
 
-def finish(args: MedTrainingArguments, setup: TaskSetup, metrics: dict) -> None:
-    """The end of every run that made a model: all_results.json, run_info.json, and the Hub push when asked."""
+def finish(args: MedTrainingArguments, setup: TaskSetup, metrics: dict, parent: str | None = None) -> None:
+    """The end of every run that made a model: all_results.json, run_info.json (with `parent`'s data lineage), and
+    the Hub push when asked."""
     Path(args.output_dir, "all_results.json").write_text(json.dumps(metrics, indent=4, sort_keys=True, default=str))
     sized = hasattr(setup.train_dataset, "__len__")
-    write_run_info(args, setup.dataset_name, len(setup.train_dataset) if sized else None, metrics)
+    write_run_info(args, setup.dataset_name, len(setup.train_dataset) if sized else None, metrics, parent)
     if args.push_at_end:
         repo_id = args.hub_model_id or args.output_dir.rstrip("/").split("/")[-1]
         push_checkpoint(

@@ -459,6 +459,9 @@ class Segment(Task):
             "labelled_pixel_fraction": state.fraction,
         }
 
+    def weights_from(self, model_args) -> str | None:
+        return model_args.model_name_or_path if model_args.model == "unetr" and model_args.init == "mae" else None
+
     def summary(self, metrics: dict, output_dir: str) -> str:
         if "num_predictions" in metrics:
             return f"{metrics['num_predictions']} label maps (class ids {metrics['class_names']}) in {output_dir}"
