@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +31,7 @@ from frozen_probe import features, probe, wbc
 from transformers import ViTModel
 
 from hf_medmae import load_encoder
+from hf_medmae.data.boxes import square_crop, voc_boxes
 from hf_medmae.data.io import read_image
 from hf_medmae.data.transforms import resize
 from hf_medmae.evaluation.results import record
@@ -82,18 +82,11 @@ def bccd_cells(side: int) -> list[np.ndarray]:
     each."""
     cells = []
     for xml in sorted((BCCD / "Annotations").glob("*.xml")):
-        image = None
-        for obj in ET.parse(xml).getroot().iter("object"):
-            if obj.findtext("name") != "WBC":
-                continue
-            image = read_image(BCCD / "JPEGImages" / f"{xml.stem}.jpg") if image is None else image
-            box = [int(float(obj.find("bndbox").findtext(k))) for k in ("xmin", "ymin", "xmax", "ymax")]
-            half = int(max(box[2] - box[0], box[3] - box[1]) * 0.6)  # WBC's crops show the cell with some surrounding
-            cx, cy = (box[0] + box[2]) // 2, (box[1] + box[3]) // 2
-            h, w = image.shape[1:]
-            x0, y0 = min(max(0, cx - half), max(0, w - 2 * half)), min(max(0, cy - half), max(0, h - 2 * half))
-            crop = image[:, y0 : y0 + 2 * half, x0 : x0 + 2 * half]
-            if min(crop.shape[1:]) >= 32:
+        boxes = voc_boxes(xml, ("WBC",))
+        image = read_image(BCCD / "JPEGImages" / f"{xml.stem}.jpg") if boxes else None
+        for _, box in boxes:
+            crop = square_crop(image, box, margin=1.2, min_side=32)  # the cell with some surrounding, as WBC's
+            if crop is not None:
                 cells.append(resize(torch.from_numpy(np.ascontiguousarray(crop)).float(), side).numpy())
     return cells
 

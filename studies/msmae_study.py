@@ -48,14 +48,15 @@ import os
 import shlex
 import statistics
 import time
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from hf_medmae.data.boxes import square_crop, voc_boxes
 from hf_medmae.data.classification import load_labelled
+from hf_medmae.data.io import read_image
 from hf_medmae.data.splits import label_subset, stratified_split
 from hf_medmae.evaluation.results import paired_ci95, record
 from hf_medmae.inference.classification import load_classifier
@@ -187,36 +188,24 @@ def bccd_cells(work: Path, seed: int = 0) -> dict:
     from PIL import Image
 
     root = SHARED / "bccd" / "BCCD"
-    boxes = []  # (file stem, class, box)
-    for xml in sorted((root / "Annotations").glob("*.xml")):
-        for obj in ET.parse(xml).getroot().iter("object"):
-            name = obj.findtext("name")
-            if name in BCCD_CLASSES:
-                boxes.append(
-                    (
-                        xml.stem,
-                        name,
-                        [int(float(obj.find("bndbox").findtext(k))) for k in ("xmin", "ymin", "xmax", "ymax")],
-                    )
-                )
+    boxes = [  # (file stem, class, box)
+        (xml.stem, name, box)
+        for xml in sorted((root / "Annotations").glob("*.xml"))
+        for name, box in voc_boxes(xml, tuple(BCCD_CLASSES))
+    ]
     rng = np.random.default_rng(seed)
     rbc = [b for b in boxes if b[1] == "RBC"]
     others = [b for b in boxes if b[1] != "RBC"]
-    wbc = sum(
-        b[1] == "WBC" for b in others
-    )  # as many red cells as white ones: RBC would otherwise be ~85% of the boxes
+    wbc = sum(b[1] == "WBC" for b in others)  # as many red cells as white ones: RBC would be ~85% of the boxes
     keep = others + [rbc[i] for i in sorted(rng.permutation(len(rbc))[:wbc])]
     spec["data_dir"].mkdir(parents=True, exist_ok=True)
     rows, images = [], {}
-    for i, (stem, name, (x0, y0, x1, y1)) in enumerate(sorted(keep)):
-        image = images.setdefault(stem, Image.open(root / "JPEGImages" / f"{stem}.jpg").convert("RGB"))
-        side = int(max(x1 - x0, y1 - y0) * 1.2)  # the cell with some surrounding, as WBC's crops show it
-        cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
-        left = min(max(0, cx - side // 2), max(0, image.width - side))
-        top = min(max(0, cy - side // 2), max(0, image.height - side))
-        crop = image.crop((left, top, left + side, top + side))
-        if min(crop.size) < 16:
+    for i, (stem, name, box) in enumerate(sorted(keep)):
+        image = images.setdefault(stem, read_image(root / "JPEGImages" / f"{stem}.jpg"))
+        crop = square_crop(image, box, margin=1.2, min_side=16)  # the cell with some surrounding, as WBC's crops
+        if crop is None:
             continue
+        crop = Image.fromarray(crop.transpose(1, 2, 0).astype(np.uint8))
         file = f"{i:05d}_{stem}_{name}.png"
         crop.save(spec["data_dir"] / file)
         rows.append({"filename": file, "label": name})
