@@ -359,15 +359,25 @@ def test_lazy_and_in_memory_pools_give_identical_items(tmp_path):
             assert torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(a["labels"], b["labels"])
 
 
-def test_lazy_pool_checks_label_shape_when_read(tmp_path):
+def test_lazy_pool_checks_label_grid_from_the_headers_before_reading(tmp_path):
     folder = _folder_pool(tmp_path, n=2)
     save_nifti(folder / "v1_label.nii.gz", np.zeros((12, 16, 15), np.float32))
-    pool = load_volumes(str(folder), lazy=True)  # no read yet, so no error yet
-    dataset = CropDataset(pool.images, pool.labels, (8, 16, 16), CropAugment((8, 16, 16)), names=pool.names)
-    dataset[0]
-    with pytest.raises(
+    with pytest.raises(  # NIfTI headers tell the grid: no voxel read is needed to refuse the pair
         DataError, match=r"v1.nii.gz: the volume is \[D, H, W\] \(12, 16, 16\) but its label is \(12, 16, 15\)"
     ):
+        load_volumes(str(folder), lazy=True)
+
+
+def test_lazy_tiff_pool_checks_label_shape_when_read(tmp_path):
+    import tifffile
+
+    for i, shape in enumerate([(12, 16, 16), (12, 16, 15)]):
+        tifffile.imwrite(tmp_path / f"v{i}.tif", np.ones((12, 16, 16), np.uint16))
+        tifffile.imwrite(tmp_path / f"v{i}_label.tif", np.zeros(shape, np.uint8))
+    pool = load_volumes(str(tmp_path), lazy=True)  # TIFF stores no geometry: checked when read
+    dataset = CropDataset(pool.images, pool.labels, (8, 16, 16), CropAugment((8, 16, 16)), names=pool.names)
+    dataset[0]
+    with pytest.raises(DataError, match=r"v1.tif: the volume is \[D, H, W\] \(12, 16, 16\) but its label is"):
         dataset[1]
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
+from .geometry import Geometry, Grid
 
 
 class LazyFiles(Sequence):
@@ -35,7 +36,8 @@ class LazyFiles(Sequence):
     """
 
     def __init__(self, paths, read: Callable, transforms: tuple = (), keep: int = 2):
-        self.paths, self.read, self.transforms, self.keep = [Path(p) for p in paths], read, tuple(transforms), keep
+        paths = [p if isinstance(p, tuple) else Path(p) for p in paths]  # a tuple: one case's channel files
+        self.paths, self.read, self.transforms, self.keep = paths, read, tuple(transforms), keep
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
 
     def __len__(self) -> int:
@@ -92,7 +94,8 @@ def check_geometry(image_shape: Sequence[int], label_shape: Sequence[int], name:
 class ImageSet:
     """Images [C, *spatial] float32 with optional label maps [*spatial] int64 (raw values or class ids).
 
-    `images` and `labels` are lists, or `LazyFiles` read when used.
+    `images` and `labels` are lists, or `LazyFiles` read when used. Volumes read from files also carry each
+    volume's stored `geometry` (None where the file stores none) and the `grid` they were brought onto.
 
     Example:
         >>> s = ImageSet([np.zeros((3, 8, 8), np.float32)] * 2, [np.zeros((8, 8), np.int64)] * 2, ["a", "b"])
@@ -103,6 +106,8 @@ class ImageSet:
     images: list[np.ndarray] | LazyFiles
     labels: list[np.ndarray] | LazyFiles | None
     names: list[str]
+    geometry: list[Geometry | None] | None = None
+    grid: Grid | None = None
 
     def __len__(self) -> int:
         return len(self.images)
@@ -110,7 +115,14 @@ class ImageSet:
     def subset(self, indices) -> ImageSet:
         indices = list(indices)
         labels = None if self.labels is None else _pick(self.labels, indices)
-        return ImageSet(_pick(self.images, indices), labels, [self.names[i] for i in indices])
+        geometry = None if self.geometry is None else [self.geometry[i] for i in indices]
+        return replace(
+            self,
+            images=_pick(self.images, indices),
+            labels=labels,
+            names=[self.names[i] for i in indices],
+            geometry=geometry,
+        )
 
     def map(self, images: Callable | None = None, labels: Callable | None = None) -> ImageSet:
         """The set with a transform applied to every image and/or label (when read, for a lazy set)."""

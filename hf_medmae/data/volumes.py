@@ -1,33 +1,43 @@
 """The 3D data layer: volumes [C, D, H, W] with labels [D, H, W], read and prepared for the crops of `data.crops`.
 
-Sources: NIfTI (`.nii`, `.nii.gz`), multi-page or ImageJ TIFF, `.npy`, folders of those (labels matched
-by a file-name pattern), a `.npy` stack [N, C, D, H, W], or `embedded:nuclei3d` / `embedded:mni152`.
-Depth D is always the slice axis: NIfTI's Z, a TIFF's pages (or its ImageJ Z axis). Files are read in
-their stored voxel order, never reoriented, so an image and its label written on one voxel grid line up.
-A volume set is an `image_set.ImageSet`; intensity normalisation (`transforms.normalise_intensity`), crops
-(`crops`) and splits (`splits`) are the ones images use, with the dimension as a parameter.
+Sources: NIfTI (`.nii`, `.nii.gz`), DICOM series (a folder of slices, `data.dicom`), multi-page or ImageJ TIFF,
+`.npy`, folders of those (labels matched by a file-name pattern; nnU-Net's `CASE_0000`, `CASE_0001`, ... files
+are one case's channels), a `.npy` stack [N, C, D, H, W], or `embedded:nuclei3d` / `embedded:mni152`.
+Depth D is always the slice axis: NIfTI's Z, a TIFF's pages (or its ImageJ Z axis). Each volume keeps its
+`geometry.Geometry` (affine and shape as stored); a `geometry.Grid` brings volumes and labels onto the model's
+grid (RAS orientation, one target spacing) as they are read. A volume set is an `image_set.ImageSet`; intensity
+normalisation (`transforms.normalise_intensity`), crops (`crops`) and splits (`splits`) are the ones images use,
+with the dimension as a parameter.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
 
 from ..errors import ConfigError, DataError
 from .crops import CropAugment, CropDataset
+from .dicom import is_dicom_folder, read_dicom_series
 from .embedded import EMBEDDED_VOLUMES
+from .geometry import ORIENTATIONS, Geometry, Grid, check_same_grid, plan_spacing, to_grid
 from .image_set import ImageSet, LazyFiles
 from .io import check_finite
 from .segmentation import class_mapping, map_labels, read_label
 from .splits import split_named
 from .transforms import NORMALISE_MODES, normalise_intensity
 
+logger = logging.getLogger(__name__)
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".tif", ".tiff", ".npy")
+CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")  # nnU-Net: CASE_0000.nii.gz, CASE_0001.nii.gz
 
 
 def volume_suffix(path: str | Path) -> str:
@@ -41,10 +51,16 @@ def volume_suffix(path: str | Path) -> str:
     return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
 
 
-def _nifti(path: Path) -> np.ndarray:
-    import nibabel as nib
+def case_stem(name: str | Path) -> str:
+    """A volume's name without its extension (`case_01.nii.gz` -> `case_01`; a DICOM folder's name as it is)."""
+    name = Path(name).name
+    suffix = volume_suffix(name) if volume_suffix(name) in VOLUME_SUFFIXES else ""
+    return name[: -len(suffix)] if suffix else name
 
-    array = nib.load(path).get_fdata(dtype=np.float32)  # (X, Y, Z[, C]); (X, Y, Z, 1, C) for vector intents
+
+def _nib_volume(image, path: Path) -> tuple[np.ndarray, Geometry]:
+    """[C, D, H, W] and the geometry of a nibabel image (a NIfTI file or a DICOM series)."""
+    array = image.get_fdata(dtype=np.float32)  # (X, Y, Z[, C]); (X, Y, Z, 1, C) for vector intents
     if array.ndim == 5 and array.shape[3] == 1:
         array = array[:, :, :, 0]
     if array.ndim == 3:
@@ -54,7 +70,18 @@ def _nifti(path: Path) -> np.ndarray:
             f"{path}: NIfTI data of shape {array.shape} is not a volume (X, Y, Z) or (X, Y, Z, C).",
             "save one volume per file; a 2-D image needs a 2-D pipeline.",
         )
-    return array.transpose(3, 2, 1, 0)  # -> [C, D=Z, H=Y, W=X]
+    array = array.transpose(3, 2, 1, 0)  # -> [C, D=Z, H=Y, W=X]
+    return array, Geometry(np.asarray(image.affine, dtype=np.float64), tuple(array.shape[1:]))
+
+
+def _nifti(path: Path) -> tuple[np.ndarray, Geometry]:
+    import nibabel as nib
+
+    return _nib_volume(nib.load(path), path)
+
+
+def _dicom(path: Path, series_uid: str | None = None) -> tuple[np.ndarray, Geometry]:
+    return _nib_volume(read_dicom_series(path, series_uid), path)
 
 
 def _tiff(path: Path) -> np.ndarray:
@@ -84,7 +111,8 @@ def _tiff(path: Path) -> np.ndarray:
         )
     if channel is None:
         array, axes, channel, depth = array[None], "C" + axes, 0, depth + 1
-    return array.transpose(channel, depth, axes.index("Y"), axes.index("X"))
+    array = array.transpose(channel, depth, axes.index("Y"), axes.index("X"))
+    return array, Geometry.unknown(array.shape[1:])
 
 
 def _npy(path: Path) -> np.ndarray:
@@ -96,35 +124,82 @@ def _npy(path: Path) -> np.ndarray:
             f"{path} holds shape {array.shape}; a volume file is [C, D, H, W] or [D, H, W].",
             "save one volume per .npy, or a stack [N, C, D, H, W] as the whole source of load_volumes.",
         )
-    return array
+    return array, Geometry.unknown(array.shape[1:])
 
 
 READERS = {".nii.gz": _nifti, ".nii": _nifti, ".tif": _tiff, ".tiff": _tiff, ".npy": _npy}
 
 
-def read_volume(path: str | Path) -> np.ndarray:
-    """Read one volume file as float32 [C, D, H, W] (raw intensities, stored voxel order).
+def load_volume(
+    path: str | Path | Sequence[Path], grid: Grid | None = None, series_uid: str | None = None
+) -> tuple[np.ndarray, Geometry]:
+    """One volume as float32 [C, D, H, W] and its geometry, on `grid` (None: as stored).
 
     Args:
-        path: `.nii`/`.nii.gz` (X, Y, Z[, C] -> C, Z, Y, X), `.tif`/`.tiff` (pages or the ImageJ Z axis
-            are depth, the C axis channels) or `.npy` ([C, D, H, W] or [D, H, W]).
+        path: a volume file (`.nii`/`.nii.gz`: (X, Y, Z[, C]) -> [C, Z, Y, X]; `.tif`/`.tiff`: pages or the
+            ImageJ Z axis are depth, the C axis channels; `.npy`: [C, D, H, W] or [D, H, W]), a DICOM series
+            folder, or a sequence of those: one case's channels (modalities), which must share one voxel grid.
+        grid: orientation and spacing of the model's grid; None keeps the stored voxels.
+        series_uid: the DICOM series to read from a folder holding several.
 
     Raises:
-        DataError: unknown extension, unreadable or corrupt file, a 2-D image, NaN/inf voxels.
+        DataError: unknown extension, unreadable or corrupt file, a 2-D image, NaN/inf voxels, channels on
+            different grids, a DICOM folder of several series and no `series_uid`.
+
+    Example:
+        >>> volume, geometry = load_volume("ct/case_01.nii.gz", Grid("RAS", (3.0, 1.0, 1.0)))  # doctest: +SKIP
+        >>> volume.shape, geometry.spacing  # doctest: +SKIP
+        ((1, 40, 350, 350), (3.0, 1.0, 1.0))
+    """
+    if isinstance(path, (str, Path)):
+        array, geometry = _read_stored(Path(path), series_uid)
+    else:  # one case's channels: all on the first one's grid, resampled together
+        parts = [_read_stored(Path(p), series_uid) for p in path]
+        for p, (_, other) in zip(path[1:], parts[1:]):
+            check_same_grid(parts[0][1], other, Path(p).name, "channel")
+        array, geometry = np.concatenate([a for a, _ in parts]), parts[0][1]
+    if grid is not None:
+        array, geometry = to_grid(array, geometry, grid)
+    return array, geometry
+
+
+def read_volume(path: str | Path | Sequence[Path], grid: Grid | None = None, series_uid: str | None = None):
+    """`load_volume` without the geometry: float32 [C, D, H, W].
 
     Example:
         >>> read_volume("ct/case_01.nii.gz").shape  # doctest: +SKIP
         (1, 120, 512, 512)
     """
-    path = Path(path)
-    reader = READERS.get(volume_suffix(path))
+    return load_volume(path, grid, series_uid)[0]
+
+
+def read_geometry(path: str | Path | Sequence[Path], series_uid: str | None = None) -> Geometry | None:
+    """A volume's stored geometry: NIfTI from its header alone, a DICOM series from its slices; None for TIFF and
+    `.npy`, which store none (a case of channels: its first file)."""
+    path = Path(path if isinstance(path, (str, Path)) else path[0])
+    if path.is_dir():
+        return _read_stored(path, series_uid)[1]
+    if volume_suffix(path) not in (".nii", ".nii.gz"):
+        return None
+    import nibabel as nib
+
+    try:
+        header = nib.load(path)
+    except (OSError, ValueError, EOFError, zlib.error, ImageFileError):
+        return _read_stored(path)[1]  # raises the named error
+    return Geometry(np.asarray(header.affine, dtype=np.float64), tuple(int(s) for s in header.shape[:3][::-1]))
+
+
+def _read_stored(path: Path, series_uid: str | None = None) -> tuple[np.ndarray, Geometry]:
+    """float32 [C, D, H, W] in stored voxel order and its geometry; every reading problem a named DataError."""
+    reader = _dicom if path.is_dir() else READERS.get(volume_suffix(path))
     if reader is None:
         raise DataError(
             f"{path} is not a volume file (extension {volume_suffix(path)!r}).",
-            f"convert it to one of {', '.join(VOLUME_SUFFIXES)}.",
+            f"convert it to one of {', '.join(VOLUME_SUFFIXES)}, or give a folder holding one DICOM series.",
         )
     try:
-        array = reader(path)
+        array, geometry = reader(path, series_uid) if path.is_dir() else reader(path)
     except DataError:
         raise
     except (OSError, ValueError, EOFError, zlib.error, ImageFileError) as err:  # truncated gzip: EOFError / zlib.error
@@ -139,20 +214,84 @@ def read_volume(path: str | Path) -> np.ndarray:
         )
     array = np.ascontiguousarray(array, dtype=np.float32)
     check_finite(array, str(path))
-    return array
+    return array, geometry
 
 
-def _label_path(image: Path, label_dir: Path, pattern: str) -> Path:
-    suffix = volume_suffix(image)
-    return label_dir / pattern.format(stem=image.name[: -len(suffix)], suffix=suffix, name=image.name)
+def _case_name(case: Path | tuple[Path, ...]) -> str:
+    """A volume's name: its file or DICOM folder name; a case of channel files: the case name."""
+    return (
+        case.name
+        if isinstance(case, Path)
+        else CHANNEL_FILE.match(case_stem(case[0]))["case"] + volume_suffix(case[0])
+    )
+
+
+def _label_path(image: Path | tuple[Path, ...], label_dir: Path, pattern: str) -> Path:
+    """The label file of a volume; a DICOM series' label is a NIfTI file ({suffix} = .nii.gz)."""
+    name, first = _case_name(image), image if isinstance(image, Path) else image[0]
+    if first.is_dir():
+        stem, suffix = name, ".nii.gz"
+    else:
+        suffix = volume_suffix(first)
+        stem = name[: -len(suffix)]
+    return label_dir / pattern.format(stem=stem, suffix=suffix, name=name)
+
+
+def _cases(entries: list[Path]) -> list[Path | tuple[Path, ...]]:
+    """Volume files and DICOM folders, with nnU-Net's `CASE_0000`, `CASE_0001`, ... files grouped into one case of
+    channels: when at least two cases each have channels numbered from 0000 (numbered scans stay single volumes)."""
+    groups: dict[str, list[Path]] = {}
+    for p in entries:
+        match = CHANNEL_FILE.match(case_stem(p)) if not p.is_dir() else None
+        if match:
+            groups.setdefault(match["case"], []).append(p)
+    numbers = {case: [CHANNEL_FILE.match(case_stem(p))["channel"] for p in sorted(g)] for case, g in groups.items()}
+    if len(groups) < 2 or max(map(len, numbers.values())) < 2 or any(n[0] != "0000" for n in numbers.values()):
+        return entries
+    if len({tuple(n) for n in numbers.values()}) != 1:
+        counts = {case: len(n) for case, n in numbers.items()}
+        raise DataError(
+            f"the cases have different channel files (nnU-Net naming CASE_0000, CASE_0001, ...): {counts}.",
+            "give every case the same modalities, numbered alike, or move incomplete cases out of the folder.",
+        )
+    grouped = {p for g in groups.values() for p in g}
+    logger.info(
+        "%d cases of %d channels each (files CASE_0000, CASE_0001, ...)",
+        len(groups),
+        len(next(iter(numbers.values()))),
+    )
+    return [tuple(sorted(g)) for _, g in sorted(groups.items())] + [p for p in entries if p not in grouped]
+
+
+def case_files(source: str | Path) -> list[tuple[str, Path | tuple[Path, ...]]]:
+    """(name, volume) for each volume of a folder (volume files and DICOM series folders, not recursive; nnU-Net's
+    `CASE_0000`, `CASE_0001`, ... files one case of channels), a DICOM series folder, or a volume file.
+
+    Example:
+        >>> case_files("mri/")  # doctest: +SKIP
+        [('BRATS_001.nii.gz', (PosixPath('mri/BRATS_001_0000.nii.gz'), PosixPath('mri/BRATS_001_0001.nii.gz')))]
+    """
+    path = Path(source)
+    if path.is_file() or is_dicom_folder(path):
+        return [(path.name, path)]
+    if not path.is_dir():
+        raise DataError(
+            f"{source} is neither a folder of volumes, a volume file nor a DICOM series.", "check the path."
+        )
+    entries = sorted(
+        p
+        for p in path.iterdir()
+        if (p.is_file() and volume_suffix(p) in VOLUME_SUFFIXES) or (p.is_dir() and is_dicom_folder(p))
+    )
+    return [(_case_name(case), case) for case in _cases(entries)]
 
 
 def _folder_volumes(folder: Path, label_dir: Path | None, pattern: str, max_volumes: int | None):
     """(image, label or None) pairs; labels are expected when label_dir is given or any label exists."""
-    files = sorted(p for p in folder.iterdir() if p.is_file() and volume_suffix(p) in VOLUME_SUFFIXES)
-    label_of = {p: _label_path(p, label_dir or folder, pattern) for p in files}
+    cases = [case for _, case in case_files(folder)]
+    label_of = {case: _label_path(case, label_dir or folder, pattern) for case in cases}
     labels = {q.resolve() for q in label_of.values()}
-    images = [p for p in files if p.resolve() not in labels][:max_volumes]  # a label file is never an image
+    images = [c for c in cases if not (isinstance(c, Path) and c.resolve() in labels)][:max_volumes]
     if label_dir is None and not any(label_of[p].is_file() for p in images):
         return [(p, None) for p in images]
     missing = [label_of[p].name for p in images if not label_of[p].is_file()]
@@ -166,18 +305,36 @@ def _folder_volumes(folder: Path, label_dir: Path | None, pattern: str, max_volu
     return [(p, label_of[p]) for p in images]
 
 
-def _files_set(found: list[tuple[Path, Path | None]], lazy: bool) -> ImageSet:
-    """(volume file, label file or None) pairs -> an ImageSet, read now or when used."""
-    names = [p.name for p, _ in found]
-    read, read_labels = read_volume, partial(read_label, read=read_volume)
+def _files_set(
+    found: list[tuple[Path | tuple[Path, ...], Path | None]],
+    lazy: bool,
+    orientation: str | None = "RAS",
+    target_spacing: str | Sequence[float] | None = None,
+    series_uid: str | None = None,
+    interpolation: str = "linear",
+) -> ImageSet:
+    """(volume, label or None) pairs -> an ImageSet on one grid (spacing planned from the volumes' headers), read
+    now or when used; every label whose geometry is stored is checked against its volume's first."""
+    geometry = [read_geometry(p, series_uid) for p, _ in found]
+    for (p, q), g in zip(found, geometry):
+        label = read_geometry(q) if q is not None and g is not None else None
+        if label is not None:
+            check_same_grid(g, label, _case_name(p))
+    if orientation not in ORIENTATIONS:
+        raise ConfigError(f"orientation {orientation!r} is not supported.", "use RAS, or null for the stored order.")
+    spacing = plan_spacing([g or Geometry.unknown((1, 1, 1)) for g in geometry], target_spacing)
+    grid = Grid(orientation, spacing, {"linear": "bilinear", "cubic": "bicubic"}[interpolation])
+    names = [_case_name(p) for p, _ in found]
+    read = partial(read_volume, grid=grid, series_uid=series_uid)
+    read_labels = partial(read_label, read=partial(read_volume, grid=grid.for_labels()))
     has_labels = bool(found) and found[0][1] is not None
     if lazy:
-        return ImageSet(
-            LazyFiles([p for p, _ in found], read),
-            LazyFiles([q for _, q in found], read_labels) if has_labels else None,
-            names,
-        )
-    return ImageSet([read(p) for p, _ in found], [read_labels(q) for _, q in found] if has_labels else None, names)
+        images = LazyFiles([p for p, _ in found], read)
+        labels = LazyFiles([q for _, q in found], read_labels) if has_labels else None
+    else:
+        images = [read(p) for p, _ in found]
+        labels = [read_labels(q) for _, q in found] if has_labels else None
+    return ImageSet(images, labels, names, geometry=geometry, grid=grid)
 
 
 def _npy_ndim(path: Path) -> int | None:
@@ -218,22 +375,35 @@ def load_volumes(
     label_pattern: str = "{stem}_label{suffix}",
     max_volumes: int | None = None,
     lazy: bool = False,
+    orientation: str | None = "RAS",
+    target_spacing: str | Sequence[float] | None = "median",
+    series_uid: str | None = None,
+    interpolation: str = "linear",
 ) -> ImageSet:
-    """Volumes and optional labels from a folder, one file, a `.npy` stack, or `embedded:nuclei3d|mni152`.
+    """Volumes and optional labels from a folder, one file, a DICOM series, a `.npy` stack, or
+    `embedded:nuclei3d|mni152`, on one voxel grid.
 
     Args:
-        source: a folder of volume files (not recursive), one volume file, a `.npy` stack [N, C, D, H, W]
-            (labels [N, D, H, W] from a sibling `<name>_labels.npy` when present), or `embedded:<name>`.
+        source: a folder of volume files and DICOM series folders (not recursive; nnU-Net's `CASE_0000`,
+            `CASE_0001`, ... files are one case's channels), one volume file, one DICOM series folder, a `.npy`
+            stack [N, C, D, H, W] (labels [N, D, H, W] from a sibling `<name>_labels.npy` when present), or
+            `embedded:<name>`.
         label_dir: folder of the labels; default the volumes' folder. Given, every volume needs a label;
             not given, labels are read when any volume of the folder has one (and then all need one).
         label_pattern: label file name of a volume; `{stem}` is its name without `.nii.gz`/`.tif`/...,
-            `{suffix}` that extension, `{name}` the full name. Files that are labels are never volumes.
+            `{suffix}` that extension (`.nii.gz` for a DICOM series), `{name}` the full name. Files that are
+            labels are never volumes.
         max_volumes: read at most this many volumes (sorted order).
         lazy: read each file when it is used (`LazyFiles`; a `.npy` stack is memory-mapped), so a pool
             larger than memory trains; a label's shape is then checked when it is read.
+        orientation: "RAS": volumes and labels reoriented on reading (`geometry.Grid`); None: stored order.
+        target_spacing: "median" of the volumes' spacings, [D, H, W] in mm, or None (no resampling).
+            Volumes without a stored spacing (TIFF, `.npy`, embedded) are never resampled.
+        series_uid: the DICOM series to read where a folder holds several.
+        interpolation: resampling of images, "linear" or "cubic" (labels: nearest).
 
     Raises:
-        DataError: missing labels, unreadable files, a label shape that differs from its volume's [D, H, W].
+        DataError: missing labels, unreadable files, a label on another grid (shape or affine) than its volume.
 
     Example:
         >>> vs = load_volumes("embedded:nuclei3d")
@@ -249,8 +419,12 @@ def load_volumes(
             )
         volumes = ImageSet(*EMBEDDED_VOLUMES[name]())
     elif path.is_dir():
-        found = _folder_volumes(path, Path(label_dir) if label_dir else None, label_pattern, max_volumes)
-        volumes = _files_set(found, lazy)
+        if is_dicom_folder(path):  # the folder is one series
+            found = [(path, _label_path(path, Path(label_dir) if label_dir else path.parent, label_pattern))]
+            found = [(p, q if q.is_file() else None) for p, q in found]
+        else:
+            found = _folder_volumes(path, Path(label_dir) if label_dir else None, label_pattern, max_volumes)
+        volumes = _files_set(found, lazy, orientation, target_spacing, series_uid, interpolation)
     elif path.is_file() and volume_suffix(path) == ".npy" and _npy_ndim(path) == 5:
         volumes = _npy_stack(path, lazy)
     elif path.is_file():
@@ -259,7 +433,9 @@ def load_volumes(
             raise DataError(
                 f"{path.name} has no label {label}.", "fix label_dir / label_pattern, or leave label_dir unset."
             )
-        volumes = _files_set([(path, label if label.is_file() else None)], lazy)
+        volumes = _files_set(
+            [(path, label if label.is_file() else None)], lazy, orientation, target_spacing, None, interpolation
+        )
     else:
         raise DataError(
             f"volume source {source!r} is neither a folder, a volume file nor embedded:<name>.",
@@ -294,6 +470,23 @@ class VolumeDataArguments:
     max_volumes: int | None = None
     in_memory: bool = field(
         default=False, metadata={"help": "read every volume first (small pools); default: read each volume when used"}
+    )
+    orientation: str | None = field(
+        default="RAS",
+        metadata={"help": "RAS: reorient volumes and labels on reading (no interpolation); null: as stored"},
+    )
+    target_spacing: list[str] | None = field(
+        default_factory=lambda: ["median"],
+        metadata={
+            "help": "voxel sides the model sees: median (of the volumes, as nnU-Net plans it), [D, H, W] in mm, or "
+            "null (each volume's own voxels); images linear, labels nearest"
+        },
+    )
+    interpolation: Literal["linear", "cubic"] = field(
+        default="linear", metadata={"help": "resampling of images (labels: always nearest)"}
+    )
+    series_uid: str | None = field(
+        default=None, metadata={"help": "DICOM: the series to read where a folder holds several (SeriesInstanceUID)"}
     )
     intensity: str = field(
         default="percentile", metadata={"help": f"per-volume normalisation: {' | '.join(NORMALISE_MODES)}"}
@@ -336,6 +529,32 @@ class VolumeDataArguments:
     label_fraction_voxels: float = field(
         default=1.0, metadata={"help": "seeded share of labelled voxels kept per training volume (sparse labels)"}
     )
+    predict_volumes: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "segmentation: folders or files of volumes to segment (with predict_only: by a trained run); "
+            "one NIfTI label map per volume in its own geometry; several sets: one sub-folder each"
+        },
+    )
+    predict_label_dirs: list[str] | None = field(
+        default=None,
+        metadata={"help": "one label folder per predict_volumes set ('' for none): scores that set (mm metrics)"},
+    )
+    predict_output_dir: str | None = field(
+        default=None, metadata={"help": "default: output_dir/predictions (predict_only: output_dir)"}
+    )
+
+
+def spacing_choice(value) -> str | list[float] | None:
+    """`target_spacing` as a config gives it (median, [D, H, W], null) -> "median", sides or None."""
+    if value is None or value == "median" or value == ["median"]:
+        return value if value is None else "median"
+    try:
+        return [float(v) for v in value]
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"target_spacing {value!r} is not understood.", "use median, [D, H, W] in mm (e.g. [3, 1, 1]), or null."
+        ) from None
 
 
 def prepare_volumes(data_args: VolumeDataArguments, labelled: bool) -> ImageSet:
@@ -350,6 +569,10 @@ def prepare_volumes(data_args: VolumeDataArguments, labelled: bool) -> ImageSet:
         data_args.label_pattern,
         data_args.max_volumes,
         lazy=not data_args.in_memory,
+        orientation=data_args.orientation,
+        target_spacing=spacing_choice(data_args.target_spacing),
+        series_uid=data_args.series_uid,
+        interpolation=data_args.interpolation,
     )
     if data_args.volumes:
         missing = sorted(set(data_args.volumes) - set(data.names))
@@ -372,6 +595,16 @@ def prepare_volumes(data_args: VolumeDataArguments, labelled: bool) -> ImageSet:
         foreground_threshold=data_args.foreground_threshold,
     )
     return data.map(images=normalise)
+
+
+def geometry_report(data: ImageSet) -> dict:
+    """For `all_results.json`: the grid the model saw and each volume's stored shape, spacing and orientation."""
+    grid = data.grid.as_dict() if data.grid is not None else {"orientation": None, "spacing": None}
+    cases = {
+        name: {k: v for k, v in g.as_dict().items() if k != "affine"} if g is not None else None
+        for name, g in zip(data.names, data.geometry or [None] * len(data))
+    }
+    return {"voxel_grid": grid, "volumes": cases}
 
 
 def volume_classes(data: ImageSet, data_args: VolumeDataArguments) -> tuple[dict[int, int], list[str]]:
@@ -441,7 +674,13 @@ def volume_crops(
 
 __all__ = [
     "VolumeDataArguments",
+    "case_files",
+    "case_stem",
+    "geometry_report",
+    "load_volume",
     "prepare_volumes",
+    "read_geometry",
+    "spacing_choice",
     "split_for",
     "volume_crops",
     "volume_classes",

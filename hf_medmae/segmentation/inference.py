@@ -1,8 +1,10 @@
-"""Segmenting images and volumes of any size: MONAI sliding-window inference, whole folders of files to label PNGs,
-and the `--predict_only` path (several sets, scored where they have masks).
+"""Segmenting images and volumes of any size: MONAI sliding-window inference, whole folders of files to label PNGs
+(images) or NIfTI label maps in each scan's own geometry (volumes), and the `--predict_only` path (several sets,
+scored where they have masks).
 
-A trained run saves `inference_config.json` (training scale, tile size, classes) beside its weights, so
-`predict_files` can segment new images the way the model saw its training images.
+A trained run saves `inference_config.json` (training scale, tile size, classes; for volumes the voxel grid and the
+intensity normalisation) beside its weights, so `predict_files` and `predict_volume_files` prepare new data the way
+the model saw its training data.
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ from PIL import Image
 from torch import nn
 from transformers import AutoModelForSemanticSegmentation
 
+from ..data.geometry import Geometry, Grid, save_nifti, to_original
 from ..data.io import list_image_files, progress, read_image
-from ..data.segmentation import load_pairs, map_labels
-from ..data.transforms import resize_pair
+from ..data.segmentation import load_pairs, map_labels, read_label
+from ..data.transforms import normalise_intensity, resize_pair
 from ..errors import ConfigError, DataError
 from ..loading import load_checkpoint
-from .evaluation import write_test_report
+from .evaluation import score_label_maps, write_test_report
 
 logger = logging.getLogger(__name__)
 INFERENCE_FILE = "inference_config.json"
@@ -159,6 +162,53 @@ def predict_volumes(
     ]
 
 
+def volume_grid(info: dict) -> Grid:
+    """The voxel grid a volume segmenter was trained on, from its inference config (older runs: stored voxels)."""
+    grid = info.get("voxel_grid") or {"orientation": None, "spacing": None}
+    mode = {"linear": "bilinear", "cubic": "bicubic"}[info.get("interpolation", "linear")]
+    return Grid(grid["orientation"], None if grid["spacing"] is None else tuple(grid["spacing"]), mode)
+
+
+def predict_volume_files(
+    model: nn.Module,
+    info: dict,
+    source: str,
+    output_dir: str,
+    sw_batch_size: int = 2,
+    overlap: float = 0.25,
+    series_uid: str | None = None,
+) -> list[tuple[str, Path, np.ndarray, Geometry]]:
+    """Segment every volume of `source` (a folder, a file or a DICOM series) on the model's grid and write one
+    NIfTI label map per volume in the volume's own geometry (shape and affine of the input, orientation and
+    resampling undone), `<name>_labels.nii.gz`, which overlays the scan in any viewer.
+
+    Returns:
+        (name, written file, class ids [D, H, W] on the input's voxels, the input's geometry) per volume.
+    """
+    from ..data.volumes import case_files, case_stem, load_volume, read_geometry
+
+    grid = volume_grid(info)
+    normalise = dict(
+        mode=info.get("intensity", "percentile"),
+        window=tuple(info["window"]) if info.get("window") else None,
+        percentiles=tuple(info.get("percentiles", (0.5, 99.5))),
+        foreground_threshold=info.get("foreground_threshold"),
+    )
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, case in progress(case_files(source), desc="segmenting", unit="volume"):
+        volume, model_geometry = load_volume(case, grid, series_uid)
+        stored = read_geometry(case, series_uid) or model_geometry  # TIFF / .npy: never reoriented or resampled
+        volume = normalise_intensity(volume, **normalise)
+        labels = predict_volumes(model, [volume], info["roi_size"], sw_batch_size, overlap)[0]
+        labels = to_original(labels.astype(np.int64), model_geometry, stored)
+        target = Path(output_dir, f"{case_stem(name)}_labels.nii.gz")
+        save_nifti(labels, stored, target, dtype=np.uint8 if labels.max(initial=0) < 256 else np.uint16)
+        written.append((name, target, labels, stored))
+    logger.info("wrote %d label volumes (class ids, NIfTI in each input's geometry) to %s", len(written), output_dir)
+    return written
+
+
 def prediction_sets(sources: list[str] | None, output_dir: str) -> list[tuple[str, str]]:
     """(set, folder its label maps go to): `output_dir` itself for one set, `output_dir/<set name>` for several.
 
@@ -229,6 +279,88 @@ def segment_sets(
     return {"num_predictions": written, "class_names": info["class_names"], "sets": rows}
 
 
+def segment_volume_sets(
+    model_folder: str,
+    sources: list[str] | None,
+    output_dir: str,
+    label_dirs: list[str] | None = None,
+    label_pattern: str = "{stem}_label{suffix}",
+    sw_batch_size: int = 2,
+    overlap: float = 0.25,
+    series_uid: str | None = None,
+) -> dict:
+    """Segment each volume set with a model saved by `run_segmentation.py` (`spatial_dims: 3`): one NIfTI label map
+    per volume in its own geometry; sets with labels are scored there, with surface distances in millimetres.
+
+    Args:
+        model_folder: a 3D run's output folder.
+        sources: folders of volumes (NIfTI, DICOM series, TIFF, .npy) or single volumes, one set each.
+        output_dir: where the label maps go (several sets: one sub-folder each).
+        label_dirs: one label folder per set ('' for none), labels named by `label_pattern`.
+        sw_batch_size, overlap: sliding-window settings.
+        series_uid: the DICOM series to read where a folder holds several.
+
+    Returns:
+        {"num_predictions", "class_names", "sets": one row of scores per scored set}.
+    """
+    if not sources or not model_folder:
+        raise ConfigError(
+            "predict_only needs predict_volumes and a model_name_or_path written by run_segmentation.py.",
+            "pass --model_name_or_path OUTPUT_DIR_OF_A_3D_RUN --predict_volumes FOLDER [FOLDER ...].",
+        )
+    labels = label_dirs or [""] * len(sources)
+    if len(labels) != len(sources):
+        raise ConfigError(
+            f"{len(labels)} predict_label_dirs for {len(sources)} predict_volumes sets.",
+            "give one label folder per set, in the same order ('' for a set without labels).",
+        )
+    model, info, _ = load_segmenter(model_folder)
+    if info.get("spatial_dims") != 3:
+        raise ConfigError(
+            f"{model_folder} segments 2-D images, not volumes.", "use predict_images (2D) or a 3D run's folder."
+        )
+    written, rows = 0, []
+    for (source, target), label_dir in zip(prediction_sets(sources, output_dir), labels):
+        done = predict_volume_files(model, info, source, target, sw_batch_size, overlap, series_uid)
+        written += len(done)
+        if label_dir:
+            rows.append({"set": Path(source).stem, **score_volume_predictions(done, label_dir, label_pattern, info)})
+            write_test_report(target, [], [], None, info["class_names"], metrics=rows[-1].pop("metrics"))
+    if rows:
+        with Path(output_dir, "external_metrics.csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return {"num_predictions": written, "class_names": info["class_names"], "sets": rows}
+
+
+def score_volume_predictions(done: list, label_dir: str, label_pattern: str, info: dict) -> dict:
+    """Scores of `predict_volume_files`' label maps against the set's own label volumes, in the scans' geometry
+    (HD95 and surface Dice in mm), mapped with the model's class map."""
+    from ..data.geometry import check_same_grid
+    from ..data.volumes import case_stem, read_geometry, read_volume, volume_suffix
+
+    class_map, names = {int(k): v for k, v in info["class_map"].items()}, info["class_names"]
+    preds, truths, spacings = [], [], []
+    for name, _, labels, geometry in done:
+        suffix = volume_suffix(name) if case_stem(name) != name else ".nii.gz"
+        path = Path(label_dir, label_pattern.format(stem=case_stem(name), suffix=suffix, name=name))
+        if not path.is_file():
+            raise DataError(f"{name} has no label {path}.", "fix predict_label_dirs / label_pattern.")
+        check_same_grid(geometry, read_geometry(path) or geometry, name)
+        raw = read_label(path, read=read_volume)
+        preds.append(labels)
+        truths.append(map_labels(raw, class_map, path.name))
+        spacings.append(geometry.spacing)
+    metrics = score_label_maps(preds, truths, names, info["ignore_index"], spacing=spacings)
+    return {
+        "volumes": len(truths),
+        "mean_dice": metrics["mean_dice"],
+        **{f"dice_{name}": metrics["dice_per_class"][name] for name in names},
+        "metrics": metrics,
+    }
+
+
 def score_predictions(
     source: str,
     mask_dir: str,
@@ -277,8 +409,12 @@ __all__ = [
     "load_segmenter",
     "predict",
     "predict_files",
+    "predict_volume_files",
     "predict_volumes",
     "prediction_sets",
+    "score_volume_predictions",
+    "segment_volume_sets",
+    "volume_grid",
     "save_inference_config",
     "score_predictions",
     "segment_sets",

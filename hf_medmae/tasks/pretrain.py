@@ -30,7 +30,7 @@ from ..data.pretraining import (
 )
 from ..data.sources import ImageSource, sample_stats, skipped_files
 from ..data.transforms import Augment, PhotometricArguments, image_processor
-from ..data.volumes import VolumeDataArguments, volume_crops
+from ..data.volumes import VolumeDataArguments, geometry_report, volume_crops
 from ..evaluation.reconstruction import reconstruction_metrics, save_reconstructions
 from ..performance import choose_attention
 from ..pretraining import build_mae
@@ -374,11 +374,16 @@ class Pretrain(Task):
             len(val or []),
             val_names,
         )
+        geometry = geometry_report(train_volumes)
+        if val_volumes is not None:
+            geometry["volumes"].update(geometry_report(val_volumes)["volumes"])
+        model.config.voxel_grid = geometry["voxel_grid"]  # config.json carries the grid the encoder learnt on
         facts = {
             "num_train_crops": len(train),
             "train_volumes": list(train_volumes.names),
             "intensity": data_args.intensity,
             "roi_size": list(data_args.roi_size),
+            **geometry,
         }
         processor = image_processor(train_volumes.channels)
         return TaskSetup(model, train, val, processor, data_args.train_data, callbacks, extras=PretrainState(facts))

@@ -33,6 +33,7 @@ from ..data.segmentation import (
 from ..data.transforms import PairAugment, image_processor
 from ..data.volumes import (
     VolumeDataArguments,
+    geometry_report,
     prepare_volumes,
     split_for,
     volume_classes,
@@ -46,12 +47,14 @@ from ..segmentation import (
     check_segmenter_choice,
     load_segmentation_encoder,
     predict_files,
+    predict_volume_files,
     predict_volumes,
     prediction_sets,
     save_inference_config,
     save_overlays,
     score_label_maps,
     segment_sets,
+    segment_volume_sets,
     training_scale,
     write_test_report,
 )
@@ -61,7 +64,7 @@ from .run import Task, TaskSetup, console, encoder_normalisation
 logger = logging.getLogger(__name__)
 
 # ModelArguments fields of 2D runs only, and the 3D runs' own defaults (`cli.dimension_view`)
-ONLY = {2: ("image_size", "predict_only")}
+ONLY = {2: ("image_size",)}
 DEFAULTS = {3: dict(loss="dice_ce", unet_features=[16, 16, 32, 64, 128, 16], sw_batch_size=2)}
 
 
@@ -146,7 +149,8 @@ class ModelArguments:
     sw_batch_size: int = field(default=4, metadata={"help": "sliding windows per pass; volumes: 2"})
     sw_overlap: float = 0.25
     predict_only: bool = field(
-        default=False, metadata={"help": "skip training: segment predict_images with model_name_or_path"}
+        default=False,
+        metadata={"help": "skip training: segment predict_images (volumes: predict_volumes) with model_name_or_path"},
     )
 
 
@@ -165,6 +169,7 @@ class SegmentState:
         scale: 2D: the pixel scale the model was trained at (`training_scale`), for predicting new images.
         norm: 2D: the normalisation (mean, std), for predicting new images.
         split: 3D: the names of the training, validation and test volumes.
+        geometry: 3D: the voxel grid the model sees and each volume's stored geometry (`geometry_report`).
     """
 
     test: SegmentationDataset | ImageSet
@@ -174,6 +179,7 @@ class SegmentState:
     scale: float | None = None
     norm: tuple[list[float], list[float]] | None = None
     split: tuple[list[str], list[str], list[str]] | None = None
+    geometry: dict | None = None
 
 
 class Segment(Task):
@@ -193,7 +199,20 @@ class Segment(Task):
         """3 for volume data arguments, 2 for images."""
         return 3 if isinstance(data_args, VolumeDataArguments) else 2
 
-    def predict(self, model_args: ModelArguments, data_args: DataArguments, args: MedTrainingArguments) -> dict:
+    def predict(
+        self, model_args: ModelArguments, data_args: DataArguments | VolumeDataArguments, args: MedTrainingArguments
+    ) -> dict:
+        if self.spatial_dims(data_args) == 3:
+            return segment_volume_sets(
+                model_args.model_name_or_path,
+                data_args.predict_volumes,
+                data_args.predict_output_dir or args.output_dir,
+                data_args.predict_label_dirs,
+                data_args.label_pattern,
+                model_args.sw_batch_size,
+                model_args.sw_overlap,
+                data_args.series_uid,
+            )
         return segment_sets(
             model_args.model_name_or_path,
             data_args.predict_images,
@@ -228,6 +247,8 @@ class Segment(Task):
             model_args.skip_layers,
             model_args.unet_features,
         )
+        if data.get("geometry"):
+            model.config.voxel_grid = data["geometry"]["voxel_grid"]  # config.json carries the grid
         train, val = data.pop("train"), data.pop("validation")
         logger.info(
             "training %s (%s) on %d %s (%.1f%% labelled), validating on %d, testing on %d",
@@ -261,6 +282,7 @@ class Segment(Task):
                 scale=data.get("scale"),
                 norm=data.get("norm"),
                 split=data.get("split"),
+                geometry=data.get("geometry"),
             ),
         )
 
@@ -348,6 +370,7 @@ class Segment(Task):
             fraction=labelled_fraction(train.labels, ignore),
             processor=image_processor(data.channels),
             split=(train.names, val.names, test.names),
+            geometry=geometry_report(data),
         )
 
     def report(
@@ -385,17 +408,26 @@ class Segment(Task):
                     extra={"test_volumes": test.names},
                     metrics=test_metrics,
                 )
-                save_inference_config(
-                    out_dir,
-                    **inference,
+                info = dict(
+                    inference,
                     spatial_dims=3,
                     roi_size=list(roi),
                     intensity=data_args.intensity,
                     window=data_args.window,
                     percentiles=data_args.percentiles,
                     foreground_threshold=data_args.foreground_threshold,
+                    voxel_grid=state.geometry["voxel_grid"],
+                    interpolation=data_args.interpolation,
                 )
+                save_inference_config(out_dir, **info)
+                for source, target in prediction_sets(
+                    data_args.predict_volumes, data_args.predict_output_dir or f"{out_dir}/predictions"
+                ):
+                    predict_volume_files(
+                        trainer.model, info, source, target, model_args.sw_batch_size, model_args.sw_overlap
+                    )
             return {
+                **state.geometry,
                 **trainer.evaluate(),
                 **{f"test_{k}": v for k, v in test_metrics.items() if isinstance(v, (int, float)) or v is None},
                 "best_checkpoint": trainer.state.best_model_checkpoint,
@@ -470,11 +502,13 @@ class Segment(Task):
         where = " (whole test volumes, sliding windows)" if volumes else ""
         lines = [f"test mean Dice {dice:.3f}{where}"] if isinstance(dice, float) else []
         lines.append(f"outputs in {output_dir}: the segmenter, test_metrics.json, confusion_matrix.png, overlays.png")
-        if not volumes:
-            lines.append(
-                f"next: segment new images with  python run_segmentation.py --predict_only --model_name_or_path "
-                f"{output_dir} --predict_images FOLDER --output_dir OUT"
-            )
+        kind = "volumes" if volumes else "images"
+        lines.append(
+            f"next: segment new {kind} with  python run_segmentation.py --predict_only "
+            + ("--spatial_dims 3 " if volumes else "")
+            + f"--model_name_or_path {output_dir} --predict_{kind} FOLDER --output_dir OUT"
+            + (" (one NIfTI label map per volume, in its own geometry)" if volumes else "")
+        )
         return "\n".join(lines)
 
 
