@@ -21,7 +21,7 @@ from torch import nn
 from transformers import AutoModelForSemanticSegmentation
 
 from ..data.io import list_image_files, progress, read_image
-from ..data.segmentation import load_pairs, map_labels
+from ..data.segmentation import load_pairs, map_labels, parse_class_map
 from ..data.transforms import resize_pair
 from ..errors import ConfigError, DataError
 from ..loading import load_checkpoint
@@ -246,7 +246,7 @@ def score_predictions(
         One table row: images, mean Dice, pixel accuracy and the Dice of each class.
     """
     pairs = load_pairs(source, mask_dir, image_glob, mask_pattern)
-    class_map, names = {int(k): v for k, v in info["class_map"].items()}, info["class_names"]
+    class_map, names = parse_class_map(info["class_map"], info["ignore_index"]), info["class_names"]
     truth = [map_labels(m, class_map, name) for m, name in zip(pairs.labels, pairs.names)]
     preds = [
         np.asarray(Image.open(Path(output_dir, f"{Path(name).stem}_labels.png")), dtype=np.int64)
