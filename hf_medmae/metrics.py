@@ -13,12 +13,12 @@ next to a checkpoint as-is. The ``*_compute_metrics_fn`` factories return callab
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from monai.metrics import compute_hausdorff_distance
+from monai.metrics import compute_hausdorff_distance, compute_surface_dice
 from scipy.special import expit, softmax
 from sklearn.metrics import (
     accuracy_score,
@@ -31,7 +31,7 @@ from sklearn.metrics import (
 )
 from sklearn.preprocessing import label_binarize
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 
 __all__ = [
     "calibration_bins",
@@ -359,44 +359,147 @@ def _overlap_scores(cm: np.ndarray, class_names: list[str]) -> dict[str, Any]:
     return {"dice_per_class": dice, "mean_dice": mean(dice), "iou_per_class": iou, "mean_iou": mean(iou)}
 
 
-def _hd95(pred: np.ndarray, target: np.ndarray, class_names: list[str], ignore_index: int) -> dict[str, Any]:
-    """HD95 per class with MONAI on images without ignored pixels; NaN/inf (class absent) excluded."""
+Spacing = float | Sequence[float] | Sequence[Sequence[float]]
+"""Voxel sizes in mm: one number (isotropic), one per axis in the array's axis order (e.g. (D, H, W)) for every
+item, or one such sequence per item."""
+
+
+def _spacings(spacing: Spacing | None, n_items: int, spatial_dims: int) -> list[tuple[float, ...]] | None:
+    """One per-axis spacing per item from `spacing` (None stays None); a `DataError` when it does not fit."""
+    if spacing is None:
+        return None
+    try:
+        array = np.asarray(spacing, dtype=float)
+    except (TypeError, ValueError):
+        array = None  # ragged or not numbers
+    if array is None or array.ndim > 2:
+        shape_ok = False
+    elif array.ndim == 0:
+        array, shape_ok = np.full((n_items, spatial_dims), float(array)), True
+    elif array.ndim == 1:
+        shape_ok = array.shape == (spatial_dims,)
+        array = np.broadcast_to(array, (n_items, spatial_dims)) if shape_ok else array
+    else:
+        shape_ok = array.shape == (n_items, spatial_dims)
+    if not shape_ok:
+        raise DataError(
+            f"spacing {spacing!r} does not fit {n_items} item(s) of {spatial_dims} spatial axes.",
+            f"give one voxel size per axis in the arrays' axis order (e.g. {(1.0,) * spatial_dims} mm) for all "
+            f"items, or one such sequence per item ({n_items}).",
+        )
+    if not (np.all(np.isfinite(array)) and np.all(array > 0)):
+        raise DataError(
+            f"spacing {spacing!r} holds values that are not positive numbers.",
+            "give the voxel sizes in mm (e.g. from the NIfTI header's pixdim), all > 0.",
+        )
+    return [tuple(float(v) for v in row) for row in array]
+
+
+def _check_tolerance(tolerance_mm: float) -> float:
+    if not (np.isfinite(tolerance_mm) and tolerance_mm >= 0):
+        raise ConfigError(
+            f"surface_tolerance_mm={tolerance_mm} is not a distance.",
+            "give the surface Dice tolerance in mm, >= 0 (e.g. 1.0).",
+        )
+    return float(tolerance_mm)
+
+
+def _class_means(d: np.ndarray, class_names: list[str]) -> tuple[dict[str, float | None], dict[str, int]]:
+    """Per-class mean over the items where the [M, K] score is finite (None where it is nowhere), and the counts."""
+    per, n_used = {}, {}
+    for c, name in enumerate(class_names):
+        finite = d[:, c][np.isfinite(d[:, c])]
+        per[name] = float(finite.mean()) if finite.size else None
+        n_used[name] = int(finite.size)
+    return per, n_used
+
+
+def _mean_of(per: dict[str, float | None]) -> float | None:
+    vals = [v for v in per.values() if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def _hd95(
+    pred: np.ndarray,
+    target: np.ndarray,
+    class_names: list[str],
+    ignore_index: int,
+    spacing: list[tuple[float, ...]] | None = None,
+    tolerance_mm: float = 1.0,
+) -> dict[str, Any]:
+    """HD95 per class with MONAI on images without ignored pixels; NaN/inf (class absent) excluded.
+
+    With `spacing` (one per-axis spacing per image) also HD95 in mm and the normalised surface Dice at
+    `tolerance_mm`, on the same images and with the same exclusion of undefined (NaN) values.
+    """
     dense = ~(target == ignore_index).reshape(len(target), -1).any(axis=1)
     skipped = int((~dense).sum())
     if not dense.any():
-        return {
+        out = {
             "hd95": None,
             "hd95_per_class": None,
             "hd95_images_used": 0,
             "hd95_images_skipped": skipped,
             "hd95_note": "no image is fully labeled (every image has ignore_index pixels); HD95 needs dense masks",
         }
+        if spacing is not None:
+            out.update(
+                {
+                    "hd95_mm": None,
+                    "hd95_mm_per_class": None,
+                    "surface_dice_per_class": None,
+                    "mean_surface_dice": None,
+                    "surface_tolerance_mm": tolerance_mm,
+                }
+            )
+        return out
     k = len(class_names)
     eye = np.eye(k, dtype=np.float32)
     # [M, (D,) H, W] ints -> [M, K, (D,) H, W] one-hot, as MONAI expects
     onehot = lambda x: torch.from_numpy(np.ascontiguousarray(np.moveaxis(eye[x], -1, 1)))  # noqa: E731
+    y_pred, y = onehot(pred[dense]), onehot(target[dense])
     with warnings.catch_warnings():  # MONAI warns for every class absent in an image
         warnings.simplefilter("ignore")
-        d = compute_hausdorff_distance(
-            onehot(pred[dense]), onehot(target[dense]), include_background=True, percentile=95
-        ).numpy()  # [M, K]
-    per, n_used = {}, {}
-    for c, name in enumerate(class_names):
-        finite = d[:, c][np.isfinite(d[:, c])]
-        per[name] = float(finite.mean()) if finite.size else None
-        n_used[name] = int(finite.size)
-    vals = [v for v in per.values() if v is not None]
-    return {
-        "hd95": float(np.mean(vals)) if vals else None,
+        d = compute_hausdorff_distance(y_pred, y, include_background=True, percentile=95).numpy()  # [M, K]
+    per, n_used = _class_means(d, class_names)
+    out = {
+        "hd95": _mean_of(per),
         "hd95_per_class": per,
         "hd95_images_per_class": n_used,
         "hd95_images_used": int(dense.sum()),
         "hd95_images_skipped": skipped,
     }
+    if spacing is not None:
+        used = [sp for sp, keep in zip(spacing, dense) if keep]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            d_mm = compute_hausdorff_distance(y_pred, y, include_background=True, percentile=95, spacing=used).numpy()
+            nsd = compute_surface_dice(
+                y_pred, y, [tolerance_mm] * k, include_background=True, spacing=used
+            ).numpy()  # NaN only where the class is in neither; 0 where it is in one of the two
+        per_mm, _ = _class_means(d_mm, class_names)
+        per_nsd, n_nsd = _class_means(nsd, class_names)
+        out.update(
+            {
+                "hd95_mm": _mean_of(per_mm),
+                "hd95_mm_per_class": per_mm,
+                "surface_dice_per_class": per_nsd,
+                "mean_surface_dice": _mean_of(per_nsd),
+                "surface_dice_images_per_class": n_nsd,
+                "surface_tolerance_mm": tolerance_mm,
+            }
+        )
+    return out
 
 
 def segmentation_metrics(
-    pred: np.ndarray, target: np.ndarray, class_names: list[str], ignore_index: int = 255, hd95: bool = True
+    pred: np.ndarray,
+    target: np.ndarray,
+    class_names: list[str],
+    ignore_index: int = 255,
+    hd95: bool = True,
+    spacing: Spacing | None = None,
+    surface_tolerance_mm: float = 1.0,
 ) -> dict:
     """Semantic segmentation metrics on the labeled pixels (``target != ignore_index``).
 
@@ -407,21 +510,35 @@ def segmentation_metrics(
     distance per class (MONAI, in pixels / voxels), averaged over the fully labeled images where the class
     is present in both prediction and truth; images with ignored pixels are skipped and counted.
 
+    With ``hd95`` and a ``spacing``, on the same images, also in millimetres: ``hd95_mm_per_class`` /
+    ``hd95_mm`` (MONAI's HD95 with that spacing) and the normalised surface Dice at ``surface_tolerance_mm``
+    (MONAI's ``compute_surface_dice``: the share of both boundaries within the tolerance of the other),
+    ``surface_dice_per_class`` / ``mean_surface_dice`` with ``surface_dice_images_per_class`` and
+    ``surface_tolerance_mm``. The surface Dice of a class is undefined (left out) only where it is in neither
+    map; a class in one map only scores 0 (HD95 leaves it out: its distance is infinite).
+
     Args:
         pred: [N, H, W] (or [N, D, H, W] volumes) predicted class indices.
         target: the same shape, true class indices, ``ignore_index`` for unlabeled pixels.
         class_names: K class names.
         ignore_index: label value of unlabeled pixels.
         hd95: also compute HD95 (slower: distance transforms per image and class).
+        spacing: voxel sizes in mm, in the arrays' axis order (e.g. (D, H, W)): one sequence for all N items,
+            one per item, or one number (isotropic); None: no millimetre metrics (the keys are as without it).
+        surface_tolerance_mm: the surface Dice's tolerance, for every class.
 
     Example:
         >>> t = np.zeros((1, 4, 4), int); t[0, :2] = 1
         >>> segmentation_metrics(t, t, ["bg", "cell"])["mean_dice"]
         1.0
+        >>> segmentation_metrics(t, t, ["bg", "cell"], spacing=(0.5, 0.5))["mean_surface_dice"]
+        1.0
     """
     pred, target = np.asarray(pred), np.asarray(target)
     k = len(class_names)
     _check_segmentation(pred, target, k, ignore_index)
+    spacings = _spacings(spacing, len(target), target.ndim - 1)
+    surface_tolerance_mm = _check_tolerance(surface_tolerance_mm)
     keep = target != ignore_index
     if not keep.any():
         raise DataError(
@@ -441,29 +558,42 @@ def segmentation_metrics(
     out.update(_overlap_scores(cm, class_names))
     out["confusion_matrix"] = cm
     if hd95:
-        out.update(_hd95(pred.astype(int), target.astype(int), class_names, ignore_index))
+        out.update(
+            _hd95(pred.astype(int), target.astype(int), class_names, ignore_index, spacings, surface_tolerance_mm)
+        )
     return _plain(out)
 
 
 def pooled_segmentation_metrics(
-    preds: list[np.ndarray], labels: list[np.ndarray], class_names: list[str], ignore_index: int = 255
+    preds: list[np.ndarray],
+    labels: list[np.ndarray],
+    class_names: list[str],
+    ignore_index: int = 255,
+    spacing: Spacing | None = None,
+    surface_tolerance_mm: float = 1.0,
 ) -> dict:
     """`segmentation_metrics` over items of different sizes (whole test volumes, images of a new site).
 
     Dice / IoU / the confusion matrix pool every labelled pixel or voxel; HD95 is computed per item and class and
-    averaged over the items where it is defined; `dice_per_volume` lists each item's mean Dice.
+    averaged over the items where it is defined; `dice_per_volume` lists each item's mean Dice. With `spacing`,
+    `hd95_mm_per_class` / `hd95_mm` and `surface_dice_per_class` / `mean_surface_dice` (with
+    `surface_tolerance_mm`) are averaged over the items the same way.
 
     Args:
         preds: predicted class ids, one [H, W] or [D, H, W] array per item.
         labels: true class ids of the same shapes, `ignore_index` for unlabeled pixels.
         class_names: K class names.
         ignore_index: label value of unlabeled pixels.
+        spacing: voxel sizes in mm in the arrays' axis order: one sequence (or number) for all items, or one per
+            item; None: no millimetre metrics.
+        surface_tolerance_mm: the surface Dice's tolerance, for every class.
 
     Example:
         >>> a, b = np.zeros((4, 4), int), np.ones((2, 3), int)
         >>> pooled_segmentation_metrics([a, b], [a, b], ["bg", "cell"])["mean_dice"]
         1.0
     """
+    spacings = _spacings(spacing, len(labels), np.ndim(labels[0])) if len(labels) else None
     pooled = segmentation_metrics(
         np.concatenate([p.ravel() for p in preds])[None, None],
         np.concatenate([t.ravel() for t in labels])[None, None],
@@ -471,14 +601,29 @@ def pooled_segmentation_metrics(
         ignore_index,
         hd95=False,
     )
-    per_item = [segmentation_metrics(p[None], t[None], class_names, ignore_index) for p, t in zip(preds, labels)]
-    hd = {
-        name: [m["hd95_per_class"][name] for m in per_item if (m.get("hd95_per_class") or {}).get(name) is not None]
-        for name in class_names
-    }
-    pooled["hd95_per_class"] = {name: float(np.mean(v)) if v else None for name, v in hd.items()}
-    values = [v for v in pooled["hd95_per_class"].values() if v is not None]
-    pooled["hd95"] = float(np.mean(values)) if values else None
+    per_item = [
+        segmentation_metrics(
+            p[None],
+            t[None],
+            class_names,
+            ignore_index,
+            spacing=None if spacings is None else [spacings[i]],
+            surface_tolerance_mm=surface_tolerance_mm,
+        )
+        for i, (p, t) in enumerate(zip(preds, labels))
+    ]
+    keys = [("hd95_per_class", "hd95")]
+    if spacings is not None:
+        keys += [("hd95_mm_per_class", "hd95_mm"), ("surface_dice_per_class", "mean_surface_dice")]
+    for per_class, mean in keys:
+        values = {
+            name: [m[per_class][name] for m in per_item if (m.get(per_class) or {}).get(name) is not None]
+            for name in class_names
+        }
+        pooled[per_class] = {name: float(np.mean(v)) if v else None for name, v in values.items()}
+        pooled[mean] = _mean_of(pooled[per_class])
+    if spacings is not None:
+        pooled["surface_tolerance_mm"] = float(surface_tolerance_mm)
     pooled["dice_per_volume"] = [m["mean_dice"] for m in per_item]
     return pooled
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 
 import nibabel as nib
 import numpy as np
@@ -13,7 +14,7 @@ from PIL import Image
 
 from hf_medmae.data.crops import CropAugment, CropDataset, sliding_crops
 from hf_medmae.data.image_set import ImageSet, LazyFiles
-from hf_medmae.data.segmentation import read_label
+from hf_medmae.data.segmentation import class_mapping, map_labels, parse_class_map, read_label
 from hf_medmae.data.transforms import normalise_intensity
 from hf_medmae.data.volumes import (
     VolumeDataArguments,
@@ -23,6 +24,7 @@ from hf_medmae.data.volumes import (
 )
 from hf_medmae.errors import ConfigError, DataError
 from hf_medmae.plots import orthogonal_slices
+from hf_medmae.segmentation.inference import score_predictions
 
 
 def ramp(d=6, h=7, w=8) -> np.ndarray:
@@ -405,6 +407,93 @@ def test_class_map_that_names_the_ignore_value_maps_it_like_any_other_value():
     assert set(np.unique(unnamed.labels[0]).tolist()) == {0, 1, 255}  # not named: stays unlabeled
     with pytest.raises(DataError, match=r"v: label values \[7\]"):
         volume_classes(ImageSet(data.images, [raw.copy()], ["v"]), VolumeDataArguments(class_map={0: 0, 255: 1}))
+
+
+def organ_volume() -> np.ndarray:
+    """A whole-body-like label volume: background 0, organs 1, 6 and many more values (2..5, 7, 42, 117)."""
+    raw = np.zeros((4, 5, 6), np.int64)
+    raw[0, :, :3], raw[1, :2], raw[1, 2:] = 1, 6, 42
+    raw[2] = np.arange(6) + 2  # 2..7
+    raw[3, 0, 0] = 117
+    return raw
+
+
+@pytest.mark.parametrize("others, expect", [(0, 0), ("ignore", 255), ("IGNORE", 255)])
+def test_others_sends_every_value_not_listed_to_one_class_or_to_ignore(others, expect):
+    raw = organ_volume()
+    class_map = parse_class_map({0: 0, 1: 1, 6: 2, "others": others})
+    assert class_map == {0: 0, 1: 1, 6: 2, "others": expect}
+    ids = map_labels(raw, class_map, "body")
+    listed = {0: 0, 1: 1, 6: 2}
+    want = np.vectorize(lambda v: listed.get(int(v), expect))(raw)
+    assert ids.dtype == np.int64 and np.array_equal(ids, want)
+    assert set(np.unique(ids[raw == 42]).tolist()) == {expect} and ids[3, 0, 0] == expect
+    _, names = class_mapping({0: 0, 1: 1, 6: 2, "others": others}, ["background", "liver", "kidney"])
+    assert names == ["background", "liver", "kidney"]
+
+
+def test_others_target_counts_among_the_class_ids():
+    assert parse_class_map({1: 0, 6: 1, "others": 2}) == {1: 0, 6: 1, "others": 2}  # others is class 2
+    with pytest.raises(ConfigError, match=r"class ids \[0, 1, 3\].*without gaps"):
+        parse_class_map({0: 0, 1: 1, "others": 3})
+    with pytest.raises(ConfigError, match="without gaps"):
+        parse_class_map({0: 1, 1: 2, "others": "ignore"})  # no class 0
+    with pytest.raises(ConfigError, match="others"):
+        parse_class_map({0: 0, "liver": 1})  # the one other key is others
+    with pytest.raises(ConfigError, match="class_names has 2 entries but class_map defines 3 classes"):
+        class_mapping({0: 0, 1: 1, "others": 2}, ["a", "b"])
+
+
+def test_a_value_missing_from_a_map_without_others_is_named_and_the_fix_names_others():
+    with pytest.raises(DataError, match=r"body: label values \[2, 3, 4, 5, 7, 42, 117\] are not in class_map") as err:
+        map_labels(organ_volume(), parse_class_map({0: 0, 1: 1, 6: 2}), "body")
+    assert "others" in err.value.fix and "keys [0, 1, 6]" in err.value.problem
+
+
+@pytest.mark.parametrize("given", [{0: 0, 1: 1, 6: 2, "others": 0}, {"0": 0, "6": 1, "others": "ignore"}])
+def test_class_map_with_others_survives_the_json_round_trip_of_the_inference_config(given):
+    parsed = parse_class_map(given)
+    written = json.loads(json.dumps({str(k): v for k, v in parsed.items()}))  # as Segment.report writes it
+    again = parse_class_map(written)
+    assert again == parsed
+    assert np.array_equal(map_labels(organ_volume(), again), map_labels(organ_volume(), parsed))
+
+
+def test_volume_classes_applies_others_but_keeps_unlabeled_voxels_unlabeled():
+    raw = organ_volume()
+    raw[3, 4, 5] = 255
+    data = ImageSet([np.zeros((1, *raw.shape), np.float32)], [raw.copy()], ["body"])
+    class_map, names = volume_classes(data, VolumeDataArguments(class_map={0: 0, 1: 1, 6: 2, "others": 0}))
+    assert class_map["others"] == 0 and names == ["class_0", "class_1", "class_2"]
+    ids = data.labels[0]
+    assert ids[3, 4, 5] == 255  # already unlabeled: others takes the other raw values only
+    expect = map_labels(raw, parse_class_map({0: 0, 1: 1, 6: 2, 255: 255, "others": 0}))
+    assert np.array_equal(ids, expect) and set(np.unique(ids).tolist()) == {0, 1, 2, 255}
+
+
+def test_a_saved_model_scores_new_masks_with_the_others_of_its_class_map(tmp_path):
+    """score_predictions maps another site's masks with the inference config's class map (keys as JSON wrote them)."""
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir(), masks.mkdir()
+    out = tmp_path / "predictions"
+    out.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        mask = np.zeros((12, 12), np.uint8)
+        mask[2:6, 2:6], mask[7:10, 7:10], mask[0, :] = 1, 6, 9 + i  # 9, 10: values the map does not list
+        Image.fromarray((rng.random((12, 12)) * 255).astype(np.uint8)).save(images / f"im{i}.png")
+        Image.fromarray(mask).save(masks / f"im{i}.png")
+        pred = map_labels(mask.astype(np.int64), {0: 0, 1: 1, 6: 2, "others": 0})
+        pred[2, 2] = 0  # one liver pixel missed
+        Image.fromarray(pred.astype(np.uint8)).save(out / f"im{i}_labels.png")
+    class_map = parse_class_map({0: 0, 1: 1, 6: 2, "others": 0})
+    written = {"class_map": {str(k): v for k, v in class_map.items()}, "class_names": ["bg", "a", "b"]}
+    info = json.loads(json.dumps({**written, "ignore_index": 255}))
+    row = score_predictions(str(images), str(masks), str(out), info, image_glob="*.png", num_overlays=1)
+    assert row["images"] == 2 and row["dice_b"] == 1.0 and row["dice_a"] == pytest.approx(2 * 15 / (15 + 16))
+    without = {**info, "class_map": {"0": 0, "1": 1, "6": 2}}
+    with pytest.raises(DataError, match=r"mask values \[9\] are not in class_map"):
+        score_predictions(str(images), str(masks), str(out), without, image_glob="*.png", num_overlays=1)
 
 
 def test_one_label_reader_for_masks_and_label_volumes(tmp_path):

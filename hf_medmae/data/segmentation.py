@@ -149,51 +149,82 @@ def _npz_pairs(path: Path) -> ImageSet:
     return ImageSet(list(images), [m.astype(np.int64) for m in masks], names)
 
 
-def parse_class_map(class_map: dict | None, ignore_index: int = 255) -> dict[int, int]:
+OTHERS = "others"
+"""The one reserved `class_map` key: the class id (or `ignore`) of every raw value the map does not list."""
+IGNORE = "ignore"
+"""A `class_map` value that means "unlabeled": it parses to `ignore_index`."""
+
+
+def _class_id(value, ignore_index: int) -> int:
+    if isinstance(value, str) and value.strip().lower() == IGNORE:
+        return ignore_index
+    return int(value)
+
+
+def parse_class_map(class_map: dict | None, ignore_index: int = 255) -> dict[int | str, int]:
     """Validate a {raw mask value: class id} map (keys may be strings, as JSON writes them).
 
-    Class ids must be 0..K-1 without gaps; a raw value may also map to `ignore_index` (unlabeled).
+    Class ids must be 0..K-1 without gaps; a raw value may also map to `ignore_index` (or `ignore`: unlabeled).
+    The reserved key `others` sends every raw value the map does not list to one class id (or `ignore`), so a
+    map of a whole-body label set can keep a few organs: {0: 0, 1: 1, 6: 2, others: 0}. `others` is not a raw
+    value; its class id counts among the ids.
+
+    Returns:
+        {raw value (int): class id}, plus `OTHERS: class id` when given (`ignore` parsed to `ignore_index`).
+        The map survives a JSON round trip: `parse_class_map({str(k): v for k, v in parsed.items()}) == parsed`.
 
     Example:
         >>> parse_class_map({"0": 0, "128": 1, "255": 2})
         {0: 0, 128: 1, 255: 2}
+        >>> parse_class_map({0: 0, 1: 1, 6: 2, "others": "ignore"})
+        {0: 0, 1: 1, 6: 2, 'others': 255}
     """
     if not class_map:
         raise ConfigError(
             "class_map is not set.", "map every raw mask value to a class id, e.g. class_map: {0: 0, 128: 1, 255: 2}."
         )
+    parsed: dict[int | str, int] = {}
     try:
-        parsed = {int(k): int(v) for k, v in class_map.items()}
+        for key, value in class_map.items():
+            is_others = isinstance(key, str) and key.strip().lower() == OTHERS
+            parsed[OTHERS if is_others else int(key)] = _class_id(value, ignore_index)
     except (TypeError, ValueError):
         raise ConfigError(
-            f"class_map {class_map} must map integers to integers.", "write it as {raw value: class id}."
+            f"class_map {class_map} must map integers to integers.",
+            f"write it as {{raw value: class id}} (a class id or {IGNORE}); the one other key is {OTHERS}.",
         ) from None
     ids = sorted(set(parsed.values()) - {ignore_index})
     if ids != list(range(len(ids))) or not ids:
         raise ConfigError(
             f"class_map {parsed} gives class ids {ids}; they must be 0..K-1 without gaps.",
-            f"number the classes from 0; map unlabeled values to ignore_index {ignore_index}.",
+            f"number the classes from 0 ({OTHERS} counts too); map unlabeled values to ignore_index {ignore_index}.",
         )
     return parsed
 
 
-def map_labels(raw: np.ndarray, class_map: dict[int, int], name: str = "a label") -> np.ndarray:
-    """Raw label values -> class ids (int64, same shape: a mask or a label volume); a value missing from
-    `class_map` is a `DataError` naming `name`.
+def map_labels(raw: np.ndarray, class_map: dict[int | str, int], name: str = "a label") -> np.ndarray:
+    """Raw label values -> class ids (int64, same shape: a mask or a label volume), with a map from
+    `parse_class_map`; a value missing from `class_map` goes to its `others` class, or without `others` is a
+    `DataError` naming `name`.
 
     Example:
         >>> map_labels(np.array([[0, 128], [255, 0]]), {0: 0, 128: 1, 255: 2}, "001.png").tolist()
         [[0, 1], [2, 0]]
+        >>> map_labels(np.array([[0, 128], [255, 7]]), {0: 0, 128: 1, "others": 0}).tolist()
+        [[0, 1], [0, 0]]
     """
     values, inverse = np.unique(raw, return_inverse=True)
+    others = class_map.get(OTHERS)
     unknown = [int(v) for v in values if int(v) not in class_map]
-    if unknown:
+    if unknown and others is None:
         raise DataError(
             f"{name}: {'mask' if raw.ndim == 2 else 'label'} values {unknown[:10]} are not in class_map "
-            f"(keys {sorted(class_map)}).",
-            "add every raw value to class_map (map unlabeled values to ignore_index), or fix the labels.",
+            f"(keys {sorted(k for k in class_map if k != OTHERS)}).",
+            "add every raw value to class_map (map unlabeled values to ignore_index), "
+            f"send all values not listed to one class with the key {OTHERS} (e.g. {OTHERS}: 0, or {OTHERS}: "
+            f"{IGNORE} for unlabeled), or fix the labels.",
         )
-    lookup = np.array([class_map[int(v)] for v in values], dtype=np.int64)
+    lookup = np.array([class_map.get(int(v), others) for v in values], dtype=np.int64)
     return lookup[inverse].reshape(raw.shape)
 
 
@@ -202,12 +233,13 @@ def class_mapping(
     class_names: list[str] | None,
     ignore_index: int = 255,
     labels: Iterable[np.ndarray] | None = None,
-) -> tuple[dict[int, int], list[str]]:
+) -> tuple[dict[int | str, int], list[str]]:
     """The checked {raw value: class id} map and one name per class, for masks and label volumes alike.
 
     Args:
-        class_map: raw value -> class id (see `parse_class_map`); None: the labels already are class ids
-            0..K-1, which needs `labels` to check (without them a class map must be given).
+        class_map: raw value -> class id, `others` for every value not listed (see `parse_class_map`); None: the
+            labels already are class ids 0..K-1, which needs `labels` to check (without them a class map must be
+            given).
         class_names: one name per class id; default `class_<id>`.
         ignore_index: label of unlabeled pixels; it is never a class.
         labels: raw labels, read only when `class_map` is None.
@@ -249,7 +281,7 @@ def load_labelled(
     image_glob: str = "*",
     mask_pattern: str = "{stem}.png",
     max_images: int | None = None,
-) -> tuple[ImageSet, dict[int, int], list[str], int]:
+) -> tuple[ImageSet, dict[int | str, int], list[str], int]:
     """`load_pairs` with the masks mapped to class ids (an explicit `class_map`: no convention is safe).
 
     Returns:
@@ -376,6 +408,8 @@ def labelled_fraction(masks: list[np.ndarray], ignore_index: int) -> float:
 
 __all__ = [
     "CROP_MODES",
+    "IGNORE",
+    "OTHERS",
     "SegmentationDataset",
     "covering_tiles",
     "labelled_fraction",

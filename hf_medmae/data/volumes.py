@@ -522,7 +522,11 @@ class VolumeDataArguments:
     )
     # segmentation only
     class_map: dict | None = field(
-        default=None, metadata={"help": "raw label value -> class id; default: labels are class ids"}
+        default=None,
+        metadata={
+            "help": "raw label value -> class id (or ignore); others: the class id (or ignore) of every value "
+            "not listed, e.g. {0: 0, 1: 1, 6: 2, others: 0}; default: labels are class ids"
+        },
     )
     class_names: list[str] | None = field(default=None, metadata={"help": "one name per class id"})
     ignore_index: int = 255
@@ -607,10 +611,11 @@ def geometry_report(data: ImageSet) -> dict:
     return {"voxel_grid": grid, "volumes": cases}
 
 
-def volume_classes(data: ImageSet, data_args: VolumeDataArguments) -> tuple[dict[int, int], list[str]]:
+def volume_classes(data: ImageSet, data_args: VolumeDataArguments) -> tuple[dict[int | str, int], list[str]]:
     """Map `data`'s raw labels to class ids in place (`class_map`; default: they already are ids 0..K-1).
 
-    Voxels already at `ignore_index` stay unlabeled unless `class_map` names that value.
+    Voxels already at `ignore_index` stay unlabeled unless `class_map` names that value (its `others` key does
+    not: it takes the other raw values only).
 
     Returns:
         The class map and the class names.

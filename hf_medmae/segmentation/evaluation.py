@@ -10,12 +10,17 @@ from pathlib import Path
 
 import numpy as np
 
-from ..metrics import pooled_segmentation_metrics, segmentation_metrics
+from ..metrics import Spacing, pooled_segmentation_metrics, segmentation_metrics
 from ..plots import plot_confusion_matrix, plot_segmentation_overlays
 
 
 def score_label_maps(
-    preds: Sequence[np.ndarray], truths: Sequence[np.ndarray], class_names: list[str], ignore_index: int = 255
+    preds: Sequence[np.ndarray],
+    truths: Sequence[np.ndarray],
+    class_names: list[str],
+    ignore_index: int = 255,
+    spacing: Spacing | None = None,
+    surface_tolerance_mm: float = 1.0,
 ) -> dict:
     """Segmentation metrics of predicted class ids against the truth.
 
@@ -27,15 +32,19 @@ def score_label_maps(
         truths: the true class ids, same shapes, `ignore_index` for unlabeled pixels.
         class_names: K class names.
         ignore_index: label value of unlabeled pixels.
+        spacing: voxel sizes in mm in the arrays' axis order (e.g. (D, H, W)), one sequence for all items or one
+            per item: adds HD95 in mm and the surface Dice (`segmentation_metrics`); None: metrics in voxels only.
+        surface_tolerance_mm: the surface Dice's tolerance in mm.
 
     Example:
         >>> t = np.zeros((2, 4, 4), int)
         >>> score_label_maps(t, t, ["bg", "cell"])["pixel_accuracy"]
         1.0
     """
+    mm = dict(spacing=spacing, surface_tolerance_mm=surface_tolerance_mm)
     if np.ndim(truths[0]) == 2 and len({np.shape(t) for t in truths}) == 1:
-        return segmentation_metrics(np.stack(preds), np.stack(truths), class_names, ignore_index)
-    return pooled_segmentation_metrics(list(preds), list(truths), class_names, ignore_index)
+        return segmentation_metrics(np.stack(preds), np.stack(truths), class_names, ignore_index, **mm)
+    return pooled_segmentation_metrics(list(preds), list(truths), class_names, ignore_index, **mm)
 
 
 def write_test_report(
@@ -51,6 +60,8 @@ def write_test_report(
     names: Sequence[str] | None = None,
     extra: dict | None = None,
     metrics: dict | None = None,
+    spacing: Spacing | None = None,
+    surface_tolerance_mm: float = 1.0,
 ) -> dict:
     """`test_metrics.json` (with `extra` added), `confusion_matrix.png` and `overlays.png` of label maps.
 
@@ -66,11 +77,13 @@ def write_test_report(
         names: one title per volume.
         extra: more values for `test_metrics.json`.
         metrics: `score_label_maps` of these label maps when already computed.
+        spacing, surface_tolerance_mm: voxel sizes in mm and the surface Dice's tolerance (`score_label_maps`),
+            used when `metrics` is None.
 
     Returns:
         The metrics (without `extra`).
     """
-    metrics = metrics or score_label_maps(preds, truths, class_names, ignore_index)
+    metrics = metrics or score_label_maps(preds, truths, class_names, ignore_index, spacing, surface_tolerance_mm)
     Path(output_dir, "test_metrics.json").write_text(json.dumps({**metrics, **(extra or {})}, indent=2, default=str))
     plot_confusion_matrix(
         np.asarray(metrics["confusion_matrix"]), class_names, f"{output_dir}/confusion_matrix.png", title=title

@@ -24,7 +24,7 @@ from transformers import AutoModelForSemanticSegmentation
 
 from ..data.geometry import Geometry, Grid, save_nifti, to_original
 from ..data.io import list_image_files, progress, read_image
-from ..data.segmentation import load_pairs, map_labels, read_label
+from ..data.segmentation import load_pairs, map_labels, parse_class_map, read_label
 from ..data.transforms import normalise_intensity, resize_pair
 from ..errors import ConfigError, DataError
 from ..loading import load_checkpoint
@@ -340,7 +340,7 @@ def score_volume_predictions(done: list, label_dir: str, label_pattern: str, inf
     from ..data.geometry import check_same_grid
     from ..data.volumes import case_stem, read_geometry, read_volume, volume_suffix
 
-    class_map, names = {int(k): v for k, v in info["class_map"].items()}, info["class_names"]
+    class_map, names = parse_class_map(info["class_map"], info["ignore_index"]), info["class_names"]
     preds, truths, spacings = [], [], []
     for name, _, labels, geometry in done:
         suffix = volume_suffix(name) if case_stem(name) != name else ".nii.gz"
@@ -378,7 +378,7 @@ def score_predictions(
         One table row: images, mean Dice, pixel accuracy and the Dice of each class.
     """
     pairs = load_pairs(source, mask_dir, image_glob, mask_pattern)
-    class_map, names = {int(k): v for k, v in info["class_map"].items()}, info["class_names"]
+    class_map, names = parse_class_map(info["class_map"], info["ignore_index"]), info["class_names"]
     truth = [map_labels(m, class_map, name) for m, name in zip(pairs.labels, pairs.names)]
     preds = [
         np.asarray(Image.open(Path(output_dir, f"{Path(name).stem}_labels.png")), dtype=np.int64)

@@ -78,7 +78,11 @@ class DataArguments:
     image_glob: str = field(default="*", metadata={"help": "which files of the folder are images, e.g. *.bmp"})
     mask_pattern: str = field(default="{stem}.png", metadata={"help": "mask file name of an image; {stem}, {name}"})
     class_map: dict | None = field(
-        default=None, metadata={"help": "raw mask value -> class id, e.g. {0: 0, 128: 1, 255: 2}"}
+        default=None,
+        metadata={
+            "help": "raw mask value -> class id (or ignore), e.g. {0: 0, 128: 1, 255: 2}; others: the class id "
+            "(or ignore) of every value not listed, e.g. {0: 0, 1: 1, 6: 2, others: 0}"
+        },
     )
     class_names: list[str] | None = field(default=None, metadata={"help": "one name per class id"})
     ignore_index: int = field(default=255, metadata={"help": "label of unlabeled pixels after mapping"})
@@ -164,7 +168,7 @@ class SegmentState:
     Args:
         test: the test set: images as a `SegmentationDataset` (2D), the whole labelled volumes (3D).
         class_names: one name per class id.
-        class_map: raw mask value -> class id.
+        class_map: raw mask value -> class id, and `others` -> the class id of every value not listed (if given).
         fraction: the share of training pixels (voxels) that are labelled.
         scale: 2D: the pixel scale the model was trained at (`training_scale`), for predicting new images.
         norm: 2D: the normalisation (mean, std), for predicting new images.
@@ -174,7 +178,7 @@ class SegmentState:
 
     test: SegmentationDataset | ImageSet
     class_names: list[str]
-    class_map: dict[int, int]
+    class_map: dict[int | str, int]
     fraction: float
     scale: float | None = None
     norm: tuple[list[float], list[float]] | None = None
