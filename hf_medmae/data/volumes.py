@@ -611,6 +611,16 @@ def geometry_report(data: ImageSet) -> dict:
     return {"voxel_grid": grid, "volumes": cases}
 
 
+def voxel_spacings(data: ImageSet) -> list[tuple[float, float, float]] | None:
+    """Each volume's voxel sides (D, H, W) in mm as the model sees it; None where a volume stores no geometry."""
+    if data.grid is not None and data.grid.spacing is not None:
+        return [data.grid.spacing] * len(data)
+    if not data.geometry or any(g is None or not g.known for g in data.geometry):
+        return None
+    reoriented = data.grid is not None and data.grid.orientation is not None
+    return [(g.canonical() if reoriented else g).spacing for g in data.geometry]
+
+
 def volume_classes(data: ImageSet, data_args: VolumeDataArguments) -> tuple[dict[int | str, int], list[str]]:
     """Map `data`'s raw labels to class ids in place (`class_map`; default: they already are ids 0..K-1).
 
@@ -686,6 +696,7 @@ __all__ = [
     "prepare_volumes",
     "read_geometry",
     "spacing_choice",
+    "voxel_spacings",
     "split_for",
     "volume_crops",
     "volume_classes",

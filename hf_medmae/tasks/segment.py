@@ -38,6 +38,7 @@ from ..data.volumes import (
     split_for,
     volume_classes,
     volume_crops,
+    voxel_spacings,
 )
 from ..errors import ConfigError
 from ..metrics import segmentation_compute_metrics_fn, segmentation_preprocess_logits
@@ -398,7 +399,8 @@ class Segment(Task):
             test = state.test
             roi = tuple(data_args.roi_size)
             preds = predict_volumes(trainer.model, test.images, roi, model_args.sw_batch_size, model_args.sw_overlap)
-            test_metrics = score_label_maps(preds, test.labels, names, ignore)
+            spacing = voxel_spacings(test)  # surface distances in mm where the volumes store their geometry
+            test_metrics = score_label_maps(preds, test.labels, names, ignore, spacing=spacing)
             if is_main:
                 write_test_report(
                     out_dir,
