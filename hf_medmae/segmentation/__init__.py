@@ -24,12 +24,15 @@ from .inference import (
     load_segmenter,
     predict,
     predict_files,
+    predict_volume_files,
     predict_volumes,
     prediction_sets,
     save_inference_config,
     score_predictions,
     segment_sets,
+    segment_volume_sets,
     training_scale,
+    volume_grid,
 )
 from .losses import check_labels, segmentation_loss
 from .modeling import MedSegForSegmentation, MedUNetForSegmentation, build_unet_baseline
@@ -55,6 +58,7 @@ __all__ = [
     "load_segmenter",
     "predict",
     "predict_files",
+    "predict_volume_files",
     "predict_volumes",
     "prediction_sets",
     "save_inference_config",
@@ -62,6 +66,8 @@ __all__ = [
     "score_label_maps",
     "score_predictions",
     "segment_sets",
+    "segment_volume_sets",
+    "volume_grid",
     "segmentation_loss",
     "training_scale",
     "write_test_report",
