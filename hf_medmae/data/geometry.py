@@ -81,12 +81,12 @@ class Grid:
     Args:
         orientation: "RAS" (axes permuted/flipped to the closest RAS+ order) or None (stored voxel order).
         spacing: target voxel sides (D, H, W) in mm, or None (no resampling).
-        mode: interpolation of images ("bilinear" = linear, "bicubic"); labels always use "nearest".
+        mode: interpolation of images ("bilinear" = linear, 3 = cubic spline); labels always use "nearest".
     """
 
     orientation: str | None = "RAS"
     spacing: tuple[float, float, float] | None = None
-    mode: str = "bilinear"
+    mode: str | int = "bilinear"
 
     def for_labels(self) -> Grid:
         return Grid(self.orientation, self.spacing, "nearest")

@@ -323,7 +323,7 @@ def _files_set(
     if orientation not in ORIENTATIONS:
         raise ConfigError(f"orientation {orientation!r} is not supported.", "use RAS, or null for the stored order.")
     spacing = plan_spacing([g or Geometry.unknown((1, 1, 1)) for g in geometry], target_spacing)
-    grid = Grid(orientation, spacing, {"linear": "bilinear", "cubic": "bicubic"}[interpolation])
+    grid = Grid(orientation, spacing, {"linear": "bilinear", "cubic": 3}[interpolation])
     names = [_case_name(p) for p, _ in found]
     read = partial(read_volume, grid=grid, series_uid=series_uid)
     read_labels = partial(read_label, read=partial(read_volume, grid=grid.for_labels()))

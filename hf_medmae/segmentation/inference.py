@@ -165,7 +165,7 @@ def predict_volumes(
 def volume_grid(info: dict) -> Grid:
     """The voxel grid a volume segmenter was trained on, from its inference config (older runs: stored voxels)."""
     grid = info.get("voxel_grid") or {"orientation": None, "spacing": None}
-    mode = {"linear": "bilinear", "cubic": "bicubic"}[info.get("interpolation", "linear")]
+    mode = {"linear": "bilinear", "cubic": 3}[info.get("interpolation", "linear")]
     return Grid(grid["orientation"], None if grid["spacing"] is None else tuple(grid["spacing"]), mode)
 
 
