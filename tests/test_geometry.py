@@ -56,6 +56,9 @@ def test_target_spacing_resamples_images_linearly_and_labels_to_class_ids(tmp_pa
     assert vs.images[0].shape == (1, 19, 16, 16) and vs.labels[0].shape == (19, 16, 16)
     assert set(np.unique(vs.labels[0])) == {0, 2}  # nearest: no blended class values
     assert vs.geometry[0].spacing == (4.0, 2.0, 2.0)  # the stored geometry is kept beside the resampled voxels
+    cubic = load_volumes(str(tmp_path), target_spacing=[2.0, 2.0, 2.0], interpolation="cubic")
+    assert cubic.images[0].shape == vs.images[0].shape and not np.allclose(cubic.images[0], vs.images[0])
+    np.testing.assert_array_equal(cubic.labels[0], vs.labels[0])  # labels: nearest whatever the image's order
 
 
 def test_label_maps_survive_a_round_trip_to_the_target_spacing_and_back():
