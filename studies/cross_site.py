@@ -281,7 +281,10 @@ def plot(table: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in table if r["fraction"] == max(t["fraction"] for t in table)]
-    names = [f"{r['arm']}\naug {r['augment']}" + (f"\n{r['pool']}" if r["pool"] != "-" else "") for r in rows]
+    names = [
+        f"{r['arm']}\naug {r['augment']}" + (f"\n{r['pool']}" if r["pool"] != "-" else "") + f"\nn={r['seeds']}"
+        for r in rows
+    ]
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 4.8))
     for offset, (field, label) in enumerate(
