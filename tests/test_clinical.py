@@ -2,7 +2,8 @@
 pre-trains and segments in one command each, and predictions come back in each scan's own geometry.
 
 The volumes are the real MNI152 template blocks that nilearn ships (`embedded:mni152`, 2 mm), written with their
-true geometry as a DICOM series, as NIfTI at 2 mm, at 4 mm slices (resampled) and stored LPS.
+true geometry as a DICOM series, as NRRD at 2 mm (LPS space, as 3D Slicer writes it), as NIfTI at 4 mm slices
+(resampled) and stored LPS.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ import numpy as np
 import pytest
 from test_3d import MAE_ARGS, SEG_ARGS
 from test_dicom import write_series
+from test_geometry import write_nrrd
 
 from hf_medmae.data.embedded import mni152
 from hf_medmae.data.geometry import Geometry, Grid, to_grid
-from hf_medmae.data.transforms import normalise_intensity
-from hf_medmae.data.volumes import load_volume
+from hf_medmae.data.volumes import load_volume, normaliser
 from hf_medmae.errors import DataError
 from hf_medmae.segmentation.inference import load_segmenter, predict_volumes, volume_grid
 from hf_medmae.tasks import pretrain, segment
@@ -40,13 +41,13 @@ def lps(array_dhw, affine):
 
 @pytest.fixture(scope="module")
 def clinical(tmp_path_factory):
-    """A folder of 4 labelled cases: a DICOM series, NIfTI at 2 mm, NIfTI at 4 mm slices, NIfTI stored LPS."""
+    """A folder of 4 labelled cases: a DICOM series, NRRD at 2 mm, NIfTI at 4 mm slices, NIfTI stored LPS."""
     folder = tmp_path_factory.mktemp("clinical")
     volumes, labels, _ = mni152()
     write_series(folder / "ct_series", np.round(volumes[0][0]).astype(np.int16).T, TWO_MM, slope=1.0)
     nifti(folder / "ct_series_label.nii.gz", labels[0].astype(np.float32), TWO_MM)
-    nifti(folder / "b.nii.gz", volumes[1][0], TWO_MM)
-    nifti(folder / "b_label.nii.gz", labels[1].astype(np.float32), TWO_MM)
+    write_nrrd(folder / "b_slicer.nrrd", volumes[1], TWO_MM)  # as 3D Slicer writes it: LPS space
+    write_nrrd(folder / "b_slicer_label.nrrd", labels[1][None].astype(np.uint8), TWO_MM)
     thick, geometry = to_grid(volumes[2], Geometry(TWO_MM, volumes[2].shape[1:]), Grid("RAS", (4.0, 2.0, 2.0)))
     thick_labels, _ = to_grid(labels[2], Geometry(TWO_MM, labels[2].shape), Grid("RAS", (4.0, 2.0, 2.0)))
     nifti(folder / "c_thick.nii.gz", thick[0], geometry.affine)
@@ -59,13 +60,19 @@ def clinical(tmp_path_factory):
 
 def test_a_mixed_clinical_folder_pretrains_in_one_command(clinical, tmp_path, one_thread):
     out = tmp_path / "mae"
-    metrics = pretrain.main([*MAE_ARGS, "--train_data", str(clinical), "--output_dir", str(out), "--max_steps", "2"])
+    ct = ["--intensity", "ct", "--foreground_threshold", "100"]  # no labels: the foreground is above a threshold
+    metrics = pretrain.main(
+        [*MAE_ARGS, *ct, "--train_data", str(clinical), "--output_dir", str(out), "--max_steps", "2"]
+    )
     assert metrics["voxel_grid"] == {"orientation": "RAS", "spacing": [2.0, 2.0, 2.0]}  # the median spacing
     stored = metrics["volumes"]
-    assert sorted(stored) == ["b.nii.gz", "c_thick.nii.gz", "ct_series", "d_lps.nii.gz"]
+    assert sorted(stored) == ["b_slicer.nrrd", "c_thick.nii.gz", "ct_series", "d_lps.nii.gz"]
+    assert stored["b_slicer.nrrd"]["spacing"] == [2.0, 2.0, 2.0]
     assert stored["c_thick.nii.gz"]["spacing"] == [4.0, 2.0, 2.0] and stored["d_lps.nii.gz"]["orientation"] == "LPS"
     assert stored["ct_series"]["spacing"] == [2.0, 2.0, 2.0] and stored["ct_series"]["orientation"] == "RAS"
-    assert json.loads((out / "config.json").read_text())["voxel_grid"]["spacing"] == [2.0, 2.0, 2.0]
+    config = json.loads((out / "config.json").read_text())
+    assert config["voxel_grid"]["spacing"] == [2.0, 2.0, 2.0]
+    assert config["normalisation"]["intensity_statistics"]["foreground"] == "threshold"
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +90,8 @@ def segmenter(clinical, tmp_path_factory):
         str(clinical),
         "--output_dir",
         str(out),
+        "--intensity",
+        "ct",
     ]
     metrics = segment.main([*args, "--class_map", "{0: 0, 1: 1, others: 0}", "--class_names", "[bg, grey]"])
     return out, metrics
@@ -93,6 +102,11 @@ def test_a_mixed_clinical_folder_segments_in_one_command(segmenter):
     assert metrics["voxel_grid"]["spacing"] == [2.0, 2.0, 2.0] and len(metrics["volumes"]) == 4
     info = json.loads((out / "inference_config.json").read_text())
     assert info["voxel_grid"] == metrics["voxel_grid"] and info["class_map"]["others"] == 0
+    # CT normalisation: statistics of the labelled voxels of the training volumes, carried to prediction
+    stats = info["intensity_statistics"]
+    assert info["intensity"] == "ct" and stats == metrics["normalisation"]["intensity_statistics"]
+    assert stats["foreground"] == "labels" and stats["clip"][0][0] < stats["mean"][0] < stats["clip"][0][1]
+    assert json.loads((out / "config.json").read_text())["normalisation"] == metrics["normalisation"]
     test = json.loads((out / "test_metrics.json").read_text())  # surface distances in mm: the volumes store spacing
     assert test["surface_tolerance_mm"] == 1.0 and 0.0 <= test["mean_surface_dice"] <= 1.0
     assert set(test["surface_dice_per_class"]) <= {"bg", "grey"}
@@ -138,7 +152,7 @@ def test_predictions_come_back_in_the_scans_geometry(segmenter, tmp_path, case, 
     model, info, _ = load_segmenter(out)
     grid = volume_grid(info)
     on_grid, model_geometry = load_volume(tmp_path / "scan.nii.gz", grid)
-    normalised = normalise_intensity(on_grid, info["intensity"], percentiles=tuple(info["percentiles"]))
+    normalised = normaliser(info)(on_grid)
     direct = predict_volumes(model, [normalised], info["roi_size"])[0]
     back, _ = to_grid(np.asarray(written.dataobj).T.astype(np.int64), Geometry(written.affine, stored.shape), grid)
     assert back.shape == direct.shape

@@ -128,3 +128,43 @@ def test_numbered_scans_stay_single_volumes(tmp_path):
     for i in range(3):
         write(tmp_path / f"scan_{i:04d}.nii.gz", blob(seed=i), np.eye(4))
     assert load_volumes(str(tmp_path)).names == [f"scan_{i:04d}.nii.gz" for i in range(3)]
+
+
+def write_nrrd(path, array_cdhw, affine_ras, space="left-posterior-superior"):
+    """An NRRD file as 3D Slicer writes it: (X, Y, Z) in `space`; several channels on a leading vector axis."""
+    import nrrd
+
+    flip = {"left-posterior-superior": np.diag([-1.0, -1.0, 1.0, 1.0]), "right-anterior-superior": np.eye(4)}[space]
+    affine = flip @ affine_ras
+    data = np.asarray(array_cdhw).transpose(0, 3, 2, 1)  # [C, X, Y, Z]
+    directions = affine[:3, :3].T
+    header = {"space": space, "space origin": affine[:3, 3]}
+    if data.shape[0] == 1:
+        data, header["space directions"] = data[0], directions
+    else:
+        header["space directions"] = np.vstack([np.full(3, np.nan), directions])
+        header["kinds"] = ["vector", "domain", "domain", "domain"]
+    nrrd.write(str(path), np.ascontiguousarray(data), header)
+
+
+def test_nrrd_volumes_read_as_their_nifti_twins(tmp_path):
+    data = blob()
+    affine = np.array([[0, -1.5, 0, 30.0], [1.0, 0, 0, -20.0], [0, 0, 3.0, 5.0], [0, 0, 0, 1]])
+    write(tmp_path / "a.nii.gz", data, affine)
+    write_nrrd(tmp_path / "b.nrrd", data[None], affine)
+    (nifti, g_nifti), (nrrd_volume, g_nrrd) = (load_volume(tmp_path / n, Grid("RAS")) for n in ("a.nii.gz", "b.nrrd"))
+    np.testing.assert_array_equal(nrrd_volume, nifti)
+    np.testing.assert_allclose(g_nrrd.affine, g_nifti.affine, atol=1e-9)
+    np.testing.assert_allclose(read_geometry(tmp_path / "b.nrrd").affine, affine, atol=1e-9)
+    two = np.stack([data, 2 * data])  # a vector NRRD: its non-spatial axis holds the channels
+    write_nrrd(tmp_path / "c.nrrd", two, affine, space="right-anterior-superior")
+    volume, geometry = load_volume(tmp_path / "c.nrrd")
+    np.testing.assert_array_equal(volume, two)
+    np.testing.assert_allclose(geometry.affine, affine)
+
+
+def test_a_broken_nrrd_is_named(tmp_path):
+    write_nrrd(tmp_path / "a.nrrd", blob()[None], np.eye(4))
+    (tmp_path / "a.nrrd").write_bytes((tmp_path / "a.nrrd").read_bytes()[:200])
+    with pytest.raises(DataError, match=r"cannot read volume .*a\.nrrd"):
+        load_volume(tmp_path / "a.nrrd")

@@ -15,10 +15,11 @@ from PIL import Image
 from hf_medmae.data.crops import CropAugment, CropDataset, sliding_crops
 from hf_medmae.data.image_set import ImageSet, LazyFiles
 from hf_medmae.data.segmentation import class_mapping, map_labels, parse_class_map, read_label
-from hf_medmae.data.transforms import normalise_intensity
+from hf_medmae.data.transforms import foreground_statistics, normalise_intensity
 from hf_medmae.data.volumes import (
     VolumeDataArguments,
     load_volumes,
+    normalise_volumes,
     read_volume,
     volume_classes,
 )
@@ -198,6 +199,55 @@ def test_ct_window_and_percentile():
     assert normalise_intensity(volume, "none") is volume
     with pytest.raises(ConfigError, match="zscore"):
         normalise_intensity(volume, "minmax")
+
+
+def ct_case(seed: int, organ_hu: float) -> tuple[np.ndarray, np.ndarray]:
+    """A generated CT-like volume in HU (air -1000, body 0 +- 30, an organ at `organ_hu`) and its label."""
+    rng = np.random.default_rng(seed)
+    hu = np.full((1, 8, 12, 12), -1000.0, np.float32)
+    hu[:, :, 2:10, 2:10] = rng.normal(0, 30, (8, 8, 8))
+    label = np.zeros((8, 12, 12), np.int64)
+    label[2:6, 4:8, 4:8] = 1
+    hu[0][label == 1] = rng.normal(organ_hu, 10, int(label.sum()))
+    return hu, label
+
+
+def test_ct_statistics_come_from_the_labelled_foreground_of_the_training_volumes():
+    cases = [ct_case(s, 60.0) for s in range(3)]
+    images, labels = [c[0] for c in cases], [c[1] for c in cases]
+    labels[0][0, 0, 0] = 255  # unlabelled voxels are not foreground
+    stats = foreground_statistics(images, labels, ignore_index=255)
+    organ = np.concatenate([im[0][lb == 1] for im, lb in zip(images, labels)])
+    assert stats["foreground"] == "labels"
+    assert stats["mean"][0] == pytest.approx(organ.mean(), abs=1e-3) and stats["std"][0] == pytest.approx(organ.std())
+    low, high = stats["clip"][0]
+    assert low == pytest.approx(np.percentile(organ, 0.5)) and high == pytest.approx(np.percentile(organ, 99.5))
+    body = foreground_statistics(images, foreground_threshold=-500)  # no labels (pre-training): voxels above -500 HU
+    assert body["foreground"] == "threshold" and -20 < body["mean"][0] < 60
+    out = normalise_intensity(images[0], "ct", statistics=stats)
+    assert out.min() == pytest.approx((low - stats["mean"][0]) / stats["std"][0])  # air is clipped, not -1000 HU
+    assert abs(out[0][labels[0] == 1].mean()) < 0.5
+    with pytest.raises(ConfigError, match="foreground statistics"):
+        normalise_intensity(images[0], "ct")
+    with pytest.raises(ConfigError, match="2-channel"):
+        normalise_intensity(np.concatenate([images[0]] * 2), "ct", statistics=stats)
+    with pytest.raises(DataError, match="no foreground voxels"):
+        foreground_statistics(images, [np.zeros_like(lb) for lb in labels])
+
+
+def test_ct_normalisation_never_sees_the_held_out_volumes():
+    (a, la), (b, lb), (c, lc) = ct_case(0, 60.0), ct_case(1, 60.0), ct_case(2, 900.0)  # c: a bone-bright outlier
+    args = VolumeDataArguments(intensity="ct")
+    train, held_out = ImageSet([a, b], [la, lb], ["a", "b"]), ImageSet([c], [lc], ["c"])
+    (train_n, held_n), settings = normalise_volumes(args, train, held_out, ignore_index=255)
+    assert settings["intensity_statistics"] == foreground_statistics([a, b], [la, lb], ignore_index=255)
+    np.testing.assert_allclose(
+        held_n.images[0], normalise_intensity(c, "ct", statistics=settings["intensity_statistics"])
+    )
+    stats = settings["intensity_statistics"]
+    ceiling = (stats["clip"][0][1] - stats["mean"][0]) / stats["std"][0]
+    np.testing.assert_allclose(held_n.images[0][0][lc == 1], ceiling, rtol=1e-5)  # clipped at the training scale
+    assert settings["intensity"] == "ct" and train_n.names == ["a", "b"]
 
 
 # --- augmentation and crops --------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from .sources import (
 from .sources import image_column as hf_image_column
 from .splits import label_subset, split_indices
 from .transforms import Augment, EpochSeeded, Normalize, Photometric, channel_moments, resize
-from .volumes import VolumeDataArguments, prepare_volumes, split_for
+from .volumes import VolumeDataArguments, normalise_volumes, prepare_volumes, split_for
 
 logger = logging.getLogger(__name__)
 
@@ -393,13 +393,17 @@ def validation_images(data_args) -> tuple[ImageSource | None, list[str]]:
     return (TiledSource(images, data_args.tile_size) if data_args.tile_size else images), skipped
 
 
-def volume_pool(data_args: VolumeDataArguments, seed: int) -> tuple[ImageSet, ImageSet | None]:
-    """The volumes of a 3D pre-training, normalised and split whole into training and validation (no crop of a
-    held-out volume is trained on; None: no validation volume). Labels, if any, play no part in self pre-training."""
+def volume_pool(data_args: VolumeDataArguments, seed: int) -> tuple[ImageSet, ImageSet | None, dict]:
+    """The volumes of a 3D pre-training split whole into training and validation (no crop of a held-out volume is
+    trained on; None: no validation volume), normalised, and the normalisation settings (CT: statistics of the
+    training volumes). Labels, if any, play no part in self pre-training."""
     data = prepare_volumes(data_args, labelled=False)
     data.labels = None
     train_idx, val_idx, _ = split_for(data, data_args, seed, 0)
-    return data.subset(train_idx), (data.subset(val_idx) if val_idx else None)
+    (train, val), settings = normalise_volumes(
+        data_args, data.subset(train_idx), data.subset(val_idx) if val_idx else None
+    )
+    return train, val, settings
 
 
 def image_channels(train: ImageSource, val: ImageSource, data_args) -> int:

@@ -30,6 +30,7 @@ from monai.utils import convert_to_tensor
 from transformers import ViTImageProcessorPil
 
 from ..errors import ConfigError, DataError
+from .io import progress
 from .stain import hed_jitter
 
 
@@ -85,7 +86,54 @@ def channel_moments(images) -> tuple[list[float], list[float], int]:
     return mean.tolist(), np.where(std > 0, std, 1.0).tolist(), n
 
 
-NORMALISE_MODES = ("zscore", "percentile", "ct_window", "none")
+NORMALISE_MODES = ("zscore", "percentile", "ct_window", "ct", "none")
+
+
+def foreground_statistics(
+    images: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray] | None = None,
+    foreground_threshold: float | None = None,
+    ignore_index: int | None = None,
+    samples: int = 10_000,
+    seed: int = 0,
+) -> dict:
+    """nnU-Net's CT statistics of a training set: per channel, the mean, std and 0.5 / 99.5 percentiles of
+    foreground voxels pooled over the volumes, `samples` drawn (seeded) per volume as nnU-Net does.
+
+    Foreground: labelled voxels of a class above 0 where `labels` are given; else voxels above
+    `foreground_threshold` (e.g. -500 HU: the body, not the air around it); else every voxel.
+
+    Returns:
+        {"mean": [C], "std": [C], "clip": [[low, high]] * C, "foreground": "labels" | "threshold" | "all"}.
+    """
+    rng = np.random.default_rng(seed)
+    source = "labels" if labels is not None else ("threshold" if foreground_threshold is not None else "all")
+    pooled: list[np.ndarray] = []
+    for i, image in enumerate(progress(images, desc="intensity statistics", unit="volume")):
+        image = np.asarray(image, dtype=np.float32)
+        if labels is not None:
+            label = np.asarray(labels[i])
+            mask = (label > 0) & (label != ignore_index) if ignore_index is not None else label > 0
+            mask = np.broadcast_to(mask, image.shape[1:])
+        elif foreground_threshold is not None:
+            mask = (image > foreground_threshold).any(axis=0)
+        else:
+            mask = np.ones(image.shape[1:], bool)
+        index = np.flatnonzero(mask)
+        if index.size:
+            pooled.append(image.reshape(image.shape[0], -1)[:, rng.choice(index, min(samples, index.size), False)])
+    if not pooled:
+        raise DataError(
+            f"the training volumes have no foreground voxels ({source}) to take CT statistics from.",
+            "check the labels (classes above 0) or lower foreground_threshold.",
+        )
+    voxels = np.concatenate(pooled, axis=1).astype(np.float64)
+    return {
+        "mean": voxels.mean(axis=1).tolist(),
+        "std": voxels.std(axis=1).tolist(),
+        "clip": np.percentile(voxels, [0.5, 99.5], axis=1).T.tolist(),
+        "foreground": source,
+    }
 
 
 def normalise_intensity(
@@ -94,6 +142,7 @@ def normalise_intensity(
     window: tuple[float, float] | None = None,
     percentiles: tuple[float, float] = (0.5, 99.5),
     foreground_threshold: float | None = None,
+    statistics: dict | None = None,
 ) -> np.ndarray:
     """Per-item, per-channel intensity normalisation (nnU-Net style) of an image [C, H, W] or a volume [C, D, H, W]
     (any spatial dimension), applied once when loading; the window and percentile modes are MONAI's
@@ -103,11 +152,13 @@ def normalise_intensity(
         image: [C, *spatial].
         mode: "zscore" (mean 0, std 1 over the foreground), "percentile" (clip each channel to its
             `percentiles`, scale to [0, 1]), "ct_window" (clip to `window` = (lo, hi) HU, scale to [0, 1]),
-            or "none".
+            "ct" (nnU-Net's CT normalisation: clip to the training foreground's 0.5 / 99.5 percentiles and z-score
+            with its mean and std, from `statistics`, so Hounsfield units mean the same in every volume), or "none".
         window: the HU window of "ct_window", e.g. (-1000, 400) for lung.
         percentiles: the clipping percentiles of "percentile".
         foreground_threshold: "zscore" statistics come from voxels above it (e.g. 0 for skull-stripped
             MRI); None: all voxels. A channel with no voxel above it falls back to all voxels.
+        statistics: "ct": the training set's `foreground_statistics`.
 
     Example:
         >>> normalise_intensity(np.array([[[[-2000.0, 0.0, 400.0]]]]), "ct_window", window=(-1000, 400)).tolist()
@@ -127,6 +178,18 @@ def normalise_intensity(
         lo, hi = float(window[0]), float(window[1])
         window_scale = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True, dtype=np.float32)
         return np.asarray(window_scale(image), dtype=np.float32)
+    if mode == "ct":
+        if statistics is None or len(statistics["mean"]) != image.shape[0]:
+            raise ConfigError(
+                f"ct normalisation of a {image.shape[0]}-channel volume needs the training set's foreground "
+                f"statistics for each channel, got {statistics!r}.",
+                "compute them with foreground_statistics on the training volumes (run_* does), or use a model "
+                "trained on this channel count.",
+            )
+        out = np.empty_like(image)
+        for c, ((low, high), mean, std) in enumerate(zip(statistics["clip"], statistics["mean"], statistics["std"])):
+            out[c] = (np.clip(image[c], low, high) - mean) / max(std, 1e-6)
+        return out
     if mode == "percentile":
         if not 0.0 <= percentiles[0] < percentiles[1] <= 100.0:
             raise ConfigError(
@@ -553,6 +616,7 @@ __all__ = [
     "image_processor",
     "check_channels",
     "labelled_geometry",
+    "foreground_statistics",
     "normalise_intensity",
     "run_seeded",
     "resize",

@@ -1,8 +1,9 @@
 """The 3D data layer: volumes [C, D, H, W] with labels [D, H, W], read and prepared for the crops of `data.crops`.
 
-Sources: NIfTI (`.nii`, `.nii.gz`), DICOM series (a folder of slices, `data.dicom`), multi-page or ImageJ TIFF,
-`.npy`, folders of those (labels matched by a file-name pattern; nnU-Net's `CASE_0000`, `CASE_0001`, ... files
-are one case's channels), a `.npy` stack [N, C, D, H, W], or `embedded:nuclei3d` / `embedded:mni152`.
+Sources: NIfTI (`.nii`, `.nii.gz`), NRRD (`.nrrd`), DICOM series (a folder of slices, `data.dicom`), multi-page
+or ImageJ TIFF, `.npy`, folders of those (labels matched by a file-name pattern; nnU-Net's `CASE_0000`,
+`CASE_0001`, ... files are one case's channels), a `.npy` stack [N, C, D, H, W], or `embedded:nuclei3d` /
+`embedded:mni152`.
 Depth D is always the slice axis: NIfTI's Z, a TIFF's pages (or its ImageJ Z axis). Each volume keeps its
 `geometry.Geometry` (affine and shape as stored); a `geometry.Grid` brings volumes and labels onto the model's
 grid (RAS orientation, one target spacing) as they are read. A volume set is an `image_set.ImageSet`; intensity
@@ -15,7 +16,7 @@ from __future__ import annotations
 import logging
 import re
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -33,10 +34,10 @@ from .image_set import ImageSet, LazyFiles
 from .io import check_finite
 from .segmentation import class_mapping, map_labels, read_label
 from .splits import split_named
-from .transforms import NORMALISE_MODES, normalise_intensity
+from .transforms import NORMALISE_MODES, foreground_statistics, normalise_intensity
 
 logger = logging.getLogger(__name__)
-VOLUME_SUFFIXES = (".nii.gz", ".nii", ".tif", ".tiff", ".npy")
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".tif", ".tiff", ".npy")
 CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")  # nnU-Net: CASE_0000.nii.gz, CASE_0001.nii.gz
 
 
@@ -84,6 +85,53 @@ def _dicom(path: Path, series_uid: str | None = None) -> tuple[np.ndarray, Geome
     return _nib_volume(read_dicom_series(path, series_uid), path)
 
 
+# The sign flips from an NRRD `space` to RAS+ (x, y, z); other spaces are not anatomical (scanner-xyz, ...).
+NRRD_SPACES = {
+    "right-anterior-superior": (1, 1, 1),
+    "ras": (1, 1, 1),
+    "left-anterior-superior": (-1, 1, 1),
+    "las": (-1, 1, 1),
+    "left-posterior-superior": (-1, -1, 1),
+    "lps": (-1, -1, 1),
+}
+
+
+def _nrrd(path: Path) -> tuple[np.ndarray, Geometry]:
+    """[C, D, H, W] and the geometry of an NRRD file (3D Slicer, ITK); a non-spatial axis (a vector `kind`, no
+    space direction) holds the channels. pynrrd directly: MONAI's NrrdReader fails on such vector files."""
+    import nrrd
+
+    try:
+        array, header = nrrd.read(str(path))  # index order F: (X, Y, Z) as NIfTI
+    except nrrd.NRRDError as err:
+        raise ValueError(str(err)) from None
+    directions = header.get("space directions")
+    if directions is not None:
+        directions = np.asarray(directions, dtype=np.float64)
+        spatial = [i for i, row in enumerate(directions) if np.isfinite(row).all()]
+    else:
+        spatial = [
+            i for i, kind in enumerate(header.get("kinds", ["domain"] * array.ndim)) if kind in ("domain", "space")
+        ]
+    others = [i for i in range(array.ndim) if i not in spatial]
+    if len(spatial) != 3 or len(others) > 1:
+        raise DataError(
+            f"{path}: NRRD data of shape {array.shape} has {len(spatial)} spatial axes; a volume has 3 (and at most "
+            "one channel axis).",
+            "save one 3-D volume (optionally with one vector axis of channels) per file.",
+        )
+    array = np.moveaxis(array, others, [0]) if others else array[None]  # [C, X, Y, Z]
+    array = np.ascontiguousarray(array.transpose(0, 3, 2, 1))  # -> [C, D=Z, H=Y, W=X]
+    space = str(header.get("space", "")).lower()
+    if directions is None or space not in NRRD_SPACES:
+        return array, Geometry.unknown(array.shape[1:])
+    affine = np.eye(4)
+    affine[:3, :3] = directions[spatial].T  # column i: the step of index i
+    affine[:3, 3] = np.asarray(header.get("space origin", np.zeros(3)), dtype=np.float64)
+    affine = np.diag([*NRRD_SPACES[space], 1.0]) @ affine
+    return array, Geometry(affine, tuple(array.shape[1:]))
+
+
 def _tiff(path: Path) -> np.ndarray:
     """[C, D, H, W] from the first series: a named Z axis is depth, C/S channels; else pages are depth."""
     import tifffile
@@ -127,7 +175,7 @@ def _npy(path: Path) -> np.ndarray:
     return array, Geometry.unknown(array.shape[1:])
 
 
-READERS = {".nii.gz": _nifti, ".nii": _nifti, ".tif": _tiff, ".tiff": _tiff, ".npy": _npy}
+READERS = {".nii.gz": _nifti, ".nii": _nifti, ".nrrd": _nrrd, ".tif": _tiff, ".tiff": _tiff, ".npy": _npy}
 
 
 def load_volume(
@@ -136,7 +184,7 @@ def load_volume(
     """One volume as float32 [C, D, H, W] and its geometry, on `grid` (None: as stored).
 
     Args:
-        path: a volume file (`.nii`/`.nii.gz`: (X, Y, Z[, C]) -> [C, Z, Y, X]; `.tif`/`.tiff`: pages or the
+        path: a volume file (`.nii`/`.nii.gz`/`.nrrd`: (X, Y, Z[, C]) -> [C, Z, Y, X]; `.tif`/`.tiff`: pages or the
             ImageJ Z axis are depth, the C axis channels; `.npy`: [C, D, H, W] or [D, H, W]), a DICOM series
             folder, or a sequence of those: one case's channels (modalities), which must share one voxel grid.
         grid: orientation and spacing of the model's grid; None keeps the stored voxels.
@@ -174,11 +222,12 @@ def read_volume(path: str | Path | Sequence[Path], grid: Grid | None = None, ser
 
 
 def read_geometry(path: str | Path | Sequence[Path], series_uid: str | None = None) -> Geometry | None:
-    """A volume's stored geometry: NIfTI from its header alone, a DICOM series from its slices; None for TIFF and
-    `.npy`, which store none (a case of channels: its first file)."""
+    """A volume's stored geometry: NIfTI from its header alone, a DICOM series or NRRD file from a full read; None
+    for TIFF and `.npy`, which store none (a case of channels: its first file)."""
     path = Path(path if isinstance(path, (str, Path)) else path[0])
-    if path.is_dir():
-        return _read_stored(path, series_uid)[1]
+    if path.is_dir() or volume_suffix(path) == ".nrrd":
+        geometry = _read_stored(path, series_uid)[1]
+        return geometry if geometry.known else None
     if volume_suffix(path) not in (".nii", ".nii.gz"):
         return None
     import nibabel as nib
@@ -456,7 +505,7 @@ class VolumeDataArguments:
     train_data: str = field(
         default="embedded:nuclei3d",
         metadata={
-            "help": "folder of .nii(.gz)/.tif/.npy volumes, one file, a .npy "
+            "help": "folder of .nii(.gz)/.nrrd/.tif/.npy volumes or DICOM series, one file, a .npy "
             "stack [N, C, D, H, W], embedded:nuclei3d or embedded:mni152"
         },
     )
@@ -489,14 +538,22 @@ class VolumeDataArguments:
         default=None, metadata={"help": "DICOM: the series to read where a folder holds several (SeriesInstanceUID)"}
     )
     intensity: str = field(
-        default="percentile", metadata={"help": f"per-volume normalisation: {' | '.join(NORMALISE_MODES)}"}
+        default="percentile",
+        metadata={
+            "help": f"{' | '.join(NORMALISE_MODES)}; ct: clip + z-score with the training foreground's statistics "
+            "(nnU-Net), zscore: per volume (MRI)"
+        },
     )
     window: list[float] | None = field(
         default=None, metadata={"help": "ct_window: [low, high] in HU, e.g. [-175, 250] for abdomen CT"}
     )
     percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
     foreground_threshold: float | None = field(
-        default=None, metadata={"help": "zscore: statistics over voxels above it (e.g. 0 for MRI)"}
+        default=None,
+        metadata={
+            "help": "zscore: statistics over voxels above it (e.g. 0 for MRI); ct without labels (pre-training): "
+            "the foreground is the voxels above it (e.g. -500 HU)"
+        },
     )
     roi_size: list[int] = field(
         default_factory=lambda: [32, 64, 64], metadata={"help": "training crop (D, H, W): the model's input size"}
@@ -562,7 +619,8 @@ def spacing_choice(value) -> str | list[float] | None:
 
 
 def prepare_volumes(data_args: VolumeDataArguments, labelled: bool) -> ImageSet:
-    """Read the volumes (and labels), keep `volumes` if named, normalise each volume's intensities."""
+    """Read the volumes (and labels) and keep `volumes` if named; `normalise_volumes` normalises them after the split
+    (CT statistics come from the training volumes alone)."""
     if len(data_args.roi_size) != 3 or min(data_args.roi_size) < 1:
         raise ConfigError(
             f"roi_size={data_args.roi_size} is not a (D, H, W) crop.", "give three positive sides, e.g. [32, 64, 64]."
@@ -590,15 +648,46 @@ def prepare_volumes(data_args: VolumeDataArguments, labelled: bool) -> ImageSet:
             f"{data_args.train_data} has no labels.",
             f"put a label file beside each volume ({data_args.label_pattern}) or set label_dir.",
         )
-    window = tuple(data_args.window) if data_args.window else None
-    normalise = partial(
+    return data
+
+
+def normalisation(data_args: VolumeDataArguments, statistics: dict | None = None) -> dict:
+    """A run's intensity normalisation as `inference_config.json` and `config.json` record it."""
+    return {
+        "intensity": data_args.intensity,
+        "window": data_args.window,
+        "percentiles": list(data_args.percentiles),
+        "foreground_threshold": data_args.foreground_threshold,
+        "intensity_statistics": statistics,
+    }
+
+
+def normaliser(settings: dict) -> Callable[[np.ndarray], np.ndarray]:
+    """`normalise_intensity` with a run's recorded settings (runs that predate a key: its default)."""
+    return partial(
         normalise_intensity,
-        mode=data_args.intensity,
-        window=window,
-        percentiles=tuple(data_args.percentiles),
-        foreground_threshold=data_args.foreground_threshold,
+        mode=settings.get("intensity", "percentile"),
+        window=tuple(settings["window"]) if settings.get("window") else None,
+        percentiles=tuple(settings.get("percentiles") or (0.5, 99.5)),
+        foreground_threshold=settings.get("foreground_threshold"),
+        statistics=settings.get("intensity_statistics"),
     )
-    return data.map(images=normalise)
+
+
+def normalise_volumes(
+    data_args: VolumeDataArguments, train: ImageSet, *others: ImageSet | None, ignore_index: int | None = None
+) -> tuple[list[ImageSet | None], dict]:
+    """The sets with every volume's intensities normalised (when read, for a lazy set), and the settings.
+
+    `intensity: ct` takes its statistics from the foreground of `train` only (labelled voxels where it has labels),
+    so validation and test volumes never shape the normalisation (nnU-Net's CT scheme).
+    """
+    statistics = None
+    if data_args.intensity == "ct":
+        statistics = foreground_statistics(train.images, train.labels, data_args.foreground_threshold, ignore_index)
+    settings = normalisation(data_args, statistics)
+    transform = normaliser(settings)
+    return [s if s is None else s.map(images=transform) for s in (train, *others)], settings
 
 
 def geometry_report(data: ImageSet) -> dict:
@@ -693,6 +782,9 @@ __all__ = [
     "case_stem",
     "geometry_report",
     "load_volume",
+    "normalisation",
+    "normalise_volumes",
+    "normaliser",
     "prepare_volumes",
     "read_geometry",
     "spacing_choice",

@@ -25,7 +25,7 @@ from transformers import AutoModelForSemanticSegmentation
 from ..data.geometry import Geometry, Grid, save_nifti, to_original
 from ..data.io import list_image_files, progress, read_image
 from ..data.segmentation import load_pairs, map_labels, parse_class_map, read_label
-from ..data.transforms import normalise_intensity, resize_pair
+from ..data.transforms import resize_pair
 from ..errors import ConfigError, DataError
 from ..loading import load_checkpoint
 from .evaluation import score_label_maps, write_test_report
@@ -185,21 +185,16 @@ def predict_volume_files(
     Returns:
         (name, written file, class ids [D, H, W] on the input's voxels, the input's geometry) per volume.
     """
-    from ..data.volumes import case_files, case_stem, load_volume, read_geometry
+    from ..data.volumes import case_files, case_stem, load_volume, normaliser, read_geometry
 
     grid = volume_grid(info)
-    normalise = dict(
-        mode=info.get("intensity", "percentile"),
-        window=tuple(info["window"]) if info.get("window") else None,
-        percentiles=tuple(info.get("percentiles", (0.5, 99.5))),
-        foreground_threshold=info.get("foreground_threshold"),
-    )
+    normalise = normaliser(info)
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     written = []
     for name, case in progress(case_files(source), desc="segmenting", unit="volume"):
         volume, model_geometry = load_volume(case, grid, series_uid)
         stored = read_geometry(case, series_uid) or model_geometry  # TIFF / .npy: never reoriented or resampled
-        volume = normalise_intensity(volume, **normalise)
+        volume = normalise(volume)
         labels = predict_volumes(model, [volume], info["roi_size"], sw_batch_size, overlap)[0]
         labels = to_original(labels.astype(np.int64), model_geometry, stored)
         target = Path(output_dir, f"{case_stem(name)}_labels.nii.gz")

@@ -357,7 +357,7 @@ class Pretrain(Task):
     def setup_volumes(
         self, model_args, data_args: VolumeDataArguments, args: MedTrainingArguments
     ) -> TaskSetup[PretrainState]:
-        train_volumes, val_volumes = volume_pool(data_args, args.seed)
+        train_volumes, val_volumes, normalisation = volume_pool(data_args, args.seed)
         model = build_mae(model_args, train_volumes.channels, tuple(data_args.roi_size))
         attention = model.config.mask_generator == "attention"  # maps must line up with the voxels: fixed crops
         train, val = volume_crops(train_volumes, val_volumes, data_args, args.seed, fixed=attention)
@@ -378,10 +378,12 @@ class Pretrain(Task):
         if val_volumes is not None:
             geometry["volumes"].update(geometry_report(val_volumes)["volumes"])
         model.config.voxel_grid = geometry["voxel_grid"]  # config.json carries the grid the encoder learnt on
+        model.config.normalisation = normalisation  # ... and the intensities
         facts = {
             "num_train_crops": len(train),
             "train_volumes": list(train_volumes.names),
             "intensity": data_args.intensity,
+            "normalisation": normalisation,
             "roi_size": list(data_args.roi_size),
             **geometry,
         }

@@ -34,6 +34,7 @@ from ..data.transforms import PairAugment, image_processor
 from ..data.volumes import (
     VolumeDataArguments,
     geometry_report,
+    normalise_volumes,
     prepare_volumes,
     split_for,
     volume_classes,
@@ -175,6 +176,7 @@ class SegmentState:
         norm: 2D: the normalisation (mean, std), for predicting new images.
         split: 3D: the names of the training, validation and test volumes.
         geometry: 3D: the voxel grid the model sees and each volume's stored geometry (`geometry_report`).
+        normalisation: 3D: the intensity normalisation and its training statistics (`volumes.normalisation`).
     """
 
     test: SegmentationDataset | ImageSet
@@ -185,6 +187,7 @@ class SegmentState:
     norm: tuple[list[float], list[float]] | None = None
     split: tuple[list[str], list[str], list[str]] | None = None
     geometry: dict | None = None
+    normalisation: dict | None = None
 
 
 class Segment(Task):
@@ -254,6 +257,7 @@ class Segment(Task):
         )
         if data.get("geometry"):
             model.config.voxel_grid = data["geometry"]["voxel_grid"]  # config.json carries the grid
+            model.config.normalisation = data["normalisation"]  # ... and the intensities it learnt on
         train, val = data.pop("train"), data.pop("validation")
         logger.info(
             "training %s (%s) on %d %s (%.1f%% labelled), validating on %d, testing on %d",
@@ -288,6 +292,7 @@ class Segment(Task):
                 norm=data.get("norm"),
                 split=data.get("split"),
                 geometry=data.get("geometry"),
+                normalisation=data.get("normalisation"),
             ),
         )
 
@@ -346,7 +351,8 @@ class Segment(Task):
     def volume_data(
         self, model_args: ModelArguments, data_args: VolumeDataArguments, args: MedTrainingArguments
     ) -> dict:
-        """Labelled volumes: normalised one by one, split whole, random ROI crops to train, fixed crops to validate."""
+        """Labelled volumes: split whole, normalised (CT: the training foreground's statistics), random ROI crops to
+        train, fixed crops to validate."""
         data = prepare_volumes(data_args, labelled=True)
         class_map, class_names = volume_classes(data, data_args)
         train_idx, val_idx, test_idx = split_for(data, data_args, args.seed, data_args.test_volumes)
@@ -358,6 +364,7 @@ class Segment(Task):
         train, val, test = data.subset(train_idx), data.subset(val_idx), data.subset(test_idx)
         train.labels = sparsify(train.labels, data_args.label_fraction_voxels, data_args.ignore_index, args.seed)
         roi, ignore = tuple(data_args.roi_size), data_args.ignore_index
+        (train, val, test), normalisation = normalise_volumes(data_args, train, val, test, ignore_index=ignore)
         encoder = None
         if model_args.model == "unetr":
             encoder = load_segmentation_encoder(
@@ -376,6 +383,7 @@ class Segment(Task):
             processor=image_processor(data.channels),
             split=(train.names, val.names, test.names),
             geometry=geometry_report(data),
+            normalisation=normalisation,
         )
 
     def report(
@@ -418,10 +426,7 @@ class Segment(Task):
                     inference,
                     spatial_dims=3,
                     roi_size=list(roi),
-                    intensity=data_args.intensity,
-                    window=data_args.window,
-                    percentiles=data_args.percentiles,
-                    foreground_threshold=data_args.foreground_threshold,
+                    **state.normalisation,
                     voxel_grid=state.geometry["voxel_grid"],
                     interpolation=data_args.interpolation,
                 )
@@ -434,6 +439,7 @@ class Segment(Task):
                     )
             return {
                 **state.geometry,
+                "normalisation": state.normalisation,
                 **trainer.evaluate(),
                 **{f"test_{k}": v for k, v in test_metrics.items() if isinstance(v, (int, float)) or v is None},
                 "best_checkpoint": trainer.state.best_model_checkpoint,
