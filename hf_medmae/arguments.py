@@ -62,6 +62,13 @@ class MedTrainingArguments(TrainingArguments):
             "is set"
         },
     )
+    device_augment: Literal["auto", "true", "false"] = field(
+        default="auto",
+        metadata={
+            "help": "pre-training: normalisation, flips and 90-degree turns of the training views run batched on the "
+            "training device, the loader's CPU cores only decode and crop (same views and masks); auto: on a GPU"
+        },
+    )
     gpu_dataloader: bool = field(
         default=True,
         metadata={
@@ -104,8 +111,11 @@ class MedTrainingArguments(TrainingArguments):
         super().__post_init__()
         if self.base_learning_rate is not None:
             self.learning_rate = self.base_learning_rate * self.effective_batch_size / 256
+        self.augment_on_device = self.device_augment == "true" or (self.device_augment == "auto" and on_gpu)
         if not on_gpu:
             self.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
+        elif self.dataloader_pin_memory:
+            self.accelerator_config.non_blocking = True  # pinned batches copy to the GPU while the step runs
         elif self.gpu_dataloader and self.dataloader_num_workers == 0:
             per_process = usable_cores() // max(1, torch.cuda.device_count())
             self.dataloader_num_workers = max(0, min(8, per_process - 1))  # one core stays with the training process

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import EarlyStoppingCallback, TrainerCallback, TrainingArguments
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .data.io import progress
@@ -124,6 +124,18 @@ def parent_datasets(parent: str | None) -> list[str]:
         previous = json.loads(info.read_text())
         return list(previous.get("datasets") or [previous.get("dataset", parent)])
     return [f"the checkpoint {parent}"]
+
+
+class MedTrainer(Trainer):
+    """transformers' Trainer, plus the device half of the light data path: a training batch that arrives with
+    `pending_views` (`PretrainingDataset(defer_views=True)`) is normalised, flipped and turned where the step runs,
+    batched (`finish_batch`), so the loader's CPU cores only decode and crop."""
+
+    def _prepare_inputs(self, inputs: dict) -> dict:
+        inputs = super()._prepare_inputs(inputs)
+        if "pending_views" in inputs:
+            inputs = self.train_dataset.finish_batch(inputs)
+        return inputs
 
 
 class SelectionEarlyStopping(EarlyStoppingCallback):

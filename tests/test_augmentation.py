@@ -64,15 +64,18 @@ def test_colour_and_stain_jitter_change_colour_not_geometry(cells):
 
 
 def test_no_option_draws_nothing_so_old_views_stay_exact(cells):
-    """Without jitter a view is normalise -> geometry from the item's generator, as before the jitter existed."""
+    """Without jitter a view is normalise -> geometry from the item's generator, as before the jitter existed (the
+    light data path, the default, normalises after the crop: the same view up to float rounding)."""
     images = [c.astype(np.float32) for c in cells]
     mean, std = channel_stats(images)
     assert Photometric.from_args(PhotometricArguments(), 3) is None
     augment = Augment(64, (0.3, 1.0), rot90=True)
-    ds = PretrainingDataset(images, mean, std, 64, augment, seed=5, mask_noise_patches=8)
+    full = PretrainingDataset(images, mean, std, 64, augment, seed=5, mask_noise_patches=8, light=False)
+    light = PretrainingDataset(images, mean, std, 64, augment, seed=5, mask_noise_patches=8)
     for i in range(len(images)):
-        expected = augment.with_view(ds.normalize(torch.from_numpy(images[i])), ds.item_generator(i))[0]
-        assert torch.equal(ds[i]["pixel_values"], expected)
+        expected = augment.with_view(full.normalize(torch.from_numpy(images[i])), full.item_generator(i))[0]
+        assert torch.equal(full[i]["pixel_values"], expected)
+        torch.testing.assert_close(light[i]["pixel_values"], expected, rtol=0, atol=1e-4)
 
 
 def test_jittered_pretraining_views_depend_only_on_seed_epoch_and_index(cells):

@@ -162,6 +162,12 @@ def mae_runs(tmp_path_factory):
             root / "two.yaml",
             processes=2,
         ),
+        # the device half of the data path (normalise, flip, turn per batch in the Trainer), here on the CPU
+        "device": start(
+            "run_mae.py",
+            dict(common, per_device_train_batch_size=16, device_augment="true", output_dir=str(root / "device")),
+            root / "device.yaml",
+        ),
     }
     finish(*procs.values())
     return {name: root / name for name in procs}
@@ -210,6 +216,15 @@ def test_two_processes_follow_the_single_process_loss_curve(mae_runs):
     assert np.abs(a - b).max() < 1e-4, np.abs(a - b).round(6)
     for curve in (a, b):
         assert curve[:5].mean() - curve[-10:].mean() > 0.015, curve.round(3)
+
+
+def test_views_finished_on_the_device_train_exactly_as_views_finished_in_the_loader(mae_runs):
+    """`device_augment: true` moves normalisation, flips and turns from the loader's items to the batch in the
+    Trainer: the same draws, the same elementwise float operations, so the same losses and weights, bit for bit."""
+    one, device = (step_losses(mae_runs[name] / f"checkpoint-{STEPS}") for name in ("one", "device"))
+    assert one == device
+    a, b = (load_file(mae_runs[name] / "model.safetensors") for name in ("one", "device"))
+    assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
 
 
 def test_rerun_of_run_mae_is_bit_identical(mae_runs):

@@ -272,6 +272,13 @@ def test_sparse_option_reaches_only_training_masks(tmp_path, wbc_dir):
     assert abs(train_fraction - 0.02) < 0.001
     assert all((m != 255).all() for m in val.labels + test.labels)  # evaluation stays dense
     assert not set(train.names) & set(val.names + test.names)
+    # a few-label curve: counts of labelled images, one seed's smaller sets inside its larger ones, same split
+    sets = {n: split_pairs(pairs, 0.15, 0.15, seed=3, split_seed=0, train_images=n) for n in (1, 3, 10)}
+    names = {n: set(train.names) for n, (train, _, _) in sets.items()}
+    assert [len(names[n]) for n in (1, 3, 10)] == [1, 3, 10] and names[1] < names[3] < names[10]
+    assert len({tuple(test.names) for _, _, test in sets.values()}) == 1
+    with pytest.raises(ConfigError, match="train_images=99"):
+        split_pairs(pairs, 0.15, 0.15, seed=3, train_images=99)
 
 
 def asymmetric_pair(size: int = 12):

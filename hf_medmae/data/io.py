@@ -32,8 +32,9 @@ def _to_chw(array: np.ndarray, path: Path | str, channels_last: bool | None = No
     return np.moveaxis(array, -1, 0) if channels_last else array
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Read one image file as float32 [C, H, W] (raw intensities; no rescaling).
+def read_image(path: str | Path, dtype: type | None = np.float32) -> np.ndarray:
+    """Read one image file as float32 [C, H, W] (raw intensities; no rescaling); `dtype=None`: as stored (uint8,
+    uint16, ...), for a data path that crops before it converts.
 
     Multi-page or multi-channel TIFFs become channels (a 16-slice z-stack is a 16-channel image).
 
@@ -61,13 +62,13 @@ def read_image(path: str | Path) -> np.ndarray:
             f"cannot read image {path} ({type(err).__name__}: {err}).",
             "replace or delete the file, or set on_bad_file: skip to leave unreadable files out (they are counted).",
         ) from None
-    array = array.astype(np.float32, copy=False)
+    array = array if dtype is None else array.astype(dtype, copy=False)
     check_finite(array, str(path))
     return array
 
 
 def check_finite(array: np.ndarray, name: str) -> None:
-    if not np.isfinite(array).all():
+    if array.dtype.kind in "fc" and not np.isfinite(array).all():
         bad = int((~np.isfinite(array)).sum())
         raise DataError(
             f"{name} has {bad} NaN/inf pixel values.",

@@ -36,7 +36,7 @@ from .sources import (
 )
 from .sources import image_column as hf_image_column
 from .splits import label_subset, split_indices
-from .transforms import Augment, EpochSeeded, Normalize, Photometric, channel_moments, resize
+from .transforms import Augment, EpochSeeded, Normalize, Photometric, channel_moments, finish_views, resize, view_copy
 from .volumes import VolumeDataArguments, normalise_volumes, prepare_volumes, split_for
 
 logger = logging.getLogger(__name__)
@@ -130,6 +130,13 @@ class PretrainingDataset(EpochSeeded, Dataset):
             them out: the attention bank is keyed by *training* indices, which a validation index would collide with.
             With an `augment` that does not crop, items also carry `view_ids` (`Augment.with_view` codes: the
             flips and turn), so the model can turn each image's attention map along with its view.
+        light: the light data path (with an `augment` without photometric jitter): read the image as stored,
+            crop, convert only the crop to float (`Augment.draw`), then normalise and flip / turn it (`finish_views`).
+            Equal to the full path up to float rounding and several times cheaper per image; False: the full path
+            (normalise the whole image, then crop), kept for comparison (`benchmarks/data_path.py`).
+        defer_views: with `light`, leave normalisation, flips and turns to the training device: items carry the
+            unnormalised crop and `pending_views` (the codes), and `finish_batch` completes a batch there, batched
+            (`training.MedTrainer` calls it on the device). The draws are the same, so views and masks are too.
     """
 
     def __init__(
@@ -143,8 +150,12 @@ class PretrainingDataset(EpochSeeded, Dataset):
         mask_noise_patches: int = 0,
         labels: np.ndarray | None = None,
         with_ids: bool = True,
+        light: bool = True,
+        defer_views: bool = False,
     ):
         self.images = images if isinstance(images, ImageSource) else ListSource(list(images))
+        self.light = light and augment is not None and augment.photometric is None  # jitter needs the whole image
+        self.defer_views = defer_views and self.light
         self.normalize = Normalize(image_mean, image_std)
         EpochSeeded.__init__(self, seed)
         self.image_size, self.augment = image_size, augment
@@ -161,13 +172,23 @@ class PretrainingDataset(EpochSeeded, Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> dict:
-        raw = torch.from_numpy(np.ascontiguousarray(self.images[index]))
         gen = self.item_generator(index)
-        if self.augment is None:
-            image, view = resize(self.normalize(raw), self.image_size), None
+        pending = None
+        if self.light:
+            image, view = self.augment.draw(self.images.raw(index), gen)
+            if self.defer_views:
+                pending = view
+            else:
+                image = view_copy(self.normalize(image), view)  # what `finish_views` does to a batch
         else:
-            image, view = self.augment.view(raw, self.normalize, gen)
+            raw = torch.from_numpy(np.ascontiguousarray(self.images[index]))
+            if self.augment is None:
+                image, view = resize(self.normalize(raw), self.image_size), None
+            else:
+                image, view = self.augment.view(raw, self.normalize, gen)
         item = {"pixel_values": image, "sample_ids": index} if self.with_ids else {"pixel_values": image}
+        if pending is not None:
+            item["pending_views"] = pending
         if self.with_ids and view is not None and not self.augment.crop:  # a view that permutes whole patches
             item["view_ids"] = view
         if self.mask_noise_patches:
@@ -175,6 +196,13 @@ class PretrainingDataset(EpochSeeded, Dataset):
         if self.labels is not None:
             item["labels"] = int(self.labels[index])
         return item
+
+    def finish_batch(self, batch: dict) -> dict:
+        """A collated batch of deferred items, completed on its device: normalised pixel values, views applied."""
+        codes = batch.pop("pending_views", None)
+        if codes is not None:
+            batch["pixel_values"] = finish_views(batch["pixel_values"], codes, self.normalize)
+        return batch
 
 
 def streaming_dataset(

@@ -307,9 +307,10 @@ def split_pairs(
     train_fraction: float = 1.0,
     label_fraction: float = 1.0,
     ignore_index: int = 255,
+    train_images: int | None = None,
 ) -> tuple[ImageSet, ImageSet, ImageSet]:
-    """Seeded train / validation / test split of whole images; `train_fraction` and sparse labels
-    (`label_fraction` of each mask's labelled pixels) thin the training images only.
+    """Seeded train / validation / test split of whole images; `train_fraction` (or `train_images`, a count) and
+    sparse labels (`label_fraction` of each mask's labelled pixels) thin the training images only.
 
     Args:
         seed: the run's seed (the subsample and the sparse labels); `split_seed` (default `seed`) draws the split.
@@ -317,7 +318,7 @@ def split_pairs(
     train_idx, val_idx, test_idx = split_three(
         len(pairs), validation_fraction, test_fraction, seed if split_seed is None else split_seed
     )
-    train = pairs.subset(subsample(train_idx, train_fraction, seed))
+    train = pairs.subset(subsample(train_idx, train_fraction, seed, train_images))
     # Validation and test stay dense, so scores compare across label budgets.
     train.labels = sparsify(train.labels, label_fraction, ignore_index, seed)
     return train, pairs.subset(val_idx), pairs.subset(test_idx)

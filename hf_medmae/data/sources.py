@@ -47,9 +47,13 @@ class ImageSource:
     def shape(self, index: int) -> tuple[int, int, int]:
         return tuple(self[index].shape)
 
-    def crop(self, index: int, top: int, left: int, size: int) -> np.ndarray:
+    def raw(self, index: int) -> np.ndarray:
+        """Image `index` as stored (uint8, uint16, ...; sources that can skip the float32 copy override this)."""
+        return self[index]
+
+    def crop(self, index: int, top: int, left: int, size: int, raw: bool = False) -> np.ndarray:
         """A size x size window of image `index` (sources that can read a window alone override this)."""
-        return self[index][:, top : top + size, left : left + size]
+        return (self.raw(index) if raw else self[index])[:, top : top + size, left : left + size]
 
     def subset(self, indices) -> Subset:
         return Subset(self, np.asarray(indices, dtype=np.int64))
@@ -66,11 +70,14 @@ class Subset(ImageSource):
     def __getitem__(self, index: int) -> np.ndarray:
         return self.source[int(self.indices[index])]
 
+    def raw(self, index: int) -> np.ndarray:
+        return self.source.raw(int(self.indices[index]))
+
     def shape(self, index: int) -> tuple[int, int, int]:
         return self.source.shape(int(self.indices[index]))
 
-    def crop(self, index: int, top: int, left: int, size: int) -> np.ndarray:
-        return self.source.crop(int(self.indices[index]), top, left, size)
+    def crop(self, index: int, top: int, left: int, size: int, raw: bool = False) -> np.ndarray:
+        return self.source.crop(int(self.indices[index]), top, left, size, raw)
 
 
 class ListSource(ImageSource):
@@ -84,6 +91,9 @@ class ListSource(ImageSource):
 
     def __getitem__(self, index: int) -> np.ndarray:
         return np.asarray(self.images[index], dtype=np.float32)
+
+    def raw(self, index: int) -> np.ndarray:
+        return np.asarray(self.images[index])
 
     def shape(self, index: int) -> tuple[int, int, int]:
         return tuple(self.images[index].shape)
@@ -114,8 +124,9 @@ class ArraySource(ImageSource):
         self.__dict__.update(state)
         self.array, self.mapping = _open_array(self.path, self.key)
 
-    def _checked(self, window: np.ndarray, index: int) -> np.ndarray:
-        out = np.array(window[None] if self.grey else window, dtype=np.float32)  # a copy: never hand out the mapping
+    def _checked(self, window: np.ndarray, index: int, raw: bool = False) -> np.ndarray:
+        # a copy (in the stored dtype when raw): never hand out the mapping
+        out = np.array(window[None] if self.grey else window, dtype=None if raw else np.float32)
         self._release(index)
         check_finite(out, f"{self.path}[{index}]")
         return out
@@ -134,15 +145,18 @@ class ArraySource(ImageSource):
     def __getitem__(self, index: int) -> np.ndarray:
         return self._checked(self.array[index], index)
 
+    def raw(self, index: int) -> np.ndarray:
+        return self._checked(self.array[index], index, raw=True)
+
     def shape(self, index: int) -> tuple[int, int, int]:
         return (1, *self.array.shape[1:]) if self.grey else tuple(self.array.shape[1:])
 
-    def crop(self, index: int, top: int, left: int, size: int) -> np.ndarray:
+    def crop(self, index: int, top: int, left: int, size: int, raw: bool = False) -> np.ndarray:
         item = self.array[index]
         window = (
             item[top : top + size, left : left + size] if self.grey else item[:, top : top + size, left : left + size]
         )
-        return self._checked(window, index)
+        return self._checked(window, index, raw)
 
 
 def _open_array(path: Path, key: str | None) -> tuple[np.ndarray, mmap.mmap]:
@@ -245,11 +259,17 @@ class FileSource(ImageSource):
         return len(self.files)
 
     def __getitem__(self, index: int) -> np.ndarray:
+        return self._read(index, np.float32)
+
+    def raw(self, index: int) -> np.ndarray:
+        return self._read(index, None)
+
+    def _read(self, index: int, dtype) -> np.ndarray:
         for offset in range(len(self.files)):
             j = (index + offset) % len(self.files)
             path = self.files[j]
             try:
-                image = read_image(path)
+                image = read_image(path, dtype)
             except DataError:
                 if self.on_bad_file == "error":
                     raise
@@ -388,6 +408,10 @@ class TiledSource(ImageSource):
     def __getitem__(self, index: int) -> np.ndarray:
         i, top, left = (int(v) for v in self.index[index])
         return self.source[i] if top < 0 else self.source.crop(i, top, left, self.tile_size)
+
+    def raw(self, index: int) -> np.ndarray:
+        i, top, left = (int(v) for v in self.index[index])
+        return self.source.raw(i) if top < 0 else self.source.crop(i, top, left, self.tile_size, raw=True)
 
     def shape(self, index: int) -> tuple[int, int, int]:
         i, top, _ = (int(v) for v in self.index[index])

@@ -400,26 +400,68 @@ class Augment:
 
     def with_view(self, image: torch.Tensor, gen: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
         """The augmented image and its view code (flips and rotation, see `apply_view`)."""
+        image, code = self.draw(image, gen)
+        return view_copy(image, code), code
+
+    def draw(self, image: torch.Tensor | np.ndarray, gen: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
+        """The resized crop as float32 and the view code drawn for it, the flips and turn not yet applied
+        (`apply_view`, `finish_views`). Any dtype in: only the crop is converted, so a uint8 / uint16 image is never
+        copied whole as float (the light data path); the draws are those of `with_view`."""
         _, h, w = image.shape
         if not self.crop:
-            image = resize(image, self.image_size)
+            image = resize(_as_float(image), self.image_size)
         elif self.scale[0] < 1.0 or self.scale[1] > 1.0 or (h, w) != (self.image_size, self.image_size):
             if self.scale[1] > 1.0:  # zoom out: reflected context around the image for the larger boxes
                 grow = (math.sqrt(self.scale[1]) - 1) / 2
                 mh, mw = (min(math.ceil(grow * n), n - 1) for n in (h, w))
-                image = F.pad(image[None], (mw, mw, mh, mh), mode="reflect")[0]
+                image = F.pad(_as_float(image)[None], (mw, mw, mh, mh), mode="reflect")[0]
             top, left, ch, cw = self.crop_box(h, w, gen, tuple(image.shape[1:]))
-            image = resize(image[:, top : top + ch, left : left + cw], self.image_size)
-        # Flips and rotations as numpy views, then one copy: each torch flip/rot90 would copy the image.
-        view, code = image.numpy(), 0
+            image = resize(_as_float(image[:, top : top + ch, left : left + cw]), self.image_size)
+        code = 0
         if self.hflip and torch.rand(1, generator=gen) < 0.5:
-            view, code = view[..., ::-1], code | HFLIP
+            code |= HFLIP
         if self.vflip and torch.rand(1, generator=gen) < 0.5:
-            view, code = view[..., ::-1, :], code | VFLIP
+            code |= VFLIP
         if self.rot90:
-            turns = int(torch.randint(0, 4, (1,), generator=gen))
-            view, code = np.rot90(view, turns, axes=(-2, -1)), code | turns << 2
-        return torch.from_numpy(np.ascontiguousarray(view)), code
+            code |= int(torch.randint(0, 4, (1,), generator=gen)) << 2
+        return _as_float(image), code
+
+
+def _as_float(image: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """float32 tensor of an array or tensor of any dtype (no copy when it already is one)."""
+    if isinstance(image, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+    return image.float()
+
+
+def view_copy(image: torch.Tensor, code: int) -> torch.Tensor:
+    """`apply_view` of one CPU image as numpy views and a single copy (each torch flip / rot90 would copy)."""
+    view = image.numpy()
+    if code & HFLIP:
+        view = view[..., ::-1]
+    if code & VFLIP:
+        view = view[..., ::-1, :]
+    if code >> 2:
+        view = np.rot90(view, code >> 2, axes=(-2, -1))
+    return torch.from_numpy(np.ascontiguousarray(view))
+
+
+def finish_views(images: torch.Tensor, codes: torch.Tensor, normalize: Normalize) -> torch.Tensor:
+    """The second half of the light data path, batched on whatever device `images` [B, C, H, W] are on: normalise,
+    then each image's flips and turn (`Augment.draw` codes [B]). Per-channel normalisation commutes with the
+    (convex) resampling of the crop, so this equals `Augment.view` up to float rounding.
+
+    Example:
+        >>> x = torch.arange(4.0).reshape(1, 1, 2, 2)
+        >>> finish_views(x, torch.tensor([HFLIP]), Normalize([0.0], [1.0]))[0, 0].tolist()
+        [[1.0, 0.0], [3.0, 2.0]]
+    """
+    images = normalize(images)
+    out = torch.empty_like(images)
+    for code in codes.unique().tolist():  # at most 16 codes: one batched flip/turn per group
+        group = (codes == code).nonzero().squeeze(1)
+        out[group] = apply_view(images[group], int(code))
+    return out
 
 
 HFLIP, VFLIP = 1, 2  # view code bits; bits 2-3 count 90-degree turns
@@ -502,6 +544,8 @@ class Normalize:
         self.std = torch.tensor(image_std, dtype=torch.float32)[:, None, None]
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        if image.device != self.mean.device:  # the light data path normalises on the training device
+            self.mean, self.std = self.mean.to(image.device), self.std.to(image.device)
         return (image - self.mean) / self.std
 
 
@@ -616,6 +660,7 @@ __all__ = [
     "image_processor",
     "check_channels",
     "labelled_geometry",
+    "finish_views",
     "foreground_statistics",
     "normalise_intensity",
     "run_seeded",

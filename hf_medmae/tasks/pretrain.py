@@ -272,6 +272,7 @@ class Pretrain(Task):
             # per-image masks: the same whatever the process count
             mask_noise_patches=config.num_patches if config.mask_generator == "random" else 0,
             labels=labels.get("train"),
+            defer_views=args.augment_on_device,  # normalise, flip and turn on the GPU (`MedTrainer`)
         )
         # validation ids would look up the *training* images' attention maps (the bank's keys): random masks instead
         val = (

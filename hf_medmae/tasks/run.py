@@ -40,6 +40,7 @@ from ..performance import apply_fast_defaults, choose_precision
 from ..training import (
     CHOICES_FILE,
     ChoicesCallback,
+    MedTrainer,
     NonFiniteStepGuard,
     ProcessSeedCallback,
     SelectionEarlyStopping,
@@ -249,7 +250,7 @@ def train(
             }
         )
     )
-    trainer = Trainer(
+    trainer = MedTrainer(
         model=setup.model,
         args=args,
         train_dataset=setup.train_dataset,

@@ -92,6 +92,13 @@ class DataArguments:
     test_fraction: float = 0.15
     split_seed: int | None = field(default=None, metadata={"help": "seed of the image split; default: seed"})
     train_fraction: float = field(default=1.0, metadata={"help": "seeded share of the training images used"})
+    train_images: int | None = field(
+        default=None,
+        metadata={
+            "help": "seeded number of labelled training images used (instead of train_fraction); one seed's "
+            "smaller sets lie inside its larger ones"
+        },
+    )
     label_fraction_pixels: float = field(
         default=1.0, metadata={"help": "seeded share of labelled pixels kept per training image (sparse labels)"}
     )
@@ -321,6 +328,7 @@ class Segment(Task):
             data_args.train_fraction,
             data_args.label_fraction_pixels,
             data_args.ignore_index,
+            data_args.train_images,
         )
         mean, std = encoder_normalisation(encoder, model_args.init, train.images)
         if data_args.crop_mode == "random_crop":  # score every pixel at the training scale

@@ -1,0 +1,255 @@
+#!/usr/bin/env python
+"""Few-label segmentation curve on the WBC masks: Dice vs the number of labelled training images, per arm.
+
+Seed 003's "performance vs amount of labelled data", for masks (issue: "Segmentation that pays for its
+pre-training"). One fixed split (`split_seed` 0: 210 train / 45 validation / 45 test images of WBC Zheng 2018
+Dataset 1, 3 classes: background, cytoplasm, nucleus); each seed draws which training images are labelled (one
+seed's 1 image lies inside its 3, its 3 inside its 10, ...), the initialisation and the augmentation. Every run
+trains the same schedule, selects on validation mean Dice and is scored on the dense test masks, which no model
+ever saw, the MAE included: the MAE pre-trains on the 210 training images (no masks) plus 120 px tiles of the
+BCCD smears, never on validation or test images.
+
+Arms: `unet` (MONAI BasicUNet from scratch), `scratch-unetr` (UNETR, random ViT), `mae-unetr` (UNETR on the MAE's
+encoder, layer decay 0.75). Results merge run by run into `studies/results/segmentation_few_labels.json`
+(resumable; several processes may fill it together), and `--report` writes the table and the PNG.
+
+    OMP_NUM_THREADS=1 python studies/segmentation_few_labels.py --arms mae-unetr            # process 1
+    OMP_NUM_THREADS=1 python studies/segmentation_few_labels.py --arms unet scratch-unetr   # process 2
+    python studies/segmentation_few_labels.py --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from hf_medmae.data.segmentation import load_labelled
+from hf_medmae.data.splits import split_three
+from hf_medmae.evaluation.results import paired_ci95, record
+from hf_medmae.tasks import pretrain as pretrain_task
+from hf_medmae.tasks import segment as segment_task
+from hf_medmae.training import hardware_description
+
+ROOT = Path(__file__).resolve().parents[1]
+WBC = ROOT.parent / "shared" / "data" / "wbc_zheng2018" / "Dataset 1"
+BCCD = ROOT.parent / "shared" / "data" / "bccd" / "BCCD" / "JPEGImages"
+RESULTS = ROOT / "studies" / "results" / "segmentation_few_labels.json"
+CLASSES = ["background", "cytoplasm", "nucleus"]
+CLASS_MAP = {0: 0, 128: 1, 255: 2}
+ARMS = {"unet": ("unet", "scratch"), "scratch-unetr": ("unetr", "scratch"), "mae-unetr": ("unetr", "mae")}
+SIZES = [1, 3, 10, 30, 210]
+PROTOCOL = "few-labels-v1: split_seed 0, 64 px, 300 steps bs 16, eval every 50, MAE 1500 steps"
+MAE = dict(
+    image_size=64,
+    patch_size=8,
+    hidden_size=192,
+    num_hidden_layers=6,
+    num_attention_heads=6,
+    intermediate_size=768,
+    decoder_hidden_size=128,
+    decoder_num_hidden_layers=2,
+    decoder_num_attention_heads=4,
+    decoder_intermediate_size=512,
+    mask_ratio=0.5,
+    crop_scale=[0.4, 1.0],
+    rot90=True,
+    max_steps=1500,
+    per_device_train_batch_size=64,
+    learning_rate=1.5e-3,
+    adam_beta2=0.95,
+    weight_decay=0.05,
+    lr_scheduler_type="cosine",
+    warmup_steps=0.05,
+    validation_fraction=0.05,
+)
+SEG = dict(image_size=64, feature_size=16, max_steps=300, eval_steps=50, per_device_train_batch_size=16)
+
+
+def as_argv(values: dict) -> list[str]:
+    argv = []
+    for key, value in values.items():
+        argv += [f"--{key}", json.dumps(value)]
+    return argv
+
+
+def mae_pool(path: Path, bccd_images: int) -> Path:
+    """The training split's WBC images (no masks; never validation or test) and 120 px BCCD tiles, [N, 3, 120, 120]."""
+    pairs, *_ = load_labelled(str(WBC), CLASS_MAP, CLASSES, 255, None, "*.bmp", "{stem}.png", None)
+    train_idx, _, _ = split_three(len(pairs), 0.15, 0.15, 0)
+    rgb = lambda a: np.asarray(Image.fromarray(a).resize((120, 120), Image.BILINEAR))  # noqa: E731
+    images = [rgb(np.asarray(pairs.images[i]).transpose(1, 2, 0).astype(np.uint8)) for i in train_idx]
+    for p in sorted(BCCD.glob("*.jpg"))[:bccd_images]:
+        smear = np.asarray(Image.open(p).convert("RGB"))
+        images += [smear[t : t + 120, x : x + 120] for t in range(0, 361, 120) for x in range(0, 521, 120)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, np.stack(images).transpose(0, 3, 1, 2))
+    return path
+
+
+def pretrain(work: Path, bccd_images: int) -> Path:
+    mae_dir = work / "mae"
+    if (mae_dir / "model.safetensors").is_file():
+        return mae_dir
+    pool = mae_pool(work / "mae_pool.npy", bccd_images)
+    settings = dict(MAE, train_data=str(pool), output_dir=str(mae_dir), seed=0, report_to="none")
+    settings.update(save_strategy="steps", save_steps=250, save_total_limit=1, logging_steps=50)
+    settings.update(dataloader_num_workers=0, disable_tqdm=True)
+    pretrain_task.main(["--eval_strategy", '"no"', *as_argv(settings)])
+    return mae_dir
+
+
+def segment(arm: str, size: int, seed: int, mae_dir: Path | None, work: Path) -> dict:
+    model, init = ARMS[arm]
+    out = work / f"{arm}_n{size}_seed{seed}"
+    values = dict(
+        SEG,
+        train_data=str(WBC),
+        image_glob="*.bmp",
+        class_map=CLASS_MAP,
+        class_names=CLASSES,
+        model=model,
+        init=init,
+        split_seed=0,
+        train_images=size,
+        seed=seed,
+        learning_rate=1e-3,
+        weight_decay=0.05,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.05,
+        layer_decay=0.75 if init == "mae" else 1.0,
+        save_steps=SEG["eval_steps"],
+        save_total_limit=1,
+        load_best_model_at_end=True,
+        per_device_eval_batch_size=64,
+        logging_steps=50,
+        report_to="none",
+        dataloader_num_workers=0,
+        output_dir=str(out),
+        num_overlays=0,
+    )
+    if mae_dir is not None:
+        values["model_name_or_path"] = str(mae_dir)
+    argv = ["--eval_strategy", '"steps"', "--save_strategy", '"steps"', "--disable_tqdm", "true", *as_argv(values)]
+    start = time.perf_counter()
+    segment_task.main(argv)
+    metrics = json.loads((out / "test_metrics.json").read_text())
+    return dict(
+        arm=arm,
+        labelled_images=size,
+        seed=seed,
+        seconds=round(time.perf_counter() - start, 1),
+        mean_dice=metrics["mean_dice"],
+        **{f"dice_{c}": metrics["dice_per_class"][c] for c in CLASSES},
+    )
+
+
+KEY = lambda r: (r["arm"], r["labelled_images"], r["seed"])  # noqa: E731
+
+
+def finished() -> set[tuple]:
+    """The runs already in the results file (of this protocol), whichever process wrote them."""
+    data = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    return {KEY(r) for r in data.get("runs", [])} if data.get("protocol") == PROTOCOL else set()
+
+
+def run(args) -> None:
+    header = {"protocol": PROTOCOL, "hardware": hardware_description(), "classes": CLASSES, "runs": []}
+    work = Path(args.work_dir)
+    mae_dir = pretrain(work, args.bccd_images) if "mae-unetr" in args.arms else None
+    plan = [(a, n, s) for s in args.seeds for n in args.sizes for a in args.arms]
+    for arm, size, seed in plan[::-1] if args.reverse else plan:
+        if (arm, size, seed) in finished():
+            continue
+        row = segment(arm, size, seed, mae_dir if arm == "mae-unetr" else None, work)
+        record(RESULTS, header, row, KEY)
+        print(row, flush=True)
+
+
+def report() -> str:
+    """The table (mean ± std over seeds, paired differences with 95% intervals) and the PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(RESULTS.read_text())
+    runs = data["runs"]
+    by = {KEY(r): r["mean_dice"] for r in runs}
+    arms = [a for a in ARMS if any(r["arm"] == a for r in runs)]
+    sizes = sorted({r["labelled_images"] for r in runs})
+    lines = ["| labelled images | " + " | ".join(arms) + " | MAE-UNETR − UNETR scratch | MAE-UNETR − U-Net |"]
+    lines.append("|---" * (len(arms) + 3) + "|")
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for arm in arms:
+        means, lows, highs, xs = [], [], [], []
+        for n in sizes:
+            values = [v for (a, m, _), v in by.items() if a == arm and m == n]
+            if values:
+                mean = statistics.mean(values)
+                half = statistics.stdev(values) if len(values) > 1 else 0.0
+                xs.append(n), means.append(mean), lows.append(mean - half), highs.append(mean + half)
+        ax.plot(xs, means, marker="o", label=f"{arm}")
+        ax.fill_between(xs, lows, highs, alpha=0.15)
+    for n in sizes:
+        cells = []
+        for arm in arms:
+            values = [v for (a, m, _), v in by.items() if a == arm and m == n]
+            cells.append(
+                f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f} (n={len(values)})"
+                if len(values) > 1
+                else (f"{values[0]:.3f} (n=1)" if values else "—")
+            )
+        for base in ("scratch-unetr", "unet"):
+            seeds = sorted(
+                {s for (a, m, s) in by if a == "mae-unetr" and m == n}
+                & {s for (a, m, s) in by if a == base and m == n}
+            )
+            deltas = [by[("mae-unetr", n, s)] - by[(base, n, s)] for s in seeds]
+            ci = paired_ci95(deltas)
+            cells.append(
+                f"{100 * statistics.mean(deltas):+.1f} [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}] (n={len(deltas)})"
+                if ci
+                else "—"
+            )
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    ax.set_xscale("log")
+    ax.set_xticks(sizes, [str(n) for n in sizes])
+    ax.set_xlabel("labelled training images (WBC masks)")
+    ax.set_ylabel("test mean Dice (3 classes)")
+    ax.set_title("Few-label segmentation, WBC Zheng 2018: mean ± std over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS.with_suffix(".png"), dpi=120)
+    table = "\n".join(lines)
+    print(table)
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--sizes", nargs="+", type=int, default=SIZES)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument("--bccd-images", type=int, default=100)
+    parser.add_argument("--work-dir", default=str(ROOT / "outputs" / "segmentation_few_labels"))
+    parser.add_argument("--reverse", action="store_true", help="take the plan from its end (a second process)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--report", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.report:
+        report()
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    main()
