@@ -468,3 +468,16 @@ def test_one_segment_task_takes_images_and_volumes():
     assert (volumes.loss, volumes.sw_batch_size, volumes.unet_features[0]) == ("dice_ce", 2, 16)
     assert model_3d(loss="ce").loss == "ce"  # a set value is kept
     assert model_3d().unet_features is not volumes.unet_features  # each run its own list
+
+
+def test_no_overlays_asked_for_means_no_picture(tmp_path):
+    from hf_medmae.segmentation.evaluation import write_test_report
+
+    mask = np.zeros((8, 8), np.int64)
+    mask[2:5, 2:5] = 1
+    images = [np.zeros((3, 8, 8), np.float32)]
+    metrics = write_test_report(tmp_path, [mask], [mask], images, ["bg", "cell"], num_overlays=0)
+    assert metrics["mean_dice"] == 1.0 and (tmp_path / "test_metrics.json").is_file()
+    assert not (tmp_path / "overlays.png").exists()
+    write_test_report(tmp_path, [mask], [mask], images, ["bg", "cell"], num_overlays=1)
+    assert (tmp_path / "overlays.png").is_file()

@@ -114,7 +114,10 @@ def save_overlays(
     display_channels: list[int] | None = None,
     names: Sequence[str] | None = None,
 ) -> str | None:
-    """The first `num_overlays` images with truth and prediction (every volume); None for images of several sizes."""
+    """The first `num_overlays` images with truth and prediction (every volume); None for images of several sizes,
+    or when `num_overlays` is 0 (no picture asked for)."""
+    if num_overlays < 1 or not len(truths):
+        return None
     if np.ndim(truths[0]) == 3:
         return plot_segmentation_overlays(images, truths, preds, path, class_names, ignore_index, names=names)
     if len({np.shape(t) for t in truths}) != 1:
