@@ -138,6 +138,28 @@ class MedTrainer(Trainer):
         return inputs
 
 
+class FrozenEncoderWarmup(TrainerCallback):
+    """Train everything but `encoder` for the first `steps` optimizer steps, then everything (a frozen-encoder
+    warm-up, LP-FT; RETFound's linear-probe warm-up): a decoder trained from scratch first learns to read the
+    pre-trained features before its large early gradients reach them. Frozen parameters take no gradient, so AdamW
+    leaves them and their state alone; the switch follows the global step, so a resumed run freezes exactly as the
+    uninterrupted one did."""
+
+    def __init__(self, encoder: torch.nn.Module, steps: int):
+        self.encoder, self.steps = encoder, steps
+
+    def _set(self, state) -> None:
+        trainable = state.global_step >= self.steps
+        for p in self.encoder.parameters():
+            p.requires_grad_(trainable)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._set(state)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._set(state)
+
+
 class SelectionEarlyStopping(EarlyStoppingCallback):
     """transformers' early stopping that never stops before `min_train_steps`, and without its warning that the
     best model will not be reloaded (the transfer tasks reload the best checkpoint strictly themselves).

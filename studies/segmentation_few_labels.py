@@ -100,6 +100,7 @@ def pretrain(work: Path, bccd_images: int) -> Path:
     pool = mae_pool(work / "mae_pool.npy", bccd_images)
     settings = dict(MAE, train_data=str(pool), output_dir=str(mae_dir), seed=0, report_to="none")
     settings.update(save_strategy="steps", save_steps=250, save_total_limit=1, logging_steps=50)
+    settings.update(resume_from_checkpoint="true")  # an interrupted pre-training goes on from its last checkpoint
     settings.update(dataloader_num_workers=0, disable_tqdm=True)
     pretrain_task.main(["--eval_strategy", '"no"', *as_argv(settings)])
     return mae_dir
@@ -134,7 +135,7 @@ def segment(arm: str, size: int, seed: int, mae_dir: Path | None, work: Path) ->
         output_dir=str(out),
         num_overlays=0,
     )
-    if mae_dir is not None:
+    if model == "unetr":  # the MAE's encoder: its weights (mae) or only its architecture (scratch)
         values["model_name_or_path"] = str(mae_dir)
     argv = ["--eval_strategy", '"steps"', "--save_strategy", '"steps"', "--disable_tqdm", "true", *as_argv(values)]
     start = time.perf_counter()
@@ -162,12 +163,12 @@ def finished() -> set[tuple]:
 def run(args) -> None:
     header = {"protocol": PROTOCOL, "hardware": hardware_description(), "classes": CLASSES, "runs": []}
     work = Path(args.work_dir)
-    mae_dir = pretrain(work, args.bccd_images) if "mae-unetr" in args.arms else None
+    mae_dir = pretrain(work, args.bccd_images) if {"mae-unetr", "scratch-unetr"} & set(args.arms) else None
     plan = [(a, n, s) for s in args.seeds for n in args.sizes for a in args.arms]
     for arm, size, seed in plan[::-1] if args.reverse else plan:
         if (arm, size, seed) in finished():
             continue
-        row = segment(arm, size, seed, mae_dir if arm == "mae-unetr" else None, work)
+        row = segment(arm, size, seed, mae_dir, work)
         record(RESULTS, header, row, KEY)
         print(row, flush=True)
 

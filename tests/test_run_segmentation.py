@@ -481,3 +481,51 @@ def test_no_overlays_asked_for_means_no_picture(tmp_path):
     assert not (tmp_path / "overlays.png").exists()
     write_test_report(tmp_path, [mask], [mask], images, ["bg", "cell"], num_overlays=1)
     assert (tmp_path / "overlays.png").is_file()
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_light_decoder_is_a_fraction_of_unetr_and_round_trips(tmp_path, dims):
+    from hf_medmae.segmentation import MedSegConfig, MedSegForSegmentation
+
+    vit = dict(image_size=16, patch_size=4, hidden_size=48, num_hidden_layers=2, num_attention_heads=2)
+    vit.update(intermediate_size=64, num_channels=2)
+    if dims == 3:
+        vit.update(num_frames=16, tubelet_size=4)
+    models = {
+        name: MedSegForSegmentation(MedSegConfig(vit_config=vit, num_labels=3, spatial_dims=dims, decoder=name))
+        for name in ("unetr", "light")
+    }
+    size = (2, 2, *(16,) * dims)
+    logits = models["light"](torch.randn(size)).logits
+    assert logits.shape == (2, 3, *(16,) * dims)
+    params = {k: sum(p.numel() for p in m.decoder.parameters()) for k, m in models.items()}
+    assert params["light"] < params["unetr"] / 2, params
+    models["light"].save_pretrained(tmp_path)
+    loaded = MedSegForSegmentation.from_pretrained(tmp_path)
+    assert loaded.config.decoder == "light"
+    x = torch.randn(size)
+    torch.testing.assert_close(loaded.eval()(x).logits, models["light"].eval()(x).logits)
+
+
+def test_frozen_encoder_warm_up_trains_the_decoder_first(tmp_path, wbc_dir, mae3, one_thread):
+    from safetensors.torch import load_file
+
+    encoder = {k: v for k, v in MedMAEForPreTraining.from_pretrained(mae3).vit.state_dict().items()}
+
+    def run(freeze: int, name: str) -> dict:
+        cfg = wbc_config(
+            tmp_path / f"{name}.yaml", wbc_dir, model_name_or_path=str(mae3), max_images=24, max_steps=2,
+            freeze_encoder_steps=freeze, decoder="light", eval_strategy="no", save_strategy="no",
+            output_dir=str(tmp_path / name), num_overlays=0,
+        )  # fmt: skip
+        segment.main(["--config", cfg])
+        return load_file(tmp_path / name / "model.safetensors")
+
+    frozen, warm = run(2, "frozen"), run(1, "warm")
+    for key, value in encoder.items():
+        if key.startswith("embeddings.mask_token") or f"vit.{key}" not in frozen:
+            continue
+        assert torch.equal(frozen[f"vit.{key}"], value), key  # two steps, both frozen: the MAE's weights
+    changed = [k for k in encoder if f"vit.{k}" in warm and not torch.equal(warm[f"vit.{k}"], encoder[k])]
+    assert changed  # the second step trained the encoder too
+    assert any(not torch.equal(frozen[k], warm[k]) for k in frozen if k.startswith("decoder."))

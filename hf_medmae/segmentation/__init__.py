@@ -17,7 +17,7 @@ from .configuration import (
     default_skip_layers,
     encoder_fields,
 )
-from .decoder import UnetrDecoder
+from .decoder import LightDecoder, UnetrDecoder
 from .evaluation import save_overlays, score_label_maps, write_test_report
 from .inference import (
     INFERENCE_FILE,
@@ -47,6 +47,7 @@ __all__ = [
     "MedUNetConfig",
     "MedUNetForSegmentation",
     "SegmentationLossConfig",
+    "LightDecoder",
     "UnetrDecoder",
     "build_segmenter",
     "build_unet_baseline",

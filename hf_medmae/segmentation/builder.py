@@ -107,6 +107,7 @@ def build_segmenter(
     feature_size: int = 16,
     skip_layers: list[int] | None = None,
     unet_features: Sequence[int] = (32, 32, 64, 128, 256, 32),
+    decoder: str = "unetr",
 ) -> MedSegForSegmentation | MedUNetForSegmentation:
     """The segmenter of a run: UNETR on `encoder` (its weights with init mae, its architecture with scratch), or
     the U-Net baseline, for images (`spatial_dims` 2) or volumes (3).
@@ -121,6 +122,7 @@ def build_segmenter(
         ignore_index, loss, class_weights: the loss settings (`SegmentationLossConfig`).
         feature_size, skip_layers: UNETR's decoder width and the encoder blocks it takes skips from.
         unet_features: BasicUNet's six channel counts.
+        decoder: the ViT's decoder, "unetr" or "light" (`MedSegConfig.decoder`).
 
     Example:
         >>> unet = build_segmenter("unet", "scratch", None, 1, ["bg", "cell"], unet_features=(4, 4, 8, 8, 16, 4))
@@ -137,7 +139,7 @@ def build_segmenter(
         return build_unet_baseline(
             channels, spatial_dims=spatial_dims, features=tuple(unet_features), **labels, **losses
         )
-    decoder = dict(feature_size=feature_size, skip_layers=skip_layers)
+    decoder = dict(feature_size=feature_size, skip_layers=skip_layers, decoder=decoder)
     if init == "mae":
         return MedSegForSegmentation.from_encoder(encoder, **labels, **losses, **decoder)
     config = MedSegConfig(

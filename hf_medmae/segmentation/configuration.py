@@ -17,7 +17,7 @@ from ..modeling_mae3d import MedMAE3DConfig
 from ..validation import as_pair
 
 LOSSES = ("ce", "dice_ce")
-DECODERS = ("unetr",)
+DECODERS = ("unetr", "light")
 # BasicUNet halves the resolution four times and instance-normalises the bottleneck: it needs >= 2x2 there.
 UNET_MULTIPLE = 16
 
@@ -84,8 +84,9 @@ class MedSegConfig(SegmentationLossConfig):
     Args:
         vit_config (`dict`, *optional*): the encoder, e.g. `ViTConfig(...).to_dict()` or an MAE config's
             dict (only `ViTConfig` fields are kept). Defaults to `ViTConfig()` (ViT-B/16).
-        decoder (`str`, defaults to `"unetr"`): decoder family; only `unetr` exists.
-        feature_size (`int`, defaults to 32): decoder channels at input resolution; doubled per stage.
+        decoder (`str`, defaults to `"unetr"`): `unetr` (skips from `skip_layers` and the image) or `light` (the
+            last block upsampled progressively with a few convolutions, no skips; `decoder.LightDecoder`).
+        feature_size (`int`, defaults to 32): decoder channels at input resolution; doubled per stage (unetr).
         skip_layers (`list[int]`, *optional*): 1-based encoder blocks feeding the intermediate stages,
             shallow (high resolution) to deep; length log2(patch) - 1. Default: `default_skip_layers`.
             Seed 001 used [3, 5] at patch 8 and [4] at patch 4 with 6 layers.
@@ -178,7 +179,7 @@ class MedSegConfig(SegmentationLossConfig):
         if self.decoder not in DECODERS or self.feature_size < 1:
             raise ConfigError(
                 f"decoder={self.decoder!r}, feature_size={self.feature_size} is not supported.",
-                "use decoder: unetr with a positive feature_size such as 32.",
+                f"use decoder: one of {list(DECODERS)} with a positive feature_size such as 32.",
             )
 
 

@@ -1,8 +1,10 @@
-"""The UNETR decoder, assembled from MONAI blocks for any power-of-two patch size.
+"""The segmentation decoders on a ViT encoder, assembled from MONAI blocks for any power-of-two patch size.
 
-MONAI's own `UNETR` fixes patch 16, 12 layers and skips hs[3, 6, 9]. Here: log2(patch) upsampling stages,
-one encoder skip per intermediate stage, a convolutional skip on the input image, and the final encoder
-output as the deepest feature (seed 001, section 4.2). `spatial_dims` is passed to every block.
+`UnetrDecoder`: MONAI's own `UNETR` fixes patch 16, 12 layers and skips hs[3, 6, 9]. Here: log2(patch)
+upsampling stages, one encoder skip per intermediate stage, a convolutional skip on the input image, and the final
+encoder output as the deepest feature (seed 001, section 4.2). `LightDecoder`: the last block alone, upsampled
+progressively with a few convolutions (as Primus does, Wald et al. 2025), so the encoder does the work. Both take
+`spatial_dims` as a parameter and the same inputs.
 """
 
 from __future__ import annotations
@@ -91,4 +93,46 @@ class UnetrDecoder(nn.Module):
         return self.out_block(x)
 
 
-__all__ = ["UnetrDecoder"]
+class LightDecoder(nn.Module):
+    """The final encoder output, upsampled by 2 per stage with `feature_size` channels and a residual conv block
+    after each step (MONAI's `UnetrPrUpBlock`), then a 1x1 conv to the classes; no skips. A few percent of the
+    UNETR decoder's parameters, so a pre-trained encoder is not drowned by a decoder trained from scratch.
+
+    Example:
+        >>> dec = LightDecoder(2, hidden_size=32, num_stages=2, feature_size=8, out_channels=4)
+        >>> dec(torch.randn(1, 3, 16, 16), [torch.randn(1, 32, 4, 4)], torch.randn(1, 32, 4, 4)).shape
+        torch.Size([1, 4, 16, 16])
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        hidden_size: int,
+        num_stages: int,
+        feature_size: int,
+        out_channels: int,
+        norm_name: str = "instance",
+        res_block: bool = True,
+    ):
+        super().__init__()
+        # num_layer=n upsamples by 2**(n+1): the patch size in num_stages steps, a conv block after each
+        self.up = UnetrPrUpBlock(
+            spatial_dims,
+            hidden_size,
+            feature_size,
+            num_layer=num_stages - 1,
+            kernel_size=3,
+            stride=1,
+            upsample_kernel_size=2,
+            norm_name=norm_name,
+            conv_block=True,
+            res_block=res_block,
+        )
+        self.out_block = UnetOutBlock(spatial_dims, feature_size, out_channels)
+
+    def forward(self, image: torch.Tensor, skips: list[torch.Tensor], deepest: torch.Tensor) -> torch.Tensor:
+        """As `UnetrDecoder.forward`; the image and the skips are not used."""
+        return self.out_block(self.up(deepest))
+
+
+__all__ = ["LightDecoder", "UnetrDecoder"]

@@ -18,7 +18,7 @@ from ..loading import CurrentKeyNamesMixin
 from ..modeling_mae3d import MedMAE3DModel
 from ..validation import check_pixels
 from .configuration import UNET_MULTIPLE, MedSegConfig, MedUNetConfig
-from .decoder import UnetrDecoder
+from .decoder import LightDecoder, UnetrDecoder
 from .losses import check_labels, segmentation_loss
 
 
@@ -69,7 +69,7 @@ class _SegmenterBase(CurrentKeyNamesMixin, PreTrainedModel):
 
 
 class MedSegForSegmentation(_SegmenterBase):
-    r"""ViT encoder (`self.vit`, a `transformers.ViTModel`) + UNETR decoder from MONAI blocks.
+    r"""ViT encoder (`self.vit`, a `transformers.ViTModel`) + UNETR (or light) decoder from MONAI blocks.
 
     Example:
         >>> config = MedSegConfig(num_labels=3, vit_config={"image_size": 32, "patch_size": 4, "hidden_size": 32,
@@ -87,16 +87,27 @@ class MedSegForSegmentation(_SegmenterBase):
         super().__init__(config)
         encoder = config.encoder_config
         self.vit = MedMAE3DModel(encoder) if config.spatial_dims == 3 else ViTModel(encoder, add_pooling_layer=False)
-        self.decoder = UnetrDecoder(
-            config.spatial_dims,
-            encoder.num_channels,
-            encoder.hidden_size,
-            config.num_stages,
-            config.feature_size,
-            config.num_labels,
-            config.norm_name,
-            config.res_block,
-        )
+        if config.decoder == "light":
+            self.decoder = LightDecoder(
+                config.spatial_dims,
+                encoder.hidden_size,
+                config.num_stages,
+                config.feature_size,
+                config.num_labels,
+                config.norm_name,
+                config.res_block,
+            )
+        else:
+            self.decoder = UnetrDecoder(
+                config.spatial_dims,
+                encoder.num_channels,
+                encoder.hidden_size,
+                config.num_stages,
+                config.feature_size,
+                config.num_labels,
+                config.norm_name,
+                config.res_block,
+            )
         self.post_init()
 
     def encoder_features(self, pixel_values: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:

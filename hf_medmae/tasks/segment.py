@@ -60,7 +60,7 @@ from ..segmentation import (
     training_scale,
     write_test_report,
 )
-from ..training import EpochCallback
+from ..training import EpochCallback, FrozenEncoderWarmup
 from .run import Task, TaskSetup, console, encoder_normalisation
 
 logger = logging.getLogger(__name__)
@@ -146,8 +146,22 @@ class ModelArguments:
         },
     )
     image_size: int = field(default=64, metadata={"help": "the model's input side (volumes: roi_size)"})
+    decoder: Literal["unetr", "light"] = field(
+        default="unetr",
+        metadata={
+            "help": "model unetr: unetr (skips from the encoder and the image) | light (the last block upsampled "
+            "with a few convolutions, no skips: Primus)"
+        },
+    )
     feature_size: int = 16
     skip_layers: list[int] | None = None
+    freeze_encoder_steps: int = field(
+        default=0,
+        metadata={
+            "help": "model unetr: train the decoder alone for this many steps, then everything (a frozen-encoder "
+            "warm-up, as RETFound's linear-probe warm-up)"
+        },
+    )
     loss: Literal["ce", "dice_ce"] = field(
         default="ce",
         metadata={"help": "ce (sparse labels ok) | dice_ce (masked Dice with sparse labels); volumes: dice_ce"},
@@ -261,6 +275,7 @@ class Segment(Task):
             model_args.feature_size,
             model_args.skip_layers,
             model_args.unet_features,
+            model_args.decoder,
         )
         if data.get("geometry"):
             model.config.voxel_grid = data["geometry"]["voxel_grid"]  # config.json carries the grid
@@ -281,13 +296,21 @@ class Segment(Task):
             preprocess_logits_for_metrics=segmentation_preprocess_logits,  # [N, ...] ids, not [N, K, ...] logits
             optimizer_cls_and_kwargs=optimizer_for(model, model_args, args),
         )
+        callbacks = [EpochCallback(train)] if dims == 3 else []
+        if model_args.freeze_encoder_steps:
+            if model_args.model != "unetr" or args.world_size > 1:
+                raise ConfigError(
+                    "freeze_encoder_steps needs model: unetr (a ViT encoder) and one process.",
+                    "set freeze_encoder_steps: 0 for the U-Net or for runs on several processes.",
+                )
+            callbacks.append(FrozenEncoderWarmup(model.vit, model_args.freeze_encoder_steps))
         return TaskSetup(
             model,
             train,
             val,
             data.pop("processor"),
             str(data_args.train_data),
-            [EpochCallback(train)] if dims == 3 else [],
+            callbacks,
             trainer_kwargs=trainer_kwargs,
             select_on="mean_dice",
             extras=SegmentState(
