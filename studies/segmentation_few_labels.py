@@ -10,8 +10,11 @@ ever saw, the MAE included: the MAE pre-trains on the 210 training images (no ma
 BCCD smears, never on validation or test images.
 
 Arms: `unet` (MONAI BasicUNet from scratch), `scratch-unetr` (UNETR, random ViT), `mae-unetr` (UNETR on the MAE's
-encoder, layer decay 0.75). Results merge run by run into `studies/results/segmentation_few_labels.json`
-(resumable; several processes may fill it together), and `--report` writes the table and the PNG.
+encoder, layer decay 0.75), and the levers, each one change to `mae-unetr`: `mae-light` (`decoder: light`, the
+last block upsampled with a few convolutions) and `mae-warmup` (`freeze_encoder_steps: 100`). `--pixels 0.02`
+runs the sparse variant (2% of each training mask's pixels, as seed 001). Results merge run by run into
+`studies/results/segmentation_few_labels.json` (resumable; several processes may fill it together), and
+`--report` writes the table and the PNG.
 
     OMP_NUM_THREADS=1 python studies/segmentation_few_labels.py --arms mae-unetr            # process 1
     OMP_NUM_THREADS=1 python studies/segmentation_few_labels.py --arms unet scratch-unetr   # process 2
@@ -43,7 +46,15 @@ BCCD = ROOT.parent / "shared" / "data" / "bccd" / "BCCD" / "JPEGImages"
 RESULTS = ROOT / "studies" / "results" / "segmentation_few_labels.json"
 CLASSES = ["background", "cytoplasm", "nucleus"]
 CLASS_MAP = {0: 0, 128: 1, 255: 2}
-ARMS = {"unet": ("unet", "scratch"), "scratch-unetr": ("unetr", "scratch"), "mae-unetr": ("unetr", "mae")}
+ARMS = {
+    "unet": ("unet", "scratch", {}),
+    "scratch-unetr": ("unetr", "scratch", {}),
+    "mae-unetr": ("unetr", "mae", {}),
+    # the levers, each one change to mae-unetr
+    "mae-light": ("unetr", "mae", {"decoder": "light"}),
+    "mae-warmup": ("unetr", "mae", {"freeze_encoder_steps": 100}),
+}
+PRETRAINED = [a for a, (_, init, _) in ARMS.items() if init == "mae"]
 SIZES = [1, 3, 10, 30, 210]
 PROTOCOL = "few-labels-v1: split_seed 0, 64 px, 300 steps bs 16, eval every 50, MAE 1500 steps"
 MAE = dict(
@@ -106,9 +117,9 @@ def pretrain(work: Path, bccd_images: int) -> Path:
     return mae_dir
 
 
-def segment(arm: str, size: int, seed: int, mae_dir: Path | None, work: Path) -> dict:
-    model, init = ARMS[arm]
-    out = work / f"{arm}_n{size}_seed{seed}"
+def segment(arm: str, size: int, seed: int, mae_dir: Path | None, work: Path, pixels: float = 1.0) -> dict:
+    model, init, lever = ARMS[arm]
+    out = work / f"{arm}_n{size}_seed{seed}" if pixels == 1.0 else work / f"{arm}_n{size}_px{pixels:g}_seed{seed}"
     values = dict(
         SEG,
         train_data=str(WBC),
@@ -134,6 +145,8 @@ def segment(arm: str, size: int, seed: int, mae_dir: Path | None, work: Path) ->
         dataloader_num_workers=0,
         output_dir=str(out),
         num_overlays=0,
+        label_fraction_pixels=pixels,
+        **lever,
     )
     if model == "unetr":  # the MAE's encoder: its weights (mae) or only its architecture (scratch)
         values["model_name_or_path"] = str(mae_dir)
@@ -144,6 +157,7 @@ def segment(arm: str, size: int, seed: int, mae_dir: Path | None, work: Path) ->
     return dict(
         arm=arm,
         labelled_images=size,
+        pixels=pixels,
         seed=seed,
         seconds=round(time.perf_counter() - start, 1),
         mean_dice=metrics["mean_dice"],
@@ -151,7 +165,7 @@ def segment(arm: str, size: int, seed: int, mae_dir: Path | None, work: Path) ->
     )
 
 
-KEY = lambda r: (r["arm"], r["labelled_images"], r["seed"])  # noqa: E731
+KEY = lambda r: (r["arm"], r["labelled_images"], r.get("pixels", 1.0), r["seed"])  # noqa: E731
 
 
 def finished() -> set[tuple]:
@@ -163,73 +177,81 @@ def finished() -> set[tuple]:
 def run(args) -> None:
     header = {"protocol": PROTOCOL, "hardware": hardware_description(), "classes": CLASSES, "runs": []}
     work = Path(args.work_dir)
-    mae_dir = pretrain(work, args.bccd_images) if {"mae-unetr", "scratch-unetr"} & set(args.arms) else None
+    mae_dir = pretrain(work, args.bccd_images) if any(ARMS[a][0] == "unetr" for a in args.arms) else None
     plan = [(a, n, s) for s in args.seeds for n in args.sizes for a in args.arms]
     for arm, size, seed in plan[::-1] if args.reverse else plan:
-        if (arm, size, seed) in finished():
+        if (arm, size, args.pixels, seed) in finished():
             continue
-        row = segment(arm, size, seed, mae_dir, work)
+        row = segment(arm, size, seed, mae_dir, work, args.pixels)
         record(RESULTS, header, row, KEY)
         print(row, flush=True)
 
 
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "—"
+    spread = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.3f}{spread} (n={len(values)})"
+
+
+def paired(deltas: list[float]) -> str:
+    ci = paired_ci95(deltas)
+    if not ci:
+        return "—"
+    return f"{100 * statistics.mean(deltas):+.1f} [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}] (n={len(deltas)})"
+
+
 def report() -> str:
-    """The table (mean ± std over seeds, paired differences with 95% intervals) and the PNG."""
+    """Per label variant (dense, sparse): mean ± std test Dice per arm and labelled-set size; each pre-trained arm
+    minus UNETR from scratch and minus the U-Net, in Dice points, paired by seed with 95% intervals; the PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    data = json.loads(RESULTS.read_text())
-    runs = data["runs"]
-    by = {KEY(r): r["mean_dice"] for r in runs}
-    arms = [a for a in ARMS if any(r["arm"] == a for r in runs)]
-    sizes = sorted({r["labelled_images"] for r in runs})
-    lines = ["| labelled images | " + " | ".join(arms) + " | MAE-UNETR − UNETR scratch | MAE-UNETR − U-Net |"]
-    lines.append("|---" * (len(arms) + 3) + "|")
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for arm in arms:
-        means, lows, highs, xs = [], [], [], []
+    runs = json.loads(RESULTS.read_text())["runs"]
+    dice = {KEY(r): r["mean_dice"] for r in runs}
+    variants = sorted({k[2] for k in dice}, reverse=True)
+    fig, axes = plt.subplots(1, len(variants), figsize=(6.4 * len(variants), 4.6), squeeze=False)
+    text = []
+    for ax, pixels in zip(axes[0], variants):
+        arms = [a for a in ARMS if any(k[0] == a and k[2] == pixels for k in dice)]
+        sizes = sorted({k[1] for k in dice if k[2] == pixels})
+
+        def seeds(arm: str, n: int) -> dict[int, float]:
+            return {k[3]: v for k, v in dice.items() if k[0] == arm and k[1] == n and k[2] == pixels}  # noqa: B023
+
+        name = "dense masks" if pixels == 1.0 else f"{100 * pixels:g}% of each mask's pixels"
+        text += [f"### {name}", "", "| labelled images | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
         for n in sizes:
-            values = [v for (a, m, _), v in by.items() if a == arm and m == n]
-            if values:
-                mean = statistics.mean(values)
-                half = statistics.stdev(values) if len(values) > 1 else 0.0
-                xs.append(n), means.append(mean), lows.append(mean - half), highs.append(mean + half)
-        ax.plot(xs, means, marker="o", label=f"{arm}")
-        ax.fill_between(xs, lows, highs, alpha=0.15)
-    for n in sizes:
-        cells = []
+            text.append(f"| {n} | " + " | ".join(mean_std(list(seeds(a, n).values())) for a in arms) + " |")
+        pairs = [(a, b) for a in arms if a in PRETRAINED for b in ("scratch-unetr", "unet") if b in arms]
+        text += ["", "| labelled images | " + " | ".join(f"{a} − {b}" for a, b in pairs) + " |"]
+        text.append("|---" * (len(pairs) + 1) + "|")
+        for n in sizes:
+            cells = []
+            for a, b in pairs:
+                x, y = seeds(a, n), seeds(b, n)
+                cells.append(paired([x[s] - y[s] for s in sorted(x.keys() & y.keys())]))
+            text.append(f"| {n} | " + " | ".join(cells) + " |")
+        text.append("")
         for arm in arms:
-            values = [v for (a, m, _), v in by.items() if a == arm and m == n]
-            cells.append(
-                f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f} (n={len(values)})"
-                if len(values) > 1
-                else (f"{values[0]:.3f} (n=1)" if values else "—")
-            )
-        for base in ("scratch-unetr", "unet"):
-            seeds = sorted(
-                {s for (a, m, s) in by if a == "mae-unetr" and m == n}
-                & {s for (a, m, s) in by if a == base and m == n}
-            )
-            deltas = [by[("mae-unetr", n, s)] - by[(base, n, s)] for s in seeds]
-            ci = paired_ci95(deltas)
-            cells.append(
-                f"{100 * statistics.mean(deltas):+.1f} [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}] (n={len(deltas)})"
-                if ci
-                else "—"
-            )
-        lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    ax.set_xscale("log")
-    ax.set_xticks(sizes, [str(n) for n in sizes])
-    ax.set_xlabel("labelled training images (WBC masks)")
-    ax.set_ylabel("test mean Dice (3 classes)")
-    ax.set_title("Few-label segmentation, WBC Zheng 2018: mean ± std over seeds")
-    ax.grid(alpha=0.3)
-    ax.legend()
+            points = [(n, list(seeds(arm, n).values())) for n in sizes if seeds(arm, n)]
+            xs = [n for n, _ in points]
+            means = np.array([statistics.mean(v) for _, v in points])
+            spread = np.array([statistics.stdev(v) if len(v) > 1 else 0.0 for _, v in points])
+            ax.plot(xs, means, marker="o", label=arm)
+            ax.fill_between(xs, means - spread, means + spread, alpha=0.12)
+        ax.set_xscale("log")
+        ax.set_xticks(sizes, [str(n) for n in sizes])
+        ax.set_xlabel("labelled training images")
+        ax.set_ylabel("test mean Dice (background, cytoplasm, nucleus)")
+        ax.set_title(f"WBC masks, {name}: mean ± std over seeds")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(RESULTS.with_suffix(".png"), dpi=120)
-    table = "\n".join(lines)
+    table = "\n".join(text)
     print(table)
     return table
 
@@ -239,6 +261,7 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--sizes", nargs="+", type=int, default=SIZES)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument("--pixels", type=float, default=1.0, help="share of each training mask's pixels kept")
     parser.add_argument("--bccd-images", type=int, default=100)
     parser.add_argument("--work-dir", default=str(ROOT / "outputs" / "segmentation_few_labels"))
     parser.add_argument("--reverse", action="store_true", help="take the plan from its end (a second process)")
