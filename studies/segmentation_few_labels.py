@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -117,9 +118,13 @@ def pretrain(work: Path, bccd_images: int) -> Path:
     return mae_dir
 
 
+def run_name(arm: str, size: int, seed: int, pixels: float) -> str:
+    return f"{arm}_n{size}_seed{seed}" if pixels == 1.0 else f"{arm}_n{size}_px{pixels:g}_seed{seed}"
+
+
 def segment(arm: str, size: int, seed: int, mae_dir: Path | None, work: Path, pixels: float = 1.0) -> dict:
     model, init, lever = ARMS[arm]
-    out = work / f"{arm}_n{size}_seed{seed}" if pixels == 1.0 else work / f"{arm}_n{size}_px{pixels:g}_seed{seed}"
+    out = work / run_name(arm, size, seed, pixels)
     values = dict(
         SEG,
         train_data=str(WBC),
@@ -174,13 +179,29 @@ def finished() -> set[tuple]:
     return {KEY(r) for r in data.get("runs", [])} if data.get("protocol") == PROTOCOL else set()
 
 
+def claim(out: Path) -> bool:
+    """Take run folder `out` for this process, unless a live process holds it (two processes filling one study
+    from both ends of the plan meet in the middle). A claim left by a dead process is taken over."""
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / ".claimed_by"
+    if marker.is_file():
+        try:
+            os.kill(int(marker.read_text()), 0)
+            return int(marker.read_text()) == os.getpid()
+        except (ProcessLookupError, ValueError):
+            pass
+    marker.write_text(str(os.getpid()))
+    return True
+
+
 def run(args) -> None:
     header = {"protocol": PROTOCOL, "hardware": hardware_description(), "classes": CLASSES, "runs": []}
     work = Path(args.work_dir)
     mae_dir = pretrain(work, args.bccd_images) if any(ARMS[a][0] == "unetr" for a in args.arms) else None
     plan = [(a, n, s) for s in args.seeds for n in args.sizes for a in args.arms]
     for arm, size, seed in plan[::-1] if args.reverse else plan:
-        if (arm, size, args.pixels, seed) in finished():
+        folder = work / run_name(arm, size, seed, args.pixels)
+        if (arm, size, args.pixels, seed) in finished() or not claim(folder):
             continue
         row = segment(arm, size, seed, mae_dir, work, args.pixels)
         record(RESULTS, header, row, KEY)
