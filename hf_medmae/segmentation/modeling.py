@@ -87,27 +87,11 @@ class MedSegForSegmentation(_SegmenterBase):
         super().__init__(config)
         encoder = config.encoder_config
         self.vit = MedMAE3DModel(encoder) if config.spatial_dims == 3 else ViTModel(encoder, add_pooling_layer=False)
+        head = (config.num_stages, config.feature_size, config.num_labels, config.norm_name, config.res_block)
         if config.decoder == "light":
-            self.decoder = LightDecoder(
-                config.spatial_dims,
-                encoder.hidden_size,
-                config.num_stages,
-                config.feature_size,
-                config.num_labels,
-                config.norm_name,
-                config.res_block,
-            )
+            self.decoder = LightDecoder(config.spatial_dims, encoder.hidden_size, *head)
         else:
-            self.decoder = UnetrDecoder(
-                config.spatial_dims,
-                encoder.num_channels,
-                encoder.hidden_size,
-                config.num_stages,
-                config.feature_size,
-                config.num_labels,
-                config.norm_name,
-                config.res_block,
-            )
+            self.decoder = UnetrDecoder(config.spatial_dims, encoder.num_channels, encoder.hidden_size, *head)
         self.post_init()
 
     def encoder_features(self, pixel_values: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
