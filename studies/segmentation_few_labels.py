@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from segmentation_study import FULL
 
 from hf_medmae.data.segmentation import load_labelled
 from hf_medmae.data.splits import split_three
@@ -58,29 +59,7 @@ ARMS = {
 PRETRAINED = [a for a, (_, init, _) in ARMS.items() if init == "mae"]
 SIZES = [1, 3, 10, 30, 210]
 PROTOCOL = "few-labels-v1: split_seed 0, 64 px, 300 steps bs 16, eval every 50, MAE 1500 steps"
-MAE = dict(
-    image_size=64,
-    patch_size=8,
-    hidden_size=192,
-    num_hidden_layers=6,
-    num_attention_heads=6,
-    intermediate_size=768,
-    decoder_hidden_size=128,
-    decoder_num_hidden_layers=2,
-    decoder_num_attention_heads=4,
-    decoder_intermediate_size=512,
-    mask_ratio=0.5,
-    crop_scale=[0.4, 1.0],
-    rot90=True,
-    max_steps=1500,
-    per_device_train_batch_size=64,
-    learning_rate=1.5e-3,
-    adam_beta2=0.95,
-    weight_decay=0.05,
-    lr_scheduler_type="cosine",
-    warmup_steps=0.05,
-    validation_fraction=0.05,
-)
+MAE = dict(FULL["mae"], max_steps=1500)  # the earlier WBC segmentation study's MAE, 1,500 steps
 SEG = dict(image_size=64, feature_size=16, max_steps=300, eval_steps=50, per_device_train_batch_size=16)
 
 
