@@ -77,6 +77,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "e.g. '_800' with --seg-extra '--max_steps 800' and its own --output)",
     )
     p.add_argument("--output", default=str(ROOT / "studies" / "results" / "study_3d.json"))
+    p.add_argument(
+        "--train-volumes",
+        type=int,
+        default=None,
+        help="label only this many of the seed's training quadrants (the few-label curve; the MAE still "
+        "pre-trains on all of them, unlabelled); default: all",
+    )
     p.add_argument("--report", action="store_true", help="only summarise the JSON")
     p.add_argument(
         "--compare",
@@ -142,11 +149,13 @@ def mae_steps(args) -> int:
 
 
 def run_arm(args, arm: str, labels: str, seed: int, work: Path) -> dict:
-    out = work / f"{arm}_{labels}_s{seed}{args.run_suffix}"
+    few = [] if args.train_volumes is None else ["--train_volumes", str(args.train_volumes)]
+    out = work / f"{arm}_{labels}_s{seed}{args.run_suffix}{'' if not few else f'_v{args.train_volumes}'}"
     if arm == "unet":
         flags = ["--model", "unet", "--init", "scratch"]
-    else:  # the scratch UNETR takes the architecture (not the weights) of the 0.75 MAE
-        ratio = float(arm[3:]) if arm.startswith("mae") else 0.75
+    else:  # the scratch UNETR takes the architecture (not the weights) of the seed's MAE; every ratio shares it
+        made = [r for r in RATIOS if (work / f"mae_r{r}_s{seed}" / "model.safetensors").is_file()]
+        ratio = float(arm[3:]) if arm.startswith("mae") else (0.75 if 0.75 in made or not made else made[0])
         flags = [
             "--init",
             "mae" if arm.startswith("mae") else "scratch",
@@ -167,12 +176,13 @@ def run_arm(args, arm: str, labels: str, seed: int, work: Path) -> dict:
             "--disable_tqdm",
             "true",
             *flags,
+            *few,
             *args.seg_extra,
         ]
     )
     report = json.loads((out / "test_metrics.json").read_text())
     train, val, test = seed_split(seed)
-    assert report["test_volumes"] == test and metrics["train_volumes"] == train, (
+    assert report["test_volumes"] == test and set(metrics["train_volumes"]) <= set(train), (
         "the segmenter's split differs from the MAE's"
     )
     return dict(
@@ -183,6 +193,7 @@ def run_arm(args, arm: str, labels: str, seed: int, work: Path) -> dict:
         dice_nucleus=report["dice_per_class"]["nucleus"],
         hd95_nucleus=report["hd95_per_class"]["nucleus"],
         test_volume=test[0],
+        train_volumes=len(metrics["train_volumes"]),
         steps=metrics.get("global_step"),
         best_checkpoint=Path(metrics.get("best_checkpoint") or "").name,
         minutes=round((time.time() - start) / 60, 2),

@@ -825,6 +825,21 @@ def test_segment_3d_sparse_labels_with_dice_ce(mae_run, tmp_path, one_thread):
     assert test["n_ignored"] == 0  # only training labels are thinned; the test volume is scored densely
 
 
+def test_segment_3d_train_volumes_labels_a_nested_seeded_subset(tmp_path, one_thread):
+    """A 3D few-label curve: train_volumes 1 labels one of the seed's training volumes, the same one whatever the
+    run, and a count above the split is named."""
+    unet = ["--model", "unet", "--init", "scratch", "--unet_features", "4", "4", "8", "8", "16", "4"]
+    names = []
+    for run in ("a", "b"):
+        metrics = segment.main([*SEG_ARGS, *unet, "--train_volumes", "1", "--output_dir", str(tmp_path / run)])
+        names.append(metrics["train_volumes"])
+    full = segment.main([*SEG_ARGS, *unet, "--max_steps", "1", "--output_dir", str(tmp_path / "all")])
+    assert len(names[0]) == 1 and names[0] == names[1] and set(names[0]) < set(full["train_volumes"])
+    with pytest.raises(ConfigError, match="train_volumes=3, but the training split holds 2 volumes") as err:
+        segment.main([*SEG_ARGS, *unet, "--train_volumes", "3", "--output_dir", str(tmp_path / "bad")])
+    assert "use 1 to 2" in err.value.fix
+
+
 # --- 8. a 2D-only key in a 3D run ------------------------------------------------------------------------------------
 
 

@@ -101,17 +101,20 @@ def split_three(
     return split_counts(n, n_val, n_test, seed)
 
 
-def subsample(indices: np.ndarray, fraction: float, seed: int, count: int | None = None) -> np.ndarray:
+def subsample(
+    indices: np.ndarray, fraction: float, seed: int, count: int | None = None, what: str = "images"
+) -> np.ndarray:
     """A seeded `fraction` (at least one) of `indices`, or `count` of them, sorted: the `train_fraction` (or
-    `train_images`) over images. One seed draws one order, so smaller sets lie inside larger ones (nested curves)."""
+    `train_images`) over images, `train_volumes` over volumes. One seed draws one order, so smaller sets lie inside
+    larger ones (nested curves)."""
     if not 0.0 < fraction <= 1.0:
         raise ConfigError(
             f"train_fraction={fraction} is outside (0, 1].", "use e.g. 0.1 for 10% of the training images."
         )
     if count is not None and not 1 <= count <= len(indices):
         raise ConfigError(
-            f"train_images={count}, but the training split holds {len(indices)} images.",
-            f"use 1 to {len(indices)}, or leave train_images unset for all of them.",
+            f"train_{what}={count}, but the training split holds {len(indices)} {what}.",
+            f"use 1 to {len(indices)}, or leave train_{what} unset for all of them.",
         )
     count = count if count is not None else max(1, round(fraction * len(indices)))
     return np.sort(np.random.default_rng([seed, 1]).permutation(indices)[:count])

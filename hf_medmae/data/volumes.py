@@ -590,6 +590,13 @@ class VolumeDataArguments:
     label_fraction_voxels: float = field(
         default=1.0, metadata={"help": "seeded share of labelled voxels kept per training volume (sparse labels)"}
     )
+    train_volumes: int | None = field(
+        default=None,
+        metadata={
+            "help": "seeded number of labelled training volumes used (few-label curves); one seed's smaller sets "
+            "lie inside its larger ones"
+        },
+    )
     predict_volumes: list[str] | None = field(
         default=None,
         metadata={

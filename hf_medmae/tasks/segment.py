@@ -17,6 +17,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 from transformers import ViTImageProcessorPil
 
 from ..arguments import MedTrainingArguments
@@ -30,6 +31,7 @@ from ..data.segmentation import (
     sparsify,
     split_pairs,
 )
+from ..data.splits import subsample
 from ..data.transforms import PairAugment, image_processor
 from ..data.volumes import (
     VolumeDataArguments,
@@ -392,7 +394,8 @@ class Segment(Task):
                 "3D segmentation selects on validation volumes and scores on test volumes.",
                 "set validation_volumes and test_volumes to at least 1.",
             )
-        train, val, test = data.subset(train_idx), data.subset(val_idx), data.subset(test_idx)
+        train_idx = subsample(np.asarray(train_idx), 1.0, args.seed, data_args.train_volumes, "volumes")
+        train, val, test = data.subset(train_idx.tolist()), data.subset(val_idx), data.subset(test_idx)
         train.labels = sparsify(train.labels, data_args.label_fraction_voxels, data_args.ignore_index, args.seed)
         roi, ignore = tuple(data_args.roi_size), data_args.ignore_index
         (train, val, test), normalisation = normalise_volumes(data_args, train, val, test, ignore_index=ignore)
