@@ -10,11 +10,13 @@ ever saw, the MAE included: the MAE pre-trains on the 210 training images (no ma
 BCCD smears, never on validation or test images.
 
 Arms: `unet` (MONAI BasicUNet from scratch), `scratch-unetr` (UNETR, random ViT), `mae-unetr` (UNETR on the MAE's
-encoder, layer decay 0.75), and the levers, each one change to `mae-unetr`: `mae-light` (`decoder: light`, the
-last block upsampled with a few convolutions) and `mae-warmup` (`freeze_encoder_steps: 100`). `--pixels 0.02`
-runs the sparse variant (2% of each training mask's pixels, as seed 001). Results merge run by run into
-`studies/results/segmentation_few_labels.json` (resumable; several processes may fill it together), and
-`--report` writes the table and the PNG.
+encoder, layer decay 0.75), and the levers, each one change to `mae-unetr`. Of the fine-tuning: `mae-light`
+(`decoder: light`, the last block upsampled with a few convolutions), `mae-warmup` (`freeze_encoder_steps: 100`),
+`mae-nodecay` (`layer_decay: 1.0`). Of the MAE (each its own pre-training, `MAES`): `mae-p4` (4 px patches, 256
+tokens instead of 64), `mae-r0.125` and `mae-r0.75` (mask ratio 12.5% / 75% instead of 50%), `mae-wbconly` (the
+210 WBC training images without the BCCD tiles). `--pixels 0.02` runs the sparse variant (2% of each training
+mask's pixels, as seed 001). Results merge run by run into `studies/results/segmentation_few_labels.json`
+(resumable; several processes may fill it together), and `--report` writes the table and the PNG.
 
     OMP_NUM_THREADS=1 python studies/segmentation_few_labels.py --arms mae-unetr            # process 1
     OMP_NUM_THREADS=1 python studies/segmentation_few_labels.py --arms unet scratch-unetr   # process 2
@@ -52,14 +54,28 @@ ARMS = {
     "unet": ("unet", "scratch", {}),
     "scratch-unetr": ("unetr", "scratch", {}),
     "mae-unetr": ("unetr", "mae", {}),
-    # the levers, each one change to mae-unetr
+    # the levers, each one change to mae-unetr: of the fine-tuning ...
     "mae-light": ("unetr", "mae", {"decoder": "light"}),
     "mae-warmup": ("unetr", "mae", {"freeze_encoder_steps": 100}),
+    "mae-nodecay": ("unetr", "mae", {"layer_decay": 1.0}),
+    # ... or of the MAE (MAES): smaller tokens, other mask ratios, a pool without the BCCD tiles
+    "mae-p4": ("unetr", "mae", {"mae": "p4"}),
+    "mae-r0.125": ("unetr", "mae", {"mae": "r0.125"}),
+    "mae-r0.75": ("unetr", "mae", {"mae": "r0.75"}),
+    "mae-wbconly": ("unetr", "mae", {"mae": "wbconly"}),
 }
 PRETRAINED = [a for a, (_, init, _) in ARMS.items() if init == "mae"]
 SIZES = [1, 3, 10, 30, 210]
 PROTOCOL = "few-labels-v1: split_seed 0, 64 px, 300 steps bs 16, eval every 50, MAE 1500 steps"
 MAE = dict(FULL["mae"], max_steps=1500)  # the earlier WBC segmentation study's MAE, 1,500 steps
+# MAE variants (one change each to MAE) and the BCCD smears in their pool (0: the WBC training images only)
+MAES = {
+    "mae": ({}, None),
+    "p4": ({"patch_size": 4}, None),
+    "r0.125": ({"mask_ratio": 0.125}, None),
+    "r0.75": ({"mask_ratio": 0.75}, None),
+    "wbconly": ({}, 0),
+}
 SEG = dict(image_size=64, feature_size=16, max_steps=300, eval_steps=50, per_device_train_batch_size=16)
 
 
@@ -84,12 +100,16 @@ def mae_pool(path: Path, bccd_images: int) -> Path:
     return path
 
 
-def pretrain(work: Path, bccd_images: int) -> Path:
-    mae_dir = work / "mae"
+def pretrain(work: Path, bccd_images: int, variant: str = "mae") -> Path:
+    """The study's MAE (`variant` of MAES), pre-trained once and reused by every run."""
+    mae_dir = work / variant
     if (mae_dir / "model.safetensors").is_file():
         return mae_dir
-    pool = mae_pool(work / "mae_pool.npy", bccd_images)
-    settings = dict(MAE, train_data=str(pool), output_dir=str(mae_dir), seed=0, report_to="none")
+    changes, bccd = MAES[variant]
+    bccd = bccd_images if bccd is None else bccd
+    pool = work / ("mae_pool.npy" if bccd == bccd_images else f"mae_pool_bccd{bccd}.npy")
+    pool = pool if pool.is_file() else mae_pool(pool, bccd)
+    settings = dict(MAE, **changes, train_data=str(pool), output_dir=str(mae_dir), seed=0, report_to="none")
     settings.update(save_strategy="steps", save_steps=250, save_total_limit=1, logging_steps=50)
     settings.update(resume_from_checkpoint="true")  # an interrupted pre-training goes on from its last checkpoint
     settings.update(dataloader_num_workers=0, disable_tqdm=True)
@@ -103,6 +123,7 @@ def run_name(arm: str, size: int, seed: int, pixels: float) -> str:
 
 def segment(arm: str, size: int, seed: int, mae_dir: Path | None, work: Path, pixels: float = 1.0) -> dict:
     model, init, lever = ARMS[arm]
+    lever = {k: v for k, v in lever.items() if k != "mae"}
     out = work / run_name(arm, size, seed, pixels)
     values = dict(
         SEG,
@@ -130,8 +151,8 @@ def segment(arm: str, size: int, seed: int, mae_dir: Path | None, work: Path, pi
         output_dir=str(out),
         num_overlays=0,
         label_fraction_pixels=pixels,
-        **lever,
     )
+    values.update(lever)  # a lever may override a value above (layer_decay)
     if model == "unetr":  # the MAE's encoder: its weights (mae) or only its architecture (scratch)
         values["model_name_or_path"] = str(mae_dir)
     argv = ["--eval_strategy", '"steps"', "--save_strategy", '"steps"', "--disable_tqdm", "true", *as_argv(values)]
@@ -176,13 +197,14 @@ def claim(out: Path) -> bool:
 def run(args) -> None:
     header = {"protocol": PROTOCOL, "hardware": hardware_description(), "classes": CLASSES, "runs": []}
     work = Path(args.work_dir)
-    mae_dir = pretrain(work, args.bccd_images) if any(ARMS[a][0] == "unetr" for a in args.arms) else None
+    unetr = [a for a in args.arms if ARMS[a][0] == "unetr"]
+    maes = {a: pretrain(work, args.bccd_images, ARMS[a][2].get("mae", "mae")) for a in unetr}
     plan = [(a, n, s) for s in args.seeds for n in args.sizes for a in args.arms]
     for arm, size, seed in plan[::-1] if args.reverse else plan:
         folder = work / run_name(arm, size, seed, args.pixels)
         if (arm, size, args.pixels, seed) in finished() or not claim(folder):
             continue
-        row = segment(arm, size, seed, mae_dir, work, args.pixels)
+        row = segment(arm, size, seed, maes.get(arm), work, args.pixels)
         record(RESULTS, header, row, KEY)
         print(row, flush=True)
 
@@ -202,31 +224,57 @@ def paired(deltas: list[float]) -> str:
 
 
 def report() -> str:
+    """The tables and the PNG of the WBC curve (`curve_report`)."""
+    dice = {KEY(r): r["mean_dice"] for r in json.loads(RESULTS.read_text())["runs"]}
+    return curve_report(
+        dice,
+        list(ARMS),
+        PRETRAINED,
+        RESULTS.with_suffix(".png"),
+        items="images",
+        ylabel="test mean Dice (background, cytoplasm, nucleus)",
+        title="WBC masks",
+    )
+
+
+def curve_report(
+    dice: dict[tuple, float],
+    arms: list[str],
+    pretrained: list[str],
+    png: Path,
+    items: str,
+    ylabel: str,
+    title: str,
+    baselines: tuple[str, ...] = ("scratch-unetr", "unet"),
+    unit: str = "pixels",
+) -> str:
     """Per label variant (dense, sparse): mean ± std test Dice per arm and labelled-set size; each pre-trained arm
-    minus UNETR from scratch and minus the U-Net, in Dice points, paired by seed with 95% intervals; the PNG."""
+    minus each baseline arm, in Dice points, paired by seed with 95% intervals; one curve per arm in `png`.
+
+    `dice` maps (arm, labelled items, kept share of each mask, seed) to the test Dice; the 2D and 3D few-label
+    studies both report through here."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = json.loads(RESULTS.read_text())["runs"]
-    dice = {KEY(r): r["mean_dice"] for r in runs}
     variants = sorted({k[2] for k in dice}, reverse=True)
     fig, axes = plt.subplots(1, len(variants), figsize=(6.4 * len(variants), 4.6), squeeze=False)
     text = []
-    for ax, pixels in zip(axes[0], variants):
-        arms = [a for a in ARMS if any(k[0] == a and k[2] == pixels for k in dice)]
-        sizes = sorted({k[1] for k in dice if k[2] == pixels})
+    for ax, share in zip(axes[0], variants):
+        present = [a for a in arms if any(k[0] == a and k[2] == share for k in dice)]
+        sizes = sorted({k[1] for k in dice if k[2] == share})
 
         def seeds(arm: str, n: int) -> dict[int, float]:
-            return {k[3]: v for k, v in dice.items() if k[0] == arm and k[1] == n and k[2] == pixels}  # noqa: B023
+            return {k[3]: v for k, v in dice.items() if k[0] == arm and k[1] == n and k[2] == share}  # noqa: B023
 
-        name = "dense masks" if pixels == 1.0 else f"{100 * pixels:g}% of each mask's pixels"
-        text += [f"### {name}", "", "| labelled images | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
+        name = "dense masks" if share == 1.0 else f"{100 * share:g}% of each mask's {unit}"
+        text += [f"### {name}", "", f"| labelled {items} | " + " | ".join(present) + " |"]
+        text.append("|---" * (len(present) + 1) + "|")
         for n in sizes:
-            text.append(f"| {n} | " + " | ".join(mean_std(list(seeds(a, n).values())) for a in arms) + " |")
-        pairs = [(a, b) for a in arms if a in PRETRAINED for b in ("scratch-unetr", "unet") if b in arms]
-        text += ["", "| labelled images | " + " | ".join(f"{a} − {b}" for a, b in pairs) + " |"]
+            text.append(f"| {n} | " + " | ".join(mean_std(list(seeds(a, n).values())) for a in present) + " |")
+        pairs = [(a, b) for a in present if a in pretrained for b in baselines if b in present]
+        text += ["", f"| labelled {items} | " + " | ".join(f"{a} − {b}" for a, b in pairs) + " |"]
         text.append("|---" * (len(pairs) + 1) + "|")
         for n in sizes:
             cells = []
@@ -235,7 +283,7 @@ def report() -> str:
                 cells.append(paired([x[s] - y[s] for s in sorted(x.keys() & y.keys())]))
             text.append(f"| {n} | " + " | ".join(cells) + " |")
         text.append("")
-        for arm in arms:
+        for arm in present:
             points = [(n, list(seeds(arm, n).values())) for n in sizes if seeds(arm, n)]
             xs = [n for n, _ in points]
             means = np.array([statistics.mean(v) for _, v in points])
@@ -244,13 +292,15 @@ def report() -> str:
             ax.fill_between(xs, means - spread, means + spread, alpha=0.12)
         ax.set_xscale("log")
         ax.set_xticks(sizes, [str(n) for n in sizes])
-        ax.set_xlabel("labelled training images")
-        ax.set_ylabel("test mean Dice (background, cytoplasm, nucleus)")
-        ax.set_title(f"WBC masks, {name}: mean ± std over seeds")
+        ax.minorticks_off()
+        ax.set_xlabel(f"labelled training {items}")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{title}, {name}: mean ± std over seeds")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS.with_suffix(".png"), dpi=120)
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
     table = "\n".join(text)
     print(table)
     return table

@@ -78,6 +78,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--output", default=str(ROOT / "studies" / "results" / "study_3d.json"))
     p.add_argument(
+        "--curve",
+        nargs="+",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="only report the few-label curve over these result files (e.g. study_3d.json, all training quadrants "
+        "labelled, and study_3d_few_labels.json, one): nucleus Dice per arm and labelled quadrants, paired "
+        "differences to scratch and the U-Net, and study_3d_few_labels.png",
+    )
+    p.add_argument(
         "--train-volumes",
         type=int,
         default=None,
@@ -357,10 +367,34 @@ def compare(paths: list[Path], arms: list[str]) -> str:
     return "\n".join(lines)
 
 
+def curve(paths: list[Path]) -> str:
+    """The 3D few-label curve: the runs of `paths` keyed by labelled quadrants (runs before `train_volumes` was
+    recorded labelled all their training quadrants), the arms run at every size, through the 2D study's report."""
+    from segmentation_few_labels import curve_report
+
+    runs = [r for path in paths for r in json.loads(path.read_text())["runs"]]
+    dice = {(r["arm"], r.get("train_volumes", 2), LABELS[r["labels"]], r["seed"]): r["dice_nucleus"] for r in runs}
+    sizes = {k[1] for k in dice}
+    arms = [a for a in ARMS if all(any(k[0] == a and k[1] == n for k in dice) for n in sizes)]
+    return curve_report(
+        {k: v for k, v in dice.items() if k[0] in arms},
+        arms,
+        [a for a in arms if a.startswith("mae")],
+        paths[-1].with_name("study_3d_few_labels.png"),
+        items="quadrants",
+        ylabel="test nucleus Dice (whole quadrant)",
+        title="3D nuclei",
+        baselines=("scratch", "unet"),
+        unit="voxels",
+    )
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.compare:
         return print(compare(args.compare, args.arms))
+    if args.curve:
+        return curve(args.curve)
     output, work = Path(args.output), Path(args.work_dir)
     results = json.loads(output.read_text()) if output.is_file() else {}
     if not results:
