@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, TypeVar
 
+import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedModel, Trainer, ViTImageProcessorPil, default_data_collator, set_seed
 
@@ -311,6 +312,10 @@ def console(task: Task) -> None:
             file=sys.stderr,
         )
         raise SystemExit(2) from None
+    finally:
+        # a process group left to interpreter teardown can abort a rank on exit (gloo's threads still running)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     print(json.dumps(metrics, indent=2, default=str))
     if getattr(task, "output_dir", None) and int(os.environ.get("RANK", "0")) == 0:
         print("\n" + task.summary(metrics, task.output_dir))
