@@ -14,8 +14,9 @@ encoder, layer decay 0.75), and the levers, each one change to `mae-unetr`. Of t
 (`decoder: light`, the last block upsampled with a few convolutions), `mae-warmup` (`freeze_encoder_steps: 100`),
 `mae-nodecay` (`layer_decay: 1.0`). Of the MAE (each its own pre-training, `MAES`): `mae-p4` (4 px patches, 256
 tokens instead of 64), `mae-r0.125` and `mae-r0.75` (mask ratio 12.5% / 75% instead of 50%), `mae-wbconly` (the
-210 WBC training images without the BCCD tiles). `--pixels 0.02` runs the sparse variant (2% of each training
-mask's pixels, as seed 001). Results merge run by run into `studies/results/segmentation_few_labels.json`
+210 WBC training images without the BCCD tiles); `scratch-p4` is `mae-p4`'s UNETR from random weights.
+`--pixels 0.02` runs the sparse variant (2% of each training mask's pixels, as seed 001). Results merge run by run
+into `studies/results/segmentation_few_labels.json`
 (resumable; several processes may fill it together), and `--report` writes the table and the PNG.
 
     OMP_NUM_THREADS=1 python studies/segmentation_few_labels.py --arms mae-unetr            # process 1
@@ -63,6 +64,7 @@ ARMS = {
     "mae-r0.125": ("unetr", "mae", {"mae": "r0.125"}),
     "mae-r0.75": ("unetr", "mae", {"mae": "r0.75"}),
     "mae-wbconly": ("unetr", "mae", {"mae": "wbconly"}),
+    "scratch-p4": ("unetr", "scratch", {"mae": "p4"}),  # mae-p4's architecture from random weights
 }
 PRETRAINED = [a for a, (_, init, _) in ARMS.items() if init == "mae"]
 SIZES = [1, 3, 10, 30, 210]

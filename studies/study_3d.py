@@ -24,6 +24,14 @@ finishes and skipped when present:
     python studies/study_3d.py --arms mae0.75 --labels dense --seeds 0 1 2 --mae-extra "--max_steps 6000" \
         --work-dir outputs/study_3d_mae6000 --output studies/results/study_3d_mae6000.json   # and 6,000
 
+The few-label curve (issue 36): each seed labels only one of its two training quadrants (`--train-volumes 1`;
+the MAE still pre-trains on both, without labels), and `--curve` reports Dice against labelled quadrants with the
+paired differences to scratch and the U-Net, and `study_3d_few_labels.png`:
+
+    python studies/study_3d.py --train-volumes 1 --arms mae0.5 scratch unet --work-dir outputs/study_3d \
+        --output studies/results/study_3d_few_labels.json
+    python studies/study_3d.py --curve studies/results/study_3d.json studies/results/study_3d_few_labels.json
+
 Earlier versions: `study_3d_200steps.json` (segmenters trained 200 steps, too few) and `study_3d_mae1000steps.json`
 (MAEs pre-trained 1,000 steps: the 75% ones had not left the loss plateau and reconstructed flat grey). A reused
 MAE folder must hold an MAE of the length asked for, or the study stops and says so.
@@ -167,6 +175,8 @@ def run_arm(args, arm: str, labels: str, seed: int, work: Path) -> dict:
         made = [r for r in RATIOS if (work / f"mae_r{r}_s{seed}" / "model.safetensors").is_file()]
         ratio = float(arm[3:]) if arm.startswith("mae") else (0.75 if 0.75 in made or not made else made[0])
         flags = [
+            "--model",
+            "unetr",
             "--init",
             "mae" if arm.startswith("mae") else "scratch",
             "--model_name_or_path",

@@ -636,6 +636,10 @@ MAE_ARGS = [
 SEG_ARGS = [
     "--config",
     str(ROOT / "configs" / "nuclei3d_segmentation.yaml"),
+    "--model",
+    "unetr",
+    "--init",
+    "mae",
     "--roi_size",
     "16",
     "32",

@@ -341,6 +341,23 @@ CASES = {
         DataError,
         "16-channel images but .* has 3 channels",
     ),
+    "seg-unet-given-a-checkpoint": Case(
+        "seg",
+        seg(
+            lambda t, r: [
+                "--model",
+                "unet",
+                "--init",
+                "scratch",
+                "--train_data",
+                str(seg_pairs(t / "pairs")),
+                "--model_name_or_path",
+                str(mae_checkpoint(t / "ck3", 3)),
+            ]
+        ),
+        ConfigError,
+        "model unet takes no checkpoint",
+    ),
     "seg-output-dir-not-writable": Case(
         "seg",
         seg(lambda t, r: ["--model", "unet", "--init", "scratch", "--output_dir", str(blocked_dir(t))]),

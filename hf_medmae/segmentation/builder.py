@@ -31,7 +31,8 @@ def check_segmenter_choice(model: str, init: str, model_name_or_path: str | None
         input_size: (H, W) for images, (D, H, W) for volume crops.
 
     Raises:
-        ConfigError: UNETR without a checkpoint, a U-Net with init mae, or a U-Net input not a multiple of 16.
+        ConfigError: UNETR without a checkpoint, a U-Net with init mae or a checkpoint, or a U-Net input not a
+            multiple of 16.
 
     Example:
         >>> check_segmenter_choice("unet", "scratch", None, (64, 64))
@@ -48,6 +49,11 @@ def check_segmenter_choice(model: str, init: str, model_name_or_path: str | None
     if model == "unet" and init == "mae":
         raise ConfigError(
             "the U-Net baseline has no ViT encoder to take MAE weights.", "use init: scratch with model: unet."
+        )
+    if model == "unet" and model_name_or_path:  # else an MAE passed to a U-Net config would be silently unused
+        raise ConfigError(
+            f"model unet takes no checkpoint, but model_name_or_path={model_name_or_path!r} is set.",
+            "to fine-tune that MAE add --model unetr --init mae; for the U-Net drop model_name_or_path.",
         )
     if model == "unet" and any(s % UNET_MULTIPLE for s in input_size):
         good = [max(UNET_MULTIPLE, s // UNET_MULTIPLE * UNET_MULTIPLE) for s in input_size]

@@ -421,10 +421,11 @@ class Pretrain(Task):
         """The fine-tuning that fits the run's data: segmentation for volumes, classification for a pool with
         labels_csv, segmentation for the embedded nuclei, and a template of either for other images."""
         tail = f"--model_name_or_path {output_dir}"
+        unetr = f"--model unetr --init mae {tail}"  # some segmentation configs default to the U-Net
         if isinstance(data, VolumeDataArguments):
             name = "mni152" if "mni152" in data.train_data else "nuclei3d"
             more = "" if data.train_data.startswith("embedded:") else " --train_data <your labelled volumes>"
-            return [f"  python run_segmentation.py --config configs/{name}_segmentation.yaml{more} {tail}"]
+            return [f"  python run_segmentation.py --config configs/{name}_segmentation.yaml{more} {unetr}"]
         if data is not None and data.labels_csv:
             return [
                 f"  python run_classification.py --config configs/wbc_classification.yaml --data_dir "
@@ -432,12 +433,12 @@ class Pretrain(Task):
                 "  (set id_column, label_column and filename_template for your CSV as in that config)",
             ]
         if data is None or data.train_data == "embedded:nuclei16":
-            return [f"  python run_segmentation.py --config configs/nuclei_segmentation.yaml {tail}"]
+            return [f"  python run_segmentation.py --config configs/nuclei_segmentation.yaml {unetr}"]
         return [
             f"  python run_classification.py --config configs/wbc_classification.yaml --data_dir <labelled images> "
             f"--labels_csv <their labels> {tail}",
             f"  or: python run_segmentation.py --config configs/wbc_segmentation.yaml --train_data <images with "
-            f"masks> {tail}",
+            f"masks> {unetr}",
         ]
 
     def weights_from(self, model_args) -> str | None:

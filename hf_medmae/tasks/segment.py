@@ -3,7 +3,8 @@ volumes with `spatial_dims: 3` (`run_segmentation.py`, `medmae-segment`).
 
     medmae-segment --config configs/wbc_segmentation.yaml
     medmae-segment --config configs/nuclei_segmentation.yaml --init scratch --output_dir outputs/nuclei-scratch
-    medmae-segment --config configs/nuclei3d_segmentation.yaml --model_name_or_path outputs/nuclei3d_mae
+    medmae-segment --config configs/nuclei3d_segmentation.yaml --model unetr --init mae \
+        --model_name_or_path outputs/nuclei3d_mae
     medmae-segment --predict_only --model_name_or_path outputs/wbc-seg --predict_images big_images/ \
         --output_dir outputs/wbc-seg-predictions
 
