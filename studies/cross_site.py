@@ -39,7 +39,7 @@ from hf_medmae.data.classification import load_labelled
 from hf_medmae.data.io import read_image
 from hf_medmae.data.splits import stratified_split
 from hf_medmae.data.transforms import resize
-from hf_medmae.evaluation.results import paired_ci95, record, write_json
+from hf_medmae.evaluation.results import locked, paired_ci95, record, write_json
 from hf_medmae.tasks import classify, pretrain
 from hf_medmae.training import hardware_description
 
@@ -308,9 +308,10 @@ def plot(table: list[dict], path: Path) -> None:
 
 
 def report(output: Path) -> None:
-    results = json.loads(output.read_text())
-    results["summary"] = summarise(results["runs"])
-    write_json(output, results)
+    with locked(output):  # a run another process records meanwhile is kept
+        results = json.loads(output.read_text())
+        results["summary"] = summarise(results["runs"])
+        write_json(output, results)
     plot(results["summary"], output.with_suffix(".png"))
     print(format_table(results["summary"]))
     print(f"protocol {results['protocol']}; hardware: {results['hardware']}; {len(results['runs'])} runs; {output}")

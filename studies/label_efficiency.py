@@ -41,7 +41,7 @@ from mae_recipe import BASE, RECIPES, bccd_cells, pretrain
 from hf_medmae.data.classification import load_labelled
 from hf_medmae.data.splits import stratified_split
 from hf_medmae.data.transforms import resize
-from hf_medmae.evaluation.results import record, write_json
+from hf_medmae.evaluation.results import locked, record, write_json
 from hf_medmae.plots import plot_label_efficiency
 from hf_medmae.tasks import classify
 from hf_medmae.training import hardware_description
@@ -274,11 +274,12 @@ def format_table(table: list[dict], results: dict) -> str:
 
 
 def report(results: dict, output: Path) -> None:
-    if output.is_file():  # the file as it is now: another process may have added runs since this one read it
-        results = json.loads(output.read_text())
-    table = summarise(results["runs"])
-    results["summary"] = table
-    write_json(output, results)
+    with locked(output):  # the file as it is now, and no run another process records meanwhile is lost
+        if output.is_file():
+            results = json.loads(output.read_text())
+        table = summarise(results["runs"])
+        results["summary"] = table
+        write_json(output, results)
     counts = {a: sorted(Counter(r["fraction"] for r in results["runs"] if r["arm"] == a).values()) for a in ARMS}
     seeds = {
         a: "" if not c else f" ({c[0]} seed{'s' * (c[-1] > 1)})" if c[0] == c[-1] else f" ({c[0]}–{c[-1]} seeds)"

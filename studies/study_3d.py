@@ -56,7 +56,7 @@ import yaml
 
 from hf_medmae.data.splits import split_counts
 from hf_medmae.data.volumes import load_volumes
-from hf_medmae.evaluation.results import paired_ci95, record, write_json
+from hf_medmae.evaluation.results import locked, paired_ci95, record, write_json
 from hf_medmae.tasks import pretrain, segment
 from hf_medmae.training import hardware_description
 
@@ -325,10 +325,11 @@ def plot(runs: list[dict], path: Path) -> None:
 
 
 def report(results: dict, output: Path) -> None:
-    if output.is_file():  # another process may have added runs since this one started
-        results = json.loads(output.read_text())
-    results["summary"] = summarise(results["runs"])
-    write_json(output, results)
+    with locked(output):  # another process may add runs meanwhile: read and write them under record's lock
+        if output.is_file():
+            results = json.loads(output.read_text())
+        results["summary"] = summarise(results["runs"])
+        write_json(output, results)
     with output.with_suffix(".csv").open("w", newline="") as handle:
         fields = list(dict.fromkeys(k for r in results["runs"] for k in r)) or ["arm"]  # older runs lack newer keys
         writer = csv.DictWriter(handle, fieldnames=fields)

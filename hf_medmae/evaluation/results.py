@@ -12,7 +12,8 @@ from __future__ import annotations
 import fcntl
 import json
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from scipy.stats import t as student_t
@@ -28,6 +29,15 @@ def write_json(path: Path, data: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2))
     tmp.replace(path)
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold the exclusive lock on `<path>.lock` that `record` takes: a read-modify-write of `path` inside it
+    (a report adding its summary) loses no run that another process records meanwhile."""
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def record(path: Path, results: dict, item: dict, key: Callable[[dict], tuple], field: str = "runs") -> dict:
@@ -51,8 +61,7 @@ def record(path: Path, results: dict, item: dict, key: Callable[[dict], tuple], 
         >>> record(Path("study.json"), {"protocol": "v2"}, {"arm": "mae", "seed": 0, "f1": 0.9},
         ...        key=lambda r: (r["arm"], r["seed"]))  # doctest: +SKIP
     """
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with locked(path):
         current = json.loads(path.read_text()) if path.is_file() else results
         if current.get("protocol") != results.get("protocol"):
             current = results
