@@ -249,17 +249,19 @@ def curve_report(
     title: str,
     baselines: tuple[str, ...] = ("scratch-unetr", "unet"),
     unit: str = "pixels",
+    names: dict[str, str] | None = None,
 ) -> str:
     """Per label variant (dense, sparse): mean ± std test Dice per arm and labelled-set size; each pre-trained arm
     minus each baseline arm, in Dice points, paired by seed with 95% intervals; one curve per arm in `png`.
 
     `dice` maps (arm, labelled items, kept share of each mask, seed) to the test Dice; the 2D and 3D few-label
-    studies both report through here."""
+    studies both report through here. `names` are the arms' names in the tables and the legend (default: keys)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    name_of = (names or {}).get
     variants = sorted({k[2] for k in dice}, reverse=True)
     fig, axes = plt.subplots(1, len(variants), figsize=(6.4 * len(variants), 4.6), squeeze=False)
     text = []
@@ -271,12 +273,13 @@ def curve_report(
             return {k[3]: v for k, v in dice.items() if k[0] == arm and k[1] == n and k[2] == share}  # noqa: B023
 
         name = "dense masks" if share == 1.0 else f"{100 * share:g}% of each mask's {unit}"
-        text += [f"### {name}", "", f"| labelled {items} | " + " | ".join(present) + " |"]
+        text += [f"### {name}", "", f"| labelled {items} | " + " | ".join(name_of(a, a) for a in present) + " |"]
         text.append("|---" * (len(present) + 1) + "|")
         for n in sizes:
             text.append(f"| {n} | " + " | ".join(mean_std(list(seeds(a, n).values())) for a in present) + " |")
         pairs = [(a, b) for a in present if a in pretrained for b in baselines if b in present]
-        text += ["", f"| labelled {items} | " + " | ".join(f"{a} − {b}" for a, b in pairs) + " |"]
+        differences = " | ".join(f"{name_of(a, a)} − {name_of(b, b)}" for a, b in pairs)
+        text += ["", f"| labelled {items} | {differences} |"]
         text.append("|---" * (len(pairs) + 1) + "|")
         for n in sizes:
             cells = []
@@ -290,7 +293,7 @@ def curve_report(
             xs = [n for n, _ in points]
             means = np.array([statistics.mean(v) for _, v in points])
             spread = np.array([statistics.stdev(v) if len(v) > 1 else 0.0 for _, v in points])
-            ax.plot(xs, means, marker="o", label=arm)
+            ax.plot(xs, means, marker="o", label=name_of(arm, arm))
             ax.fill_between(xs, means - spread, means + spread, alpha=0.12)
         ax.set_xscale("log")
         ax.set_xticks(sizes, [str(n) for n in sizes])

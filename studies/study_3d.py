@@ -397,6 +397,7 @@ def curve(paths: list[Path]) -> str:
         title="3D nuclei",
         baselines=("scratch", "unet"),
         unit="voxels",
+        names={a: arm_name(a) for a in arms},
     )
 
 
