@@ -26,7 +26,7 @@ finishes and skipped when present:
 
 The few-label curve (issue 36): each seed labels only one of its two training quadrants (`--train-volumes 1`;
 the MAE still pre-trains on both, without labels), and `--curve` reports Dice against labelled quadrants with the
-paired differences to scratch and the U-Net, and `study_3d_few_labels.png`:
+paired differences to scratch and the U-Net, and `study_3d_curve.png`:
 
     python studies/study_3d.py --train-volumes 1 --arms mae0.5 scratch unet --work-dir outputs/study_3d \
         --output studies/results/study_3d_few_labels.json
@@ -93,7 +93,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         metavar="JSON",
         help="only report the few-label curve over these result files (e.g. study_3d.json, all training quadrants "
         "labelled, and study_3d_few_labels.json, one): nucleus Dice per arm and labelled quadrants, paired "
-        "differences to scratch and the U-Net, and study_3d_few_labels.png",
+        "differences to scratch and the U-Net, and study_3d_curve.png",
     )
     p.add_argument(
         "--train-volumes",
@@ -284,6 +284,7 @@ def plot(runs: list[dict], path: Path) -> None:
     """Nucleus Dice per arm: one dot per seed, a bar at the mean (no bars from zero: the y axis is zoomed);
     one panel per label regime that has runs."""
     regimes = [labels for labels in LABELS if any(r["labels"] == labels for r in runs)]
+    arms = [arm for arm in ARMS if any(r["arm"] == arm for r in runs)]  # a file may hold only some arms
     fig, axes = plt.subplots(1, len(regimes), figsize=(max(7.0, 6.2 * len(regimes)), 4.2), sharey=True, squeeze=False)
     for ax, labels in zip(axes[0], regimes):
         ends = []
@@ -292,7 +293,7 @@ def plot(runs: list[dict], path: Path) -> None:
         ):  # each seed tests its own quadrant: link it
             points = [
                 (x, r["dice_nucleus"])
-                for x, arm in enumerate(ARMS)
+                for x, arm in enumerate(arms)
                 for r in runs
                 if r["arm"] == arm and r["labels"] == labels and r["seed"] == seed
             ]
@@ -303,16 +304,16 @@ def plot(runs: list[dict], path: Path) -> None:
         for y, seed, x in sorted(ends):  # push the seed labels apart where lines end close together
             previous = max(y, previous + gap)
             ax.annotate(f"seed {seed}", (x + 0.35, previous), fontsize=7, va="center", color="#777777")
-        for x, arm in enumerate(ARMS):
+        for x, arm in enumerate(arms):
             values = [r["dice_nucleus"] for r in runs if r["arm"] == arm and r["labels"] == labels]
             if values:
                 colour = "#3182bd" if arm.startswith("mae") else "#636363"
                 ax.scatter([x] * len(values), values, color=colour, s=18, zorder=3)
                 ax.hlines(statistics.mean(values), x - 0.3, x + 0.3, color=colour, linewidth=2)
-        counts = [sum(r["arm"] == arm and r["labels"] == labels for r in runs) for arm in ARMS]
-        names = [{"scratch": "UNETR scratch", "unet": "3D U-Net"}.get(a, a.replace("mae", "MAE-UNETR ")) for a in ARMS]
-        ax.set_xticks(range(len(ARMS)), [f"{name}\n(n={n})" for name, n in zip(names, counts)], rotation=20)
-        ax.set_xlim(-0.6, len(ARMS) - 0.1)
+        counts = [sum(r["arm"] == arm and r["labels"] == labels for r in runs) for arm in arms]
+        names = [{"scratch": "UNETR scratch", "unet": "3D U-Net"}.get(a, a.replace("mae", "MAE-UNETR ")) for a in arms]
+        ax.set_xticks(range(len(arms)), [f"{name}\n(n={n})" for name, n in zip(names, counts)], rotation=20)
+        ax.set_xlim(-0.6, len(arms) - 0.1)
         ax.set_title(f"{labels} labels" + ("" if labels == "dense" else f" ({LABELS[labels]:.0%} of voxels)"))
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("test nucleus Dice (whole quadrant)")
@@ -391,7 +392,7 @@ def curve(paths: list[Path]) -> str:
         {k: v for k, v in dice.items() if k[0] in arms},
         arms,
         [a for a in arms if a.startswith("mae")],
-        paths[-1].with_name("study_3d_few_labels.png"),
+        paths[-1].with_name("study_3d_curve.png"),
         items="quadrants",
         ylabel="test nucleus Dice (whole quadrant)",
         title="3D nuclei",
