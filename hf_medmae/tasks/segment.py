@@ -395,8 +395,9 @@ class Segment(Task):
                 "3D segmentation selects on validation volumes and scores on test volumes.",
                 "set validation_volumes and test_volumes to at least 1.",
             )
-        train_idx = subsample(np.asarray(train_idx), 1.0, args.seed, data_args.train_volumes, "volumes")
-        train, val, test = data.subset(train_idx.tolist()), data.subset(val_idx), data.subset(test_idx)
+        if data_args.train_volumes is not None:  # unset: the split's volumes in the split's order, as before
+            train_idx = subsample(np.asarray(train_idx), 1.0, args.seed, data_args.train_volumes, "volumes").tolist()
+        train, val, test = data.subset(train_idx), data.subset(val_idx), data.subset(test_idx)
         train.labels = sparsify(train.labels, data_args.label_fraction_voxels, data_args.ignore_index, args.seed)
         roi, ignore = tuple(data_args.roi_size), data_args.ignore_index
         (train, val, test), normalisation = normalise_volumes(data_args, train, val, test, ignore_index=ignore)
