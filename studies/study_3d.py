@@ -299,11 +299,15 @@ def plot(runs: list[dict], path: Path) -> None:
             ]
             ax.plot(*zip(*points), color="#bbbbbb", linewidth=0.8, zorder=1)
             ends.append((points[-1][1], seed, points[-1][0]))
-        gap = 0.04 * (max(r["dice_nucleus"] for r in runs) - min(r["dice_nucleus"] for r in runs) + 0.025)
-        previous = -1.0
+        top = max(r["dice_nucleus"] for r in runs) + 0.01  # the y limit set below
+        gap = 0.04 * (top - min(r["dice_nucleus"] for r in runs) + 0.015)
+        placed, previous = [], -1.0
         for y, seed, x in sorted(ends):  # push the seed labels apart where lines end close together
             previous = max(y, previous + gap)
-            ax.annotate(f"seed {seed}", (x + 0.35, previous), fontsize=7, va="center", color="#777777")
+            placed.append((previous, seed, x))
+        overflow = max(0.0, placed[-1][0] - (top - gap / 2)) if placed else 0.0  # keep the stack inside the axes
+        for y, seed, x in placed:
+            ax.annotate(f"seed {seed}", (x + 0.35, y - overflow), fontsize=7, va="center", color="#777777")
         for x, arm in enumerate(arms):
             values = [r["dice_nucleus"] for r in runs if r["arm"] == arm and r["labels"] == labels]
             if values:
