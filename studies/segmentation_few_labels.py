@@ -67,6 +67,24 @@ ARMS = {
     "scratch-p4": ("unetr", "scratch", {"mae": "p4"}),  # mae-p4's architecture from random weights
 }
 PRETRAINED = [a for a, (_, init, _) in ARMS.items() if init == "mae"]
+CURVE = ["unet", "scratch-unetr", "mae-unetr", "mae-nodecay"]  # the baselines, MAE-UNETR and the best lever
+CURVE_NAMES = {
+    "unet": "U-Net",
+    "scratch-unetr": "UNETR scratch",
+    "mae-unetr": "MAE-UNETR",
+    "mae-nodecay": "MAE-UNETR, no layer decay",
+}
+SUFFIX = "'s pixels"
+LEVER_NAMES = {  # the levers table's rows: plain MAE-UNETR first, each lever one change to it
+    "mae-unetr": "MAE-UNETR (MAE: patch 8, mask 50%, WBC + BCCD pool; layer decay 0.75)",
+    "mae-nodecay": "no layer decay (1.0)",
+    "mae-warmup": "frozen-encoder warm-up, 100 steps",
+    "mae-light": "light decoder",
+    "mae-r0.75": "MAE mask ratio 75%",
+    "mae-r0.125": "MAE mask ratio 12.5%",
+    "mae-wbconly": "MAE pool: the 210 WBC images only",
+    "mae-p4": "patch 4 (MAE and UNETR; its scratch: UNETR at patch 4)",
+}
 SIZES = [1, 3, 10, 30, 210]
 PROTOCOL = "few-labels-v1: split_seed 0, 64 px, 300 steps bs 16, eval every 50, MAE 1500 steps"
 MAE = dict(FULL["mae"], max_steps=1500)  # the earlier WBC segmentation study's MAE, 1,500 steps
@@ -227,16 +245,53 @@ def paired(deltas: list[float]) -> str:
 
 def report() -> str:
     """The tables and the PNG of the WBC curve (`curve_report`)."""
-    dice = {KEY(r): r["mean_dice"] for r in json.loads(RESULTS.read_text())["runs"]}
+    runs = json.loads(RESULTS.read_text())["runs"]
+    dice = {KEY(r): r["mean_dice"] for r in runs}
+    for pixels in sorted({r.get("pixels", 1.0) for r in runs}, reverse=True):
+        print(f"### Levers, {'dense masks' if pixels == 1.0 else f'{100 * pixels:g}% of each mask' + SUFFIX}")
+        print(levers_report(runs, pixels) + "\n")
     return curve_report(
         dice,
-        list(ARMS),
+        CURVE,
         PRETRAINED,
         RESULTS.with_suffix(".png"),
         items="images",
         ylabel="test mean Dice (background, cytoplasm, nucleus)",
         title="WBC masks",
+        names=CURVE_NAMES,
     )
+
+
+def levers_report(runs: list[dict], pixels: float = 1.0, sizes: tuple[int, ...] = (1, 3, 10)) -> str:
+    """The levers table: per lever (one change to MAE-UNETR) test Dice at the few-label sizes, and its paired
+    differences to the U-Net and to UNETR from scratch of the same architecture (patch 4's own scratch UNETR)."""
+    dice = {KEY(r): r["mean_dice"] for r in runs if r.get("pixels", 1.0) == pixels}
+
+    def seeds(arm: str, n: int) -> dict[int, float]:
+        return {k[3]: v for k, v in dice.items() if k[0] == arm and k[1] == n}
+
+    def versus(arm: str, base: str, n: int) -> str:
+        x, y = seeds(arm, n), seeds(base, n)
+        return paired([x[s] - y[s] for s in sorted(x.keys() & y.keys())])
+
+    rows = [a for a in LEVER_NAMES if any(seeds(a, n) for n in sizes)]
+    head = [f"{n} image{'s' * (n > 1)}" for n in sizes]
+    head += [f"− U-Net, {n}" for n in sizes] + [f"− UNETR scratch, {n}" for n in sizes]
+    text = ["| arm (one change to MAE-UNETR) | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    for arm in rows:
+        scratch = "scratch-p4" if arm == "mae-p4" else "scratch-unetr"  # same tokens, random weights
+        cells = [mean_std(list(seeds(arm, n).values())) for n in sizes]
+        cells += [versus(arm, "unet", n) for n in sizes] + [versus(arm, scratch, n) for n in sizes]
+        text.append(f"| {LEVER_NAMES[arm]} | " + " | ".join(cells) + " |")
+    for arm, name in (
+        ("unet", "U-Net"),
+        ("scratch-unetr", "UNETR from scratch"),
+        ("scratch-p4", "UNETR from scratch, patch 4"),
+    ):
+        if any(seeds(arm, n) for n in sizes):
+            cells = [mean_std(list(seeds(arm, n).values())) for n in sizes] + [""] * (2 * len(sizes))
+            text.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(text)
 
 
 def curve_report(
