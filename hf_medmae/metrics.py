@@ -289,6 +289,22 @@ def _first(predictions: Any) -> np.ndarray:
     return np.asarray(predictions[0] if isinstance(predictions, (tuple, list)) else predictions)
 
 
+# The scalars `compute_metrics_fn` reports, by `multi_label` (the classifier's selection metrics come from here).
+EVAL_METRICS = {
+    False: (
+        "accuracy",
+        "balanced_accuracy",
+        "macro_f1",
+        "weighted_f1",
+        "macro_precision",
+        "macro_recall",
+        "roc_auc",
+        "ece",
+    ),
+    True: ("roc_auc", "micro_f1", "macro_f1", "subset_accuracy"),
+}
+
+
 def compute_metrics_fn(class_names: list[str], multi_label: bool = False) -> Callable[[Any], dict[str, float]]:
     """Build a ``compute_metrics`` callable for ``transformers.Trainer`` (flat float scalars).
 
@@ -303,20 +319,7 @@ def compute_metrics_fn(class_names: list[str], multi_label: bool = False) -> Cal
     Example:
         >>> trainer = Trainer(..., compute_metrics=compute_metrics_fn(["neutrophil", "lymphocyte"]))
     """
-    keys = (
-        ["roc_auc", "micro_f1", "macro_f1", "subset_accuracy"]
-        if multi_label
-        else [
-            "accuracy",
-            "balanced_accuracy",
-            "macro_f1",
-            "weighted_f1",
-            "macro_precision",
-            "macro_recall",
-            "roc_auc",
-            "ece",
-        ]
-    )
+    keys = EVAL_METRICS[multi_label]
 
     def compute_metrics(eval_pred: Any) -> dict[str, float]:
         logits = _first(eval_pred.predictions).astype(float)

@@ -32,25 +32,15 @@ from ..errors import ConfigError
 from ..evaluation.classification import evaluate_test, score
 from ..evaluation.probe import fit_probe, pooled_features, set_linear_head
 from ..inference.classification import classify_sets
-from ..metrics import compute_metrics_fn
+from ..metrics import EVAL_METRICS, compute_metrics_fn
 from ..optim import default_layer_decay, layer_decay_adamw
 from ..training import AttentionRefreshCallback, hardware_description
 from .run import Task, TaskSetup, console
 
 logger = logging.getLogger(__name__)
 
-SELECTION_METRICS = (
-    "loss",
-    "accuracy",
-    "balanced_accuracy",
-    "macro_f1",
-    "weighted_f1",
-    "macro_precision",
-    "macro_recall",
-    "roc_auc",
-    "micro_f1",
-    "subset_accuracy",
-)
+# every reported metric but calibration error, which says how honest the confidence is, not how good the model
+SELECTION_METRICS = ("loss", *dict.fromkeys(m for keys in EVAL_METRICS.values() for m in keys if m != "ece"))
 
 
 @dataclass
