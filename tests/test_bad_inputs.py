@@ -358,6 +358,42 @@ CASES = {
         ConfigError,
         "model unet takes no checkpoint",
     ),
+    "cls-predict-labels-per-set": Case(  # one labels CSV for two sets: which set it belongs to is unknowable
+        "cls",
+        cls(
+            lambda t, r: [
+                "--predict_only",
+                "true",
+                "--model_name_or_path",
+                str(t / "run"),
+                "--predict_data",
+                two_classes(t),
+                str(image_folder(t / "imgs")),
+                "--predict_labels_csv",
+                str(t / "labels.csv"),
+            ]
+        ),
+        ConfigError,
+        "1 predict_labels_csv for 2 predict_data sets",
+    ),
+    "seg-predict-masks-per-set": Case(
+        "seg",
+        seg(
+            lambda t, r: [
+                "--predict_only",
+                "true",
+                "--model_name_or_path",
+                str(t / "run"),
+                "--predict_images",
+                str(image_folder(t / "imgs")),
+                "--predict_mask_dirs",
+                str(t / "a"),
+                str(t / "b"),
+            ]
+        ),
+        ConfigError,
+        "2 predict_mask_dirs for 1 predict_images sets",
+    ),
     "seg-output-dir-not-writable": Case(
         "seg",
         seg(lambda t, r: ["--model", "unet", "--init", "scratch", "--output_dir", str(blocked_dir(t))]),

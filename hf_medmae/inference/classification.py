@@ -22,6 +22,7 @@ from ..errors import CheckpointError, ConfigError, DataError
 from ..evaluation.classification import score
 from ..loading import load_checkpoint, resolve_checkpoint
 from ..validation import as_pair
+from .sets import sets_with_truths, write_external_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -112,17 +113,9 @@ def classify_sets(
     Returns:
         {"sets": one row per set (images, normalisation, and for labelled sets the scores)}.
     """
-    if not sources or not model_name_or_path:
-        raise ConfigError(
-            "predict_only needs predict_data and a model_name_or_path written by run_classification.py.",
-            "pass --model_name_or_path OUTPUT_DIR_OF_A_RUN --predict_data FOLDER [FOLDER ...].",
-        )
-    csvs = labels_csvs or [None] * len(sources)
-    if len(csvs) != len(sources):
-        raise ConfigError(
-            f"{len(csvs)} predict_labels_csv for {len(sources)} predict_data sets.",
-            "give one labels CSV per set, in the same order.",
-        )
+    csvs = sets_with_truths(
+        sources, labels_csvs, model_name_or_path, "predict_data", "predict_labels_csv", "run_classification.py"
+    )
     model, processor = load_classifier(model_name_or_path)
     if stain_normalisation not in STAIN_NORMALISATIONS:
         raise ConfigError(
@@ -171,11 +164,7 @@ def classify_sets(
             row["predicted_counts"] = json.dumps(metrics.get("predicted_counts"))
         rows.append(row)
         logger.info("%s: %d images -> %s", name, len(data.files), target)
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    with Path(output_dir, "external_metrics.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_external_metrics(rows, output_dir)
     return {"sets": rows}
 
 

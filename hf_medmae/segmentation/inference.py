@@ -9,7 +9,6 @@ the model saw its training data.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from collections.abc import Sequence
@@ -27,6 +26,7 @@ from ..data.io import list_image_files, progress, read_image
 from ..data.segmentation import load_pairs, map_labels, parse_class_map, read_label
 from ..data.transforms import resize_pair
 from ..errors import ConfigError, DataError
+from ..inference.sets import sets_with_truths, write_external_metrics
 from ..loading import load_checkpoint
 from .evaluation import score_label_maps, write_test_report
 
@@ -242,17 +242,9 @@ def segment_sets(
     Returns:
         {"num_predictions", "class_names", "sets": one row of scores per scored set}.
     """
-    if not sources or not model_folder:
-        raise ConfigError(
-            "predict_only needs predict_images and a model_name_or_path written by run_segmentation.py.",
-            "pass --model_name_or_path OUTPUT_DIR_OF_A_RUN --predict_images FOLDER [FOLDER ...].",
-        )
-    masks = mask_dirs or [""] * len(sources)
-    if len(masks) != len(sources):
-        raise ConfigError(
-            f"{len(masks)} predict_mask_dirs for {len(sources)} predict_images sets.",
-            "give one mask folder per set, in the same order ('' for a set without masks).",
-        )
+    masks = sets_with_truths(
+        sources, mask_dirs, model_folder, "predict_images", "predict_mask_dirs", "run_segmentation.py"
+    )
     model, info, norm = load_segmenter(model_folder)
     written, rows = 0, []
     for (source, target), mask_dir in zip(prediction_sets(sources, output_dir), masks):
@@ -266,11 +258,7 @@ def segment_sets(
                 source, mask_dir, target, info, image_glob, mask_pattern, num_overlays, display_channels
             )
             rows.append({"set": Path(source).stem, **scores})
-    if rows:
-        with Path(output_dir, "external_metrics.csv").open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+    write_external_metrics(rows, output_dir)
     return {"num_predictions": written, "class_names": info["class_names"], "sets": rows}
 
 
@@ -298,17 +286,9 @@ def segment_volume_sets(
     Returns:
         {"num_predictions", "class_names", "sets": one row of scores per scored set}.
     """
-    if not sources or not model_folder:
-        raise ConfigError(
-            "predict_only needs predict_volumes and a model_name_or_path written by run_segmentation.py.",
-            "pass --model_name_or_path OUTPUT_DIR_OF_A_3D_RUN --predict_volumes FOLDER [FOLDER ...].",
-        )
-    labels = label_dirs or [""] * len(sources)
-    if len(labels) != len(sources):
-        raise ConfigError(
-            f"{len(labels)} predict_label_dirs for {len(sources)} predict_volumes sets.",
-            "give one label folder per set, in the same order ('' for a set without labels).",
-        )
+    labels = sets_with_truths(
+        sources, label_dirs, model_folder, "predict_volumes", "predict_label_dirs", "run_segmentation.py"
+    )
     model, info, _ = load_segmenter(model_folder)
     if info.get("spatial_dims") != 3:
         raise ConfigError(
@@ -321,11 +301,7 @@ def segment_volume_sets(
         if label_dir:
             rows.append({"set": Path(source).stem, **score_volume_predictions(done, label_dir, label_pattern, info)})
             write_test_report(target, [], [], None, info["class_names"], metrics=rows[-1].pop("metrics"))
-    if rows:
-        with Path(output_dir, "external_metrics.csv").open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+    write_external_metrics(rows, output_dir)
     return {"num_predictions": written, "class_names": info["class_names"], "sets": rows}
 
 
