@@ -26,7 +26,7 @@ from sklearn.preprocessing import StandardScaler
 from transformers import ViTImageProcessorPil
 
 from hf_medmae import MedMAEForPreTraining
-from hf_medmae.data.classification import ClassificationDataset, load_class_folders, load_csv_labels
+from hf_medmae.data.classification import ClassificationDataset, load_class_folders, load_csv_labels, split_labelled
 from hf_medmae.data.splits import class_counts, label_subset, stratified_split
 from hf_medmae.data.transforms import channel_stats, resize
 from hf_medmae.encoder import load_encoder
@@ -107,6 +107,17 @@ def test_strict_fraction_names_the_class(data):
     with pytest.raises(DataError, match="basophil"):
         label_subset(labels, NAMES, 0.1, seed=0, strict=True)
     assert len(label_subset(labels, NAMES, 0.5, seed=0, strict=True))  # 1 x 0.5 rounds up to 1: allowed
+
+
+def test_split_seed_fixes_the_split_and_seed_draws_the_labels(data):
+    """A study with one split for all seeds (split_seed) still samples each seed's labelled images."""
+    runs = {seed: split_labelled(data, 0.15, 0.2, 0.1, seed, split_seed=0)[0] for seed in (1, 2)}
+    for part in ("val", "test"):
+        assert np.array_equal(runs[1][part], runs[2][part])
+    assert set(runs[1]["train"]) != set(runs[2]["train"])
+    full = stratified_split(data.labels, NAMES, 0.15, 0.2, seed=0).train
+    assert set(runs[1]["train"]) < set(full) and set(runs[2]["train"]) < set(full)
+    assert not np.array_equal(split_labelled(data, 0.15, 0.2, 1.0, 1)[0]["test"], runs[1]["test"])  # default: seed
 
 
 def test_bad_labels_are_named(tmp_path):

@@ -422,6 +422,7 @@ def split_labelled(
     train_fraction: float,
     seed: int,
     strict_fraction: bool = False,
+    split_seed: int | None = None,
 ) -> tuple[dict[str, np.ndarray], list[str]]:
     """Split indices {"train" (the label subset), "val", "test"} and the classes kept in train only.
 
@@ -430,10 +431,12 @@ def split_labelled(
         validation_fraction: Share of the images for validation (must leave it non-empty).
         test_fraction: Share of the images for test.
         train_fraction: Share of the TRAIN split's labels used (`splits.label_subset`).
-        seed: Seed of the split and the label subset.
+        seed: Seed of the label subset (and of the split, unless `split_seed`).
         strict_fraction: Error instead of keeping one example of a class the fraction empties.
+        split_seed: Seed of the split alone: several seeds then share one split and draw their own labels.
     """
-    split = stratified_split(data.labels, data.class_names, validation_fraction, test_fraction, seed)
+    split_seed = seed if split_seed is None else split_seed
+    split = stratified_split(data.labels, data.class_names, validation_fraction, test_fraction, split_seed)
     subset = label_subset(data.labels[split.train], data.class_names, train_fraction, seed, strict_fraction)
     if len(split.val) == 0:
         raise DataError(

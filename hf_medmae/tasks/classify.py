@@ -67,7 +67,7 @@ class DataArguments(PhotometricArguments):
     validation_fraction: float = 0.15
     test_fraction: float = 0.2
     split_seed: int | None = field(
-        default=None, metadata={"help": "seed of the split and label subset; default: seed"}
+        default=None, metadata={"help": "seed of the split (the label subset follows seed); default: seed"}
     )
     train_fraction: float = field(
         default=1.0, metadata={"help": "share of the TRAIN split's labels used (stratified, >= 1 per class)"}
@@ -242,14 +242,14 @@ class Classify(Task):
                 num_attention_heads=model_args.num_attention_heads,
                 intermediate_size=model_args.intermediate_size,
             )
-        seed = args.seed if data_args.split_seed is None else data_args.split_seed
         parts, train_only = split_labelled(
             data,
             data_args.validation_fraction,
             data_args.test_fraction,
             data_args.train_fraction,
-            seed,
+            args.seed,
             data_args.strict_fraction,
+            data_args.split_seed,
         )
         mean, std = encoder_normalisation(
             encoder, model_args.init if encoder is not None else "scratch", [data.images[i] for i in parts["train"]]
