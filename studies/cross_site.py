@@ -11,8 +11,9 @@ Arms (the classification task on `configs/wbc_classification.yaml`): `cnn` (MONA
 `mae_finetune`, `mae_frozen` (frozen features + logistic regression). Factors: augmentation off / on (`AUGMENT`:
 colour, HED stain, blur and zoom-out, for the MAE and the classifier alike) and, for the MAE arms, the MAE's pool:
 the seed's source training images, or those plus the target's cells without labels (self pre-training on the
-target site). Each seed draws its own source split; its MAEs (`configs/wbc_mae.yaml`) never see a source
-validation or test image.
+target site). The full protocol shares one source split across the seeds (each seed draws its own labelled 10%,
+initialisation and augmentation) and pre-trains one MAE per (augmentation, pool); the pilot drew a split and MAEs
+per seed. No MAE (`configs/wbc_mae.yaml`) ever sees a source validation or test image.
 
 Every run is merged into the JSON as it finishes (`evaluation.results.record`) and runs already there are skipped:
 
@@ -67,9 +68,16 @@ AUGMENT = [
 ]
 # Schedules: "full" is the shipped recipes' (converged, studies/finetune_convergence.py); "pilot" is short, to see
 # the shape of the result on a 2-core CPU within an hour. Results of the two never mix (the protocol is the key).
+# "full" shares one source split (split_seed 0) across seeds, as the few-label segmentation study does: the target
+# set is fixed anyway, and one MAE per (augmentation, pool) instead of one per seed makes it 4 pre-trainings, not 20;
+# the seeds still draw their own labelled 10%, initialisation and augmentation. The pilot drew a split per seed.
 PROTOCOLS = {
-    "full": {"mae_steps": 6400, "finetune": []},
-    "pilot": {"mae_steps": 800, "finetune": ["--min_train_steps", "400", "--num_train_epochs", "1"]},
+    "full": {"mae_steps": 6400, "finetune": [], "split_seed": 0},
+    "pilot": {
+        "mae_steps": 800,
+        "finetune": ["--min_train_steps", "400", "--num_train_epochs", "1"],
+        "split_seed": None,
+    },
 }
 
 
@@ -113,8 +121,14 @@ def target_set(work: Path) -> Path:
 
 
 def seed_mae(args: argparse.Namespace, seed: int, augment: str, pool: str, work: Path) -> Path:
-    """The seed's MAE on its source training images (and the target's cells, unlabeled), reused if present."""
-    out = work / f"mae_{args.protocol}_{pool.replace('+', '_')}_aug{augment}_s{seed}"
+    """The MAE of the seed's source split (the shared one under `split_seed`) on its training images (and the
+    target's cells, unlabeled), reused if present."""
+    shared = PROTOCOLS[args.protocol]["split_seed"]
+    seed = seed if shared is None else shared  # one split for every seed: one MAE for every seed
+    out = (
+        work
+        / f"mae_{args.protocol}_{pool.replace('+', '_')}_aug{augment}_{'shared' if shared is not None else 's'}{seed}"
+    )
     if (out / "model.safetensors").is_file():
         return out
     data = load_labelled(
@@ -170,6 +184,7 @@ def run(args: argparse.Namespace, arm: str, augment: str, pool: str, fraction: f
     }[arm]
     if arm.startswith("mae"):
         flags += ["--model_name_or_path", str(seed_mae(args, seed, augment, pool, work))]
+    split_seed = PROTOCOLS[args.protocol]["split_seed"]
     start = time.time()
     classify.main(
         [
@@ -180,6 +195,7 @@ def run(args: argparse.Namespace, arm: str, augment: str, pool: str, fraction: f
             str(fraction),
             "--seed",
             str(seed),
+            *([] if split_seed is None else ["--split_seed", str(split_seed)]),
             "--output_dir",
             str(out),
             "--disable_tqdm",
