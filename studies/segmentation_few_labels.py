@@ -185,6 +185,7 @@ def segment(arm: str, size: int, seed: int, mae_dir: Path | None, work: Path, pi
         pixels=pixels,
         seed=seed,
         seconds=round(time.perf_counter() - start, 1),
+        precision=json.loads((out / "all_results.json").read_text()).get("precision"),  # "auto": measured per run
         mean_dice=metrics["mean_dice"],
         **{f"dice_{c}": metrics["dice_per_class"][c] for c in CLASSES},
     )

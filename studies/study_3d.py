@@ -219,6 +219,7 @@ def run_arm(args, arm: str, labels: str, seed: int, work: Path) -> dict:
         minutes=round((time.time() - start) / 60, 2),
         threads=torch.get_num_threads(),
         mae_steps=None if arm in ("scratch", "unet") else mae_steps(args),
+        precision=metrics.get("precision"),  # "auto" measures it per run: recorded, as it shifts the numerics
     )
 
 
