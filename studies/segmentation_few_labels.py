@@ -289,8 +289,9 @@ def levers_report(runs: list[dict], pixels: float = 1.0, sizes: tuple[int, ...] 
         ("scratch-unetr", "UNETR from scratch"),
         ("scratch-p4", "UNETR from scratch, patch 4"),
     ):
-        if any(seeds(arm, n) for n in sizes):
-            cells = [mean_std(list(seeds(arm, n).values())) for n in sizes] + [""] * (2 * len(sizes))
+        if any(seeds(arm, n) for n in sizes):  # the scratch UNETRs against the U-Net too: the architecture alone
+            cells = [mean_std(list(seeds(arm, n).values())) for n in sizes]
+            cells += [versus(arm, "unet", n) if arm != "unet" else "" for n in sizes] + [""] * len(sizes)
             text.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(text)
 
