@@ -302,7 +302,7 @@ def plot(table: list[dict], path: Path) -> None:
         for r in rows
     ]
     x = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 4.8))
+    fig, ax = plt.subplots(figsize=(max(9, 1.1 * len(rows)), 4.8))
     for offset, (field, label) in enumerate(
         [
             ("own_accuracy", "own test accuracy"),
