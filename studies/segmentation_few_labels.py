@@ -74,7 +74,6 @@ CURVE_NAMES = {
     "mae-unetr": "MAE-UNETR",
     "mae-nodecay": "MAE-UNETR, no layer decay",
 }
-SUFFIX = "'s pixels"
 LEVER_NAMES = {  # the levers table's rows: plain MAE-UNETR first, each lever one change to it
     "mae-unetr": "MAE-UNETR (MAE: patch 8, mask 50%, WBC + BCCD pool; layer decay 0.75)",
     "mae-nodecay": "no layer decay (1.0)",
@@ -249,7 +248,7 @@ def report() -> str:
     runs = json.loads(RESULTS.read_text())["runs"]
     dice = {KEY(r): r["mean_dice"] for r in runs}
     for pixels in sorted({r.get("pixels", 1.0) for r in runs}, reverse=True):
-        print(f"### Levers, {'dense masks' if pixels == 1.0 else f'{100 * pixels:g}% of each mask' + SUFFIX}")
+        print(f"### Levers, {variant_name(pixels)}")
         print(levers_report(runs, pixels) + "\n")
     return curve_report(
         dice,
@@ -261,6 +260,11 @@ def report() -> str:
         title="WBC masks",
         names=CURVE_NAMES,
     )
+
+
+def variant_name(share: float, unit: str = "pixels") -> str:
+    """A label variant's heading: dense masks, or the kept share of each mask's pixels (voxels)."""
+    return "dense masks" if share == 1.0 else f"{100 * share:g}% of each mask's {unit}"
 
 
 def levers_report(runs: list[dict], pixels: float = 1.0, sizes: tuple[int, ...] = (1, 3, 10)) -> str:
@@ -329,7 +333,7 @@ def curve_report(
         def seeds(arm: str, n: int) -> dict[int, float]:
             return {k[3]: v for k, v in dice.items() if k[0] == arm and k[1] == n and k[2] == share}  # noqa: B023
 
-        name = "dense masks" if share == 1.0 else f"{100 * share:g}% of each mask's {unit}"
+        name = variant_name(share, unit)
         text += [f"### {name}", "", f"| labelled {items} | " + " | ".join(name_of(a, a) for a in present) + " |"]
         text.append("|---" * (len(present) + 1) + "|")
         for n in sizes:
