@@ -239,6 +239,7 @@ def run(args: argparse.Namespace, arm: str, augment: str, pool: str, fraction: f
         row[f"target_{stain}_predicted"] = scores.get("predicted_counts")
         row[f"target_{stain}_confusion"] = scores.get("confusion_matrix")
     row["minutes"] = round((time.time() - start) / 60, 2)
+    row["hardware"] = hardware_description()  # runs of one study may span machines: each says where it ran
     return row
 
 
