@@ -391,7 +391,8 @@ def save_reconstruction_grid(
     max_images: int = 4,
 ) -> str:
     """An MAE's reconstructions, images or volumes: columns original, masked input (masked patches grey),
-    reconstruction (hidden patches outlined); one row per image, or one per orthogonal view of each volume.
+    reconstruction (yellow: edges of the patches it was shown); one row per image, or one per orthogonal view of
+    each volume.
 
     The 1-99 percentile stretch is computed on the original and applied to all panels, so
     brightness differences in the reconstruction are real.
@@ -414,7 +415,7 @@ def save_reconstruction_grid(
     named = (
         reconstruction
         if isinstance(reconstruction, dict)
-        else {"reconstruction (hidden patches outlined)": reconstruction}
+        else {"reconstruction (yellow: patches it was shown)": reconstruction}
     )
     recons = {name: np.asarray(r, dtype=float) for name, r in named.items()}
     masked_pixels = np.asarray(masked_pixels)
@@ -448,7 +449,7 @@ def save_reconstruction_grid(
         _show(axs[1], masked, f"masked ({hidden.mean():.0%})")
         for ax, (name, rec) in zip(axs[2:], recon.items()):
             _show(ax, to_display(rec, chosen, lo_hi), name)
-            # Outline the predicted (hidden) patches: what inside them is the model's, not a copy of the input.
+            # The hidden region's edge: outside the yellow islands every pixel is the model's prediction.
             ax.contour(hidden.astype(float), levels=[0.5], colors="#ffd400", linewidths=0.7)
     if isinstance(reconstruction, dict):
         fig.suptitle(
