@@ -339,7 +339,9 @@ def report(output: Path) -> None:
         write_json(output, results)
     plot(results["summary"], output.with_suffix(".png"))
     print(format_table(results["summary"]))
-    print(f"protocol {results['protocol']}; hardware: {results['hardware']}; {len(results['runs'])} runs; {output}")
+    # runs of one study may span machines: name each, not only the one that wrote the header
+    machines = sorted({r.get("hardware", results["hardware"]) for r in results["runs"]})
+    print(f"protocol {results['protocol']}; hardware: {' | '.join(machines)}; {len(results['runs'])} runs; {output}")
 
 
 def main(argv: list[str] | None = None) -> None:
