@@ -15,7 +15,8 @@ target site). The full protocol shares one source split across the seeds (each s
 initialisation and augmentation) and pre-trains one MAE per (augmentation, pool); the pilot drew a split and MAEs
 per seed. No MAE (`configs/wbc_mae.yaml`) ever sees a source validation or test image.
 
-Every run is merged into the JSON as it finishes (`evaluation.results.record`) and runs already there are skipped:
+Every run is merged into the JSON as it finishes (`evaluation.results.record`), runs already there are skipped, and
+an interrupted run (classifier or MAE) goes on from its newest checkpoint in `--work-dir`:
 
     python studies/cross_site.py                                     # the full study: hours on a 2-core CPU
     python studies/cross_site.py --protocol pilot --seeds 0          # shortened schedules, to see the shape
@@ -159,10 +160,10 @@ def seed_mae(args: argparse.Namespace, seed: int, augment: str, pool: str, work:
             str(out),
             "--max_steps",
             str(PROTOCOLS[args.protocol]["mae_steps"]),
-            "--save_strategy",
-            "no",
             "--eval_strategy",
             "no",
+            "--resume_from_checkpoint",  # the config saves every 800 steps: an interrupted MAE goes on from there
+            "true",
             "--disable_tqdm",
             "true",
             "--seed",
@@ -198,6 +199,8 @@ def run(args: argparse.Namespace, arm: str, augment: str, pool: str, fraction: f
             *([] if split_seed is None else ["--split_seed", str(split_seed)]),
             "--output_dir",
             str(out),
+            "--resume_from_checkpoint",  # an interrupted run goes on from its newest complete checkpoint
+            "true",
             "--disable_tqdm",
             "true",
             *flags,
