@@ -5,7 +5,8 @@ Source: WBC Zheng 2018 Dataset 1 (300 cells, 120 px frames, one scanner and stai
 Target: the white cells of the BCCD smears (another microscope, stain and magnification): the WBC box of each smear
 with one such box (`hf_medmae.data.boxes.box_crops`), labelled by `bccd/wbc_subtypes.csv`, scored with the
 classification task's `--predict_only` (as a user would), as read and with Reinhard stain normalisation to the
-training images (`--stain_normalisation reinhard`). Macro-F1 over the classes present at the target.
+training images (`--stain_normalisation reinhard`), and cut at the source's scale too (the cell filling as much of
+the frame as the source's cells fill theirs, by their expert masks). Macro-F1 over the classes present at the target.
 
 Arms (the classification task on `configs/wbc_classification.yaml`): `cnn` (MONAI ResNet-10), `vit_scratch`,
 `mae_finetune`, `mae_frozen` (frozen features + logistic regression). Factors: augmentation off / on (`AUGMENT`:
@@ -21,6 +22,7 @@ an interrupted run (classifier or MAE) goes on from its newest checkpoint in `--
     python studies/cross_site.py                                     # the full study: hours on a 2-core CPU
     python studies/cross_site.py --protocol pilot --seeds 0          # shortened schedules, to see the shape
     python studies/cross_site.py --report                            # table, paired differences, figure
+    python studies/cross_site.py --rescore source                    # recorded models on cells cut at the source scale
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ WBC = SHARED / "wbc_zheng2018"
 BCCD = SHARED / "bccd"
 CLASSES = ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"]
 ARMS = ("cnn", "vit_scratch", "mae_finetune", "mae_frozen")
+DEFAULT_MARGIN = 1.2  # `box_crops`' crop side / box side: the BCCD cells as a user would cut them
 # The augmentation under test: colours and stains of another lab, its focus, a smaller or larger cell in the frame.
 AUGMENT = [
     "--colour_jitter",
@@ -93,6 +96,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work-dir", default=str(ROOT / "outputs" / "cross_site"))
     p.add_argument("--output", default=None, help="default: studies/results/cross_site_<protocol>.json")
     p.add_argument("--report", action="store_true", help="only summarise the JSON")
+    p.add_argument(
+        "--rescore",
+        nargs="+",
+        metavar="MARGIN",
+        help="score the recorded runs' models on the BCCD cells cut with these margins ('source': the source's scale)",
+    )
     args = p.parse_args(argv)
     args.output = Path(args.output or ROOT / "studies" / "results" / f"cross_site_{args.protocol}.json")
     return args
@@ -102,13 +111,27 @@ def source_flags() -> list[str]:
     return ["--data_dir", str(WBC / "Dataset 1"), "--labels_csv", str(WBC / "Class Labels of Dataset 1.csv")]
 
 
-def target_set(work: Path) -> Path:
-    """The BCCD white cells with a subtype, written once in the source's layout (`NNN.bmp`, the same CSV columns)."""
-    out = work / "bccd_wbc"
+def source_cell_fraction() -> float:
+    """Median side of the white cell's bounding box (its expert mask, cytoplasm and nucleus) over the frame's side
+    in the source's frames: how much of the frame a source cell fills."""
+    sides = []
+    for mask_file in sorted((WBC / "Dataset 1").glob("*.png")):
+        mask = read_image(mask_file)[0]
+        ys, xs = np.nonzero(mask)
+        if len(ys):
+            sides.append(max(np.ptp(ys), np.ptp(xs)) + 1)
+    return float(np.median(sides)) / max(mask.shape)
+
+
+def target_set(work: Path, margin: float = DEFAULT_MARGIN) -> Path:
+    """The BCCD white cells with a subtype, written once in the source's layout (`NNN.bmp`, the same CSV columns):
+    each cell's box cut out with `margin` (crop side / box side; 1.2 is `box_crops`' default)."""
+    # no dot in the name: prediction outputs are named by the folder's stem
+    out = work / ("bccd_wbc" if margin == DEFAULT_MARGIN else f"bccd_wbc_margin{round(100 * margin)}")
     if (out / "labels.csv").is_file():
         return out
     subtype = {r["image"]: r["subtype"] for r in csv.DictReader((BCCD / "wbc_subtypes.csv").open())}
-    crops = box_crops(BCCD / "BCCD" / "JPEGImages", BCCD / "BCCD" / "Annotations", "WBC", only_single=True)
+    crops = box_crops(BCCD / "BCCD" / "JPEGImages", BCCD / "BCCD" / "Annotations", "WBC", margin, only_single=True)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, (stem, crop) in enumerate(sorted((s, c) for s, c in crops.items() if s in subtype), start=1):
@@ -175,8 +198,12 @@ def seed_mae(args: argparse.Namespace, seed: int, augment: str, pool: str, work:
     return out
 
 
+def run_dir(args: argparse.Namespace, arm: str, augment: str, pool: str, fraction: float, seed: int) -> Path:
+    return Path(args.work_dir) / f"{arm}_{args.protocol}_{pool.replace('+', '_')}_aug{augment}_f{fraction}_s{seed}"
+
+
 def run(args: argparse.Namespace, arm: str, augment: str, pool: str, fraction: float, seed: int, work: Path) -> dict:
-    out = work / f"{arm}_{args.protocol}_{pool.replace('+', '_')}_aug{augment}_f{fraction}_s{seed}"
+    out = run_dir(args, arm, augment, pool, fraction, seed)
     flags = {
         "cnn": ["--architecture", "resnet10"],
         "vit_scratch": ["--init", "scratch", "--model_name_or_path", "null"],
@@ -215,9 +242,31 @@ def run(args: argparse.Namespace, arm: str, augment: str, pool: str, fraction: f
         assert not seen & (set(splits["val"]) | set(splits["test"])), "pre-training saw evaluation images"
     row = dict(arm=arm, augment=augment, pool=pool if arm.startswith("mae") else "-", fraction=fraction, seed=seed)
     row.update(own_accuracy=own["accuracy"], own_macro_f1=own["macro_f1_present"])
-    target = target_set(work)
+    for margin in (DEFAULT_MARGIN, source_margin()):
+        row.update(score_target(out, work, margin))
+    row["minutes"] = round((time.time() - start) / 60, 2)
+    row["hardware"] = hardware_description()  # runs of one study may span machines: each says where it ran
+    return row
+
+
+def source_margin() -> float:
+    """The crop margin at which a BCCD box fills as much of the frame as a source cell fills its frame."""
+    return round(1 / source_cell_fraction(), 2)
+
+
+def margin_prefix(margin: float) -> str:
+    return "target" if margin == DEFAULT_MARGIN else f"target_margin{round(100 * margin)}"
+
+
+def score_target(out: Path, work: Path, margin: float = DEFAULT_MARGIN) -> dict:
+    """The trained classifier in `out` scored on the BCCD cells cut with `margin`, as read and Reinhard-normalised.
+    Other margins than the default change the cell's scale in the frame at test time (`source_margin` matches the
+    source's): how much of the site difference is magnification."""
+    target = target_set(work, margin)
+    prefix = margin_prefix(margin)
+    row = {}
     for stain in ("none", "reinhard"):
-        predicted = out / f"target_{stain}"
+        predicted = out / f"{prefix}_{stain}"
         classify.main(
             [
                 "--config",
@@ -237,12 +286,10 @@ def run(args: argparse.Namespace, arm: str, augment: str, pool: str, fraction: f
             ]
         )
         scores = json.loads((predicted / target.name / "test_metrics.json").read_text())
-        row[f"target_{stain}_accuracy"] = scores["accuracy"]
-        row[f"target_{stain}_macro_f1"] = scores["macro_f1_present"]
-        row[f"target_{stain}_predicted"] = scores.get("predicted_counts")
-        row[f"target_{stain}_confusion"] = scores.get("confusion_matrix")
-    row["minutes"] = round((time.time() - start) / 60, 2)
-    row["hardware"] = hardware_description()  # runs of one study may span machines: each says where it ran
+        row[f"{prefix}_{stain}_accuracy"] = scores["accuracy"]
+        row[f"{prefix}_{stain}_macro_f1"] = scores["macro_f1_present"]
+        row[f"{prefix}_{stain}_predicted"] = scores.get("predicted_counts")
+        row[f"{prefix}_{stain}_confusion"] = scores.get("confusion_matrix")
     return row
 
 
@@ -273,6 +320,17 @@ def summarise(runs: list[dict]) -> list[dict]:
         for m in ("own_accuracy", "target_none_macro_f1", "target_reinhard_macro_f1", "target_none_accuracy"):
             values = [r[m] for r in cell]
             row[m] = (statistics.mean(values), statistics.pstdev(values))
+        row["margins"] = {}  # the same models on cells cut with other margins, paired with the default crops
+        for margin in margins(runs):
+            field = f"{margin_prefix(margin)}_none_macro_f1"
+            scored = [r for r in cell if field in r]
+            if scored:
+                deltas = [100 * (r[field] - r["target_none_macro_f1"]) for r in scored]
+                values = [r[field] for r in scored]
+                row["margins"][str(margin)] = {
+                    "macro_f1": (statistics.mean(values), statistics.pstdev(values)),
+                    "vs_default": {"mean": statistics.mean(deltas), "ci95": paired_ci95(deltas), "seeds": len(deltas)},
+                }
         row["vs_shipped"] = paired(runs, cell, ("mae_finetune", "off", "source", fraction))
         row["vs_cnn"] = None if arm == "cnn" else paired(runs, cell, ("cnn", augment, "-", fraction))
         table.append(row)
@@ -299,6 +357,24 @@ def format_table(table: list[dict]) -> str:
             f"| {fmt(r['own_accuracy'])} | {fmt(r['target_none_macro_f1'])} | {fmt(r['target_reinhard_macro_f1'])} "
             f"| {gain(r['vs_shipped'])} | {gain(r.get('vs_cnn'))} |"
         )
+    others = sorted({m for r in table for m in r.get("margins", {})}, key=float)
+    if others:  # the same models, the BCCD cells cut at other scales
+        lines += [
+            "",
+            f"BCCD macro-F1 by crop margin (crop side / box side; {DEFAULT_MARGIN} is the default above, "
+            f"{source_margin()} puts a cell at the source's scale), points vs the default paired by seed:",
+            "",
+            "| labels | arm | augmentation | MAE pool | " + " | ".join(f"margin {m}" for m in others) + " |",
+            "|---|---|---|---|" + "---|" * len(others),
+        ]
+        for r in table:
+            if r.get("margins"):
+                scores = [r["margins"].get(m) for m in others]
+                lines.append(
+                    f"| {r['fraction']:.0%} | {r['arm']} | {r['augment']} | {r['pool']} | "
+                    + " | ".join(f"{fmt(s['macro_f1'])}, {gain(s['vs_default'])}" if s else "-" for s in scores)
+                    + " |"
+                )
     return "\n".join(lines)
 
 
@@ -347,11 +423,34 @@ def report(output: Path) -> None:
     print(f"protocol {results['protocol']}; hardware: {' | '.join(machines)}; {len(results['runs'])} runs; {output}")
 
 
+def margins(runs: list[dict]) -> list[float]:
+    """The crop margins other than the default that some run was scored at."""
+    found = {k.split("_")[1] for r in runs for k in r if k.startswith("target_margin") and k.endswith("none_macro_f1")}
+    return sorted(int(m.removeprefix("margin")) / 100 for m in found)
+
+
+def rescore(args: argparse.Namespace, work: Path, wanted: list[float]) -> None:
+    """Score the recorded runs whose model is still in `work` at other crop margins (those not scored yet)."""
+    header = {"protocol": args.protocol, "hardware": hardware_description(), "augment": AUGMENT}
+    for row in json.loads(args.output.read_text())["runs"]:
+        out = run_dir(args, *key(row))
+        todo = [m for m in wanted if f"{margin_prefix(m)}_none_macro_f1" not in row]
+        if not todo or not (out / "config.json").is_file():
+            continue
+        for margin in todo:
+            row.update(score_target(out, work, margin))
+        record(args.output, header, row, key)
+        print(json.dumps({k: v for k, v in row.items() if k.startswith("target_margin") and "_f1" in k}), flush=True)
+    report(args.output)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.report:
         return report(args.output)
     work = Path(args.work_dir)
+    if args.rescore:
+        return rescore(args, work, [source_margin() if m == "source" else float(m) for m in args.rescore])
     header = {"protocol": args.protocol, "hardware": hardware_description(), "augment": AUGMENT}
     done = {key(r) for r in json.loads(args.output.read_text()).get("runs", [])} if args.output.is_file() else set()
     for seed in args.seeds:

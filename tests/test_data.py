@@ -260,3 +260,7 @@ def test_box_crops_cut_one_object_per_image_from_voc_annotations():
     x0, y0, x1, y1 = boxes[0][1]
     crop = crops[first.stem]
     assert crop.shape[0] == 3 and crop.shape[1] == crop.shape[2] >= max(x1 - x0, y1 - y0)
+    # a wider margin frames the same cells smaller (cross-site scale matching relies on the same set)
+    wide = box_crops(BCCD, annotations, "WBC", margin=1.56, only_single=True)
+    assert wide.keys() == crops.keys()
+    assert wide[first.stem].shape[1] == min(int(max(x1 - x0, y1 - y0) * 1.56), 480) > crop.shape[1]
