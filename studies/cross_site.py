@@ -429,9 +429,14 @@ def margins(runs: list[dict]) -> list[float]:
     return sorted(int(m.removeprefix("margin")) / 100 for m in found)
 
 
+def study_header(args: argparse.Namespace) -> dict:
+    """What a new results file starts with: the protocol, the machine writing it and the augmentation under test."""
+    return {"protocol": args.protocol, "hardware": hardware_description(), "augment": AUGMENT}
+
+
 def rescore(args: argparse.Namespace, work: Path, wanted: list[float]) -> None:
     """Score the recorded runs whose model is still in `work` at other crop margins (those not scored yet)."""
-    header = {"protocol": args.protocol, "hardware": hardware_description(), "augment": AUGMENT}
+    header = study_header(args)
     for row in json.loads(args.output.read_text())["runs"]:
         out = run_dir(args, *key(row))
         todo = [m for m in wanted if f"{margin_prefix(m)}_none_macro_f1" not in row]
@@ -451,7 +456,7 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(args.work_dir)
     if args.rescore:
         return rescore(args, work, [source_margin() if m == "source" else float(m) for m in args.rescore])
-    header = {"protocol": args.protocol, "hardware": hardware_description(), "augment": AUGMENT}
+    header = study_header(args)
     done = {key(r) for r in json.loads(args.output.read_text()).get("runs", [])} if args.output.is_file() else set()
     for seed in args.seeds:
         for fraction in args.fractions:
