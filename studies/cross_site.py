@@ -23,6 +23,7 @@ an interrupted run (classifier or MAE) goes on from its newest checkpoint in `--
     python studies/cross_site.py --protocol pilot --seeds 0          # shortened schedules, to see the shape
     python studies/cross_site.py --report                            # table, paired differences, figure
     python studies/cross_site.py --rescore source                    # recorded models on cells cut at the source scale
+    python studies/cross_site.py --few_target 1 3 5 10               # recorded models, a new head from k BCCD cells
 """
 
 from __future__ import annotations
@@ -39,11 +40,14 @@ import torch
 from PIL import Image
 
 from hf_medmae.data.boxes import box_crops
-from hf_medmae.data.classification import load_labelled
+from hf_medmae.data.classification import ClassificationDataset, load_labelled
 from hf_medmae.data.io import read_image
 from hf_medmae.data.splits import stratified_split
 from hf_medmae.data.transforms import resize
+from hf_medmae.evaluation.classification import present_class_scores
+from hf_medmae.evaluation.probe import fit_probe
 from hf_medmae.evaluation.results import locked, paired_ci95, record, write_json
+from hf_medmae.inference.classification import head_features, input_size, load_classifier, output_layer
 from hf_medmae.tasks import classify, pretrain
 from hf_medmae.training import hardware_description
 
@@ -53,6 +57,8 @@ WBC = SHARED / "wbc_zheng2018"
 BCCD = SHARED / "bccd"
 CLASSES = ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"]
 ARMS = ("cnn", "vit_scratch", "mae_finetune", "mae_frozen")
+# Today's recipe as the issue ran it: no augmentation, the target's cells in the MAE pool.
+SHIPPED = ("mae_finetune", "off", "source+target")
 DEFAULT_MARGIN = 1.2  # `box_crops`' crop side / box side: the BCCD cells as a user would cut them
 # The augmentation under test: colours and stains of another lab, its focus, a smaller or larger cell in the frame.
 AUGMENT = [
@@ -101,6 +107,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         metavar="MARGIN",
         help="score the recorded runs' models on the BCCD cells cut with these margins ('source': the source's scale)",
+    )
+    p.add_argument(
+        "--few_target",
+        nargs="+",
+        type=int,
+        metavar="K",
+        help="refit the recorded runs' output layer on K labelled BCCD cells per class and score the rest",
     )
     args = p.parse_args(argv)
     args.output = Path(args.output or ROOT / "studies" / "results" / f"cross_site_{args.protocol}.json")
@@ -310,9 +323,23 @@ def paired(runs: list[dict], cell: list[dict], reference: tuple) -> dict | None:
     return {"mean": statistics.mean(deltas), "ci95": paired_ci95(deltas), "seeds": len(deltas)} if deltas else None
 
 
+def within(cell: list[dict], field: str, base: str) -> dict | None:
+    """Mean ± std of another score of the same models, and its paired difference from `base`, in points."""
+    scored = [r for r in cell if field in r]
+    if not scored:
+        return None
+    deltas = [100 * (r[field] - r[base]) for r in scored]
+    values = [r[field] for r in scored]
+    return {
+        "macro_f1": (statistics.mean(values), statistics.pstdev(values)),
+        "vs_default": {"mean": statistics.mean(deltas), "ci95": paired_ci95(deltas), "seeds": len(deltas)},
+    }
+
+
 def summarise(runs: list[dict]) -> list[dict]:
     """Mean ± std per cell, and each cell's target macro-F1 minus today's shipped recipe (the MAE fine-tuned without
-    augmentation on the source pool) and minus the ResNet-10 under the same augmentation (the goal's two bars)."""
+    augmentation, the target's cells in its pool: the issue's own measurement) and minus the ResNet-10 under the same
+    augmentation (the goal's two bars)."""
     table = []
     for arm, augment, pool, fraction in cells(runs):
         cell = [r for r in runs if key(r)[:4] == (arm, augment, pool, fraction)]
@@ -320,62 +347,85 @@ def summarise(runs: list[dict]) -> list[dict]:
         for m in ("own_accuracy", "target_none_macro_f1", "target_reinhard_macro_f1", "target_none_accuracy"):
             values = [r[m] for r in cell]
             row[m] = (statistics.mean(values), statistics.pstdev(values))
-        row["margins"] = {}  # the same models on cells cut with other margins, paired with the default crops
-        for margin in margins(runs):
-            field = f"{margin_prefix(margin)}_none_macro_f1"
-            scored = [r for r in cell if field in r]
-            if scored:
-                deltas = [100 * (r[field] - r["target_none_macro_f1"]) for r in scored]
-                values = [r[field] for r in scored]
-                row["margins"][str(margin)] = {
-                    "macro_f1": (statistics.mean(values), statistics.pstdev(values)),
-                    "vs_default": {"mean": statistics.mean(deltas), "ci95": paired_ci95(deltas), "seeds": len(deltas)},
-                }
-        row["vs_shipped"] = paired(runs, cell, ("mae_finetune", "off", "source", fraction))
+        # the same models on cells cut with other margins, and with a head from a few labelled target cells
+        row["margins"] = {
+            str(m): within(cell, f"{margin_prefix(m)}_none_macro_f1", "target_none_macro_f1") for m in margins(runs)
+        }
+        row["few_target"] = {
+            str(k): within(cell, f"few_target_k{k}_macro_f1", f"few_target_k{k}_trained_head_macro_f1")
+            for k in few_target_ks(runs)
+        }
+        adapted = [r["target_none_macro_f1"] for r in cell if any(k.startswith("few_target") for k in r)]
+        if adapted:  # the trained layer on every cell, over the same models (the curve's k = 0)
+            row["few_target_base"] = (statistics.mean(adapted), statistics.pstdev(adapted), len(adapted))
+        row["vs_shipped"] = paired(runs, cell, SHIPPED + (fraction,))
         row["vs_cnn"] = None if arm == "cnn" else paired(runs, cell, ("cnn", augment, "-", fraction))
         table.append(row)
     return table
 
 
+def fmt(v: tuple) -> str:
+    return f"{v[0]:.3f} ± {v[1]:.3f}"
+
+
+def gain(d: dict | None) -> str:
+    """A paired difference as `+1.2 [-0.3, +2.7] (n=5)`."""
+    if not d:
+        return "-"
+    interval = f" [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]" if d["ci95"] else ""
+    return f"{d['mean']:+.1f}{interval} (n={d['seeds']})"
+
+
 def format_table(table: list[dict]) -> str:
     lines = [
         "| labels | arm | augmentation | MAE pool | seeds | own test acc | target macro-F1 | with Reinhard | "
-        "vs shipped MAE, points (95% CI) | vs ResNet-10, same augmentation |",
+        "vs shipped MAE (no aug., target in pool), points (95% CI) | vs ResNet-10, same augmentation |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    fmt = lambda v: f"{v[0]:.3f} ± {v[1]:.3f}"  # noqa: E731
-
-    def gain(d: dict | None) -> str:
-        if not d:
-            return "-"
-        interval = f" [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]" if d["ci95"] else ""
-        return f"{d['mean']:+.1f}{interval} (n={d['seeds']})"
-
     for r in table:
         lines.append(
             f"| {r['fraction']:.0%} | {r['arm']} | {r['augment']} | {r['pool']} | {r['seeds']} "
             f"| {fmt(r['own_accuracy'])} | {fmt(r['target_none_macro_f1'])} | {fmt(r['target_reinhard_macro_f1'])} "
             f"| {gain(r['vs_shipped'])} | {gain(r.get('vs_cnn'))} |"
         )
-    others = sorted({m for r in table for m in r.get("margins", {})}, key=float)
-    if others:  # the same models, the BCCD cells cut at other scales
-        lines += [
-            "",
-            f"BCCD macro-F1 by crop margin (crop side / box side; {DEFAULT_MARGIN} is the default above, "
-            f"{source_margin()} puts a cell at the source's scale), points vs the default paired by seed:",
-            "",
-            "| labels | arm | augmentation | MAE pool | " + " | ".join(f"margin {m}" for m in others) + " |",
-            "|---|---|---|---|" + "---|" * len(others),
-        ]
-        for r in table:
-            if r.get("margins"):
-                scores = [r["margins"].get(m) for m in others]
-                lines.append(
-                    f"| {r['fraction']:.0%} | {r['arm']} | {r['augment']} | {r['pool']} | "
-                    + " | ".join(f"{fmt(s['macro_f1'])}, {gain(s['vs_default'])}" if s else "-" for s in scores)
-                    + " |"
-                )
+    lines += within_table(
+        table,
+        "margins",
+        "margin",
+        f"BCCD macro-F1 by crop margin (crop side / box side; {DEFAULT_MARGIN} is the default above, "
+        f"{source_margin()} puts a cell at the source's scale), points vs the default paired by seed:",
+    )
+    lines += within_table(
+        table,
+        "few_target",
+        "k =",
+        "BCCD macro-F1 with a new output layer fitted on k labelled BCCD cells per class (the other cells scored; "
+        f"mean of {FEW_TARGET_DRAWS} draws per model), points vs the trained layer on the same cells paired by seed:",
+    )
     return "\n".join(lines)
+
+
+def within_table(table: list[dict], field: str, column: str, title: str) -> list[str]:
+    """Markdown lines for the rows' `within` scores under `field` (none: no lines)."""
+    others = sorted({m for r in table for m, s in r.get(field, {}).items() if s}, key=float)
+    if not others:
+        return []
+    lines = [
+        "",
+        title,
+        "",
+        "| labels | arm | augmentation | MAE pool | " + " | ".join(f"{column} {m}" for m in others) + " |",
+        "|---|---|---|---|" + "---|" * len(others),
+    ]
+    for r in table:
+        scores = [r.get(field, {}).get(m) for m in others]
+        if any(scores):
+            lines.append(
+                f"| {r['fraction']:.0%} | {r['arm']} | {r['augment']} | {r['pool']} | "
+                + " | ".join(f"{fmt(s['macro_f1'])}, {gain(s['vs_default'])}" if s else "-" for s in scores)
+                + " |"
+            )
+    return lines
 
 
 def plot(table: list[dict], path: Path) -> None:
@@ -390,7 +440,14 @@ def plot(table: list[dict], path: Path) -> None:
         for r in rows
     ]
     x = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(max(9, 1.1 * len(rows)), 4.8))
+    adapted = [r for r in rows if any(r.get("few_target", {}).values())]
+    width = max(9, 1.1 * len(rows))
+    if adapted:  # a second panel: what a few labelled cells of the new site buy
+        fig, (ax, few) = plt.subplots(
+            1, 2, figsize=(width + 4.5, 4.8), gridspec_kw={"width_ratios": [width, 4.5]}, sharey=True
+        )
+    else:
+        fig, ax = plt.subplots(figsize=(width, 4.8))
     for offset, (field, label) in enumerate(
         [
             ("own_accuracy", "own test accuracy"),
@@ -406,6 +463,27 @@ def plot(table: list[dict], path: Path) -> None:
     ax.set_ylabel("score (mean ± std over seeds)")
     ax.set_title(f"Trained on WBC Zheng 2018 ({rows[0]['fraction']:.0%} labels), scored on its test split and on BCCD")
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=4, frameon=False)
+    for r in adapted:
+        ks = sorted((int(k) for k, v in r["few_target"].items() if v), key=int)
+        means = [r["few_target_base"][0]] + [r["few_target"][str(k)]["macro_f1"][0] for k in ks]
+        stds = [r["few_target_base"][1]] + [r["few_target"][str(k)]["macro_f1"][1] for k in ks]
+        label = f"{r['arm']}, aug {r['augment']}" + (f", {r['pool']}" if r["pool"] != "-" else "")
+        label += f", n={r['few_target_base'][2]}"
+        few.errorbar(
+            [0, *ks],
+            means,
+            yerr=stds,
+            marker="o",
+            markersize=3,
+            capsize=2,
+            label=label,
+        )
+        few.set_xticks([0, *ks])
+    if adapted:
+        few.axhline(0.6, color="grey", linestyle="--", linewidth=1)
+        few.set_xlabel("labelled BCCD cells per class (0: as trained)")
+        few.set_title("New output layer from a few BCCD cells", fontsize=9)
+        few.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -421,6 +499,11 @@ def report(output: Path) -> None:
     # runs of one study may span machines: name each, not only the one that wrote the header
     machines = sorted({r.get("hardware", results["hardware"]) for r in results["runs"]})
     print(f"protocol {results['protocol']}; hardware: {' | '.join(machines)}; {len(results['runs'])} runs; {output}")
+
+
+def few_target_ks(runs: list[dict]) -> list[int]:
+    """The numbers of labelled target cells per class some run's head was refitted with (`few_target`)."""
+    return sorted({int(k.split("_")[2][1:]) for r in runs for k in r if k.startswith("few_target_k")})
 
 
 def margins(runs: list[dict]) -> list[float]:
@@ -449,6 +532,56 @@ def rescore(args: argparse.Namespace, work: Path, wanted: list[float]) -> None:
     report(args.output)
 
 
+FEW_TARGET_DRAWS = 10  # draws of the labelled cells per trained model; their mean is the model's score
+
+
+def few_target(out: Path, work: Path, ks: list[int]) -> dict:
+    """The trained model in `out` with a new output layer for the target site: a logistic regression on what its
+    layer reads (`head_features`), fitted on k labelled BCCD cells per class (all but one where a class has fewer),
+    scored on the other cells beside the unchanged model on the same cells. What labelling a few cells at the new
+    site buys, and whether the features already separate the classes the trained head confuses."""
+    model, processor = load_classifier(str(out))
+    target = target_set(work)
+    rows = list(csv.DictReader((target / "labels.csv").open()))
+    labels = np.asarray([int(r["class label"]) - 1 for r in rows])
+    images = [read_image(target / f"{int(r['image ID']):03d}.bmp") for r in rows]
+    data = ClassificationDataset(
+        images, labels, processor["image_mean"], processor["image_std"], input_size(model, processor)
+    )
+    feats = head_features(model, data)
+    layer = output_layer(model)
+    trained = feats @ layer.weight.detach().double().numpy().T + layer.bias.detach().double().numpy()
+    row = {}
+    for k in ks:
+        new, old = [], []
+        for draw in range(FEW_TARGET_DRAWS):
+            rng = np.random.default_rng(draw)  # the same cells for every model: paired across arms and seeds
+            chosen = np.concatenate(
+                [rng.permutation(np.flatnonzero(labels == c))[: min(k, (labels == c).sum() - 1)] for c in set(labels)]
+            )
+            rest = np.setdiff1d(np.arange(len(labels)), chosen)
+            probe = fit_probe({"train": feats[chosen]}, {"train": labels[chosen]}, len(CLASSES), grid=(1.0,))
+            new.append(present_class_scores(probe.proba(feats[rest]), labels[rest])["macro_f1_present"])
+            old.append(present_class_scores(trained[rest], labels[rest])["macro_f1_present"])
+        row[f"few_target_k{k}_macro_f1"] = float(np.mean(new))
+        row[f"few_target_k{k}_trained_head_macro_f1"] = float(np.mean(old))
+    return row
+
+
+def refit_heads(args: argparse.Namespace, work: Path, ks: list[int]) -> None:
+    """`few_target` for every recorded run whose model is still in `work` and lacks one of `ks`."""
+    header = study_header(args)
+    for row in json.loads(args.output.read_text())["runs"]:
+        out = run_dir(args, *key(row))
+        todo = [k for k in ks if f"few_target_k{k}_macro_f1" not in row]
+        if not todo or not (out / "config.json").is_file():
+            continue
+        row.update(few_target(out, work, todo))
+        record(args.output, header, row, key)
+        print(key(row), json.dumps({k: round(v, 3) for k, v in row.items() if k.startswith("few_target")}), flush=True)
+    report(args.output)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.report:
@@ -456,6 +589,8 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(args.work_dir)
     if args.rescore:
         return rescore(args, work, [source_margin() if m == "source" else float(m) for m in args.rescore])
+    if args.few_target:
+        return refit_heads(args, work, args.few_target)
     header = study_header(args)
     done = {key(r) for r in json.loads(args.output.read_text()).get("runs", [])} if args.output.is_file() else set()
     for seed in args.seeds:

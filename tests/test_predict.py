@@ -510,6 +510,38 @@ def test_frozen_probe_head_gives_the_probes_probabilities(tmp_path):
         np.testing.assert_allclose(predict_probs(loaded, data, 8), probe.proba(feats), atol=1e-4)
 
 
+def test_head_features_are_what_the_output_layer_reads():
+    """ViT and CNN: the output layer applied to `head_features` gives the classifier's own probabilities, so a head
+    fitted on them replaces the trained one exactly where it sits."""
+    import torch
+    from transformers import ViTConfig, ViTModel
+
+    from hf_medmae.classification import MedClsForImageClassification
+    from hf_medmae.cnn import build_cnn
+    from hf_medmae.data.classification import ClassificationDataset
+    from hf_medmae.inference.classification import head_features, output_layer, predict_probs
+
+    torch.manual_seed(0)
+    vit = ViTConfig(
+        image_size=16, patch_size=4, hidden_size=8, num_hidden_layers=2, num_attention_heads=2, intermediate_size=16
+    )
+    rng = np.random.default_rng(0)
+    images = [rng.uniform(0, 255, (3, 16, 16)).astype(np.float32) for _ in range(10)]
+    data = ClassificationDataset(images, np.zeros(10), [128.0] * 3, [64.0] * 3, 16)
+    models = {
+        "vit": MedClsForImageClassification.from_encoder(ViTModel(vit, add_pooling_layer=False), 3),
+        "cnn": build_cnn("resnet10", 3, 3, image_size=16),
+    }
+    for name, model in models.items():
+        model.eval()
+        feats = head_features(model, data, batch_size=4)
+        layer = output_layer(model)
+        assert feats.shape == (10, layer.in_features), name
+        logits = torch.from_numpy(feats) @ layer.weight.detach().double().T + layer.bias.detach().double()
+        np.testing.assert_allclose(logits.softmax(-1).numpy(), predict_probs(model, data, 4), atol=1e-5, err_msg=name)
+        assert not output_layer(model)._forward_hooks, f"{name}: the capturing hook was left behind"
+
+
 @pytest.fixture(scope="module")
 def frozen_run(tmp_path_factory):
     """mode frozen_features with a logistic regression on a random 120 px encoder (native size: no resizing)."""

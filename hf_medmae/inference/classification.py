@@ -75,6 +75,35 @@ def predict_probs(model: Classifier, dataset: ClassificationDataset, batch_size:
     return np.concatenate(out)
 
 
+def output_layer(model: Classifier) -> torch.nn.Linear:
+    """The linear layer that turns features into class logits (the ViT's `head`; a MONAI CNN's last `Linear`)."""
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+
+
+@torch.no_grad()
+def head_features(model: Classifier, dataset: ClassificationDataset, batch_size: int = 64) -> np.ndarray:
+    """[N, F] the features the classifier's output layer reads for each image of `dataset`, in float64: what a new
+    head is fitted on (`evaluation.probe.fit_probe`), e.g. one for another site from a few of its labelled images.
+
+    Example:
+        >>> model, processor = load_classifier("outputs/wbc_cls")  # doctest: +SKIP
+        >>> feats = head_features(model, ClassificationDataset(images, labels, mean, std, 120))  # doctest: +SKIP
+    """
+    captured = []
+    hook = output_layer(model).register_forward_hook(lambda m, inputs, out: captured.append(inputs[0].double().cpu()))
+    try:
+        predict_probs(model, dataset, batch_size)
+    finally:
+        hook.remove()
+    return torch.cat(captured).numpy()
+
+
+def input_size(model: Classifier, processor: dict) -> int:
+    """The image side the classifier was trained at (its preprocessor's, else its encoder's or its own config's)."""
+    inputs = getattr(model.config, "vit_config", None) or model.config.to_dict()  # ViT: its encoder's; CNN: its own
+    return processor.get("size", {}).get("height") or as_pair(inputs["image_size"])[0]
+
+
 def _write_predictions(path: Path, files: list[str], probs: np.ndarray, names: list[str], multi: bool) -> None:
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -130,8 +159,7 @@ def classify_sets(
         )
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     inputs = getattr(model.config, "vit_config", None) or model.config.to_dict()  # ViT: its encoder's; CNN: its own
-    size = processor.get("size", {}).get("height") or as_pair(inputs["image_size"])[0]
-    channels, rows = inputs["num_channels"], []
+    size, channels, rows = input_size(model, processor), inputs["num_channels"], []
     for source, labels_csv in zip(sources, csvs):
         data = read_prediction_set(source, labels_csv, layout, names, pattern)
         found = check_channels(data.images, source)
@@ -168,4 +196,4 @@ def classify_sets(
     return {"sets": rows}
 
 
-__all__ = ["classify_sets", "load_classifier", "predict_probs"]
+__all__ = ["classify_sets", "head_features", "input_size", "load_classifier", "output_layer", "predict_probs"]
