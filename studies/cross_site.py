@@ -33,6 +33,7 @@ import csv
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -517,18 +518,19 @@ def study_header(args: argparse.Namespace) -> dict:
     return {"protocol": args.protocol, "hardware": hardware_description(), "augment": AUGMENT}
 
 
-def rescore(args: argparse.Namespace, work: Path, wanted: list[float]) -> None:
-    """Score the recorded runs whose model is still in `work` at other crop margins (those not scored yet)."""
+def revisit(args: argparse.Namespace, missing: Callable[[dict], list], score: Callable[[Path, list], dict]) -> None:
+    """Add scores to the recorded runs whose model is still in the work dir: `missing(row)` lists what a run lacks
+    (crop margins, numbers of labelled target cells), `score(out, todo)` computes it from the model in `out`."""
     header = study_header(args)
     for row in json.loads(args.output.read_text())["runs"]:
         out = run_dir(args, *key(row))
-        todo = [m for m in wanted if f"{margin_prefix(m)}_none_macro_f1" not in row]
+        todo = missing(row)
         if not todo or not (out / "config.json").is_file():
             continue
-        for margin in todo:
-            row.update(score_target(out, work, margin))
+        new = score(out, todo)
+        row.update(new)
         record(args.output, header, row, key)
-        print(json.dumps({k: v for k, v in row.items() if k.startswith("target_margin") and "_f1" in k}), flush=True)
+        print(key(row), json.dumps({k: round(v, 3) for k, v in new.items() if k.endswith("macro_f1")}), flush=True)
     report(args.output)
 
 
@@ -568,29 +570,24 @@ def few_target(out: Path, work: Path, ks: list[int]) -> dict:
     return row
 
 
-def refit_heads(args: argparse.Namespace, work: Path, ks: list[int]) -> None:
-    """`few_target` for every recorded run whose model is still in `work` and lacks one of `ks`."""
-    header = study_header(args)
-    for row in json.loads(args.output.read_text())["runs"]:
-        out = run_dir(args, *key(row))
-        todo = [k for k in ks if f"few_target_k{k}_macro_f1" not in row]
-        if not todo or not (out / "config.json").is_file():
-            continue
-        row.update(few_target(out, work, todo))
-        record(args.output, header, row, key)
-        print(key(row), json.dumps({k: round(v, 3) for k, v in row.items() if k.startswith("few_target")}), flush=True)
-    report(args.output)
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.report:
         return report(args.output)
     work = Path(args.work_dir)
-    if args.rescore:
-        return rescore(args, work, [source_margin() if m == "source" else float(m) for m in args.rescore])
-    if args.few_target:
-        return refit_heads(args, work, args.few_target)
+    if args.rescore:  # the recorded models on the BCCD cells cut at other scales
+        wanted = [source_margin() if m == "source" else float(m) for m in args.rescore]
+        return revisit(
+            args,
+            lambda row: [m for m in wanted if f"{margin_prefix(m)}_none_macro_f1" not in row],
+            lambda out, todo: {k: v for m in todo for k, v in score_target(out, work, m).items()},
+        )
+    if args.few_target:  # the recorded models with a new output layer from k labelled BCCD cells per class
+        return revisit(
+            args,
+            lambda row: [k for k in args.few_target if f"few_target_k{k}_macro_f1" not in row],
+            lambda out, todo: few_target(out, work, todo),
+        )
     header = study_header(args)
     done = {key(r) for r in json.loads(args.output.read_text()).get("runs", [])} if args.output.is_file() else set()
     for seed in args.seeds:
