@@ -555,7 +555,7 @@ def few_target(out: Path, work: Path, ks: list[int]) -> dict:
     trained = feats @ layer.weight.detach().double().numpy().T + layer.bias.detach().double().numpy()
     row = {}
     for k in ks:
-        new, old = [], []
+        new, old, recall = [], [], []
         for draw in range(FEW_TARGET_DRAWS):
             rng = np.random.default_rng(draw)  # the same cells for every model: paired across arms and seeds
             chosen = np.concatenate(
@@ -563,10 +563,13 @@ def few_target(out: Path, work: Path, ks: list[int]) -> dict:
             )
             rest = np.setdiff1d(np.arange(len(labels)), chosen)
             probe = fit_probe({"train": feats[chosen]}, {"train": labels[chosen]}, len(CLASSES), grid=(1.0,))
-            new.append(present_class_scores(probe.proba(feats[rest]), labels[rest])["macro_f1_present"])
+            predicted = probe.proba(feats[rest])
+            new.append(present_class_scores(predicted, labels[rest])["macro_f1_present"])
+            recall.append([(predicted.argmax(1)[labels[rest] == c] == c).mean() for c in range(len(CLASSES))])
             old.append(present_class_scores(trained[rest], labels[rest])["macro_f1_present"])
         row[f"few_target_k{k}_macro_f1"] = float(np.mean(new))
         row[f"few_target_k{k}_trained_head_macro_f1"] = float(np.mean(old))
+        row[f"few_target_k{k}_recall"] = dict(zip(CLASSES, np.mean(recall, 0).round(3).tolist()))  # which classes
     return row
 
 
@@ -585,7 +588,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.few_target:  # the recorded models with a new output layer from k labelled BCCD cells per class
         return revisit(
             args,
-            lambda row: [k for k in args.few_target if f"few_target_k{k}_macro_f1" not in row],
+            lambda row: [k for k in args.few_target if f"few_target_k{k}_recall" not in row],
             lambda out, todo: few_target(out, work, todo),
         )
     header = study_header(args)
