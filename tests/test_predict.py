@@ -696,3 +696,38 @@ def test_run_info_records_the_data_lineage_of_continued_and_fine_tuned_models(cl
     (tmp_path / "mae" / "run_info.json").write_text(json.dumps({"dataset": "site_a", "datasets": ["a", "b"]}))
     assert parent_datasets(str(tmp_path / "mae")) == ["a", "b"]
     assert parent_datasets("someone/mae-on-hub") == ["the checkpoint someone/mae-on-hub"]
+
+
+def test_a_trained_classifiers_encoder_gets_a_new_layer_for_another_site(classifier, tmp_path):
+    """README's step for a new site: `--init mae --mode frozen_features` on a trained classifier keeps its encoder
+    as it is and fits a new output layer on the new site's labelled images."""
+    from safetensors.numpy import load_file
+
+    site = wbc_subset(tmp_path / "site_b", range(1, 61), tmp_path / "site_b.csv")
+    out = tmp_path / "site_b_head"
+    metrics = classify.main(
+        [
+            *WBC_ARGS[4:],
+            "--data_dir",
+            str(site),
+            "--labels_csv",
+            str(tmp_path / "site_b.csv"),
+            "--init",
+            "mae",
+            "--mode",
+            "frozen_features",
+            "--model_name_or_path",
+            str(classifier),
+            "--image_size",
+            "120",
+            "--report_to",
+            "none",
+            "--output_dir",
+            str(out),
+        ]
+    )
+    assert metrics["mode"] == "frozen_features" and 0 <= metrics["test_macro_f1_present"] <= 1
+    old, new = load_file(classifier / "model.safetensors"), load_file(out / "model.safetensors")
+    encoder = [k for k in old if k.startswith("vit.")]
+    assert encoder and all(np.array_equal(old[k], new[k]) for k in encoder)
+    assert not np.array_equal(old["head.weight"], new["head.weight"][:, : old["head.weight"].shape[1]])
