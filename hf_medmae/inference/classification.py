@@ -86,7 +86,7 @@ def head_features(model: Classifier, dataset: ClassificationDataset, batch_size:
     head is fitted on (`evaluation.probe.fit_probe`), e.g. one for another site from a few of its labelled images.
 
     Example:
-        >>> model, processor = load_classifier("outputs/wbc_cls")  # doctest: +SKIP
+        >>> model, processor = load_classifier("outputs/wbc-cls")  # doctest: +SKIP
         >>> feats = head_features(model, ClassificationDataset(images, labels, mean, std, 120))  # doctest: +SKIP
     """
     captured = []
