@@ -98,10 +98,14 @@ def head_features(model: Classifier, dataset: ClassificationDataset, batch_size:
     return torch.cat(captured).numpy()
 
 
+def input_config(model: Classifier) -> dict:
+    """The config that describes the classifier's inputs (image size, channels): a ViT's encoder's, a CNN's own."""
+    return getattr(model.config, "vit_config", None) or model.config.to_dict()
+
+
 def input_size(model: Classifier, processor: dict) -> int:
-    """The image side the classifier was trained at (its preprocessor's, else its encoder's or its own config's)."""
-    inputs = getattr(model.config, "vit_config", None) or model.config.to_dict()  # ViT: its encoder's; CNN: its own
-    return processor.get("size", {}).get("height") or as_pair(inputs["image_size"])[0]
+    """The image side the classifier was trained at (its preprocessor's, else its input config's)."""
+    return processor.get("size", {}).get("height") or as_pair(input_config(model)["image_size"])[0]
 
 
 def _write_predictions(path: Path, files: list[str], probs: np.ndarray, names: list[str], multi: bool) -> None:
@@ -158,8 +162,7 @@ def classify_sets(
             "retrain the classifier on RGB images with this version, or leave stain_normalisation at none.",
         )
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    inputs = getattr(model.config, "vit_config", None) or model.config.to_dict()  # ViT: its encoder's; CNN: its own
-    size, channels, rows = input_size(model, processor), inputs["num_channels"], []
+    size, channels, rows = input_size(model, processor), input_config(model)["num_channels"], []
     for source, labels_csv in zip(sources, csvs):
         data = read_prediction_set(source, labels_csv, layout, names, pattern)
         found = check_channels(data.images, source)
