@@ -311,8 +311,24 @@ def key(r: dict) -> tuple:
     return r["arm"], r["augment"], r["pool"], r["fraction"], r["seed"]
 
 
+def grid(args: argparse.Namespace) -> list[tuple]:
+    """The runs asked for, as `key`s, in the order they run: by seed first, so every cell gains seeds together."""
+    return [
+        (arm, augment, pool, fraction, seed)
+        for seed in args.seeds
+        for fraction in args.fractions
+        for augment in args.augment
+        for arm in args.arms
+        for pool in (args.pools if arm.startswith("mae") else ["-"])
+    ]
+
+
+def cell_order(cell: tuple) -> tuple:
+    return -cell[3], ARMS.index(cell[0]), cell[1], cell[2]
+
+
 def cells(runs: list[dict]) -> list[tuple]:
-    return sorted({key(r)[:4] for r in runs}, key=lambda c: (-c[3], ARMS.index(c[0]), c[1], c[2]))
+    return sorted({key(r)[:4] for r in runs}, key=cell_order)
 
 
 def paired(runs: list[dict], cell: list[dict], reference: tuple) -> dict | None:
@@ -500,6 +516,14 @@ def report(output: Path) -> None:
     # runs of one study may span machines: name each, not only the one that wrote the header
     machines = sorted({r.get("hardware", results["hardware"]) for r in results["runs"]})
     print(f"protocol {results['protocol']}; hardware: {' | '.join(machines)}; {len(results['runs'])} runs; {output}")
+    done = {key(r) for r in results["runs"]}
+    todo = [k for k in grid(parse_args([])) if k not in done]
+    missing: dict[tuple, list[int]] = {}
+    for k in todo:
+        missing.setdefault(k[:4], []).append(k[4])
+    print(f"the full grid: {len(done)} of {len(done) + len(todo)} runs; to run (arm, augment, pool, fraction: seeds):")
+    for cell in sorted(missing, key=cell_order):
+        print(f"  {', '.join(map(str, cell))}: {' '.join(map(str, missing[cell]))}")
 
 
 def few_target_ks(runs: list[dict]) -> list[int]:
@@ -593,16 +617,12 @@ def main(argv: list[str] | None = None) -> None:
         )
     header = study_header(args)
     done = {key(r) for r in json.loads(args.output.read_text()).get("runs", [])} if args.output.is_file() else set()
-    for seed in args.seeds:
-        for fraction in args.fractions:
-            for augment in args.augment:
-                for arm in args.arms:
-                    for pool in args.pools if arm.startswith("mae") else ["-"]:
-                        if (arm, augment, pool, fraction, seed) in done:
-                            continue
-                        row = run(args, arm, augment, pool, fraction, seed, work)
-                        record(args.output, header, row, key)
-                        print(json.dumps({k: v for k, v in row.items() if "confusion" not in k}), flush=True)
+    for arm, augment, pool, fraction, seed in grid(args):
+        if (arm, augment, pool, fraction, seed) in done:
+            continue
+        row = run(args, arm, augment, pool, fraction, seed, work)
+        record(args.output, header, row, key)
+        print(json.dumps({k: v for k, v in row.items() if "confusion" not in k}), flush=True)
     report(args.output)
 
 
