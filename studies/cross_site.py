@@ -480,7 +480,8 @@ def plot(table: list[dict], path: Path) -> None:
     ax.set_ylabel("score (mean ± std over seeds)")
     ax.set_title(f"Trained on WBC Zheng 2018 ({rows[0]['fraction']:.0%} labels), scored on its test split and on BCCD")
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=4, frameon=False)
-    for r in adapted:
+    colours = plt.get_cmap("tab20").colors  # one colour per model: the default cycle repeats after ten
+    for i, r in enumerate(adapted):
         ks = sorted((int(k) for k, v in r["few_target"].items() if v), key=int)
         means = [r["few_target_base"][0]] + [r["few_target"][str(k)]["macro_f1"][0] for k in ks]
         stds = [r["few_target_base"][1]] + [r["few_target"][str(k)]["macro_f1"][1] for k in ks]
@@ -494,15 +495,17 @@ def plot(table: list[dict], path: Path) -> None:
             markersize=3,
             capsize=2,
             label=label,
+            color=colours[i % len(colours)],
+            linestyle="-" if r["augment"] == "on" else "--",
         )
         few.set_xticks([0, *ks])
     if adapted:
         few.axhline(0.6, color="grey", linestyle="--", linewidth=1)
         few.set_xlabel("labelled BCCD cells per class (0: as trained)")
         few.set_title("New output layer from a few BCCD cells", fontsize=9)
-        few.legend(fontsize=7, loc="upper left")
+        few.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # keeps the legends below the panels
     plt.close(fig)
 
 
